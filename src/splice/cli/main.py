@@ -1,0 +1,26 @@
+"""Entry point of the `splice` command: one typer app, one module per command group."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="splice",
+    help="Parameter-efficient fine-tuning: attach adapters, train, inspect, merge, share (HF PEFT format).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+
+def _register_commands() -> None:
+    from splice.cli import adapter_cmds, train_cmd
+
+    train_cmd.register(app)
+    adapter_cmds.register(app)
+
+
+_register_commands()
+
+if __name__ == "__main__":
+    app()

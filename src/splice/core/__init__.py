@@ -1,0 +1,35 @@
+"""The only code every method depends on: targets, hosts, the registry and the verbs."""
+
+from splice.core.api import (
+    activate,
+    active_adapters,
+    adapters,
+    attach,
+    deactivate,
+    detach,
+    disabled,
+    merge,
+    trainable_parameters,
+    unload,
+    unmerge,
+)
+from splice.core.config import Adapter, AdapterConfig
+from splice.core.errors import (
+    AdapterFileError,
+    MergeError,
+    OutputExistsError,
+    ShapeMismatchError,
+    SpliceError,
+    TargetError,
+)
+from splice.core.registry import config_from_dict, method_names, register_method
+from splice.core.summary import Summary, summary
+from splice.core.targets import resolve_targets
+
+__all__ = [
+    "Adapter", "AdapterConfig", "AdapterFileError", "MergeError", "OutputExistsError",
+    "ShapeMismatchError", "SpliceError", "Summary", "TargetError", "activate", "active_adapters",
+    "adapters", "attach", "config_from_dict", "deactivate", "detach", "disabled", "merge",
+    "method_names", "register_method", "resolve_targets", "summary", "trainable_parameters",
+    "unload", "unmerge",
+]

@@ -1,0 +1,248 @@
+"""The verbs users call on a model: attach, activate, merge, detach, unload, ...
+
+Every verb changes the model in place and returns it (where it returns anything), so any
+training loop works on the result. What splice needs to remember per model (each adapter's
+config, whether it is trainable, which modules it trains in full) lives in `model._splice`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from splice.core.config import AdapterConfig
+from splice.core.errors import MergeError, SpliceError, TargetError
+from splice.core.host import add_to_weight, ensure_host, host_of, hosts, remove_host
+from splice.core.layers import describe
+from splice.core.targets import matches, named_base_modules, resolve_targets
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+
+@dataclass
+class AdapterRecord:
+    config: AdapterConfig
+    trainable: bool = True
+    heads: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelState:
+    adapters: dict[str, AdapterRecord] = field(default_factory=dict)
+    head_backups: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+def model_state(model: nn.Module) -> ModelState:
+    state = model.__dict__.get("_splice")
+    if state is None:
+        state = ModelState()
+        model.__dict__["_splice"] = state
+    return state
+
+
+def attach(
+    model: nn.Module, config: AdapterConfig, name: str = "default", *, trainable: bool = True
+) -> nn.Module:
+    """Attach adapter `name` to every module `config.targets` selects, and make it the active one.
+
+    Everything that is not an adapter parameter is frozen, except the modules listed in
+    `config.train_also`. Several named adapters may live on one model; see `activate`.
+    """
+    if not _NAME.match(name):
+        raise SpliceError(f"adapter name {name!r} must be an identifier (letters, digits, _ or -)")
+    state = model_state(model)
+    if name in state.adapters:
+        raise SpliceError(f"adapter {name!r} is already attached; detach it or choose another name")
+    selected = resolve_targets(model, config)
+    heads = resolve_heads(model, config.train_also)
+    built: list[nn.Module] = []
+    try:
+        for module_name, module in selected:
+            info = describe(module)
+            adapter = config.build(info, module_name, module)
+            adapter.to(device=module.weight.device, dtype=_adapter_dtype(module.weight))
+            ensure_host(module, info)[name] = adapter
+            built.append(module)
+    except Exception:
+        for module in built:
+            _remove_adapter(module, name)
+        raise
+    for head in heads:
+        if head not in state.head_backups:
+            params = model.get_submodule(head).state_dict()
+            state.head_backups[head] = {k: v.detach().clone() for k, v in params.items()}
+    state.adapters[name] = AdapterRecord(config, trainable, heads)
+    activate(model, name)
+    return model
+
+
+def resolve_heads(model: nn.Module, train_also: list[str]) -> list[str]:
+    """Full names of the modules `train_also` lists (exact name or dotted suffix, like PEFT)."""
+    names = [n for n, _ in named_base_modules(model) if n]
+    found = []
+    for entry in train_also:
+        hits = [n for n in names if matches([entry], n)]
+        if not hits:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in names if "." not in n or n.count(".") < 2})
+            raise TargetError(f"train_also entry {entry!r} matches no module; top-level modules: {leaves}")
+        found += [h for h in hits if not any(h.startswith(f + ".") for f in hits)]
+    return list(dict.fromkeys(found))
+
+
+def activate(model: nn.Module, names: str | list[str]) -> nn.Module:
+    """Make exactly these adapters active; their outputs are summed. Only active ones train."""
+    names = [names] if isinstance(names, str) else list(names)
+    state = model_state(model)
+    unknown = [n for n in names if n not in state.adapters]
+    if unknown:
+        raise SpliceError(f"no adapter named {unknown}; attached: {list(state.adapters)}")
+    for _, _, host in hosts(model):
+        host.active = [n for n in names if n in host]
+    _apply_trainability(model, names)
+    return model
+
+
+def deactivate(model: nn.Module) -> nn.Module:
+    """No adapter active: the model computes the base output (merged adapters stay merged)."""
+    for _, _, host in hosts(model):
+        host.active = []
+    _apply_trainability(model, [])
+    return model
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    found: dict[str, None] = {}
+    for _, _, host in hosts(model):
+        found.update(dict.fromkeys(host.active))
+    return list(found)
+
+
+@contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model computes its base output (e.g. a reference model for DPO)."""
+    merged = {n for _, _, host in hosts(model) for n in host.merged}
+    if merged:
+        raise MergeError(f"adapters {sorted(merged)} are merged into the weights; unmerge them first")
+    all_hosts = [host for _, _, host in hosts(model)]
+    for host in all_hosts:
+        host.enabled = False
+    try:
+        yield model
+    finally:
+        for host in all_hosts:
+            host.enabled = True
+
+
+def merge(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Fold adapter `name` (default: every active one) into the base weights, exactly.
+
+    The delta is accumulated in fp32 and rounded once into the weight's dtype. A merged adapter
+    is skipped by the forward pass, so outputs do not change; `unmerge` takes it out again.
+    """
+    names = [name] if name else active_adapters(model)
+    _require_known(model, names)
+    done: list[tuple[nn.Module, str]] = []
+    try:
+        for _, base, host in hosts(model):
+            for adapter_name in names:
+                if adapter_name in host and adapter_name not in host.merged:
+                    host.merge(base, adapter_name)
+                    done.append((base, adapter_name))
+    except MergeError:
+        for base, adapter_name in reversed(done):
+            host_of(base).unmerge(base, adapter_name)
+        raise
+    return model
+
+
+def unmerge(model: nn.Module, name: str | None = None) -> nn.Module:
+    """Take merged adapters (default: all) back out of the base weights."""
+    for _, base, host in hosts(model):
+        for adapter_name in reversed(list(host.merged)):
+            if name is None or adapter_name == name:
+                host.unmerge(base, adapter_name)
+    return model
+
+
+def detach(model: nn.Module, name: str) -> nn.Module:
+    """Remove adapter `name`, restoring the base weights and any head it trained."""
+    _require_known(model, [name])
+    state = model_state(model)
+    for _, base, _ in list(hosts(model)):
+        _remove_adapter(base, name)
+    record = state.adapters.pop(name)
+    still_used = {h for r in state.adapters.values() for h in r.heads}
+    for head in record.heads:
+        if head not in still_used:
+            model.get_submodule(head).load_state_dict(state.head_backups.pop(head))
+    _apply_trainability(model, active_adapters(model))
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Merge every active adapter, drop all adapters, and return the plain model.
+
+    Trained heads (`train_also`) keep their trained weights.
+    """
+    merge(model)
+    for _, base, _ in list(hosts(model)):
+        remove_host(base)
+    model.__dict__.pop("_splice", None)
+    return model
+
+
+def adapters(model: nn.Module) -> dict[str, AdapterConfig]:
+    """The attached adapters' configs, by name."""
+    return {name: record.config for name, record in model_state(model).adapters.items()}
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameters that train, by name: hand `.values()` to an optimizer."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _remove_adapter(base: nn.Module, name: str) -> None:
+    host = host_of(base)
+    if host is None or name not in host:
+        return
+    host.unmerge(base, name)
+    initial = host[name].initial_delta_weight()
+    if initial is not None:
+        add_to_weight(base, host.info, initial)
+    del host[name]
+    host.active = [n for n in host.active if n != name]
+    if not len(host):
+        remove_host(base)
+
+
+def _require_known(model: nn.Module, names: list[str]) -> None:
+    known = model_state(model).adapters
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SpliceError(f"no adapter named {unknown}; attached: {list(known)}")
+
+
+def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Adapters train in fp32 on half-precision or quantized bases (as PEFT's autocast does)."""
+    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _apply_trainability(model: nn.Module, active: list[str]) -> None:
+    """Freeze everything, then unfreeze active trainable adapters and the heads they train."""
+    state = model_state(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, _, host in hosts(model):
+        for adapter_name, adapter in host.items():
+            train = adapter_name in active and state.adapters[adapter_name].trainable
+            adapter.requires_grad_(train)
+    for adapter_name in active:
+        record = state.adapters[adapter_name]
+        if record.trainable:
+            for head in record.heads:
+                model.get_submodule(head).requires_grad_(True)

@@ -1,0 +1,88 @@
+"""The part of every adapter config that says *where* it goes, and the adapter protocol."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from splice.core.errors import SpliceError
+from splice.core.layers import LayerInfo
+
+Targets = str | list[str] | None
+Layers = int | list[int] | range | None
+
+
+@dataclass(kw_only=True)
+class AdapterConfig:
+    """Where an adapter is attached; subclasses add the method's hyperparameters.
+
+    Attributes:
+        targets: which modules get an adapter, with HF PEFT's rules so configs carry over:
+            a list entry matches a module whose dotted name equals it or ends with ".entry";
+            a string is a regex that must match the whole name; "all-linear" is every Linear
+            except the output head; None picks the architecture's usual default
+            (query/value for BERT, q_proj/v_proj for Llama, c_attn for GPT-2).
+        exclude: modules never targeted, same syntax, applied first.
+        layers: restrict to these layer indices (the first number in the module path after a
+            segment such as "layer" or "layers"); applies to regex targets too.
+        train_also: modules trained in full alongside the adapter and saved with it
+            (PEFT's `modules_to_save`), typically a freshly initialised classification head.
+    """
+
+    method: ClassVar[str] = ""
+    targets: Targets = None
+    exclude: Targets = None
+    layers: Layers = None
+    train_also: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, int):
+            self.layers = [self.layers]
+        elif isinstance(self.layers, range):
+            self.layers = list(self.layers)
+        if isinstance(self.train_also, str):
+            self.train_also = [self.train_also]
+        self.train_also = list(self.train_also)
+        if isinstance(self.targets, list) and not self.targets:
+            raise SpliceError("targets is an empty list; give module names, a regex or 'all-linear'")
+
+    def build(self, info: LayerInfo, module_name: str, base: nn.Module) -> Adapter:
+        """Create this method's adapter for one base layer."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        """Only the fields that differ from their defaults, plus the method name."""
+        out: dict[str, Any] = {"method": self.method}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if value != default:
+                out[f.name] = list(value) if isinstance(value, (tuple, range)) else value
+        return out
+
+    def replace(self, **changes: Any) -> AdapterConfig:
+        return dataclasses.replace(self, **changes)
+
+
+class Adapter(nn.Module):
+    """One method's trainable change to one base layer.
+
+    `delta(x)` is the additive change of the base layer's output for input `x`. Forms that have
+    an equivalent weight change return it from `delta_weight()` in the canonical layout of
+    `LayerInfo`; merging, export and spectra are built on it. `initial_delta_weight()` is what
+    the adapter took out of the base weight when it was created (PiSSA-style inits), so that
+    detaching can put it back.
+    """
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor | None:
+        return None
+
+    def initial_delta_weight(self) -> torch.Tensor | None:
+        return None

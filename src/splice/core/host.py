@@ -1,0 +1,122 @@
+"""The host: holds the named adapters of one base layer and adds their output to the base's.
+
+A host does not replace the base layer. It is attached as the child `splice` of the base module
+and adds the active adapters' deltas through a forward hook, so module paths, `isinstance`
+checks and the base model's own state-dict keys stay exactly as they were, and any base layer
+(plain, quantized, compiled) is called through its own forward. The base output is computed
+once; each active, unmerged adapter adds `delta(x)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from splice.core.config import Adapter
+from splice.core.errors import MergeError
+from splice.core.layers import LayerInfo, is_plain_float_weight
+from splice.core.targets import HOST_ATTRIBUTE, named_base_modules
+
+
+class Host(nn.ModuleDict):
+    """Named adapters of one base layer, which of them are active, and which are merged."""
+
+    def __init__(self, base: nn.Module, info: LayerInfo) -> None:
+        super().__init__()
+        self.info = info
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.enabled = True
+        self._hook = base.register_forward_hook(self.add_to_output, with_kwargs=True)
+
+    def add_to_output(
+        self, base: nn.Module, args: tuple, kwargs: dict[str, Any], output: torch.Tensor
+    ) -> torch.Tensor:
+        """Forward hook: base output plus every active, unmerged adapter's delta."""
+        if not self.enabled:
+            return output
+        names = [n for n in self.active if n not in self.merged]
+        if not names:
+            return output
+        x = args[0] if args else next(iter(kwargs.values()))
+        for name in names:
+            output = output + self[name].delta(x).to(output.dtype)
+        return output
+
+    def remove_hook(self) -> None:
+        self._hook.remove()
+
+    # -- merging -----------------------------------------------------------------------------
+
+    def merge(self, base: nn.Module, name: str) -> None:
+        """Fold adapter `name` into the base weight; merging twice changes nothing."""
+        if name in self.merged:
+            return
+        delta = self[name].delta_weight()
+        if delta is None:
+            raise MergeError(
+                f"adapter {name!r} ({type(self[name]).__name__}) has no equivalent weight change "
+                "and cannot be merged"
+            )
+        add_to_weight(base, self.info, delta)
+        self.merged.append(name)
+
+    def unmerge(self, base: nn.Module, name: str) -> None:
+        if name not in self.merged:
+            return
+        add_to_weight(base, self.info, self[name].delta_weight(), sign=-1.0)
+        self.merged.remove(name)
+
+
+def add_to_weight(base: nn.Module, info: LayerInfo, delta: torch.Tensor, sign: float = 1.0) -> None:
+    """weight += sign * delta, accumulated in fp32 so bf16/fp16 weights round only once.
+
+    Refuses packed quantized weights (4-bit/8-bit), which cannot represent the sum exactly, and
+    refuses a result that is not finite rather than corrupting the model.
+    """
+    weight = base.weight
+    if not is_plain_float_weight(weight):
+        raise MergeError(
+            f"cannot merge into a {type(weight).__name__} weight of dtype {weight.dtype} "
+            f"({type(base).__name__}); a quantized weight cannot represent the merged sum. "
+            "Dequantize the model first, or keep the adapter unmerged."
+        )
+    delta = delta.T if info.transposed else delta
+    if delta.shape != weight.shape:
+        raise MergeError(f"delta weight {tuple(delta.shape)} does not fit weight {tuple(weight.shape)}")
+    with torch.no_grad():
+        merged = weight.float() + sign * delta.to(device=weight.device, dtype=torch.float32)
+        if not torch.isfinite(merged).all():
+            raise MergeError(f"merging into {type(base).__name__} gives inf/nan; weights unchanged")
+        weight.copy_(merged.to(weight.dtype))
+
+
+def host_of(module: nn.Module) -> Host | None:
+    host = getattr(module, HOST_ATTRIBUTE, None)
+    return host if isinstance(host, Host) else None
+
+
+def hosts(model: nn.Module) -> Iterator[tuple[str, nn.Module, Host]]:
+    """(module name, base module, host) for every base layer that carries adapters."""
+    for name, module in named_base_modules(model):
+        host = host_of(module)
+        if host is not None:
+            yield name, module, host
+
+
+def ensure_host(base: nn.Module, info: LayerInfo) -> Host:
+    host = host_of(base)
+    if host is None:
+        host = Host(base, info)
+        setattr(base, HOST_ATTRIBUTE, host)
+    return host
+
+
+def remove_host(base: nn.Module) -> None:
+    host = host_of(base)
+    if host is not None:
+        host.remove_hook()
+        delattr(base, HOST_ATTRIBUTE)

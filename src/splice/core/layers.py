@@ -1,0 +1,88 @@
+"""What an adapter needs to know about the base layer it is attached to.
+
+Adapters are built from a `LayerInfo`, never from the base module itself, so that a method file
+only deals with shapes and never with the zoo of layer classes (nn.Linear, transformers' Conv1D,
+quantized linears, convolutions, embeddings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+LayerKind = Literal["linear", "conv", "embedding"]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """Shapes and call parameters of one base layer.
+
+    `in_features`/`out_features` are channels for convolutions and (num_embeddings,
+    embedding_dim) for embeddings. `transposed` marks transformers' `Conv1D`, which stores its
+    weight as [in, out] (PEFT's `fan_in_fan_out`). Adapters express delta weights in the
+    canonical layout ([out, in, *kernel] for linear/conv, [num, dim] for embeddings); the host
+    transposes for `Conv1D`.
+    """
+
+    kind: LayerKind
+    in_features: int
+    out_features: int
+    transposed: bool = False
+    kernel_size: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] | str = ()
+    padding_idx: int | None = None
+
+    @property
+    def conv_dims(self) -> int:
+        return len(self.kernel_size)
+
+
+def describe(module: nn.Module) -> LayerInfo | None:
+    """Return the `LayerInfo` of a module an adapter can host, or None for any other module.
+
+    Subclasses count (bitsandbytes' Linear4bit is an nn.Linear), since the host calls the base
+    layer's own forward and only merging needs the weight itself.
+    """
+    if isinstance(module, nn.Linear):
+        return LayerInfo("linear", module.in_features, module.out_features)
+    if isinstance(module, Conv1D):
+        in_features, out_features = module.weight.shape
+        return LayerInfo("linear", in_features, out_features, transposed=True)
+    if isinstance(module, nn.Embedding):
+        return LayerInfo(
+            "embedding", module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx
+        )
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return LayerInfo(
+            "conv",
+            module.in_channels,
+            module.out_channels,
+            kernel_size=tuple(module.kernel_size),
+            stride=tuple(module.stride),
+            padding=module.padding if isinstance(module.padding, str) else tuple(module.padding),
+        )
+    return None
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why a module of a hostable type still cannot host an adapter, or None if it can."""
+    if isinstance(module, nn.Embedding) and module.max_norm is not None:
+        return "embeddings with max_norm renormalise their weight in place"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        if module.groups != 1:
+            return f"grouped convolutions (groups={module.groups}) are not supported"
+        if any(d != 1 for d in module.dilation):
+            return f"dilated convolutions (dilation={module.dilation}) are not supported"
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r} is not supported"
+    return None
+
+
+def is_plain_float_weight(weight: torch.Tensor) -> bool:
+    """True when a weight can take a delta exactly: a floating tensor, not a packed quantized one."""
+    return weight.dtype.is_floating_point and type(weight) in (torch.Tensor, nn.Parameter)

@@ -1,0 +1,174 @@
+"""Which modules of a model an adapter config selects.
+
+The rules are HF PEFT's (`check_target_module_exists`) so that users can reuse their configs:
+`exclude` first, modules trained in full (`train_also`) are never targets, a string is a
+full-match regex, a list entry matches a name equal to it or ending in ".entry", and
+"all-linear" selects every Linear/Conv1D except the output head. One deliberate difference:
+`layers` also restricts regex targets (PEFT silently ignores it there).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections import Counter
+from collections.abc import Iterator
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from splice.core.config import AdapterConfig, Targets
+from splice.core.errors import TargetError
+from splice.core.layers import describe, unsupported_reason
+
+ALL_LINEAR = "all-linear"
+SEQ_CLS_HEAD_NAMES = ("classifier", "score")
+COMMON_LAYER_SEGMENTS = ("layers", "layer", "h", "block", "blocks")
+HOST_ATTRIBUTE = "splice"
+
+# PEFT's per-architecture defaults (utils/constants.py) for the families users bring most.
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "gpt2": ["c_attn"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "t5": ["q", "v"],
+    "vit": ["query", "value"],
+}
+
+
+def named_base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every module of the model except splice's own (hosts and the adapters inside them)."""
+
+    def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+        yield prefix, module
+        for child_name, child in module.named_children():
+            if child_name == HOST_ATTRIBUTE and prefix_is_host(module):
+                continue
+            yield from walk(child, f"{prefix}.{child_name}" if prefix else child_name)
+
+    yield from walk(model, "")
+
+
+def prefix_is_host(module: nn.Module) -> bool:
+    from splice.core.host import Host
+
+    return isinstance(getattr(module, HOST_ATTRIBUTE, None), Host)
+
+
+def matches(pattern: Targets, name: str) -> bool:
+    """PEFT's name rule for one pattern (a regex string or a list of names/suffixes)."""
+    if pattern is None:
+        return False
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return any(name == entry or name.endswith("." + entry) for entry in pattern)
+
+
+def layer_index(name: str) -> int | None:
+    """The layer number in a module path: after a common segment name, else the first number."""
+    for segment in COMMON_LAYER_SEGMENTS:
+        found = re.match(rf"(?:^|.*?\.){segment}\.(\d+)\.", name)
+        if found:
+            return int(found.group(1))
+    found = re.match(r".*?\.[^.]*\.(\d+)\.", name)
+    return int(found.group(1)) if found else None
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """The output head that "all-linear" leaves alone: LM head or classification head."""
+    head = None
+    get_output = getattr(model, "get_output_embeddings", None)
+    if callable(get_output):
+        head = get_output()
+    if head is None:
+        head = next((getattr(model, n) for n in SEQ_CLS_HEAD_NAMES if hasattr(model, n)), None)
+    if head is None:
+        return set()
+    return {name for name, module in model.named_modules() if module is head}
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGETS:
+        return DEFAULT_TARGETS[model_type]
+    raise TargetError(
+        f"no default targets for model type {model_type!r}; pass targets= explicitly "
+        f"(module names, a regex, or {ALL_LINEAR!r}). Linear modules here: "
+        f"{_describe_names(_linear_names(model))}"
+    )
+
+
+def resolve_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs `config` selects, in model order; an error if there are none."""
+    targets = config.targets if config.targets is not None else default_targets(model)
+    heads = output_head_names(model) if targets == ALL_LINEAR else set()
+    selected = []
+    for name, module in named_base_modules(model):
+        if not name or matches(config.exclude, name) or _inside(config.train_also, name):
+            continue
+        if targets == ALL_LINEAR:
+            hit = isinstance(module, (nn.Linear, Conv1D)) and name not in heads
+        else:
+            hit = matches(targets, name)
+        if hit and config.layers is not None:
+            hit = layer_index(name) in config.layers
+        if not hit:
+            continue
+        if describe(module) is None:
+            raise TargetError(
+                f"target {targets!r} selects {name!r}, a {type(module).__name__}; adapters can be "
+                "attached to Linear, transformers Conv1D, Conv1d/Conv2d and Embedding modules"
+            )
+        reason = unsupported_reason(module)
+        if reason:
+            raise TargetError(f"cannot attach to {name!r} ({type(module).__name__}): {reason}")
+        selected.append((name, module))
+    if not selected:
+        raise TargetError(_no_match_message(model, targets, config))
+    return selected
+
+
+def _inside(names: list[str], name: str) -> bool:
+    return any(re.match(rf"(^|.*\.){re.escape(n)}($|\..*)", name) for n in names)
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in named_base_modules(model) if n and describe(m) is not None]
+
+
+def _describe_names(names: list[str], limit: int = 12) -> str:
+    leaves = Counter(n.rsplit(".", 1)[-1] for n in names)
+    listed = ", ".join(f"{leaf} (x{count})" for leaf, count in leaves.most_common(limit))
+    return listed or "none"
+
+
+def _no_match_message(model: nn.Module, targets: Targets, config: AdapterConfig) -> str:
+    hostable = _linear_names(model)
+    wanted = [targets] if isinstance(targets, str) else list(targets)
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in hostable})
+    near: list[str] = []
+    for entry in wanted:
+        near += difflib.get_close_matches(entry.rsplit(".", 1)[-1], leaves, n=3, cutoff=0.5)
+        near += difflib.get_close_matches(entry, hostable, n=3, cutoff=0.6)
+    parts = [f"targets {targets!r} matched no module"]
+    if config.layers is not None:
+        parts.append(f"in layers {config.layers}")
+    if config.exclude is not None:
+        parts.append(f"(after exclude={config.exclude!r})")
+    message = " ".join(parts) + "."
+    if near:
+        message += f" Similar names that exist: {', '.join(dict.fromkeys(near))}."
+    message += f" Modules that can host an adapter: {_describe_names(hostable)}"
+    if hostable:
+        message += f"; e.g. {hostable[0]!r}"
+    return message

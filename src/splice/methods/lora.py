@@ -1,0 +1,180 @@
+"""LoRA: a trainable low-rank change of a frozen weight (Hu et al., 2021, arXiv 2106.09685).
+
+    h = W x + s * B A x,    A: [r, in],  B: [out, r],  s = alpha / r  (alpha / sqrt(r): rsLoRA)
+
+B starts at zero, so the model is unchanged at step 0 and only the product BA ever matters.
+The same form is hosted by Linear layers, transformers' Conv1D (fan-in/fan-out weights),
+convolutions (A is a conv with the base kernel, B a 1x1 conv) and embeddings (A is looked up
+by token id), with HF PEFT's parameter shapes so adapters move between the two libraries.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from splice.core.config import Adapter, AdapterConfig
+from splice.core.errors import SpliceError
+from splice.core.host import add_to_weight
+from splice.core.layers import LayerInfo
+from splice.core.registry import register_method
+
+Init = Literal["default", "gaussian", "pissa", "zeros"]
+
+
+@register_method
+@dataclass
+class LoRA(AdapterConfig):
+    """Hyperparameters of a LoRA adapter.
+
+    Attributes:
+        r: rank of the update. The LoRA paper (section 7.2) finds tiny ranks (1-8) enough for
+            GPT-3's q/v projections because the useful update has very low intrinsic rank.
+        alpha: scale numerator. Scaling by alpha/r keeps the learning rate roughly valid when
+            r changes (paper section 4.1); set alpha = 2r as a common default.
+        dropout: dropout on the adapter's input only, a regulariser for small datasets.
+        rslora: scale by alpha/sqrt(r) instead (Kalajdzievski 2023, arXiv 2312.03732), which keeps
+            larger ranks learning; at r=8 it is a 2.8x larger step than alpha/r.
+        init: "default" (Kaiming-uniform A, zero B, as Microsoft's loralib), "gaussian"
+            (A ~ N(0, 1/r)), "pissa" (A, B from the top-r singular triplets of W, which are
+            subtracted from W: the output is unchanged at init, training starts along the
+            principal directions; arXiv 2404.02948), or "zeros" (both factors zero, for loading).
+        rank_pattern, alpha_pattern: per-module overrides, {name or suffix regex: value}, as in
+            PEFT (a key matches a module whose name ends with it).
+    """
+
+    method: ClassVar[str] = "lora"
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    rslora: bool = False
+    init: Init = "default"
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.r < 1:
+            raise SpliceError(f"LoRA rank r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise SpliceError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if self.init not in ("default", "gaussian", "pissa", "zeros"):
+            raise SpliceError(f"LoRA init must be default, gaussian, pissa or zeros, got {self.init!r}")
+        if any(v < 1 for v in self.rank_pattern.values()):
+            raise SpliceError(f"rank_pattern ranks must be >= 1: {self.rank_pattern}")
+
+    def rank_for(self, module_name: str) -> int:
+        return pattern_value(self.rank_pattern, module_name, self.r)
+
+    def alpha_for(self, module_name: str) -> float:
+        return pattern_value(self.alpha_pattern, module_name, self.alpha)
+
+    def scaling_for(self, module_name: str) -> float:
+        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
+        return alpha / math.sqrt(r) if self.rslora else alpha / r
+
+    def build(self, info: LayerInfo, module_name: str, base: nn.Module) -> LoRAAdapter:
+        adapter = LoRAAdapter(info, self.rank_for(module_name), self.scaling_for(module_name), self.dropout)
+        if self.init == "pissa":
+            adapter.init_pissa(base, module_name)
+        else:
+            adapter.reset(self.init)
+        return adapter
+
+
+def pattern_value(pattern: dict, module_name: str, default):
+    """PEFT's pattern rule: the first key that matches the end of the module name."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+class LoRAAdapter(Adapter):
+    """delta(x) = s * B(A(dropout(x))), with A and B shaped as HF PEFT stores them."""
+
+    def __init__(self, info: LayerInfo, r: int, scaling: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.info, self.r, self.scaling = info, r, scaling
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if info.kind == "conv":
+            a_shape = (r, info.in_features, *info.kernel_size)
+            b_shape = (info.out_features, r, *(1,) * info.conv_dims)
+        else:
+            a_shape, b_shape = (r, info.in_features), (info.out_features, r)
+        self.lora_A = nn.Parameter(torch.zeros(a_shape))
+        self.lora_B = nn.Parameter(torch.zeros(b_shape))
+
+    def reset(self, init: Init = "default") -> None:
+        with torch.no_grad():
+            if init == "zeros":
+                self.lora_A.zero_()
+                self.lora_B.zero_()
+            elif self.info.kind == "embedding":
+                # As loralib/PEFT for embeddings: A = 0, B ~ N(0, 1); the product starts at zero.
+                self.lora_A.zero_()
+                nn.init.normal_(self.lora_B)
+            else:
+                if init == "gaussian":
+                    nn.init.normal_(self.lora_A, std=1 / self.r)
+                else:
+                    nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+                self.lora_B.zero_()
+
+    def init_pissa(self, base: nn.Module, module_name: str) -> None:
+        """Principal singular triplets into A and B, and out of the base weight (PiSSA)."""
+        if self.info.kind != "linear":
+            raise SpliceError(f"PiSSA init needs a Linear host; {module_name!r} is {self.info.kind}")
+        weight = base.weight.detach().float()
+        weight = weight.T if self.info.transposed else weight
+        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+        root = (S[: self.r] / self.scaling).sqrt()
+        with torch.no_grad():
+            self.lora_A.copy_(root[:, None] * Vh[: self.r])
+            self.lora_B.copy_(U[:, : self.r] * root[None, :])
+        # The factors at init are kept to export a plain LoRA for the unmodified base.
+        self.register_buffer("pissa_A0", self.lora_A.detach().clone())
+        self.register_buffer("pissa_B0", self.lora_B.detach().clone())
+        add_to_weight(base, self.info, self.initial_delta_weight(), sign=-1.0)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        A, B = self.lora_A, self.lora_B
+        if self.info.kind == "embedding":
+            return F.embedding(x, A.T, padding_idx=self.info.padding_idx) @ B.T * self.scaling
+        x = self.dropout(x.to(A.dtype))
+        if self.info.kind == "conv":
+            conv = F.conv1d if self.info.conv_dims == 1 else F.conv2d
+            hidden = conv(x, A, stride=self.info.stride, padding=self.info.padding)
+            return conv(hidden, B) * self.scaling
+        return F.linear(F.linear(x, A), B) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        return self._product(self.lora_A, self.lora_B)
+
+    def initial_delta_weight(self) -> torch.Tensor | None:
+        if not hasattr(self, "pissa_A0"):
+            return None
+        return self._product(self.pissa_A0, self.pissa_B0)
+
+    def _product(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        product = B.flatten(1) @ A.flatten(1) * self.scaling
+        if self.info.kind == "embedding":
+            return product.T
+        return product.view(self.info.out_features, *A.shape[1:])
+
+    def exported_factors(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(A, B, rank) of a plain LoRA with the same scaling that is exact on the original base.
+
+        For a PiSSA adapter this is PEFT's rank-2r conversion: s(BA - B0A0) = s[B, -B0][A; A0].
+        """
+        if not hasattr(self, "pissa_A0"):
+            return self.lora_A.detach(), self.lora_B.detach(), self.r
+        A = torch.cat([self.lora_A.detach(), self.pissa_A0], dim=0)
+        B = torch.cat([self.lora_B.detach(), -self.pissa_B0], dim=1)
+        return A, B, 2 * self.r
