@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from splice.core.config import Adapter
 from splice.core.errors import MergeError
 from splice.core.layers import LayerInfo, is_plain_float_weight
 from splice.core.targets import HOST_ATTRIBUTE, named_base_modules

@@ -139,14 +139,20 @@ def _target_modules(model: nn.Module, names: list[str], heads: list[str]) -> lis
     return leaves if selected == set(names) else sorted(names)
 
 
-def _check_portable(modules: list[ExportedModule], heads: list[str]) -> None:
+def portability_problems(ranks: list[int], alphas: list[float], heads: list[str]) -> list[str]:
+    """What keeps an adapter out of the subset vLLM serves (empty when it is portable)."""
     problems = []
     if heads:
         problems.append(f"it trains full modules {heads} (modules_to_save), which vLLM refuses")
-    if len({m.rank for m in modules}) > 1:
-        problems.append(f"ranks differ across modules {sorted({m.rank for m in modules})}; vLLM ignores rank_pattern")
-    if len({m.alpha for m in modules}) > 1:
+    if len(set(ranks)) > 1:
+        problems.append(f"ranks differ across modules {sorted(set(ranks))}; vLLM ignores rank_pattern")
+    if len(set(alphas)) > 1:
         problems.append("alpha differs across modules; vLLM ignores alpha_pattern")
+    return problems
+
+
+def _check_portable(modules: list[ExportedModule], heads: list[str]) -> None:
+    problems = portability_problems([m.rank for m in modules], [m.alpha for m in modules], heads)
     if problems:
         raise SpliceError("adapter is not portable to vLLM: " + "; ".join(problems))
 
@@ -169,7 +175,7 @@ def read(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tens
     if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda")):
         warnings.warn(f"adapter was initialised with {init!r} and saved without conversion: it is only "
                       "correct on the base model its init modified", stacklevel=3)
-    factors, head_tensors = _split_keys(tensors, config.get("modules_to_save") or [])
+    factors, head_tensors = split_keys(tensors, config.get("modules_to_save") or [])
     lora_config = _lora_config(model, config, factors, head_tensors)
     attach(model, lora_config, name, trainable=trainable)
     with torch.no_grad():
@@ -182,7 +188,7 @@ def read(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tens
             params[key].copy_(value)
 
 
-def _split_keys(tensors: dict[str, torch.Tensor], modules_to_save: list[str]):
+def split_keys(tensors: dict[str, torch.Tensor], modules_to_save: list[str]):
     factors: dict[str, dict[str, torch.Tensor]] = {}
     heads: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
