@@ -1,0 +1,84 @@
+"""What an adapter directory holds, read from its files alone (no model needed)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from splice.io import native, peft_format
+from splice.io.files import WEIGHTS_NAME, read_config, read_weights
+
+
+@dataclass
+class ModuleEntry:
+    name: str
+    rank: int | None
+    parameters: int
+    shapes: dict[str, tuple[int, ...]]
+
+
+@dataclass
+class AdapterInfo:
+    """Summary of an adapter directory, as `splice info` prints it."""
+
+    path: Path
+    format: str
+    method: str
+    config: dict[str, Any]
+    modules: list[ModuleEntry]
+    heads: dict[str, int]
+    dtypes: list[str]
+    file_bytes: int
+    base_model: str | None
+    portability: list[str] = field(default_factory=list)
+
+    @property
+    def adapter_parameters(self) -> int:
+        return sum(m.parameters for m in self.modules)
+
+
+def inspect_adapter(path: str | Path) -> AdapterInfo:
+    """Read an adapter directory (PEFT's or splice's format) and describe it."""
+    path = Path(path)
+    config, tensors = read_config(path), read_weights(path)
+    weights_file = path / WEIGHTS_NAME
+    size = weights_file.stat().st_size if weights_file.is_file() else 0
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
+    if config.get("format") == native.FORMAT:
+        modules = _native_modules(config, tensors)
+        heads = _head_sizes({k[len(native.HEAD_PREFIX):]: v for k, v in tensors.items()
+                             if k.startswith(native.HEAD_PREFIX)}, config.get("train_also", []))
+        return AdapterInfo(path, "splice", config.get("method", "?"), config.get("config", {}), modules,
+                           heads, dtypes, size, config.get("base_model_name_or_path"),
+                           ["not a LoRA in PEFT's format"])
+    factors, head_tensors = peft_format.split_keys(tensors, config.get("modules_to_save") or [])
+    modules = [
+        ModuleEntry(name, pair["A"].shape[0], pair["A"].numel() + pair["B"].numel(),
+                    {k: tuple(v.shape) for k, v in pair.items()})
+        for name, pair in factors.items()
+    ]
+    heads = _head_sizes(head_tensors, config.get("modules_to_save") or [])
+    ranks = [m.rank for m in modules]
+    alphas = [peft_format.pattern_value(config.get("alpha_pattern") or {}, m.name, config.get("lora_alpha", 8))
+              for m in modules]
+    method = str(config.get("peft_type", "?")).lower()
+    return AdapterInfo(path, "peft", method, config, modules, heads, dtypes, size,
+                       config.get("base_model_name_or_path"),
+                       peft_format.portability_problems(ranks, alphas, list(heads)))
+
+
+def _native_modules(config: dict[str, Any], tensors: dict) -> list[ModuleEntry]:
+    entries = []
+    for name in config.get("modules", []):
+        own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        entries.append(ModuleEntry(name, None, sum(v.numel() for v in own.values()),
+                                   {k: tuple(v.shape) for k, v in own.items()}))
+    return entries
+
+
+def _head_sizes(tensors: dict, heads: list[str]) -> dict[str, int]:
+    """Parameters per head; a head entry may be a full path or a dotted suffix (as in PEFT)."""
+    return {h: sum(v.numel() for k, v in tensors.items() if re.match(rf"(^|.*\.){re.escape(h)}\.", k))
+            for h in heads}
