@@ -146,6 +146,17 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
     """
     names = [name] if name else active_adapters(model)
     _require_known(model, names)
+    pending = [(module_name, base, host, n) for module_name, base, host in hosts(model)
+               for n in names if n in host and n not in host.merged]
+    tied = _tied_parameters(model)
+    for module_name, base, host, adapter_name in pending:  # refuse before any weight changes
+        host.check_merge(base, adapter_name)
+        if id(base.weight) in tied:
+            others = [n for n in tied[id(base.weight)] if n != f"{module_name}.weight"]
+            raise MergeError(
+                f"{module_name}.weight is tied to {others}: merging {adapter_name!r} would change "
+                "those modules too. Keep the adapter unmerged, or untie the weights first."
+            )
     done: list[tuple[nn.Module, str]] = []
     try:
         for _, base, host in hosts(model):
@@ -190,7 +201,9 @@ def unload(model: nn.Module) -> nn.Module:
     Trained heads (`train_also`) keep their trained weights.
     """
     merge(model)
-    for _, base, _ in list(hosts(model)):
+    for _, base, host in list(hosts(model)):
+        for name in [n for n in host if n not in host.merged]:
+            _remove_adapter(base, name)  # gives back what a PiSSA-style init took out
         remove_host(base)
     model.__dict__.pop("_splice", None)
     return model
@@ -218,6 +231,15 @@ def _remove_adapter(base: nn.Module, name: str) -> None:
     host.active = [n for n in host.active if n != name]
     if not len(host):
         remove_host(base)
+
+
+def _tied_parameters(model: nn.Module) -> dict[int, list[str]]:
+    """Parameters held by more than one module (tied embeddings), by id, with their names."""
+    holders: dict[int, list[str]] = {}
+    for module_name, module in named_base_modules(model):
+        for param_name, param in module.named_parameters(recurse=False):
+            holders.setdefault(id(param), []).append(f"{module_name}.{param_name}".lstrip("."))
+    return {key: names for key, names in holders.items() if len(names) > 1}
 
 
 def _require_known(model: nn.Module, names: list[str]) -> None:

@@ -75,7 +75,8 @@ class Adapter(nn.Module):
     an equivalent weight change return it from `delta_weight()` in the canonical layout of
     `LayerInfo`; merging, export and spectra are built on it. `initial_delta_weight()` is what
     the adapter took out of the base weight when it was created (PiSSA-style inits), so that
-    detaching can put it back.
+    detaching can put it back; `initial_delta(x)` is the same change as an output, which the host
+    adds while the adapter is switched off, so that "off" always means the base model's output.
     """
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,4 +86,7 @@ class Adapter(nn.Module):
         return None
 
     def initial_delta_weight(self) -> torch.Tensor | None:
+        return None
+
+    def initial_delta(self, x: torch.Tensor) -> torch.Tensor | None:
         return None

@@ -34,15 +34,22 @@ class Host(nn.ModuleDict):
     def add_to_output(
         self, base: nn.Module, args: tuple, kwargs: dict[str, Any], output: torch.Tensor
     ) -> torch.Tensor:
-        """Forward hook: base output plus every active, unmerged adapter's delta."""
-        if not self.enabled:
-            return output
-        names = [n for n in self.active if n not in self.merged]
-        if not names:
+        """Forward hook: base output plus every active, unmerged adapter's delta.
+
+        An unmerged adapter that is switched off (inactive, or the host disabled) but took part
+        of the base weight at init (PiSSA) gives that part back, so the output is the base's.
+        """
+        on = [n for n in self.active if n not in self.merged] if self.enabled else []
+        off = [n for n in self if n not in on and n not in self.merged]
+        if not on and not off:
             return output
         x = args[0] if args else next(iter(kwargs.values()))
-        for name in names:
+        for name in on:
             output = output + self[name].delta(x).to(output.dtype)
+        for name in off:
+            restore = self[name].initial_delta(x)
+            if restore is not None:
+                output = output + restore.to(output.dtype)
         return output
 
     def remove_hook(self) -> None:
@@ -63,6 +70,15 @@ class Host(nn.ModuleDict):
         add_to_weight(base, self.info, delta)
         self.merged.append(name)
 
+    def check_merge(self, base: nn.Module, name: str) -> None:
+        """Raise the MergeError that `merge` would raise, without changing anything."""
+        if self[name].delta_weight() is None:
+            raise MergeError(
+                f"adapter {name!r} ({type(self[name]).__name__}) has no equivalent weight change "
+                "and cannot be merged"
+            )
+        check_mergeable_weight(base)
+
     def unmerge(self, base: nn.Module, name: str) -> None:
         if name not in self.merged:
             return
@@ -76,13 +92,8 @@ def add_to_weight(base: nn.Module, info: LayerInfo, delta: torch.Tensor, sign: f
     Refuses packed quantized weights (4-bit/8-bit), which cannot represent the sum exactly, and
     refuses a result that is not finite rather than corrupting the model.
     """
+    check_mergeable_weight(base)
     weight = base.weight
-    if not is_plain_float_weight(weight):
-        raise MergeError(
-            f"cannot merge into a {type(weight).__name__} weight of dtype {weight.dtype} "
-            f"({type(base).__name__}); a quantized weight cannot represent the merged sum. "
-            "Dequantize the model first, or keep the adapter unmerged."
-        )
     delta = delta.T if info.transposed else delta
     if delta.shape != weight.shape:
         raise MergeError(f"delta weight {tuple(delta.shape)} does not fit weight {tuple(weight.shape)}")
@@ -91,6 +102,16 @@ def add_to_weight(base: nn.Module, info: LayerInfo, delta: torch.Tensor, sign: f
         if not torch.isfinite(merged).all():
             raise MergeError(f"merging into {type(base).__name__} gives inf/nan; weights unchanged")
         weight.copy_(merged.to(weight.dtype))
+
+
+def check_mergeable_weight(base: nn.Module) -> None:
+    weight = base.weight
+    if not is_plain_float_weight(weight):
+        raise MergeError(
+            f"cannot merge into a {type(weight).__name__} weight of dtype {weight.dtype} "
+            f"({type(base).__name__}); a quantized weight cannot represent the merged sum. "
+            "Dequantize the model first, or keep the adapter unmerged."
+        )
 
 
 def host_of(module: nn.Module) -> Host | None:

@@ -14,7 +14,7 @@ C = TypeVar("C", bound=type[AdapterConfig])
 
 def register_method(config_cls: C) -> C:
     """Class decorator: make `config_cls.method` known to loading, the CLI and YAML configs."""
-    name = config_cls.method
+    name = config_cls.method.lower()  # looked up case-insensitively, as files may spell it
     if not name:
         raise TypeError(f"{config_cls.__name__} must set the class attribute `method`")
     if name in _METHODS and _METHODS[name] is not config_cls:

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from splice.core.errors import AdapterFileError, OutputExistsError
@@ -67,7 +66,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(safetensors_file))
         if legacy_file.is_file():
             return torch.load(legacy_file, map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as err:
+    except Exception as err:  # unpickling garbage raises almost any error type
         name = safetensors_file if safetensors_file.is_file() else legacy_file
         raise AdapterFileError(f"{name} is corrupt or unreadable: {err}") from None
     raise AdapterFileError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {path}")

@@ -66,11 +66,14 @@ def read(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tens
     adapter_config = config_from_dict(config["config"]).replace(
         targets=modules, exclude=None, layers=None, train_also=config.get("train_also", [])
     )
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
     attach(model, adapter_config, name, trainable=trainable)
     try:
         _load_tensors(model, name, adapter_config.train_also, tensors)
     except Exception:
         detach(model, name)
+        for param, flag in requires_grad.items():  # a refused file leaves the model as it was
+            param.requires_grad_(flag)
         raise
 
 

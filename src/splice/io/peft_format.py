@@ -33,6 +33,7 @@ from splice.io.files import base_model_name, write_config, write_weights
 from splice.methods.lora import LoRA, LoRAAdapter, pattern_value
 
 PREFIX = "base_model.model."
+BASE_COPY = ".base_layer."
 LORA_SUFFIXES = {
     ".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B",
 }
@@ -50,6 +51,11 @@ TASK_TYPES = {
     "ForTokenClassification": "TOKEN_CLS",
     "ForQuestionAnswering": "QUESTION_ANS",
     "ForConditionalGeneration": "SEQ_2_SEQ_LM",
+}
+
+# PEFT's task wrappers add these to modules_to_save (suffix match), see PeftModelForSequenceClassification.
+TASK_HEADS = {
+    "SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",),
 }
 
 
@@ -108,10 +114,9 @@ def _tidy(value: float) -> float | int:
 def _peft_config(model: nn.Module, config: LoRA, modules: list[ExportedModule], heads: list[str]) -> dict[str, Any]:
     r = Counter(m.rank for m in modules).most_common(1)[0][0]
     alpha = Counter(m.alpha for m in modules).most_common(1)[0][0]
-    task_type = next((t for suffix, t in TASK_TYPES.items() if type(model).__name__.endswith(suffix)), None)
     return {
         "peft_type": "LORA",
-        "task_type": task_type,
+        "task_type": _task_type(model, heads),
         "base_model_name_or_path": base_model_name(model),
         "r": r,
         "lora_alpha": alpha,
@@ -127,6 +132,20 @@ def _peft_config(model: nn.Module, config: LoRA, modules: list[ExportedModule], 
         "rank_pattern": {m.name: m.rank for m in modules if m.rank != r},
         "alpha_pattern": {m.name: m.alpha for m in modules if m.alpha != alpha},
     }
+
+
+def _task_type(model: nn.Module, heads: list[str]) -> str | None:
+    """PEFT's task for the model's class, unless PEFT would then expect head tensors we lack.
+
+    For some tasks PEFT trains the usual head in full (`TASK_HEADS`) and fails to load a file
+    without its tensors; such an adapter is written task-less, which PEFT loads as a plain model.
+    """
+    task = next((t for suffix, t in TASK_TYPES.items() if type(model).__name__.endswith(suffix)), None)
+    auto = TASK_HEADS.get(task, ())
+    wrapped = [n for n, _ in named_base_modules(model) if n and auto and n.endswith(auto)]
+    if any(not any(n == h or n.startswith(h + ".") for h in heads) for n in wrapped):
+        return None
+    return task
 
 
 def _target_modules(model: nn.Module, names: list[str], heads: list[str]) -> list[str]:
@@ -177,6 +196,7 @@ def read(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tens
                       "correct on the base model its init modified", stacklevel=3)
     factors, head_tensors = split_keys(tensors, config.get("modules_to_save") or [])
     lora_config = _lora_config(model, config, factors, head_tensors)
+    check_base_copies(model, tensors)
     attach(model, lora_config, name, trainable=trainable)
     with torch.no_grad():
         for module_name, _, host in hosts(model):
@@ -200,6 +220,8 @@ def split_keys(tensors: dict[str, torch.Tensor], modules_to_save: list[str]):
             factors.setdefault(path[: -len(suffix)], {})[LORA_SUFFIXES[suffix]] = value
         elif ".lora_" in path:
             raise AdapterFileError(f"unsupported LoRA tensor {key!r} (DoRA magnitudes and LoRA biases are not read)")
+        elif BASE_COPY in path:
+            continue  # a copy of a targeted layer's own weight, checked by `check_base_copies`
         elif any(re.match(rf"(^|.*\.){re.escape(m)}\.", path) for m in modules_to_save):
             heads[path] = value
         else:
@@ -210,6 +232,34 @@ def split_keys(tensors: dict[str, torch.Tensor], modules_to_save: list[str]):
     if not factors:
         raise AdapterFileError("the adapter file holds no LoRA tensors")
     return factors, heads
+
+
+def check_base_copies(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """PEFT also saves a targeted embedding's own weight (`<module>.base_layer.weight`), in case
+    the vocabulary was resized. splice never overwrites base weights, so the copy must be the
+    model's weight as it is; anything else is refused before the model changes."""
+    for key, value in tensors.items():
+        path = key[len(PREFIX):]
+        if BASE_COPY not in path:
+            continue
+        module_name, _, param_name = path.partition(BASE_COPY)
+        try:
+            target = model.get_submodule(module_name).get_parameter(param_name)
+        except AttributeError:
+            raise ShapeMismatchError(
+                f"adapter holds a copy of {module_name}.{param_name}, which the model does not have"
+            ) from None
+        if target.shape != value.shape:
+            raise ShapeMismatchError(
+                f"{module_name}.{param_name}: the adapter's copy of the base weight has shape "
+                f"{tuple(value.shape)}, the model's is {tuple(target.shape)} (resized vocabulary?)"
+            )
+        if not torch.equal(value.to(device=target.device, dtype=target.dtype), target.detach()):
+            raise AdapterFileError(
+                f"the adapter carries its own {module_name}.{param_name}, which differs from the "
+                "model's (PEFT saves it when embeddings were resized or trained); splice does not "
+                "overwrite base weights: load it onto the base model it was trained from"
+            )
 
 
 def _lora_config(model: nn.Module, config: dict[str, Any], factors: dict, head_tensors: dict) -> LoRA:

@@ -144,10 +144,20 @@ class LoRAAdapter(Adapter):
         add_to_weight(base, self.info, self.initial_delta_weight(), sign=-1.0)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        A, B = self.lora_A, self.lora_B
+        return self._apply_factors(x, self.lora_A, self.lora_B, self.dropout)
+
+    def initial_delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        """s * B0 A0 x: what PiSSA took out of the base weight, as an output (no dropout)."""
+        if not hasattr(self, "pissa_A0"):
+            return None
+        return self._apply_factors(x, self.pissa_A0, self.pissa_B0, None)
+
+    def _apply_factors(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                       dropout: nn.Module | None) -> torch.Tensor:
         if self.info.kind == "embedding":
             return F.embedding(x, A.T, padding_idx=self.info.padding_idx) @ B.T * self.scaling
-        x = self.dropout(x.to(A.dtype))
+        x = x.to(A.dtype)
+        x = dropout(x) if dropout is not None else x
         if self.info.kind == "conv":
             conv = F.conv1d if self.info.conv_dims == 1 else F.conv2d
             hidden = conv(x, A, stride=self.info.stride, padding=self.info.padding)

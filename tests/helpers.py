@@ -1,0 +1,118 @@
+"""Model factories and comparison helpers shared by the tests (imported as `helpers`)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+from splice.core.host import hosts
+
+VOCAB = 97
+HIDDEN = 32
+INTERMEDIATE = 40
+
+
+def make_bert(seed: int = 0, hidden: int = HIDDEN) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=INTERMEDIATE, max_position_embeddings=64, num_labels=2,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+def make_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def make_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=64,
+        bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+class ConvNet(nn.Module):
+    """Every non-transformers host type in one model: Embedding, Conv1d, Conv2d, Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 8, padding_idx=0)
+        self.conv1 = nn.Conv1d(8, 12, kernel_size=3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(3, 6, kernel_size=3, padding=1)
+        self.head = nn.Linear(12 + 6, 5)
+
+    def forward(self, ids: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        seq = self.conv1(self.embed(ids).transpose(1, 2)).relu().mean(-1)
+        img = self.conv2(image).relu().mean((-2, -1))
+        return self.head(torch.cat([seq, img], dim=-1))
+
+
+def make_convnet(seed: int = 0) -> ConvNet:
+    torch.manual_seed(seed)
+    return ConvNet().eval()
+
+
+
+def logits(model: nn.Module, *args, **kwargs) -> torch.Tensor:
+    """The model's output tensor (HF `.logits` or a plain module's return value), no grad."""
+    with torch.no_grad():
+        out = model(*args, **kwargs)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:
+    """max |actual - expected| <= rel * max |expected| (a tolerance relative to output scale)."""
+    assert actual.shape == expected.shape
+    scale = expected.abs().max().item()
+    error = (actual - expected).abs().max().item()
+    assert error <= rel * max(scale, 1e-12), f"max error {error:.3g} vs scale {scale:.3g}"
+
+
+def assert_differs(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-3) -> None:
+    """The adapter under test really changes the output (so equality checks mean something)."""
+    assert (a - b).abs().max().item() > rel * b.abs().max().item()
+
+
+def randomize(model: nn.Module, name: str = "default", scale: float = 0.3, seed: int = 0) -> None:
+    """Give every factor of splice adapter `name` random values (B starts at zero otherwise)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, _, host in hosts(model):
+            if name in host:
+                for param in host[name].parameters():
+                    param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def randomize_module(module: nn.Module, scale: float = 0.3, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def fresh(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model)
+
+
+FACTORIES: dict[str, Callable[[], nn.Module]] = {
+    "bert": make_bert, "llama": make_llama, "gpt2": make_gpt2, "convnet": make_convnet,
+}
