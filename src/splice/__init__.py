@@ -6,10 +6,11 @@
     splice.save(model, "my-adapter")          # loads in HF PEFT as well
 """
 
+from splice import assets
 from splice.core import *  # noqa: F403
 from splice.core import __all__ as _core_all
 from splice.io import load, save
 from splice.methods import LoRA
 
 __version__ = "0.1.0"
-__all__ = [*_core_all, "LoRA", "load", "save"]
+__all__ = [*_core_all, "LoRA", "assets", "load", "save"]

@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from splice.cli.errors import user_errors
+
 console = Console()
 
 
@@ -34,7 +36,9 @@ def inspect(
     ] = None,
     exclude: Annotated[str | None, typer.Option(help="Modules never targeted (same syntax).")] = None,
     layers: Annotated[str | None, typer.Option(help="Layer indices, e.g. '0,1,2' or '0-5'.")] = None,
-    task: Annotated[str, typer.Option(help="classification | causal_lm | base: which model class to load.")] = "auto",
+    task: Annotated[
+        str, typer.Option(help="auto | classification | causal_lm | base: which model class (and so module names).")
+    ] = "auto",
     full: Annotated[bool, typer.Option("--full", help="List every module instead of folding repeated layers.")] = False,
 ) -> None:
     """Show a model's adaptable modules and which ones a target pattern selects.
@@ -43,11 +47,12 @@ def inspect(
     """
     import splice
     from splice.core.inventory import module_groups
-    from splice.train.tasks import load_model
+    from splice.train.tasks import default_task, load_pretrained
 
-    net = load_model(model, task)
-    config = splice.LoRA(targets=_split(targets), exclude=_split(exclude), layers=_parse_layers(layers))
-    selected = {name for name, _ in splice.resolve_targets(net, config)}
+    with user_errors():
+        net = load_pretrained(model, default_task(model) if task == "auto" else task)
+        config = splice.LoRA(targets=_split(targets), exclude=_split(exclude), layers=_parse_layers(layers))
+        selected = {name for name, _ in splice.resolve_targets(net, config)}
     table = Table(title=f"{type(net).__name__}: modules that can host an adapter")
     for column in ("module", "type", "in->out", "selected"):
         table.add_column(column, justify="right" if column == "selected" else "left")
@@ -84,7 +89,8 @@ def info(
     """
     from splice.io.info import inspect_adapter
 
-    found = inspect_adapter(adapter)
+    with user_errors():
+        found = inspect_adapter(adapter)
     if as_json:
         console.print_json(json.dumps({
             "path": str(found.path), "format": found.format, "method": found.method,
@@ -134,17 +140,19 @@ def merge(
     import splice
     from splice.io.files import prepare_output_dir
     from splice.io.info import inspect_adapter
-    from splice.train.tasks import load_model
+    from splice.train.tasks import load_pretrained
 
-    found = inspect_adapter(adapter)
-    base = model or found.base_model
-    if not base:
-        raise typer.BadParameter("the adapter names no base model; pass --model", param_hint="--model")
-    prepare_output_dir(out, overwrite=force)
-    net = load_model(base, _task_of(found.config), num_labels=_num_labels(adapter, list(found.heads)))
-    splice.load(net, adapter)
-    splice.unload(net)
-    net.save_pretrained(out)
+    with user_errors():
+        found = inspect_adapter(adapter)
+        base = model or found.base_model
+        if not base:
+            raise typer.BadParameter("the adapter names no base model; pass --model", param_hint="--model")
+        prepare_output_dir(out, overwrite=force)
+        labels = tuple(str(i) for i in range(_num_labels(adapter, list(found.heads))))
+        net = load_pretrained(base, _task_of(found.config), labels)
+        splice.load(net, adapter)
+        splice.unload(net)
+        net.save_pretrained(out)
     console.print(f"merged [bold]{adapter}[/bold] into {type(net).__name__} -> {out}")
 
 

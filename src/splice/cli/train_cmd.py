@@ -1,0 +1,110 @@
+"""`splice train` and `splice eval`: turn flags into a TrainConfig, call splice.train, print."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from splice.assets import DATASETS
+from splice.cli.errors import user_errors
+
+console = Console()
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `train` and `eval` commands to the `splice` app."""
+    app.command("train")(train)
+    app.command("eval")(evaluate)
+
+
+Model = Annotated[str | None, typer.Option(help="minilm, smollm2 (bundled) or a local model folder.")]
+Task = Annotated[str | None, typer.Option(help="classification or causal_lm.")]
+Data = Annotated[str | None, typer.Option(help="Bundled data set (rotten_tomatoes, bbc_news, arithmetic, "
+                                          "iris, ...) or a .jsonl/.csv file.")]
+BatchSize = Annotated[int | None, typer.Option(help="Examples per forward pass.")]
+Precision = Annotated[str | None, typer.Option(help="Mixed precision: no, bf16 or fp16.")]
+
+
+def train(
+    config: Annotated[Path | None, typer.Argument(help="YAML config; flags override its values.")] = None,
+    model: Model = None,
+    task: Task = None,
+    data: Data = None,
+    method: Annotated[str | None, typer.Option(help="Adapter method, e.g. lora.")] = None,
+    r: Annotated[int | None, typer.Option(help="Adapter rank.")] = None,
+    alpha: Annotated[float | None, typer.Option(help="LoRA scale numerator (scale = alpha / r).")] = None,
+    targets: Annotated[str | None, typer.Option(help="Comma-separated module names, e.g. query,value, "
+                                                "or all-linear.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate of the adapter.")] = None,
+    head_lr: Annotated[float | None, typer.Option(help="Learning rate of the head trained in full.")] = None,
+    epochs: Annotated[float | None, typer.Option(help="Passes over the training data.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps; overrides --epochs.")] = None,
+    batch_size: BatchSize = None,
+    max_train_examples: Annotated[int | None, typer.Option(help="Train on a fixed sample of N examples.")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N optimizer steps.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    precision: Precision = None,
+    output_dir: Annotated[str | None, typer.Option(help="Run folder (default: runs/<data>-<method>).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite a non-empty run folder.")] = False,
+) -> None:
+    """Train an adapter, evaluate it before and after, save it (HF PEFT format) and a report.
+
+    With no arguments this is the main job: LoRA (r=8, alpha=16, query/value, head trained)
+    on the bundled MiniLM for Rotten Tomatoes sentiment, about four minutes on two CPU cores,
+    written to runs/rotten-tomatoes-lora.
+
+    Examples:
+
+        splice train --force
+
+        splice train examples/smollm2_arithmetic.yaml --max-steps 20
+
+        splice train --data reviews.jsonl --r 16 --targets query,key,value --output-dir runs/reviews
+    """
+    from splice.train import TrainConfig, run
+
+    adapter = {"method": method, "r": r, "alpha": alpha, "targets": targets.split(",") if targets else None}
+    if adapter["targets"] == ["all-linear"]:
+        adapter["targets"] = "all-linear"
+    with user_errors():
+        settings = TrainConfig.from_yaml(
+            config, model=model, task=task, data=data, lr=lr, head_lr=head_lr, epochs=epochs, max_steps=max_steps,
+            batch_size=batch_size, max_train_examples=max_train_examples, eval_every=eval_every, seed=seed,
+            precision=precision, output_dir=output_dir,
+            adapter={k: v for k, v in adapter.items() if v is not None},
+        )
+        run(settings, console=console, force=force)
+
+
+def evaluate(
+    adapter: Annotated[Path, typer.Option(help="Adapter folder (splice or HF PEFT format).")],
+    model: Model = "minilm",
+    task: Task = "classification",
+    data: Data = "rotten_tomatoes",
+    split: Annotated[str, typer.Option(help="Split of a bundled data set: train, validation or test.")] = "test",
+    batch_size: BatchSize = 32,
+    max_length: Annotated[int, typer.Option(help="Tokens per example.")] = 64,
+    precision: Precision = "no",
+) -> None:
+    """Evaluate a saved adapter on a data set: accuracy, or loss/perplexity/exact match.
+
+    Example:
+
+        splice eval --model minilm --adapter runs/rotten-tomatoes-lora/adapter --data rotten_tomatoes
+    """
+    from splice.train import TrainConfig, evaluate_adapter
+
+    with user_errors():
+        settings = TrainConfig.from_dict(model=model, task=task, data=data, batch_size=batch_size,
+                                         max_length=max_length, precision=precision)
+        metrics = evaluate_adapter(settings, adapter, split)
+    table = Table(title=f"{data} ({split})" if data in DATASETS else data, caption=f"adapter: {adapter}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4f}")
+    console.print(table)

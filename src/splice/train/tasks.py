@@ -1,0 +1,167 @@
+"""What differs between the two tasks: the model class, the adapter's head, and the metrics.
+
+Classification loads `AutoModelForSequenceClassification` with one output per label and trains
+its freshly initialised head in full next to the adapter (the head is added to the adapter's
+`train_also`, as PEFT's task_type=SEQ_CLS adds it to `modules_to_save`): a random head behind
+a frozen encoder would otherwise stay random. Causal LM loads `AutoModelForCausalLM`.
+
+Metrics are computed from per-example numbers (`example_stats`) so that accelerate can gather
+them across processes exactly, then reduced by `reduce_stats`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+)
+
+from splice import assets
+from splice.assets import Row
+from splice.core.config import AdapterConfig
+from splice.core.errors import SpliceError
+from splice.core.targets import SEQ_CLS_HEAD_NAMES
+from splice.train.config import TrainConfig
+from splice.train.data import IGNORE_INDEX
+
+BUNDLED_MODELS = {"minilm": assets.minilm_path, "smollm2": assets.smollm2_path}
+# Which metric picks the best checkpoint, and whether higher is better.
+MAIN_METRIC = {"classification": ("accuracy", True), "causal_lm": ("loss", False)}
+
+
+def model_path(name: str) -> Path:
+    """A bundled model's folder ("minilm", "smollm2") or a local transformers folder."""
+    if name in BUNDLED_MODELS:
+        return BUNDLED_MODELS[name]()
+    path = Path(name)
+    if not path.is_dir():
+        raise SpliceError(f"model {name!r} is neither bundled ({', '.join(BUNDLED_MODELS)}) "
+                          "nor a local folder (splice never downloads from a hub)")
+    return path
+
+
+def load_pretrained(name: str, task: str, label_names: tuple[str, ...] = ()) -> PreTrainedModel:
+    """A bundled or local model in fp32 with the head `task` needs ("base": the bare model).
+
+    Without `label_names` a classifier keeps the checkpoint's own label count.
+    """
+    path = model_path(name)
+    if task == "classification":
+        labels = {}
+        if label_names:
+            labels = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
+                      "label2id": {n: i for i, n in enumerate(label_names)}}
+        return AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, **labels)
+    if task == "causal_lm":
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return AutoModel.from_pretrained(path, dtype=torch.float32)
+
+
+def default_task(name: str) -> str:
+    """causal_lm for a decoder checkpoint, classification otherwise (what `splice train` would use)."""
+    config = AutoConfig.from_pretrained(model_path(name))
+    if config.architectures:
+        decoder = any(a.endswith("ForCausalLM") for a in config.architectures)
+    else:  # decoder-only families have a causal-LM class and no masked-LM one
+        decoder = (config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+                   and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    return "causal_lm" if decoder else "classification"
+
+
+def load_model(
+    config: TrainConfig, label_names: tuple[str, ...] = ()
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Model and tokenizer for `config.task`, in fp32 (accelerate's autocast does mixed precision).
+
+    A tokenizer without a pad token (most decoders) pads with its eos token.
+    """
+    tokenizer = AutoTokenizer.from_pretrained(model_path(config.model))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = load_pretrained(config.model, config.task, label_names)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def head_name(model: nn.Module) -> str:
+    """Name of a sequence-classification head: `classifier` (BERT, RoBERTa) or `score` (Llama)."""
+    for name in SEQ_CLS_HEAD_NAMES:
+        if isinstance(getattr(model, name, None), nn.Module):
+            return name
+    raise SpliceError(f"{type(model).__name__} has no classification head named "
+                      f"{' or '.join(SEQ_CLS_HEAD_NAMES)}; add yours to the adapter's train_also")
+
+
+def adapter_config(config: TrainConfig, model: nn.Module) -> AdapterConfig:
+    """The configured adapter; for classification with the head added to `train_also`."""
+    adapter = config.adapter_config()
+    if config.task == "classification":
+        head = head_name(model)
+        if head not in adapter.train_also:
+            adapter = adapter.replace(train_also=[*adapter.train_also, head])
+    return adapter
+
+
+def example_stats(task: str, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-example numbers for one batch: loss and correctness, or summed token loss and count."""
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+    labels = batch["labels"]
+    if task == "classification":
+        loss = F.cross_entropy(logits, labels, reduction="none")
+        return {"loss": loss, "correct": (logits.argmax(-1) == labels).float()}
+    # Position t predicts token t+1; the model shifts the same way when given labels.
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    token_loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return {"loss_sum": token_loss.sum(-1), "tokens": (labels != IGNORE_INDEX).sum(-1).float()}
+
+
+def reduce_stats(task: str, stats: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Metrics from the concatenated per-example numbers of a whole split."""
+    if task == "classification":
+        return {"loss": stats["loss"].mean().item(), "accuracy": stats["correct"].mean().item()}
+    loss = (stats["loss_sum"].sum() / stats["tokens"].sum().clamp(min=1)).item()
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+@torch.no_grad()
+def exact_match(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[Row],
+                batch_size: int, max_new_tokens: int = 8) -> float:
+    """Share of prompts whose greedy continuation, up to its first line break, is the completion.
+
+    Prompts are left-padded for generation, so the tokenizer's padding side is switched for
+    the duration and restored.
+    """
+    model.eval()
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    hits = 0
+    try:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            inputs = tokenizer([r["prompt"] for r in chunk], return_tensors="pt", padding=True,
+                               return_token_type_ids=False).to(model.device)
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id)
+            answers = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            hits += sum(_first_line(a) == r["completion"].strip() for a, r in zip(answers, chunk, strict=True))
+    finally:
+        tokenizer.padding_side = side
+    return hits / max(len(rows), 1)
+
+
+def _first_line(text: str) -> str:
+    return text.strip().split("\n")[0].strip()

@@ -1,0 +1,87 @@
+"""Tiny random-weight model folders that `TrainConfig.model` can point at, and small data files.
+
+The models use MiniLM's tokenizer (a real WordPiece vocabulary) with 2-layer, 32-wide bodies,
+so a training step takes milliseconds. `[SEP]` doubles as the end-of-sequence token of the
+causal LM, so completions end with it as they would with a decoder's own eos.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import minilm_tokenizer, write_jsonl
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+from splice import assets
+from splice.train import TrainConfig
+
+POSITIVE = ["good", "great", "fine", "superb", "lovely", "wonderful"]
+NEGATIVE = ["bad", "awful", "poor", "dull", "boring", "terrible"]
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = minilm_tokenizer()
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = minilm_tokenizer()
+    tokenizer.eos_token = "[SEP]"
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def sentiment_rows(n: int, seed: int) -> list[dict]:
+    """Three-word "reviews" whose label is which word list they come from: learnable fast."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        words = POSITIVE if label else NEGATIVE
+        rows.append({"text": " ".join(rng.choice(words) for _ in range(3)), "label": label})
+    return rows
+
+
+@pytest.fixture
+def sentiment_files(tmp_path) -> tuple[Path, Path]:
+    return (write_jsonl(tmp_path / "train.jsonl", sentiment_rows(96, 1)),
+            write_jsonl(tmp_path / "val.jsonl", sentiment_rows(32, 2)))
+
+
+@pytest.fixture
+def tiny_classification(tiny_bert_dir, sentiment_files, tmp_path) -> TrainConfig:
+    """A run of a few seconds: tiny BERT, 96 training rows, 12 steps."""
+    train, val = sentiment_files
+    return TrainConfig(model=str(tiny_bert_dir), data=str(train), validation=str(val), batch_size=8,
+                       max_steps=12, eval_every=4, lr=1e-2, output_dir=str(tmp_path / "run"))
+
+
+@pytest.fixture
+def tiny_causal(tiny_llama_dir, tmp_path) -> TrainConfig:
+    """SFT of the tiny Llama on arithmetic; the random lm_head trains too, or nothing could learn."""
+    rows = assets.arithmetic_problems(80, seed=3)
+    train = write_jsonl(tmp_path / "sft.jsonl", rows[:64])
+    val = write_jsonl(tmp_path / "sft-val.jsonl", rows[64:])
+    return TrainConfig(model=str(tiny_llama_dir), task="causal_lm", data=str(train), validation=str(val),
+                       adapter={"method": "lora", "r": 4, "alpha": 8, "targets": "all-linear",
+                                "train_also": ["lm_head"]},
+                       max_length=48, batch_size=8, max_steps=24, eval_every=8, lr=1e-2,
+                       output_dir=str(tmp_path / "sft-run"))
