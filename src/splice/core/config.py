@@ -85,6 +85,10 @@ class Adapter(nn.Module):
     def delta_weight(self) -> torch.Tensor | None:
         return None
 
+    def has_weight_form(self) -> bool:
+        """Whether `delta_weight()` exists for this form, known without computing it."""
+        return type(self).delta_weight is not Adapter.delta_weight
+
     def initial_delta_weight(self) -> torch.Tensor | None:
         return None
 

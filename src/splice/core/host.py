@@ -67,7 +67,7 @@ class Host(nn.ModuleDict):
 
     def check_merge(self, base: nn.Module, name: str) -> None:
         """Raise the MergeError that `merge` would raise, without changing anything."""
-        if self[name].delta_weight() is None:
+        if not self[name].has_weight_form():
             raise MergeError(
                 f"adapter {name!r} ({type(self[name]).__name__}) has no equivalent weight change "
                 "and cannot be merged"
