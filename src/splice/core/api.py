@@ -17,7 +17,7 @@ from torch import nn
 
 from splice.core.config import AdapterConfig
 from splice.core.errors import MergeError, SpliceError, TargetError
-from splice.core.host import add_to_weight, ensure_host, host_of, hosts, remove_host
+from splice.core.host import Host, add_to_weight, ensure_host, host_of, hosts, remove_host
 from splice.core.layers import describe
 from splice.core.targets import matches, named_base_modules, resolve_targets
 
@@ -157,16 +157,14 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
                 f"{module_name}.weight is tied to {others}: merging {adapter_name!r} would change "
                 "those modules too. Keep the adapter unmerged, or untie the weights first."
             )
-    done: list[tuple[nn.Module, str]] = []
-    try:
-        for _, base, host in hosts(model):
-            for adapter_name in names:
-                if adapter_name in host and adapter_name not in host.merged:
-                    host.merge(base, adapter_name)
-                    done.append((base, adapter_name))
+    done: list[tuple[nn.Module, Host, str]] = []
+    try:  # only a non-finite result can still fail here
+        for _, base, host, adapter_name in pending:
+            host.merge(base, adapter_name)
+            done.append((base, host, adapter_name))
     except MergeError:
-        for base, adapter_name in reversed(done):
-            host_of(base).unmerge(base, adapter_name)
+        for base, host, adapter_name in reversed(done):
+            host.unmerge(base, adapter_name)
         raise
     return model
 

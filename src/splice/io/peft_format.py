@@ -203,7 +203,7 @@ def read(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tens
             if name in host:
                 host[name].lora_A.copy_(factors[module_name]["A"])
                 host[name].lora_B.copy_(factors[module_name]["B"])
-        params = dict(model.named_parameters()) | dict(model.named_buffers())
+        params = _named_tensors(model)
         for key, value in head_tensors.items():
             params[key].copy_(value)
 
@@ -288,7 +288,7 @@ def _lora_config(model: nn.Module, config: dict[str, Any], factors: dict, head_t
             raise AdapterFileError(f"{module_name}: config says r={declared} but the tensors have rank {rank}")
         ranks[module_name] = rank
         alphas[module_name] = pattern_value(alpha_pattern, module_name, alpha)
-    params = dict(model.named_parameters()) | dict(model.named_buffers())
+    params = _named_tensors(model)
     for key, value in head_tensors.items():
         if key not in params:
             raise ShapeMismatchError(f"adapter holds {key!r} (modules_to_save) but the model has no such tensor")
@@ -312,3 +312,7 @@ def _expected_shapes(info, rank: int) -> dict[str, tuple[int, ...]]:
                 "B": (info.out_features, rank, *(1,) * info.conv_dims)}
     return {"A": (rank, info.in_features), "B": (info.out_features, rank)}
 
+
+def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers by name: what a saved head's tensors are copied into."""
+    return dict(model.named_parameters()) | dict(model.named_buffers())
