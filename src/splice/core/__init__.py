@@ -22,14 +22,16 @@ from splice.core.errors import (
     SpliceError,
     TargetError,
 )
+from splice.core.lowrank import LowRank
 from splice.core.registry import config_from_dict, method_names, register_method
+from splice.core.routing import route
 from splice.core.summary import Summary, summary
 from splice.core.targets import resolve_targets
 
 __all__ = [
     "Adapter", "AdapterConfig", "AdapterFileError", "MergeError", "OutputExistsError",
     "ShapeMismatchError", "SpliceError", "Summary", "TargetError", "activate", "active_adapters",
-    "adapters", "attach", "config_from_dict", "deactivate", "detach", "disabled", "merge",
-    "method_names", "register_method", "resolve_targets", "summary", "trainable_parameters",
+    "LowRank", "adapters", "attach", "config_from_dict", "deactivate", "detach", "disabled", "merge",
+    "method_names", "register_method", "resolve_targets", "route", "summary", "trainable_parameters",
     "unload", "unmerge",
 ]

@@ -11,6 +11,7 @@ from torch import nn
 
 from splice.core.errors import SpliceError
 from splice.core.layers import LayerInfo
+from splice.core.lowrank import LowRank
 
 Targets = str | list[str] | None
 Layers = int | list[int] | range | None
@@ -93,4 +94,9 @@ class Adapter(nn.Module):
         return None
 
     def initial_delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def low_rank_factors(self) -> LowRank | None:
+        """On a Linear host, `delta(x) - initial_delta(x)` as `s * B A dropout(x)`, if the form
+        has that shape. Such adapters share one grouped matmul in mixed batches (`route`)."""
         return None

@@ -10,7 +10,7 @@ once; each active, unmerged adapter adds `delta(x)`.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from torch import nn
 from splice.core.errors import MergeError
 from splice.core.layers import LayerInfo, is_plain_float_weight
 from splice.core.targets import HOST_ATTRIBUTE, named_base_modules
+
+if TYPE_CHECKING:
+    from splice.core.routing import Routing
 
 
 class Host(nn.ModuleDict):
@@ -29,6 +32,7 @@ class Host(nn.ModuleDict):
         self.active: list[str] = []
         self.merged: list[str] = []
         self.enabled = True
+        self.routing: Routing | None = None  # set by `route` for a mixed batch
         self._hook = base.register_forward_hook(self.add_to_output, with_kwargs=True)
 
     def add_to_output(
@@ -36,14 +40,17 @@ class Host(nn.ModuleDict):
     ) -> torch.Tensor:
         """Forward hook: base output plus every active, unmerged adapter's delta.
 
-        An unmerged adapter that is switched off (inactive, or the host disabled) but took part
-        of the base weight at init (PiSSA) gives that part back, so the output is the base's.
+        Within `route`, each row gets its own adapter instead. An unmerged adapter that is
+        switched off (inactive, or the host disabled) but took part of the base weight at init
+        (PiSSA) gives that part back, so the output is the base's.
         """
+        x = args[0] if args else next(iter(kwargs.values()))
+        if self.routing is not None and self.enabled:
+            return self.routing.add_to(self, x, output)
         on = [n for n in self.active if n not in self.merged] if self.enabled else []
         off = [n for n in self if n not in on and n not in self.merged]
         if not on and not off:
             return output
-        x = args[0] if args else next(iter(kwargs.values()))
         for name in on:
             output = output + self[name].delta(x).to(output.dtype)
         for name in off:

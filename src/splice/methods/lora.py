@@ -23,6 +23,7 @@ from splice.core.config import Adapter, AdapterConfig
 from splice.core.errors import SpliceError
 from splice.core.host import add_to_weight
 from splice.core.layers import LayerInfo
+from splice.core.lowrank import LowRank, low_rank_delta
 from splice.core.registry import register_method
 
 Init = Literal["default", "gaussian", "pissa", "zeros"]
@@ -101,8 +102,7 @@ class LoRAAdapter(Adapter):
 
     def __init__(self, info: LayerInfo, r: int, scaling: float, dropout: float = 0.0) -> None:
         super().__init__()
-        self.info, self.r, self.scaling = info, r, scaling
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.info, self.r, self.scaling, self.p = info, r, scaling, dropout
         if info.kind == "conv":
             a_shape = (r, info.in_features, *info.kernel_size)
             b_shape = (info.out_features, r, *(1,) * info.conv_dims)
@@ -144,25 +144,38 @@ class LoRAAdapter(Adapter):
         add_to_weight(base, self.info, self.initial_delta_weight(), sign=-1.0)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return self._apply_factors(x, self.lora_A, self.lora_B, self.dropout)
+        return self._apply_factors(x, self.lora_A, self.lora_B, self.p)
 
     def initial_delta(self, x: torch.Tensor) -> torch.Tensor | None:
         """s * B0 A0 x: what PiSSA took out of the base weight, as an output (no dropout)."""
         if not hasattr(self, "pissa_A0"):
             return None
-        return self._apply_factors(x, self.pissa_A0, self.pissa_B0, None)
+        return self._apply_factors(x, self.pissa_A0, self.pissa_B0, 0.0)
 
-    def _apply_factors(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                       dropout: nn.Module | None) -> torch.Tensor:
+    def _apply_factors(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, p: float) -> torch.Tensor:
         if self.info.kind == "embedding":
             return F.embedding(x, A.T, padding_idx=self.info.padding_idx) @ B.T * self.scaling
-        x = x.to(A.dtype)
-        x = dropout(x) if dropout is not None else x
         if self.info.kind == "conv":
+            x = F.dropout(x.to(A.dtype), p, training=self.training)
             conv = F.conv1d if self.info.conv_dims == 1 else F.conv2d
             hidden = conv(x, A, stride=self.info.stride, padding=self.info.padding)
             return conv(hidden, B) * self.scaling
-        return F.linear(F.linear(x, A), B) * self.scaling
+        return low_rank_delta(x, LowRank(A, B, self.scaling, p), self.training)
+
+    def low_rank_factors(self) -> LowRank | None:
+        """On a Linear host, this adapter minus what PiSSA took out of the base, as s * B A.
+
+        For PiSSA that is the rank-2r form s(BA - B0A0) = s[B, -B0][A; A0], valid without
+        dropout (the taken-out part is not dropped out).
+        """
+        if self.info.kind != "linear":
+            return None
+        if not hasattr(self, "pissa_A0"):
+            return LowRank(self.lora_A, self.lora_B, self.scaling, self.p)
+        if self.p > 0:
+            return None
+        return LowRank(torch.cat([self.lora_A, self.pissa_A0]), torch.cat([self.lora_B, -self.pissa_B0], dim=1),
+                       self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         return self._product(self.lora_A, self.lora_B)

@@ -1,0 +1,179 @@
+"""Mixed-adapter batches: every row of a batch goes through its own adapter, or none.
+
+    with splice.route(model, ["alice", "bob", None, "alice"]):
+        logits = model(**batch).logits          # row 2 is the base model's output
+        tokens = model.generate(**batch)        # ids follow rows through beam search
+
+Each host computes the base output once for the whole batch. Adapters of LoRA's shape (any
+form whose `low_rank_factors()` exists) on Linear hosts are then applied in one grouped
+operation, Punica's BGMV idea: the used adapters' factors are stacked (ranks zero-padded to the
+largest, scaling folded into B, one zero slot for rows without an adapter), gathered per row,
+and applied with two batched matmuls, so the cost does not grow with the number of adapters
+and no row is copied out of the batch. Other forms and hosts run the reference path, one
+`delta` per adapter on the rows `index_select` picks; `grouped=False` forces it everywhere,
+which is how the grouped path is tested.
+
+Rows: the leading dimension of a hosted layer's input must be a multiple of the number of ids;
+each id then covers that many consecutive entries. This is what beam search and
+`num_return_sequences` produce (`repeat_interleave` of the prompts) and what a layer sees when
+a model folds batch and sequence together, so both route correctly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from splice.core.errors import MergeError, SpliceError
+from splice.core.lowrank import LowRank
+
+if TYPE_CHECKING:
+    from splice.core.host import Host
+
+
+class Routing:
+    """The adapter of every row of one batch, and what the hosts derived from it (cached)."""
+
+    def __init__(self, adapter_ids: Sequence[str | None], grouped: bool = True) -> None:
+        self.ids = list(adapter_ids)
+        self.grouped = grouped
+        self.names = list(dict.fromkeys(i for i in self.ids if i is not None))
+        self._rows: dict[tuple[str, int, torch.device], torch.Tensor] = {}
+        self._slots: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
+        self._stacks: dict[int, tuple[list, torch.Tensor, torch.Tensor]] = {}
+
+    def add_to(self, host: Host, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """Host output for a routed batch: base + each row's own adapter (minus nothing else)."""
+        repeat = self._repeat(x)
+        for name in host:  # a PiSSA-style adapter gives back what it took out, on every row
+            if name not in host.merged and (restore := host[name].initial_delta(x)) is not None:
+                output = output + restore.to(output.dtype)
+        used = [name for name in self.names if name in host]
+        if not used:
+            return output
+        if self.grouped and host.info.kind == "linear":
+            factors = [host[name].low_rank_factors() for name in used]
+            if all(f is not None for f in factors):
+                return self._grouped(host, used, factors, x, output)
+        for name in used:
+            rows = self._row_index(name, repeat, x.device)
+            part = x.index_select(0, rows)
+            delta = host[name].delta(part)
+            restore = host[name].initial_delta(part)
+            if restore is not None:
+                delta = delta - restore
+            output = output.index_add(0, rows, delta.to(output.dtype))
+        return output
+
+    def _repeat(self, x: torch.Tensor) -> int:
+        rows = x.shape[0] if x.dim() else 0
+        if rows % len(self.ids):
+            raise SpliceError(
+                f"route() was given {len(self.ids)} adapter ids but a hosted layer sees a batch of {rows} "
+                "rows; give one id per example (the batch must be the leading dimension)"
+            )
+        return rows // len(self.ids)
+
+    def _row_index(self, name: str, repeat: int, device: torch.device) -> torch.Tensor:
+        key = (name, repeat, device)
+        if key not in self._rows:
+            rows = torch.tensor([i for i, n in enumerate(self.ids) if n == name], device=device)
+            offsets = torch.arange(repeat, device=device)
+            self._rows[key] = (rows[:, None] * repeat + offsets).flatten()
+        return self._rows[key]
+
+    def _slot_of_rows(self, used: list[str], device: torch.device) -> torch.Tensor:
+        """For each id, its adapter's position in `used`; rows without one get the zero slot."""
+        key = (tuple(used), device)
+        if key not in self._slots:
+            slot = {name: i for i, name in enumerate(used)}
+            self._slots[key] = torch.tensor([slot.get(n, len(used)) for n in self.ids], device=device)
+        return self._slots[key]
+
+    def _grouped(self, host: Host, used: list[str], factors: list[LowRank], x: torch.Tensor,
+                 output: torch.Tensor) -> torch.Tensor:
+        rows = len(self.ids)
+        slots = self._slot_of_rows(used, x.device)
+        A, B = self._stacked(host, factors)
+        A_rows, B_rows = A.index_select(0, slots), B.index_select(0, slots)  # [rows, r, in], [rows, r, out]
+        x = x.to(A.dtype).reshape(rows, -1, x.shape[-1])
+        if self._training(host) and any(f.dropout > 0 for f in factors):
+            keep = torch.tensor([1 - f.dropout for f in factors] + [1.0], device=x.device, dtype=x.dtype)
+            keep = keep.index_select(0, slots)[:, None, None]
+            x = x * torch.bernoulli(keep.expand_as(x)) / keep
+        hidden = torch.bmm(x, A_rows.transpose(1, 2))
+        out = output.reshape(rows, -1, output.shape[-1])
+        if out.dtype == hidden.dtype and not torch.is_grad_enabled():
+            return out.baddbmm_(hidden, B_rows).view(output.shape)
+        if out.dtype == hidden.dtype:
+            return torch.baddbmm(out, hidden, B_rows).view(output.shape)
+        return output + torch.bmm(hidden, B_rows).to(output.dtype).view(output.shape)
+
+    def _stacked(self, host: Host, factors: list[LowRank]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A as [adapters + 1, r_max, in] and s * B^T as [adapters + 1, r_max, out], last slot zero.
+
+        Without gradients the stack is kept for the life of the routing (decode steps reuse
+        it) and rebuilt only when a factor changed in place.
+        """
+        cached = self._stacks.get(id(host))
+        if cached is not None and not torch.is_grad_enabled() and _same_factors(cached[0], factors):
+            return cached[1], cached[2]
+        r_max = max(f.A.shape[0] for f in factors)
+        first = factors[0]
+        A = torch.stack([_pad_rows(f.A, r_max) for f in factors] + [first.A.new_zeros(r_max, first.A.shape[1])])
+        B = torch.stack([_pad_rows(f.B.T * f.scaling, r_max) for f in factors]
+                        + [first.B.new_zeros(r_max, first.B.shape[0])])
+        if not torch.is_grad_enabled():
+            self._stacks[id(host)] = ([(f, f.A._version, f.B._version) for f in factors], A, B)
+        return A, B
+
+    @staticmethod
+    def _training(host: Host) -> bool:
+        return any(adapter.training for adapter in host.values())
+
+
+def _same_factors(seen: list[tuple[LowRank, int, int]], factors: list[LowRank]) -> bool:
+    """The same tensors (held, so their ids stay theirs), unchanged in place, same scalings."""
+    return len(seen) == len(factors) and all(
+        old.A is new.A and old.B is new.B and old.scaling == new.scaling and a == new.A._version
+        and b == new.B._version for (old, a, b), new in zip(seen, factors, strict=True))
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return t if t.shape[0] == rows else torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
+
+
+@contextmanager
+def route(model: nn.Module, adapter_ids: Sequence[str | None], *, grouped: bool = True) -> Iterator[Routing]:
+    """Within the block, row i of every batch goes through adapter `adapter_ids[i]` (None: base).
+
+    Routing overrides which adapters are active; gradients reach every routed adapter that is
+    trainable (`activate` them all to train several at once). Merged adapters cannot be routed
+    per row, so merging first is refused. `grouped=False` uses the reference path.
+    """
+    from splice.core.api import model_state
+    from splice.core.host import hosts
+
+    if not len(adapter_ids):
+        raise SpliceError("route() needs one adapter id (or None) per row; got an empty list")
+    known = model_state(model).adapters
+    unknown = sorted({i for i in adapter_ids if i is not None and i not in known})
+    if unknown:
+        raise SpliceError(f"route(): no adapter named {unknown}; attached: {list(known)}")
+    all_hosts = [host for _, _, host in hosts(model)]
+    merged = sorted({n for host in all_hosts for n in host.merged})
+    if merged:
+        raise MergeError(f"adapters {merged} are merged into the weights, so rows cannot be routed; unmerge first")
+    routing = Routing(adapter_ids, grouped)
+    previous = [host.routing for host in all_hosts]
+    for host in all_hosts:
+        host.routing = routing
+    try:
+        yield routing
+    finally:
+        for host, before in zip(all_hosts, previous, strict=True):
+            host.routing = before
