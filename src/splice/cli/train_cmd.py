@@ -11,6 +11,7 @@ from rich.table import Table
 
 from splice.assets import DATASETS
 from splice.cli.errors import user_errors
+from splice.core.errors import SpliceError
 
 console = Console()
 
@@ -30,7 +31,9 @@ Precision = Annotated[str | None, typer.Option(help="Mixed precision: no, bf16 o
 
 
 def train(
-    config: Annotated[Path | None, typer.Argument(help="YAML config; flags override its values.")] = None,
+    configs: Annotated[list[Path] | None, typer.Argument(
+        help="YAML config; flags override its values. With --tenants, one config per tenant.",
+        show_default=False)] = None,
     model: Model = None,
     task: Task = None,
     data: Data = None,
@@ -46,10 +49,20 @@ def train(
     batch_size: BatchSize = None,
     max_train_examples: Annotated[int | None, typer.Option(help="Train on a fixed sample of N examples.")] = None,
     eval_every: Annotated[int | None, typer.Option(help="Evaluate every N optimizer steps.")] = None,
+    gradient_checkpointing: Annotated[bool | None, typer.Option(
+        help="Recompute activations in the backward pass: less memory, about a third more compute.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     precision: Precision = None,
     output_dir: Annotated[str | None, typer.Option(help="Run folder (default: runs/<data>-<method>).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite a non-empty run folder.")] = False,
+    tenants: Annotated[bool, typer.Option("--tenants", help="Train every config given at once on one shared "
+                                          "copy of the model (multiplexed); flags apply to all.")] = False,
+    join_at: Annotated[str | None, typer.Option(help="With --tenants: comma-separated step at which each "
+                                                "tenant joins, e.g. 0,0,100.")] = None,
+    max_rows: Annotated[int | None, typer.Option(help="With --tenants: most rows in one packed forward "
+                                                 "pass (bounds memory).")] = None,
+    max_padding: Annotated[float, typer.Option(help="With --tenants: largest share of padded token slots "
+                                               "in a packed pass before its rows are split.")] = 0.25,
 ) -> None:
     """Train an adapter, evaluate it before and after, save it (HF PEFT format) and a report.
 
@@ -64,20 +77,37 @@ def train(
         splice train examples/smollm2_arithmetic.yaml --max-steps 20
 
         splice train --data reviews.jsonl --r 16 --targets query,key,value --output-dir runs/reviews
+
+        splice train --tenants alice.yaml bob.yaml carol.yaml --max-steps 200
     """
     from splice.train import TrainConfig, run
 
     adapter = {"method": method, "r": r, "alpha": alpha, "targets": targets.split(",") if targets else None}
     if adapter["targets"] == ["all-linear"]:
         adapter["targets"] = "all-linear"
+    configs = configs or []
     with user_errors():
-        settings = TrainConfig.from_yaml(
-            config, model=model, task=task, data=data, lr=lr, head_lr=head_lr, epochs=epochs, max_steps=max_steps,
+        if len(configs) > 1 and not tenants:
+            raise SpliceError(f"{len(configs)} configs given; train them together with --tenants, "
+                              "or give one config")
+        if tenants and not configs:
+            raise SpliceError("--tenants needs one YAML config per tenant")
+        if (join_at or max_rows) and not tenants:
+            raise SpliceError("--join-at and --max-rows apply to --tenants runs only")
+        settings = [TrainConfig.from_yaml(
+            path, model=model, task=task, data=data, lr=lr, head_lr=head_lr, epochs=epochs, max_steps=max_steps,
             batch_size=batch_size, max_train_examples=max_train_examples, eval_every=eval_every, seed=seed,
-            precision=precision, output_dir=output_dir,
+            gradient_checkpointing=gradient_checkpointing, precision=precision, output_dir=output_dir,
             adapter={k: v for k, v in adapter.items() if v is not None},
-        )
-        run(settings, console=console, force=force)
+        ) for path in configs or [None]]
+        if tenants:
+            from splice.orchestrate import multiplex
+
+            steps = [int(s) for s in join_at.split(",")] if join_at else None
+            multiplex(settings, join_at=steps, max_rows=max_rows, max_padding=max_padding, force=force,
+                      console=console)
+        else:
+            run(settings[0], console=console, force=force)
 
 
 def evaluate(

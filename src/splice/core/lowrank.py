@@ -70,8 +70,8 @@ class _LeanLowRank(torch.autograd.Function):
         x, A, B = ctx.saved_tensors
         with torch.autocast(x.device.type, dtype=ctx.autocast_dtype, enabled=ctx.autocast):
             xd = _dropped(x.to(A.dtype), ctx.p, ctx.seed)
-            g = (grad * ctx.scaling).flatten(0, -2)
-            flat = xd.flatten(0, -2)
+            g = (grad * ctx.scaling).reshape(-1, grad.shape[-1])  # [N, out]; a 1-D x is one row
+            flat = xd.reshape(-1, xd.shape[-1])
             hidden = F.linear(flat, A)
             grad_B = g.T @ hidden if ctx.needs_input_grad[2] else None
             grad_hidden = g @ B

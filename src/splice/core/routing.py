@@ -42,32 +42,42 @@ class Routing:
         self.ids = list(adapter_ids)
         self.grouped = grouped
         self.names = list(dict.fromkeys(i for i in self.ids if i is not None))
+        self.everywhere = len(self.names) == 1 and None not in self.ids
         self._rows: dict[tuple[str, int, torch.device], torch.Tensor] = {}
         self._slots: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
-        self._stacks: dict[int, tuple[list, torch.Tensor, torch.Tensor]] = {}
+        self._plans: dict[int, tuple[tuple, _Plan | None]] = {}
 
     def add_to(self, host: Host, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """Host output for a routed batch: base + each row's own adapter (minus nothing else)."""
         repeat = self._repeat(x)
+        if self.grouped and not torch.is_grad_enabled() and host.info.kind == "linear" and not self._dropping(host):
+            plan = self._inference_plan(host, x)
+            if plan is not None:
+                return plan.apply(host, x, output)
         for name in host:  # a PiSSA-style adapter gives back what it took out, on every row
             if name not in host.merged and (restore := host[name].initial_delta(x)) is not None:
                 output = output + restore.to(output.dtype)
         used = [name for name in self.names if name in host]
         if not used:
             return output
+        if self.everywhere:  # one adapter on every row: exactly its forward as the active adapter
+            return output + self._own_delta(host[used[0]], x).to(output.dtype)
         if self.grouped and host.info.kind == "linear":
             factors = [host[name].low_rank_factors() for name in used]
             if all(f is not None for f in factors):
                 return self._grouped(host, used, factors, x, output)
         for name in used:
             rows = self._row_index(name, repeat, x.device)
-            part = x.index_select(0, rows)
-            delta = host[name].delta(part)
-            restore = host[name].initial_delta(part)
-            if restore is not None:
-                delta = delta - restore
+            delta = self._own_delta(host[name], x.index_select(0, rows))
             output = output.index_add(0, rows, delta.to(output.dtype))
         return output
+
+    @staticmethod
+    def _own_delta(adapter: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's delta minus what it took out of the base (added back for all rows)."""
+        delta = adapter.delta(x)
+        restore = adapter.initial_delta(x)
+        return delta if restore is None else delta - restore
 
     def _repeat(self, x: torch.Tensor) -> int:
         rows = x.shape[0] if x.dim() else 0
@@ -94,11 +104,34 @@ class Routing:
             self._slots[key] = torch.tensor([slot.get(n, len(used)) for n in self.ids], device=device)
         return self._slots[key]
 
+    def _inference_plan(self, host: Host, x: torch.Tensor) -> _Plan | None:
+        """The host's gathered factors for this routing, kept while no adapter tensor changes.
+
+        Decoding calls every host once per token with the same routing; rebuilding the stacks
+        each time would cost more than the matmuls. Any in-place update (an optimizer step) or
+        move (`module.to`) of an adapter's parameters or buffers rebuilds the plan.
+        """
+        state = (tuple(host), tuple(host.merged), x.device,
+                 tuple((t._version, t.data_ptr()) for a in host.values() for t in (*a.parameters(), *a.buffers())))
+        cached = self._plans.get(id(host))
+        if cached is not None and cached[0] == state:
+            return cached[1]
+        plan = None
+        used = [name for name in self.names if name in host]
+        factors = [host[name].low_rank_factors() for name in used]
+        if used and not self.everywhere and all(f is not None for f in factors):
+            restorers = [n for n in host if n not in host.merged and host[n].initial_delta(x[:1]) is not None]
+            A, B = self._stacked(factors)
+            slots = self._slot_of_rows(used, x.device)
+            plan = _Plan(used, restorers, A.index_select(0, slots), B.index_select(0, slots))
+        self._plans[id(host)] = (state, plan)
+        return plan
+
     def _grouped(self, host: Host, used: list[str], factors: list[LowRank], x: torch.Tensor,
                  output: torch.Tensor) -> torch.Tensor:
         rows = len(self.ids)
         slots = self._slot_of_rows(used, x.device)
-        A, B = self._stacked(host, factors)
+        A, B = self._stacked(factors)
         A_rows, B_rows = A.index_select(0, slots), B.index_select(0, slots)  # [rows, r, in], [rows, r, out]
         x = x.to(A.dtype).reshape(rows, -1, x.shape[-1])
         if self._training(host) and any(f.dropout > 0 for f in factors):
@@ -113,34 +146,41 @@ class Routing:
             return torch.baddbmm(out, hidden, B_rows).view(output.shape)
         return output + torch.bmm(hidden, B_rows).to(output.dtype).view(output.shape)
 
-    def _stacked(self, host: Host, factors: list[LowRank]) -> tuple[torch.Tensor, torch.Tensor]:
-        """A as [adapters + 1, r_max, in] and s * B^T as [adapters + 1, r_max, out], last slot zero.
-
-        Without gradients the stack is kept for the life of the routing (decode steps reuse
-        it) and rebuilt only when a factor changed in place.
-        """
-        cached = self._stacks.get(id(host))
-        if cached is not None and not torch.is_grad_enabled() and _same_factors(cached[0], factors):
-            return cached[1], cached[2]
+    @staticmethod
+    def _stacked(factors: list[LowRank]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A as [adapters + 1, r_max, in] and s * B^T as [adapters + 1, r_max, out], last slot zero."""
         r_max = max(f.A.shape[0] for f in factors)
         first = factors[0]
         A = torch.stack([_pad_rows(f.A, r_max) for f in factors] + [first.A.new_zeros(r_max, first.A.shape[1])])
         B = torch.stack([_pad_rows(f.B.T * f.scaling, r_max) for f in factors]
                         + [first.B.new_zeros(r_max, first.B.shape[0])])
-        if not torch.is_grad_enabled():
-            self._stacks[id(host)] = ([(f, f.A._version, f.B._version) for f in factors], A, B)
         return A, B
 
     @staticmethod
     def _training(host: Host) -> bool:
         return any(adapter.training for adapter in host.values())
 
+    @staticmethod
+    def _dropping(host: Host) -> bool:
+        """Whether some adapter of the host applies dropout now (training mode, p > 0)."""
+        return any(a.training and getattr(a, "p", 0.0) > 0 for a in host.values())
 
-def _same_factors(seen: list[tuple[LowRank, int, int]], factors: list[LowRank]) -> bool:
-    """The same tensors (held, so their ids stay theirs), unchanged in place, same scalings."""
-    return len(seen) == len(factors) and all(
-        old.A is new.A and old.B is new.B and old.scaling == new.scaling and a == new.A._version
-        and b == new.B._version for (old, a, b), new in zip(seen, factors, strict=True))
+
+class _Plan:
+    """What a host needs to add a routed batch's deltas without gradients: gathered factors."""
+
+    def __init__(self, used: list[str], restorers: list[str], A_rows: torch.Tensor, B_rows: torch.Tensor) -> None:
+        self.used, self.restorers, self.A_rows, self.B_rows = used, restorers, A_rows, B_rows
+
+    def apply(self, host: Host, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        for name in self.restorers:
+            output = output + host[name].initial_delta(x).to(output.dtype)
+        rows = self.A_rows.shape[0]
+        hidden = torch.bmm(x.to(self.A_rows.dtype).reshape(rows, -1, x.shape[-1]), self.A_rows.transpose(1, 2))
+        out = output.reshape(rows, -1, output.shape[-1])
+        if out.dtype == hidden.dtype:
+            return out.baddbmm_(hidden, self.B_rows).view(output.shape)
+        return output + torch.bmm(hidden, self.B_rows).to(output.dtype).view(output.shape)
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -153,7 +193,9 @@ def route(model: nn.Module, adapter_ids: Sequence[str | None], *, grouped: bool 
 
     Routing overrides which adapters are active; gradients reach every routed adapter that is
     trainable (`activate` them all to train several at once). Merged adapters cannot be routed
-    per row, so merging first is refused. `grouped=False` uses the reference path.
+    per row, so merging first is refused. `grouped=False` uses the reference path. With
+    activation checkpointing, call `backward()` inside the block too: the recomputed forward
+    must see the same routing.
     """
     from splice.core.api import model_state
     from splice.core.host import hosts

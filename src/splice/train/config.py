@@ -64,6 +64,11 @@ class TrainConfig:
         eval_every: evaluate every N optimizer steps (and always at the end); None: once per epoch.
         early_stopping_patience: stop after this many evaluations without improvement.
         max_grad_norm: gradient clipping threshold (None: no clipping).
+        gradient_checkpointing: keep only each transformer block's input in the forward pass
+            and recompute the block's activations in the backward pass (transformers'
+            non-reentrant checkpointing): activation memory of one block instead of all, for
+            about one more forward pass of compute; the gradients are the same. For long
+            sequences or big models on a small GPU.
         seed: seeds Python, NumPy and torch (adapter init, dropout, shuffling).
         precision: mixed precision through accelerate: "no", "bf16" or "fp16".
         output_dir: the run folder (adapter, metrics.json, curves.png, config.yaml); None:
@@ -94,6 +99,7 @@ class TrainConfig:
     eval_every: int | None = 50
     early_stopping_patience: int | None = None
     max_grad_norm: float | None = 1.0
+    gradient_checkpointing: bool = False
     seed: int = 42
     precision: Precision = "no"
     output_dir: str | None = None
@@ -130,6 +136,8 @@ class TrainConfig:
             raise SpliceError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.max_grad_norm is not None:
             _positive("max_grad_norm", self.max_grad_norm)
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise SpliceError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
         if not isinstance(self.adapter, dict) or "method" not in self.adapter:
             raise SpliceError(f"adapter must be a mapping with a 'method' key, e.g. "
                               f"{default_adapter()}; got {self.adapter!r}")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
 from splice import assets
@@ -181,6 +182,17 @@ class CausalLMCollator:
         input_ids = (prompt_ids + completion_ids)[: self.max_length]
         labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[: self.max_length]
         return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+def train_loader(rows: list[Row], config: TrainConfig, collate) -> DataLoader:
+    """Shuffled training batches whose order depends on `config.seed` alone.
+
+    The shuffle has its own generator, so a run's data order does not depend on how much of
+    the global random stream model loading, adapter init or other jobs used before it; a
+    tenant in a multiplexed run sees its batches in the order it would see alone.
+    """
+    generator = torch.Generator().manual_seed(config.seed)
+    return DataLoader(rows, batch_size=config.batch_size, shuffle=True, collate_fn=collate, generator=generator)
 
 
 def collator(task: str, tokenizer: PreTrainedTokenizerBase, max_length: int):

@@ -44,6 +44,7 @@ from splice.core.api import resolve_heads
 from splice.train import report, tasks
 from splice.train.config import TrainConfig
 from splice.train.data import collator, load_eval_rows, load_splits
+from splice.train.data import train_loader as make_train_loader
 
 Metrics = dict[str, float]
 
@@ -83,11 +84,13 @@ def run(config: TrainConfig, *, console: Console | None = None, force: bool = Fa
     model, tokenizer = tasks.load_model(config, splits.label_names)
     adapter = tasks.adapter_config(config, model)
     splice.attach(model, adapter)
+    if config.gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
     parameters = splice.summary(model)
     show(report.summary_table(parameters, title=f"{config.model} + {config.adapter['method']} on {config.data}"))
 
     collate = collator(config.task, tokenizer, config.max_length)
-    train_loader = DataLoader(splits.train, batch_size=config.batch_size, shuffle=True, collate_fn=collate)
+    train_loader = make_train_loader(splits.train, config, collate)
     eval_rows = {name: rows for name, rows in (("validation", splits.validation), ("test", splits.test)) if rows}
     eval_loaders = [DataLoader(rows, batch_size=config.batch_size, collate_fn=collate) for rows in eval_rows.values()]
     params = list(splice.trainable_parameters(model).values())
@@ -177,6 +180,9 @@ def run(config: TrainConfig, *, console: Console | None = None, force: bool = Fa
     if accelerator.is_main_process:
         result.paths.update(report.write_run(run_dir, config, result, parameters))
         console.print(report.results_table(result))
+    # Under `accelerate launch` every process returns only once the main one has written the
+    # adapter and the report, so code after `run` on any rank never reads a half-written folder.
+    accelerator.wait_for_everyone()
     return result
 
 
@@ -243,6 +249,25 @@ def _accelerator(config: TrainConfig) -> Accelerator:
     """
     AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=config.precision, gradient_accumulation_steps=config.grad_accum)
+
+
+def _enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """transformers' gradient (activation) checkpointing, non-reentrant.
+
+    Non-reentrant because it connects a recomputed block to the graph through the parameters
+    inside it, not only through the block's inputs (which a frozen base leaves without grad;
+    `splice.attach` covers reentrant checkpointing too), and because reentrant checkpointing
+    runs a nested backward that DistributedDataParallel supports only in restricted settings.
+    It is what PyTorch recommends and what recent transformers use by default.
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise splice.SpliceError(f"{type(model).__name__} does not support gradient checkpointing; "
+                                 "set gradient_checkpointing to false")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # its name since transformers 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _batches(loader: DataLoader, epochs: int) -> Iterator[dict[str, torch.Tensor]]:

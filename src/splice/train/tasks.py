@@ -119,8 +119,13 @@ def adapter_config(config: TrainConfig, model: nn.Module) -> AdapterConfig:
 
 def example_stats(task: str, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per-example numbers for one batch: loss and correctness, or summed token loss and count."""
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
-    labels = batch["labels"]
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    return stats_from_logits(task, logits, batch["labels"])
+
+
+def stats_from_logits(task: str, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`example_stats` from logits already computed (a multiplexed batch slices its rows)."""
+    logits = logits.float()
     if task == "classification":
         loss = F.cross_entropy(logits, labels, reduction="none")
         return {"loss": loss, "correct": (logits.argmax(-1) == labels).float()}

