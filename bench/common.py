@@ -408,6 +408,29 @@ def median_ratio_ci(num: np.ndarray, den: np.ndarray, reps: int = 2000, seed: in
 # ------------------------------------------------------------------------------- peak memory
 
 
+def keep_freed_memory() -> bool:
+    """Tell glibc malloc to keep freed memory in the process instead of returning it to the OS.
+
+    By default, large buffers are mmap-ed and the heap top is trimmed on free, so every forward
+    pass faults its activation pages in anew; on this VM that page-fault churn was the largest
+    source of timing noise (3x the system time, twice the spread of per-round overheads).
+    M_MMAP_THRESHOLD 32 MiB (the maximum), M_TRIM_THRESHOLD 2 GiB and M_TOP_PAD 256 MiB make
+    buffers be reused instead. Same process, same allocator for every candidate; returns False
+    where mallopt is not available (not glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    return all(mallopt(option, value) == 1 for option, value in (
+        (m_mmap_threshold, 32 * 2**20), (m_trim_threshold, 2**31 - 1), (m_top_pad, 256 * 2**20)))
+
+
 def proc_status_mb(key: str) -> float | None:
     """A memory line of /proc/self/status (VmRSS, VmHWM, ...) in MB; None off Linux."""
     status = Path("/proc/self/status")
