@@ -3,8 +3,6 @@ trained among others must end exactly (up to float summation order) where it end
 
 from __future__ import annotations
 
-import json
-import random
 from pathlib import Path
 
 import pytest
@@ -12,8 +10,6 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
 from splice import assets
-
-WORDS = ["good", "great", "fine", "superb", "bad", "awful", "poor", "dull", "plot", "actor", "scene", "music"]
 
 
 def _tokenizer():
@@ -48,16 +44,4 @@ def llama_dir(tmp_path_factory) -> Path:
                          bos_token_id=tokenizer.cls_token_id, tie_word_embeddings=False)
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    return path
-
-
-def text_rows(path: Path, n: int, labels: int, max_words: int, seed: int) -> Path:
-    """1..max_words words, all from the label's own quarter of WORDS: learnable in a few steps."""
-    rng = random.Random(seed)
-    with path.open("w") as f:
-        for _ in range(n):
-            label = rng.randrange(labels)
-            group = WORDS[4 * label: 4 * label + 4]
-            words = [rng.choice(group) for _ in range(rng.randint(1, max_words))]
-            f.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
     return path

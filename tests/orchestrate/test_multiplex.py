@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import text_rows
+from mux_helpers import text_rows
 from safetensors.torch import load_file
 
 import splice

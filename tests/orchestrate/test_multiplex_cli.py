@@ -6,7 +6,7 @@ import json
 
 import pytest
 import typer
-from conftest import text_rows
+from mux_helpers import text_rows
 from typer.testing import CliRunner
 
 from splice.cli import train_cmd
