@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 from transformers import (
+    AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
+    BertModel,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
 )
 
+from splice import assets
 from splice.core.host import hosts
 
 VOCAB = 97
@@ -116,3 +121,38 @@ def fresh(model: nn.Module) -> nn.Module:
 FACTORIES: dict[str, Callable[[], nn.Module]] = {
     "bert": make_bert, "llama": make_llama, "gpt2": make_gpt2, "convnet": make_convnet,
 }
+
+
+def minilm_tokenizer():
+    """The bundled MiniLM's WordPiece tokenizer (a real vocabulary for tiny model folders)."""
+    try:
+        return AutoTokenizer.from_pretrained(assets.minilm_path())
+    except assets.AssetMissingError as err:
+        pytest.skip(str(err))
+
+
+def save_tiny_bert(path: Path, dropout: float = 0.1) -> Path:
+    """A 2-layer, 32-wide BERT encoder with MiniLM's tokenizer, as a folder `TrainConfig.model`
+    accepts. `dropout=0` makes runs comparable bit for bit (DDP, multiplexing)."""
+    tokenizer = minilm_tokenizer()
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=dropout,
+                        attention_probs_dropout_prob=dropout)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def save_tiny_llama(path: Path) -> Path:
+    """A 2-layer, 32-wide Llama with MiniLM's tokenizer; `[SEP]` doubles as its eos token."""
+    tokenizer = minilm_tokenizer()
+    tokenizer.eos_token = "[SEP]"
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=tokenizer.cls_token_id, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -93,7 +93,7 @@ def test_row_limit_and_padding_limit_change_the_passes_not_the_result(classifica
     mux.run([(0, a2), (0, b2)])
     assert mux.padding.forwards > mux.padding.steps  # rows really were split over several passes
     assert mux.padding.packed_share < mux.padding.naive_share
-    assert mux.padding.packed_share <= 0.1 + 1e-9 or mux.padding.forwards > 2 * mux.padding.steps
+    assert mux.padding.packed_share <= 0.1 + 1e-9  # every pass keeps within max_padding
     for name, folder in (("a", tmp_path / "a2"), ("b", tmp_path / "b2")):
         _assert_same_training(Path(loose[name].paths["run_dir"]), folder)
 

@@ -11,9 +11,8 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
-from train_helpers import minilm_tokenizer, write_jsonl
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+from helpers import save_tiny_bert, save_tiny_llama
+from train_helpers import write_jsonl
 
 from splice import assets
 from splice.train import TrainConfig
@@ -24,29 +23,12 @@ NEGATIVE = ["bad", "awful", "poor", "dull", "boring", "terrible"]
 
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = minilm_tokenizer()
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
-    BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = minilm_tokenizer()
-    tokenizer.eos_token = "[SEP]"
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def sentiment_rows(n: int, seed: int) -> list[dict]:

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 from ddp_worker import train_and_dump
+from helpers import save_tiny_bert
 from safetensors.torch import load_file
-from train_helpers import minilm_tokenizer, write_jsonl
-from transformers import BertConfig, BertForSequenceClassification
+from train_helpers import write_jsonl
 
 from splice.train import TrainConfig
 
@@ -36,16 +36,8 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
 
 @pytest.fixture(scope="module")
 def tiny_classifier_dir(tmp_path_factory) -> Path:
-    """A 2-layer, 32-wide BERT classifier without dropout (so that runs can be compared)."""
-    path = tmp_path_factory.mktemp("tiny-bert-classifier")
-    tokenizer = minilm_tokenizer()
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, num_labels=2,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    BertForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    """The tiny BERT without dropout, so that runs can be compared."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert-classifier"), dropout=0.0)
 
 
 def rows(n: int, seed: int) -> list[dict]:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 
 import pytest
-from train_helpers import minilm_tokenizer, write_jsonl
+from helpers import minilm_tokenizer
+from train_helpers import write_jsonl
 
 from splice import SpliceError
 from splice.train import TrainConfig

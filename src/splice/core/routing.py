@@ -50,9 +50,9 @@ class Routing:
     def add_to(self, host: Host, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """Host output for a routed batch: base + each row's own adapter (minus nothing else)."""
         repeat = self._repeat(x)
-        if self.grouped and not torch.is_grad_enabled() and host.info.kind == "linear" and not self._dropping(host):
+        if self.grouped and not torch.is_grad_enabled() and host.info.kind == "linear":
             plan = self._inference_plan(host, x)
-            if plan is not None:
+            if plan is not None and not (plan.dropout > 0 and self._training(host)):
                 return plan.apply(host, x, output)
         for name in host:  # a PiSSA-style adapter gives back what it took out, on every row
             if name not in host.merged and (restore := host[name].initial_delta(x)) is not None:
@@ -123,7 +123,8 @@ class Routing:
             restorers = [n for n in host if n not in host.merged and host[n].initial_delta(x[:1]) is not None]
             A, B = self._stacked(factors)
             slots = self._slot_of_rows(used, x.device)
-            plan = _Plan(used, restorers, A.index_select(0, slots), B.index_select(0, slots))
+            plan = _Plan(used, restorers, A.index_select(0, slots), B.index_select(0, slots),
+                         max(f.dropout for f in factors))
         self._plans[id(host)] = (state, plan)
         return plan
 
@@ -138,13 +139,7 @@ class Routing:
             keep = torch.tensor([1 - f.dropout for f in factors] + [1.0], device=x.device, dtype=x.dtype)
             keep = keep.index_select(0, slots)[:, None, None]
             x = x * torch.bernoulli(keep.expand_as(x)) / keep
-        hidden = torch.bmm(x, A_rows.transpose(1, 2))
-        out = output.reshape(rows, -1, output.shape[-1])
-        if out.dtype == hidden.dtype and not torch.is_grad_enabled():
-            return out.baddbmm_(hidden, B_rows).view(output.shape)
-        if out.dtype == hidden.dtype:
-            return torch.baddbmm(out, hidden, B_rows).view(output.shape)
-        return output + torch.bmm(hidden, B_rows).to(output.dtype).view(output.shape)
+        return _add_gathered(x, output, A_rows, B_rows)
 
     @staticmethod
     def _stacked(factors: list[LowRank]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,27 +155,34 @@ class Routing:
     def _training(host: Host) -> bool:
         return any(adapter.training for adapter in host.values())
 
-    @staticmethod
-    def _dropping(host: Host) -> bool:
-        """Whether some adapter of the host applies dropout now (training mode, p > 0)."""
-        return any(a.training and getattr(a, "p", 0.0) > 0 for a in host.values())
-
 
 class _Plan:
-    """What a host needs to add a routed batch's deltas without gradients: gathered factors."""
+    """What a host needs to add a routed batch's deltas without gradients: gathered factors.
 
-    def __init__(self, used: list[str], restorers: list[str], A_rows: torch.Tensor, B_rows: torch.Tensor) -> None:
-        self.used, self.restorers, self.A_rows, self.B_rows = used, restorers, A_rows, B_rows
+    `dropout` is the largest of the adapters'; a plan applies no dropout, so a host in training
+    mode with dropout > 0 does not use it.
+    """
+
+    def __init__(self, used: list[str], restorers: list[str], A_rows: torch.Tensor, B_rows: torch.Tensor,
+                 dropout: float) -> None:
+        self.used, self.restorers, self.A_rows, self.B_rows, self.dropout = used, restorers, A_rows, B_rows, dropout
 
     def apply(self, host: Host, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         for name in self.restorers:
             output = output + host[name].initial_delta(x).to(output.dtype)
-        rows = self.A_rows.shape[0]
-        hidden = torch.bmm(x.to(self.A_rows.dtype).reshape(rows, -1, x.shape[-1]), self.A_rows.transpose(1, 2))
-        out = output.reshape(rows, -1, output.shape[-1])
-        if out.dtype == hidden.dtype:
-            return out.baddbmm_(hidden, self.B_rows).view(output.shape)
-        return output + torch.bmm(hidden, self.B_rows).to(output.dtype).view(output.shape)
+        x = x.to(self.A_rows.dtype).reshape(self.A_rows.shape[0], -1, x.shape[-1])
+        return _add_gathered(x, output, self.A_rows, self.B_rows)
+
+
+def _add_gathered(x: torch.Tensor, output: torch.Tensor, A_rows: torch.Tensor, B_rows: torch.Tensor) -> torch.Tensor:
+    """output + per-row x A_i^T (s B_i^T), x as [rows, tokens, in]; in place when no graph is built."""
+    hidden = torch.bmm(x, A_rows.transpose(1, 2))
+    out = output.reshape(A_rows.shape[0], -1, output.shape[-1])
+    if out.dtype != hidden.dtype:
+        return output + torch.bmm(hidden, B_rows).to(output.dtype).view(output.shape)
+    if torch.is_grad_enabled():
+        return torch.baddbmm(out, hidden, B_rows).view(output.shape)
+    return out.baddbmm_(hidden, B_rows).view(output.shape)
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:

@@ -85,7 +85,6 @@ class Tenant:
     history: list[dict[str, Any]] = field(default_factory=list)
     before: dict[str, Metrics] = field(default_factory=dict)
     examples: int = 0
-    started: float = field(default_factory=time.perf_counter)
     train_time: float = 0.0
 
     @property
