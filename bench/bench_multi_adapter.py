@@ -646,6 +646,9 @@ def markdown(result: dict[str, Any], s: Settings) -> str:
                 " without it every forward faults its activation pages in anew, which on this VM tripled the system"
                 " time and doubled the spread of per-round overheads. Both libraries run in the same process under"
                 " the same allocator; `--default-malloc` switches it off.", ""]
+    for rerun in result.get("reruns", []):  # a section replaced by a later run of `--sections`
+        out += [f"Section `{rerun['section']}` was rerun after a code change ({rerun['why']}):", "",
+                environment_line(rerun["environment"]), ""]
     sections, goals = [], []
     number = 0
     for section in SECTIONS:

@@ -69,16 +69,16 @@ class _LeanLowRank(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, A, B = ctx.saved_tensors
         with torch.autocast(x.device.type, dtype=ctx.autocast_dtype, enabled=ctx.autocast):
-            xd = _dropped(x.to(A.dtype), ctx.p, ctx.seed)
-            g = (grad * ctx.scaling).reshape(-1, grad.shape[-1])  # [N, out]; a 1-D x is one row
-            flat = xd.reshape(-1, xd.shape[-1])
-            hidden = F.linear(flat, A)
-            grad_B = g.T @ hidden if ctx.needs_input_grad[2] else None
-            grad_hidden = g @ B
+            flat = _dropped(x.to(A.dtype), ctx.p, ctx.seed).reshape(-1, x.shape[-1])  # a 1-D x is one row
+            g = grad.reshape(-1, grad.shape[-1])  # [N, out]
+            # the scaling goes on the rank-r products, not on the full-size output gradient
+            grad_B = (g.T @ F.linear(flat, A)) * ctx.scaling if ctx.needs_input_grad[2] else None
+            grad_hidden = (g @ B) * ctx.scaling  # [N, r]
             grad_A = grad_hidden.T @ flat if ctx.needs_input_grad[1] else None
             grad_x = None
             if ctx.needs_input_grad[0]:
-                grad_x = (grad_hidden @ A).view(*x.shape[:-1], A.shape[1])
+                # a fresh tensor, not a view, so autograd can accumulate into it in place
+                grad_x = grad_hidden.view(*x.shape[:-1], -1) @ A
                 if ctx.p > 0:
                     grad_x = _dropped(grad_x, ctx.p, ctx.seed)
                 grad_x = grad_x.to(x.dtype)
