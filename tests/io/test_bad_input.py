@@ -290,11 +290,11 @@ def test_ia3_adapter_is_refused(tmp_path, bert, ids):
     assert untouched(bert, ids, before)
 
 
-def test_dora_adapter_is_refused(tmp_path, bert, ids):
+def test_dora_on_an_embedding_is_refused(tmp_path, bert, ids):
     path = peft_dir(make_bert(), tmp_path / "dora", LoraConfig(
-        r=2, target_modules=["query"], use_dora=True))
+        r=2, target_modules=["word_embeddings"], use_dora=True))
     before = logits(bert, input_ids=ids)
-    with pytest.raises(splice.AdapterFileError, match="DoRA"):
+    with pytest.raises(splice.AdapterFileError, match="DoRA on embedding"):
         splice.load(bert, path)
     assert untouched(bert, ids, before)
 
@@ -337,6 +337,8 @@ def test_foreign_config(lora_dir, bert, text, match):
      "not both A and B"),
     ({"base_model.model.bert.pooler.dense.weight": torch.zeros(32, 32)}, "unexpected tensor"),
     ({"base_model.model.bert.encoder.layer.0.attention.self.query.lora_magnitude_vector":
+      torch.zeros(32)}, "not both A and B"),
+    ({"base_model.model.bert.encoder.layer.0.attention.self.query.lora_bias":
       torch.zeros(32)}, "unsupported LoRA tensor"),
     ({}, "no LoRA tensors"),
 ])

@@ -5,6 +5,7 @@ from splice.core.api import (
     active_adapters,
     adapters,
     attach,
+    auxiliary_loss,
     deactivate,
     detach,
     disabled,
@@ -30,7 +31,7 @@ from splice.core.targets import resolve_targets
 
 __all__ = [
     "Adapter", "AdapterConfig", "AdapterFileError", "MergeError", "OutputExistsError",
-    "ShapeMismatchError", "SpliceError", "Summary", "TargetError", "activate", "active_adapters",
+    "ShapeMismatchError", "SpliceError", "Summary", "TargetError", "activate", "active_adapters", "auxiliary_loss",
     "LowRank", "adapters", "attach", "config_from_dict", "deactivate", "detach", "disabled", "merge",
     "method_names", "register_method", "resolve_targets", "route", "summary", "trainable_parameters",
     "unload", "unmerge",

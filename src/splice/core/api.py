@@ -8,7 +8,7 @@ config, whether it is trainable, which modules it trains in full) lives in `mode
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -18,8 +18,8 @@ from torch import nn
 from splice.core.config import AdapterConfig
 from splice.core.errors import MergeError, SpliceError, TargetError
 from splice.core.host import Host, add_to_weight, ensure_host, host_of, hosts, remove_host
-from splice.core.layers import describe
-from splice.core.targets import matches, named_base_modules, resolve_targets
+from splice.core.inputs import InputsRecorder, batch_auxiliary_loss
+from splice.core.targets import matches, named_base_modules, resolve_targets, site_info
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
@@ -29,6 +29,7 @@ class AdapterRecord:
     config: AdapterConfig
     trainable: bool = True
     heads: list[str] = field(default_factory=list)
+    undo: Callable[[], None] | None = None  # what `config.on_attach` set up on the model
 
 
 @dataclass
@@ -36,6 +37,7 @@ class ModelState:
     adapters: dict[str, AdapterRecord] = field(default_factory=dict)
     head_backups: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     checkpoint_inputs: CheckpointInputGrads | None = None
+    inputs_recorder: InputsRecorder | None = None  # while an attached adapter reads the batch's inputs
 
 
 class CheckpointInputGrads:
@@ -124,9 +126,12 @@ def attach(
     built: list[nn.Module] = []
     try:
         for module_name, module in selected:
-            info = describe(module)
+            info = site_info(model, module_name, module, config)
             adapter = config.build(info, module_name, module)
-            adapter.to(device=module.weight.device, dtype=_adapter_dtype(module.weight))
+            adapter.train(model.training)  # an adapter follows its model's mode (dropout, BatchNorm)
+            weight = module.weight if info.kind != "block" else next(module.parameters(), None)
+            if weight is not None:
+                adapter.to(device=weight.device, dtype=_adapter_dtype(weight))
             ensure_host(module, info)[name] = adapter
             built.append(module)
     except Exception:
@@ -140,6 +145,9 @@ def attach(
     state.adapters[name] = AdapterRecord(config, trainable, heads)
     if state.checkpoint_inputs is None:
         state.checkpoint_inputs = CheckpointInputGrads.install(model)
+    if config.reads_inputs and state.inputs_recorder is None:
+        state.inputs_recorder = InputsRecorder(model)
+    state.adapters[name].undo = config.on_attach(model, name)
     activate(model, name)
     return model
 
@@ -248,12 +256,17 @@ def detach(model: nn.Module, name: str) -> nn.Module:
     for _, base, _ in list(hosts(model)):
         _remove_adapter(base, name)
     record = state.adapters.pop(name)
+    if record.undo is not None:
+        record.undo()
     still_used = {h for r in state.adapters.values() for h in r.heads}
     for head in record.heads:
         if head not in still_used:
             model.get_submodule(head).load_state_dict(state.head_backups.pop(head))
     if not state.adapters:
         _remove_checkpoint_hooks(state)
+    if state.inputs_recorder is not None and not any(r.config.reads_inputs for r in state.adapters.values()):
+        state.inputs_recorder.remove()
+        state.inputs_recorder = None
     _apply_trainability(model, active_adapters(model))
     return model
 
@@ -268,7 +281,13 @@ def unload(model: nn.Module) -> nn.Module:
         for name in [n for n in host if n not in host.merged]:
             _remove_adapter(base, name)  # gives back what a PiSSA-style init took out
         remove_host(base)
-    _remove_checkpoint_hooks(model_state(model))
+    state = model_state(model)
+    for record in state.adapters.values():
+        if record.undo is not None:
+            record.undo()
+    _remove_checkpoint_hooks(state)
+    if state.inputs_recorder is not None:
+        state.inputs_recorder.remove()
     model.__dict__.pop("_splice", None)
     return model
 
@@ -276,6 +295,13 @@ def unload(model: nn.Module) -> nn.Module:
 def adapters(model: nn.Module) -> dict[str, AdapterConfig]:
     """The attached adapters' configs, by name."""
     return {name: record.config for name, record in model_state(model).adapters.items()}
+
+
+def auxiliary_loss(model: nn.Module) -> torch.Tensor | None:
+    """The auxiliary losses (e.g. a rank router's budget penalty) the adapters added during the
+    model's last forward, summed; None when there are none. Add it to the task loss."""
+    recorder = model_state(model).inputs_recorder
+    return batch_auxiliary_loss(recorder.last) if recorder is not None else None
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

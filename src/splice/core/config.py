@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -35,6 +36,13 @@ class AdapterConfig:
     """
 
     method: ClassVar[str] = ""
+    # "layer": the adapter changes what a Linear/Conv/Embedding computes (targets select them).
+    # "block": it edits the hidden states a whole block outputs; targets=None selects the
+    # model's transformer layers (`layers` picks among them), or name modules explicitly.
+    site: ClassVar[Literal["layer", "block"]] = "layer"
+    # True when the adapter reads the batch's inputs (token positions, attention mask) through
+    # `splice.core.inputs.current_inputs()`; attach then records them at every forward.
+    reads_inputs: ClassVar[bool] = False
     targets: Targets = None
     exclude: Targets = None
     layers: Layers = None
@@ -55,6 +63,11 @@ class AdapterConfig:
         """Create this method's adapter for one base layer."""
         raise NotImplementedError
 
+    def on_attach(self, model: nn.Module, name: str) -> Callable[[], None] | None:
+        """Model-level set-up a method needs beyond its per-layer adapters (a hook that scores
+        each batch, say), run after `attach` built them; returns what undoes it on `detach`."""
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         """Only the fields that differ from their defaults, plus the method name."""
         out: dict[str, Any] = {"method": self.method}
@@ -72,18 +85,32 @@ class AdapterConfig:
 class Adapter(nn.Module):
     """One method's trainable change to one base layer.
 
-    `delta(x)` is the additive change of the base layer's output for input `x`. Forms that have
-    an equivalent weight change return it from `delta_weight()` in the canonical layout of
-    `LayerInfo`; merging, export and spectra are built on it. `initial_delta_weight()` is what
-    the adapter took out of the base weight when it was created (PiSSA-style inits), so that
-    detaching can put it back; `initial_delta(x)` is the same change as an output, which the host
-    adds while the adapter is switched off, so that "off" always means the base model's output.
+    `delta(x)` is the additive change of the base layer's output for input `x`. A form that
+    rescales or edits what the base layer computed (DoRA, representation interventions) sets
+    `uses_base_output = True` and is called as `delta(x, base_output)` instead, with the base
+    layer's own output (bias included), so it never recomputes it.
+
+    Forms that have an equivalent weight change return it from `delta_weight()` in the canonical
+    layout of `LayerInfo` (and a bias change, if any, from `delta_bias()`); merging, export and
+    spectra are built on it. `initial_delta_weight()` is what the adapter took out of the base
+    weight when it was created (PiSSA-style inits), so that detaching can put it back;
+    `initial_delta(x)` is the same change as an output, which the host adds while the adapter is
+    switched off, so that "off" always means the base model's output.
     """
+
+    uses_base_output: ClassVar[bool] = False
+    # True when `delta_weight()` reads the base weight (DoRA's norms): after merging, the base
+    # weight has changed, so the host keeps the merged delta to take exactly that out again.
+    delta_weight_reads_base: ClassVar[bool] = False
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def delta_weight(self) -> torch.Tensor | None:
+        return None
+
+    def delta_bias(self) -> torch.Tensor | None:
+        """The change of the base layer's bias that merging adds with `delta_weight()`, if any."""
         return None
 
     def has_weight_form(self) -> bool:
@@ -100,3 +127,8 @@ class Adapter(nn.Module):
         """On a Linear host, `delta(x) - initial_delta(x)` as `s * B A dropout(x)`, if the form
         has that shape. Such adapters share one grouped matmul in mixed batches (`route`)."""
         return None
+
+
+def adapter_delta(adapter: Adapter, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
+    """`adapter.delta` called the way the adapter asks for (with the base output or without)."""
+    return adapter.delta(x, base_output) if adapter.uses_base_output else adapter.delta(x)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from splice.core.config import adapter_delta
 from splice.core.errors import MergeError
 from splice.core.layers import LayerInfo, is_plain_float_weight
 from splice.core.targets import HOST_ATTRIBUTE, named_base_modules
@@ -33,6 +34,8 @@ class Host(nn.ModuleDict):
         self.merged: list[str] = []
         self.enabled = True
         self.routing: Routing | None = None  # set by `route` for a mixed batch
+        # merged (delta weight, delta bias) of adapters whose delta depends on the base weight
+        self._merged_deltas: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._hook = base.register_forward_hook(self.add_to_output, with_kwargs=True)
 
     def add_to_output(
@@ -44,15 +47,18 @@ class Host(nn.ModuleDict):
         switched off (inactive, or the host disabled) but took part of the base weight at init
         (PiSSA) gives that part back, so the output is the base's.
         """
-        x = args[0] if args else next(iter(kwargs.values()))
+        x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
+        if isinstance(output, tuple):  # a block of older transformers: (hidden_states, extras...)
+            return (self.add_to_output(base, (x,), {}, output[0]), *output[1:])
         if self.routing is not None and self.enabled:
             return self.routing.add_to(self, x, output)
         on = [n for n in self.active if n not in self.merged] if self.enabled else []
         off = [n for n in self if n not in on and n not in self.merged]
         if not on and not off:
             return output
+        base_output = output
         for name in on:
-            output = output + self[name].delta(x).to(output.dtype)
+            output = output + adapter_delta(self[name], x, base_output).to(output.dtype)
         for name in off:
             restore = self[name].initial_delta(x)
             if restore is not None:
@@ -69,7 +75,12 @@ class Host(nn.ModuleDict):
         if name in self.merged:
             return
         self.check_merge(base, name)
-        add_to_weight(base, self.info, self[name].delta_weight())
+        adapter = self[name]
+        with torch.no_grad():
+            delta, bias = adapter.delta_weight(), adapter.delta_bias()
+        add_to_weight(base, self.info, delta, bias=bias)
+        if adapter.delta_weight_reads_base:
+            self._merged_deltas[name] = (delta, bias)
         self.merged.append(name)
 
     def check_merge(self, base: nn.Module, name: str) -> None:
@@ -80,36 +91,57 @@ class Host(nn.ModuleDict):
                 "and cannot be merged"
             )
         check_mergeable_weight(base)
+        if getattr(base, "bias", None) is None:
+            with torch.no_grad():
+                bias = self[name].delta_bias()
+            if bias is not None and torch.count_nonzero(bias):
+                raise MergeError(f"adapter {name!r} changes the bias, but this {type(base).__name__} has none; "
+                                 "keep the adapter unmerged (or give the layer a zero bias first)")
 
     def unmerge(self, base: nn.Module, name: str) -> None:
         if name not in self.merged:
             return
-        add_to_weight(base, self.info, self[name].delta_weight(), sign=-1.0)
+        adapter = self[name]
+        with torch.no_grad():
+            delta, bias = self._merged_deltas.pop(name, None) or (adapter.delta_weight(), adapter.delta_bias())
+        add_to_weight(base, self.info, delta, sign=-1.0, bias=bias)
         self.merged.remove(name)
 
 
-def add_to_weight(base: nn.Module, info: LayerInfo, delta: torch.Tensor, sign: float = 1.0) -> None:
-    """weight += sign * delta, accumulated in fp32 so bf16/fp16 weights round only once.
+def add_to_weight(base: nn.Module, info: LayerInfo, delta: torch.Tensor, sign: float = 1.0,
+                  bias: torch.Tensor | None = None) -> None:
+    """weight += sign * delta (and bias += sign * bias delta), accumulated in fp32 so bf16/fp16
+    weights round only once.
 
-    Refuses packed quantized weights (4-bit/8-bit), which cannot represent the sum exactly, and
-    refuses a result that is not finite rather than corrupting the model.
+    Refuses packed quantized weights (4-bit/8-bit), which cannot represent the sum exactly, a
+    bias change for a layer without a bias, and a result that is not finite, rather than
+    corrupting the model; nothing changes when it refuses.
     """
     check_mergeable_weight(base)
-    weight = base.weight
-    delta = delta.T if info.transposed else delta
-    if delta.shape != weight.shape:
-        raise MergeError(f"delta weight {tuple(delta.shape)} does not fit weight {tuple(weight.shape)}")
+    changes = [(base.weight, delta.T if info.transposed else delta, "weight")]
+    if bias is not None:
+        if base.bias is None:
+            if torch.count_nonzero(bias):
+                raise MergeError(f"the adapter changes the bias, but this {type(base).__name__} has none; "
+                                 "keep the adapter unmerged (or give the layer a zero bias first)")
+        else:
+            changes.append((base.bias, bias, "bias"))
+    updated = []
+    for target, change, what in changes:
+        if change.shape != target.shape:
+            raise MergeError(f"delta {what} {tuple(change.shape)} does not fit {what} {tuple(target.shape)}")
+        change = change.detach().to(target.device)
+        if target.dtype in (torch.float32, torch.float64):
+            merged = target.detach() + sign * change.to(target.dtype)
+        else:
+            merged = (target.detach().float() + sign * change.float()).to(target.dtype)
+        if not torch.isfinite(merged).all():
+            raise MergeError(f"merging into {type(base).__name__} gives inf/nan in its {what} "
+                             f"({target.dtype}); weights unchanged")
+        updated.append((target, merged))
     with torch.no_grad():
-        delta = delta.to(weight.device)
-        if weight.dtype in (torch.float32, torch.float64):
-            if not torch.isfinite(delta).all():
-                raise MergeError(f"the delta for {type(base).__name__} holds inf/nan; weights unchanged")
-            weight.add_(delta.to(weight.dtype), alpha=sign)
-            return
-        merged = weight.float() + sign * delta.float()
-        if not torch.isfinite(merged.to(weight.dtype)).all():
-            raise MergeError(f"merging into {type(base).__name__} overflows {weight.dtype}; weights unchanged")
-        weight.copy_(merged.to(weight.dtype))
+        for target, merged in updated:
+            target.copy_(merged)
 
 
 def check_mergeable_weight(base: nn.Module) -> None:

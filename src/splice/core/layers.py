@@ -14,15 +14,17 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-LayerKind = Literal["linear", "conv", "embedding"]
+LayerKind = Literal["linear", "conv", "embedding", "block"]
 
 
 @dataclass(frozen=True)
 class LayerInfo:
     """Shapes and call parameters of one base layer.
 
-    `in_features`/`out_features` are channels for convolutions and (num_embeddings,
-    embedding_dim) for embeddings. `transposed` marks transformers' `Conv1D`, which stores its
+    `in_features`/`out_features` are channels for convolutions, (num_embeddings,
+    embedding_dim) for embeddings, and the hidden size (both) for a "block": a whole module,
+    typically a transformer layer, whose output hidden states an adapter edits (a
+    representation site, as ReFT intervenes on). `transposed` marks transformers' `Conv1D`, which stores its
     weight as [in, out] (PEFT's `fan_in_fan_out`). Adapters express delta weights in the
     canonical layout ([out, in, *kernel] for linear/conv, [num, dim] for embeddings); the host
     transposes for `Conv1D`.
@@ -86,3 +88,24 @@ def unsupported_reason(module: nn.Module) -> str | None:
 def is_plain_float_weight(weight: torch.Tensor) -> bool:
     """True when a weight can take a delta exactly: a floating tensor, not a packed quantized one."""
     return weight.dtype.is_floating_point and type(weight) in (torch.Tensor, nn.Parameter)
+
+
+def dense_weight(module: nn.Module, info: LayerInfo) -> torch.Tensor:
+    """The base layer's weight as a float tensor in the canonical [out, in, ...] layout.
+
+    Packed bitsandbytes weights (4-bit `Params4bit`, 8-bit `Int8Params` with their scales) are
+    dequantized with bitsandbytes' own functions; forms that depend on the weight itself (DoRA's
+    column norms) use this instead of `module.weight`.
+    """
+    weight = module.weight
+    if is_plain_float_weight(weight):
+        dense = weight.detach()
+    elif getattr(weight, "quant_state", None) is not None:  # bitsandbytes 4-bit
+        import bitsandbytes.functional as bnb_functional
+
+        dense = bnb_functional.dequantize_4bit(weight.data, weight.quant_state)
+    elif getattr(weight, "SCB", None) is not None:  # bitsandbytes 8-bit: int8 rows times their scales / 127
+        dense = weight.data.float() * (weight.SCB.float()[:, None] / 127.0)
+    else:
+        raise TypeError(f"cannot read a dense weight from a {type(weight).__name__} of dtype {weight.dtype}")
+    return dense.T if info.transposed else dense

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from splice.core.config import Adapter, adapter_delta
 from splice.core.errors import MergeError, SpliceError
 from splice.core.lowrank import LowRank
 
@@ -50,6 +51,7 @@ class Routing:
     def add_to(self, host: Host, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """Host output for a routed batch: base + each row's own adapter (minus nothing else)."""
         repeat = self._repeat(x)
+        base_output = output
         if self.grouped and not torch.is_grad_enabled() and host.info.kind == "linear":
             plan = self._inference_plan(host, x)
             if plan is not None and not (plan.dropout > 0 and self._training(host)):
@@ -61,21 +63,22 @@ class Routing:
         if not used:
             return output
         if self.everywhere:  # one adapter on every row: exactly its forward as the active adapter
-            return output + self._own_delta(host[used[0]], x).to(output.dtype)
+            return output + self._own_delta(host[used[0]], x, base_output).to(output.dtype)
         if self.grouped and host.info.kind == "linear":
             factors = [host[name].low_rank_factors() for name in used]
             if all(f is not None for f in factors):
                 return self._grouped(host, used, factors, x, output)
         for name in used:
             rows = self._row_index(name, repeat, x.device)
-            delta = self._own_delta(host[name], x.index_select(0, rows))
+            base_rows = base_output.index_select(0, rows) if host[name].uses_base_output else base_output
+            delta = self._own_delta(host[name], x.index_select(0, rows), base_rows)
             output = output.index_add(0, rows, delta.to(output.dtype))
         return output
 
     @staticmethod
-    def _own_delta(adapter: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _own_delta(adapter: Adapter, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
         """The adapter's delta minus what it took out of the base (added back for all rows)."""
-        delta = adapter.delta(x)
+        delta = adapter_delta(adapter, x, base_output)
         restore = adapter.initial_delta(x)
         return delta if restore is None else delta - restore
 

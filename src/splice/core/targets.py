@@ -19,7 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 from splice.core.config import AdapterConfig, Targets
 from splice.core.errors import TargetError
-from splice.core.layers import describe, unsupported_reason
+from splice.core.layers import LayerInfo, describe, unsupported_reason
 
 ALL_LINEAR = "all-linear"
 SEQ_CLS_HEAD_NAMES = ("classifier", "score")
@@ -110,6 +110,8 @@ def default_targets(model: nn.Module) -> list[str]:
 
 def resolve_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs `config` selects, in model order; an error if there are none."""
+    if config.site == "block":
+        return _block_targets(model, config)
     targets = config.targets if config.targets is not None else default_targets(model)
     heads = output_head_names(model) if targets == ALL_LINEAR else set()
     selected = []
@@ -135,6 +137,65 @@ def resolve_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, 
         selected.append((name, module))
     if not selected:
         raise TargetError(_no_match_message(model, targets, config))
+    return selected
+
+
+def site_info(model: nn.Module, name: str, module: nn.Module, config: AdapterConfig) -> LayerInfo:
+    """The `LayerInfo` an adapter of `config` is built from at module `name`."""
+    if config.site != "block":
+        info = describe(module)
+        assert info is not None, name  # resolve_targets only selects hostable layers
+        return info
+    width = hidden_size(model, name, module)
+    return LayerInfo("block", width, width)
+
+
+def transformer_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The main stack of layers: the largest ModuleList held under a usual name (layers, h, ...)."""
+    stacks = [
+        (name, module) for name, module in named_base_modules(model)
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in COMMON_LAYER_SEGMENTS and len(module)
+    ]
+    if not stacks:
+        return []
+    name, stack = max(stacks, key=lambda item: len(item[1]))
+    return [(f"{name}.{i}", block) for i, block in enumerate(stack)]
+
+
+def hidden_size(model: nn.Module, name: str, module: nn.Module) -> int:
+    """Width of the hidden states a block outputs: the model config's, else its last Linear's."""
+    config = getattr(model, "config", None)
+    for key in ("hidden_size", "n_embd", "d_model", "dim"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    linears = [m for m in module.modules() if isinstance(m, (nn.Linear, Conv1D))]
+    if linears:
+        return describe(linears[-1]).out_features
+    raise TargetError(f"cannot tell the hidden size of {name!r} ({type(module).__name__}): the model has no "
+                      "config.hidden_size and the module holds no Linear layer")
+
+
+def _block_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module]]:
+    """Whole modules whose output an adapter edits: the transformer layers, or named modules."""
+    blocks = transformer_blocks(model)
+    if config.targets is None:
+        if not blocks:
+            raise TargetError("found no stack of transformer layers (a ModuleList named layers, layer, h, "
+                              "block or blocks); name the modules to edit with targets=")
+        candidates = blocks
+    else:
+        candidates = [(n, m) for n, m in named_base_modules(model) if n and matches(config.targets, n)]
+    index = {name: i for i, (name, _) in enumerate(blocks)}
+    selected = [
+        (name, module) for name, module in candidates
+        if not matches(config.exclude, name)
+        and (config.layers is None or index.get(name, layer_index(name + ".")) in config.layers)
+    ]
+    if not selected:
+        names = [n for n, _ in blocks] or [n for n, _ in named_base_modules(model) if n][:12]
+        raise TargetError(f"targets {config.targets!r} (layers {config.layers}) selected no module to edit; "
+                          f"the model's layers: {_describe_names(names)}, e.g. {names[0]!r}")
     return selected
 
 

@@ -5,10 +5,11 @@ on keys they don't know), and `adapter_model.safetensors` with PEFT's tensor nam
 
     base_model.model.<module path>.lora_A.weight   [r, in]    (lora_embedding_A [r, num])
     base_model.model.<module path>.lora_B.weight   [out, r]   (lora_embedding_B [dim, r])
+    base_model.model.<module path>.lora_magnitude_vector  [out]  (DoRA, with use_dora: true)
     base_model.model.<head path>.<param>                      (modules_to_save)
 
-Reading: the same files as written by PEFT (LoRA, rsLoRA, rank/alpha patterns, modules_to_save,
-Conv and Embedding LoRA). Everything is validated against the model before anything changes.
+Reading: the same files as written by PEFT (LoRA, rsLoRA, DoRA on Linear layers, rank/alpha
+patterns, modules_to_save, Conv and Embedding LoRA). Everything is validated against the model before anything changes.
 """
 
 from __future__ import annotations
@@ -30,15 +31,16 @@ from splice.core.host import hosts
 from splice.core.layers import describe
 from splice.core.targets import matches, named_base_modules
 from splice.io.files import base_model_name, write_config, write_weights
+from splice.methods.dora import DoRA, DoRAAdapter
 from splice.methods.lora import LoRA, LoRAAdapter, pattern_value
 
 PREFIX = "base_model.model."
 BASE_COPY = ".base_layer."
 LORA_SUFFIXES = {
     ".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B",
+    ".lora_magnitude_vector": "M",
 }
 UNSUPPORTED_OPTIONS = {
-    "use_dora": "DoRA adapters are not supported yet",
     "lora_bias": "LoRA biases (lora_bias=true) are not supported",
     "layer_replication": "layer_replication is not supported",
     "target_parameters": "LoRA on raw parameters (target_parameters) is not supported",
@@ -68,6 +70,7 @@ class ExportedModule:
     alpha: float
     embedding: bool
     transposed: bool
+    magnitude: torch.Tensor | None = None  # DoRA
 
 
 def can_write(model: nn.Module, name: str) -> bool:
@@ -86,6 +89,8 @@ def write(model: nn.Module, path: Path, name: str, portable: bool = False) -> No
         a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if m.embedding else ("lora_A.weight", "lora_B.weight")
         tensors[f"{PREFIX}{m.name}.{a_key}"] = m.A
         tensors[f"{PREFIX}{m.name}.{b_key}"] = m.B
+        if m.magnitude is not None:
+            tensors[f"{PREFIX}{m.name}.lora_magnitude_vector"] = m.magnitude
     for head in record.heads:
         for key, value in model.get_submodule(head).state_dict().items():
             tensors[f"{PREFIX}{head}.{key}"] = value
@@ -101,8 +106,9 @@ def _exported_modules(model: nn.Module, name: str, rslora: bool) -> list[Exporte
         adapter: LoRAAdapter = host[name]
         A, B, rank = adapter.exported_factors()
         alpha = adapter.scaling * (math.sqrt(rank) if rslora else rank)
+        magnitude = adapter.lora_magnitude_vector.detach() if isinstance(adapter, DoRAAdapter) else None
         out.append(ExportedModule(module_name, A, B, rank, _tidy(alpha),
-                                  adapter.info.kind == "embedding", adapter.info.transposed))
+                                  adapter.info.kind == "embedding", adapter.info.transposed, magnitude))
     return out
 
 
@@ -122,7 +128,7 @@ def _peft_config(model: nn.Module, config: LoRA, modules: list[ExportedModule], 
         "lora_alpha": alpha,
         "lora_dropout": config.dropout,
         "use_rslora": config.rslora,
-        "use_dora": False,
+        "use_dora": isinstance(config, DoRA),
         "bias": "none",
         "fan_in_fan_out": any(m.transposed for m in modules),
         "init_lora_weights": True,
@@ -203,6 +209,8 @@ def read(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tens
             if name in host:
                 host[name].lora_A.copy_(factors[module_name]["A"])
                 host[name].lora_B.copy_(factors[module_name]["B"])
+                if "M" in factors[module_name]:
+                    host[name].lora_magnitude_vector.copy_(factors[module_name]["M"])
         params = _named_tensors(model)
         for key, value in head_tensors.items():
             params[key].copy_(value)
@@ -219,7 +227,8 @@ def split_keys(tensors: dict[str, torch.Tensor], modules_to_save: list[str]):
         if suffix is not None:
             factors.setdefault(path[: -len(suffix)], {})[LORA_SUFFIXES[suffix]] = value
         elif ".lora_" in path:
-            raise AdapterFileError(f"unsupported LoRA tensor {key!r} (DoRA magnitudes and LoRA biases are not read)")
+            raise AdapterFileError(f"unsupported LoRA tensor {key!r} (LoRA biases and variants other than DoRA "
+                                   "are not read)")
         elif BASE_COPY in path:
             continue  # a copy of a targeted layer's own weight, checked by `check_base_copies`
         elif any(re.match(rf"(^|.*\.){re.escape(m)}\.", path) for m in modules_to_save):
@@ -227,7 +236,7 @@ def split_keys(tensors: dict[str, torch.Tensor], modules_to_save: list[str]):
         else:
             raise AdapterFileError(f"unexpected tensor {key!r}: neither a LoRA factor nor in modules_to_save")
     for module_name, pair in factors.items():
-        if set(pair) != {"A", "B"}:
+        if not {"A", "B"} <= set(pair):
             raise AdapterFileError(f"module {module_name!r} has lora_{''.join(pair)} but not both A and B")
     if not factors:
         raise AdapterFileError("the adapter file holds no LoRA tensors")
@@ -267,6 +276,7 @@ def _lora_config(model: nn.Module, config: dict[str, Any], factors: dict, head_t
     r, alpha = int(config.get("r", 8)), config.get("lora_alpha", 8)
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     rslora = bool(config.get("use_rslora", False))
+    dora = bool(config.get("use_dora", False))
     modules = dict(named_base_modules(model))
     ranks, alphas = {}, {}
     for module_name, pair in factors.items():
@@ -275,12 +285,17 @@ def _lora_config(model: nn.Module, config: dict[str, Any], factors: dict, head_t
         if info is None:
             found = "no such module" if module is None else f"a {type(module).__name__}"
             raise ShapeMismatchError(f"adapter targets {module_name!r}, but the model has {found} there")
+        if dora != ("M" in pair):
+            raise AdapterFileError(f"{module_name}: use_dora={dora} but the file "
+                                   f"{'lacks' if dora else 'has'} its lora_magnitude_vector")
+        if dora and info.kind != "linear":
+            raise AdapterFileError(f"{module_name}: DoRA on {info.kind} layers is not supported (Linear only)")
         rank = pair["A"].shape[0]
         expected = _expected_shapes(info, rank)
         for which, tensor in pair.items():
             if tuple(tensor.shape) != expected[which]:
                 raise ShapeMismatchError(
-                    f"{module_name}: lora_{which} has shape {tuple(tensor.shape)} but the model's "
+                    f"{module_name}: {_TENSOR_NAMES[which]} has shape {tuple(tensor.shape)} but the model's "
                     f"{type(module).__name__} needs {expected[which]}"
                 )
         declared = pattern_value(rank_pattern, module_name, r)
@@ -298,7 +313,7 @@ def _lora_config(model: nn.Module, config: dict[str, Any], factors: dict, head_t
             )
     saved = config.get("modules_to_save") or []
     heads = [m for m in saved if any(re.match(rf"(^|.*\.){re.escape(m)}\.", k) for k in head_tensors)]
-    return LoRA(
+    return (DoRA if dora else LoRA)(
         r=r, alpha=alpha, rslora=rslora, dropout=float(config.get("lora_dropout", 0.0)), init="zeros",
         targets=list(factors), train_also=heads,
         rank_pattern={re.escape(n): v for n, v in ranks.items() if v != r},
@@ -306,11 +321,14 @@ def _lora_config(model: nn.Module, config: dict[str, Any], factors: dict, head_t
     )
 
 
+_TENSOR_NAMES = {"A": "lora_A", "B": "lora_B", "M": "lora_magnitude_vector"}
+
+
 def _expected_shapes(info, rank: int) -> dict[str, tuple[int, ...]]:
     if info.kind == "conv":
         return {"A": (rank, info.in_features, *info.kernel_size),
                 "B": (info.out_features, rank, *(1,) * info.conv_dims)}
-    return {"A": (rank, info.in_features), "B": (info.out_features, rank)}
+    return {"A": (rank, info.in_features), "B": (info.out_features, rank), "M": (info.out_features,)}
 
 
 def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

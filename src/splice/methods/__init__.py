@@ -1,5 +1,8 @@
 """Adapter forms, one file each. Importing this package registers them with the core."""
 
+from splice.methods.conv_adapter import ConvAdapter
+from splice.methods.dora import DoRA
 from splice.methods.lora import LoRA
+from splice.methods.rep_conv_adapter import RepConvAdapter
 
-__all__ = ["LoRA"]
+__all__ = ["ConvAdapter", "DoRA", "LoRA", "RepConvAdapter"]

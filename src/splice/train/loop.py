@@ -95,6 +95,7 @@ def run(config: TrainConfig, *, console: Console | None = None, force: bool = Fa
     eval_loaders = [DataLoader(rows, batch_size=config.batch_size, collate_fn=collate) for rows in eval_rows.values()]
     params = list(splice.trainable_parameters(model).values())
     optimizer = torch.optim.AdamW(_param_groups(model, adapter.train_also, config), weight_decay=config.weight_decay)
+    plain_model = model  # accelerate may wrap it (DDP); splice's state lives on the model itself
     model, optimizer, train_loader, *eval_loaders = accelerator.prepare(model, optimizer, train_loader, *eval_loaders)
     loaders = dict(zip(eval_rows, eval_loaders, strict=True))
 
@@ -131,7 +132,8 @@ def run(config: TrainConfig, *, console: Console | None = None, force: bool = Fa
         for batch in _batches(train_loader, math.ceil(total_steps / steps_per_epoch)):
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
-                accelerator.backward(loss)
+                extra = splice.auxiliary_loss(plain_model)  # e.g. a rank router's budget penalty
+                accelerator.backward(loss if extra is None else loss + extra)
                 if accelerator.sync_gradients and config.max_grad_norm:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
