@@ -57,9 +57,7 @@ class RepConvAdapter(AdapterConfig):
         if any(k % 2 == 0 for k in info.kernel_size):
             raise TargetError(f"RepConvAdapter needs an odd kernel (a centre tap for the 1x1 and identity "
                               f"branches); {module_name!r} has kernel_size={info.kernel_size}")
-        adapter = RepConvAdapterModule(info)
-        # A new module trains; on a model in eval mode its BNs must use running statistics too.
-        return adapter
+        return RepConvAdapterModule(info)
 
 
 def numeric_padding(info: LayerInfo) -> tuple[int, ...]:
