@@ -10,7 +10,7 @@ from splice import assets
 from splice.core import *  # noqa: F403
 from splice.core import __all__ as _core_all
 from splice.io import load, save
-from splice.methods import ConvAdapter, DoRA, LoRA, RepConvAdapter
+from splice.methods import ConvAdapter, DoRA, FlexiLoRA, LoRA, RepConvAdapter
 
 __version__ = "0.1.0"
-__all__ = [*_core_all, "ConvAdapter", "DoRA", "LoRA", "RepConvAdapter", "assets", "load", "save"]
+__all__ = [*_core_all, "ConvAdapter", "DoRA", "FlexiLoRA", "LoRA", "RepConvAdapter", "assets", "load", "save"]

@@ -74,3 +74,30 @@ def test_eval_reports_the_saved_adapters_metrics(app, tiny_classification, tmp_p
     assert result.exit_code == 0, result.output
     accuracy = trained.metrics["after"]["validation"]["accuracy"]
     assert f"{accuracy:.4f}" in result.output
+
+
+def test_method_and_its_hyperparameters_from_flags(app, tiny_classification, tmp_path):
+    path = tmp_path / "job.yaml"
+    tiny_classification.to_yaml(path)
+    out = tmp_path / "dora-run"
+    result = runner.invoke(app, ["train", str(path), "--max-steps", "2", "--method", "dora", "--set", "r=3",
+                                 "--set", "rslora=true", "--set", "targets=[query]", "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    written = yaml.safe_load((out / "config.yaml").read_text())
+    assert written["adapter"] == {"method": "dora", "r": 3, "rslora": True, "targets": ["query"]}
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["use_dora"] is True and adapter["use_rslora"] is True and adapter["r"] == 3
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--set", "blocks"], "KEY=VALUE"),
+    (["--method", "dora", "--set", "blocks=4"], "bad 'dora' config"),
+    (["--method", "nosuch"], "known methods"),
+])
+def test_bad_method_flags_are_explained(app, tiny_classification, tmp_path, flags, message):
+    path = tmp_path / "job.yaml"
+    tiny_classification.to_yaml(path)
+    result = runner.invoke(app, ["train", str(path), "--max-steps", "1", *flags, "--output-dir", str(tmp_path / "x")],
+                           env={"COLUMNS": "200"})
+    assert result.exit_code != 0
+    assert message in result.output

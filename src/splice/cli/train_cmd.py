@@ -12,6 +12,7 @@ from rich.table import Table
 from splice.assets import DATASETS
 from splice.cli.errors import user_errors
 from splice.core.errors import SpliceError
+from splice.core.registry import method_names
 
 console = Console()
 
@@ -37,11 +38,14 @@ def train(
     model: Model = None,
     task: Task = None,
     data: Data = None,
-    method: Annotated[str | None, typer.Option(help="Adapter method, e.g. lora.")] = None,
+    method: Annotated[str | None, typer.Option(help=f"Adapter method: {', '.join(method_names())}.")] = None,
     r: Annotated[int | None, typer.Option(help="Adapter rank.")] = None,
     alpha: Annotated[float | None, typer.Option(help="LoRA scale numerator (scale = alpha / r).")] = None,
     targets: Annotated[str | None, typer.Option(help="Comma-separated module names, e.g. query,value, "
                                                 "or all-linear.")] = None,
+    param: Annotated[list[str] | None, typer.Option(
+        "--set", help="A hyperparameter of the method as KEY=VALUE (YAML value), repeatable: "
+        "--set blocks=32, --set positions=f3+l3, --set ranks=[2,4,8].", show_default=False)] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate of the adapter.")] = None,
     head_lr: Annotated[float | None, typer.Option(help="Learning rate of the head trained in full.")] = None,
     epochs: Annotated[float | None, typer.Option(help="Passes over the training data.")] = None,
@@ -79,6 +83,8 @@ def train(
 
         splice train --data reviews.jsonl --r 16 --targets query,key,value --output-dir runs/reviews
 
+        splice train --method diablo --set blocks=32 --targets all-linear
+
         splice train --tenants alice.yaml bob.yaml carol.yaml --max-steps 200
     """
     from splice.train import TrainConfig, run
@@ -88,6 +94,7 @@ def train(
         adapter["targets"] = "all-linear"
     configs = configs or []
     with user_errors():
+        adapter |= method_params(param or [])
         if len(configs) > 1 and not tenants:
             raise SpliceError(f"{len(configs)} configs given; train them together with --tenants, "
                               "or give one config")
@@ -110,6 +117,22 @@ def train(
                       console=console)
         else:
             run(settings[0], console=console, force=force)
+
+
+def method_params(pairs: list[str]) -> dict[str, object]:
+    """`--set KEY=VALUE` pairs as a mapping; values are read as YAML (numbers, lists, booleans)."""
+    import yaml
+
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise SpliceError(f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise SpliceError(f"--set {key}: cannot read {value!r} ({err.__class__.__name__})") from None
+    return out
 
 
 def evaluate(

@@ -72,14 +72,15 @@ class InputsRecorder:
 
     def enter(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
-        self.last = BatchInputs(
+        inputs = BatchInputs(
             input_ids=ids if isinstance(ids, torch.Tensor) and not ids.is_floating_point() else None,
             attention_mask=kwargs.get("attention_mask"),
             labels=kwargs.get("labels"),
             decoding=_is_decoding_step(kwargs),
         )
-        _LAST[0] = self.last
-        self._tokens.append(_CURRENT.set(self.last))
+        if not self._tokens:  # the outermost call is the batch; a nested call (a scorer's) is not kept
+            self.last = _LAST[0] = inputs
+        self._tokens.append(_CURRENT.set(inputs))
 
     def leave(self, model: nn.Module, args: tuple, output: Any) -> None:
         if self._tokens:

@@ -2,7 +2,8 @@
 
 from splice.methods.conv_adapter import ConvAdapter
 from splice.methods.dora import DoRA
+from splice.methods.flexilora import FlexiLoRA
 from splice.methods.lora import LoRA
 from splice.methods.rep_conv_adapter import RepConvAdapter
 
-__all__ = ["ConvAdapter", "DoRA", "LoRA", "RepConvAdapter"]
+__all__ = ["ConvAdapter", "DoRA", "FlexiLoRA", "LoRA", "RepConvAdapter"]

@@ -145,7 +145,13 @@ class Multiplexer:
         if getattr(adapter, "init", None) == "pissa":
             raise SpliceError(f"tenant {name}: init='pissa' takes its part out of the base weights, which the "
                               "tenants share; use another init for multiplexed training")
+        if adapter.reads_inputs:
+            raise SpliceError(f"tenant {name}: {adapter.method} reads each batch's token positions, which a packed "
+                              "pass of several tenants' rows does not give it; train it alone with `splice train`")
         splice.attach(own, adapter, name)
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in own.modules()):
+            raise SpliceError(f"tenant {name}: the model or adapter has BatchNorm layers, whose batch statistics "
+                              "would mix the tenants' rows; train it alone with `splice train`")
         summary = splice.summary(own)
         if self.shared is None:
             self._adopt(own, config)
