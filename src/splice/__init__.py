@@ -10,7 +10,10 @@ from splice import assets
 from splice.core import *  # noqa: F403
 from splice.core import __all__ as _core_all
 from splice.io import load, save
-from splice.methods import ConvAdapter, DoRA, FlexiLoRA, LoRA, RepConvAdapter
+from splice.methods import ConvAdapter, DiaBlo, DoRA, FlexiLoRA, LoRA, RepConvAdapter, TTLoRA
 
 __version__ = "0.1.0"
-__all__ = [*_core_all, "ConvAdapter", "DoRA", "FlexiLoRA", "LoRA", "RepConvAdapter", "assets", "load", "save"]
+__all__ = [
+    *_core_all, "ConvAdapter", "DiaBlo", "DoRA", "FlexiLoRA", "LoRA", "RepConvAdapter", "TTLoRA",
+    "assets", "load", "save",
+]
