@@ -10,10 +10,10 @@ from splice import assets
 from splice.core import *  # noqa: F403
 from splice.core import __all__ as _core_all
 from splice.io import load, save
-from splice.methods import ConvAdapter, DiaBlo, DoRA, FlexiLoRA, LoRA, RepConvAdapter, TTLoRA
+from splice.methods import ConvAdapter, DiaBlo, DoRA, FlexiLoRA, LoRA, LoReFT, RepConvAdapter, TTLoRA
 
 __version__ = "0.1.0"
 __all__ = [
-    *_core_all, "ConvAdapter", "DiaBlo", "DoRA", "FlexiLoRA", "LoRA", "RepConvAdapter", "TTLoRA",
+    *_core_all, "ConvAdapter", "DiaBlo", "DoRA", "FlexiLoRA", "LoRA", "LoReFT", "RepConvAdapter", "TTLoRA",
     "assets", "load", "save",
 ]

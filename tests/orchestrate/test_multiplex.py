@@ -143,6 +143,8 @@ def test_bad_tenant_sets_are_refused(classification_tenants, llama_dir, tmp_path
         mux.add(TrainConfig.from_dict(b.to_dict(), model=str(llama_dir), output_dir=str(tmp_path / "c")))
     with pytest.raises(splice.SpliceError, match="pissa"):
         mux.add(TrainConfig.from_dict(b.to_dict(), adapter={"init": "pissa"}, output_dir=str(tmp_path / "d")))
+    with pytest.raises(splice.SpliceError, match="token positions"):
+        mux.add(TrainConfig.from_dict(b.to_dict(), adapter={"method": "loreft"}, output_dir=str(tmp_path / "f")))
     with pytest.raises(splice.SpliceError, match="bf16"):
         Multiplexer().add(TrainConfig.from_dict(a.to_dict(), precision="fp16", output_dir=str(tmp_path / "e")))
     with pytest.raises(splice.SpliceError, match="max_padding"):
