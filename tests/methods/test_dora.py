@@ -252,3 +252,13 @@ def test_dora_on_minilm_learns_rotten_tomatoes(tmp_path):
     assert after["accuracy"] > before["accuracy"] + 0.1
     saved = json.loads((result.paths["adapter"] / "adapter_config.json").read_text())
     assert saved["use_dora"] is True
+
+
+def test_adapter_info_counts_the_magnitudes(tmp_path):
+    from splice.io.info import inspect_adapter
+
+    model = dora_model()
+    splice.save(model, tmp_path / "a")
+    info = inspect_adapter(tmp_path / "a")
+    assert info.method == "dora" and {m.rank for m in info.modules} == {4}
+    assert info.adapter_parameters == sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)

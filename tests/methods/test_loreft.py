@@ -515,3 +515,14 @@ def test_real_minilm_on_rotten_tomatoes_beats_chance(tmp_path):
     assert after["accuracy"] > 0.58  # 0.45 -> 0.63 on 128 reviews; test split 0.69
     assert result.metrics["after"]["test"]["accuracy"] > 0.6
     assert (result.paths["adapter"] / "adapter_config.json").is_file()
+
+
+def test_adapter_info_reads_the_default_rank_of_a_splice_file(tmp_path):
+    from splice.io.info import inspect_adapter
+
+    model = make_llama()
+    splice.attach(model, LoReFT(positions="f1+l1", layers=[1]))
+    splice.save(model, tmp_path / "a")
+    info = inspect_adapter(tmp_path / "a")
+    assert info.method == "loreft" and [m.rank for m in info.modules] == [4]
+    assert info.adapter_parameters == sum(p.numel() for p in splice.trainable_parameters(model).values())

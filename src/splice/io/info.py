@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from splice.core.errors import SpliceError
+from splice.core.registry import config_from_dict
 from splice.io import native, peft_format
 from splice.io.files import WEIGHTS_NAME, read_config, read_weights
 
@@ -55,7 +57,7 @@ def inspect_adapter(path: str | Path) -> AdapterInfo:
                            ["not a LoRA in PEFT's format"])
     factors, head_tensors = peft_format.split_keys(tensors, config.get("modules_to_save") or [])
     modules = [
-        ModuleEntry(name, pair["A"].shape[0], pair["A"].numel() + pair["B"].numel(),
+        ModuleEntry(name, pair["A"].shape[0], sum(v.numel() for v in pair.values()),
                     {k: tuple(v.shape) for k, v in pair.items()})
         for name, pair in factors.items()
     ]
@@ -63,17 +65,21 @@ def inspect_adapter(path: str | Path) -> AdapterInfo:
     ranks = [m.rank for m in modules]
     alphas = [peft_format.pattern_value(config.get("alpha_pattern") or {}, m.name, config.get("lora_alpha", 8))
               for m in modules]
-    method = str(config.get("peft_type", "?")).lower()
+    method = "dora" if config.get("use_dora") else str(config.get("peft_type", "?")).lower()
     return AdapterInfo(path, "peft", method, config, modules, heads, dtypes, size,
                        config.get("base_model_name_or_path"),
                        peft_format.portability_problems(ranks, alphas, list(heads)))
 
 
 def _native_modules(config: dict[str, Any], tensors: dict) -> list[ModuleEntry]:
+    try:  # the config lists only non-default fields; the method's defaults give the rest
+        rank = getattr(config_from_dict(config.get("config", {})), "r", None)  # None: DiaBlo, conv adapters
+    except SpliceError:
+        rank = None
     entries = []
     for name in config.get("modules", []):
         own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
-        entries.append(ModuleEntry(name, None, sum(v.numel() for v in own.values()),
+        entries.append(ModuleEntry(name, rank, sum(v.numel() for v in own.values()),
                                    {k: tuple(v.shape) for k, v in own.items()}))
     return entries
 
