@@ -262,3 +262,22 @@ def test_adapter_info_counts_the_magnitudes(tmp_path):
     info = inspect_adapter(tmp_path / "a")
     assert info.method == "dora" and {m.rank for m in info.modules} == {4}
     assert info.adapter_parameters == sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_backward_keeps_one_output_sized_tensor_more_than_lora():
+    """PEFT's DoRA keeps the base and the LoRA outputs for the magnitude's gradient; this keeps
+    their sum only, plus vectors of the output size."""
+
+    def saved_numel(config) -> int:
+        layer = torch.nn.Sequential(torch.nn.Linear(16, 24))
+        splice.attach(layer, config)
+        layer.train()
+        x = torch.randn(5, 7, 16, requires_grad=True)
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            layer(x)
+        return sum(sizes)
+
+    extra = saved_numel(splice.DoRA(r=4, targets=["0"])) - saved_numel(splice.LoRA(r=4, targets=["0"]))
+    tokens, out = 5 * 7, 24
+    assert tokens * out <= extra <= tokens * out + 4 * out

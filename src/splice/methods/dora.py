@@ -123,7 +123,9 @@ class DoRAAdapter(LoRAAdapter):
             bias = getattr(base, "bias", None)
             base_part = base_output - bias if bias is not None else base_output
             lora_part = low_rank_delta(x, LowRank(self.lora_A, self.lora_B, self.scaling), self.training)
-        return (g - 1) * base_part.to(g.dtype) + g * lora_part
+        base_part = base_part.to(g.dtype)
+        # = (g - 1) W x + g s B A x, written so that autograd keeps one [tokens, out] tensor, not two
+        return g * (base_part + lora_part) - base_part
 
     def delta_weight(self) -> torch.Tensor:
         """g * (W + s B A) - W for the base weight as it is now (merging reads it first)."""
