@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from splice import LoRA, SpliceError
@@ -92,3 +94,11 @@ def test_shipped_examples_load(request):
     assert main == TrainConfig(adapter={**TrainConfig().adapter, "targets": ["query", "value"]})
     sft = TrainConfig.from_yaml(examples / "smollm2_arithmetic.yaml")
     assert (sft.model, sft.task, sft.data) == ("smollm2", "causal_lm", "arithmetic")
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[2].glob("examples/*.yaml")), ids=lambda p: p.name)
+def test_every_example_config_is_valid(path):
+    config = TrainConfig.from_yaml(path)
+    adapter = config.adapter_config()
+    assert adapter.method == config.adapter["method"]
+    assert config.output_dir.startswith("runs/")
