@@ -6,14 +6,15 @@
     splice.save(model, "my-adapter")          # loads in HF PEFT as well
 """
 
-from splice import assets
+from splice import assets, placement
 from splice.core import *  # noqa: F403
 from splice.core import __all__ as _core_all
 from splice.io import load, save
 from splice.methods import ConvAdapter, DiaBlo, DoRA, FlexiLoRA, LoRA, LoReFT, RepConvAdapter, TTLoRA
+from splice.placement import DomLoRA
 
 __version__ = "0.1.0"
 __all__ = [
     *_core_all, "ConvAdapter", "DiaBlo", "DoRA", "FlexiLoRA", "LoRA", "LoReFT", "RepConvAdapter", "TTLoRA",
-    "assets", "load", "save",
+    "DomLoRA", "assets", "load", "placement", "save",
 ]

@@ -121,6 +121,7 @@ def attach(
     state = model_state(model)
     if name in state.adapters:
         raise SpliceError(f"adapter {name!r} is already attached; detach it or choose another name")
+    config = config.placed(model)
     selected = resolve_targets(model, config)
     heads = resolve_heads(model, config.train_also)
     built: list[nn.Module] = []

@@ -43,6 +43,8 @@ class AdapterConfig:
     # True when the adapter reads the batch's inputs (token positions, attention mask) through
     # `splice.core.inputs.current_inputs()`; attach then records them at every forward.
     reads_inputs: ClassVar[bool] = False
+    # True when `placed` needs probe batches (field `probe`); a trainer passes a few of its own.
+    needs_probe: ClassVar[bool] = False
     targets: Targets = None
     exclude: Targets = None
     layers: Layers = None
@@ -62,6 +64,11 @@ class AdapterConfig:
     def build(self, info: LayerInfo, module_name: str, base: nn.Module) -> Adapter:
         """Create this method's adapter for one base layer."""
         raise NotImplementedError
+
+    def placed(self, model: nn.Module) -> AdapterConfig:
+        """The config `attach` builds: this one, or for a config that chooses its own sites from
+        the model (DomLoRA), the config of what it chose, with explicit targets."""
+        return self
 
     def on_attach(self, model: nn.Module, name: str) -> Callable[[], None] | None:
         """Model-level set-up a method needs beyond its per-layer adapters (a hook that scores

@@ -51,7 +51,7 @@ from splice.orchestrate import packing
 from splice.orchestrate.views import TenantModules, view
 from splice.train import loop, report, tasks
 from splice.train.config import TrainConfig
-from splice.train.data import IGNORE_INDEX, collator, load_splits, train_loader
+from splice.train.data import IGNORE_INDEX, collator, load_splits, train_loader, with_probe
 
 Metrics = dict[str, float]
 
@@ -141,7 +141,8 @@ class Multiplexer:
         if tokenizer.padding_side != "right":
             raise SpliceError(f"tenant {name}: multiplexing packs right-padded batches; the tokenizer pads "
                               f"{tokenizer.padding_side}")
-        adapter = tasks.adapter_config(config, own)
+        collate = collator(config.task, tokenizer, config.max_length)
+        adapter = with_probe(tasks.adapter_config(config, own), splits.train, config, collate)
         if getattr(adapter, "init", None) == "pissa":
             raise SpliceError(f"tenant {name}: init='pissa' takes its part out of the base weights, which the "
                               "tenants share; use another init for multiplexed training")
@@ -159,7 +160,6 @@ class Multiplexer:
         del own
         parameters = self._parameters(tenant_view, name)
         optimizer = torch.optim.AdamW(self._param_groups(parameters, name, config), weight_decay=config.weight_decay)
-        collate = collator(config.task, tokenizer, config.max_length)
         loader = train_loader(splits.train, config, collate)
         steps_per_epoch = math.ceil(len(loader) / config.grad_accum)
         total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)

@@ -22,6 +22,7 @@ from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
 from splice import assets
 from splice.assets import DatasetSplits, Row
+from splice.core.config import AdapterConfig
 from splice.core.errors import SpliceError
 from splice.train.config import TrainConfig
 
@@ -193,6 +194,14 @@ def train_loader(rows: list[Row], config: TrainConfig, collate) -> DataLoader:
     """
     generator = torch.Generator().manual_seed(config.seed)
     return DataLoader(rows, batch_size=config.batch_size, shuffle=True, collate_fn=collate, generator=generator)
+
+
+def with_probe(adapter: AdapterConfig, rows: list[Row], config: TrainConfig, collate) -> AdapterConfig:
+    """The adapter config, given probe batches from the training data if it chooses its sites
+    from data (DomLoRA) and has none: a loader of its own, so the training order is unchanged."""
+    if not adapter.needs_probe or getattr(adapter, "probe", None) is not None:
+        return adapter
+    return adapter.replace(probe=train_loader(rows, config, collate))
 
 
 def collator(task: str, tokenizer: PreTrainedTokenizerBase, max_length: int):

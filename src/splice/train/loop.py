@@ -43,7 +43,7 @@ from splice.assets import Row
 from splice.core.api import resolve_heads
 from splice.train import report, tasks
 from splice.train.config import TrainConfig
-from splice.train.data import collator, load_eval_rows, load_splits
+from splice.train.data import collator, load_eval_rows, load_splits, with_probe
 from splice.train.data import train_loader as make_train_loader
 
 Metrics = dict[str, float]
@@ -82,15 +82,14 @@ def run(config: TrainConfig, *, console: Console | None = None, force: bool = Fa
     if not splits.train:
         raise splice.SpliceError(f"no training rows in {config.data!r}")
     model, tokenizer = tasks.load_model(config, splits.label_names)
-    adapter = tasks.adapter_config(config, model)
+    collate = collator(config.task, tokenizer, config.max_length)
+    train_loader = make_train_loader(splits.train, config, collate)
+    adapter = with_probe(tasks.adapter_config(config, model), splits.train, config, collate)
     splice.attach(model, adapter)
     if config.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
     parameters = splice.summary(model)
     show(report.summary_table(parameters, title=f"{config.model} + {config.adapter['method']} on {config.data}"))
-
-    collate = collator(config.task, tokenizer, config.max_length)
-    train_loader = make_train_loader(splits.train, config, collate)
     eval_rows = {name: rows for name, rows in (("validation", splits.validation), ("test", splits.test)) if rows}
     eval_loaders = [DataLoader(rows, batch_size=config.batch_size, collate_fn=collate) for rows in eval_rows.values()]
     params = list(splice.trainable_parameters(model).values())
