@@ -25,6 +25,7 @@ gets a zero that requires grad added to it (exact: x + 0 == x), and nothing is o
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,7 @@ class SiteScore:
 
     name: str
     layer: int | None
-    kind: str  # the module's own name, e.g. "down_proj", "query"
+    kind: str  # the module's path inside its layer, e.g. "mlp.down_proj", "attention.self.query"
     in_features: int
     out_features: int
     sampled: float
@@ -200,7 +201,7 @@ def page(
     if not count:
         raise SpliceError("PAGE needs at least one probe batch")
     sites = [
-        SiteScore(name, layer_index(name + "."), name.rsplit(".", 1)[-1], p.in_features, p.out_features,
+        SiteScore(name, layer_index(name + "."), _kind(name), p.in_features, p.out_features,
                   p.sampled / count, p.expected / count)
         for name, p in probes.items()
     ]
@@ -209,6 +210,12 @@ def page(
         site.share = getattr(site, score) / total
     sites.sort(key=lambda s: getattr(s, score), reverse=True)
     return Placement(sites, score, r, count)
+
+
+def _kind(name: str) -> str:
+    """The module's path inside its layer ("mlp.down_proj", "attention.output.dense"), else its name."""
+    found = re.match(r".*?\.\d+\.(.+)$", name)
+    return found.group(1) if found else name
 
 
 def _loss(model: nn.Module, batch: Any, loss_fn: LossFn | None) -> torch.Tensor:
