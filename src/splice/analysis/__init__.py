@@ -22,9 +22,9 @@ from splice.analysis.spectra import (
     stable_rank,
 )
 
-__all__ = ["min_principal_angle", "orthonormal_basis", "principal_angles"]
-__all__ += [
+__all__ = [
     "AdapterComparison", "ModuleComparison", "ModuleSpectrum", "SpectraReport", "adapter_dir_spectra",
     "adapter_spectra", "compare_adapter_dirs", "compare_adapters", "compare_deltas", "delta_matrix",
-    "energy_rank", "entropy_rank", "plot_effective_ranks", "plot_spectra", "singular_values", "stable_rank",
+    "energy_rank", "entropy_rank", "min_principal_angle", "orthonormal_basis", "plot_effective_ranks",
+    "plot_spectra", "principal_angles", "singular_values", "stable_rank",
 ]

@@ -1,0 +1,196 @@
+"""`splice analyze` and `splice compare`: spectra of a saved adapter's weight changes, and two
+adapters side by side, loaded onto their base model (bundled or a local folder, never a hub)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from splice.cli.errors import user_errors
+
+if TYPE_CHECKING:
+    from splice.io.info import AdapterInfo
+
+console = Console()
+
+BaseModel = Annotated[
+    str | None,
+    typer.Option("--model", help="Base model: 'minilm', 'smollm2' or a folder. Default: the adapter's recorded one."),
+]
+Task = Annotated[
+    str,
+    typer.Option(help="auto | classification | causal_lm | base: the model class the adapter was trained on "
+                      "(auto: PEFT's task_type, or a classification head among the trained modules)."),
+]
+Force = Annotated[bool, typer.Option("--force", help="Write into a non-empty --out folder.")]
+
+
+def register(app: typer.Typer) -> None:
+    app.command("analyze")(analyze)
+    app.command("compare")(compare)
+
+
+def analyze(
+    adapter: Annotated[Path, typer.Argument(help="An adapter directory (splice's or HF PEFT's).")],
+    model: BaseModel = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for spectra.json and the plots. "
+                                             "Default: ADAPTER-spectra next to the adapter.")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Leading singular values per module to plot "
+                                       "and to write to the JSON.")] = 64,
+    task: Task = "auto",
+    force: Force = False,
+) -> None:
+    """Spectra of an adapter's delta weights: singular values, effective and stable ranks per module.
+
+    Writes spectra.json, spectra.png (normalised singular values per module type, one line per
+    layer) and effective_rank.png (a layers x module types heatmap).
+
+    Example: splice analyze runs/rotten-tomatoes-lora/adapter --model minilm
+    """
+    from splice.analysis.spectra import ENERGY_FRACTIONS, adapter_dir_spectra, plot_effective_ranks, plot_spectra
+    from splice.io.files import prepare_output_dir
+    from splice.train.tasks import load_pretrained
+
+    out = out or adapter.parent / f"{adapter.name}-spectra"
+    with user_errors():
+        base = _base_model([adapter], model, task)
+        prepare_output_dir(out, overwrite=force)
+        report = adapter_dir_spectra(load_pretrained(*base), adapter)
+    prefix = _shared_prefix([m.name for m in report.modules])
+    table = Table(title=f"spectra of {adapter}", caption="rank: numerical; erank: entropy effective rank; "
+                  "k90%/k99%: energy ranks; srank: stable rank")
+    table.add_column(f"{prefix}*" if prefix else "module", overflow="fold")
+    for column in ("r", "rank", "erank", *(f"k{f:.0%}" for f in ENERGY_FRACTIONS), "srank", "|dW|_F"):
+        table.add_column(column, justify="right")
+    for m in report.modules:
+        table.add_row(m.name.removeprefix(prefix), _cell(m.adapter_rank), str(m.numerical_rank),
+                      f"{m.entropy_rank:.2f}", *(str(k) for k in m.energy_ranks.values()), f"{m.stable_rank:.2f}",
+                      _cell(m.frobenius_norm))
+    console.print(table)
+    for name, reason in report.skipped.items():
+        console.print(f"[yellow]skipped[/] {name}: {reason}")
+    (out / "spectra.json").write_text(json.dumps(report.to_dict(top_k), indent=2) + "\n")
+    files = ["spectra.json"]
+    if report.modules:
+        plot_spectra(report, out / "spectra.png", top_k)
+        plot_effective_ranks(report, out / "effective_rank.png")
+        files += ["spectra.png", "effective_rank.png"]
+    console.print(_spectra_summary(report.summary()) + f" -> {out}/{{{','.join(files)}}}", highlight=False)
+
+
+def compare(
+    adapter_a: Annotated[Path, typer.Argument(help="The first adapter directory (the reference).")],
+    adapter_b: Annotated[Path, typer.Argument(help="The second, on the same base model.")],
+    model: BaseModel = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for comparison.json (none if unset).")] = None,
+    k: Annotated[int | None, typer.Option(min=1, help="Singular directions per module whose subspaces are "
+                                          "compared. Default: each delta's 90%-energy rank.")] = None,
+    task: Task = "auto",
+    force: Force = False,
+) -> None:
+    """Compare two adapters module by module: principal angles, subspace overlap, norm ratio, cosine.
+
+    Example: splice compare runs/a/adapter runs/b/adapter --model minilm --out a-vs-b
+    """
+    from splice.analysis.compare import compare_adapter_dirs
+    from splice.io.files import prepare_output_dir
+    from splice.train.tasks import load_pretrained
+
+    with user_errors():
+        base = _base_model([adapter_a, adapter_b], model, task)
+        if out is not None:
+            prepare_output_dir(out, overwrite=force)
+        result = compare_adapter_dirs(load_pretrained(*base), adapter_a, adapter_b, k)
+    prefix = _shared_prefix([m.name for m in result.modules])
+    table = Table(title=f"{adapter_b} against {adapter_a}",
+                  caption="angle: smallest principal angle; overlap: mean cos² of the angles; "
+                  "norm b/a: |dW_b|_F / |dW_a|_F")
+    table.add_column(f"{prefix}*" if prefix else "module", overflow="fold")
+    for column in ("k_a", "k_b", "angle", "overlap", "norm b/a", "cosine"):
+        table.add_column(column, justify="right")
+    for m in result.modules:
+        table.add_row(m.name.removeprefix(prefix), str(m.k_a), str(m.k_b), f"{math.degrees(m.min_angle):.1f}°",
+                      f"{m.overlap:.3f}", _cell(m.norm_ratio), _cell(m.cosine))
+    console.print(table)
+    for label, names in ((f"only in {adapter_a}", result.only_a), (f"only in {adapter_b}", result.only_b)):
+        if names:
+            console.print(f"[yellow]{label}[/] ({len(names)}): " + ", ".join(names), highlight=False)
+    for name, reason in result.skipped.items():
+        console.print(f"[yellow]skipped[/] {name}: {reason}")
+    summary = result.summary()
+    line = f"{summary['shared']} shared modules"
+    if result.modules:
+        line += (f": mean smallest angle {summary['mean_min_angle_deg']:.1f}°, mean overlap "
+                 f"{summary['mean_overlap']:.3f}, mean cosine {_cell(summary['mean_cosine'])}")
+    if out is not None:
+        (out / "comparison.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        line += f" -> {out / 'comparison.json'}"
+    console.print(line, highlight=False)
+
+
+def _base_model(adapters: list[Path], model: str | None, task: str) -> tuple[str, str, tuple[str, ...]]:
+    """`load_pretrained`'s arguments for the adapters' base model: name or folder, task, and as
+    many labels as the first adapter's classification head has (checked before any loading)."""
+    from splice.cli.adapter_cmds import _num_labels
+    from splice.core.errors import SpliceError
+    from splice.io.info import inspect_adapter
+    from splice.train.tasks import model_path
+
+    found = [inspect_adapter(path) for path in adapters]
+    if model is None:
+        recorded = [f.base_model for f in found]
+        if None in recorded:
+            raise SpliceError(f"{adapters[recorded.index(None)]} names no base model; pass --model")
+        if len(set(recorded)) > 1:
+            raise SpliceError(f"the adapters name different base models {sorted(set(recorded))}; pass --model")
+        model = recorded[0]
+    model_path(model)  # a name that is neither bundled nor a folder fails here, before any output
+    if task == "auto":
+        task = _task_of(found[0])
+    return model, task, tuple(str(i) for i in range(_num_labels(adapters[0], list(found[0].heads))))
+
+
+def _task_of(found: AdapterInfo) -> str:
+    """PEFT's task_type; splice's own format records trained heads, not a task."""
+    from splice.core.targets import SEQ_CLS_HEAD_NAMES
+
+    if found.format == "peft":
+        return {"SEQ_CLS": "classification", "CAUSAL_LM": "causal_lm"}.get(found.config.get("task_type"), "base")
+    heads = {h.rsplit(".", 1)[-1] for h in found.heads}
+    return "classification" if heads & set(SEQ_CLS_HEAD_NAMES) else "base"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.3e}"
+    return str(value)
+
+
+def _shared_prefix(names: list[str]) -> str:
+    """The dotted prefix all names share (`bert.encoder.layer.`), so that table rows stay short."""
+    if len(names) < 2:
+        return ""
+    parts = [n.split(".") for n in names]
+    shared = 0
+    while all(len(p) > shared + 1 and p[shared] == parts[0][shared] for p in parts):
+        shared += 1
+    return "".join(f"{p}." for p in parts[0][:shared])
+
+
+def _spectra_summary(summary: dict[str, Any]) -> str:
+    line = f"{summary['modules']} modules"
+    if summary["modules"]:
+        entropy, stable = summary["entropy_rank"], summary["stable_rank"]
+        line += (f": entropy rank mean {entropy['mean']:.2f} (min {entropy['min']:.2f}, max {entropy['max']:.2f}), "
+                 f"stable rank mean {stable['mean']:.2f}, largest numerical rank {summary['max_numerical_rank']}")
+    if summary["skipped"]:
+        line += f"; {summary['skipped']} skipped (no weight form)"
+    return line
