@@ -148,7 +148,7 @@ def merge(
         if not base:
             raise typer.BadParameter("the adapter names no base model; pass --model", param_hint="--model")
         prepare_output_dir(out, overwrite=force)
-        labels = tuple(str(i) for i in range(_num_labels(adapter, list(found.heads))))
+        labels = tuple(str(i) for i in range(num_labels(adapter, list(found.heads))))
         net = load_pretrained(base, _task_of(found.config), labels)
         splice.load(net, adapter)
         splice.unload(net)
@@ -160,7 +160,7 @@ def _task_of(config: dict) -> str:
     return {"SEQ_CLS": "classification", "CAUSAL_LM": "causal_lm"}.get(config.get("task_type"), "base")
 
 
-def _num_labels(path: Path, heads: list[str]) -> int:
+def num_labels(path: Path, heads: list[str]) -> int:
     """A classification head's output size: rows of its last saved weight (2 if none)."""
     from splice.io.files import read_weights
 

@@ -137,7 +137,7 @@ def compare(
 def _base_model(adapters: list[Path], model: str | None, task: str) -> tuple[str, str, tuple[str, ...]]:
     """`load_pretrained`'s arguments for the adapters' base model: name or folder, task, and as
     many labels as the first adapter's classification head has (checked before any loading)."""
-    from splice.cli.adapter_cmds import _num_labels
+    from splice.cli.adapter_cmds import num_labels
     from splice.core.errors import SpliceError
     from splice.io.info import inspect_adapter
     from splice.train.tasks import model_path
@@ -153,7 +153,7 @@ def _base_model(adapters: list[Path], model: str | None, task: str) -> tuple[str
     model_path(model)  # a name that is neither bundled nor a folder fails here, before any output
     if task == "auto":
         task = _task_of(found[0])
-    return model, task, tuple(str(i) for i in range(_num_labels(adapters[0], list(found[0].heads))))
+    return model, task, tuple(str(i) for i in range(num_labels(adapters[0], list(found[0].heads))))
 
 
 def _task_of(found: AdapterInfo) -> str:
