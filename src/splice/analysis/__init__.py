@@ -8,6 +8,15 @@ from splice.analysis.compare import (
     compare_adapters,
     compare_deltas,
 )
+from splice.analysis.forgetting import (
+    ForgettingLaw,
+    SubspaceAngle,
+    accuracy_matrix,
+    fit_forgetting_law,
+    forgetting,
+    gradient_subspace,
+    subspace_angle,
+)
 from splice.analysis.spectra import (
     ModuleSpectrum,
     SpectraReport,
@@ -23,7 +32,9 @@ from splice.analysis.spectra import (
 )
 
 __all__ = [
-    "AdapterComparison", "ModuleComparison", "ModuleSpectrum", "SpectraReport", "adapter_dir_spectra",
+    "AdapterComparison", "ForgettingLaw", "ModuleComparison", "ModuleSpectrum", "SpectraReport", "SubspaceAngle",
+    "accuracy_matrix", "adapter_dir_spectra", "fit_forgetting_law", "forgetting", "gradient_subspace",
+    "subspace_angle",
     "adapter_spectra", "compare_adapter_dirs", "compare_adapters", "compare_deltas", "delta_matrix",
     "energy_rank", "entropy_rank", "min_principal_angle", "orthonormal_basis", "plot_effective_ranks",
     "plot_spectra", "principal_angles", "singular_values", "stable_rank",
