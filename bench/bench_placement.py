@@ -1,0 +1,688 @@
+"""Where to put the adapter: DomLoRA (PAGE's top module) vs LoRA on query,value vs LoRA on every
+linear layer, same trainer and budget, on the bundled MiniLM; and PAGE on SmolLM2 (CPU).
+
+What it measures:
+
+accuracy      `splice.train.run` on Rotten Tomatoes (2 classes) and BBC News (5 topics) for every
+              placement: the same steps, batch, max length, learning rates, schedule, seeds and
+              evaluation rows; the classification head is trained in full in all of them. Test
+              accuracy of the checkpoint the trainer keeps (the better on validation of step 0 and
+              the last step), mean and standard deviation over the seeds; trainable parameters
+              (adapter / head); training speed; and the module(s) DomLoRA chose, read from the
+              `target_modules` of the adapter the run saved. DomLoRA probes the first batches of its
+              own training order (the trainer's `with_probe`).
+page_minilm   PAGE of every linear layer of MiniLM (the classifier excluded) on the same probe
+              batches and the same seeded head as each training run's DomLoRA, run apart: the top-5
+              per data set and seed, and whether its top module is the one the trainer chose.
+page_smollm2  PAGE of every linear layer of SmolLM2-135M-Instruct (30 layers, lm_head excluded) on
+              the causal-LM task of examples/smollm2_arithmetic.yaml (loss on the answer only), and
+              on packed Rotten Tomatoes review text as plain language modelling (loss on every
+              token): the top-10, the shares summed by module type and by depth, and whether the top
+              module is an FFN down-projection in the shallow layers, as arXiv 2605.06183 reports for
+              8B Llama/Qwen models. Heatmaps: bench/results/placement_smollm2*.png.
+
+Everything runs in a pool of `--jobs` worker processes with one torch thread each. A run that fails
+is reported as "failed: <error>" and the others go on.
+
+Run `python bench/bench_placement.py` (~15 minutes on two cores; bench/README.md); `--quick` is a
+smoke run of ~2-3 minutes. Results: bench/results/placement.{json,md} (`placement_quick` for --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import tempfile
+import time
+import traceback
+from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from common import (
+    RESULTS,
+    Phases,
+    environment,
+    environment_line,
+    minilm_dir,
+    review_chunks,
+    smollm2_dir,
+    table,
+    write_results,
+)
+
+HERE = Path(__file__).resolve().parent
+SMOLLM2_EXAMPLE = HERE.parent / "examples" / "smollm2_arithmetic.yaml"
+DATASETS = {"rotten_tomatoes": "Rotten Tomatoes", "bbc_news": "BBC News"}
+BASELINE = "LoRA q,v"
+DOMLORA = "DomLoRA top-1"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One placement: its adapter mapping for TrainConfig and what it means."""
+
+    name: str
+    adapter: dict[str, Any]
+    why: str
+
+
+VARIANTS: list[Variant] = [
+    Variant("LoRA q,v", {"method": "lora", "r": 8, "alpha": 16, "targets": ["query", "value"]},
+            "LoRA r=8, alpha=16 on query and value of all 6 layers (BERT's default targets)"),
+    Variant("LoRA all-linear", {"method": "lora", "r": 8, "alpha": 16, "targets": "all-linear"},
+            "LoRA r=8, alpha=16 on every Linear but the classifier: 6 x 6 layer modules and the pooler"),
+    Variant(DOMLORA, {"method": "domlora", "r": 8, "alpha": 16, "top_k": 1},
+            "LoRA r=8, alpha=16 on the one module with the largest PAGE (expected score) among all-linear's"
+            " candidates, probed on the run's first training batches"),
+    Variant("DomLoRA top-3", {"method": "domlora", "r": 8, "alpha": 16, "top_k": 3},
+            "the same on the three best modules"),
+]
+VARIANT_BY_NAME = {v.name: v for v in VARIANTS}
+
+
+@dataclass
+class Settings:
+    """How much to measure; `--quick` shrinks every count to a smoke run."""
+
+    threads: int = 1
+    jobs: int = 2
+    sections: list[str] = field(default_factory=lambda: ["accuracy", "page_minilm", "page_smollm2"])
+    variants: list[str] = field(default_factory=lambda: [v.name for v in VARIANTS])
+    datasets: list[str] = field(default_factory=lambda: list(DATASETS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # 60 steps of 16 at 48 tokens and 150 evaluation rows: the whole run takes ~27 CPU-minutes (~14 min on two
+    # idle cores, 31 at load average 3-4); a pilot of 100 steps at 64 tokens and 200 rows took twice that.
+    steps: int = 60
+    batch: int = 16
+    max_length: int = 48
+    lr: float = 2e-3
+    # bench_forms.py found the trainer's default head lr (1e-2) too slow for a short run (most
+    # Rotten Tomatoes runs kept their step-0 checkpoint); the same 3e-2 for every placement.
+    head_lr: float = 3e-2
+    eval_examples: int = 150
+    probe_batches: int = 8  # DomLoRA's default, and the MiniLM / SmolLM2 PAGE runs
+    top_minilm: int = 5
+    top_smollm2: int = 10
+    review_lm: bool = True  # also PAGE on packed review text (SmolLM2, plain LM)
+    review_length: int = 64
+    quick: bool = False
+
+    @classmethod
+    def quick_run(cls, **overrides: Any) -> Settings:
+        return cls(seeds=[0], steps=3, max_length=32, eval_examples=16, probe_batches=2, quick=True, **overrides)
+
+
+def short_error(err: BaseException) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {first}"[:300]
+
+
+def guarded(job: dict[str, Any], fn: Any, *args: Any) -> dict[str, Any]:
+    """`fn(*args)` merged into `job`; an exception becomes job["error"] instead of stopping the pool."""
+    try:
+        job.update(fn(*args))
+    except Exception as err:
+        job["error"] = short_error(err)
+        job["traceback"] = traceback.format_exc()[-2000:]
+    return job
+
+
+def worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def train_config(data: str, seed: int, adapter: dict[str, Any], s: Settings, output_dir: str) -> Any:
+    from splice.train import TrainConfig
+
+    return TrainConfig(model="minilm", task="classification", data=data, adapter=dict(adapter),
+                       max_length=s.max_length, batch_size=s.batch, lr=s.lr, head_lr=s.head_lr, max_steps=s.steps,
+                       eval_every=s.steps, max_eval_examples=s.eval_examples, seed=seed, output_dir=output_dir)
+
+
+# ------------------------------------------------------------------------------- a. accuracy
+
+
+def adapter_for(variant: Variant, s: Settings) -> dict[str, Any]:
+    adapter = dict(variant.adapter)
+    if adapter["method"] == "domlora":
+        adapter["probe_batches"] = s.probe_batches
+    return adapter
+
+
+def train_one(variant_name: str, data: str, seed: int, s: Settings) -> dict[str, Any]:
+    """One `splice.train.run`; the saved adapter's target modules are read before its folder goes."""
+    from rich.console import Console
+    from transformers import AutoConfig
+
+    from splice import assets
+    from splice.train import run
+
+    variant = VARIANT_BY_NAME[variant_name]
+    cpu = time.process_time()  # this worker's CPU time: unlike wall time, not inflated by other jobs
+    with tempfile.TemporaryDirectory() as run_dir:
+        result = run(train_config(data, seed, adapter_for(variant, s), s, run_dir), console=Console(quiet=True),
+                     force=True)
+        cpu = time.process_time() - cpu
+        saved = json.loads((Path(run_dir) / "adapter" / "adapter_config.json").read_text())
+    labels = len(assets.dataset(data).label_names)
+    head = (AutoConfig.from_pretrained(minilm_dir()).hidden_size + 1) * labels  # the classifier, trained in full
+    after, before = result.metrics["after"], result.metrics["before"]
+    losses = [h["loss"] for h in result.history]
+    targets = saved.get("target_modules")
+    return {"test_accuracy": after["test"]["accuracy"], "validation_accuracy": after["validation"]["accuracy"],
+            "test_accuracy_before": before["test"]["accuracy"], "best_step": result.best_step,
+            "trainable": result.parameters["trainable"], "head": head,
+            "adapter": result.parameters["trainable"] - head,
+            "target_modules": sorted(targets) if isinstance(targets, list) else targets,
+            "last_loss": float(np.mean(losses[-5:])) if losses else None,
+            "train_s": result.timings["train_s"], "examples_per_s": result.timings["examples_per_s"],
+            "load_s": result.timings["load_s"], "total_s": result.timings["total_s"], "cpu_s": cpu}
+
+
+def summarize_accuracy(runs: list[dict[str, Any]], s: Settings) -> dict[str, Any]:
+    summary: dict[str, dict[str, Any]] = {}
+    for name in s.variants:
+        summary[name] = {}
+        for data in s.datasets:
+            rows = [r for r in runs if r.get("variant") == name and r["data"] == data]
+            ok = [r for r in rows if "error" not in r]
+            if not ok:
+                summary[name][data] = {"error": rows[0]["error"] if rows else "not run"}
+                continue
+            acc = np.array([r["test_accuracy"] for r in ok])
+            chosen = Counter(m for r in ok for m in (r["target_modules"] or []))
+            summary[name][data] = {
+                "mean": float(acc.mean()), "std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0, "n": len(acc),
+                "per_seed": acc.tolist(), "failed_seeds": len(rows) - len(ok),
+                "before_mean": float(np.mean([r["test_accuracy_before"] for r in ok])),
+                "kept_step_0": sum(r["best_step"] == 0 for r in ok),
+                "adapter": sorted({r["adapter"] for r in ok}), "head": ok[0]["head"],
+                "examples_per_s": float(np.mean([r["examples_per_s"] for r in ok])),
+                "train_s": float(np.mean([r["train_s"] for r in ok])),
+                "load_s": float(np.mean([r["load_s"] for r in ok])),
+                "cpu_s": float(np.mean([r["cpu_s"] for r in ok])),
+                "modules": dict(chosen.most_common()),
+            }
+    return summary
+
+
+# ---------------------------------------------------------------------------- b. PAGE, MiniLM
+
+
+def site_rows(placement: Any, k: int) -> list[dict[str, Any]]:
+    return [{"name": x.name, "layer": x.layer, "kind": x.kind, "share": x.share, "expected": x.expected,
+             "sampled": x.sampled} for x in placement.sites[:k]]
+
+
+def page_minilm(data: str, seed: int, s: Settings, heatmap: str | None) -> dict[str, Any]:
+    """PAGE as the trainer's DomLoRA sees it for this seed: the same seeded head and probe batches."""
+    from accelerate.utils import set_seed
+
+    from splice.placement import page
+    from splice.train import tasks
+    from splice.train.data import collator, load_splits, train_loader
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        config = train_config(data, seed, {"method": "lora", "r": 8, "alpha": 16}, s, run_dir)
+    set_seed(config.seed)  # as `splice.train.run` does before it loads the model: the same head init
+    splits = load_splits(config)
+    model, tokenizer = tasks.load_model(config, splits.label_names)
+    loader = train_loader(splits.train, config, collator(config.task, tokenizer, config.max_length))
+    batches = (batch for _, batch in zip(range(s.probe_batches), loader, strict=False))
+    placement = page(model, batches, "all-linear", r=8, alpha=16)
+    if heatmap:
+        placement.heatmap(heatmap)
+    return {"batches": placement.batches, "candidates": len(placement.sites),
+            "top": site_rows(placement, s.top_minilm), "by_kind": shares_by(placement, "kind")}
+
+
+def shares_by(placement: Any, key: str) -> dict[str, float]:
+    out: dict[str, float] = defaultdict(float)
+    for x in placement.sites:
+        out[str(getattr(x, key))] += x.share
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+# --------------------------------------------------------------------------- c. PAGE, SmolLM2
+
+
+def page_smollm2(text: str, s: Settings, heatmap: str) -> dict[str, Any]:
+    """PAGE of SmolLM2's linear layers on arithmetic SFT batches or packed review text."""
+    from accelerate.utils import set_seed
+
+    from splice.placement import page
+    from splice.train import TrainConfig, tasks
+    from splice.train.data import collator, load_splits, train_loader
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        config = TrainConfig.from_yaml(SMOLLM2_EXAMPLE, seed=0, output_dir=run_dir)
+    set_seed(0)
+    model, tokenizer = tasks.load_model(config)
+    if text == "arithmetic":
+        splits = load_splits(config)
+        loader = train_loader(splits.train, config, collator(config.task, tokenizer, config.max_length))
+        batches = [batch for _, batch in zip(range(s.probe_batches), loader, strict=False)]
+        shape = f"{config.batch_size} x <= {config.max_length} tokens, loss on the answer only"
+    else:
+        ids = review_chunks(smollm2_dir(), s.probe_batches * config.batch_size, s.review_length)
+        batches = [{"input_ids": chunk, "labels": chunk} for chunk in ids.split(config.batch_size)]
+        shape = f"{config.batch_size} x {s.review_length} tokens of packed reviews, loss on every token"
+    placement = page(model, batches, "all-linear", r=8, alpha=16)
+    placement.heatmap(heatmap)
+    sampled_rank = {x.name: i for i, x in enumerate(sorted(placement.sites, key=lambda x: -x.sampled), 1)}
+    layers = model.config.num_hidden_layers
+    down = [i for i, x in enumerate(placement.sites, 1) if x.kind.endswith("down_proj")]
+    best = placement.sites[0]
+    return {"batches": placement.batches, "batch_shape": shape, "candidates": len(placement.sites),
+            "layers": layers, "top": site_rows(placement, s.top_smollm2),
+            "top_sampled_rank": sampled_rank[best.name],
+            "sampled_top": max(placement.sites, key=lambda x: x.sampled).name,
+            "first_down_proj_rank": down[0] if down else None,
+            "by_kind": shares_by(placement, "kind"),
+            "by_third": thirds(placement, layers), "heatmap": heatmap,
+            "top_is_down_proj": best.kind.endswith("down_proj"), "top_layer": best.layer}
+
+
+def thirds(placement: Any, layers: int) -> dict[str, float]:
+    """Share of the layers in the first, middle and last third of the stack."""
+    names = ["first third", "middle third", "last third"]
+    out = dict.fromkeys(names, 0.0)
+    for x in placement.sites:
+        if x.layer is not None:
+            out[names[min(2, 3 * x.layer // layers)]] += x.share
+    return out
+
+
+# -------------------------------------------------------------------------------------- pool
+
+
+def png_path(out_dir: Path, name: str, s: Settings) -> str:
+    """placement_<name>.png; a --quick run's end in _quick (git-ignored there, as its JSON and markdown)."""
+    return str(out_dir / f"placement_{name}{'_quick' if s.quick else ''}.png")
+
+
+def jobs_for(s: Settings, out_dir: Path) -> list[tuple[dict[str, Any], Any, tuple]]:
+    """Every unit of work as (job label, function, arguments), the longest first."""
+    jobs: list[tuple[dict[str, Any], Any, tuple]] = []
+    if "page_smollm2" in s.sections:
+        texts = ["arithmetic"] + (["reviews"] if s.review_lm else [])
+        for text in texts:
+            png = png_path(out_dir, "smollm2" if text == "arithmetic" else f"smollm2_{text}", s)
+            jobs.append(({"section": "page_smollm2", "text": text}, page_smollm2, (text, s, png)))
+    if "accuracy" in s.sections:
+        for name in s.variants:
+            for data in s.datasets:
+                for seed in s.seeds:
+                    jobs.append(({"section": "accuracy", "variant": name, "data": data, "seed": seed},
+                                 train_one, (name, data, seed, s)))
+    if "page_minilm" in s.sections:
+        for data in s.datasets:
+            for seed in s.seeds:
+                png = png_path(out_dir, f"minilm_{data}", s) if seed == s.seeds[0] else None
+                jobs.append(({"section": "page_minilm", "data": data, "seed": seed}, page_minilm, (data, seed, s, png)))
+    return jobs
+
+
+def describe_job(row: dict[str, Any]) -> str:
+    label = {"accuracy": f"{row.get('variant')} / {row.get('data')} / seed {row.get('seed')}",
+             "page_minilm": f"PAGE MiniLM / {row.get('data')} / seed {row.get('seed')}",
+             "page_smollm2": f"PAGE SmolLM2 / {row.get('text')}"}[row["section"]]
+    if "error" in row:
+        return f"  {label}: failed: {row['error']}"
+    if row["section"] == "accuracy":
+        return (f"  {label}: test acc {row['test_accuracy']:.3f}, adapter {row['adapter']:,},"
+                f" {row['train_s']:.0f} s training, modules {row['target_modules']}")
+    return f"  {label}: top {row['top'][0]['name']} ({row['top'][0]['share']:.1%})"
+
+
+def run(s: Settings, out_dir: Path) -> dict[str, Any]:
+    phase = Phases()
+    torch.set_num_threads(s.threads)
+    result: dict[str, Any] = {"environment": environment(s.threads), "settings": asdict(s),
+                              "variants": {v.name: asdict(v) for v in VARIANTS if v.name in s.variants},
+                              "sections": {}}
+    if "page_smollm2" in s.sections:
+        smollm2_dir()  # converts the bundled GGUF once, before the workers need it
+    jobs = jobs_for(s, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    phase(f"{len(jobs)} jobs, {s.jobs} at a time")
+    rows = []
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: nothing shared with this one
+    with ProcessPoolExecutor(max_workers=s.jobs, mp_context=context, initializer=worker_init,
+                             initargs=(s.threads,)) as pool:
+        futures = [pool.submit(guarded, job, fn, *args) for job, fn, args in jobs]
+        for future in as_completed(futures):
+            row = future.result()
+            rows.append(row)
+            print(describe_job(row), flush=True)
+    sec = result["sections"]
+    if "accuracy" in s.sections:
+        runs = [r for r in rows if r["section"] == "accuracy"]
+        runs.sort(key=lambda r: (s.variants.index(r["variant"]), s.datasets.index(r["data"]), r["seed"]))
+        sec["accuracy"] = {"runs": runs, "summary": summarize_accuracy(runs, s)}
+    if "page_minilm" in s.sections:
+        pages = sorted((r for r in rows if r["section"] == "page_minilm"),
+                       key=lambda r: (s.datasets.index(r["data"]), r["seed"]))
+        sec["page_minilm"] = {"runs": pages}
+    if "page_smollm2" in s.sections:
+        sec["page_smollm2"] = {r["text"]: r for r in rows if r["section"] == "page_smollm2"}
+    result["failed"] = [describe_job(r).strip() for r in rows if "error" in r]
+    result["phase_s"] = phase.seconds()
+    result["environment"]["loadavg_end"] = os.getloadavg()
+    result["runtime_s"] = phase.total()
+    return result
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def mean_std(a: dict[str, Any]) -> str:
+    if "error" in a:
+        return f"failed: {a['error']}"
+    failed = f" ({a['failed_seeds']} seed(s) failed)" if a["failed_seeds"] else ""
+    return f"{pct(a['mean'])} ± {pct(a['std'])}{failed}"
+
+
+def short_module(name: str) -> str:
+    return name.removeprefix("bert.").removeprefix("encoder.").replace("attention.", "att.")
+
+
+def modules_cell(a: dict[str, Any]) -> str:
+    if "error" in a or not a["modules"]:
+        return "-"
+    return ", ".join(f"{short_module(m)} ({n}/{a['n']})" for m, n in a["modules"].items())
+
+
+def params_cell(a: dict[str, Any]) -> str:
+    if "error" in a:
+        return "-"
+    return f"{' or '.join(f'{p:,}' for p in a['adapter'])} / {a['head']:,}"
+
+
+def main_table(acc: dict[str, Any], s: Settings) -> list[str]:
+    summary = acc["summary"]
+    rows = []
+    for name in s.variants:
+        cells = [name]
+        for data in s.datasets:
+            a = summary[name][data]
+            cells += [params_cell(a), mean_std(a)]
+        base = [summary.get(BASELINE, {}).get(d, {}) for d in s.datasets]
+        own = [summary[name][d] for d in s.datasets]
+        cpu = [f"{o['cpu_s']:.0f} ({o['cpu_s'] / b['cpu_s']:.2f}x)" for o, b in zip(own, base, strict=True)
+               if "error" not in o and "cpu_s" in b]
+        cells.append(" / ".join(cpu) or "-")
+        rows.append(cells)
+    header = ["placement"]
+    for data in s.datasets:
+        header += [f"{DATASETS[data]}: trainable adapter / head", f"{DATASETS[data]} test acc."]
+    header.append("CPU s per run, vs q,v (" + " / ".join(DATASETS[d] for d in s.datasets) + ")")
+    return [table(header, rows), ""]
+
+
+def chosen_table(acc: dict[str, Any], s: Settings) -> list[str]:
+    rows = []
+    for r in acc["runs"]:
+        if VARIANT_BY_NAME[r["variant"]].adapter["method"] != "domlora":
+            continue
+        modules = ", ".join(r.get("target_modules") or []) if "error" not in r else f"failed: {r['error']}"
+        rows.append([r["variant"], DATASETS[r["data"]], str(r["seed"]), f"`{modules}`",
+                     pct(r["test_accuracy"]) if "error" not in r else "-"])
+    return [table(["placement", "data", "seed", "modules chosen (saved target_modules)", "test acc."], rows), ""]
+
+
+def details_table(acc: dict[str, Any], s: Settings) -> list[str]:
+    rows = []
+    for name in s.variants:
+        for data in s.datasets:
+            a = acc["summary"][name][data]
+            if "error" in a:
+                rows.append([name, DATASETS[data], f"failed: {a['error']}", "", "", "", ""])
+                continue
+            rows.append([name, DATASETS[data], " / ".join(pct(x) for x in a["per_seed"]), pct(a["before_mean"]),
+                         f"{a['kept_step_0']}/{a['n']}", f"{a['train_s']:.0f}", f"{a['examples_per_s']:.1f}",
+                         f"{a['load_s']:.1f}"])
+    return [table(["placement", "data", "test acc. per seed", "before training (mean)", "runs that kept step 0",
+                   "training wall s (mean)", "training examples/s (wall)", "setup wall s incl. probe (mean)"], rows),
+            ""]
+
+
+def minilm_page_md(pm: dict[str, Any], acc: dict[str, Any] | None, s: Settings) -> list[str]:
+    chosen = {}
+    for r in (acc or {}).get("runs", []):
+        if r["variant"] == DOMLORA and "error" not in r:
+            chosen[(r["data"], r["seed"])] = r["target_modules"]
+    rows, agree = [], []
+    candidates = next((r["candidates"] for r in pm["runs"] if "error" not in r), "?")
+    for r in pm["runs"]:
+        if "error" in r:
+            rows.append([DATASETS[r["data"]], str(r["seed"]), f"failed: {r['error']}", "", ""])
+            continue
+        top = ", ".join(f"{short_module(x['name'])} {pct(x['share'])}" for x in r["top"])
+        kinds = ", ".join(f"{k} {pct(v)}" for k, v in list(r["by_kind"].items())[:3])
+        trainer = chosen.get((r["data"], r["seed"]))
+        same = "-" if trainer is None else ("yes" if trainer == [r["top"][0]["name"]] else f"no ({trainer})")
+        if trainer is not None:
+            agree.append(same == "yes")
+        rows.append([DATASETS[r["data"]], str(r["seed"]), top, kinds, same])
+    lines = [f"{s.probe_batches} probe batches of {s.batch} x <= {s.max_length} tokens (the first batches of the"
+             " run's training order), the seed's freshly initialised head, expected score, r=8; candidates: every"
+             f" Linear but the classifier ({candidates} modules). Shares are of the total over all candidates.", "",
+             table(["data", "seed", f"top-{s.top_minilm} modules (share)", "largest module types (summed share)",
+                    "top-1 = trainer's DomLoRA choice"], rows), ""]
+    if agree:
+        lines += [f"The PAGE run apart picked the trainer's module in {sum(agree)} of {len(agree)} runs.", ""]
+    pngs = [Path(png_path(Path(), f"minilm_{r['data']}", s)).name for r in pm["runs"]
+            if r["seed"] == s.seeds[0] and "error" not in r]
+    if pngs:
+        lines += [f"Heatmaps (first seed): {', '.join(f'`{n}`' for n in pngs)}. `Placement.heatmap` draws a module"
+                  " outside the layer stack (the pooler) in the row of layer 0.", ""]
+    return lines
+
+
+def smollm2_md(ps: dict[str, Any], s: Settings) -> list[str]:
+    lines = []
+    titles = {"arithmetic": "arithmetic SFT (examples/smollm2_arithmetic.yaml)",
+              "reviews": "Rotten Tomatoes review text as plain language modelling"}
+    for text, r in ps.items():
+        lines += [f"### {titles.get(text, text)}", ""]
+        if "error" in r:
+            lines += [f"failed: {r['error']}", ""]
+            continue
+        rows = [[str(i), f"`{x['name']}`", str(x["layer"]), x["kind"], pct(x["share"]), f"{x['expected']:.3g}",
+                 f"{x['sampled']:.3g}"] for i, x in enumerate(r["top"], 1)]
+        lines += [f"{r['batches']} batches of {r['batch_shape']}; {r['candidates']} candidate modules"
+                  f" ({r['layers']} layers x 7); expected score, r=8. Heatmap: `{Path(r['heatmap']).name}`.", "",
+                  table(["rank", "module", "layer", "type", "share", "expected", "sampled"], rows), "",
+                  "Share by module type: " + ", ".join(f"{k} {pct(v)}" for k, v in r["by_kind"].items()) + ".",
+                  "Share by depth: " + ", ".join(f"{k} {pct(v)}" for k, v in r["by_third"].items()) + ".", ""]
+    return lines
+
+
+def diff_words(a: dict[str, Any], b: dict[str, Any]) -> str:
+    diff, spread = a["mean"] - b["mean"], a["std"] + b["std"]
+    where = "beyond" if abs(diff) > spread else "within"
+    return f"{100 * diff:+.1f} points ({where} the seeds' spread of {100 * spread:.1f})"
+
+
+def findings(result: dict[str, Any], s: Settings) -> list[str]:
+    """A few sentences read off the numbers (nothing here is written in advance)."""
+    sec, out = result["sections"], []
+    acc = sec.get("accuracy")
+    if acc:
+        summary = acc["summary"]
+        for data in s.datasets:
+            dom, parts = summary.get(DOMLORA, {}).get(data), []
+            if not dom or "error" in dom:
+                continue
+            for other in (BASELINE, "LoRA all-linear"):
+                o = summary.get(other, {}).get(data)
+                if not o or "error" in o:
+                    continue
+                ratio = max(dom["adapter"]) / max(o["adapter"])
+                parts.append(f"vs {other}: {diff_words(dom, o)} with {ratio:.1%} of its adapter parameters"
+                             f" and {dom['cpu_s'] / o['cpu_s']:.2f}x its CPU time per run")
+            modules = ", ".join(f"`{m}` in {n} of {dom['n']} runs" for m, n in dom["modules"].items())
+            out.append(f"- **{DATASETS[data]}**: DomLoRA top-1 chose {modules}; {pct(dom['mean'])} test accuracy, "
+                       + "; ".join(parts) + ".")
+            base = summary.get(BASELINE, {}).get(data, {})
+            for name in s.variants:
+                a = summary[name][data]
+                if name in (BASELINE, DOMLORA) or "error" in a or "error" in base or not base:
+                    continue
+                out.append(f"  - {name}: {pct(a['mean'])}, vs {BASELINE}: {diff_words(a, base)} with"
+                           f" {max(a['adapter']) / max(base['adapter']):.2f}x its adapter parameters (the largest"
+                           " count over seeds).")
+            for name in s.variants:
+                a = summary[name][data]
+                if "error" not in a and a["kept_step_0"]:
+                    out.append(f"  - {name}: {a['kept_step_0']} of {a['n']} runs kept their step-0 checkpoint"
+                               " (training did not beat the untrained head on validation).")
+    pages = [r for r in sec.get("page_minilm", {}).get("runs", []) if "error" not in r]
+    for data in s.datasets:
+        tops = [r["top"] for r in pages if r["data"] == data]
+        if not tops:
+            continue
+        firsts = Counter(t[0]["name"] for t in tops)
+        name, count = firsts.most_common(1)[0]
+        shares = [t[0]["share"] for t in tops if t[0]["name"] == name]
+        seconds = [t[1]["share"] for t in tops if len(t) > 1]
+        out.append(f"- **PAGE on MiniLM, {DATASETS[data]}**: `{name}` ranks first for {count} of {len(tops)} seeds"
+                   f" with {pct(min(shares))}-{pct(max(shares))} of the energy"
+                   + (f"; the second module holds {pct(max(seconds))} at most." if seconds else "."))
+    for text, r in sec.get("page_smollm2", {}).items():
+        if "error" in r:
+            continue
+        best = r["top"][0]
+        depth = thirds_name(best["layer"], r["layers"])
+        verdict = "is" if r["top_is_down_proj"] else "is not"
+        down = (f"the best down_proj ranks {r['first_down_proj_rank']}" if not r["top_is_down_proj"]
+                and r["first_down_proj_rank"] else "")
+        same = ("the sampled score agrees" if r["sampled_top"] == best["name"]
+                else f"the sampled score ranks it {r['top_sampled_rank']} (its top: `{r['sampled_top']}`)")
+        kind, kind_share = next(iter(r["by_kind"].items()))
+        second = r["top"][1]["share"] if len(r["top"]) > 1 else float("nan")
+        out.append(f"- **SmolLM2, {text}**: the top module `{best['name']}` ({pct(best['share'])} of the energy,"
+                   f" {best['share'] / second:.1f}x the second's)"
+                   f" {verdict} an FFN down-projection; layer {best['layer']} of {r['layers']} (0-based: after"
+                   f" {best['layer'] / r['layers']:.0%} of the stack, the {depth})"
+                   f"{'; ' + down if down else ''}; {same}. The module type with the largest summed share is"
+                   f" {kind} ({pct(kind_share)}); the first third of the layers holds"
+                   f" {pct(r['by_third']['first third'])}.")
+    return out
+
+
+def thirds_name(layer: int | None, layers: int) -> str:
+    if layer is None:
+        return "outside the layer stack"
+    return ["first third", "middle third", "last third"][min(2, 3 * layer // layers)]
+
+
+def markdown(result: dict[str, Any], s: Settings) -> str:
+    sec = result["sections"]
+    out = [
+        "# Adapter placement: DomLoRA vs LoRA on q,v vs LoRA on all linear layers (CPU)",
+        "",
+        environment_line(result["environment"]),
+        f"Runtime {result['runtime_s'] / 60:.1f} min, {s.jobs} worker processes of {s.threads} torch thread(s)."
+        f" {'QUICK smoke run: too few steps, seeds and rows to trust. ' if s.quick else ''}",
+        "",
+        f"**Budget, the same for every placement**: bundled all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) with a"
+        f" fresh classification head trained in full; `splice.train.run`, {s.steps} optimizer steps of batch"
+        f" {s.batch}, max length {s.max_length} tokens, AdamW (weight decay 0.01), cosine schedule with 6% warm-up,"
+        f" gradient clipping 1.0, adapter lr {s.lr:g}, head lr {s.head_lr:g}; seeds {', '.join(map(str, s.seeds))}"
+        " (seed = head and adapter init, data order and DomLoRA's probe batches). Accuracy: the first"
+        f" {s.eval_examples} rows of the test split, of the checkpoint the trainer keeps (the better on the first"
+        f" {s.eval_examples} validation rows of step 0 and the last step); mean ± standard deviation over the seeds."
+        " Data: Rotten Tomatoes (2 classes) and BBC News (5 topics, articles cut at the max length).",
+        "",
+        "## Placements compared",
+        "",
+        *[f"- **{v.name}** `{json.dumps(v.adapter)}`: {v.why}." for v in VARIANTS if v.name in s.variants],
+        "",
+    ]
+    if sec.get("accuracy"):
+        out += ["## Main table", "",
+                "Trainable parameters: the adapter / the classification head ((384 + 1) x classes). CPU s: the"
+                " worker's CPU time for the whole run (load, DomLoRA's probe, the four evaluations, training), mean"
+                " over seeds; unlike wall time it does not grow when other jobs share the cores.", "",
+                *main_table(sec["accuracy"], s),
+                "## Modules DomLoRA chose", "", *chosen_table(sec["accuracy"], s),
+                "## Accuracy runs in detail", "", *details_table(sec["accuracy"], s)]
+    if sec.get("page_minilm"):
+        out += ["## PAGE ranking on MiniLM", "", *minilm_page_md(sec["page_minilm"], sec.get("accuracy"), s)]
+    if sec.get("page_smollm2"):
+        out += ["## PAGE ranking on SmolLM2-135M-Instruct", "",
+                "SmolLM2 as bundled: a Q4_1 GGUF dequantised to fp32 (Llama, 30 layers, hidden 576, FFN 1536)."
+                " The paper's claim is about 8B Llama/Qwen models; this checks whether a 135M model shows the same.",
+                "", *smollm2_md(sec["page_smollm2"], s)]
+    found = findings(result, s)
+    if found:
+        out += ["## What the numbers say", "",
+                "Accuracy differences are in points of the mean over seeds, beyond the spread when larger than the"
+                " sum of the two standard deviations.", "", *found, ""]
+    if result.get("failed"):
+        out += ["## Failures", "", *[f"- {f}" for f in result["failed"]], ""]
+    return "\n".join(out)
+
+
+# -------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="~2-3 minute smoke run (numbers not trustworthy)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1: bench/README.md)")
+    p.add_argument("--jobs", type=int, help="worker processes (default 2)")
+    p.add_argument("--sections", nargs="+", choices=["accuracy", "page_minilm", "page_smollm2"])
+    p.add_argument("--variants", nargs="+", choices=[v.name for v in VARIANTS], help="placements (keep 'LoRA q,v')")
+    p.add_argument("--datasets", nargs="+", choices=list(DATASETS))
+    p.add_argument("--seeds", nargs="+", type=int, help="training seeds (default 0 1 2)")
+    p.add_argument("--steps", type=int, help="optimizer steps per training run")
+    p.add_argument("--batch", type=int, help="batch size")
+    p.add_argument("--max-length", type=int, help="tokens per example")
+    p.add_argument("--eval-examples", type=int, help="validation and test rows")
+    p.add_argument("--probe-batches", type=int, help="PAGE probe batches (DomLoRA and the PAGE sections)")
+    p.add_argument("--no-review-lm", action="store_true", help="skip PAGE on review text (SmolLM2)")
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
+    p.add_argument("--render", type=Path, metavar="JSON", help="measure nothing: rewrite the markdown of a JSON")
+    args = p.parse_args(argv)
+    settings = Settings.quick_run(threads=args.threads) if args.quick else Settings(threads=args.threads)
+    for name in ("jobs", "sections", "variants", "datasets", "seeds", "steps", "batch", "max_length",
+                 "eval_examples", "probe_batches"):
+        if getattr(args, name) is not None:
+            setattr(settings, name, getattr(args, name))
+    if args.no_review_lm:
+        settings.review_lm = False
+    return args, settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, settings = parse_args(argv)
+    if args.render:
+        result = json.loads(args.render.read_text())
+        settings = Settings(**result["settings"])
+        args.render.with_suffix(".md").write_text(markdown(result, settings) + "\n")
+        print(f"wrote {args.render.with_suffix('.md')}")
+        return
+    stem = "placement_quick" if settings.quick else "placement"
+    result = run(settings, args.out_dir)
+    write_results(args.out_dir, stem, result, markdown(result, settings))
+    if result["failed"]:
+        print("\nfailed:\n" + "\n".join(result["failed"]))
+
+
+if __name__ == "__main__":
+    main()
