@@ -24,8 +24,11 @@ collation are used): AdamW, lr 2e-3 for the LoRA and 1e-2 for the head, weight d
 schedule with 6% warm-up, clipping at 1.0, batch 16, 64 tokens, backbone dropout on, one epoch of
 steps * 16 rows. `run` itself is not used: it always builds a fresh model and adapter, and a
 sequential run needs the adapter carried from one task to the next. A fresh optimizer per task.
+Defaults: r in {4, 16}, seeds {0, 1}, 80 steps on RT and 40 on BBC (which learns faster). A first
+run with r in {2, 8} and 60 steps each left RT at chance with r = 2 (nothing learned, so F = 0 for
+a reason that has nothing to do with geometry), hence the longer RT phase and larger ranks.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_forgetting.py            # ~10-15 min on 2 cores
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_forgetting.py            # ~12 min on 2 idle cores
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_forgetting.py --quick    # ~2 min smoke run
 
 Writes bench/results/forgetting.{json,md,png} (`forgetting_quick.*` for --quick).
@@ -231,13 +234,14 @@ def plot(runs: list[dict[str, Any]], laws: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    markers = dict(zip(sorted({r["rank"] for r in runs}), "os^Dv<>", strict=False))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, where in zip(axes, ("init", "switch"), strict=True):
         for order, color in (("RT->BBC", "tab:red"), ("BBC->RT", "tab:blue")):
             points = [r for r in runs if "->".join(r["order"]) == order]
             for r in points:
                 x = 1 - math.cos(r["theta"][where]["mean"]) ** 2
-                ax.scatter(x, r["forgetting"], color=color, marker="o" if r["rank"] <= 2 else "s", s=18 + 6 * r["rank"],
+                ax.scatter(x, r["forgetting"], color=color, marker=markers[r["rank"]], s=30,
                            label=f"{order} r={r['rank']}")
         law = laws.get(f"{where}/mean/all", {})
         xs = [1 - math.cos(r["theta"][where]["mean"]) ** 2 for r in runs]

@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from bench_multi_adapter import verdict
 from common import (
     HEAD,
     RESULTS,
@@ -525,17 +526,18 @@ def losses_paragraph(result: dict[str, Any], s: Settings) -> list[str]:
                     continue
                 diff = a["mean"] - b["mean"]
                 spread = a["std"] + b["std"]
-                where = f"{DATASETS[d]} accuracy {diff:+.1%} points"
+                where = f"{DATASETS[d]} accuracy {100 * diff:+.1f} points"
                 if diff < 0 and -diff > spread:
-                    loses.append(f"{where} (beyond the seeds' spread, {spread:.1%})")
+                    loses.append(f"{where} (more than the seeds' spread, {100 * spread:.1f})")
                 elif diff < 0:
-                    holds.append(f"{where} (within the seeds' spread, {spread:.1%})")
+                    holds.append(f"{where} (within the seeds' spread, {100 * spread:.1f}: not resolved)")
                 else:
                     holds.append(where)
         r = ratios.get(f"{name}/{BASELINE}")
         if r is not None:
             what = f"step time {r['median']:.2f}x [{r['q1']:.2f}-{r['q3']:.2f}]"
-            (loses if r["q1"] > 1.0 else holds).append(what + (" (IQR above 1)" if r["q1"] > 1.0 else ""))
+            note = " (IQR above 1)" if r["q1"] > 1.0 else (" (IQR spans 1: not resolved)" if r["q3"] > 1.0 else "")
+            (loses if r["q1"] > 1.0 else holds).append(what + note)
         elif st and "error" in st["forms"].get(name, {}):
             failed.append(f"step timing ({st['forms'][name]['error']})")
         c, b = children.get(name, {}), children.get(BASELINE, {})
@@ -550,9 +552,9 @@ def losses_paragraph(result: dict[str, Any], s: Settings) -> list[str]:
         elif "error" in c:
             failed.append(f"memory ({c['error']})")
         parts = [f"**{name}**:"]
-        parts.append(f"loses on {'; '.join(loses)}." if loses else "loses on nothing measured here.")
+        parts.append(f"loses on {'; '.join(loses)}." if loses else "no clear loss on anything measured here.")
         if holds:
-            parts.append(f"No loss on {'; '.join(holds)}.")
+            parts.append(f"Otherwise: {'; '.join(holds)}.")
         if failed:
             parts.append(f"Failed: {'; '.join(failed)}.")
         lines += ["- " + " ".join(parts)]
@@ -597,6 +599,15 @@ def dora_md(res: dict[str, Any], s: Settings) -> list[str]:
     lines += [table(["targets", "splice DoRA / PEFT DoRA", "(CPU time)", "splice DoRA / splice LoRA",
                      "PEFT DoRA / PEFT LoRA", "splice DoRA / PEFT LoRA", "splice LoRA / PEFT LoRA",
                      "DoRA ms splice / PEFT (min / med)", "DoRA loss diff at equal weights"], rows), ""]
+    for key, c in res["configs"].items():
+        if "error" in c:
+            continue
+        r = c["ratios"]["splice_dora/peft_dora"]
+        s_over, p_over = c["ratios"]["splice_dora/splice_lora"], c["ratios"]["peft_dora/peft_lora"]
+        lines.append(f"- {key}: splice's DoRA step cheaper than PEFT's (goal: ratio < 1 over the whole IQR)?"
+                     f" {verdict(r['q1'], r['q3'], 1.0)} ({r['median']:.3f} [{r['q1']:.3f}-{r['q3']:.3f}])."
+                     f" DoRA's cost over the same library's LoRA: splice {s_over['median']:.2f}x,"
+                     f" PEFT {p_over['median']:.2f}x.")
     for key, c in res["configs"].items():
         if "error" in c:
             continue
@@ -657,8 +668,8 @@ def markdown(result: dict[str, Any], s: Settings) -> str:
     out += ["", *main_table(result, s)]
     if any(k in sec for k in ("accuracy", "step_time", "memory")):
         out += ["## Where a form loses to LoRA", "",
-                "Read off the numbers above: accuracy differences are in points of the mean over seeds, called"
-                " beyond the spread when larger than the sum of the two standard deviations; step time loses when"
+                "Read off the numbers above: accuracy differences are in points of the mean over seeds, a loss"
+                " when larger than the sum of the two standard deviations (the seeds' spread); step time loses when"
                 " the whole IQR is above 1; memory when the saved-for-backward bytes exceed LoRA's by more than 2%;"
                 " parameters when the adapter has more than LoRA's.", "", *losses_paragraph(result, s), ""]
     if "accuracy" in sec:
