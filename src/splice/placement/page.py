@@ -79,16 +79,17 @@ class Placement:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        layers = sorted({s.layer for s in self.sites if s.layer is not None})
+        layers: list[int | None] = sorted({s.layer for s in self.sites if s.layer is not None})
+        if any(s.layer is None for s in self.sites):  # outside the layer stack (a pooler): a row of its own
+            layers.append(None)
         kinds = list(dict.fromkeys(s.kind for s in self.sites))
         grid = torch.full((max(len(layers), 1), len(kinds)), float("nan"))
         for site in self.sites:
-            row = layers.index(site.layer) if site.layer is not None else 0
-            grid[row, kinds.index(site.kind)] = 100 * site.share
+            grid[layers.index(site.layer), kinds.index(site.kind)] = 100 * site.share
         fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(kinds), 1.2 + 0.35 * max(len(layers), 1)))
         image = ax.imshow(grid.numpy(), cmap="viridis", aspect="auto")
         ax.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")
-        ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+        ax.set_yticks(range(len(layers)), ["other" if layer is None else str(layer) for layer in layers])
         ax.set_xlabel("module")
         ax.set_ylabel("layer")
         ax.set_title(f"PAGE share (%), {self.score} score, r={self.r}")
