@@ -396,3 +396,31 @@ def test_summary_shows_a_frozen_head_as_frozen(tmp_path):
     s = splice.summary(fresh)
     assert s.heads == {"1": 10} and s.heads_trainable == {"1": 0} and s.trainable == 0
     assert [r[2] for r in s.rows() if r[0] == "head 1"] == ["0"]
+
+
+def test_adapter_names_that_are_host_attributes_are_refused():
+    model = nn.Sequential(nn.Linear(4, 4))
+    for name in ("merged", "active", "keys"):
+        with pytest.raises(splice.SpliceError, match="reserved"):
+            splice.attach(model, splice.LoRA(r=1, targets=["0"]), name)
+    assert splice.adapters(model) == {}
+
+
+def test_lora_bias_needs_a_layer_with_a_bias_and_merges_exactly():
+    model = nn.Sequential(nn.Linear(4, 3, bias=False), nn.Linear(3, 2))
+    with pytest.raises(splice.SpliceError, match="has none"):
+        splice.attach(model, splice.LoRA(r=1, targets=["0"], lora_bias=True))
+    with pytest.raises(splice.SpliceError, match="DoRA"):
+        splice.DoRA(r=1, lora_bias=True)
+    splice.attach(model, splice.LoRA(r=1, alpha=2, targets=["1"], lora_bias=True))
+    with torch.no_grad():
+        model[1].splice["default"].lora_bias.fill_(0.5)
+        model[1].splice["default"].lora_B.fill_(0.1)
+    x = torch.randn(5, 4)
+    expected = model(x)
+    bias_before = model[1].bias.detach().clone()
+    splice.merge(model)
+    torch.testing.assert_close(model[1].bias, bias_before + 0.5 * 2.0)  # s * b, s = alpha / r = 2
+    torch.testing.assert_close(model(x), expected)
+    splice.unmerge(model)
+    torch.testing.assert_close(model[1].bias, bias_before)

@@ -30,7 +30,7 @@ from splice.core.host import hosts
 ALLOWED_KEYS = {
     "peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "lora_dropout",
     "use_rslora", "use_dora", "bias", "fan_in_fan_out", "init_lora_weights", "inference_mode",
-    "target_modules", "modules_to_save", "rank_pattern", "alpha_pattern",
+    "target_modules", "modules_to_save", "rank_pattern", "alpha_pattern", "lora_bias",
 }
 REQUIRED_KEYS = {"peft_type", "r", "lora_alpha", "target_modules"}
 
@@ -85,6 +85,9 @@ PEFT_TO_SPLICE = {
                                           target_modules=["query", "value"],
                                           rank_pattern={"value": 8}, alpha_pattern={"query": 2})),
     "convnet": ("convnet", dict(r=3, lora_alpha=6, target_modules=["embed", "conv1", "conv2", "head"])),
+    "bert-lora-bias": ("bert", dict(r=4, lora_alpha=8, target_modules=["query", "value"], lora_bias=True)),
+    "gpt2-lora-bias": ("gpt2", dict(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True,
+                                    lora_bias=True)),
 }
 
 
@@ -153,6 +156,8 @@ SPLICE_TO_PEFT = {
     "llama-embedding": ("llama", dict(r=4, alpha=8, targets=["embed_tokens", "v_proj"])),
     "gpt2-conv1d": ("gpt2", dict(r=4, alpha=8, targets=["c_attn", "c_proj"])),
     "convnet": ("convnet", dict(r=3, alpha=6, targets=["embed", "conv1", "conv2", "head"])),
+    "bert-lora-bias": ("bert", dict(r=4, alpha=8, targets=["query", "value"], lora_bias=True)),
+    "convnet-lora-bias": ("convnet", dict(r=3, alpha=6, targets=["conv1", "conv2"], lora_bias=True)),
 }
 
 

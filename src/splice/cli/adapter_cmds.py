@@ -125,35 +125,138 @@ def info(
 
 
 def merge(
-    adapter: Annotated[Path, typer.Argument(help="Adapter directory to fold into its base model.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the merged model (save_pretrained format).")],
+    adapters: Annotated[list[Path], typer.Argument(help="Adapter directories (HF PEFT's or splice's format).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the merged adapter (or model, --into-base).")],
+    method: Annotated[
+        str, typer.Option(help="cat | linear | task_arithmetic | svd | ties | dare_ties | dare_linear | "
+                               "magnitude_prune | emr. cat and linear are exact; emr writes a unified folder "
+                               "plus one rebuilt adapter per input.")
+    ] = "linear",
+    weights: Annotated[
+        str | None, typer.Option(help="One weight per adapter, comma-separated. Default: 1/n for cat, linear "
+                                      "and svd; 1 for the others.")
+    ] = None,
+    density: Annotated[float, typer.Option(help="Fraction of entries kept by ties, dare_* and magnitude_prune.")] = 0.5,
+    rank: Annotated[
+        int | None, typer.Option(help="Rank of the result (svd: default the largest input rank; ties/dare/"
+                                      "magnitude_prune: default the sum of ranks; emr: default exact).")
+    ] = None,
+    majority: Annotated[str, typer.Option(help="TIES sign election: total | frequency.")] = "total",
+    seed: Annotated[int, typer.Option(help="Seed of DARE's random masks.")] = 0,
+    heads: Annotated[
+        str, typer.Option(help="Modules trained in full (classifier heads): average | first | none.")
+    ] = "average",
+    into_base: Annotated[
+        bool, typer.Option("--into-base", help="Fold the (merged) adapter into its base model and save a plain "
+                                               "transformers model instead of an adapter.")
+    ] = False,
     model: Annotated[
         str | None,
-        typer.Option(help="Base model: 'minilm', 'smollm2' or a folder. Default: the adapter's recorded base model."),
+        typer.Option(help="Base model: 'minilm', 'smollm2' or a folder. Needed for --into-base and for DoRA "
+                          "inputs. Default: the adapters' recorded base model."),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite a non-empty --out folder.")] = False,
 ) -> None:
-    """Merge an adapter into its base model and save a plain transformers model.
+    """Merge adapters into one adapter (exact in weight-change space), or fold them into the base model.
 
-    Example: splice merge runs/rotten-tomatoes-lora/adapter --model minilm --out merged-minilm
+    Correct for rsLoRA, DoRA, lora_bias and per-module ranks; the result is a PEFT LoRA folder
+    (per-module ranks as rank_pattern) that splice and HF PEFT load.
+
+    Examples:
+
+      splice merge sentiment/ topics/ --method ties --weights 1,1 --density 0.5 --rank 16 --out merged
+
+      splice merge runs/rotten-tomatoes-lora/adapter --into-base --model minilm --out merged-minilm
     """
+    from splice.io.files import prepare_output_dir
+    from splice.merging import merge_adapters, unify_adapters
+
+    with user_errors():
+        if len(adapters) == 1 and not into_base and method not in ("svd", "emr"):
+            raise typer.BadParameter("one adapter: pass --into-base to fold it into its base model, or give "
+                                     "several adapters to merge", param_hint="ADAPTERS")
+        if into_base and method == "emr":
+            raise typer.BadParameter("emr keeps one adapter per task; it has no single model to fold in",
+                                     param_hint="--method")
+        if into_base and len(adapters) == 1:
+            _fold_into_base(adapters[0], model, out, force)
+            return
+        weight_list = [float(w) for w in weights.split(",")] if weights else None
+        states = [_state(path) for path in adapters]
+        base = _base_model(adapters[0], model) if into_base or any(s.dora for s in states) else None
+        prepare_output_dir(out, overwrite=force)
+        if method == "emr":
+            unified = unify_adapters(states, base=base)
+            unified.save(out / "unified", overwrite=force)
+            for i, path in enumerate(adapters):
+                _save(unified.decouple(i, rank), out / f"task-{i}-{path.name}", force)
+            console.print(f"unified {len(adapters)} adapters -> {out}/unified (scales "
+                          f"{[round(x, 4) for x in unified.unified.scales]}), rebuilt adapters in {out}/task-*")
+            return
+        result = merge_adapters(states, method, weights=weight_list, density=density, rank=rank,
+                                majority=majority, seed=seed, base=base, heads=heads)
+        if into_base:
+            from splice.io.peft_format import attach_state
+
+            attach_state(base, result.state, "default")
+            import splice
+
+            splice.unload(base)
+            base.save_pretrained(out)
+            console.print(f"{result.summary()}\nfolded into {type(base).__name__} -> {out}")
+            return
+        _save(result.state, out, True)
+    _print_merge(result)
+    console.print(f"-> {out}")
+
+
+def _fold_into_base(adapter: Path, model: str | None, out: Path, force: bool) -> None:
+    """One adapter of any form (splice's own format too) folded into its base model."""
     import splice
     from splice.io.files import prepare_output_dir
+
+    net = _base_model(adapter, model)
+    prepare_output_dir(out, overwrite=force)
+    splice.load(net, adapter)
+    splice.unload(net)
+    net.save_pretrained(out)
+    console.print(f"merged [bold]{adapter}[/bold] into {type(net).__name__} -> {out}")
+
+
+def _state(path: Path):
+    from splice.io.state import adapter_state
+
+    return adapter_state(path)
+
+
+def _save(state, path: Path, force: bool) -> None:
+    from splice.io.state import save_state
+
+    save_state(state, path, overwrite=force)
+
+
+def _base_model(adapter: Path, model: str | None):
+    """The base model of `adapter` (with its classification head size), for DoRA and --into-base."""
     from splice.io.info import inspect_adapter
     from splice.train.tasks import load_pretrained
 
-    with user_errors():
-        found = inspect_adapter(adapter)
-        base = model or found.base_model
-        if not base:
-            raise typer.BadParameter("the adapter names no base model; pass --model", param_hint="--model")
-        prepare_output_dir(out, overwrite=force)
-        labels = tuple(str(i) for i in range(num_labels(adapter, list(found.heads))))
-        net = load_pretrained(base, _task_of(found.config), labels)
-        splice.load(net, adapter)
-        splice.unload(net)
-        net.save_pretrained(out)
-    console.print(f"merged [bold]{adapter}[/bold] into {type(net).__name__} -> {out}")
+    found = inspect_adapter(adapter)
+    name = model or found.base_model
+    if not name:
+        raise typer.BadParameter("the adapter names no base model; pass --model", param_hint="--model")
+    labels = tuple(str(i) for i in range(num_labels(adapter, list(found.heads))))
+    return load_pretrained(name, _task_of(found.config), labels)
+
+
+def _print_merge(result, limit: int = 40) -> None:
+    """Per-module ranks and truncation errors (a summary line alone for large models)."""
+    if len(result.state.modules) > limit:
+        console.print(result.summary())
+        return
+    table = Table("module", "rank", "relative error", title=result.summary())
+    for name, update in result.state.modules.items():
+        table.add_row(name, str(update.rank), f"{result.errors.get(name, 0.0):.2e}")
+    console.print(table)
 
 
 def _task_of(config: dict) -> str:

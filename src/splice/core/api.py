@@ -22,6 +22,8 @@ from splice.core.inputs import InputsRecorder, batch_auxiliary_loss
 from splice.core.targets import matches, named_base_modules, resolve_targets, site_info
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+# instance attributes of `Host`, which holds adapters by name
+RESERVED_NAMES = frozenset({"info", "active", "merged", "enabled", "routing"})
 
 
 @dataclass
@@ -118,6 +120,8 @@ def attach(
     """
     if not _NAME.match(name):
         raise SpliceError(f"adapter name {name!r} must be an identifier (letters, digits, _ or -)")
+    if hasattr(Host, name) or name in RESERVED_NAMES:
+        raise SpliceError(f"adapter name {name!r} is reserved (an attribute of splice's host layer); choose another")
     state = model_state(model)
     if name in state.adapters:
         raise SpliceError(f"adapter {name!r} is already attached; detach it or choose another name")

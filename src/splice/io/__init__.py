@@ -7,10 +7,13 @@ from typing import Literal
 
 from torch import nn
 
-from splice.core.api import active_adapters, model_state
+from splice.core.api import model_state
 from splice.core.errors import AdapterFileError, SpliceError
 from splice.io import native, peft_format
 from splice.io.files import prepare_output_dir, read_config, read_weights
+from splice.io.state import adapter_state, pick_adapter, save_state
+
+__all__ = ["adapter_state", "load", "save", "save_state"]
 
 Format = Literal["auto", "peft", "splice"]
 
@@ -32,7 +35,7 @@ def save(
     subset vLLM serves (no trained heads, one rank and alpha) and explains what prevents it.
     An existing non-empty directory is refused unless `overwrite=True`.
     """
-    name = _pick_adapter(model, name)
+    name = pick_adapter(model, name)
     if format == "auto":
         format = "peft" if peft_format.can_write(model, name) else "splice"
     if format == "peft" and not peft_format.can_write(model, name):
@@ -66,19 +69,3 @@ def load(model: nn.Module, path: str | Path, name: str = "default", *, trainable
             f"{path} is neither a splice nor an HF PEFT adapter (config keys: {sorted(config)[:8]})"
         )
     return model
-
-
-def _pick_adapter(model: nn.Module, name: str | None) -> str:
-    names = list(model_state(model).adapters)
-    if name is not None:
-        if name not in names:
-            raise SpliceError(f"no adapter named {name!r}; attached: {names}")
-        return name
-    if len(names) == 1:
-        return names[0]
-    active = active_adapters(model)
-    if len(active) == 1:
-        return active[0]
-    if not names:
-        raise SpliceError("the model has no adapter to save")
-    raise SpliceError(f"several adapters attached {names}; pass name=")

@@ -5,11 +5,15 @@ on keys they don't know), and `adapter_model.safetensors` with PEFT's tensor nam
 
     base_model.model.<module path>.lora_A.weight   [r, in]    (lora_embedding_A [r, num])
     base_model.model.<module path>.lora_B.weight   [out, r]   (lora_embedding_B [dim, r])
+    base_model.model.<module path>.lora_B.bias     [out]      (with lora_bias: true)
     base_model.model.<module path>.lora_magnitude_vector  [out]  (DoRA, with use_dora: true)
     base_model.model.<head path>.<param>                      (modules_to_save)
 
 Reading: the same files as written by PEFT (LoRA, rsLoRA, DoRA on Linear layers, rank/alpha
-patterns, modules_to_save, Conv and Embedding LoRA). Everything is validated against the model before anything changes.
+patterns, lora_bias, modules_to_save, Conv and Embedding LoRA). Everything is validated against
+the model before anything changes. Both directions go through `AdapterState`, the model-free
+form that merging and compression work on: `from_peft`/`to_peft` convert files, `lora_state`
+reads an attached adapter, `attach_state` attaches one.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ import math
 import re
 import warnings
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from splice.core.api import attach, model_state
 from splice.core.errors import AdapterFileError, ShapeMismatchError, SpliceError
 from splice.core.host import hosts
 from splice.core.layers import describe
+from splice.core.state import AdapterState, ModuleUpdate
 from splice.core.targets import matches, named_base_modules
 from splice.io.files import base_model_name, write_config, write_weights
 from splice.methods.dora import DoRA, DoRAAdapter
@@ -36,12 +40,12 @@ from splice.methods.lora import LoRA, LoRAAdapter, pattern_value
 
 PREFIX = "base_model.model."
 BASE_COPY = ".base_layer."
+# role of each tensor: A, B, the bias b of lora_B, DoRA's magnitude M; embeddings mark themselves
 LORA_SUFFIXES = {
-    ".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B",
-    ".lora_magnitude_vector": "M",
+    ".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_B.bias": "b", ".lora_embedding_A": "A",
+    ".lora_embedding_B": "B", ".lora_magnitude_vector": "M",
 }
 UNSUPPORTED_OPTIONS = {
-    "lora_bias": "LoRA biases (lora_bias=true) are not supported",
     "layer_replication": "layer_replication is not supported",
     "target_parameters": "LoRA on raw parameters (target_parameters) is not supported",
     "trainable_token_indices": "trainable_token_indices is not supported",
@@ -61,83 +65,95 @@ TASK_HEADS = {
 }
 
 
-@dataclass
-class ExportedModule:
-    name: str
-    A: torch.Tensor
-    B: torch.Tensor
-    rank: int
-    alpha: float
-    embedding: bool
-    transposed: bool
-    magnitude: torch.Tensor | None = None  # DoRA
-
-
 def can_write(model: nn.Module, name: str) -> bool:
     """PEFT's format holds LoRA adapters only."""
     return all(isinstance(host[name], LoRAAdapter) for _, _, host in hosts(model) if name in host)
 
 
 def write(model: nn.Module, path: Path, name: str, portable: bool = False) -> None:
-    record = model_state(model).adapters[name]
-    config: LoRA = record.config
-    modules = _exported_modules(model, name, config.rslora)
+    write_state(lora_state(model, name), path, portable=portable)
+
+
+def write_state(state: AdapterState, path: Path, portable: bool = False) -> None:
+    """Write an adapter state as a PEFT LoRA directory (into an existing, prepared `path`)."""
     if portable:
-        _check_portable(modules, record.heads)
-    tensors: dict[str, torch.Tensor] = {}
-    for m in modules:
-        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if m.embedding else ("lora_A.weight", "lora_B.weight")
-        tensors[f"{PREFIX}{m.name}.{a_key}"] = m.A
-        tensors[f"{PREFIX}{m.name}.{b_key}"] = m.B
-        if m.magnitude is not None:
-            tensors[f"{PREFIX}{m.name}.lora_magnitude_vector"] = m.magnitude
-    for head in record.heads:
-        for key, value in model.get_submodule(head).state_dict().items():
-            tensors[f"{PREFIX}{head}.{key}"] = value
-    write_config(path, _peft_config(model, config, modules, record.heads))
+        problems = portability_problems([u.rank for u in state.modules.values()],
+                                        [_tidy(state.alpha(u)) for u in state.modules.values()], state.head_modules)
+        if problems:
+            raise SpliceError("adapter is not portable to vLLM: " + "; ".join(problems))
+    config, tensors = to_peft(state)
+    write_config(path, config)
     write_weights(path, tensors)
 
 
-def _exported_modules(model: nn.Module, name: str, rslora: bool) -> list[ExportedModule]:
-    out = []
+def lora_state(model: nn.Module, name: str) -> AdapterState:
+    """Adapter `name` of the model (LoRA or DoRA) as tensors, exact on the unmodified base."""
+    record = model_state(model).adapters[name]
+    config: LoRA = record.config
+    modules: dict[str, ModuleUpdate] = {}
+    transposed = False
     for module_name, _, host in hosts(model):
         if name not in host:
             continue
         adapter: LoRAAdapter = host[name]
-        A, B, rank = adapter.exported_factors()
-        alpha = adapter.scaling * (math.sqrt(rank) if rslora else rank)
+        A, B, _ = adapter.exported_factors()
         magnitude = adapter.lora_magnitude_vector.detach() if isinstance(adapter, DoRAAdapter) else None
-        out.append(ExportedModule(module_name, A, B, rank, _tidy(alpha),
-                                  adapter.info.kind == "embedding", adapter.info.transposed, magnitude))
-    return out
+        bias = None if adapter.lora_bias is None else adapter.lora_bias.detach()
+        modules[module_name] = ModuleUpdate(A, B, adapter.scaling, adapter.info.kind, bias, magnitude)
+        transposed |= adapter.info.transposed
+    heads = {f"{head}.{key}": value for head in record.heads
+             for key, value in model.get_submodule(head).state_dict().items()}
+    return AdapterState(
+        modules, heads, list(record.heads), rslora=config.rslora, dropout=config.dropout,
+        base_model=base_model_name(model), task_type=_task_type(model, record.heads),
+        target_modules=_target_modules(model, list(modules), record.heads), fan_in_fan_out=transposed,
+    )
+
+
+def to_peft(state: AdapterState) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(adapter_config.json contents, tensors) of a PEFT LoRA directory holding `state`."""
+    tensors: dict[str, torch.Tensor] = {}
+    for module_name, u in state.modules.items():
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if u.kind == "embedding" else ("lora_A.weight",
+                                                                                             "lora_B.weight")
+        tensors[f"{PREFIX}{module_name}.{a_key}"] = u.A
+        tensors[f"{PREFIX}{module_name}.{b_key}"] = u.B
+        if u.bias is not None:
+            tensors[f"{PREFIX}{module_name}.lora_B.bias"] = u.bias
+        if u.magnitude is not None:
+            tensors[f"{PREFIX}{module_name}.lora_magnitude_vector"] = u.magnitude
+    for key, value in state.heads.items():
+        tensors[f"{PREFIX}{key}"] = value
+    ranks = {n: u.rank for n, u in state.modules.items()}
+    alphas = {n: _tidy(state.alpha(u)) for n, u in state.modules.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    config = {
+        "peft_type": "LORA",
+        "task_type": state.task_type,
+        "base_model_name_or_path": state.base_model,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": state.dropout,
+        "use_rslora": state.rslora,
+        "use_dora": state.dora,
+        "bias": "none",
+        "fan_in_fan_out": state.fan_in_fan_out,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "target_modules": state.target_modules if state.target_modules is not None else sorted(state.modules),
+        "modules_to_save": state.head_modules or None,
+        "rank_pattern": {n: v for n, v in ranks.items() if v != r},
+        "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
+    }
+    if any(u.bias is not None for u in state.modules.values()):
+        config["lora_bias"] = True  # written only when used: older PEFT releases do not know the key
+    return config, tensors
 
 
 def _tidy(value: float) -> float | int:
     rounded = round(value)
     return rounded if math.isclose(value, rounded, rel_tol=1e-9, abs_tol=1e-9) else value
-
-
-def _peft_config(model: nn.Module, config: LoRA, modules: list[ExportedModule], heads: list[str]) -> dict[str, Any]:
-    r = Counter(m.rank for m in modules).most_common(1)[0][0]
-    alpha = Counter(m.alpha for m in modules).most_common(1)[0][0]
-    return {
-        "peft_type": "LORA",
-        "task_type": _task_type(model, heads),
-        "base_model_name_or_path": base_model_name(model),
-        "r": r,
-        "lora_alpha": alpha,
-        "lora_dropout": config.dropout,
-        "use_rslora": config.rslora,
-        "use_dora": isinstance(config, DoRA),
-        "bias": "none",
-        "fan_in_fan_out": any(m.transposed for m in modules),
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "target_modules": _target_modules(model, [m.name for m in modules], heads),
-        "modules_to_save": heads or None,
-        "rank_pattern": {m.name: m.rank for m in modules if m.rank != r},
-        "alpha_pattern": {m.name: m.alpha for m in modules if m.alpha != alpha},
-    }
 
 
 def _task_type(model: nn.Module, heads: list[str]) -> str | None:
@@ -176,17 +192,18 @@ def portability_problems(ranks: list[int], alphas: list[float], heads: list[str]
     return problems
 
 
-def _check_portable(modules: list[ExportedModule], heads: list[str]) -> None:
-    problems = portability_problems([m.rank for m in modules], [m.alpha for m in modules], heads)
-    if problems:
-        raise SpliceError("adapter is not portable to vLLM: " + "; ".join(problems))
-
-
 # -- reading ---------------------------------------------------------------------------------
 
 
 def read(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor], name: str,
          trainable: bool) -> None:
+    state = from_peft(config, tensors)
+    check_base_copies(model, tensors)
+    attach_state(model, state, name, trainable=trainable)
+
+
+def from_peft(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> AdapterState:
+    """A PEFT LoRA directory's contents as an adapter state, checked for consistency (no model)."""
     if config.get("peft_type") != "LORA":
         raise AdapterFileError(
             f"unsupported PEFT method {config.get('peft_type')!r}: splice reads LORA adapters"
@@ -199,36 +216,81 @@ def read(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tens
     init = config.get("init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda")):
         warnings.warn(f"adapter was initialised with {init!r} and saved without conversion: it is only "
-                      "correct on the base model its init modified", stacklevel=3)
-    factors, head_tensors = split_keys(tensors, config.get("modules_to_save") or [])
-    lora_config = _lora_config(model, config, factors, head_tensors)
-    check_base_copies(model, tensors)
+                      "correct on the base model its init modified", stacklevel=4)
+    head_modules = config.get("modules_to_save") or []
+    factors, heads, embeddings = split_keys(tensors, head_modules)
+    r, alpha = int(config.get("r", 8)), config.get("lora_alpha", 8)
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    rslora, dora, lora_bias = (bool(config.get(k, False)) for k in ("use_rslora", "use_dora", "lora_bias"))
+    modules = {}
+    for module_name, pair in factors.items():
+        if dora != ("M" in pair):
+            raise AdapterFileError(f"{module_name}: use_dora={dora} but the file "
+                                   f"{'lacks' if dora else 'has'} its lora_magnitude_vector")
+        if ("b" in pair) != lora_bias:
+            raise AdapterFileError(f"{module_name}: lora_bias={lora_bias} in the config but the file "
+                                   f"{'has' if 'b' in pair else 'lacks'} its lora_B.bias")
+        rank = pair["A"].shape[0]
+        declared = pattern_value(rank_pattern, module_name, r)
+        if declared != rank:
+            raise AdapterFileError(f"{module_name}: config says r={declared} but the tensors have rank {rank}")
+        module_alpha = pattern_value(alpha_pattern, module_name, alpha)
+        kind = "embedding" if module_name in embeddings else "conv" if pair["A"].dim() > 2 else "linear"
+        try:
+            modules[module_name] = ModuleUpdate(
+                pair["A"], pair["B"], module_alpha / (math.sqrt(rank) if rslora else rank), kind,
+                pair.get("b"), pair.get("M"))
+        except ShapeMismatchError as err:
+            raise AdapterFileError(f"{module_name}: {err}") from None
+    held = [m for m in head_modules if any(re.match(rf"(^|.*\.){re.escape(m)}\.", k) for k in heads)]
+    return AdapterState(
+        modules, heads, held, rslora=rslora, dropout=float(config.get("lora_dropout", 0.0)),
+        base_model=config.get("base_model_name_or_path"), task_type=config.get("task_type"),
+        target_modules=config.get("target_modules"), fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
+    )
+
+
+def attach_state(model: nn.Module, state: AdapterState, name: str = "default", trainable: bool = False) -> nn.Module:
+    """Attach an adapter state as LoRA (DoRA if it has magnitudes) adapter `name`, after checking
+    every module, kind, shape and head against the model; nothing changes when one does not fit."""
+    lora_config = _lora_config(model, state)
     attach(model, lora_config, name, trainable=trainable)
     with torch.no_grad():
         for module_name, _, host in hosts(model):
             if name in host:
-                host[name].lora_A.copy_(factors[module_name]["A"])
-                host[name].lora_B.copy_(factors[module_name]["B"])
-                if "M" in factors[module_name]:
-                    host[name].lora_magnitude_vector.copy_(factors[module_name]["M"])
+                update, adapter = state.modules[module_name], host[name]
+                adapter.lora_A.copy_(update.A)
+                adapter.lora_B.copy_(update.B)
+                if update.bias is not None:
+                    adapter.lora_bias.copy_(update.bias)
+                if update.magnitude is not None:
+                    adapter.lora_magnitude_vector.copy_(update.magnitude)
         params = _named_tensors(model)
-        for key, value in head_tensors.items():
+        for key, value in state.heads.items():
             params[key].copy_(value)
+    return model
 
 
-def split_keys(tensors: dict[str, torch.Tensor], modules_to_save: list[str]):
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    heads: dict[str, torch.Tensor] = {}
+Tensors = dict[str, torch.Tensor]
+
+
+def split_keys(tensors: Tensors, modules_to_save: list[str]) -> tuple[dict[str, Tensors], Tensors, set[str]]:
+    """(tensors of each adapted module by role, head tensors by path, modules that are embeddings)."""
+    factors: dict[str, Tensors] = {}
+    heads: Tensors = {}
+    embeddings: set[str] = set()
     for key, value in tensors.items():
         if not key.startswith(PREFIX):
             raise AdapterFileError(f"tensor {key!r} does not start with {PREFIX!r}: not a PEFT LoRA file")
         path = key[len(PREFIX):]
         suffix = next((s for s in LORA_SUFFIXES if path.endswith(s)), None)
         if suffix is not None:
-            factors.setdefault(path[: -len(suffix)], {})[LORA_SUFFIXES[suffix]] = value
+            module_name = path[: -len(suffix)]
+            factors.setdefault(module_name, {})[LORA_SUFFIXES[suffix]] = value
+            if "embedding" in suffix:
+                embeddings.add(module_name)
         elif ".lora_" in path:
-            raise AdapterFileError(f"unsupported LoRA tensor {key!r} (LoRA biases and variants other than DoRA "
-                                   "are not read)")
+            raise AdapterFileError(f"unsupported LoRA tensor {key!r} (LoRA variants other than DoRA are not read)")
         elif BASE_COPY in path:
             continue  # a copy of a targeted layer's own weight, checked by `check_base_copies`
         elif any(re.match(rf"(^|.*\.){re.escape(m)}\.", path) for m in modules_to_save):
@@ -240,7 +302,7 @@ def split_keys(tensors: dict[str, torch.Tensor], modules_to_save: list[str]):
             raise AdapterFileError(f"module {module_name!r} has lora_{''.join(pair)} but not both A and B")
     if not factors:
         raise AdapterFileError("the adapter file holds no LoRA tensors")
-    return factors, heads
+    return factors, heads, embeddings
 
 
 def check_base_copies(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -271,64 +333,61 @@ def check_base_copies(model: nn.Module, tensors: dict[str, torch.Tensor]) -> Non
             )
 
 
-def _lora_config(model: nn.Module, config: dict[str, Any], factors: dict, head_tensors: dict) -> LoRA:
-    """A splice LoRA config selecting exactly the file's modules, with their ranks and alphas."""
-    r, alpha = int(config.get("r", 8)), config.get("lora_alpha", 8)
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    rslora = bool(config.get("use_rslora", False))
-    dora = bool(config.get("use_dora", False))
+def _lora_config(model: nn.Module, state: AdapterState) -> LoRA:
+    """A splice LoRA config selecting exactly the state's modules, with their ranks and alphas."""
     modules = dict(named_base_modules(model))
-    ranks, alphas = {}, {}
-    for module_name, pair in factors.items():
+    for module_name, update in state.modules.items():
         module = modules.get(module_name)
         info = describe(module) if module is not None else None
         if info is None:
             found = "no such module" if module is None else f"a {type(module).__name__}"
             raise ShapeMismatchError(f"adapter targets {module_name!r}, but the model has {found} there")
-        if dora != ("M" in pair):
-            raise AdapterFileError(f"{module_name}: use_dora={dora} but the file "
-                                   f"{'lacks' if dora else 'has'} its lora_magnitude_vector")
-        if dora and info.kind != "linear":
+        if info.kind != update.kind:
+            raise ShapeMismatchError(f"{module_name}: the adapter is for a {update.kind} layer, the model has "
+                                     f"a {type(module).__name__} there")
+        if update.magnitude is not None and info.kind != "linear":
             raise AdapterFileError(f"{module_name}: DoRA on {info.kind} layers is not supported (Linear only)")
-        rank = pair["A"].shape[0]
-        expected = _expected_shapes(info, rank)
-        for which, tensor in pair.items():
-            if tuple(tensor.shape) != expected[which]:
+        if update.bias is not None and getattr(module, "bias", None) is None:
+            raise AdapterFileError(f"{module_name}: the adapter changes the bias (lora_bias) but the model's "
+                                   f"{type(module).__name__} has no bias")
+        expected = _expected_shapes(info, update.rank)
+        present = {"A": update.A, "B": update.B, "M": update.magnitude, "b": update.bias}
+        for which, tensor in present.items():
+            if tensor is not None and tuple(tensor.shape) != expected[which]:
                 raise ShapeMismatchError(
                     f"{module_name}: {_TENSOR_NAMES[which]} has shape {tuple(tensor.shape)} but the model's "
                     f"{type(module).__name__} needs {expected[which]}"
                 )
-        declared = pattern_value(rank_pattern, module_name, r)
-        if declared != rank:
-            raise AdapterFileError(f"{module_name}: config says r={declared} but the tensors have rank {rank}")
-        ranks[module_name] = rank
-        alphas[module_name] = pattern_value(alpha_pattern, module_name, alpha)
     params = _named_tensors(model)
-    for key, value in head_tensors.items():
+    for key, value in state.heads.items():
         if key not in params:
             raise ShapeMismatchError(f"adapter holds {key!r} (modules_to_save) but the model has no such tensor")
         if params[key].shape != value.shape:
             raise ShapeMismatchError(
                 f"{key}: adapter has shape {tuple(value.shape)}, model has {tuple(params[key].shape)}"
             )
-    saved = config.get("modules_to_save") or []
-    heads = [m for m in saved if any(re.match(rf"(^|.*\.){re.escape(m)}\.", k) for k in head_tensors)]
-    return (DoRA if dora else LoRA)(
-        r=r, alpha=alpha, rslora=rslora, dropout=float(config.get("lora_dropout", 0.0)), init="zeros",
-        targets=list(factors), train_also=heads,
+    ranks = {n: u.rank for n, u in state.modules.items()}
+    alphas = {n: state.alpha(u) for n, u in state.modules.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    return (DoRA if state.dora else LoRA)(
+        r=r, alpha=alpha, rslora=state.rslora, dropout=state.dropout, init="zeros",
+        targets=list(state.modules), train_also=list(state.head_modules),
+        lora_bias=any(u.bias is not None for u in state.modules.values()),
         rank_pattern={re.escape(n): v for n, v in ranks.items() if v != r},
         alpha_pattern={re.escape(n): v for n, v in alphas.items() if v != alpha},
     )
 
 
-_TENSOR_NAMES = {"A": "lora_A", "B": "lora_B", "M": "lora_magnitude_vector"}
+_TENSOR_NAMES = {"A": "lora_A", "B": "lora_B", "M": "lora_magnitude_vector", "b": "lora_B.bias"}
 
 
 def _expected_shapes(info, rank: int) -> dict[str, tuple[int, ...]]:
     if info.kind == "conv":
         return {"A": (rank, info.in_features, *info.kernel_size),
-                "B": (info.out_features, rank, *(1,) * info.conv_dims)}
-    return {"A": (rank, info.in_features), "B": (info.out_features, rank), "M": (info.out_features,)}
+                "B": (info.out_features, rank, *(1,) * info.conv_dims), "b": (info.out_features,)}
+    return {"A": (rank, info.in_features), "B": (info.out_features, rank), "M": (info.out_features,),
+            "b": (info.out_features,)}
 
 
 def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:

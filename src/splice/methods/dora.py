@@ -50,6 +50,8 @@ class DoRA(LoRA):
         super().__post_init__()
         if self.init == "pissa":
             raise SpliceError("DoRA with init='pissa' is not supported; use init='default' or 'gaussian'")
+        if self.lora_bias:
+            raise SpliceError("DoRA with lora_bias=True is not supported (nor in HF PEFT)")
 
     def build(self, info: LayerInfo, module_name: str, base: nn.Module) -> DoRAAdapter:
         if info.kind != "linear":

@@ -48,6 +48,8 @@ class LoRA(AdapterConfig):
             principal directions; arXiv 2404.02948), or "zeros" (both factors zero, for loading).
         rank_pattern, alpha_pattern: per-module overrides, {name or suffix regex: value}, as in
             PEFT (a key matches a module whose name ends with it).
+        lora_bias: also train a change of the layer's bias, s * b (PEFT's `lora_bias`); only on
+            Linear and Conv layers that have a bias, not with DoRA.
     """
 
     method: ClassVar[str] = "lora"
@@ -58,6 +60,7 @@ class LoRA(AdapterConfig):
     init: Init = "default"
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    lora_bias: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -81,7 +84,11 @@ class LoRA(AdapterConfig):
         return alpha / math.sqrt(r) if self.rslora else alpha / r
 
     def build(self, info: LayerInfo, module_name: str, base: nn.Module) -> LoRAAdapter:
-        adapter = LoRAAdapter(info, self.rank_for(module_name), self.scaling_for(module_name), self.dropout)
+        if self.lora_bias and (info.kind == "embedding" or getattr(base, "bias", None) is None):
+            raise SpliceError(f"lora_bias=True needs a Linear or Conv layer with a bias; {module_name!r} "
+                              f"({type(base).__name__}) has none")
+        adapter = LoRAAdapter(info, self.rank_for(module_name), self.scaling_for(module_name), self.dropout,
+                              bias=self.lora_bias)
         if self.init == "pissa":
             adapter.init_pissa(base, module_name)
         else:
@@ -98,9 +105,10 @@ def pattern_value(pattern: dict, module_name: str, default):
 
 
 class LoRAAdapter(Adapter):
-    """delta(x) = s * B(A(dropout(x))), with A and B shaped as HF PEFT stores them."""
+    """delta(x) = s * (B(A(dropout(x))) + b), with A and B shaped as HF PEFT stores them; the
+    bias b (PEFT's `lora_B.bias`) exists only with `lora_bias=True`."""
 
-    def __init__(self, info: LayerInfo, r: int, scaling: float, dropout: float = 0.0) -> None:
+    def __init__(self, info: LayerInfo, r: int, scaling: float, dropout: float = 0.0, bias: bool = False) -> None:
         super().__init__()
         self.info, self.r, self.scaling, self.p = info, r, scaling, dropout
         if info.kind == "conv":
@@ -110,6 +118,7 @@ class LoRAAdapter(Adapter):
             a_shape, b_shape = (r, info.in_features), (info.out_features, r)
         self.lora_A = nn.Parameter(torch.zeros(a_shape))
         self.lora_B = nn.Parameter(torch.zeros(b_shape))
+        self.lora_bias = nn.Parameter(torch.zeros(info.out_features)) if bias else None
 
     def reset(self, init: Init = "default") -> None:
         with torch.no_grad():
@@ -126,6 +135,8 @@ class LoRAAdapter(Adapter):
                 else:
                     nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
                 self.lora_B.zero_()
+            if self.lora_bias is not None:
+                self.lora_bias.zero_()
 
     def init_pissa(self, base: nn.Module, module_name: str) -> None:
         """Principal singular triplets into A and B, and out of the base weight (PiSSA)."""
@@ -144,7 +155,14 @@ class LoRAAdapter(Adapter):
         add_to_weight(base, self.info, self.initial_delta_weight(), sign=-1.0)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return self._apply_factors(x, self.lora_A, self.lora_B, self.p)
+        out = self._apply_factors(x, self.lora_A, self.lora_B, self.p)
+        if self.lora_bias is None:
+            return out
+        bias = self.lora_bias * self.scaling
+        return out + (bias.view(-1, *(1,) * self.info.conv_dims) if self.info.kind == "conv" else bias)
+
+    def delta_bias(self) -> torch.Tensor | None:
+        return None if self.lora_bias is None else self.lora_bias * self.scaling
 
     def initial_delta(self, x: torch.Tensor) -> torch.Tensor | None:
         """s * B0 A0 x: what PiSSA took out of the base weight, as an output (no dropout)."""
@@ -168,7 +186,7 @@ class LoRAAdapter(Adapter):
         For PiSSA that is the rank-2r form s(BA - B0A0) = s[B, -B0][A; A0], valid without
         dropout (the taken-out part is not dropped out).
         """
-        if self.info.kind != "linear":
+        if self.info.kind != "linear" or self.lora_bias is not None:
             return None
         if not hasattr(self, "pissa_A0"):
             return LowRank(self.lora_A, self.lora_B, self.scaling, self.p)
