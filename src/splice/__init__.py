@@ -6,7 +6,7 @@
     splice.save(model, "my-adapter")          # loads in HF PEFT as well
 """
 
-from splice import assets, placement
+from splice import assets, merging, placement
 from splice.core import *  # noqa: F403
 from splice.core import __all__ as _core_all
 from splice.io import load, save
@@ -16,5 +16,5 @@ from splice.placement import DomLoRA
 __version__ = "0.1.0"
 __all__ = [
     *_core_all, "ConvAdapter", "DiaBlo", "DoRA", "FlexiLoRA", "LoRA", "LoReFT", "RepConvAdapter", "TTLoRA",
-    "DomLoRA", "assets", "load", "placement", "save",
+    "DomLoRA", "assets", "load", "merging", "placement", "save",
 ]

@@ -219,3 +219,19 @@ def test_bad_input_is_refused(adapters):
     other = splice.attach(wide, splice.LoRA(r=2, targets=["fc1"]))
     with pytest.raises(splice.ShapeMismatchError, match="fc1"):
         merge_adapters([adapters[0], other], "linear")
+
+
+@pytest.mark.parametrize("density", [0.33, 0.5, 1.0])
+def test_ties_and_magnitude_rules_match_hf_peft_merge_utils(density):
+    """Trimming and sign election on the unweighted vectors, weights in the disjoint mean (PEFT's order)."""
+    from peft.utils import merge_utils
+
+    from splice.merging import task_vectors
+
+    generator = torch.Generator().manual_seed(0)
+    taus = torch.randn(3, 31, 20, generator=generator, dtype=torch.float64)
+    weights = torch.tensor([0.7, 0.5, -0.2], dtype=torch.float64)
+    torch.testing.assert_close(task_vectors.ties(taus, weights, density),
+                               merge_utils.ties(list(taus.clone()), weights, density))
+    torch.testing.assert_close(task_vectors.magnitude(taus, weights, density),
+                               merge_utils.magnitude_prune(list(taus.clone()), weights, density))

@@ -7,11 +7,12 @@ takes a stack `taus` [n, ...] and returns one merged tensor of the same shape:
     linear          Σ_i w_i τ_i                                  (task arithmetic; Ilharco et al., 2023)
     magnitude       Σ_i w_i prune_k(τ_i): keep the top `density` fraction of |τ_i| in each
     dare            Σ_i w_i m_i ⊙ τ_i / density, m_i ~ Bernoulli(density)  (Yu et al., 2024)
-    ties            trim to the top `density` of |w_i τ_i|, elect a sign per entry, average the
-                    entries that agree with it                     (Yadav et al., 2023)
+    ties            trim each τ_i to its top `density` of |τ_i|, elect a sign per entry, average
+                    the weighted entries w_i τ_i whose sign agrees  (Yadav et al., 2023)
 
-The weights multiply the task vectors before trimming and sign election, as in HF PEFT's
-`merge_utils`, so `ties` with one task and weight 1 returns the trimmed task vector.
+As in HF PEFT's `merge_utils`, trimming and sign election see the unweighted task vectors and
+the weights enter the disjoint mean, so splice's TIES and DARE-TIES give PEFT's numbers on the
+same dense changes; `ties` with one task and weight 1 returns the trimmed task vector.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def linear(taus: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 def prune_magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
     """τ with all but the `density` fraction of largest-magnitude entries set to zero."""
     _check_density(density)
-    keep = int(round(density * tau.numel()))
+    keep = int(density * tau.numel())  # floor, as PEFT's magnitude_based_pruning
     if keep >= tau.numel():
         return tau.clone()
     if keep == 0:
@@ -62,11 +63,12 @@ def elect_sign(taus: torch.Tensor, rule: SignRule = "total") -> torch.Tensor:
     return torch.where(signs >= 0, 1.0, -1.0).to(taus.dtype)
 
 
-def disjoint_mean(taus: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """Mean over the tasks whose entry is non-zero with the elected sign (0 where none agrees)."""
+def disjoint_mean(taus: torch.Tensor, signs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean of w_i τ_i over the tasks whose entry is non-zero with the elected sign (0 where none)."""
     agree = (taus * signs) > 0
     count = agree.sum(dim=0).clamp_min(1)
-    return (taus * agree).sum(dim=0) / count
+    weighted = taus * weights.to(taus.dtype).view(-1, *(1,) * (taus.dim() - 1))
+    return (weighted * agree).sum(dim=0) / count
 
 
 def magnitude(taus: torch.Tensor, weights: torch.Tensor, density: float) -> torch.Tensor:
@@ -79,16 +81,14 @@ def dare_linear(taus: torch.Tensor, weights: torch.Tensor, density: float,
 
 
 def ties(taus: torch.Tensor, weights: torch.Tensor, density: float, rule: SignRule = "total") -> torch.Tensor:
-    weighted = taus * weights.to(taus.dtype).view(-1, *(1,) * (taus.dim() - 1))
-    trimmed = torch.stack([prune_magnitude(t, density) for t in weighted])
-    return disjoint_mean(trimmed, elect_sign(trimmed, rule))
+    trimmed = torch.stack([prune_magnitude(t, density) for t in taus])
+    return disjoint_mean(trimmed, elect_sign(trimmed, rule), weights)
 
 
 def dare_ties(taus: torch.Tensor, weights: torch.Tensor, density: float, generator: torch.Generator,
               rule: SignRule = "total") -> torch.Tensor:
-    weighted = taus * weights.to(taus.dtype).view(-1, *(1,) * (taus.dim() - 1))
-    dropped = torch.stack([prune_random(t, density, generator) for t in weighted])
-    return disjoint_mean(dropped, elect_sign(dropped, rule))
+    dropped = torch.stack([prune_random(t, density, generator) for t in taus])
+    return disjoint_mean(dropped, elect_sign(dropped, rule), weights)
 
 
 def _check_density(density: float) -> None:
