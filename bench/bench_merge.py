@@ -1,0 +1,560 @@
+"""Merging adapters, splice `merge_adapters` vs HF PEFT `add_weighted_adapter`, on the bundled
+MiniLM (CPU): correctness against the true weight change, merge time, and accuracy of merges.
+
+correctness  Two random adapters (A, B, lora_B bias and DoRA magnitudes seeded non-zero) on
+             query,value of MiniLM, built in PEFT and saved as PEFT directories, for each case:
+             plain LoRA (r=8 both), rsLoRA, different ranks (r=8 and r=4), per-module ranks
+             (rank_pattern), lora_bias and DoRA. The TRUE change of adapter i, ΔW_i, is measured
+             by merging it alone into a copy of the base (PEFT `merge_and_unload`) and diffing
+             every parameter. Per combination rule the target is
+               cat, linear, svd at rank Σ r_i    Σ w_i ΔW_i (unambiguous)
+               svd at rank 8                     Σ w_i ΔW_i with each weight matrix truncated to its
+                                                 best rank-8 approximation (bias exact)
+               ties, density 0.5                 PEFT's own `merge_utils.ties` on the dense changes
+                                                 [ΔW_i | Δb_i] (the rule as splice's docstring defines it)
+             PEFT: `add_weighted_adapter` on the model holding both adapters, then the new
+             adapter merged (`merge_and_unload`) and diffed. splice: `merge_adapters` on the
+             two saved PEFT directories (base=model for DoRA), `attach_state`, `unload`, diffed.
+             Reported: ‖Δ_lib − Δ_target‖_F / ‖Δ_target‖_F over all parameters (and the worst
+             single tensor), and max |logits − target logits| on real Rotten Tomatoes reviews.
+             Where a library raises, its message is reported.
+timing       `merge_adapters(states, "linear")` vs `add_weighted_adapter(..., "linear")` and both
+             libraries' `svd` at rank Σ r_i, in memory (adapters already loaded), paired and
+             interleaved; median of the per-round ratios splice / PEFT. Note that PEFT's
+             "linear" combines A and B separately (no SVD), splice's re-factors Σ w_i ΔW_i.
+accuracy     Two LoRA r=8 (query,value, head trained) from the same seed on the two halves of
+             the Rotten Tomatoes training split (`splice.train.run`), merged by splice with
+             linear, task_arithmetic, ties and dare_linear (heads averaged); test accuracy of
+             each input and each merge on the full test split (488 reviews).
+
+Run `python bench/bench_merge.py` (about 6-8 minutes on 2 cores); `--quick` is a ~1-2 minute
+smoke run. Results: bench/results/merge.{json,md} (`merge_quick` for --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import tempfile
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import (
+    RESULTS,
+    Candidate,
+    Phases,
+    compare,
+    environment,
+    environment_line,
+    fmt_ratio,
+    fmt_s,
+    interleaved,
+    load_minilm_classifier,
+    review_batch,
+    table,
+    write_results,
+)
+from torch import nn
+
+TARGETS = ["query", "value"]
+Delta = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    configs: tuple[dict[str, Any], dict[str, Any]]
+    what: str
+
+
+CASES = [
+    Case("LoRA", (dict(r=8, lora_alpha=16), dict(r=8, lora_alpha=16)), "r=8, alpha=16, both"),
+    Case("rsLoRA", (dict(r=8, lora_alpha=16, use_rslora=True),) * 2, "r=8, alpha=16, use_rslora (scale 5.66)"),
+    Case("ranks", (dict(r=8, lora_alpha=16), dict(r=4, lora_alpha=8)), "r=8 alpha=16 and r=4 alpha=8"),
+    Case("rank_pattern", (dict(r=8, lora_alpha=16, rank_pattern={"value": 4}),
+                          dict(r=8, lora_alpha=16, rank_pattern={"query": 2})),
+         "r=8 alpha=16 with value at r=4, and with query at r=2"),
+    Case("lora_bias", (dict(r=8, lora_alpha=16, lora_bias=True),) * 2, "r=8, alpha=16, lora_bias=True"),
+    Case("DoRA", (dict(r=8, lora_alpha=16, use_dora=True),) * 2, "r=8, alpha=16, use_dora=True"),
+]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One combination rule: PEFT's combination_type and kwargs, splice's method and kwargs."""
+
+    name: str
+    peft: str
+    splice: str
+    target: str  # "sum", "svd8", "ties"
+    peft_kwargs: dict[str, Any] = field(default_factory=dict)
+    splice_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+FULL = 16  # Σ r_i of every case (PEFT counts max(r, rank_pattern) = 8 per adapter)
+DENSE = 384  # MiniLM's hidden size: query and value are 384 x 384, so this rank keeps any dense change
+RULES = [
+    Rule("cat", "cat", "cat", "sum"),
+    Rule("linear", "linear", "linear", "sum"),
+    Rule("svd rank 16", "svd", "svd", "sum", {"svd_rank": FULL}, {"rank": FULL}),
+    Rule("svd rank 8", "svd", "svd", "svd8", {"svd_rank": 8}, {"rank": 8}),
+    Rule("ties d=0.5 full rank", "ties_svd", "ties", "ties", {"density": 0.5, "svd_rank": DENSE},
+         {"density": 0.5, "rank": DENSE}),
+    Rule("ties d=0.5 (PEFT factor-wise)", "ties", "ties", "ties", {"density": 0.5}, {"density": 0.5, "rank": DENSE}),
+]
+
+
+@dataclass
+class Settings:
+    threads: int = 1
+    jobs: int = 2
+    sections: list[str] = field(default_factory=lambda: ["correctness", "timing", "accuracy"])
+    cases: list[str] = field(default_factory=lambda: [c.name for c in CASES])
+    weights: list[float] = field(default_factory=lambda: [0.7, 0.5])
+    reviews: int = 32
+    seq_len: int = 64
+    rounds: int = 10
+    warmup: int = 2
+    steps: int = 80
+    batch: int = 8
+    train_max_length: int = 32
+    lr: float = 2e-3
+    head_lr: float = 3e-2
+    eval_examples: int = 128
+    test_examples: int | None = None
+    quick: bool = False
+
+    @classmethod
+    def quick_run(cls, **overrides: Any) -> Settings:
+        return cls(cases=["LoRA", "DoRA"], reviews=8, rounds=2, warmup=1, steps=3, eval_examples=16,
+                   test_examples=64, quick=True, **overrides)
+
+
+def short_error(err: BaseException) -> str:
+    text = f"{type(err).__name__}: {err}".replace("\n", " ").replace("|", "/")
+    return text[:300]
+
+
+# --------------------------------------------------------------------------- building adapters
+
+
+def randomize(model: nn.Module, adapter: str, seed: int, std: float = 0.05) -> None:
+    """Seeded non-zero factors (and lora_B bias) for `adapter`; DoRA magnitudes scaled by 1 ± 10%."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if f".{adapter}." not in name and not name.endswith(f".{adapter}"):
+                continue
+            noise = torch.randn(p.shape, generator=generator)
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * noise)
+            elif "lora_A" in name or "lora_B" in name:
+                p.copy_(noise * std)
+
+
+def peft_pair(base: nn.Module, case: Case) -> nn.Module:
+    import peft
+
+    configs = [peft.LoraConfig(target_modules=TARGETS, lora_dropout=0.0, **c) for c in case.configs]
+    model = peft.get_peft_model(copy.deepcopy(base), configs[0], adapter_name="a")
+    model.add_adapter("b", configs[1])
+    for i, name in enumerate("ab"):
+        randomize(model, name, seed=10 + i)
+    model.eval()
+    return model
+
+
+def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().double().clone() for k, v in model.state_dict().items()}
+
+
+def delta(weights: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> Delta:
+    assert weights.keys() == base.keys(), sorted(set(weights) ^ set(base))[:5]
+    return {k: weights[k] - base[k] for k in base}
+
+
+def peft_merged_delta(model: nn.Module, adapter: str, base: dict[str, torch.Tensor]) -> Delta:
+    merged = copy.deepcopy(model).merge_and_unload(adapter_names=[adapter])
+    return delta(weights_of(merged), base)
+
+
+# ------------------------------------------------------------------------------------ targets
+
+
+def weighted_sum(deltas: list[Delta], weights: list[float]) -> Delta:
+    return {k: sum(w * d[k] for w, d in zip(weights, deltas, strict=True)) for k in deltas[0]}
+
+
+def truncated(change: Delta, rank: int) -> Delta:
+    out = {}
+    for k, v in change.items():
+        if v.dim() == 2 and v.abs().max() > 0:
+            u, s, vh = torch.linalg.svd(v, full_matrices=False)
+            v = (u[:, :rank] * s[:rank]) @ vh[:rank]
+        out[k] = v
+    return out
+
+
+def ties_target(deltas: list[Delta], weights: list[float], density: float) -> Delta:
+    """PEFT's `merge_utils.ties` on each module's dense change [ΔW | Δb]: trim each τ_i, elect the
+    sign of Σ τ_i, average the w_i τ_i that agree."""
+    from peft.utils.merge_utils import ties
+
+    out = {k: torch.zeros_like(v) for k, v in deltas[0].items()}
+    w = torch.tensor(weights, dtype=torch.float64)
+    for key in deltas[0]:
+        if not key.endswith(".weight") or all(d[key].abs().max() == 0 for d in deltas):
+            continue
+        bias_key = key[: -len("weight")] + "bias"
+        has_bias = bias_key in deltas[0] and any(d[bias_key].abs().max() > 0 for d in deltas)
+        taus = [torch.cat([d[key], d[bias_key][:, None]], dim=1) if has_bias else d[key] for d in deltas]
+        merged = ties(taus, w, density, "total")
+        out[key] = merged[:, :-1] if has_bias else merged
+        if has_bias:
+            out[bias_key] = merged[:, -1]
+    return out
+
+
+def target_of(rule: Rule, deltas: list[Delta], weights: list[float]) -> Delta:
+    if rule.target == "sum":
+        return weighted_sum(deltas, weights)
+    if rule.target == "svd8":
+        return truncated(weighted_sum(deltas, weights), 8)
+    return ties_target(deltas, weights, rule.splice_kwargs["density"])
+
+
+# ------------------------------------------------------------------------------- a. correctness
+
+
+def errors(got: Delta, want: Delta) -> dict[str, float]:
+    num = sum(float((got[k] - want[k]).pow(2).sum()) for k in want)
+    den = sum(float(want[k].pow(2).sum()) for k in want)
+    worst = max((float((got[k] - want[k]).norm() / want[k].norm()) for k in want if want[k].norm() > 0), default=0.0)
+    stray = max((float(got[k].abs().max()) for k in want if want[k].norm() == 0), default=0.0)
+    return {"rel_error": math.sqrt(num / den), "worst_tensor_rel_error": worst, "stray_change_max": stray}
+
+
+class LogitProbe:
+    """One model whose weights are set to base + a change; logits on a fixed batch of reviews."""
+
+    def __init__(self, base: nn.Module, batch: dict[str, torch.Tensor]) -> None:
+        self.model = copy.deepcopy(base).eval()
+        self.base = weights_of(base)
+        self.dtypes = {k: v.dtype for k, v in base.state_dict().items()}
+        self.inputs = {k: v for k, v in batch.items() if k != "labels"}
+
+    def __call__(self, change: Delta) -> torch.Tensor:
+        state = {k: (self.base[k] + change[k]).to(self.dtypes[k]) for k in self.base}
+        self.model.load_state_dict(state)
+        with torch.inference_mode():
+            return self.model(**self.inputs).logits.double()
+
+
+def splice_merged_delta(dirs: list[Path], rule: Rule, weights: list[float], base: nn.Module,
+                        base_weights: dict[str, torch.Tensor], dora: bool) -> tuple[Delta, dict[str, Any]]:
+    import splice
+    from splice.io.peft_format import attach_state
+    from splice.merging import merge_adapters
+
+    result = merge_adapters(dirs, rule.splice, weights=weights, base=base if dora else None, **rule.splice_kwargs)
+    model = splice.unload(attach_state(copy.deepcopy(base), result.state, "mix"))
+    info = {"reported_max_error": max(result.errors.values(), default=0.0),
+            "ranks": sorted({u.rank for u in result.state.modules.values()}),
+            "dora": any(u.magnitude is not None for u in result.state.modules.values())}
+    return delta(weights_of(model), base_weights), info
+
+
+def peft_weighted_delta(model: nn.Module, rule: Rule, weights: list[float],
+                        base_weights: dict[str, torch.Tensor]) -> Delta:
+    m = copy.deepcopy(model)
+    m.add_weighted_adapter(["a", "b"], weights, "mix", combination_type=rule.peft, **rule.peft_kwargs)
+    return peft_merged_delta(m, "mix", base_weights)
+
+
+def correctness(s: Settings, phase: Phases) -> dict[str, Any]:
+    base = load_minilm_classifier()
+    base_weights = weights_of(base)
+    batch, _ = review_batch(s.reviews, s.seq_len, seed=0)
+    probe = LogitProbe(base, batch)
+    out: dict[str, Any] = {"cases": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in [c for c in CASES if c.name in s.cases]:
+            phase(f"[correctness] {case.name}")
+            row: dict[str, Any] = {"what": case.what, "rules": {}}
+            model = peft_pair(base, case)
+            dirs = []
+            for name in "ab":
+                path = Path(tmp) / case.name
+                model.save_pretrained(path, selected_adapters=[name])
+                dirs.append(path / name)
+            deltas = [peft_merged_delta(model, name, base_weights) for name in "ab"]
+            row["input_change_norms"] = [math.sqrt(sum(float(v.pow(2).sum()) for v in d.values())) for d in deltas]
+            dora = "use_dora" in case.configs[0]
+            plain = weighted_sum(deltas, s.weights)
+            zero_logits = probe({k: torch.zeros_like(v) for k, v in plain.items()})
+            for rule in RULES:
+                want = target_of(rule, deltas, s.weights)
+                want_logits = probe(want)
+                res: dict[str, Any] = {"target_logit_change_max": float((want_logits - zero_logits).abs().max()),
+                                       "target_vs_sum": errors(want, plain)["rel_error"]}
+                for lib in ("peft", "splice"):
+                    try:
+                        if lib == "peft":
+                            got, info = peft_weighted_delta(model, rule, s.weights, base_weights), {}
+                        else:
+                            got, info = splice_merged_delta(dirs, rule, s.weights, base, base_weights, dora)
+                        res[lib] = {**errors(got, want), **info, "rel_error_vs_sum": errors(got, plain)["rel_error"],
+                                    "logits_max_abs_diff": float((probe(got) - want_logits).abs().max())}
+                    except Exception as err:  # a library refusing a case is a result
+                        res[lib] = {"error": short_error(err), "traceback": traceback.format_exc()[-1500:]}
+                row["rules"][rule.name] = res
+                print(f"  {rule.name:32s} " + "  ".join(
+                    f"{lib} {res[lib]['rel_error']:.2e}" if "rel_error" in res[lib] else f"{lib} raised"
+                    for lib in ("peft", "splice")), flush=True)
+            out["cases"][case.name] = row
+            del model
+    return out
+
+
+# ------------------------------------------------------------------------------------ b. timing
+
+
+def timing(s: Settings, phase: Phases) -> dict[str, Any]:
+    from splice.io.state import adapter_state
+    from splice.merging import merge_adapters
+
+    phase(f"[timing] {s.rounds} interleaved rounds")
+    base = load_minilm_classifier()
+    model = peft_pair(base, CASES[0])
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in "ab":
+            model.save_pretrained(tmp, selected_adapters=[name])
+        states = [adapter_state(Path(tmp) / name) for name in "ab"]
+
+    def drop_mix() -> None:
+        if "mix" in model.peft_config:
+            model.delete_adapter("mix")
+            model.set_adapter("a")
+
+    candidates = []
+    for rule, kwargs, splice_kwargs in (("linear", {}, {}), ("svd", {"svd_rank": FULL}, {"rank": FULL})):
+        candidates += [
+            Candidate(f"splice {rule}", lambda _, r=rule, k=splice_kwargs: merge_adapters(states, r, weights=s.weights,
+                                                                                        **k)),
+            Candidate(f"peft {rule}", lambda _, r=rule, k=kwargs: model.add_weighted_adapter(
+                ["a", "b"], s.weights, "mix", combination_type=r, **k), setup=drop_mix),
+        ]
+    samples = interleaved(candidates, s.rounds, s.warmup)
+    out = compare(samples, [("splice linear", "peft linear"), ("splice svd", "peft svd")])
+    out["modules"] = len(states[0].modules)
+    return out
+
+
+# ---------------------------------------------------------------------------------- c. accuracy
+
+
+def train_half(half: int, data_dir: str, s: dict[str, Any]) -> dict[str, Any]:
+    """One `splice.train.run` on half `half` of the training split (in a worker process)."""
+    from rich.console import Console
+
+    from splice.train import TrainConfig, run
+
+    torch.set_num_threads(s["threads"])
+    config = TrainConfig(model="minilm", task="classification", data=f"{data_dir}/train{half}.jsonl",
+                         validation=f"{data_dir}/validation.jsonl",
+                         adapter={"method": "lora", "r": 8, "alpha": 16, "targets": TARGETS},
+                         max_length=s["train_max_length"], batch_size=s["batch"], lr=s["lr"], head_lr=s["head_lr"],
+                         max_steps=s["steps"], eval_every=s["steps"], max_eval_examples=s["eval_examples"], seed=0,
+                         output_dir=f"{data_dir}/run{half}")
+    result = run(config, console=Console(quiet=True), force=True)
+    return {"half": half, "adapter": str(result.paths["adapter"]), "best_step": result.best_step,
+            "validation_accuracy": result.metrics["after"]["validation"]["accuracy"],
+            "train_s": result.timings["train_s"]}
+
+
+MERGES = [
+    ("linear", "linear", {"weights": [0.5, 0.5]}),
+    ("task_arithmetic", "task_arithmetic", {"weights": [1.0, 1.0]}),
+    ("ties d=0.5", "ties", {"density": 0.5, "weights": [1.0, 1.0]}),
+    ("dare_linear d=0.5", "dare_linear", {"density": 0.5, "weights": [0.5, 0.5]}),
+]
+
+
+def accuracy(s: Settings, phase: Phases) -> dict[str, Any]:
+    from splice import assets
+    from splice.merging import merge_adapters
+    from splice.train import TrainConfig
+    from splice.train.loop import evaluate_adapter
+
+    phase(f"[accuracy] 2 training runs of {s.steps} steps, {s.jobs} at a time")
+    splits = assets.rotten_tomatoes()
+    half = len(splits.train) // 2
+    out: dict[str, Any] = {"train_rows": [half, len(splits.train) - half], "runs": [], "test": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, rows in (("train0", splits.train[:half]), ("train1", splits.train[half:]),
+                           ("validation", splits.validation)):
+            Path(tmp, f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with ProcessPoolExecutor(s.jobs) as pool:
+            runs = list(pool.map(train_half, [0, 1], [tmp] * 2, [asdict(s)] * 2))
+        out["runs"] = runs
+        phase("[accuracy] merging and evaluating on the test split")
+        config = TrainConfig(model="minilm", task="classification", data="rotten_tomatoes",
+                             max_length=s.train_max_length, batch_size=32, max_eval_examples=s.test_examples)
+        adapters = [r["adapter"] for r in runs]
+        for i, path in enumerate(adapters):
+            out["test"][f"input {i} (half {i})"] = evaluate_adapter(config, path)["accuracy"]
+        for label, method, kwargs in MERGES:
+            try:
+                result = merge_adapters(adapters, method, heads="average", **kwargs)
+                path = Path(tmp) / f"merge_{method}"
+                result.save(path, overwrite=True)
+                out["test"][label] = evaluate_adapter(config, path)["accuracy"]
+            except Exception as err:
+                out["test"][label] = short_error(err)
+            print(f"  {label}: {out['test'][label]}", flush=True)
+        out["test_rows"] = len(splits.test[: s.test_examples])
+    return out
+
+
+# ---------------------------------------------------------------------------------- reporting
+
+
+def cell(res: dict[str, Any]) -> tuple[str, str]:
+    if "error" in res:
+        return "raises", "-"
+    return (f"{res['rel_error']:.1e} (worst {res['worst_tensor_rel_error']:.1e})",
+            f"{res['logits_max_abs_diff']:.1e}")
+
+
+def correctness_md(sec: dict[str, Any], s: Settings) -> list[str]:
+    rows, raised = [], []
+    for case, row in sec["cases"].items():
+        for rule, res in row["rules"].items():
+            p, q = res["peft"], res["splice"]
+            rows.append([case, rule, *cell(p), *cell(q), f"{res['target_logit_change_max']:.2f}"])
+            for lib in ("peft", "splice"):
+                if "error" in res[lib]:
+                    raised.append(f"- {case}, {rule}, {lib}: `{res[lib]['error']}`")
+    out = [table(["case", "rule", "PEFT ‖Δ−target‖/‖target‖", "PEFT max abs Δlogit",
+                  "splice ‖Δ−target‖/‖target‖", "splice max abs Δlogit", "target's max abs logit change"], rows), ""]
+    svd8 = [[case, f"{row['rules'][name]['target_vs_sum']:.3f}",
+             *(f"{row['rules'][name][lib]['rel_error_vs_sum']:.3f}" if "rel_error_vs_sum" in row["rules"][name][lib]
+               else "raises" for lib in ("peft", "splice"))]
+            for case, row in sec["cases"].items() for name in ["svd rank 8"] if name in row["rules"]]
+    if svd8:
+        out += ["Truncation to rank 8, measured against the untruncated Σ w_i ΔW_i instead (‖Δ − Σ‖/‖Σ‖; the"
+                " best rank-8 matrix per module is the floor for a plain LoRA result; a DoRA result is not a rank-8"
+                " change, as its magnitude rescales W too, so there the floor does not apply):", "",
+                table(["case", "best rank-8 (floor)", "PEFT svd rank 8", "splice svd rank 8"], svd8), ""]
+    if raised:
+        out += ["Errors raised:", "", *raised, ""]
+    return out
+
+
+def timing_md(sec: dict[str, Any]) -> list[str]:
+    a, r = sec["absolute"], sec["ratios"]
+    rows = [[rule, fmt_s(a[f"splice {rule}"]), fmt_s(a[f"peft {rule}"]), fmt_ratio(r[f"splice {rule}/peft {rule}"])]
+            for rule in ("linear", "svd")]
+    return [table(["rule", "splice min / median ms", "PEFT min / median ms", "splice / PEFT, median [IQR]"], rows), ""]
+
+
+def accuracy_md(sec: dict[str, Any], s: Settings) -> list[str]:
+    rows = [[k, f"{v:.3f}" if isinstance(v, float) else v] for k, v in sec["test"].items()]
+    runs = "; ".join(f"half {r['half']}: best step {r['best_step']}, validation accuracy"
+                     f" {r['validation_accuracy']:.3f}, {r['train_s']:.0f} s" for r in sec["runs"])
+    return [f"Two LoRA r=8 (alpha 16, query,value, head trained), seed 0 each, {s.steps} steps of batch {s.batch},"
+            f" max length {s.train_max_length}, lr {s.lr} (head {s.head_lr}), on the two halves"
+            f" ({sec['train_rows'][0]} and {sec['train_rows'][1]} rows) of the Rotten Tomatoes training split;"
+            f" test accuracy on {sec['test_rows']} test reviews. Runs: {runs}. Merges by splice, heads averaged.", "",
+            table(["adapter", "test accuracy"], rows), ""]
+
+
+def markdown(result: dict[str, Any], s: Settings) -> str:
+    sec = result["sections"]
+    out = ["# Merging adapters: splice `merge_adapters` vs HF PEFT `add_weighted_adapter` (MiniLM, CPU)", "",
+           environment_line(result["environment"]), ""]
+    if s.quick:
+        out += ["**Quick run: smoke test only, too few cases and rounds to trust.**", ""]
+    if "correctness_rerun" in result:
+        rerun = result["correctness_rerun"]
+        out += [f"Correctness section re-run: {environment_line(rerun['environment'])} ({rerun['why']}).", ""]
+    if "correctness" in sec:
+        out += ["## Correctness against the true weight change", "",
+                f"Two random adapters on query,value of MiniLM (12 modules), weights {s.weights}; the target of"
+                " cat, linear and svd at rank 16 is Σ w_i ΔW_i with ΔW_i each adapter's true change (merged alone"
+                " by PEFT and diffed); of svd rank 8 its best rank-8 truncation per matrix; of ties the rule (PEFT's"
+                " `merge_utils.ties`, density 0.5) on the dense changes [ΔW_i | Δb_i]. Errors are relative Frobenius"
+                " norms over all parameters (worst single tensor in brackets); logits on"
+                f" {s.reviews} Rotten Tomatoes reviews. For ties both libraries keep rank 384 (all of it):"
+                " PEFT through `ties_svd` (the dense rule, then an SVD), splice with `rank=384`; the factor-wise"
+                " row is PEFT's `ties`, which applies the rule to A and to B separately. PEFT's `linear` also"
+                " combines A and B separately (its docs call it an approximation), so it is not Σ w_i ΔW_i even"
+                " for plain LoRA; PEFT's `cat` and `svd` are its exact rules.", "",
+                *correctness_md(sec["correctness"], s)]
+    if "timing" in sec:
+        out += ["## Merge time (plain LoRA case, adapters in memory)", "",
+                f"{s.rounds} interleaved rounds after {s.warmup} warm-up; {sec['timing']['modules']} modules."
+                " PEFT `linear` is a weighted sum of the factors (no SVD); splice `linear` builds Σ w_i ΔW_i and"
+                " re-factors it to its numerical rank with an SVD in float64; `svd` at rank 16 is an SVD in both.",
+                "", *timing_md(sec["timing"])]
+    if "accuracy" in sec:
+        out += ["## Accuracy of merged adapters (Rotten Tomatoes)", "", *accuracy_md(sec["accuracy"], s)]
+    out += [f"Total run time {result['total_s']:.0f} s."]
+    return "\n".join(out)
+
+
+SECTIONS = {"correctness": correctness, "timing": timing, "accuracy": accuracy}
+
+
+def run(s: Settings) -> dict[str, Any]:
+    torch.set_num_threads(s.threads)
+    phase = Phases()
+    result: dict[str, Any] = {"settings": asdict(s), "environment": environment(s.threads), "sections": {}}
+    for name in s.sections:
+        result["sections"][name] = SECTIONS[name](s, phase)
+    result["environment"]["loadavg_end"] = __import__("os").getloadavg()
+    result["phase_seconds"] = phase.seconds()
+    result["total_s"] = phase.total()
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="~1-2 minute smoke run (numbers not trustworthy)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: bench/README.md)")
+    p.add_argument("--sections", nargs="+", choices=list(SECTIONS), help="subset of sections")
+    p.add_argument("--cases", nargs="+", choices=[c.name for c in CASES], help="subset of correctness cases")
+    p.add_argument("--rounds", type=int, help="timed rounds")
+    p.add_argument("--steps", type=int, help="optimizer steps per training run")
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
+    p.add_argument("--render", type=Path, metavar="JSON", help="measure nothing: rewrite the markdown of a JSON")
+    args = p.parse_args(argv)
+    settings = Settings.quick_run(threads=args.threads) if args.quick else Settings(threads=args.threads)
+    for name in ("sections", "cases", "rounds", "steps"):
+        if getattr(args, name) is not None:
+            setattr(settings, name, getattr(args, name))
+    return args, settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, settings = parse_args(argv)
+    if args.render:
+        result = json.loads(args.render.read_text())
+        settings = Settings(**result["settings"])
+        args.render.with_suffix(".md").write_text(markdown(result, settings) + "\n")
+        print(f"wrote {args.render.with_suffix('.md')}")
+        return
+    result = run(settings)
+    write_results(args.out_dir, "merge_quick" if settings.quick else "merge", result, markdown(result, settings))
+
+
+if __name__ == "__main__":
+    main()
