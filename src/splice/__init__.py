@@ -7,6 +7,7 @@
 """
 
 from splice import assets, merging, placement
+from splice.compress import compress  # the function; the package stays importable as splice.compress.*
 from splice.core import *  # noqa: F403
 from splice.core import __all__ as _core_all
 from splice.io import load, save
@@ -16,5 +17,5 @@ from splice.placement import DomLoRA
 __version__ = "0.1.0"
 __all__ = [
     *_core_all, "ConvAdapter", "DiaBlo", "DoRA", "FlexiLoRA", "LoRA", "LoReFT", "RepConvAdapter", "TTLoRA",
-    "DomLoRA", "assets", "load", "merging", "placement", "save",
+    "DomLoRA", "assets", "compress", "load", "merging", "placement", "save",
 ]

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from splice.cli.errors import user_errors
+from splice.core.inventory import shared_prefix
 
 if TYPE_CHECKING:
     from splice.io.info import AdapterInfo
@@ -62,7 +63,7 @@ def analyze(
         base = _base_model([adapter], model, task)
         prepare_output_dir(out, overwrite=force)
         report = adapter_dir_spectra(load_pretrained(*base), adapter)
-    prefix = _shared_prefix([m.name for m in report.modules])
+    prefix = shared_prefix([m.name for m in report.modules])
     table = Table(title=f"spectra of {adapter}", caption="rank: numerical; erank: entropy effective rank; "
                   "k90%/k99%: energy ranks; srank: stable rank")
     table.add_column(f"{prefix}*" if prefix else "module", overflow="fold")
@@ -107,7 +108,7 @@ def compare(
         if out is not None:
             prepare_output_dir(out, overwrite=force)
         result = compare_adapter_dirs(load_pretrained(*base), adapter_a, adapter_b, k)
-    prefix = _shared_prefix([m.name for m in result.modules])
+    prefix = shared_prefix([m.name for m in result.modules])
     table = Table(title=f"{adapter_b} against {adapter_a}",
                   caption="angle: smallest principal angle; overlap: mean cos² of the angles; "
                   "norm b/a: |dW_b|_F / |dW_a|_F")
@@ -172,17 +173,6 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1e4 else f"{value:.3e}"
     return str(value)
-
-
-def _shared_prefix(names: list[str]) -> str:
-    """The dotted prefix all names share (`bert.encoder.layer.`), so that table rows stay short."""
-    if len(names) < 2:
-        return ""
-    parts = [n.split(".") for n in names]
-    shared = 0
-    while all(len(p) > shared + 1 and p[shared] == parts[0][shared] for p in parts):
-        shared += 1
-    return "".join(f"{p}." for p in parts[0][:shared])
 
 
 def _spectra_summary(summary: dict[str, Any]) -> str:

@@ -42,3 +42,14 @@ def module_groups(model: nn.Module, selected: set[str], hostable_only: bool = Tr
         group.names.append(name)
         group.selected += name in selected
     return list(groups.values())
+
+
+def shared_prefix(names: list[str]) -> str:
+    """The dotted prefix all names share (`bert.encoder.layer.`), so that table rows stay short."""
+    if len(names) < 2:
+        return ""
+    parts = [n.split(".") for n in names]
+    shared = 0
+    while all(len(p) > shared + 1 and p[shared] == parts[0][shared] for p in parts):
+        shared += 1
+    return "".join(f"{p}." for p in parts[0][:shared])
