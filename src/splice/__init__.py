@@ -6,8 +6,7 @@
     splice.save(model, "my-adapter")          # loads in HF PEFT as well
 """
 
-from splice import assets, merging, placement
-from splice.compress import compress  # the function; the package stays importable as splice.compress.*
+from splice import assets, compress, merging, placement  # compress: a callable package (PARA)
 from splice.core import *  # noqa: F403
 from splice.core import __all__ as _core_all
 from splice.io import load, save

@@ -472,3 +472,18 @@ def test_minilm_lora_on_rotten_tomatoes_compressed_by_half_keeps_its_logits(mini
     discarded = 1 - result.retained_energy
     assert 0 < discarded < 0.5
     assert error <= 2 * math.sqrt(discarded) * change, (error / change, math.sqrt(discarded))
+
+
+def test_splice_compress_is_callable_and_still_a_package():
+    import importlib
+
+    import splice.compress.para as para_module
+
+    assert splice.compress.jactus is importlib.import_module("splice.compress.jactus").jactus
+    model = nn.Sequential(nn.Linear(6, 5))
+    splice.attach(model, splice.LoRA(r=3, targets=["0"]))
+    with torch.no_grad():
+        model[0].splice["default"].lora_B.normal_()
+    result = splice.compress(model, rank=1)
+    assert isinstance(result, para_module.CompressionResult)
+    assert result.ranks_after == {"0": 1}
