@@ -335,6 +335,12 @@ def test_load_refuses_foreign_corrupt_and_mismatched_files(tmp_path):
     with pytest.raises(AdapterFileError, match="not a splice-factorized file"):
         load_factorized(make_bert(), foreign)
 
+    broken = json.loads((good / "factorized_config.json").read_text())
+    next(iter(broken["modules"].values())).pop("rank")
+    (foreign / "factorized_config.json").write_text(json.dumps(broken))
+    with pytest.raises(AdapterFileError, match="positive integer rank"):
+        load_factorized(make_bert(), foreign)
+
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "factorized_config.json").write_text((good / "factorized_config.json").read_text())
@@ -374,8 +380,9 @@ def test_budget_and_options_are_validated():
 
 
 @pytest.mark.slow
-def test_jactus_on_minilm_keeps_outputs_near_full_rank_and_its_cores_learn(minilm):
-    """MiniLM's last layer (5 Linear layers) compressed from 16 Rotten Tomatoes reviews."""
+def test_jactus_on_minilm_is_exact_at_full_rank_close_at_80_percent_and_its_cores_learn(minilm):
+    """MiniLM's last layer (5 Linear layers) compressed from 16 Rotten Tomatoes reviews; compared on
+    the hidden states the head reads (a fresh head's logits are too small to say much)."""
     from transformers import AutoTokenizer
 
     rows = splice.assets.rotten_tomatoes().train[:32]
@@ -386,21 +393,24 @@ def test_jactus_on_minilm_keeps_outputs_near_full_rank_and_its_cores_learn(minil
                                return_tensors="pt"))
         return batch | {"labels": torch.tensor([r["label"] for r in part])}
 
+    def hidden(model: nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return model.bert(input_ids=train["input_ids"], attention_mask=train["attention_mask"]).last_hidden_state
+
     calibration, train = [encode(rows[:8]), encode(rows[8:16])], encode(rows[16:])
-    stats = calibrate(minilm, calibration, ["query", "value", "dense"], layers=[5], train_also=["classifier"])
-    reference = logits(minilm, train)
+    where = {"targets": ["query", "value", "dense"], "layers": [5], "train_also": ["classifier"]}
+    stats = calibrate(minilm, calibration, **where)
+    reference = hidden(minilm)
 
-    near_full = copy.deepcopy(minilm)
-    report = jactus(near_full, stats, budget=2.8, targets=["query", "value", "dense"], layers=[5],
-                    train_also=["classifier"])
-    assert len(report.layers) == 5 and report.retained_fraction <= 2.8
-    assert (logits(near_full, train) - reference).norm() < 0.05 * reference.norm()
+    full = copy.deepcopy(minilm)
+    report = jactus(full, stats, budget=2.8, **where)
+    assert len(report.layers) == 5
+    assert all(r.rank == min(r.in_features, r.out_features) for r in report.layers)  # 2.8x affords full rank
+    assert (hidden(full) - reference).norm() < 1e-4 * reference.norm()
 
-    report = jactus(minilm, stats, budget=0.8, targets=["query", "value", "dense"], layers=[5],
-                    train_also=["classifier"])
+    report = jactus(minilm, stats, budget=0.8, **where)
     assert report.retained_fraction <= 0.8
-    compressed = logits(minilm, train)
-    assert (compressed - reference).norm() < 0.5 * reference.norm()
+    assert (hidden(minilm) - reference).norm() < 0.5 * reference.norm()  # measured 0.39
     minilm.classifier.requires_grad_(False)  # the cores alone must lower the loss
     optimizer = torch.optim.AdamW([p for p in minilm.parameters() if p.requires_grad], lr=1e-3)
     minilm.train()

@@ -6,8 +6,8 @@
 It is what joint compression (JACTUS, `splice.compress.jactus`) deploys in place of a dense
 `nn.Linear`: (in + out) k + k² numbers instead of in * out, and no copy of the dense weight.
 The forward runs right to left, ((x V) Cᵀ) Uᵀ, so it costs (in + out) k + k² multiply-adds per
-token and never forms the [out, in] product; at k = 0.36 d for a square d x d layer (an 80%
-parameter budget) that is 0.85x the dense layer's work.
+token, as many as it stores numbers, and never forms the [out, in] product: at an 80% parameter
+budget (k ≈ 0.34 d for a square d x d layer) it does 0.8x the dense layer's work.
 
 Unlike the adapters in `splice.methods`, this module *replaces* the base layer (a compressed model
 carries no dense W to hook onto), so it is not a splice host and `splice.attach` cannot put an
@@ -224,6 +224,12 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
                                f"(this splice reads version {FORMAT_VERSION})")
     if not isinstance(config.get("modules"), dict) or not isinstance(config.get("trained"), list):
         raise AdapterFileError(f"{config_file} lacks its 'modules' mapping or 'trained' list")
+    for name, spec in config["modules"].items():
+        fields = ("rank", "in_features", "out_features")
+        if not isinstance(spec, dict) or not all(isinstance(spec.get(f), int) and spec[f] > 0 for f in fields) \
+                or not isinstance(spec.get("bias"), bool):
+            raise AdapterFileError(f"{config_file}: module {name!r} needs positive integer {', '.join(fields)} "
+                                   f"and a boolean bias, got {spec!r}")
     try:
         tensors = load_file(str(weights_file))
     except (SafetensorError, OSError, ValueError) as err:

@@ -179,10 +179,15 @@ def calibrate(model: nn.Module, batches: Iterable[Batch], targets: Targets = "al
     connected to the graph by adding a zero that requires grad).
     """
     selected = linear_targets(model, targets, exclude, layers, train_also)
-    sizes = {name: (_in_out(module)) for name, module in selected}
-    x_sums = {name: torch.zeros(n, n, dtype=torch.float64) for name, (n, _) in sizes.items()}
-    g_sums = {name: torch.zeros(m, m, dtype=torch.float64) for name, (_, m) in sizes.items()}
-    rows = dict.fromkeys(sizes, 0)
+    # Sums live on each layer's device (float64), so a GPU model is not synchronised per batch.
+    x_sums: dict[str, torch.Tensor] = {}
+    g_sums: dict[str, torch.Tensor] = {}
+    for name, module in selected:
+        n, m = _in_out(module)
+        device = next(module.parameters()).device
+        x_sums[name] = torch.zeros(n, n, dtype=torch.float64, device=device)
+        g_sums[name] = torch.zeros(m, m, dtype=torch.float64, device=device)
+    rows = dict.fromkeys(x_sums, 0)
     captured: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
     current: dict[str, torch.Tensor | None] = {"mask": None}
     anchor = torch.zeros((), requires_grad=True)
@@ -228,7 +233,8 @@ def calibrate(model: nn.Module, batches: Iterable[Batch], targets: Targets = "al
     if unused:
         raise SpliceError(f"these targets never ran during calibration, so nothing is known about their inputs: "
                           f"{unused[:8]}; exclude them or check the batches reach them")
-    return {name: LayerStats(x_sums[name] / rows[name], g_sums[name] / rows[name], rows[name]) for name in sizes}
+    return {name: LayerStats((x_sums[name] / rows[name]).cpu(), (g_sums[name] / rows[name]).cpu(), rows[name])
+            for name in x_sums}
 
 
 def _loss(model: nn.Module, batch: Batch, loss_fn: LossFn | None) -> torch.Tensor:
@@ -251,7 +257,7 @@ def _row_mask(mask: torch.Tensor | None, output: torch.Tensor) -> torch.Tensor |
 
 def _rows(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     rows = t.detach().reshape(-1, t.shape[-1])
-    return (rows if keep is None else rows[keep]).to("cpu", torch.float64)
+    return (rows if keep is None else rows[keep]).to(torch.float64)
 
 
 def _in_out(module: nn.Module) -> tuple[int, int]:
@@ -304,8 +310,7 @@ def allocate_ranks(gains: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple
 def weight_gains(W: torch.Tensor, stats: LayerStats, weighting: Weighting) -> torch.Tensor:
     """The allocator's per-rank gains: squared singular values of W (or of W C_x^{1/2}) as shares
     of their sum, so that scaling a layer's weight does not change its rank."""
-    # svd, not svdvals: on CPU float64 svdvals took ~20x longer (4.7 s vs 0.24 s for 1536 x 384).
-    energy = torch.linalg.svd(_weighted(W, stats, weighting), full_matrices=False).S ** 2
+    energy = torch.linalg.svdvals(_weighted(W, stats, weighting)) ** 2
     return energy / energy.sum().clamp_min(torch.finfo(energy.dtype).tiny)
 
 
@@ -322,7 +327,7 @@ def weight_subspace(W: torch.Tensor, stats: LayerStats, k: int,
 def _weighted(W: torch.Tensor, stats: LayerStats, weighting: Weighting) -> torch.Tensor:
     """W, or W L with L Lᵀ = C_x + εI (Cholesky; = W C_x^{1/2} up to a rotation on the right, so
     the same singular values and left singular vectors). ε = 1e-9 x the mean eigenvalue keeps a
-    covariance of fewer rows than columns factorable; a full eigendecomposition would cost ~20x."""
+    covariance of fewer rows than columns factorable; an eigendecomposition would cost ~18x."""
     if weighting == "none":
         return W
     C = stats.input_cov
@@ -335,10 +340,10 @@ def complement_top(cov: torch.Tensor, basis: torch.Tensor, t: int) -> torch.Tens
     top-t eigenvectors of (I − B Bᵀ) cov (I − B Bᵀ).
 
     Found by block subspace iteration (t + 8 columns, a fixed seed, `SUBSPACE_ITERATIONS` steps,
-    then Rayleigh–Ritz) rather than a full eigendecomposition, which for a 1536-wide covariance
-    costs ~7 s per layer on one CPU thread against ~0.3 s. A small multiple of the identity is
-    added to `cov`, so the result stays t orthonormal directions in the complement even where
-    `cov` has no energy left there.
+    then Rayleigh–Ritz) rather than a full eigendecomposition: for a 1536-wide covariance 0.4 s
+    against 2.2 s on one CPU thread, capturing the exact top-8's energy to 1e-8 on MiniLM. A
+    small multiple of the identity is added to `cov`, so the result stays t orthonormal
+    directions in the complement even where `cov` has no energy left there.
     """
     d = cov.shape[0]
     width = min(t + 8, d - basis.shape[1])
@@ -379,7 +384,7 @@ def _orthonormal(A: torch.Tensor) -> torch.Tensor:
 
 def jactus(model: nn.Module, calibration: Iterable[Batch] | Mapping[str, LayerStats], *, budget: float = 0.8,
            targets: Targets = "all-linear", exclude: Targets = None, layers: Any = None,
-           train_also: Sequence[str] = (), task_rank: int = 8, weighting: Weighting = "none",
+           train_also: Sequence[str] = (), task_rank: int = 8, weighting: Weighting = "input",
            loss_fn: LossFn | None = None) -> JactusReport:
     """Replace the targeted Linear layers by FactorizedLinear ones, in place; train only the cores.
 
@@ -394,8 +399,10 @@ def jactus(model: nn.Module, calibration: Iterable[Batch] | Mapping[str, LayerSt
             never compressed.
         task_rank: t, directions per side (inputs and output gradients) reserved in each layer's
             union for the task, at most half the layer's rank; 0 gives truncated SVD.
-        weighting: "none" ranks directions by W's singular values; "input" by those of W C_x^{1/2}
-            (the calibration inputs' output error), for both the allocation and W's subspace.
+        weighting: "input" (default) ranks directions by the singular values of W C_x^{1/2} (the
+            calibration inputs' output error), "none" by W's own, for both the allocation and W's
+            subspace. On MiniLM (all-linear, 80%, 64 calibration reviews) the [CLS] hidden state's
+            relative error before any training was 0.40-0.41 with "input", 0.63 with "none".
         loss_fn: `loss_fn(model, batch) -> loss` for models whose output has no `.loss`.
 
     Everything else in the model is frozen. Returns a `JactusReport` (per-layer rank and sizes,
@@ -415,13 +422,14 @@ def jactus(model: nn.Module, calibration: Iterable[Batch] | Mapping[str, LayerSt
     else:
         stats = calibrate(model, calibration, targets, exclude=exclude, layers=layers, train_also=train_also,
                           loss_fn=loss_fn)
-    weights = {name: dense_weight(module, describe(module)).to("cpu", torch.float64) for name, module in selected}
-    shapes = {name: (W.shape[1], W.shape[0]) for name, W in weights.items()}
-    gains = {name: weight_gains(W, stats[name], weighting) for name, W in weights.items()}
+    shapes, gains = {}, {}
+    for name, module in selected:  # one dense float64 weight in memory at a time, here and below
+        W = _dense64(module)
+        shapes[name], gains[name] = (W.shape[1], W.shape[0]), weight_gains(W, stats[name], weighting)
     ranks = allocate_ranks(gains, shapes, budget)
     report = JactusReport(budget=budget, trained=heads)
     for name, module in selected:
-        W = weights.pop(name)
+        W = _dense64(module)
         U, V, t = union_bases(W, stats[name], ranks[name], task_rank, weighting)
         core = U.T @ W @ V
         like = module.weight
@@ -435,3 +443,7 @@ def jactus(model: nn.Module, calibration: Iterable[Batch] | Mapping[str, LayerSt
                                          float(core.square().sum() / W.square().sum().clamp_min(1e-300))))
     freeze_except(model, heads)
     return report
+
+
+def _dense64(module: nn.Module) -> torch.Tensor:
+    return dense_weight(module, describe(module)).to("cpu", torch.float64)
