@@ -50,13 +50,13 @@ import torch
 from bench_multi_adapter import verdict
 from common import (
     HEAD,
-    RESULTS,
     Batch,
     Candidate,
     LoraSpec,
     Peft,
     Phases,
     Splice,
+    bench_parser,
     compare,
     copy_lora,
     environment,
@@ -70,10 +70,12 @@ from common import (
     minilm_dir,
     parameter_storages,
     proc_status_mb,
+    rerender,
     reset_peak_rss,
     review_batch,
     run_child,
     seed_everything,
+    settings_from,
     table,
     trainable,
     write_results,
@@ -738,10 +740,7 @@ def run(s: Settings) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="~2-3 minute smoke run (numbers not trustworthy)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1: bench/README.md)")
+    p = bench_parser(__doc__, "~2-3 minute smoke run (numbers not trustworthy)")
     p.add_argument("--jobs", type=int, help="training runs at a time, each its own process (default 2)")
     p.add_argument("--sections", nargs="+", choices=list(SECTIONS), help="subset of sections")
     p.add_argument("--forms", nargs="+", choices=[f.name for f in FORMS], help="subset of forms (keep LoRA)")
@@ -754,15 +753,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     p.add_argument("--rounds", type=int, help="timed rounds of the step-time section")
     p.add_argument("--dora-rounds", type=int, help="timed rounds of the DoRA-vs-PEFT section")
     p.add_argument("--warmup", type=int, help="untimed rounds before each timed section")
-    p.add_argument("--out-dir", type=Path, default=RESULTS)
-    p.add_argument("--render", type=Path, metavar="JSON", help="measure nothing: rewrite the markdown of a JSON")
     p.add_argument("--mem-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    settings = Settings.quick_run(threads=args.threads) if args.quick else Settings(threads=args.threads)
-    for name in ("jobs", "sections", "forms", "datasets", "seeds", "steps", "batch", "max_length", "eval_examples",
-                 "rounds", "dora_rounds", "warmup"):
-        if getattr(args, name) is not None:
-            setattr(settings, name, getattr(args, name))
+    overrides = ("jobs", "sections", "forms", "datasets", "seeds", "steps", "batch", "max_length", "eval_examples",
+                 "rounds", "dora_rounds", "warmup")
+    settings = settings_from(args, Settings, overrides)
     return args, settings
 
 
@@ -772,10 +767,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(memory_child(args.mem_child, settings)))
         return
     if args.render:
-        result = json.loads(args.render.read_text())
-        settings = Settings(**result["settings"])
-        args.render.with_suffix(".md").write_text(markdown(result, settings) + "\n")
-        print(f"wrote {args.render.with_suffix('.md')}")
+        rerender(args.render, Settings, markdown)
         return
     result = run(settings)
     stem = "forms_quick" if settings.quick else "forms"

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import multiprocessing
 import os
@@ -39,7 +38,6 @@ import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -47,9 +45,9 @@ import torch
 import torch.nn.functional as F
 from common import (
     HEAD,
-    RESULTS,
     Candidate,
     Phases,
+    bench_parser,
     compare,
     environment,
     environment_line,
@@ -58,8 +56,10 @@ from common import (
     interleaved,
     keep_freed_memory,
     minilm_dir,
+    rerender,
     review_batch,
     seed_everything,
+    settings_from,
     table,
     train_step,
     trainable,
@@ -520,10 +520,7 @@ def run(s: Settings) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke run of a few minutes (numbers not trustworthy)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
+    p = bench_parser(__doc__, "smoke run of a few minutes (numbers not trustworthy)")
     p.add_argument("--jobs", type=int, help="training runs at a time, each its own process (default 2)")
     p.add_argument("--sections", nargs="+", choices=list(SECTIONS), help="subset of sections")
     p.add_argument("--variants", nargs="+", choices=list(VARIANT_BY_NAME), help="subset of variants (keep LoRA)")
@@ -533,23 +530,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     p.add_argument("--lr-core", type=float, help="learning rate of JACTUS's cores")
     p.add_argument("--eval-examples", type=int, help="test rows evaluated")
     p.add_argument("--rounds", type=int, help="timed rounds of the step-time section")
-    p.add_argument("--out-dir", type=Path, default=RESULTS)
-    p.add_argument("--render", type=Path, metavar="JSON", help="measure nothing: rewrite the markdown of a JSON")
     args = p.parse_args(argv)
-    settings = Settings.quick_run(threads=args.threads) if args.quick else Settings(threads=args.threads)
-    for name in ("jobs", "sections", "variants", "datasets", "seeds", "steps", "lr_core", "eval_examples", "rounds"):
-        if getattr(args, name) is not None:
-            setattr(settings, name, getattr(args, name))
+    overrides = ("jobs", "sections", "variants", "datasets", "seeds", "steps", "lr_core", "eval_examples", "rounds")
+    settings = settings_from(args, Settings, overrides)
     return args, settings
 
 
 def main(argv: list[str] | None = None) -> None:
     args, settings = parse_args(argv)
     if args.render:
-        result = json.loads(args.render.read_text())
-        settings = Settings(**result["settings"])
-        args.render.with_suffix(".md").write_text(markdown(result, settings) + "\n")
-        print(f"wrote {args.render.with_suffix('.md')}")
+        rerender(args.render, Settings, markdown)
         return
     result = run(settings)
     write_results(args.out_dir, "jactus_quick" if settings.quick else "jactus", result, markdown(result, settings))

@@ -37,6 +37,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import tempfile
 import traceback
 from concurrent.futures import ProcessPoolExecutor
@@ -46,9 +47,9 @@ from typing import Any
 
 import torch
 from common import (
-    RESULTS,
     Candidate,
     Phases,
+    bench_parser,
     compare,
     environment,
     environment_line,
@@ -56,7 +57,9 @@ from common import (
     fmt_s,
     interleaved,
     load_minilm_classifier,
+    rerender,
     review_batch,
+    settings_from,
     table,
     write_results,
 )
@@ -519,38 +522,28 @@ def run(s: Settings) -> dict[str, Any]:
     result: dict[str, Any] = {"settings": asdict(s), "environment": environment(s.threads), "sections": {}}
     for name in s.sections:
         result["sections"][name] = SECTIONS[name](s, phase)
-    result["environment"]["loadavg_end"] = __import__("os").getloadavg()
+    result["environment"]["loadavg_end"] = os.getloadavg()
     result["phase_seconds"] = phase.seconds()
     result["total_s"] = phase.total()
     return result
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="~1-2 minute smoke run (numbers not trustworthy)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: bench/README.md)")
+    p = bench_parser(__doc__, "~1-2 minute smoke run (numbers not trustworthy)")
     p.add_argument("--sections", nargs="+", choices=list(SECTIONS), help="subset of sections")
     p.add_argument("--cases", nargs="+", choices=[c.name for c in CASES], help="subset of correctness cases")
     p.add_argument("--rounds", type=int, help="timed rounds")
     p.add_argument("--steps", type=int, help="optimizer steps per training run")
-    p.add_argument("--out-dir", type=Path, default=RESULTS)
-    p.add_argument("--render", type=Path, metavar="JSON", help="measure nothing: rewrite the markdown of a JSON")
     args = p.parse_args(argv)
-    settings = Settings.quick_run(threads=args.threads) if args.quick else Settings(threads=args.threads)
-    for name in ("sections", "cases", "rounds", "steps"):
-        if getattr(args, name) is not None:
-            setattr(settings, name, getattr(args, name))
+    overrides = ("sections", "cases", "rounds", "steps")
+    settings = settings_from(args, Settings, overrides)
     return args, settings
 
 
 def main(argv: list[str] | None = None) -> None:
     args, settings = parse_args(argv)
     if args.render:
-        result = json.loads(args.render.read_text())
-        settings = Settings(**result["settings"])
-        args.render.with_suffix(".md").write_text(markdown(result, settings) + "\n")
-        print(f"wrote {args.render.with_suffix('.md')}")
+        rerender(args.render, Settings, markdown)
         return
     result = run(settings)
     write_results(args.out_dir, "merge_quick" if settings.quick else "merge", result, markdown(result, settings))

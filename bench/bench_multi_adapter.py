@@ -48,7 +48,6 @@ import numpy as np
 import torch
 import transformers
 from common import (
-    RESULTS,
     Batch,
     Candidate,
     Library,
@@ -56,6 +55,7 @@ from common import (
     Peft,
     Phases,
     Splice,
+    bench_parser,
     compare,
     copy_lora,
     environment,
@@ -76,12 +76,14 @@ from common import (
     parameter_storages,
     proc_status_mb,
     quartiles,
+    rerender,
     reset_peak_rss,
     review_batch,
     review_chunks,
     run_child,
     saved_for_backward,
     seed_everything,
+    settings_from,
     smollm2_dir,
     table,
     train_step,
@@ -693,10 +695,7 @@ def run(s: Settings) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="~2 minute smoke run (few rounds; numbers not trustworthy)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see bench/README.md)")
+    p = bench_parser(__doc__, "~2 minute smoke run (few rounds; numbers not trustworthy)")
     p.add_argument("--sections", nargs="+", choices=[x.key for x in SECTIONS], help="subset of sections")
     p.add_argument("--targets", nargs="+", choices=["qv", "all-linear"], help="subset of target configurations")
     p.add_argument("--warmup", type=int, help="untimed MiniLM warm-up rounds (default 2, quick 1)")
@@ -709,19 +708,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     p.add_argument("--default-malloc", action="store_true",
                    help="leave glibc malloc at its defaults (timing: see common.keep_freed_memory; memory children:"
                         " no fixed mmap threshold)")
-    p.add_argument("--out-dir", type=Path, default=RESULTS)
-    p.add_argument("--render", type=Path, metavar="JSON",
-                   help="measure nothing: rewrite the markdown of an earlier run from its JSON")
     p.add_argument("--mem-child", help=argparse.SUPPRESS)
     p.add_argument("--model-path", type=Path, help=argparse.SUPPRESS)
     for name in ("minilm-batch", "minilm-seq", "smollm-batch", "smollm-seq"):
         p.add_argument(f"--{name}", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    settings = Settings.quick_run(threads=args.threads) if args.quick else Settings(threads=args.threads)
-    for name in ("sections", "targets", "warmup", "mixed_rounds", "decode_rounds", "new_tokens", "minilm_pairs",
-                 "smollm_pairs", "mem_steps", "minilm_batch", "minilm_seq", "smollm_batch", "smollm_seq"):
-        if getattr(args, name) is not None:
-            setattr(settings, name, getattr(args, name))
+    overrides = ("sections", "targets", "warmup", "mixed_rounds", "decode_rounds", "new_tokens", "minilm_pairs",
+                 "smollm_pairs", "mem_steps", "minilm_batch", "minilm_seq", "smollm_batch", "smollm_seq")
+    settings = settings_from(args, Settings, overrides)
     settings.default_malloc = args.default_malloc
     return args, settings
 
@@ -734,12 +728,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(memory_child(args.mem_child, settings, args.model_path)))
         return
     if args.render:
-        import json
-
-        result = json.loads(args.render.read_text())
-        settings = Settings(**result["settings"])
-        (args.render.with_suffix(".md")).write_text(markdown(result, settings) + "\n")
-        print(f"wrote {args.render.with_suffix('.md')}")
+        rerender(args.render, Settings, markdown)
         return
     result = run(settings)
     stem = "multi_adapter_quick" if settings.quick else "multi_adapter"

@@ -46,12 +46,14 @@ from typing import Any
 import numpy as np
 import torch
 from common import (
-    RESULTS,
     Phases,
+    bench_parser,
     environment,
     environment_line,
     minilm_dir,
+    rerender,
     review_chunks,
+    settings_from,
     smollm2_dir,
     table,
     write_results,
@@ -641,10 +643,7 @@ def markdown(result: dict[str, Any], s: Settings) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="~2-3 minute smoke run (numbers not trustworthy)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1: bench/README.md)")
+    p = bench_parser(__doc__, "~2-3 minute smoke run (numbers not trustworthy)")
     p.add_argument("--jobs", type=int, help="worker processes (default 2)")
     p.add_argument("--sections", nargs="+", choices=["accuracy", "page_minilm", "page_smollm2"])
     p.add_argument("--variants", nargs="+", choices=[v.name for v in VARIANTS], help="placements (keep 'LoRA q,v')")
@@ -656,14 +655,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     p.add_argument("--eval-examples", type=int, help="validation and test rows")
     p.add_argument("--probe-batches", type=int, help="PAGE probe batches (DomLoRA and the PAGE sections)")
     p.add_argument("--no-review-lm", action="store_true", help="skip PAGE on review text (SmolLM2)")
-    p.add_argument("--out-dir", type=Path, default=RESULTS)
-    p.add_argument("--render", type=Path, metavar="JSON", help="measure nothing: rewrite the markdown of a JSON")
     args = p.parse_args(argv)
-    settings = Settings.quick_run(threads=args.threads) if args.quick else Settings(threads=args.threads)
-    for name in ("jobs", "sections", "variants", "datasets", "seeds", "steps", "batch", "max_length",
-                 "eval_examples", "probe_batches"):
-        if getattr(args, name) is not None:
-            setattr(settings, name, getattr(args, name))
+    overrides = ("jobs", "sections", "variants", "datasets", "seeds", "steps", "batch", "max_length", "eval_examples",
+                 "probe_batches")
+    settings = settings_from(args, Settings, overrides)
     if args.no_review_lm:
         settings.review_lm = False
     return args, settings
@@ -672,10 +667,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
 def main(argv: list[str] | None = None) -> None:
     args, settings = parse_args(argv)
     if args.render:
-        result = json.loads(args.render.read_text())
-        settings = Settings(**result["settings"])
-        args.render.with_suffix(".md").write_text(markdown(result, settings) + "\n")
-        print(f"wrote {args.render.with_suffix('.md')}")
+        rerender(args.render, Settings, markdown)
         return
     stem = "placement_quick" if settings.quick else "placement"
     result = run(settings, args.out_dir)

@@ -10,6 +10,7 @@ its import footprint is part of what it reports.
 
 from __future__ import annotations
 
+import argparse
 import bz2
 import csv
 import gc
@@ -583,3 +584,32 @@ def write_results(out_dir: Path, stem: str, result: dict[str, Any], text: str) -
     (out_dir / f"{stem}.md").write_text(text + "\n")
     print("\n" + text)
     print(f"\nwrote {out_dir / stem}.json and .md")
+
+
+# -- the command line every benchmark shares ---------------------------------------------------
+
+
+def bench_parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
+    """The options of every benchmark: --quick, --threads, --out-dir, --render; add your own."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1: bench/README.md)")
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
+    p.add_argument("--render", type=Path, metavar="JSON", help="measure nothing: rewrite the markdown of a JSON")
+    return p
+
+
+def settings_from(args: argparse.Namespace, settings_cls: Any, overrides: tuple[str, ...]) -> Any:
+    """The benchmark's settings (quick or full) with every override given on the command line."""
+    settings = settings_cls.quick_run(threads=args.threads) if args.quick else settings_cls(threads=args.threads)
+    for name in overrides:
+        if getattr(args, name) is not None:
+            setattr(settings, name, getattr(args, name))
+    return settings
+
+
+def rerender(path: Path, settings_cls: Any, markdown: Callable[[dict[str, Any], Any], str]) -> None:
+    """--render: rewrite `path`'s markdown from its JSON, measuring nothing."""
+    result = json.loads(path.read_text())
+    path.with_suffix(".md").write_text(markdown(result, settings_cls(**result["settings"])) + "\n")
+    print(f"wrote {path.with_suffix('.md')}")
