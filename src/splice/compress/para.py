@@ -63,6 +63,7 @@ from splice.analysis.spectra import energy_rank, module_type
 from splice.core.errors import SpliceError
 from splice.core.inventory import shared_prefix
 from splice.core.state import AdapterState, ModuleUpdate
+from splice.core.svd import product_svd
 from splice.io.state import AdapterSource, adapter_state, save_state
 
 Allocation = Literal["global", "per-module"]
@@ -89,12 +90,8 @@ class ModuleSVD:
 
 def module_svd(update: ModuleUpdate) -> ModuleSVD:
     """The SVD of s B A from thin QRs of B and Aᵀ and the SVD of the small s R_B R_Aᵀ."""
-    B = update.B.detach().flatten(1).double()
-    A = update.A.detach().flatten(1).double()
-    Q_b, R_b = torch.linalg.qr(B)
-    Q_a, R_a = torch.linalg.qr(A.T)
-    U, S, Vh = torch.linalg.svd(update.scale * R_b @ R_a.T, full_matrices=False)
-    return ModuleSVD(Q_b @ U, S, Vh @ Q_a.T, B.shape[0] + A.shape[1])
+    B, A = update.B.detach().flatten(1), update.A.detach().flatten(1)
+    return ModuleSVD(*product_svd(B.double() * update.scale, A), B.shape[0] + A.shape[1])
 
 
 def truncated(update: ModuleUpdate, svd: ModuleSVD, rank: int) -> ModuleUpdate:

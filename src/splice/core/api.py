@@ -23,7 +23,7 @@ from splice.core.targets import matches, named_base_modules, resolve_targets, si
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 # instance attributes of `Host`, which holds adapters by name
-RESERVED_NAMES = frozenset({"info", "active", "merged", "enabled", "routing"})
+RESERVED_NAMES = frozenset({"info", "active", "merged", "enabled", "routing", "_merged_deltas", "_hook"})
 
 
 @dataclass
@@ -155,6 +155,11 @@ def attach(
     state.adapters[name].undo = config.on_attach(model, name)
     activate(model, name)
     return model
+
+
+def head_state(model: nn.Module, heads: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors of modules trained in full, keyed by their path in the model ("classifier.weight")."""
+    return {f"{head}.{key}": value for head in heads for key, value in model.get_submodule(head).state_dict().items()}
 
 
 def resolve_heads(model: nn.Module, train_also: list[str]) -> list[str]:

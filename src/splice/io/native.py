@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import splice
-from splice.core.api import attach, detach, model_state
+from splice.core.api import attach, detach, head_state, model_state
 from splice.core.errors import AdapterFileError, ShapeMismatchError
 from splice.core.host import hosts
 from splice.core.registry import config_from_dict
@@ -36,9 +36,7 @@ def write(model: nn.Module, path: Path, name: str) -> None:
             modules.append(module_name)
             for key, value in host[name].state_dict().items():
                 tensors[f"{module_name}.{key}"] = value
-    for head in record.heads:
-        for key, value in model.get_submodule(head).state_dict().items():
-            tensors[f"{HEAD_PREFIX}{head}.{key}"] = value
+    tensors |= {f"{HEAD_PREFIX}{key}": value for key, value in head_state(model, record.heads).items()}
     write_config(path, {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

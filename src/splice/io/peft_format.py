@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from splice.core.api import attach, model_state
+from splice.core.api import attach, head_state, model_state
 from splice.core.errors import AdapterFileError, ShapeMismatchError, SpliceError
 from splice.core.host import hosts
 from splice.core.layers import describe
@@ -96,15 +96,13 @@ def lora_state(model: nn.Module, name: str) -> AdapterState:
         if name not in host:
             continue
         adapter: LoRAAdapter = host[name]
-        A, B, _ = adapter.exported_factors()
+        A, B = adapter.exported_factors()
         magnitude = adapter.lora_magnitude_vector.detach() if isinstance(adapter, DoRAAdapter) else None
         bias = None if adapter.lora_bias is None else adapter.lora_bias.detach()
         modules[module_name] = ModuleUpdate(A, B, adapter.scaling, adapter.info.kind, bias, magnitude)
         transposed |= adapter.info.transposed
-    heads = {f"{head}.{key}": value for head in record.heads
-             for key, value in model.get_submodule(head).state_dict().items()}
     return AdapterState(
-        modules, heads, list(record.heads), rslora=config.rslora, dropout=config.dropout,
+        modules, head_state(model, record.heads), list(record.heads), rslora=config.rslora, dropout=config.dropout,
         base_model=base_model_name(model), task_type=_task_type(model, record.heads),
         target_modules=_target_modules(model, list(modules), record.heads), fan_in_fan_out=transposed,
     )
@@ -124,10 +122,7 @@ def to_peft(state: AdapterState) -> tuple[dict[str, Any], dict[str, torch.Tensor
             tensors[f"{PREFIX}{module_name}.lora_magnitude_vector"] = u.magnitude
     for key, value in state.heads.items():
         tensors[f"{PREFIX}{key}"] = value
-    ranks = {n: u.rank for n, u in state.modules.items()}
-    alphas = {n: _tidy(state.alpha(u)) for n, u in state.modules.items()}
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    ranks, alphas, r, alpha = _ranks_and_alphas(state)
     config = {
         "peft_type": "LORA",
         "task_type": state.task_type,
@@ -149,6 +144,14 @@ def to_peft(state: AdapterState) -> tuple[dict[str, Any], dict[str, torch.Tensor
     if any(u.bias is not None for u in state.modules.values()):
         config["lora_bias"] = True  # written only when used: older PEFT releases do not know the key
     return config, tensors
+
+
+def _ranks_and_alphas(state: AdapterState) -> tuple[dict[str, int], dict[str, float], int, float]:
+    """Per-module ranks and alphas, and the most common of each (the config's r and lora_alpha;
+    the others go to rank_pattern and alpha_pattern)."""
+    ranks = {n: u.rank for n, u in state.modules.items()}
+    alphas = {n: _tidy(state.alpha(u)) for n, u in state.modules.items()}
+    return ranks, alphas, Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
 
 
 def _tidy(value: float) -> float | int:
@@ -366,10 +369,7 @@ def _lora_config(model: nn.Module, state: AdapterState) -> LoRA:
             raise ShapeMismatchError(
                 f"{key}: adapter has shape {tuple(value.shape)}, model has {tuple(params[key].shape)}"
             )
-    ranks = {n: u.rank for n, u in state.modules.items()}
-    alphas = {n: state.alpha(u) for n, u in state.modules.items()}
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    ranks, alphas, r, alpha = _ranks_and_alphas(state)
     return (DoRA if state.dora else LoRA)(
         r=r, alpha=alpha, rslora=state.rslora, dropout=state.dropout, init="zeros",
         targets=list(state.modules), train_also=list(state.head_modules),

@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from splice.core.api import active_adapters, model_state
+from splice.core.api import active_adapters, head_state, model_state
 from splice.core.errors import AdapterFileError, SpliceError
 from splice.core.host import hosts
 from splice.core.state import AdapterState, ModuleUpdate
+from splice.core.svd import factor_dense
 from splice.io import native, peft_format
 from splice.io.files import base_model_name, prepare_output_dir, read_config, read_weights
 
@@ -80,28 +81,18 @@ def _factored_state(model: nn.Module, name: str) -> AdapterState:
             raise SpliceError(f"adapter {name!r} ({record.config.method}) on {module_name} has no low-rank weight "
                               "change to work on (only forms with an equivalent Linear weight change do)")
         modules[module_name] = _update_of(adapter)
-    heads = {f"{head}.{key}": value for head in record.heads
-             for key, value in model.get_submodule(head).state_dict().items()}
-    return AdapterState(modules, heads, list(record.heads), base_model=base_model_name(model),
+    return AdapterState(modules, head_state(model, record.heads), list(record.heads), base_model=base_model_name(model),
                         fan_in_fan_out=any(host[name].info.transposed for _, _, host in hosts(model) if name in host))
 
 
 @torch.no_grad()
 def _update_of(adapter: nn.Module) -> ModuleUpdate:
     bias = adapter.delta_bias()
+    initial = adapter.initial_delta_weight()
     factors = adapter.low_rank_factors()
-    if factors is not None and adapter.initial_delta_weight() is None:
+    if factors is not None and initial is None:
         return ModuleUpdate(factors.A.detach(), factors.B.detach(), factors.scaling, bias=bias)
     delta = adapter.delta_weight()
-    initial = adapter.initial_delta_weight()
-    delta = (delta if initial is None else delta - initial).double()
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-    keep = max(1, int((S > S[0] * max(delta.shape) * torch.finfo(adapter_dtype(adapter)).eps).sum()))
-    root = S[:keep].sqrt()
-    dtype = adapter_dtype(adapter)
-    return ModuleUpdate((root[:, None] * Vh[:keep]).to(dtype), (U[:, :keep] * root).to(dtype), 1.0,
-                        bias=None if bias is None else bias.to(dtype))
-
-
-def adapter_dtype(adapter: nn.Module) -> torch.dtype:
-    return next((p.dtype for p in adapter.parameters() if p.dtype.is_floating_point), torch.float32)
+    exact = factor_dense(delta if initial is None else delta - initial)
+    dtype = next((p.dtype for p in adapter.parameters() if p.dtype.is_floating_point), torch.float32)
+    return ModuleUpdate(exact.A.to(dtype), exact.B.to(dtype), 1.0, bias=None if bias is None else bias.to(dtype))

@@ -5,9 +5,9 @@
     merged.save("merged")            # a PEFT LoRA directory (rank_pattern for per-module ranks)
 """
 
+from splice.core.svd import Factors, factor_dense, factor_product
 from splice.merging.emr import Unified, decouple, unify
 from splice.merging.merge import METHODS, MergeResult, base_weight, merge_adapters
-from splice.merging.svd import Factors, factor_dense, factor_product
 from splice.merging.unified import UnifiedAdapters, load_unified, unify_adapters
 
 __all__ = [

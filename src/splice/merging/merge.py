@@ -37,9 +37,9 @@ from torch import nn
 from splice.core.errors import ShapeMismatchError, SpliceError
 from splice.core.layers import dense_weight, describe
 from splice.core.state import AdapterState, ModuleUpdate
+from splice.core.svd import Factors, factor_dense, factor_product
 from splice.io.state import AdapterSource, adapter_state, save_state
 from splice.merging import task_vectors
-from splice.merging.svd import Factors, factor_dense, factor_product
 
 Method = Literal["cat", "linear", "task_arithmetic", "svd", "ties", "dare_ties", "dare_linear", "magnitude_prune"]
 HeadRule = Literal["average", "first", "none"]
@@ -160,8 +160,9 @@ def _exact(name: str, template: ModuleUpdate, updates: list[ModuleUpdate | None]
         As.append(u.A.flatten(1).double())
         if u.bias is not None:
             bias = (0 if bias is None else bias) + w * u.scale * u.bias.double()
-    if not Bs:
-        Bs, As = [torch.zeros(template.out_features, 1, dtype=torch.float64)], [template.A.flatten(1)[:1].double() * 0]
+    if not Bs:  # every weight is 0: a zero change of rank 1 keeps the module well-formed
+        Bs = [torch.zeros(template.out_features, 1, dtype=torch.float64)]
+        As = [torch.zeros(1, template.A.flatten(1).shape[1], dtype=torch.float64)]
     B, A = torch.cat(Bs, dim=1), torch.cat(As, dim=0)
     if dora and bias is not None:
         raise SpliceError(f"{name}: merging DoRA with a LoRA that changes the bias (lora_bias) has no PEFT form "

@@ -19,11 +19,11 @@ from safetensors.torch import load_file, save_file
 
 from splice.core.errors import AdapterFileError, SpliceError
 from splice.core.state import AdapterState, ModuleUpdate
+from splice.core.svd import factor_dense
 from splice.io.files import prepare_output_dir
 from splice.io.state import AdapterSource, adapter_state
 from splice.merging.emr import Unified, decouple, unify
 from splice.merging.merge import BaseWeights, base_weight
-from splice.merging.svd import factor_dense
 
 FORMAT = "splice-unified"
 FORMAT_VERSION = 1

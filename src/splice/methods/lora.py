@@ -209,13 +209,13 @@ class LoRAAdapter(Adapter):
             return product.T
         return product.view(self.info.out_features, *A.shape[1:])
 
-    def exported_factors(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(A, B, rank) of a plain LoRA with the same scaling that is exact on the original base.
+    def exported_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of a plain LoRA with the same scaling that is exact on the original base.
 
         For a PiSSA adapter this is PEFT's rank-2r conversion: s(BA - B0A0) = s[B, -B0][A; A0].
         """
         if not hasattr(self, "pissa_A0"):
-            return self.lora_A.detach(), self.lora_B.detach(), self.r
+            return self.lora_A.detach(), self.lora_B.detach()
         A = torch.cat([self.lora_A.detach(), self.pissa_A0], dim=0)
         B = torch.cat([self.lora_B.detach(), -self.pissa_B0], dim=1)
-        return A, B, 2 * self.r
+        return A, B

@@ -1,5 +1,6 @@
-"""Low-rank factors of a merged weight change: exact where the change is low-rank, truncated
-(Eckart–Young optimal) to a target rank otherwise.
+"""Low-rank factors of a weight change: exact where the change is low-rank, truncated
+(Eckart–Young optimal) to a target rank otherwise. Merging, compression and the export of
+non-LoRA forms as LoRA all re-factor with these.
 
 `factor_product(B, A)` re-factors a product B A given by (possibly many, redundant) factors
 without forming it: thin QR of B and Aᵀ, then the SVD of the small R_B R_Aᵀ, so the cost is
@@ -38,20 +39,26 @@ class Factors(NamedTuple):
         return float((s[self.rank:].square().sum() / total).sqrt()) if total > 0 else 0.0
 
 
+def product_svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD U, S, Vh (float64) of B A [out, in] from thin QRs of B [out, k] and Aᵀ [in, k]
+    and the SVD of the small R_B R_Aᵀ, never forming B A."""
+    Q_B, R_B = torch.linalg.qr(B.double())
+    Q_A, R_A = torch.linalg.qr(A.double().T)
+    U, S, Vh = torch.linalg.svd(R_B @ R_A.T, full_matrices=False)
+    return Q_B @ U, S, Vh @ Q_A.T
+
+
 def factor_product(B: torch.Tensor, A: torch.Tensor, rank: int | None = None) -> Factors:
     """Factors of B A [out, in] (B: [out, k], A: [k, in]) at `rank`, or at its numerical rank."""
-    B, A = B.double(), A.double()
-    Q_B, R_B = torch.linalg.qr(B)
-    Q_A, R_A = torch.linalg.qr(A.T)
-    U, S, Vh = torch.linalg.svd(R_B @ R_A.T)
-    keep = _rank(S, rank)
-    root = S[:keep].sqrt()
-    return Factors((Q_B @ U[:, :keep]) * root, root[:, None] * (Vh[:keep] @ Q_A.T), S)
+    return _balanced(*product_svd(B, A), rank)
 
 
 def factor_dense(matrix: torch.Tensor, rank: int | None = None) -> Factors:
     """Factors of a dense [out, in] change at `rank`, or at its numerical rank."""
-    U, S, Vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    return _balanced(*torch.linalg.svd(matrix.double(), full_matrices=False), rank)
+
+
+def _balanced(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int | None) -> Factors:
     keep = _rank(S, rank)
     root = S[:keep].sqrt()
     return Factors(U[:, :keep] * root, root[:, None] * Vh[:keep], S)
