@@ -66,6 +66,7 @@ from common import (
     interleaved,
     keep_freed_memory,
     load_minilm_classifier,
+    mean_std,
     memory_marks,
     minilm_dir,
     parameter_storages,
@@ -75,6 +76,7 @@ from common import (
     review_batch,
     run_child,
     seed_everything,
+    seed_summary,
     settings_from,
     table,
     trainable,
@@ -260,24 +262,12 @@ def accuracy(s: Settings, phase: Phases) -> dict[str, Any]:
             status = f"failed: {row['error']}" if "error" in row else (
                 f"test acc {row['test_accuracy']:.3f} ({row['train_s']:.0f} s training)")
             print(f"  {row['form']:<11} {row['data']:<16} seed {row['seed']}: {status}", flush=True)
-    summary: dict[str, dict[str, Any]] = {}
-    for form in s.forms:
-        summary[form] = {}
-        for data in s.datasets:
-            rows = [r for r in runs if r["form"] == form and r["data"] == data]
-            ok = [r for r in rows if "error" not in r]
-            if not ok:
-                summary[form][data] = {"error": rows[0]["error"] if rows else "not run"}
-                continue
-            acc = np.array([r["test_accuracy"] for r in ok])
-            summary[form][data] = {
-                "mean": float(acc.mean()), "std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
-                "n": len(acc), "per_seed": acc.tolist(), "failed_seeds": len(rows) - len(ok),
-                "before_mean": float(np.mean([r["test_accuracy_before"] for r in ok])),
-                "kept_step_0": sum(r["best_step"] == 0 for r in ok),
-                "last_loss_mean": float(np.mean([r["last_loss"] for r in ok])),
-                "trainable": ok[0]["trainable"], "train_s_mean": float(np.mean([r["train_s"] for r in ok])),
-            }
+    summary = seed_summary(runs, "form", s.forms, s.datasets, lambda ok: {
+        "before_mean": float(np.mean([r["test_accuracy_before"] for r in ok])),
+        "kept_step_0": sum(r["best_step"] == 0 for r in ok),
+        "last_loss_mean": float(np.mean([r["last_loss"] for r in ok])),
+        "trainable": ok[0]["trainable"], "train_s_mean": float(np.mean([r["train_s"] for r in ok])),
+    })
     labels = {d: len(assets.dataset(d).label_names) for d in s.datasets}
     return {"runs": runs, "summary": summary, "labels": labels,
             "eval_rows": {d: min(s.eval_examples, len(assets.dataset(d).test)) for d in s.datasets}}
@@ -458,13 +448,6 @@ def dora_peft(s: Settings, phase: Phases) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ report
-
-
-def mean_std(a: dict[str, Any]) -> str:
-    if "error" in a:
-        return f"failed: {a['error']}"
-    failed = f" ({a['failed_seeds']} seed(s) failed)" if a["failed_seeds"] else ""
-    return f"{a['mean']:.1%} ± {a['std']:.1%}{failed}"
 
 
 def rel(value: float, base: float) -> str:

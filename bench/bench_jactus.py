@@ -55,10 +55,12 @@ from common import (
     fmt_s,
     interleaved,
     keep_freed_memory,
+    mean_std,
     minilm_dir,
     rerender,
     review_batch,
     seed_everything,
+    seed_summary,
     settings_from,
     table,
     train_step,
@@ -367,18 +369,7 @@ def accuracy(s: Settings, phase: Phases) -> dict[str, Any]:
                 f"test acc {row['test_accuracy']:.3f}, loss {row['first_loss']:.3f} -> {row['last_loss']:.3f}"
                 f" ({row['train_s']:.0f} s training)")
             print(f"  {row['variant']:<20} {row['data']:<16} seed {row['seed']}: {status}", flush=True)
-    summary: dict[str, dict[str, Any]] = {}
-    for name in s.variants:
-        summary[name] = {}
-        for data in s.datasets:
-            rows = [r for r in runs if r["variant"] == name and r["data"] == data]
-            ok = [r for r in rows if "error" not in r]
-            if not ok:
-                summary[name][data] = {"error": rows[0]["error"] if rows else "not run"}
-                continue
-            acc = np.array([r["test_accuracy"] for r in ok])
-            summary[name][data] = {"mean": float(acc.mean()), "std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
-                                   "per_seed": acc.tolist(), "n": len(acc), "failed_seeds": len(rows) - len(ok)}
+    summary = seed_summary(runs, "variant", s.variants, s.datasets)
     return {"runs": runs, "summary": summary}
 
 
@@ -469,7 +460,7 @@ def markdown(result: dict[str, Any], s: Settings) -> str:
             accs = []
             for d in s.datasets:
                 a = acc["summary"][name][d]
-                accs.append(f"failed: {a['error']}" if "error" in a else f"{a['mean']:.1%} ± {a['std']:.1%}")
+                accs.append(mean_std(a))
             kept = (f"{facts['retained_fraction']:.1%} (ranks {facts['rank_min']}-{facts['rank_max']},"
                     f" median {facts['rank_median']:.0f})") if "retained_fraction" in facts else "100%"
             trained = f"{count(facts['trainable_adapter'])} + {count(facts['trainable_head'])}" if facts else "-"

@@ -50,9 +50,11 @@ from common import (
     bench_parser,
     environment,
     environment_line,
+    mean_std,
     minilm_dir,
     rerender,
     review_chunks,
+    seed_summary,
     settings_from,
     smollm2_dir,
     table,
@@ -189,30 +191,16 @@ def train_one(variant_name: str, data: str, seed: int, s: Settings) -> dict[str,
 
 
 def summarize_accuracy(runs: list[dict[str, Any]], s: Settings) -> dict[str, Any]:
-    summary: dict[str, dict[str, Any]] = {}
-    for name in s.variants:
-        summary[name] = {}
-        for data in s.datasets:
-            rows = [r for r in runs if r.get("variant") == name and r["data"] == data]
-            ok = [r for r in rows if "error" not in r]
-            if not ok:
-                summary[name][data] = {"error": rows[0]["error"] if rows else "not run"}
-                continue
-            acc = np.array([r["test_accuracy"] for r in ok])
-            chosen = Counter(m for r in ok for m in (r["target_modules"] or []))
-            summary[name][data] = {
-                "mean": float(acc.mean()), "std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0, "n": len(acc),
-                "per_seed": acc.tolist(), "failed_seeds": len(rows) - len(ok),
-                "before_mean": float(np.mean([r["test_accuracy_before"] for r in ok])),
-                "kept_step_0": sum(r["best_step"] == 0 for r in ok),
-                "adapter": sorted({r["adapter"] for r in ok}), "head": ok[0]["head"],
-                "examples_per_s": float(np.mean([r["examples_per_s"] for r in ok])),
-                "train_s": float(np.mean([r["train_s"] for r in ok])),
-                "load_s": float(np.mean([r["load_s"] for r in ok])),
-                "cpu_s": float(np.mean([r["cpu_s"] for r in ok])),
-                "modules": dict(chosen.most_common()),
-            }
-    return summary
+    return seed_summary(runs, "variant", s.variants, s.datasets, lambda ok: {
+        "before_mean": float(np.mean([r["test_accuracy_before"] for r in ok])),
+        "kept_step_0": sum(r["best_step"] == 0 for r in ok),
+        "adapter": sorted({r["adapter"] for r in ok}), "head": ok[0]["head"],
+        "examples_per_s": float(np.mean([r["examples_per_s"] for r in ok])),
+        "train_s": float(np.mean([r["train_s"] for r in ok])),
+        "load_s": float(np.mean([r["load_s"] for r in ok])),
+        "cpu_s": float(np.mean([r["cpu_s"] for r in ok])),
+        "modules": dict(Counter(m for r in ok for m in (r["target_modules"] or [])).most_common()),
+    })
 
 
 # ---------------------------------------------------------------------------- b. PAGE, MiniLM
@@ -387,13 +375,6 @@ def run(s: Settings, out_dir: Path) -> dict[str, Any]:
 
 def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
-
-
-def mean_std(a: dict[str, Any]) -> str:
-    if "error" in a:
-        return f"failed: {a['error']}"
-    failed = f" ({a['failed_seeds']} seed(s) failed)" if a["failed_seeds"] else ""
-    return f"{pct(a['mean'])} ± {pct(a['std'])}{failed}"
 
 
 def short_module(name: str) -> str:
