@@ -129,16 +129,62 @@ def test_attached_hosts_are_not_targets(bert):
                       "bert.encoder.layer.1.attention.self.query"}
 
 
-@pytest.mark.parametrize(("name", "index"), [
-    ("bert.encoder.layer.3.attention.self.query", 3),
-    ("model.layers.12.mlp.up_proj", 12),
-    ("transformer.h.7.attn.c_attn", 7),
-    ("model.layers.2.mlp.experts.5.up_proj", 2),  # the layer, not the expert
-    ("blocks.4.conv", 4),
-    ("classifier", None),
+@pytest.mark.parametrize(("name", "pattern", "index"), [
+    ("bert.encoder.layer.3.attention.self.query", None, 3),
+    ("model.layers.12.mlp.up_proj", None, 12),
+    ("transformer.h.7.attn.c_attn", None, 7),
+    ("model.layers.2.mlp.experts.5.up_proj", None, 2),  # the layer, not the expert
+    ("model.layers.2.mlp.experts.5.up_proj", "experts", 5),
+    ("encoder.block.3.layer.1.SelfAttention.q", None, 3),  # T5: the block, as PEFT reads it
+    ("encoder.block.3.layer.1.SelfAttention.q", "layer", 1),
+    ("encoder.block.3.layer.1.SelfAttention.q", ["h", "block"], 3),
+    ("blocks.4.conv", None, None),  # PEFT reads no number right after the first segment
+    ("blocks.4.conv", "blocks", 4),
+    ("classifier", None, None),
 ])
-def test_layer_index(name, index):
-    assert layer_index(name) == index
+def test_layer_index_is_peft_rule(name, pattern, index):
+    assert layer_index(name, pattern) == index
+
+
+def make_t5() -> nn.Module:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=3, num_decoder_layers=2, num_heads=2)
+    return T5ForConditionalGeneration(config)
+
+
+class PlainClassifier(nn.Module):
+    """A model that is no transformers model and has a `classifier`: PEFT adapts it with all-linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8))
+        self.classifier = nn.Linear(8, 2)
+
+
+@pytest.mark.parametrize(("factory", "targets", "layers", "pattern"), [
+    (make_t5, ["q", "v"], [1], None),
+    (make_t5, ["q", "v"], [1], "layer"),
+    (make_t5, ["q", "wo"], [0, 2], ["block"]),
+    (make_t5, "all-linear", None, None),
+    (lambda: FACTORIES["llama"](), ["q_proj"], [1], "layers"),
+    (PlainClassifier, "all-linear", None, None),
+])
+def test_layers_pattern_and_plain_models_equal_peft(factory, targets, layers, pattern):
+    model = factory()
+    config = splice.LoRA(r=2, targets=targets, layers=layers, layers_pattern=pattern)
+    ours = {name for name, _ in resolve_targets(model, config)}
+    theirs = {name.removeprefix("base_model.model.") for name, module in get_peft_model(model, LoraConfig(
+        r=2, target_modules=targets, layers_to_transform=layers, layers_pattern=pattern)).named_modules()
+        if isinstance(module, LoraLayer)}
+    assert ours and ours == theirs
+
+
+def test_all_linear_leaves_out_a_classification_head_as_peft_seq_cls_does(bert):
+    selected = {n for n, _ in resolve_targets(bert, splice.LoRA(targets="all-linear"))}
+    assert "classifier" not in selected and "bert.pooler.dense" in selected
+    assert output_head_names(PlainClassifier()) == set()
 
 
 def test_unsupported_module_types_are_named(bert):

@@ -311,14 +311,6 @@ def test_unsupported_peft_options(lora_dir, bert, changes, match):
     assert splice.adapters(bert) == {}
 
 
-def test_unconverted_pissa_adapter_warns(lora_dir, bert):
-    """PEFT can save a PiSSA adapter unconverted; it is only right on the mutated base."""
-    edit_config(lora_dir, init_lora_weights="pissa")
-    with pytest.warns(UserWarning, match="pissa"):
-        splice.load(bert, lora_dir)
-    assert list(splice.adapters(bert)) == ["default"]
-
-
 @pytest.mark.parametrize(("text", "match"), [
     ('{"model_type": "bert", "hidden_size": 32}', "neither a splice nor an HF PEFT adapter"),
     ("[1, 2, 3]", "JSON object"),

@@ -17,6 +17,7 @@ from torch import nn
 
 from splice.core.config import AdapterConfig
 from splice.core.errors import MergeError, SpliceError, TargetError
+from splice.core.heads import add_head, all_head_copies, bind_heads, head_module, release_head, remove_head
 from splice.core.host import Host, add_to_weight, ensure_host, host_of, hosts, remove_host
 from splice.core.inputs import InputsRecorder, batch_auxiliary_loss
 from splice.core.targets import matches, named_base_modules, resolve_targets, site_info
@@ -30,14 +31,13 @@ RESERVED_NAMES = frozenset({"info", "active", "merged", "enabled", "routing", "_
 class AdapterRecord:
     config: AdapterConfig
     trainable: bool = True
-    heads: list[str] = field(default_factory=list)
+    heads: list[str] = field(default_factory=list)  # paths of the modules it trains in full (its own copies)
     undo: Callable[[], None] | None = None  # what `config.on_attach` set up on the model
 
 
 @dataclass
 class ModelState:
     adapters: dict[str, AdapterRecord] = field(default_factory=dict)
-    head_backups: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     checkpoint_inputs: CheckpointInputGrads | None = None
     inputs_recorder: InputsRecorder | None = None  # while an attached adapter reads the batch's inputs
 
@@ -116,7 +116,9 @@ def attach(
     """Attach adapter `name` to every module `config.targets` selects, and make it the active one.
 
     Everything that is not an adapter parameter is frozen, except the modules listed in
-    `config.train_also`. Several named adapters may live on one model; see `activate`.
+    `config.train_also`, of which the adapter gets its own copy (starting from the original
+    module, as PEFT's `modules_to_save`). Several named adapters may live on one model; see
+    `activate`.
     """
     if not _NAME.match(name):
         raise SpliceError(f"adapter name {name!r} must be an identifier (letters, digits, _ or -)")
@@ -139,14 +141,14 @@ def attach(
                 adapter.to(device=weight.device, dtype=_adapter_dtype(weight))
             ensure_host(module, info)[name] = adapter
             built.append(module)
+        for head in heads:
+            add_head(model, head, name)
     except Exception:
         for module in built:
             _remove_adapter(module, name)
+        for head in heads:
+            remove_head(model, head, name)
         raise
-    for head in heads:
-        if head not in state.head_backups:
-            params = model.get_submodule(head).state_dict()
-            state.head_backups[head] = {k: v.detach().clone() for k, v in params.items()}
     state.adapters[name] = AdapterRecord(config, trainable, heads)
     if state.checkpoint_inputs is None:
         state.checkpoint_inputs = CheckpointInputGrads.install(model)
@@ -157,9 +159,19 @@ def attach(
     return model
 
 
-def head_state(model: nn.Module, heads: list[str]) -> dict[str, torch.Tensor]:
-    """The tensors of modules trained in full, keyed by their path in the model ("classifier.weight")."""
-    return {f"{head}.{key}": value for head in heads for key, value in model.get_submodule(head).state_dict().items()}
+@contextmanager
+def attaching(model: nn.Module, config: AdapterConfig, name: str, *, trainable: bool = True) -> Iterator[None]:
+    """`attach`, then the block (filling the new adapter's tensors, say); if the block fails, the
+    adapter is detached again and every parameter's `requires_grad` is as it was before."""
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    attach(model, config, name, trainable=trainable)
+    try:
+        yield
+    except BaseException:
+        detach(model, name)
+        for param, flag in requires_grad.items():
+            param.requires_grad_(flag)
+        raise
 
 
 def resolve_heads(model: nn.Module, train_also: list[str]) -> list[str]:
@@ -176,12 +188,17 @@ def resolve_heads(model: nn.Module, train_also: list[str]) -> list[str]:
 
 
 def activate(model: nn.Module, names: str | list[str]) -> nn.Module:
-    """Make exactly these adapters active; their outputs are summed. Only active ones train."""
+    """Make exactly these adapters active; their outputs are summed. Only active ones train.
+
+    Modules trained in full compute with the active adapter's copy (the original where no active
+    adapter has one); two active adapters with their own copy of one module are refused.
+    """
     names = [names] if isinstance(names, str) else list(names)
     state = model_state(model)
     unknown = [n for n in names if n not in state.adapters]
     if unknown:
         raise SpliceError(f"no adapter named {unknown}; attached: {list(state.adapters)}")
+    bind_heads(model, names)
     for _, _, host in hosts(model):
         host.active = [n for n in names if n in host]
     _apply_trainability(model, names)
@@ -190,6 +207,7 @@ def activate(model: nn.Module, names: str | list[str]) -> nn.Module:
 
 def deactivate(model: nn.Module) -> nn.Module:
     """No adapter active: the model computes the base output (merged adapters stay merged)."""
+    bind_heads(model, [])
     for _, _, host in hosts(model):
         host.active = []
     _apply_trainability(model, [])
@@ -210,13 +228,18 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     if merged:
         raise MergeError(f"adapters {sorted(merged)} are merged into the weights; unmerge them first")
     all_hosts = [host for _, _, host in hosts(model)]
+    heads = [(copies, copies.live) for copies in all_head_copies(model)]
     for host in all_hosts:
         host.enabled = False
+    for copies, _ in heads:
+        copies.bind(None)
     try:
         yield model
     finally:
         for host in all_hosts:
             host.enabled = True
+        for copies, live in heads:
+            copies.bind(live)
 
 
 def merge(model: nn.Module, name: str | None = None) -> nn.Module:
@@ -268,10 +291,8 @@ def detach(model: nn.Module, name: str) -> nn.Module:
     record = state.adapters.pop(name)
     if record.undo is not None:
         record.undo()
-    still_used = {h for r in state.adapters.values() for h in r.heads}
     for head in record.heads:
-        if head not in still_used:
-            model.get_submodule(head).load_state_dict(state.head_backups.pop(head))
+        remove_head(model, head, name)
     if not state.adapters:
         _remove_checkpoint_hooks(state)
     if state.inputs_recorder is not None and not any(r.config.reads_inputs for r in state.adapters.values()):
@@ -284,9 +305,11 @@ def detach(model: nn.Module, name: str) -> nn.Module:
 def unload(model: nn.Module) -> nn.Module:
     """Merge every active adapter, drop all adapters, and return the plain model.
 
-    Trained heads (`train_also`) keep their trained weights.
+    Modules trained in full (`train_also`) keep the active adapter's trained weights.
     """
     merge(model)
+    for copies in list(all_head_copies(model)):
+        release_head(model, copies.path, None)
     for _, base, host in list(hosts(model)):
         for name in [n for n in host if n not in host.merged]:
             _remove_adapter(base, name)  # gives back what a PiSSA-style init took out
@@ -373,4 +396,4 @@ def _apply_trainability(model: nn.Module, active: list[str]) -> None:
         record = state.adapters[adapter_name]
         if record.trainable:
             for head in record.heads:
-                model.get_submodule(head).requires_grad_(True)
+                head_module(model, head, adapter_name).requires_grad_(True)

@@ -26,11 +26,19 @@ class AdapterConfig:
         targets: which modules get an adapter, with HF PEFT's rules so configs carry over:
             a list entry matches a module whose dotted name equals it or ends with ".entry";
             a string is a regex that must match the whole name; "all-linear" is every Linear
-            except the output head; None picks the architecture's usual default
+            and Conv1D except the output layer, by PEFT's rule: a transformers model's LM head,
+            or a `*ForSequenceClassification` model's `classifier`/`score` head (PEFT with
+            task_type SEQ_CLS); a plain module keeps every Linear (PEFT has no head to leave
+            out there either). None picks the architecture's usual default
             (query/value for BERT, q_proj/v_proj for Llama, c_attn for GPT-2).
         exclude: modules never targeted, same syntax, applied first.
-        layers: restrict to these layer indices (the first number in the module path after a
-            segment such as "layer" or "layers"); applies to regex targets too.
+        layers: restrict to these layer indices (PEFT's `layers_to_transform`); applies to regex
+            targets too. The index is read as PEFT does: the first number in the module path
+            that follows a segment other than the first (`model.layers.3.mlp` is 3, and
+            `encoder.block.3.layer.1.SelfAttention.q` is 3), or with `layers_pattern` the first
+            number after a segment of that name.
+        layers_pattern: segment name(s) that precede the layer index (PEFT's `layers_pattern`),
+            e.g. "layer" to take M in `encoder.block.N.layer.M`.
         train_also: modules trained in full alongside the adapter and saved with it
             (PEFT's `modules_to_save`), typically a freshly initialised classification head.
     """
@@ -48,6 +56,7 @@ class AdapterConfig:
     targets: Targets = None
     exclude: Targets = None
     layers: Layers = None
+    layers_pattern: str | list[str] | None = None
     train_also: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:

@@ -33,6 +33,7 @@ from splice.core.errors import MergeError, SpliceError
 from splice.core.lowrank import LowRank
 
 if TYPE_CHECKING:
+    from splice.core.heads import HeadCopies
     from splice.core.host import Host
 
 
@@ -44,13 +45,13 @@ class Routing:
         self.grouped = grouped
         self.names = list(dict.fromkeys(i for i in self.ids if i is not None))
         self.everywhere = len(self.names) == 1 and None not in self.ids
-        self._rows: dict[tuple[str, int, torch.device], torch.Tensor] = {}
+        self._rows: dict[tuple[tuple[str | None, ...], int, torch.device], torch.Tensor] = {}
         self._slots: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
         self._plans: dict[int, tuple[tuple, _Plan | None]] = {}
 
     def add_to(self, host: Host, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """Host output for a routed batch: base + each row's own adapter (minus nothing else)."""
-        repeat = self._repeat(x)
+        repeat = self.repeat(x)
         base_output = output
         if self.grouped and not torch.is_grad_enabled() and host.info.kind == "linear":
             plan = self._inference_plan(host, x)
@@ -82,7 +83,8 @@ class Routing:
         restore = adapter.initial_delta(x)
         return delta if restore is None else delta - restore
 
-    def _repeat(self, x: torch.Tensor) -> int:
+    def repeat(self, x: torch.Tensor) -> int:
+        """How many consecutive entries of a layer's leading dimension each id covers."""
         rows = x.shape[0] if x.dim() else 0
         if rows % len(self.ids):
             raise SpliceError(
@@ -92,9 +94,13 @@ class Routing:
         return rows // len(self.ids)
 
     def _row_index(self, name: str, repeat: int, device: torch.device) -> torch.Tensor:
-        key = (name, repeat, device)
+        return self.rows_of([name], repeat, device)
+
+    def rows_of(self, ids: list[str | None], repeat: int, device: torch.device) -> torch.Tensor:
+        """Indices of the leading-dimension entries routed to any of `ids` (None: the base model)."""
+        key = (tuple(ids), repeat, device)
         if key not in self._rows:
-            rows = torch.tensor([i for i, n in enumerate(self.ids) if n == name], device=device)
+            rows = torch.tensor([i for i, n in enumerate(self.ids) if n in ids], device=device, dtype=torch.long)
             offsets = torch.arange(repeat, device=device)
             self._rows[key] = (rows[:, None] * repeat + offsets).flatten()
         return self._rows[key]
@@ -197,12 +203,15 @@ def route(model: nn.Module, adapter_ids: Sequence[str | None], *, grouped: bool 
     """Within the block, row i of every batch goes through adapter `adapter_ids[i]` (None: base).
 
     Routing overrides which adapters are active; gradients reach every routed adapter that is
-    trainable (`activate` them all to train several at once). Merged adapters cannot be routed
+    trainable (`activate` them all to train several at once). Modules that adapters train in
+    full (heads) are routed too: each row goes through its own adapter's head, rows of adapters
+    without one (and None rows) through the original module. Merged adapters cannot be routed
     per row, so merging first is refused. `grouped=False` uses the reference path. With
     activation checkpointing, call `backward()` inside the block too: the recomputed forward
     must see the same routing.
     """
     from splice.core.api import model_state
+    from splice.core.heads import all_head_copies
     from splice.core.host import hosts
 
     if not len(adapter_ids):
@@ -211,11 +220,12 @@ def route(model: nn.Module, adapter_ids: Sequence[str | None], *, grouped: bool 
     unknown = sorted({i for i in adapter_ids if i is not None and i not in known})
     if unknown:
         raise SpliceError(f"route(): no adapter named {unknown}; attached: {list(known)}")
-    all_hosts = [host for _, _, host in hosts(model)]
+    all_hosts: list[Host | HeadCopies] = [host for _, _, host in hosts(model)]
     merged = sorted({n for host in all_hosts for n in host.merged})
     if merged:
         raise MergeError(f"adapters {merged} are merged into the weights, so rows cannot be routed; unmerge first")
     routing = Routing(adapter_ids, grouped)
+    all_hosts += list(all_head_copies(model))
     previous = [host.routing for host in all_hosts]
     for host in all_hosts:
         host.routing = routing

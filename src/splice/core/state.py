@@ -122,6 +122,9 @@ class AdapterState:
     task_type: str | None = None
     target_modules: list[str] | str | None = None
     fan_in_fan_out: bool = False
+    # "pissa": the factors are for the base weight minus its top-r singular part (a PEFT PiSSA
+    # adapter saved without conversion), so they mean nothing without that base
+    residual_init: str | None = None
 
     @property
     def dora(self) -> bool:

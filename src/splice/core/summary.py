@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from splice.core.api import model_state
+from splice.core.heads import head_module
 from splice.core.host import hosts
 
 
@@ -29,7 +30,7 @@ class Summary:
     total: int
     trainable: int
     base: int
-    heads: dict[str, int]
+    heads: dict[str, int]  # per module trained in full: the adapters' copies of it together
     adapters: list[AdapterCount]
     heads_trainable: dict[str, int] = field(default_factory=dict)
 
@@ -47,7 +48,7 @@ class Summary:
                          f"{a.trainable:,}", f"{a.modules} modules; {types}"))
         for head, n in self.heads.items():
             trained = self.heads_trainable.get(head, 0)
-            detail = "trained in full (train_also)" if trained else "saved with the adapter, frozen now"
+            detail = "trained in full (train_also)" if trained else "saved with its adapter, frozen now"
             rows.append((f"head {head}", f"{n:,}", f"{trained:,}", detail))
         rows.append(("total", f"{self.total:,}", f"{self.trainable:,}",
                      f"{self.trainable_percent:.3f}% trainable"))
@@ -80,16 +81,15 @@ def summary(model: nn.Module) -> Summary:
             c.active = c.active or name in host.active
             c.by_module_type[type(base).__name__] = c.by_module_type.get(type(base).__name__, 0) + n
     heads: dict[str, int] = defaultdict(int)
-    heads_trainable: dict[str, int] = {}
+    heads_trainable: dict[str, int] = defaultdict(int)
     head_ids: set[int] = set()
-    for record in state.adapters.values():
-        for head in record.heads:
-            params = list(model.get_submodule(head).parameters())
-            if id(params[0]) not in head_ids:
-                heads[head] = sum(p.numel() for p in params)
-                heads_trainable[head] = sum(p.numel() for p in params if p.requires_grad)
-                head_ids.update(id(p) for p in params)
+    for name, record in state.adapters.items():
+        for head in record.heads:  # each adapter's own copy; the original stays with the base
+            params = [p for p in head_module(model, head, name).parameters() if id(p) not in head_ids]
+            heads[head] += sum(p.numel() for p in params)
+            heads_trainable[head] += sum(p.numel() for p in params if p.requires_grad)
+            head_ids.update(id(p) for p in params)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     base = sum(p.numel() for p in model.parameters() if id(p) not in adapter_ids | head_ids)
-    return Summary(total, trainable, base, dict(heads), list(counts.values()), heads_trainable)
+    return Summary(total, trainable, base, dict(heads), list(counts.values()), dict(heads_trainable))

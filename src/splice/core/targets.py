@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from splice.core.config import AdapterConfig, Targets
@@ -23,8 +24,9 @@ from splice.core.layers import LayerInfo, describe, unsupported_reason
 
 ALL_LINEAR = "all-linear"
 SEQ_CLS_HEAD_NAMES = ("classifier", "score")
-COMMON_LAYER_SEGMENTS = ("layers", "layer", "h", "block", "blocks")
-HOST_ATTRIBUTE = "splice"
+COMMON_LAYER_SEGMENTS = ("layers", "layer", "h", "block", "blocks")  # names of a transformer's stack of layers
+HOST_ATTRIBUTE = "splice"  # the child of a base layer that holds its adapters (core.host)
+HEADS_ATTRIBUTE = "splice_heads"  # the model root's child that holds copies of modules trained in full (core.heads)
 
 # PEFT's per-architecture defaults (utils/constants.py) for the families users bring most.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -47,22 +49,26 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 
 
 def named_base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Every module of the model except splice's own (hosts and the adapters inside them)."""
+    """Every module of the model except splice's own (hosts, adapters, copies of trained heads)."""
 
     def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
         yield prefix, module
         for child_name, child in module.named_children():
-            if child_name == HOST_ATTRIBUTE and prefix_is_host(module):
+            if is_splice_child(child_name, child):
                 continue
             yield from walk(child, f"{prefix}.{child_name}" if prefix else child_name)
 
     yield from walk(model, "")
 
 
-def prefix_is_host(module: nn.Module) -> bool:
+def is_splice_child(name: str, child: nn.Module) -> bool:
+    """Whether a child module is one splice added (a host of adapters, copies of a trained head)."""
+    if name not in (HOST_ATTRIBUTE, HEADS_ATTRIBUTE):
+        return False
+    from splice.core.heads import HeadStore
     from splice.core.host import Host
 
-    return isinstance(getattr(module, HOST_ATTRIBUTE, None), Host)
+    return isinstance(child, (Host, HeadStore))
 
 
 def matches(pattern: Targets, name: str) -> bool:
@@ -74,27 +80,37 @@ def matches(pattern: Targets, name: str) -> bool:
     return any(name == entry or name.endswith("." + entry) for entry in pattern)
 
 
-def layer_index(name: str) -> int | None:
-    """The layer number in a module path: after a common segment name, else the first number."""
-    for segment in COMMON_LAYER_SEGMENTS:
-        found = re.match(rf"(?:^|.*?\.){segment}\.(\d+)\.", name)
-        if found:
-            return int(found.group(1))
-    found = re.match(r".*?\.[^.]*\.(\d+)\.", name)
+def exact_targets(model: nn.Module, names: list[str]) -> Targets:
+    """`targets` that select exactly these modules: the list of names where no other module's
+    name ends with one of them (a list entry also selects "<anything>.entry"), else a regex."""
+    selected = {n for n, _ in named_base_modules(model) if n and matches(names, n)}
+    return list(names) if selected == set(names) else "|".join(re.escape(n) for n in names)
+
+
+def layer_index(name: str, layers_pattern: str | list[str] | None = None) -> int | None:
+    """The layer number in a module path, by PEFT's rule (`layers_to_transform`): the first
+    number that follows a segment named in `layers_pattern`, or without one the first number
+    that follows any segment but the first (`encoder.block.3.layer.1.SelfAttention.q` is layer 3)."""
+    if not layers_pattern:
+        found = re.match(r".*?\.[^.]*\.(\d+)\.", name)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        found = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(\d+)\.", name))), None)
     return int(found.group(1)) if found else None
 
 
 def output_head_names(model: nn.Module) -> set[str]:
-    """The output head that "all-linear" leaves alone: LM head or classification head."""
-    head = None
-    get_output = getattr(model, "get_output_embeddings", None)
-    if callable(get_output):
-        head = get_output()
-    if head is None:
-        head = next((getattr(model, n) for n in SEQ_CLS_HEAD_NAMES if hasattr(model, n)), None)
-    if head is None:
+    """The output layer that "all-linear" leaves alone, by PEFT's rule: on a transformers model
+    its output embeddings (the LM head), else for a sequence classifier its `classifier` or
+    `score` head (what PEFT does with task_type SEQ_CLS, the task every PEFT user of such a model
+    sets); on any other module nothing (PEFT adapts a plain model's `classifier` too)."""
+    if not isinstance(model, PreTrainedModel):
         return set()
-    return {name for name, module in model.named_modules() if module is head}
+    head = model.get_output_embeddings()
+    if head is None and type(model).__name__.endswith("ForSequenceClassification"):
+        heads = [getattr(model, n) for n in SEQ_CLS_HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
+        return {name for name, module in model.named_modules() if any(module is h for h in heads)}
+    return {name for name, module in model.named_modules() if module is head} if head is not None else set()
 
 
 def default_targets(model: nn.Module) -> list[str]:
@@ -119,11 +135,11 @@ def resolve_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, 
         if not name or matches(config.exclude, name) or _inside(config.train_also, name):
             continue
         if targets == ALL_LINEAR:
-            hit = isinstance(module, (nn.Linear, Conv1D)) and name not in heads
+            hit = isinstance(module, (nn.Linear, Conv1D)) and not _inside(list(heads), name)
         else:
             hit = matches(targets, name)
         if hit and config.layers is not None:
-            hit = layer_index(name) in config.layers
+            hit = layer_index(name, config.layers_pattern) in config.layers
         if not hit:
             continue
         if describe(module) is None:
@@ -190,7 +206,7 @@ def _block_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, n
     selected = [
         (name, module) for name, module in candidates
         if not matches(config.exclude, name)
-        and (config.layers is None or index.get(name, layer_index(name + ".")) in config.layers)
+        and (config.layers is None or index.get(name, layer_index(name + ".", config.layers_pattern)) in config.layers)
     ]
     if not selected:
         names = [n for n, _ in blocks] or [n for n, _ in named_base_modules(model) if n][:12]

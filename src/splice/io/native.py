@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 import splice
-from splice.core.api import attach, detach, head_state, model_state
+from splice.core.api import attaching, model_state
 from splice.core.errors import AdapterFileError, ShapeMismatchError
+from splice.core.heads import head_tensors
 from splice.core.host import hosts
 from splice.core.registry import config_from_dict
-from splice.core.targets import named_base_modules
+from splice.core.targets import exact_targets, named_base_modules
 from splice.io.files import base_model_name, write_config, write_weights
 
 FORMAT = "splice"
@@ -36,7 +37,7 @@ def write(model: nn.Module, path: Path, name: str) -> None:
             modules.append(module_name)
             for key, value in host[name].state_dict().items():
                 tensors[f"{module_name}.{key}"] = value
-    tensors |= {f"{HEAD_PREFIX}{key}": value for key, value in head_state(model, record.heads).items()}
+    tensors |= {f"{HEAD_PREFIX}{key}": value for key, value in head_tensors(model, record.heads, name).items()}
     write_config(path, {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -62,17 +63,10 @@ def read(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tens
     if missing:
         raise ShapeMismatchError(f"adapter targets modules the model does not have: {missing[:5]}")
     adapter_config = config_from_dict(config["config"]).replace(
-        targets=modules, exclude=None, layers=None, train_also=config.get("train_also", [])
+        targets=exact_targets(model, modules), exclude=None, layers=None, train_also=config.get("train_also", [])
     )
-    requires_grad = {p: p.requires_grad for p in model.parameters()}
-    attach(model, adapter_config, name, trainable=trainable)
-    try:
-        _load_tensors(model, name, adapter_config.train_also, tensors)
-    except Exception:
-        detach(model, name)
-        for param, flag in requires_grad.items():  # a refused file leaves the model as it was
-            param.requires_grad_(flag)
-        raise
+    with attaching(model, adapter_config, name, trainable=trainable):  # a refused file leaves the model as it was
+        _load_tensors(model, name, model_state(model).adapters[name].heads, tensors)
 
 
 def _load_tensors(model: nn.Module, name: str, heads: list[str], tensors: dict[str, torch.Tensor]) -> None:
@@ -81,9 +75,7 @@ def _load_tensors(model: nn.Module, name: str, heads: list[str], tensors: dict[s
     for module_name, _, host in hosts(model):
         if name in host:
             targets |= {f"{module_name}.{k}": v for k, v in host[name].state_dict(keep_vars=True).items()}
-    for head in heads:
-        state = model.get_submodule(head).state_dict(keep_vars=True)
-        targets |= {f"{HEAD_PREFIX}{head}.{k}": v for k, v in state.items()}
+    targets |= {f"{HEAD_PREFIX}{k}": v for k, v in head_tensors(model, heads, name, keep_vars=True).items()}
     unexpected, missing = sorted(set(tensors) - set(targets)), sorted(set(targets) - set(tensors))
     if unexpected or missing:
         raise AdapterFileError(f"adapter file does not match its config: unexpected tensors "

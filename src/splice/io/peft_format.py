@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -28,15 +27,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from splice.core.api import attach, head_state, model_state
+from splice.core.api import attaching, model_state
 from splice.core.errors import AdapterFileError, ShapeMismatchError, SpliceError
+from splice.core.heads import head_tensors
 from splice.core.host import hosts
-from splice.core.layers import describe
+from splice.core.layers import describe, unsupported_reason
 from splice.core.state import AdapterState, ModuleUpdate
-from splice.core.targets import matches, named_base_modules
+from splice.core.targets import exact_targets, matches, named_base_modules
 from splice.io.files import base_model_name, write_config, write_weights
 from splice.methods.dora import DoRA, DoRAAdapter
-from splice.methods.lora import LoRA, LoRAAdapter, pattern_value
+from splice.methods.lora import LoRA, LoRAAdapter, exact_pattern, pattern_value
 
 PREFIX = "base_model.model."
 BASE_COPY = ".base_layer."
@@ -102,7 +102,8 @@ def lora_state(model: nn.Module, name: str) -> AdapterState:
         modules[module_name] = ModuleUpdate(A, B, adapter.scaling, adapter.info.kind, bias, magnitude)
         transposed |= adapter.info.transposed
     return AdapterState(
-        modules, head_state(model, record.heads), list(record.heads), rslora=config.rslora, dropout=config.dropout,
+        modules, head_tensors(model, record.heads, name), list(record.heads), rslora=config.rslora,
+        dropout=config.dropout,
         base_model=base_model_name(model), task_type=_task_type(model, record.heads),
         target_modules=_target_modules(model, list(modules), record.heads), fan_in_fan_out=transposed,
     )
@@ -138,8 +139,8 @@ def to_peft(state: AdapterState) -> tuple[dict[str, Any], dict[str, torch.Tensor
         "inference_mode": True,
         "target_modules": state.target_modules if state.target_modules is not None else sorted(state.modules),
         "modules_to_save": state.head_modules or None,
-        "rank_pattern": {n: v for n, v in ranks.items() if v != r},
-        "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
+        "rank_pattern": exact_pattern({n: v for n, v in ranks.items() if v != r}, state.modules),
+        "alpha_pattern": exact_pattern({n: v for n, v in alphas.items() if v != alpha}, state.modules),
     }
     if any(u.bias is not None for u in state.modules.values()):
         config["lora_bias"] = True  # written only when used: older PEFT releases do not know the key
@@ -200,6 +201,7 @@ def portability_problems(ranks: list[int], alphas: list[float], heads: list[str]
 
 def read(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor], name: str,
          trainable: bool) -> None:
+    check_supported(model, tensors)
     state = from_peft(config, tensors)
     check_base_copies(model, tensors)
     attach_state(model, state, name, trainable=trainable)
@@ -216,10 +218,7 @@ def from_peft(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Adapt
             raise AdapterFileError(f"{reason} ({key}={config[key]!r})")
     if config.get("bias", "none") != "none":
         raise AdapterFileError(f"bias={config['bias']!r} is not supported; only bias='none'")
-    init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda")):
-        warnings.warn(f"adapter was initialised with {init!r} and saved without conversion: it is only "
-                      "correct on the base model its init modified", stacklevel=4)
+    residual_init = _residual_init(config.get("init_lora_weights", True))
     head_modules = config.get("modules_to_save") or []
     factors, heads, embeddings = split_keys(tensors, head_modules)
     r, alpha = int(config.get("r", 8)), config.get("lora_alpha", 8)
@@ -250,28 +249,60 @@ def from_peft(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Adapt
         modules, heads, held, rslora=rslora, dropout=float(config.get("lora_dropout", 0.0)),
         base_model=config.get("base_model_name_or_path"), task_type=config.get("task_type"),
         target_modules=config.get("target_modules"), fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
+        residual_init=residual_init,
     )
+
+
+def _residual_init(init: object) -> str | None:
+    """"pissa" for a PiSSA adapter saved without conversion (its factors belong to the base
+    weight minus its top-r singular part, which is recomputed on load exactly as PEFT does);
+    None for a plain LoRA. Other inits that change the base weight cannot be reproduced."""
+    if not isinstance(init, str):
+        return None
+    if init.lower() == "pissa":
+        return "pissa"
+    if init.lower().startswith(("pissa_niter", "olora", "corda", "loftq")):
+        raise AdapterFileError(
+            f"the adapter was initialised with init_lora_weights={init!r}, which changed the base weights, and "
+            "was saved without conversion; splice cannot rebuild that base exactly (randomised or data-dependent). "
+            "Save it again in PEFT with save_pretrained(..., path_initial_model_for_weight_conversion=...) to get "
+            "a plain LoRA for the original base")
+    return None
 
 
 def attach_state(model: nn.Module, state: AdapterState, name: str = "default", trainable: bool = False) -> nn.Module:
     """Attach an adapter state as LoRA (DoRA if it has magnitudes) adapter `name`, after checking
     every module, kind, shape and head against the model; nothing changes when one does not fit."""
     lora_config = _lora_config(model, state)
-    attach(model, lora_config, name, trainable=trainable)
-    with torch.no_grad():
-        for module_name, _, host in hosts(model):
-            if name in host:
-                update, adapter = state.modules[module_name], host[name]
-                adapter.lora_A.copy_(update.A)
-                adapter.lora_B.copy_(update.B)
-                if update.bias is not None:
-                    adapter.lora_bias.copy_(update.bias)
-                if update.magnitude is not None:
-                    adapter.lora_magnitude_vector.copy_(update.magnitude)
-        params = _named_tensors(model)
-        for key, value in state.heads.items():
-            params[key].copy_(value)
+    try:
+        with attaching(model, lora_config, name, trainable=trainable):
+            _copy_state(model, state, name)
+    except (KeyError, RuntimeError) as err:
+        raise AdapterFileError(f"the adapter does not fit the model; nothing was attached ({err})") from err
     return model
+
+
+def _copy_state(model: nn.Module, state: AdapterState, name: str) -> None:
+    """Copy the state's tensors into adapter `name`, just attached for it; shapes must agree exactly."""
+    pairs = []
+    for module_name, _, host in hosts(model):
+        if name in host:
+            update, adapter = state.modules[module_name], host[name]
+            pairs += [(f"{module_name}.lora_A", adapter.lora_A, update.A), (f"{module_name}.lora_B", adapter.lora_B,
+                                                                            update.B)]
+            if update.bias is not None:
+                pairs.append((f"{module_name}.lora_B.bias", adapter.lora_bias, update.bias))
+            if update.magnitude is not None:
+                pairs.append((f"{module_name}.lora_magnitude_vector", adapter.lora_magnitude_vector, update.magnitude))
+    heads = head_tensors(model, model_state(model).adapters[name].heads, name, keep_vars=True)
+    pairs += [(key, heads[key], value) for key, value in state.heads.items()]
+    for key, target, value in pairs:
+        if target.shape != value.shape:
+            raise ShapeMismatchError(f"{key}: the adapter has shape {tuple(value.shape)}, the model needs "
+                                     f"{tuple(target.shape)}")
+    with torch.no_grad():
+        for _, target, value in pairs:
+            target.copy_(value)
 
 
 Tensors = dict[str, torch.Tensor]
@@ -306,6 +337,24 @@ def split_keys(tensors: Tensors, modules_to_save: list[str]) -> tuple[dict[str, 
     if not factors:
         raise AdapterFileError("the adapter file holds no LoRA tensors")
     return factors, heads, embeddings
+
+
+def check_supported(model: nn.Module, tensors: Tensors) -> None:
+    """Refuse, naming the module and its type, an adapter on a layer splice cannot host (a
+    grouped convolution, a MultiheadAttention, whose inner projection PEFT wraps), before the
+    factors' shapes would give a misleading message."""
+    modules = dict(named_base_modules(model))
+    names = {key[len(PREFIX):].rsplit(".lora_", 1)[0] for key in tensors if ".lora_" in key and key.startswith(PREFIX)}
+    for name in sorted(names):
+        outer = name.partition(BASE_COPY)[0] if BASE_COPY in f"{name}." else name
+        module = modules.get(outer)
+        if module is None:
+            continue  # reported with the other modules the model lacks
+        reason = unsupported_reason(module) if describe(module) is not None else (
+            "splice hosts LoRA on Linear, transformers Conv1D, Conv1d/Conv2d and Embedding layers only")
+        if outer != name or reason:
+            raise AdapterFileError(f"the adapter adapts {outer!r}, a {type(module).__name__}, which is not "
+                                   f"supported: {reason or 'PEFT wraps a layer inside it'}")
 
 
 def check_base_copies(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
@@ -371,11 +420,11 @@ def _lora_config(model: nn.Module, state: AdapterState) -> LoRA:
             )
     ranks, alphas, r, alpha = _ranks_and_alphas(state)
     return (DoRA if state.dora else LoRA)(
-        r=r, alpha=alpha, rslora=state.rslora, dropout=state.dropout, init="zeros",
-        targets=list(state.modules), train_also=list(state.head_modules),
+        r=r, alpha=alpha, rslora=state.rslora, dropout=state.dropout, init=state.residual_init or "zeros",
+        targets=exact_targets(model, list(state.modules)), train_also=list(state.head_modules),
         lora_bias=any(u.bias is not None for u in state.modules.values()),
-        rank_pattern={re.escape(n): v for n, v in ranks.items() if v != r},
-        alpha_pattern={re.escape(n): v for n, v in alphas.items() if v != alpha},
+        rank_pattern=exact_pattern({n: v for n, v in ranks.items() if v != r}, state.modules),
+        alpha_pattern=exact_pattern({n: v for n, v in alphas.items() if v != alpha}, state.modules),
     )
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from splice.core.api import active_adapters, head_state, model_state
+from splice.core.api import active_adapters, model_state
 from splice.core.errors import AdapterFileError, SpliceError
+from splice.core.heads import head_tensors
 from splice.core.host import hosts
 from splice.core.state import AdapterState, ModuleUpdate
 from splice.core.svd import factor_dense
@@ -39,7 +40,12 @@ def adapter_state(source: AdapterSource, name: str | None = None) -> AdapterStat
             "model (splice.load) and pass the model instead of the directory")
     if "peft_type" not in config:
         raise AdapterFileError(f"{source} is neither a splice nor an HF PEFT adapter")
-    return peft_format.from_peft(config, read_weights(source))
+    state = peft_format.from_peft(config, read_weights(source))
+    if state.residual_init is not None:
+        raise AdapterFileError(
+            f"{source} is a {state.residual_init} adapter saved without conversion: its factors belong to a base "
+            "weight its init changed. Load it onto its base model (splice.load) and pass the model instead")
+    return state
 
 
 def save_state(state: AdapterState, path: str | Path, *, overwrite: bool = False, portable: bool = False) -> Path:
@@ -81,7 +87,8 @@ def _factored_state(model: nn.Module, name: str) -> AdapterState:
             raise SpliceError(f"adapter {name!r} ({record.config.method}) on {module_name} has no low-rank weight "
                               "change to work on (only forms with an equivalent Linear weight change do)")
         modules[module_name] = _update_of(adapter)
-    return AdapterState(modules, head_state(model, record.heads), list(record.heads), base_model=base_model_name(model),
+    return AdapterState(modules, head_tensors(model, record.heads, name), list(record.heads),
+                        base_model=base_model_name(model),
                         fan_in_fan_out=any(host[name].info.transposed for _, _, host in hosts(model) if name in host))
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -97,11 +98,30 @@ class LoRA(AdapterConfig):
 
 
 def pattern_value(pattern: dict, module_name: str, default):
-    """PEFT's pattern rule: the first key that matches the end of the module name."""
+    """PEFT's pattern rule (`get_pattern_key`): the first key, in order, that matches the end of
+    the module name after a dot (`^name` matches the whole name only)."""
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
+        if _pattern_matches(key, module_name):
             return value
     return default
+
+
+def exact_pattern(values: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    """`rank_pattern`/`alpha_pattern` keys that give each module of `values` its value and touch
+    no other module of `names` under PEFT's rule: the module's name where no other name ends
+    with it, else the name anchored with `^` (escaped where its dots could match other names)."""
+    names = list(dict.fromkeys([*names, *values]))
+    out = {}
+    for name, value in values.items():
+        for key in (name, f"^{name}", f"^{re.escape(name)}"):
+            if [n for n in names if _pattern_matches(key, n)] == [name]:
+                out[key] = value
+                break
+    return out
+
+
+def _pattern_matches(key: str, module_name: str) -> bool:
+    return re.match(rf"(.*\.)?({key})$", module_name) is not None
 
 
 class LoRAAdapter(Adapter):

@@ -44,9 +44,10 @@ import splice
 from splice.core.api import model_state, resolve_heads
 from splice.core.config import AdapterConfig
 from splice.core.errors import SpliceError
+from splice.core.heads import release_head
 from splice.core.host import hosts
 from splice.core.summary import Summary
-from splice.core.targets import HOST_ATTRIBUTE
+from splice.core.targets import HOST_ATTRIBUTE, exact_targets
 from splice.orchestrate import packing
 from splice.orchestrate.views import TenantModules, view
 from splice.train import loop, report, tasks
@@ -211,12 +212,17 @@ class Multiplexer:
         shared = self.shared
         if own is not shared:  # the same modules as on its own model, named in full
             hosted = [module_name for module_name, _, host in hosts(own) if name in host]
-            splice.attach(shared, adapter.replace(train_also=[], targets=hosted, exclude=None, layers=None), name)
+            exact = adapter.replace(train_also=[], targets=exact_targets(shared, hosted), exclude=None, layers=None)
+            splice.attach(shared, exact, name)
             with torch.no_grad():
                 theirs = {k: v for k, v in own.named_parameters() if f".{HOST_ATTRIBUTE}.{name}." in k}
                 for key, param in shared.named_parameters():
                     if key in theirs:
                         param.copy_(theirs[key])
+        for path in model_state(own).adapters[name].heads:  # the tenants' trained modules are managed here
+            release_head(own, path, name)
+        if own is shared:
+            model_state(shared).adapters[name].heads = []
         own_modules = {}
         for path in resolve_heads(own, adapter.train_also):
             module = own.get_submodule(path)
@@ -227,8 +233,6 @@ class Multiplexer:
                 router = self.routers[path] = TenantModules(original)
                 shared.set_submodule(path, router)
             router.copies[name] = own_modules[path] = module.to(self.accelerator.device)
-        if own is shared:  # the tenants' trained modules are managed here, not by the shared model
-            _drop_heads(shared, name)
         return view(shared, name, adapter, own_modules, own.config)
 
     def _parameters(self, tenant_view: nn.Module, name: str) -> dict[str, nn.Parameter]:
@@ -442,13 +446,6 @@ def _tenant_name(config: TrainConfig, taken: list[str]) -> str:
     while name in taken:
         name, i = f"{base}-{i}", i + 1
     return name
-
-
-def _drop_heads(model: nn.Module, name: str) -> None:
-    """Forget that adapter `name` trains modules of the model (the tenants' copies are managed here)."""
-    state = model_state(model)
-    state.adapters[name].heads = []
-    state.head_backups.clear()
 
 
 def _refuse_tied(model: nn.Module, path: str, module: nn.Module, name: str) -> None:
