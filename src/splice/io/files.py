@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +31,31 @@ def prepare_output_dir(path: str | Path, overwrite: bool) -> Path:
         )
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@contextmanager
+def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Write a whole folder at once: yields an empty temporary sibling folder to fill; when the
+    block succeeds it replaces `path` as a whole (a reader sees the old complete folder or the
+    new one, never a mixture); when it fails the temporary folder is removed and `path` is as it
+    was. A non-empty `path` is refused unless `overwrite`. (First version; hardened in issue 13.)"""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"{path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise OutputExistsError(f"{path} already exists and is not empty; pass overwrite=True (CLI: --force) "
+                                "to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield temporary
+        old = path.parent / f".{path.name}.old-{temporary.name.rsplit('-', 1)[-1]}"
+        if path.exists():
+            path.rename(old)
+        temporary.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def write_config(path: Path, config: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ from splice.core.registry import config_from_dict
 Task = Literal["classification", "causal_lm"]
 Precision = Literal["no", "bf16", "fp16"]
 SaveFormat = Literal["auto", "peft", "splice"]
+NonFinite = Literal["stop", "skip"]
 TASKS = ("classification", "causal_lm")
 PRECISIONS = ("no", "bf16", "fp16")
 SAVE_FORMATS = ("auto", "peft", "splice")
@@ -74,6 +75,14 @@ class TrainConfig:
         output_dir: the run folder (adapter, metrics.json, curves.png, config.yaml); None:
             runs/<data>-<method>, e.g. runs/rotten-tomatoes-lora.
         save_format: "auto" (HF PEFT's format for LoRA-shaped adapters), "peft" or "splice".
+        checkpoint_every: write a resumable checkpoint (adapter, heads, optimizer, scheduler,
+            step, RNG states, data position) into the run folder every N optimizer steps, and
+            always on SIGINT/SIGTERM; `splice train --resume RUN` continues from the last one.
+            None: only on a signal.
+        on_nonfinite: what a non-finite loss or gradient does: "stop" (end the run with a clear
+            message; the best finite checkpoint is kept) or "skip" (drop that optimizer step
+            and go on; the run stops anyway after 10 skips in a row). A non-finite state is
+            never selected or saved.
     """
 
     model: str = "minilm"
@@ -104,6 +113,8 @@ class TrainConfig:
     precision: Precision = "no"
     output_dir: str | None = None
     save_format: SaveFormat = "auto"
+    checkpoint_every: int | None = 100
+    on_nonfinite: NonFinite = "stop"
 
     def __post_init__(self) -> None:
         self.validate()
