@@ -23,7 +23,7 @@ from splice.core.config import Adapter, AdapterConfig
 from splice.core.host import host_of, hosts
 from splice.core.layers import LayerInfo
 from splice.core.lowrank import LowRank
-from splice.core.routing import Routing
+from splice.core.routing import Routing, routing_of
 
 LoRA = splice.LoRA
 
@@ -163,7 +163,7 @@ def test_route_restores_the_active_adapters_afterwards():
     assert torch.equal(outputs(model, ids), before)
     with pytest.raises(RuntimeError), splice.route(model, ["b", None, "b"]):
         raise RuntimeError
-    assert all(host.routing is None for _, _, host in hosts(model))
+    assert all(routing_of(host) is None for _, _, host in hosts(model))
     assert torch.equal(outputs(model, ids), before)
     assert splice.active_adapters(model) == ["a", "c"]
 
@@ -463,7 +463,7 @@ def test_unknown_adapter_name_lists_the_attached_ones():
         pass
     message = str(err.value)
     assert "zz" in message and all(repr(n) in message for n in ("a", "b", "c"))
-    assert all(host.routing is None for _, _, host in hosts(model))
+    assert all(routing_of(host) is None for _, _, host in hosts(model))
 
 
 def test_row_count_that_does_not_fit_the_batch():
@@ -472,7 +472,7 @@ def test_row_count_that_does_not_fit_the_batch():
     with pytest.raises(splice.SpliceError, match=r"3 adapter ids.*batch of 2 rows"), \
             splice.route(model, ["a", "b", None]):
         outputs(model, ids)
-    assert all(host.routing is None for _, _, host in hosts(model))
+    assert all(routing_of(host) is None for _, _, host in hosts(model))
     with splice.route(model, ["a", "a"]):  # the failed block left nothing behind
         routed = outputs(model, ids)
     assert torch.allclose(routed, one_by_one(model, ids, ["a", "a"]), rtol=0, atol=1e-5)

@@ -23,8 +23,9 @@ from splice.core.inputs import InputsRecorder, batch_auxiliary_loss
 from splice.core.targets import matches, named_base_modules, resolve_targets, site_info
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
-# instance attributes of `Host`, which holds adapters by name
-RESERVED_NAMES = frozenset({"info", "active", "merged", "enabled", "routing", "_merged_deltas", "_hook"})
+# Adapters are held by name in a `Host` (an nn.ModuleDict) and in a ModuleDict of head copies,
+# so a name must not be one of their attributes: the host's own, and every nn.Module's.
+RESERVED_NAMES = frozenset({"info", "active", "merged", "enabled", "_merged_deltas", "_hook"} | set(vars(nn.Module())))
 
 
 @dataclass

@@ -24,10 +24,11 @@ import torch
 from torch import nn
 
 from splice.core.errors import SpliceError
+from splice.core.routing import routing_of
 from splice.core.targets import HEADS_ATTRIBUTE, HOST_ATTRIBUTE, named_base_modules
 
 if TYPE_CHECKING:
-    from splice.core.routing import Routing
+    pass
 
 
 class HeadStore(nn.ModuleDict):
@@ -47,7 +48,6 @@ class HeadCopies(nn.Module):
         self.original = _copy(module, {id(t): t for t in tensors})
         self.copies = nn.ModuleDict()
         self.live: str | None = None  # whose tensors the module computes with (None: the original)
-        self.routing: Routing | None = None  # set by `route` for a mixed batch
         self._hook = module.register_forward_hook(self.route_rows)
 
     def add(self, name: str) -> None:
@@ -68,7 +68,7 @@ class HeadCopies(nn.Module):
 
     def route_rows(self, module: nn.Module, args: tuple, output: Any) -> Any:
         """Forward hook: within `route`, rows whose adapter has another head get that head's output."""
-        routing = self.routing
+        routing = routing_of(self)
         if routing is None or not args or not isinstance(args[0], torch.Tensor) or not isinstance(output, torch.Tensor):
             return output
         x = args[0]

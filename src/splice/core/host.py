@@ -18,10 +18,11 @@ from torch import nn
 from splice.core.config import adapter_delta
 from splice.core.errors import MergeError
 from splice.core.layers import LayerInfo, is_plain_float_weight
+from splice.core.routing import routing_of
 from splice.core.targets import HOST_ATTRIBUTE, named_base_modules
 
 if TYPE_CHECKING:
-    from splice.core.routing import Routing
+    pass
 
 
 class Host(nn.ModuleDict):
@@ -33,7 +34,6 @@ class Host(nn.ModuleDict):
         self.active: list[str] = []
         self.merged: list[str] = []
         self.enabled = True
-        self.routing: Routing | None = None  # set by `route` for a mixed batch
         # merged (delta weight, delta bias) of adapters whose delta depends on the base weight
         self._merged_deltas: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._hook = base.register_forward_hook(self.add_to_output, with_kwargs=True)
@@ -50,8 +50,9 @@ class Host(nn.ModuleDict):
         x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values())))
         if isinstance(output, tuple):  # a block of older transformers: (hidden_states, extras...)
             return (self.add_to_output(base, (x,), {}, output[0]), *output[1:])
-        if self.routing is not None and self.enabled:
-            return self.routing.add_to(self, x, output)
+        routing = routing_of(self) if self.enabled else None
+        if routing is not None:
+            return routing.add_to(self, x, output)
         on = [n for n in self.active if n not in self.merged] if self.enabled else []
         off = [n for n in self if n not in on and n not in self.merged]
         if not on and not off:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,7 +34,6 @@ from splice.core.errors import MergeError, SpliceError
 from splice.core.lowrank import LowRank
 
 if TYPE_CHECKING:
-    from splice.core.heads import HeadCopies
     from splice.core.host import Host
 
 
@@ -198,6 +198,37 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return t if t.shape[0] == rows else torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
 
 
+class _Route:
+    """One open `route` block: its routing and the hosts (and head copies) it applies to."""
+
+    __slots__ = ("routing", "members")
+
+    def __init__(self, routing: Routing, members: list[nn.Module]) -> None:
+        self.routing, self.members = routing, frozenset(id(m) for m in members)
+
+
+# The open `route` blocks of this context (thread, asyncio task), innermost last. A context
+# variable, so that threads serving one shared model each route their own batches; a block
+# removes exactly its own entry on exit, so blocks left out of order cannot leave a stale route.
+_OPEN: ContextVar[tuple[_Route, ...]] = ContextVar("splice_open_routes", default=())
+# The same blocks for the whole process, for backward passes only: autograd may run a
+# checkpointed block's recomputation on its own thread (CUDA), outside the block's context.
+_OPEN_ANYWHERE: list[_Route] = []
+
+
+def routing_of(member: nn.Module) -> Routing | None:
+    """The routing in force for a host (or a module's head copies) here, if any."""
+    key = id(member)
+    for entry in reversed(_OPEN.get()):
+        if key in entry.members:
+            return entry.routing
+    if torch._C._current_graph_task_id() != -1:  # a recomputation inside backward
+        for entry in reversed(_OPEN_ANYWHERE):
+            if key in entry.members:
+                return entry.routing
+    return None
+
+
 @contextmanager
 def route(model: nn.Module, adapter_ids: Sequence[str | None], *, grouped: bool = True) -> Iterator[Routing]:
     """Within the block, row i of every batch goes through adapter `adapter_ids[i]` (None: base).
@@ -206,9 +237,12 @@ def route(model: nn.Module, adapter_ids: Sequence[str | None], *, grouped: bool 
     trainable (`activate` them all to train several at once). Modules that adapters train in
     full (heads) are routed too: each row goes through its own adapter's head, rows of adapters
     without one (and None rows) through the original module. Merged adapters cannot be routed
-    per row, so merging first is refused. `grouped=False` uses the reference path. With
-    activation checkpointing, call `backward()` inside the block too: the recomputed forward
-    must see the same routing.
+    per row, so merging first is refused. `grouped=False` uses the reference path.
+
+    The routing holds in the current context only (thread or asyncio task): several threads may
+    route batches through one shared model at once. With activation checkpointing, call
+    `backward()` inside the block: the recomputed forward must see the same routing (two
+    threads that both train through checkpointed routes on one model are not supported).
     """
     from splice.core.api import model_state
     from splice.core.heads import all_head_copies
@@ -220,17 +254,16 @@ def route(model: nn.Module, adapter_ids: Sequence[str | None], *, grouped: bool 
     unknown = sorted({i for i in adapter_ids if i is not None and i not in known})
     if unknown:
         raise SpliceError(f"route(): no adapter named {unknown}; attached: {list(known)}")
-    all_hosts: list[Host | HeadCopies] = [host for _, _, host in hosts(model)]
+    all_hosts = [host for _, _, host in hosts(model)]
     merged = sorted({n for host in all_hosts for n in host.merged})
     if merged:
         raise MergeError(f"adapters {merged} are merged into the weights, so rows cannot be routed; unmerge first")
     routing = Routing(adapter_ids, grouped)
-    all_hosts += list(all_head_copies(model))
-    previous = [host.routing for host in all_hosts]
-    for host in all_hosts:
-        host.routing = routing
+    entry = _Route(routing, [*all_hosts, *all_head_copies(model)])
+    _OPEN.set((*_OPEN.get(), entry))
+    _OPEN_ANYWHERE.append(entry)
     try:
         yield routing
     finally:
-        for host, before in zip(all_hosts, previous, strict=True):
-            host.routing = before
+        _OPEN.set(tuple(e for e in _OPEN.get() if e is not entry))
+        _OPEN_ANYWHERE.remove(entry)
