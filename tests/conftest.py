@@ -88,3 +88,46 @@ def minilm_inputs() -> dict[str, torch.Tensor]:
     ids = torch.randint(1000, 20000, (2, 16), generator=torch.Generator().manual_seed(3))
     ids[:, 0] = 101  # [CLS]
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+# -- the reliability report ------------------------------------------------------------------
+# Every test under tests/reliability/ is one bad input or fault, tried as a careless or hostile
+# user would. Each guards against one kind of failure: "silent" (a wrong result with no error),
+# "crash" (a raw traceback instead of a message), "lost" (user work or files lost). A module sets
+# its kind with `pytestmark = pytest.mark.guards("...")`, a test may override it; the summary at
+# the end counts cases tried, handled (passed), and failures by kind: issue 13's figures.
+RELIABILITY_KINDS = ("silent", "crash", "lost")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "guards(kind): the failure a reliability case guards against: "
+                                       "silent, crash or lost")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        marker = item.get_closest_marker("guards")
+        if marker is not None and marker.args[0] not in RELIABILITY_KINDS:
+            raise pytest.UsageError(f"{item.nodeid}: guards({marker.args[0]!r}) is none of {RELIABILITY_KINDS}")
+        if "tests/reliability/" in item.nodeid.replace("\\", "/") or item.nodeid.startswith("reliability/"):
+            item.user_properties.append(("guards", marker.args[0] if marker else "unclassified"))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    reports = [r for key in ("passed", "failed", "error") for r in terminalreporter.stats.get(key, [])
+               if getattr(r, "when", "call") == "call" or r.outcome != "passed"]
+    cases = {}
+    for report in reports:
+        kind = dict(report.user_properties).get("guards")
+        if kind is not None:
+            cases[report.nodeid] = (kind, report.outcome == "passed" and cases.get(report.nodeid, ("", True))[1])
+    if not cases:
+        return
+    failed = {kind: sum(1 for k, ok in cases.values() if k == kind and not ok) for kind in RELIABILITY_KINDS}
+    unclassified = sum(1 for k, _ in cases.values() if k == "unclassified")
+    terminalreporter.write_sep("-", "reliability")
+    terminalreporter.write_line(
+        f"cases tried: {len(cases)}; handled (clear error or correct result): "
+        f"{sum(ok for _, ok in cases.values())}; still silently wrong: {failed['silent']}; "
+        f"crashes: {failed['crash']}; data lost: {failed['lost']}"
+        + (f"; cases without a kind: {unclassified}" if unclassified else ""))

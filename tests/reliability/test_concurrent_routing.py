@@ -16,6 +16,8 @@ from helpers import make_llama, randomize
 import splice
 from splice.core.errors import SpliceError
 
+pytestmark = pytest.mark.guards("silent")
+
 
 @pytest.fixture(scope="module")
 def served():
@@ -85,6 +87,7 @@ def test_a_route_of_one_model_does_not_touch_another(served):
             assert torch.equal(other(input_ids=ids).logits, plain)
 
 
+@pytest.mark.guards("crash")
 @pytest.mark.parametrize("name", ["training", "_modules", "_parameters", "keys", "merged"])
 def test_adapter_names_that_are_module_attributes_are_refused_up_front(name):
     model = make_llama()
