@@ -168,7 +168,8 @@ def merge(
 
       splice merge runs/rotten-tomatoes-lora/adapter --into-base --model minilm --out merged-minilm
     """
-    from splice.io.files import prepare_output_dir
+    from splice.io.files import atomic_directory, check_output_dir
+    from splice.io.state import save_state
     from splice.merging import merge_adapters, unify_adapters
 
     with user_errors():
@@ -178,18 +179,19 @@ def merge(
         if into_base and method == "emr":
             raise typer.BadParameter("emr keeps one adapter per task; it has no single model to fold in",
                                      param_hint="--method")
+        check_output_dir(out, overwrite=force)  # refused before the work; written whole (or not at all) after it
         if into_base and len(adapters) == 1:
             _fold_into_base(adapters[0], model, out, force)
             return
         weight_list = [float(w) for w in weights.split(",")] if weights else None
         states = [_state(path) for path in adapters]
         base = _base_model(adapters[0], model) if into_base or any(s.dora for s in states) else None
-        prepare_output_dir(out, overwrite=force)
         if method == "emr":
             unified = unify_adapters(states, base=base)
-            unified.save(out / "unified", overwrite=force)
-            for i, path in enumerate(adapters):
-                _save(unified.decouple(i, rank), out / f"task-{i}-{path.name}", force)
+            with atomic_directory(out, overwrite=force) as folder:
+                unified.save(folder / "unified")
+                for i, path in enumerate(adapters):
+                    save_state(unified.decouple(i, rank), folder / f"task-{i}-{path.name}")
             console.print(f"unified {len(adapters)} adapters -> {out}/unified (scales "
                           f"{[round(x, 4) for x in unified.unified.scales]}), rebuilt adapters in {out}/task-*")
             return
@@ -202,10 +204,11 @@ def merge(
             import splice
 
             splice.unload(base)
-            base.save_pretrained(out)
+            with atomic_directory(out, overwrite=force) as folder:
+                base.save_pretrained(folder)
             console.print(f"{result.summary()}\nfolded into {type(base).__name__} -> {out}")
             return
-        _save(result.state, out, True)
+        save_state(result.state, out, overwrite=force)
     _print_merge(result)
     console.print(f"-> {out}")
 
@@ -213,13 +216,13 @@ def merge(
 def _fold_into_base(adapter: Path, model: str | None, out: Path, force: bool) -> None:
     """One adapter of any form (splice's own format too) folded into its base model."""
     import splice
-    from splice.io.files import prepare_output_dir
+    from splice.io.files import atomic_directory
 
     net = _base_model(adapter, model)
-    prepare_output_dir(out, overwrite=force)
     splice.load(net, adapter)
     splice.unload(net)
-    net.save_pretrained(out)
+    with atomic_directory(out, overwrite=force) as folder:
+        net.save_pretrained(folder)
     console.print(f"merged [bold]{adapter}[/bold] into {type(net).__name__} -> {out}")
 
 
@@ -227,12 +230,6 @@ def _state(path: Path):
     from splice.io.state import adapter_state
 
     return adapter_state(path)
-
-
-def _save(state, path: Path, force: bool) -> None:
-    from splice.io.state import save_state
-
-    save_state(state, path, overwrite=force)
 
 
 def _base_model(adapter: Path, model: str | None):

@@ -55,13 +55,13 @@ def analyze(
     Example: splice analyze runs/rotten-tomatoes-lora/adapter --model minilm
     """
     from splice.analysis.spectra import ENERGY_FRACTIONS, adapter_dir_spectra, plot_effective_ranks, plot_spectra
-    from splice.io.files import prepare_output_dir
+    from splice.io.files import atomic_directory, check_output_dir
     from splice.train.tasks import load_pretrained
 
     out = out or adapter.parent / f"{adapter.name}-spectra"
     with user_errors():
         base = _base_model([adapter], model, task)
-        prepare_output_dir(out, overwrite=force)
+        check_output_dir(out, overwrite=force)
         report = adapter_dir_spectra(load_pretrained(*base), adapter)
     prefix = shared_prefix([m.name for m in report.modules])
     table = Table(title=f"spectra of {adapter}", caption="rank: numerical; erank: entropy effective rank; "
@@ -76,12 +76,13 @@ def analyze(
     console.print(table)
     for name, reason in report.skipped.items():
         console.print(f"[yellow]skipped[/] {name}: {reason}")
-    (out / "spectra.json").write_text(json.dumps(report.to_dict(top_k), indent=2) + "\n")
     files = ["spectra.json"]
-    if report.modules:
-        plot_spectra(report, out / "spectra.png", top_k)
-        plot_effective_ranks(report, out / "effective_rank.png")
-        files += ["spectra.png", "effective_rank.png"]
+    with user_errors(), atomic_directory(out, overwrite=force) as folder:
+        (folder / "spectra.json").write_text(json.dumps(report.to_dict(top_k), indent=2) + "\n")
+        if report.modules:
+            plot_spectra(report, folder / "spectra.png", top_k)
+            plot_effective_ranks(report, folder / "effective_rank.png")
+            files += ["spectra.png", "effective_rank.png"]
     console.print(_spectra_summary(report.summary()) + f" -> {out}/{{{','.join(files)}}}", highlight=False)
 
 
@@ -100,13 +101,13 @@ def compare(
     Example: splice compare runs/a/adapter runs/b/adapter --model minilm --out a-vs-b
     """
     from splice.analysis.compare import compare_adapter_dirs
-    from splice.io.files import prepare_output_dir
+    from splice.io.files import atomic_directory, check_output_dir
     from splice.train.tasks import load_pretrained
 
     with user_errors():
         base = _base_model([adapter_a, adapter_b], model, task)
         if out is not None:
-            prepare_output_dir(out, overwrite=force)
+            check_output_dir(out, overwrite=force)
         result = compare_adapter_dirs(load_pretrained(*base), adapter_a, adapter_b, k)
     prefix = shared_prefix([m.name for m in result.modules])
     table = Table(title=f"{adapter_b} against {adapter_a}",
@@ -130,7 +131,8 @@ def compare(
         line += (f": mean smallest angle {summary['mean_min_angle_deg']:.1f}°, mean overlap "
                  f"{summary['mean_overlap']:.3f}, mean cosine {_cell(summary['mean_cosine'])}")
     if out is not None:
-        (out / "comparison.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        with user_errors(), atomic_directory(out, overwrite=force) as folder:
+            (folder / "comparison.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         line += f" -> {out / 'comparison.json'}"
     console.print(line, highlight=False)
 

@@ -3,7 +3,6 @@ several budgets and evaluate each on a data set (`--sweep`)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -80,7 +79,7 @@ def compress(
     """
     from splice.compress import para
     from splice.core.errors import SpliceError
-    from splice.io.files import prepare_output_dir
+    from splice.io.files import check_output_dir
     from splice.io.state import adapter_state
 
     with user_errors():
@@ -91,19 +90,19 @@ def compress(
             if data is None:
                 raise SpliceError("--sweep evaluates every budget; pass --data (e.g. --data rotten_tomatoes)")
             if out is not None:
-                prepare_output_dir(out, overwrite=force)
+                check_output_dir(out, overwrite=force)  # refused before the work, written whole after it
             state = adapter_state(adapter)
-            _sweep(state, budgets, allocation, normalize, out, model=model, data=data, task=task, split=split,
-                   metric=metric, max_eval_examples=max_eval_examples, batch_size=batch_size,
+            _sweep(state, budgets, allocation, normalize, out, force, model=model, data=data, task=task,
+                   split=split, metric=metric, max_eval_examples=max_eval_examples, batch_size=batch_size,
                    max_length=max_length)
             return
         if out is not None:
-            prepare_output_dir(out, overwrite=force)
+            check_output_dir(out, overwrite=force)
         result = para.compress(adapter, budget=budget, energy=energy, rank=rank, threshold=threshold,
                                allocation=allocation, normalize=normalize)
         console.print(result.summary())  # its caption is the headline: parameters before -> after
         if out is not None:
-            result.save(out, overwrite=True)
+            result.save(out, overwrite=force)
     console.print(f"-> {out}" if out is not None else "nothing written; pass --out DIR to save it", highlight=False)
 
 
@@ -122,14 +121,16 @@ def _budgets(text: str) -> list[float]:
     return budgets
 
 
-def _sweep(state: AdapterState, budgets: list[float], allocation: str, normalize: str, out: Path | None, *,
-           model: str | None, data: str, task: str | None, split: str, metric: str | None,
+def _sweep(state: AdapterState, budgets: list[float], allocation: str, normalize: str, out: Path | None,
+           force: bool, *, model: str | None, data: str, task: str | None, split: str, metric: str | None,
            max_eval_examples: int | None, batch_size: int, max_length: int) -> None:
     """Evaluate the uncompressed adapter and every budget's compression on one loaded base model."""
     from splice.compress import para
     from splice.core.api import detach
     from splice.core.errors import SpliceError
+    from splice.io.files import atomic_directory, write_json
     from splice.io.peft_format import attach_state
+    from splice.io.state import save_state
     from splice.train import TrainConfig
     from splice.train.data import load_eval_rows
     from splice.train.loop import evaluate
@@ -165,8 +166,6 @@ def _sweep(state: AdapterState, budgets: list[float], allocation: str, normalize
     if out is None:
         console.print("nothing written; pass --out DIR for sweep.json, sweep.png and the adapters", highlight=False)
         return
-    for budget, point in points.items():
-        point.result.save(out / f"budget-{budget:g}", overwrite=True)
     report: dict[str, Any] = {
         "adapter_parameters": state.parameters, "metric": metric, "reference": reference,
         "reference_metrics": scores[0], "model": model, "task": config.task, "data": data, "split": split,
@@ -174,9 +173,12 @@ def _sweep(state: AdapterState, budgets: list[float], allocation: str, normalize
         "points": [p.to_dict() | {"metrics": m, "folder": f"budget-{b:g}"}
                    for (b, p), m in zip(points.items(), scores[1:], strict=True)],
     }
-    (out / "sweep.json").write_text(json.dumps(report, indent=2) + "\n")
-    para.plot_sweep(points, out / "sweep.png", metric=metric, reference=reference,
-                    title=f"PARA sweep: {metric} on {data} ({split})")
+    with atomic_directory(out, overwrite=force) as folder:  # the adapters, json and plot: all or none
+        for budget, point in points.items():
+            save_state(point.result.state, folder / f"budget-{budget:g}")
+        write_json(folder / "sweep.json", report)
+        para.plot_sweep(points, folder / "sweep.png", metric=metric, reference=reference,
+                        title=f"PARA sweep: {metric} on {data} ({split})")
     console.print(f"-> {out}/{{sweep.json,sweep.png,budget-*/}}", highlight=False)
 
 

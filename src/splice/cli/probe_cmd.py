@@ -43,7 +43,7 @@ def probe(
         splice probe examples/smollm2_arithmetic.yaml --batches 4 --top 10
     """
     from splice.cli.adapter_cmds import _split
-    from splice.io.files import prepare_output_dir
+    from splice.io.files import atomic_directory, check_output_dir
     from splice.placement import page
     from splice.train import TrainConfig, tasks
     from splice.train.data import collator, load_splits, train_loader
@@ -55,16 +55,17 @@ def probe(
         loader = train_loader(splits.train, settings, collator(settings.task, tokenizer, settings.max_length))
         probe_batches = (batch for _, batch in zip(range(batches), loader, strict=False))
         placement = page(model, probe_batches, _split(candidates), r, score=score)
-        folder = prepare_output_dir(out or Path(f"{settings.output_dir}-probe"), force)
+        out = check_output_dir(out or Path(f"{settings.output_dir}-probe"), force)
     table = Table(title=f"PAGE on {settings.model} / {settings.data} ({placement.batches} batches, r={r}, {score})")
     for column in ("rank", "module", "share", "expected", "sampled"):
         table.add_column(column, justify="left" if column == "module" else "right")
     for rank, site in enumerate(placement.sites[:top], 1):
         table.add_row(str(rank), site.name, f"{100 * site.share:.1f}%", f"{site.expected:.3g}", f"{site.sampled:.3g}")
     console.print(table)
-    (folder / "probe.json").write_text(json.dumps({"score": score, "r": r, "batches": placement.batches,
-                                                   "sites": placement.rows()}, indent=2) + "\n")
-    placement.heatmap(folder / "probe.png")
+    with user_errors(), atomic_directory(out, overwrite=force) as folder:
+        (folder / "probe.json").write_text(json.dumps({"score": score, "r": r, "batches": placement.batches,
+                                                       "sites": placement.rows()}, indent=2) + "\n")
+        placement.heatmap(folder / "probe.png")
     best = placement.sites[0]
     console.print(f"dominant module: {best.name} ({100 * best.share:.1f}% of the energy); "
-                  f"wrote {folder / 'probe.json'} and {folder / 'probe.png'}")
+                  f"wrote {out / 'probe.json'} and {out / 'probe.png'}")

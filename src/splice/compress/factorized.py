@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from splice.core.errors import AdapterFileError, ShapeMismatchError
-from splice.io.files import base_model_name, prepare_output_dir
+from splice.io.files import atomic_directory, base_model_name, write_json, write_tensors
 
 FORMAT = "splice-factorized"
 FORMAT_VERSION = 1
@@ -116,12 +116,12 @@ def save_factorized(model: nn.Module, path: str | Path, overwrite: bool = False)
     and `<parameter name>` for each trainable parameter outside them, e.g. `classifier.weight`)
     and `factorized_config.json` (format name and version, rank and shape per module, the names
     of the trained tensors, the base model). A folder that already holds files is refused unless
-    `overwrite`. Returns the folder.
+    `overwrite`; the folder is written whole or not at all (`io.files.atomic_directory`). Returns
+    the folder.
     """
     layers = factorized_modules(model)
     if not layers:
         raise AdapterFileError("the model has no FactorizedLinear layers to save; run jactus(model, ...) first")
-    path = prepare_output_dir(path, overwrite)
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
         tensors |= {f"{name}.{key}": value for key, value in layer.state_dict().items()}
@@ -136,10 +136,11 @@ def save_factorized(model: nn.Module, path: str | Path, overwrite: bool = False)
         "trained": trained,
         "base_model_name_or_path": base_model_name(model),
     }
-    (path / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file({k: v.detach().contiguous().clone().cpu() for k, v in tensors.items()}, str(path / WEIGHTS_NAME),
-              metadata={"format": "pt"})
-    return path
+    with atomic_directory(path, overwrite) as folder:
+        write_json(folder / CONFIG_NAME, config, sort_keys=True)
+        write_tensors(folder / WEIGHTS_NAME, {k: v.detach().contiguous().clone().cpu() for k, v in tensors.items()},
+                      metadata={"format": "pt"})
+    return Path(path)
 
 
 def load_factorized(model: nn.Module, path: str | Path) -> nn.Module:

@@ -64,6 +64,7 @@ from splice.core.errors import SpliceError
 from splice.core.inventory import shared_prefix
 from splice.core.state import AdapterState, ModuleUpdate
 from splice.core.svd import product_svd
+from splice.io.files import check_output_dir
 from splice.io.state import AdapterSource, adapter_state, save_state
 
 Allocation = Literal["global", "per-module"]
@@ -232,7 +233,8 @@ class CompressionResult:
         return groups
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Write the compressed adapter as a PEFT LoRA directory (HF PEFT and splice load it)."""
+        """Write the compressed adapter as a PEFT LoRA directory (HF PEFT and splice load it),
+        whole or not at all; a non-empty `path` is refused unless `overwrite`."""
         self.path = save_state(self.state, path, overwrite=overwrite)
         return self.path
 
@@ -307,7 +309,8 @@ def compress(
             each module alone); see the module doc.
         normalize: "none", "max" or "frobenius": per-module division of σ before pooling.
         name: the adapter to take from a model source (default: its only or active one).
-        out: save the result there (a PEFT LoRA directory); refused if non-empty unless `overwrite`.
+        out: save the result there (a PEFT LoRA directory, written whole or not at all); a
+            non-empty folder is refused, before any work, unless `overwrite`.
 
     Exactly one of budget, energy, rank and threshold. Biases and trained heads are kept; DoRA
     magnitudes are kept and the direction's change s B A compressed (exact at full rank).
@@ -315,6 +318,8 @@ def compress(
     target, value = _target(budget=budget, energy=energy, rank=rank, threshold=threshold)
     _one_of("allocation", allocation, ALLOCATIONS)
     _one_of("normalize", normalize, NORMALIZATIONS)
+    if out is not None:
+        check_output_dir(out, overwrite)
     state = _state(source, name)
     svds = {n: module_svd(u) for n, u in state.modules.items()}
     minimum = {n: 1 if u.magnitude is not None else 0 for n, u in state.modules.items()}

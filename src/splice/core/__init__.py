@@ -17,6 +17,9 @@ from splice.core.api import (
 from splice.core.config import Adapter, AdapterConfig
 from splice.core.errors import (
     AdapterFileError,
+    ConfigError,
+    DataError,
+    IncompatibleAdaptersError,
     MergeError,
     OutputExistsError,
     ShapeMismatchError,
@@ -30,7 +33,8 @@ from splice.core.summary import Summary, summary
 from splice.core.targets import resolve_targets
 
 __all__ = [
-    "Adapter", "AdapterConfig", "AdapterFileError", "MergeError", "OutputExistsError",
+    "Adapter", "AdapterConfig", "AdapterFileError", "ConfigError", "DataError", "IncompatibleAdaptersError",
+    "MergeError", "OutputExistsError",
     "ShapeMismatchError", "SpliceError", "Summary", "TargetError", "activate", "active_adapters", "auxiliary_loss",
     "LowRank", "adapters", "attach", "config_from_dict", "deactivate", "detach", "disabled", "merge",
     "method_names", "register_method", "resolve_targets", "route", "summary", "trainable_parameters",

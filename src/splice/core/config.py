@@ -13,6 +13,7 @@ from torch import nn
 from splice.core.errors import SpliceError
 from splice.core.layers import LayerInfo
 from splice.core.lowrank import LowRank
+from splice.core.validation import check_config_fields
 
 Targets = str | list[str] | None
 Layers = int | list[int] | range | None
@@ -69,6 +70,7 @@ class AdapterConfig:
         self.train_also = list(self.train_also)
         if isinstance(self.targets, list) and not self.targets:
             raise SpliceError("targets is an empty list; give module names, a regex or 'all-linear'")
+        check_config_fields(self)  # every method's fields against their types: r=2.5 or rslora="false" fail here
 
     def build(self, info: LayerInfo, module_name: str, base: nn.Module) -> Adapter:
         """Create this method's adapter for one base layer."""

@@ -23,3 +23,18 @@ class MergeError(SpliceError):
 
 class OutputExistsError(SpliceError):
     """Refusing to overwrite a user's files without being asked to."""
+
+
+class ConfigError(SpliceError):
+    """A configuration value (a YAML training config, a `--set` value, an adapter mapping) has
+    the wrong type, an impossible value, or an unknown key."""
+
+
+class DataError(SpliceError):
+    """Training or evaluation data that cannot be used as it is: the message names the file and
+    line (or row) and what was expected there."""
+
+
+class IncompatibleAdaptersError(ShapeMismatchError):
+    """Adapters combined (merged, compared) that were made for different models: disjoint module
+    sets with nothing in common, one module with different shapes, different base models."""

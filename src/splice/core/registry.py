@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
+import re
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 from splice.core.config import AdapterConfig
-from splice.core.errors import AdapterFileError
+from splice.core.errors import AdapterFileError, ConfigError, SpliceError
+from splice.core.validation import did_you_mean, field_problems, init_fields, located, raise_problems, show
 
 _METHODS: dict[str, type[AdapterConfig]] = {}
 
@@ -27,23 +32,50 @@ def method_names() -> list[str]:
     return sorted(_METHODS)
 
 
-def config_class(method: str) -> type[AdapterConfig]:
+def config_class(method: str, error: type[SpliceError] = AdapterFileError) -> type[AdapterConfig]:
+    if not isinstance(method, str):
+        raise error(f"the adapter method must be a string naming one of {', '.join(method_names())}; "
+                    f"got {show(method)}")
     try:
         return _METHODS[method.lower()]
     except KeyError:
-        raise AdapterFileError(
-            f"unknown adapter method {method!r}; known methods: {', '.join(method_names())}"
-        ) from None
+        close = difflib.get_close_matches(method.lower(), method_names(), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise error(f"unknown adapter method {method!r}{hint} (known methods: {', '.join(method_names())})") from None
 
 
-def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
-    """Rebuild a config from `AdapterConfig.to_dict()` output (or a YAML mapping)."""
+# Fields whose __post_init__ takes more than the annotation says (a single name for a list).
+_ALSO_ACCEPTED: dict[str, Any] = {"train_also": str | list[str]}
+
+
+def config_from_dict(data: Mapping[str, Any], *, source: str | Path | None = None,
+                     error: type[SpliceError] | None = None) -> AdapterConfig:
+    """Rebuild a config from `AdapterConfig.to_dict()` output (or a YAML mapping, `--set` values,
+    the `config` of a splice adapter file), checking every key and value first.
+
+    A key the method does not have is refused with the closest one it has; a value that does not
+    fit the field's annotation (strictly: `"false"` is not a bool, `2.5` not an int, NaN not a
+    number) is refused naming the key, the value and what was expected. `source` (the file the
+    mapping came from) starts every message; `error` is the error class (default: AdapterFileError
+    with a `source`, ConfigError without).
+    """
+    error = error or (AdapterFileError if source is not None else ConfigError)
+    if not isinstance(data, Mapping):
+        raise error(located(source, f"an adapter config must be a mapping with a 'method' key, got {show(data)}"))
     data = dict(data)
     method = data.pop("method", None)
     if method is None:
-        raise AdapterFileError(f"adapter config has no 'method' key: {sorted(data)}")
-    cls = config_class(method)
+        raise error(located(source, f"adapter config has no 'method' key: {sorted(data)}"))
+    try:
+        cls = config_class(method, error)
+    except SpliceError as err:
+        raise error(located(source, str(err))) from None
+    bad = f"bad {method!r} config: "
+    for key in data:
+        if not isinstance(key, str) or key not in init_fields(cls):
+            raise error(located(source, f"{bad}unknown key {key!r}{did_you_mean(str(key), init_fields(cls))}"))
+    raise_problems(field_problems(cls, data, _ALSO_ACCEPTED), error, source, bad)
     try:
         return cls(**data)
-    except TypeError as err:
-        raise AdapterFileError(f"bad {method!r} config: {err}") from None
+    except (TypeError, ValueError, re.error) as err:  # SpliceError is a ValueError
+        raise error(located(source, f"{bad}{err}")) from None

@@ -10,7 +10,7 @@ from typing import Any
 from splice.core.errors import SpliceError
 from splice.core.registry import config_from_dict
 from splice.io import native, peft_format
-from splice.io.files import WEIGHTS_NAME, read_config, read_weights
+from splice.io.files import WEIGHTS_NAME, read_adapter
 
 
 @dataclass
@@ -44,7 +44,7 @@ class AdapterInfo:
 def inspect_adapter(path: str | Path) -> AdapterInfo:
     """Read an adapter directory (PEFT's or splice's format) and describe it."""
     path = Path(path)
-    config, tensors = read_config(path), read_weights(path)
+    config, tensors = read_adapter(path)
     weights_file = path / WEIGHTS_NAME
     size = weights_file.stat().st_size if weights_file.is_file() else 0
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})

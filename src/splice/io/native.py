@@ -21,7 +21,8 @@ from splice.core.heads import head_tensors
 from splice.core.host import hosts
 from splice.core.registry import config_from_dict
 from splice.core.targets import exact_targets, named_base_modules
-from splice.io.files import base_model_name, write_config, write_weights
+from splice.core.validation import Problem, check_value, describe_type, located, raise_problems, tensor_problem
+from splice.io.files import CONFIG_NAME, WEIGHTS_NAME, base_model_name, write_config, write_weights
 
 FORMAT = "splice"
 FORMAT_VERSION = 1
@@ -51,22 +52,76 @@ def write(model: nn.Module, path: Path, name: str) -> None:
     write_weights(path, tensors)
 
 
+# The keys of a splice-format adapter_config.json that `read` uses, and what each must be.
+NATIVE_FIELDS: dict[str, Any] = {
+    "format_version": int,
+    "method": str,
+    "config": dict[str, Any],
+    "modules": list[str],
+    "train_also": list[str] | None,
+}
+
+
 def read(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor], name: str,
-         trainable: bool) -> None:
+         trainable: bool, *, source: str | Path | None = None, allow_nonfinite: bool = False) -> None:
+    """Attach a splice-format directory's contents as adapter `name`.
+
+    The config is type-checked (every key, its value and what was expected are named, with the
+    file when `source`, the directory, is given), the method's own config is rebuilt through
+    `config_from_dict` (unknown keys and wrong types refused), and the tensors are checked before
+    anything is attached: a tensor the adapter holds as floating point must be floating point
+    in the file, and no floating tensor may hold NaN or infinite values (unless `allow_nonfinite`).
+    """
+    where = Path(source) / CONFIG_NAME if source is not None else CONFIG_NAME
     version = config.get("format_version")
-    if version != FORMAT_VERSION:
-        raise AdapterFileError(f"splice adapter format version {version!r} is not supported "
-                               f"(this splice reads version {FORMAT_VERSION})")
-    modules: list[str] = config.get("modules") or []
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise AdapterFileError(located(where, f"splice adapter format version {version!r} is not supported "
+                                              f"(this splice reads version {FORMAT_VERSION})"))
+    problems = [Problem(key, config[key], expected) for key, annotation in NATIVE_FIELDS.items()
+                if key in config and (expected := check_value(annotation, config[key])) is not None]
+    problems += [Problem(key, "(missing)", describe_type(NATIVE_FIELDS[key]))
+                 for key in ("method", "config", "modules") if key not in config]
+    raise_problems(problems, AdapterFileError, where)
+    method, modules = config["method"], config["modules"]
+    inner_method = config["config"].get("method", method)
+    if not isinstance(inner_method, str) or inner_method.lower() != method.lower():
+        raise AdapterFileError(located(where, f"the file names method {method!r} but its config is for "
+                                              f"{inner_method!r}"))
     known = dict(named_base_modules(model))
     missing = [m for m in modules if m not in known]
     if missing:
         raise ShapeMismatchError(f"adapter targets modules the model does not have: {missing[:5]}")
-    adapter_config = config_from_dict(config["config"]).replace(
-        targets=exact_targets(model, modules), exclude=None, layers=None, train_also=config.get("train_also", [])
+    for key, value in tensors.items():
+        problem = tensor_problem(value, floating=False, finite=not allow_nonfinite)
+        if problem:
+            raise AdapterFileError(located(_weights_file(source), f"tensor {key!r} {problem}"))
+    adapter_config = config_from_dict({**config["config"], "method": inner_method}, source=where).replace(
+        targets=exact_targets(model, modules), exclude=None, layers=None, train_also=config.get("train_also") or []
     )
     with attaching(model, adapter_config, name, trainable=trainable):  # a refused file leaves the model as it was
+        _check_dtypes(model, name, model_state(model).adapters[name].heads, tensors, _weights_file(source))
         _load_tensors(model, name, model_state(model).adapters[name].heads, tensors)
+
+
+def _weights_file(source: str | Path | None) -> Path | str:
+    return Path(source) / WEIGHTS_NAME if source is not None else WEIGHTS_NAME
+
+
+def _check_dtypes(model: nn.Module, name: str, heads: list[str], tensors: dict[str, torch.Tensor],
+                  where: Path | str) -> None:
+    """A tensor the attached adapter holds in floating point must be floating point in the file
+    (an int or bool tensor would be cast silently); integer buffers stay integers."""
+    targets: dict[str, torch.Tensor] = {}
+    for module_name, _, host in hosts(model):
+        if name in host:
+            targets |= {f"{module_name}.{k}": v for k, v in host[name].state_dict(keep_vars=True).items()}
+    targets |= {f"{HEAD_PREFIX}{k}": v for k, v in head_tensors(model, heads, name, keep_vars=True).items()}
+    for key, target in targets.items():
+        value = tensors.get(key)
+        if value is not None and target.is_floating_point() and not value.is_floating_point():
+            dtype, wanted = (str(t.dtype).removeprefix("torch.") for t in (value, target))
+            raise AdapterFileError(located(where, f"tensor {key!r} has dtype {dtype}; expected a floating-point "
+                                                  f"tensor (the adapter holds it as {wanted})"))
 
 
 def _load_tensors(model: nn.Module, name: str, heads: list[str], tensors: dict[str, torch.Tensor]) -> None:

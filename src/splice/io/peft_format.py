@@ -21,10 +21,12 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from splice.core.api import attaching, model_state
@@ -34,7 +36,15 @@ from splice.core.host import hosts
 from splice.core.layers import describe, unsupported_reason
 from splice.core.state import AdapterState, ModuleUpdate
 from splice.core.targets import exact_targets, matches, named_base_modules
-from splice.io.files import base_model_name, write_config, write_weights
+from splice.core.validation import Problem, check_value, located, raise_problems, regex_error, show, tensor_problem
+from splice.io.files import (
+    CONFIG_NAME,
+    LEGACY_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    base_model_name,
+    write_config,
+    write_weights,
+)
 from splice.methods.dora import DoRA, DoRAAdapter
 from splice.methods.lora import LoRA, LoRAAdapter, exact_pattern, pattern_value
 
@@ -200,42 +210,116 @@ def portability_problems(ranks: list[int], alphas: list[float], heads: list[str]
 
 
 def read(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tensor], name: str,
-         trainable: bool) -> None:
+         trainable: bool, *, source: str | Path | None = None, allow_nonfinite: bool = False) -> None:
+    """Attach the PEFT directory's contents as adapter `name`; `source` (the directory) is named
+    in every error about the files."""
     check_supported(model, tensors)
-    state = from_peft(config, tensors)
+    state = from_peft(config, tensors, source=source, allow_nonfinite=allow_nonfinite)
     check_base_copies(model, tensors)
     attach_state(model, state, name, trainable=trainable)
 
 
-def from_peft(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> AdapterState:
-    """A PEFT LoRA directory's contents as an adapter state, checked for consistency (no model)."""
+# The keys of adapter_config.json that splice reads, and what each must be. PEFT writes many more
+# (revision, layers_to_transform, megatron_config, ...); those are ignored.
+PositiveInt = Annotated[int, Field(ge=1)]
+PEFT_FIELDS: dict[str, Any] = {
+    "r": PositiveInt,
+    "lora_alpha": float,  # strict: an int or a float, finite; not a string, not a bool
+    "lora_dropout": Annotated[float, Field(ge=0, lt=1)],
+    "use_rslora": bool,
+    "use_dora": bool,
+    "lora_bias": bool,
+    "fan_in_fan_out": bool,
+    "rank_pattern": dict[str, PositiveInt] | None,
+    "alpha_pattern": dict[str, float] | None,
+    "target_modules": str | list[str] | None,
+    "modules_to_save": list[str] | None,
+    "init_lora_weights": bool | str,
+    "bias": str,
+    "base_model_name_or_path": str | None,
+    "task_type": str | None,
+}
+
+
+def check_peft_config(config: dict[str, Any], where: str | Path | None = None) -> None:
+    """Refuse an adapter_config.json whose keys splice reads hold values of the wrong type
+    (`"use_rslora": "false"`, `"lora_alpha": "16"`, NaN, `"r": 2.5`, a pattern key that is not a
+    regex), naming the file, every bad key, its value and what was expected."""
+    problems = [Problem(key, config[key], expected) for key, annotation in PEFT_FIELDS.items()
+                if key in config and (expected := check_value(annotation, config[key])) is not None]
+    for key in ("rank_pattern", "alpha_pattern"):
+        if isinstance(config.get(key), dict):
+            problems += [Problem(key, {pattern: value}, f"keys that are module names or valid regular expressions "
+                                 f"({pattern!r}: {err})")
+                         for pattern, value in config[key].items() if (err := regex_error(pattern)) is not None]
+    target = config.get("target_modules")
+    if isinstance(target, str) and target != "all-linear" and (err := regex_error(target)) is not None:
+        problems.append(Problem("target_modules", target, f"module names or a valid regular expression ({err})"))
+    raise_problems(problems, AdapterFileError, where)
+
+
+def check_peft_tensors(tensors: Tensors, where: str | Path | None = None, *, finite: bool = True) -> None:
+    """Refuse factors that are not floating-point matrices with a rank of at least 1, and any
+    NaN or infinite value in a factor, bias, magnitude or head, naming the tensor."""
+    for key, value in tensors.items():
+        suffix = next((s for s in LORA_SUFFIXES if key.endswith(s)), None)
+        role = LORA_SUFFIXES.get(suffix)
+        if role in ("A", "B"):
+            problem = tensor_problem(value, min_dim=2, nonempty=True, finite=finite)
+            if problem and problem.startswith("is empty"):
+                problem += ": a rank-0 factor, expected rank >= 1"
+        elif role in ("b", "M"):
+            problem = tensor_problem(value, min_dim=1, max_dim=1, nonempty=True, finite=finite)
+        elif BASE_COPY in key:
+            continue  # compared with the model's own weight by `check_base_copies`
+        else:  # a head trained in full: any dtype (integer buffers exist), finite if floating
+            problem = tensor_problem(value, floating=False, finite=finite)
+        if problem:
+            raise AdapterFileError(located(where, f"tensor {key!r} {problem}"))
+
+
+def from_peft(config: dict[str, Any], tensors: dict[str, torch.Tensor], *, source: str | Path | None = None,
+              allow_nonfinite: bool = False) -> AdapterState:
+    """A PEFT LoRA directory's contents as an adapter state, checked for consistency (no model).
+
+    Every key splice reads is type-checked (`check_peft_config`) and every tensor checked for its
+    dtype, shape and finite values (`check_peft_tensors`; `allow_nonfinite=True` lets NaN and
+    infinite values through, for inspecting a diverged run). `source`, the directory, is named
+    in the errors.
+    """
+    config_file = Path(source) / CONFIG_NAME if source is not None else CONFIG_NAME
+    weights_file = _weights_file(source)
+    if not isinstance(config, dict):
+        raise AdapterFileError(located(config_file, f"must hold a JSON object, not {type(config).__name__}"))
     if config.get("peft_type") != "LORA":
-        raise AdapterFileError(
-            f"unsupported PEFT method {config.get('peft_type')!r}: splice reads LORA adapters"
-        )
+        raise AdapterFileError(located(
+            config_file, f"unsupported PEFT method {config.get('peft_type')!r}: splice reads LORA adapters"))
     for key, reason in UNSUPPORTED_OPTIONS.items():
         if config.get(key):
-            raise AdapterFileError(f"{reason} ({key}={config[key]!r})")
+            raise AdapterFileError(located(config_file, f"{reason} ({key}={config[key]!r})"))
+    check_peft_config(config, config_file)
     if config.get("bias", "none") != "none":
-        raise AdapterFileError(f"bias={config['bias']!r} is not supported; only bias='none'")
+        raise AdapterFileError(located(config_file, f"bias={config['bias']!r} is not supported; only bias='none'"))
     residual_init = _residual_init(config.get("init_lora_weights", True))
     head_modules = config.get("modules_to_save") or []
-    factors, heads, embeddings = split_keys(tensors, head_modules)
-    r, alpha = int(config.get("r", 8)), config.get("lora_alpha", 8)
+    factors, heads, embeddings = split_keys(tensors, head_modules, where=weights_file)
+    check_peft_tensors(tensors, weights_file, finite=not allow_nonfinite)
+    r, alpha = config.get("r", 8), config.get("lora_alpha", 8)
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    rslora, dora, lora_bias = (bool(config.get(k, False)) for k in ("use_rslora", "use_dora", "lora_bias"))
+    rslora, dora, lora_bias = (config.get(k, False) for k in ("use_rslora", "use_dora", "lora_bias"))
     modules = {}
     for module_name, pair in factors.items():
         if dora != ("M" in pair):
-            raise AdapterFileError(f"{module_name}: use_dora={dora} but the file "
-                                   f"{'lacks' if dora else 'has'} its lora_magnitude_vector")
+            raise AdapterFileError(located(source, f"{module_name}: use_dora={dora} but the file "
+                                                   f"{'lacks' if dora else 'has'} its lora_magnitude_vector"))
         if ("b" in pair) != lora_bias:
-            raise AdapterFileError(f"{module_name}: lora_bias={lora_bias} in the config but the file "
-                                   f"{'has' if 'b' in pair else 'lacks'} its lora_B.bias")
+            raise AdapterFileError(located(source, f"{module_name}: lora_bias={lora_bias} in the config but the "
+                                                   f"file {'has' if 'b' in pair else 'lacks'} its lora_B.bias"))
         rank = pair["A"].shape[0]
         declared = pattern_value(rank_pattern, module_name, r)
         if declared != rank:
-            raise AdapterFileError(f"{module_name}: config says r={declared} but the tensors have rank {rank}")
+            raise AdapterFileError(located(source, f"{module_name}: config says r={declared} but the tensors "
+                                                   f"have rank {rank}"))
         module_alpha = pattern_value(alpha_pattern, module_name, alpha)
         kind = "embedding" if module_name in embeddings else "conv" if pair["A"].dim() > 2 else "linear"
         try:
@@ -243,14 +327,22 @@ def from_peft(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Adapt
                 pair["A"], pair["B"], module_alpha / (math.sqrt(rank) if rslora else rank), kind,
                 pair.get("b"), pair.get("M"))
         except ShapeMismatchError as err:
-            raise AdapterFileError(f"{module_name}: {err}") from None
+            raise AdapterFileError(located(source, f"{module_name}: {err}")) from None
     held = [m for m in head_modules if any(re.match(rf"(^|.*\.){re.escape(m)}\.", k) for k in heads)]
     return AdapterState(
         modules, heads, held, rslora=rslora, dropout=float(config.get("lora_dropout", 0.0)),
         base_model=config.get("base_model_name_or_path"), task_type=config.get("task_type"),
-        target_modules=config.get("target_modules"), fan_in_fan_out=bool(config.get("fan_in_fan_out", False)),
+        target_modules=config.get("target_modules"), fan_in_fan_out=config.get("fan_in_fan_out", False),
         residual_init=residual_init,
     )
+
+
+def _weights_file(source: str | Path | None) -> Path | str:
+    """The weights file of directory `source` (safetensors, or PEFT's legacy .bin), for messages."""
+    if source is None:
+        return WEIGHTS_NAME
+    legacy = Path(source) / LEGACY_WEIGHTS_NAME
+    return legacy if legacy.is_file() and not (Path(source) / WEIGHTS_NAME).is_file() else Path(source) / WEIGHTS_NAME
 
 
 def _residual_init(init: object) -> str | None:
@@ -308,14 +400,25 @@ def _copy_state(model: nn.Module, state: AdapterState, name: str) -> None:
 Tensors = dict[str, torch.Tensor]
 
 
-def split_keys(tensors: Tensors, modules_to_save: list[str]) -> tuple[dict[str, Tensors], Tensors, set[str]]:
-    """(tensors of each adapted module by role, head tensors by path, modules that are embeddings)."""
+def split_keys(tensors: Tensors, modules_to_save: list[str], *, where: str | Path | None = None,
+               ) -> tuple[dict[str, Tensors], Tensors, set[str]]:
+    """(tensors of each adapted module by role, head tensors by path, modules that are embeddings).
+
+    `where` (the weights file) starts the messages of what is refused: a key outside PEFT's
+    layout, a value that is not a tensor, a module with only one of its two factors."""
+    if not isinstance(tensors, Mapping):
+        raise AdapterFileError(located(where, f"holds a {type(tensors).__name__}, not a mapping of names to tensors"))
+    if not isinstance(modules_to_save, list) or not all(isinstance(m, str) for m in modules_to_save):
+        raise AdapterFileError(f"modules_to_save must be a list of module names, got {show(modules_to_save)}")
     factors: dict[str, Tensors] = {}
     heads: Tensors = {}
     embeddings: set[str] = set()
     for key, value in tensors.items():
-        if not key.startswith(PREFIX):
-            raise AdapterFileError(f"tensor {key!r} does not start with {PREFIX!r}: not a PEFT LoRA file")
+        if not isinstance(key, str) or not key.startswith(PREFIX):
+            raise AdapterFileError(located(where, f"tensor {key!r} does not start with {PREFIX!r}: "
+                                                  "not a PEFT LoRA file"))
+        if not isinstance(value, torch.Tensor):
+            raise AdapterFileError(located(where, f"{key!r} is a {type(value).__name__}, not a tensor"))
         path = key[len(PREFIX):]
         suffix = next((s for s in LORA_SUFFIXES if path.endswith(s)), None)
         if suffix is not None:
@@ -324,18 +427,21 @@ def split_keys(tensors: Tensors, modules_to_save: list[str]) -> tuple[dict[str, 
             if "embedding" in suffix:
                 embeddings.add(module_name)
         elif ".lora_" in path:
-            raise AdapterFileError(f"unsupported LoRA tensor {key!r} (LoRA variants other than DoRA are not read)")
+            raise AdapterFileError(located(where, f"unsupported LoRA tensor {key!r} (LoRA variants other than DoRA "
+                                                  "are not read)"))
         elif BASE_COPY in path:
             continue  # a copy of a targeted layer's own weight, checked by `check_base_copies`
         elif any(re.match(rf"(^|.*\.){re.escape(m)}\.", path) for m in modules_to_save):
             heads[path] = value
         else:
-            raise AdapterFileError(f"unexpected tensor {key!r}: neither a LoRA factor nor in modules_to_save")
+            raise AdapterFileError(located(where, f"unexpected tensor {key!r}: neither a LoRA factor nor in "
+                                                  "modules_to_save"))
     for module_name, pair in factors.items():
         if not {"A", "B"} <= set(pair):
-            raise AdapterFileError(f"module {module_name!r} has lora_{''.join(pair)} but not both A and B")
+            raise AdapterFileError(located(where, f"module {module_name!r} has lora_{''.join(pair)} but not both "
+                                                  "A and B"))
     if not factors:
-        raise AdapterFileError("the adapter file holds no LoRA tensors")
+        raise AdapterFileError(located(where, "the adapter file holds no LoRA tensors"))
     return factors, heads, embeddings
 
 

@@ -21,7 +21,7 @@ from splice.core.host import hosts
 from splice.core.state import AdapterState, ModuleUpdate
 from splice.core.svd import factor_dense
 from splice.io import native, peft_format
-from splice.io.files import base_model_name, prepare_output_dir, read_config, read_weights
+from splice.io.files import atomic_directory, base_model_name, read_adapter
 
 AdapterSource = nn.Module | str | Path
 
@@ -33,14 +33,14 @@ def adapter_state(source: AdapterSource, name: str | None = None) -> AdapterStat
         if peft_format.can_write(source, name):
             return peft_format.lora_state(source, name)
         return _factored_state(source, name)
-    config = read_config(source)
+    config, tensors = read_adapter(source)
     if config.get("format") == native.FORMAT:
         raise AdapterFileError(
             f"{source} holds a {config.get('method')!r} adapter in splice's own format; load it onto its base "
             "model (splice.load) and pass the model instead of the directory")
     if "peft_type" not in config:
         raise AdapterFileError(f"{source} is neither a splice nor an HF PEFT adapter")
-    state = peft_format.from_peft(config, read_weights(source))
+    state = peft_format.from_peft(config, tensors, source=source)
     if state.residual_init is not None:
         raise AdapterFileError(
             f"{source} is a {state.residual_init} adapter saved without conversion: its factors belong to a base "
@@ -49,12 +49,13 @@ def adapter_state(source: AdapterSource, name: str | None = None) -> AdapterStat
 
 
 def save_state(state: AdapterState, path: str | Path, *, overwrite: bool = False, portable: bool = False) -> Path:
-    """Write `state` as a PEFT LoRA directory; a non-empty `path` is refused unless `overwrite`."""
+    """Write `state` as a PEFT LoRA directory, whole or not at all (`io.files.atomic_directory`);
+    a non-empty `path` is refused unless `overwrite`."""
     if not state.modules:
         raise SpliceError("the adapter has no modules left to save")
-    path = prepare_output_dir(path, overwrite)
-    peft_format.write_state(state, path, portable=portable)
-    return path
+    with atomic_directory(path, overwrite) as folder:
+        peft_format.write_state(state, folder, portable=portable)
+    return Path(path)
 
 
 def pick_adapter(model: nn.Module, name: str | None) -> str:

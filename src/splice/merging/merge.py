@@ -26,6 +26,7 @@ taken from the first adapter that has them ("first"), or dropped ("none").
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,10 +35,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from splice.core.errors import ShapeMismatchError, SpliceError
+from splice.core.errors import IncompatibleAdaptersError, SpliceError
 from splice.core.layers import dense_weight, describe
 from splice.core.state import AdapterState, ModuleUpdate
 from splice.core.svd import Factors, factor_dense, factor_product
+from splice.core.validation import nonfinite_problem, tensor_problem
 from splice.io.state import AdapterSource, adapter_state, save_state
 from splice.merging import task_vectors
 
@@ -95,13 +97,21 @@ def merge_adapters(
     """
     if method not in METHODS:
         raise SpliceError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise SpliceError(f"rank must be a positive integer (the merged adapter's rank) or None for the method's "
+                          f"default, got {rank!r}")
+    adapters = list(adapters)
     states = [a if isinstance(a, AdapterState) else adapter_state(a) for a in adapters]
     if not states:
         raise SpliceError("merge needs at least one adapter")
+    labels = [_label(a, i) for i, a in enumerate(adapters)]
     weights = _weights(weights, len(states), method)
     if method == "cat" and rank is not None:
         raise SpliceError("cat is exact at rank Σ r_i; use method='svd' (or 'linear' with rank=) to truncate")
-    base_model = _common(states, "base_model", "were trained on different base models")
+    for state, label in zip(states, labels, strict=True):
+        _check_finite(state, label)
+    base_model = _common(states, "base_model", "were trained on different base models", labels)
+    _check_belong_together(states, labels, base_model)
     generator = torch.Generator().manual_seed(seed)
     dora = method in EXACT_METHODS and any(s.dora for s in states)
     modules: dict[str, ModuleUpdate] = {}
@@ -221,6 +231,9 @@ def _dora_base(name: str, base: BaseWeights) -> torch.Tensor:
     if weight is None:
         raise SpliceError(f"{name}: merging a DoRA adapter needs the base model's weights (its change depends "
                           "on them); pass base=model (CLI: --model)")
+    problem = nonfinite_problem(weight.detach())
+    if problem:
+        raise SpliceError(f"{name}: the base weight {problem}; nothing was merged")
     return weight
 
 
@@ -236,6 +249,9 @@ def _dora_scale(update: ModuleUpdate, weight: torch.Tensor) -> torch.Tensor:
 def _weights(weights: Sequence[float] | None, n: int, method: str) -> list[float]:
     if weights is None:
         return [1.0 / n] * n if method in ("cat", "linear", "svd") else [1.0] * n
+    bad = [w for w in weights if isinstance(w, (str, bytes, bool)) or not _is_finite(w)]
+    if bad:
+        raise SpliceError(f"weights must be finite numbers, one per adapter; got {list(weights)}")
     weights = [float(w) for w in weights]
     if len(weights) != n:
         raise SpliceError(f"{len(weights)} weights for {n} adapters; give one weight per adapter")
@@ -254,19 +270,86 @@ def _check_module(name: str, updates: list[ModuleUpdate | None]) -> ModuleUpdate
     first = present[0]
     for u in present[1:]:
         if u.kind != first.kind or u.A.shape[1:] != first.A.shape[1:] or u.out_features != first.out_features:
-            raise ShapeMismatchError(
+            raise IncompatibleAdaptersError(
                 f"{name}: adapters disagree on the layer: a {first.kind} update of A {tuple(first.A.shape)}, "
-                f"B {tuple(first.B.shape)} and a {u.kind} update of A {tuple(u.A.shape)}, B {tuple(u.B.shape)}")
+                f"B {tuple(first.B.shape)} and a {u.kind} update of A {tuple(u.A.shape)}, B {tuple(u.B.shape)}; "
+                "they were made for different models")
     return first
 
 
-def _common(states: list[AdapterState], key: str, conflict: str | None):
+def _common(states: list[AdapterState], key: str, conflict: str | None, labels: list[str] | None = None):
     values = {getattr(s, key) for s in states if getattr(s, key) is not None}
     if len(values) > 1:
         if conflict:
-            raise SpliceError(f"the adapters {conflict}: {sorted(values)}")
+            named = "" if labels is None else " (" + ", ".join(
+                f"{label}: {getattr(s, key)!r}" for s, label in zip(states, labels, strict=True)) + ")"
+            raise IncompatibleAdaptersError(f"the adapters {conflict}: {sorted(values)}{named}")
         return None
     return next(iter(values), None)
+
+
+def _label(adapter: AdapterState | AdapterSource, index: int) -> str:
+    """How an input is named in messages: its directory, or its position."""
+    if isinstance(adapter, (str, Path)):
+        return str(adapter)
+    kind = "" if isinstance(adapter, AdapterState) else f" (a {type(adapter).__name__})"
+    return f"adapter {index + 1}{kind}"
+
+
+def _check_finite(state: AdapterState, label: str) -> None:
+    """NaN or infinite values (a diverged training) would reach the SVD; refuse them by name."""
+    for name, update in state.modules.items():
+        for role, tensor in (("lora_A", update.A), ("lora_B", update.B), ("lora_B.bias", update.bias),
+                             ("lora_magnitude_vector", update.magnitude)):
+            problem = None if tensor is None else tensor_problem(tensor)
+            if problem:
+                raise SpliceError(f"{label}: {name}.{role} {problem}; nothing was merged")
+        if not _is_finite(update.scale):
+            raise SpliceError(f"{label}: {name} has scale {update.scale!r}; the scale alpha/r must be finite")
+    for key, tensor in state.heads.items():
+        problem = tensor_problem(tensor, floating=False)
+        if problem:
+            raise SpliceError(f"{label}: head tensor {key} {problem}; nothing was merged")
+
+
+def _check_belong_together(states: list[AdapterState], labels: list[str], base_model: str | None) -> None:
+    """Refuse adapters whose modules cannot be of one model: an adapter that shares no module, and
+    no parent module, with the others (a BERT adapter and a Llama adapter), unless every adapter
+    records the same base model (then disjoint targets, say `query` and `value`, are fine)."""
+    if len(states) < 2 or (base_model is not None and all(s.base_model is not None for s in states)):
+        return
+    outline = [set(s.modules) | {a for m in s.modules for a in _ancestors(m)} for s in states]
+    group, frontier = {0}, [0]
+    while frontier:
+        i = frontier.pop()
+        for j in range(len(states)):
+            if j not in group and outline[i] & outline[j]:
+                group.add(j)
+                frontier.append(j)
+    if len(group) < len(states):
+        apart = [j for j in range(len(states)) if j not in group]
+
+        def sample(j: int) -> str:
+            names = sorted(states[j].modules)
+            return f"{labels[j]} ({', '.join(names[:2])}{', ...' if len(names) > 2 else ''})"
+
+        raise IncompatibleAdaptersError(
+            f"the adapters do not belong to one model: {', '.join(sample(j) for j in sorted(group))} and "
+            f"{', '.join(sample(j) for j in apart)} share no module and no parent module, and no common base "
+            "model is recorded; merge adapters trained on the same base model")
+
+
+def _ancestors(name: str) -> list[str]:
+    """The parent modules of a dotted module name ('' for a top-level module)."""
+    parts = name.split(".")
+    return [".".join(parts[:k]) for k in range(1, len(parts))] or [""]
+
+
+def _is_finite(value: object) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def _merge_heads(states: list[AdapterState], weights: list[float],

@@ -22,12 +22,14 @@ from typing import Literal
 import torch
 
 from splice.core.errors import SpliceError
+from splice.core.validation import tensor_problem
 
 SignRule = Literal["total", "frequency"]
 
 
 def linear(taus: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Σ_i w_i τ_i."""
+    _check_inputs(taus, weights)
     return torch.einsum("i,i...->...", weights.to(taus.dtype), taus)
 
 
@@ -72,25 +74,40 @@ def disjoint_mean(taus: torch.Tensor, signs: torch.Tensor, weights: torch.Tensor
 
 
 def magnitude(taus: torch.Tensor, weights: torch.Tensor, density: float) -> torch.Tensor:
+    _check_inputs(taus, weights)
     return linear(torch.stack([prune_magnitude(t, density) for t in taus]), weights)
 
 
 def dare_linear(taus: torch.Tensor, weights: torch.Tensor, density: float,
                 generator: torch.Generator) -> torch.Tensor:
+    _check_inputs(taus, weights)
     return linear(torch.stack([prune_random(t, density, generator) for t in taus]), weights)
 
 
 def ties(taus: torch.Tensor, weights: torch.Tensor, density: float, rule: SignRule = "total") -> torch.Tensor:
+    _check_inputs(taus, weights)
     trimmed = torch.stack([prune_magnitude(t, density) for t in taus])
     return disjoint_mean(trimmed, elect_sign(trimmed, rule), weights)
 
 
 def dare_ties(taus: torch.Tensor, weights: torch.Tensor, density: float, generator: torch.Generator,
               rule: SignRule = "total") -> torch.Tensor:
+    _check_inputs(taus, weights)
     dropped = torch.stack([prune_random(t, density, generator) for t in taus])
     return disjoint_mean(dropped, elect_sign(dropped, rule), weights)
 
 
 def _check_density(density: float) -> None:
-    if not 0.0 < density <= 1.0:
-        raise SpliceError(f"density must be in (0, 1], got {density}")
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
+        raise SpliceError(f"density must be a number in (0, 1], got {density!r}")
+
+
+def _check_inputs(taus: torch.Tensor, weights: torch.Tensor) -> None:
+    """One finite weight per task vector, and finite floating-point task vectors (NaN or infinity
+    would spread through the sign election and the mean, and break the SVD that follows)."""
+    if weights.dim() != 1 or weights.shape[0] != taus.shape[0]:
+        raise SpliceError(f"{tuple(weights.shape)} weights for {taus.shape[0]} task vectors; give one weight each")
+    for what, tensor in (("task vectors", taus), ("weights", weights)):
+        problem = tensor_problem(tensor)
+        if problem:
+            raise SpliceError(f"the {what} {problem.replace('weights must', 'they must')}")

@@ -15,12 +15,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from splice.core.errors import AdapterFileError, SpliceError
 from splice.core.state import AdapterState, ModuleUpdate
 from splice.core.svd import factor_dense
-from splice.io.files import prepare_output_dir
+from splice.io.files import atomic_directory, write_json, write_tensors
 from splice.io.state import AdapterSource, adapter_state
 from splice.merging.emr import Unified, decouple, unify
 from splice.merging.merge import BaseWeights, base_weight
@@ -71,18 +71,20 @@ class UnifiedAdapters:
         return self.tasks[task].like(modules=modules, rslora=False)
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        path = prepare_output_dir(path, overwrite)
+        """Write the folder `load_unified` reads, whole or not at all (`io.files.atomic_directory`);
+        a non-empty `path` is refused unless `overwrite`."""
         tensors = {f"vector.{n}": v for n, v in self.unified.vector.items()}
         for i, masks in enumerate(self.unified.masks):
             tensors |= {f"mask.{i}.{n}": m for n, m in masks.items()}
             tensors |= {f"head.{i}.{k}": v for k, v in self.tasks[i].heads.items()}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / TENSORS_NAME))
         meta = [{k: v for k, v in asdict(t).items() if k not in ("modules", "heads")} for t in self.tasks]
-        (path / CONFIG_NAME).write_text(json.dumps({
-            "format": FORMAT, "format_version": FORMAT_VERSION, "scales": self.unified.scales,
-            "layouts": {n: asdict(layout) for n, layout in self.layouts.items()}, "tasks": meta,
-        }, indent=2) + "\n")
-        return path
+        with atomic_directory(path, overwrite) as folder:
+            write_tensors(folder / TENSORS_NAME, {k: v.contiguous() for k, v in tensors.items()})
+            write_json(folder / CONFIG_NAME, {
+                "format": FORMAT, "format_version": FORMAT_VERSION, "scales": self.unified.scales,
+                "layouts": {n: asdict(layout) for n, layout in self.layouts.items()}, "tasks": meta,
+            })
+        return Path(path)
 
 
 def unify_adapters(adapters: Sequence[AdapterState | AdapterSource], base: BaseWeights = None) -> UnifiedAdapters:

@@ -26,6 +26,7 @@ from splice.core.host import add_to_weight
 from splice.core.layers import LayerInfo
 from splice.core.lowrank import LowRank, low_rank_delta
 from splice.core.registry import register_method
+from splice.core.validation import regex_error
 
 Init = Literal["default", "gaussian", "pissa", "zeros"]
 
@@ -65,6 +66,11 @@ class LoRA(AdapterConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for name in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(self, name):
+                if (problem := regex_error(key)) is not None:
+                    raise SpliceError(f"{name} key {key!r} is not a valid regular expression ({problem}); "
+                                      "keys are module names or regular expressions")
         if self.r < 1:
             raise SpliceError(f"LoRA rank r must be >= 1, got {self.r}")
         if not 0.0 <= self.dropout < 1.0:

@@ -9,7 +9,8 @@ over the file, and a key of the `adapter` mapping can be overridden alone.
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -17,8 +18,9 @@ from typing import Any, Literal
 import yaml
 
 from splice.core.config import AdapterConfig
-from splice.core.errors import SpliceError
+from splice.core.errors import ConfigError
 from splice.core.registry import config_from_dict
+from splice.core.validation import check_value, did_you_mean, field_types, show
 
 Task = Literal["classification", "causal_lm"]
 Precision = Literal["no", "bf16", "fp16"]
@@ -27,6 +29,8 @@ NonFinite = Literal["stop", "skip"]
 TASKS = ("classification", "causal_lm")
 PRECISIONS = ("no", "bf16", "fp16")
 SAVE_FORMATS = ("auto", "peft", "splice")
+NONFINITE_RULES = ("stop", "skip")
+PATH_FIELDS = ("model", "data", "validation", "output_dir")
 ENCODER_MODELS = ("minilm",)
 # Keys of an adapter mapping that say where it goes; they survive a change of method.
 PLACEMENT_KEYS = ("targets", "exclude", "layers", "train_also")
@@ -117,23 +121,39 @@ class TrainConfig:
     on_nonfinite: NonFinite = "stop"
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # a pathlib.Path where a path string goes is fine
+            if isinstance(getattr(self, f.name), os.PathLike) and f.name in PATH_FIELDS:
+                setattr(self, f.name, os.fspath(getattr(self, f.name)))
         self.validate()
         if self.output_dir is None:
             name = Path(self.data).stem if Path(self.data).suffix else self.data
             self.output_dir = f"runs/{name.replace('_', '-')}-{self.adapter['method']}"
 
     def validate(self) -> None:
-        """Refuse values that cannot work, saying which field and what would."""
+        """Refuse values that cannot work, saying which field, the value and what would.
+
+        Raises ConfigError with `key` set to the field at fault (`from_yaml` adds the file)."""
         _one_of("task", self.task, TASKS)
         _one_of("precision", self.precision, PRECISIONS)
         _one_of("save_format", self.save_format, SAVE_FORMATS)
+        _one_of("on_nonfinite", self.on_nonfinite, NONFINITE_RULES)
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise _error("gradient_checkpointing", f"gradient_checkpointing must be true or false, got "
+                                                   f"{show(self.gradient_checkpointing)}")
+        if not isinstance(self.adapter, dict) or "method" not in self.adapter:
+            raise _error("adapter", f"adapter must be a mapping with a 'method' key, e.g. "
+                                    f"{default_adapter()}; got {self.adapter!r}")
+        types = field_types(TrainConfig)
+        for name in (f.name for f in dataclasses.fields(self)):
+            if name != "adapter" and (expected := check_value(types[name], getattr(self, name))) is not None:
+                raise _error(name, f"{name} must be {expected}, got {show(getattr(self, name))}")
         if self.task == "causal_lm" and self.model in ENCODER_MODELS:
-            raise SpliceError(f"model {self.model!r} is an encoder and cannot be trained as a causal LM; "
-                              "use --model smollm2 (or a decoder folder), or --task classification")
+            raise _error("task", f"model {self.model!r} is an encoder and cannot be trained as a causal LM; "
+                                 "use --model smollm2 (or a decoder folder), or --task classification")
         for name in ("max_length", "batch_size", "grad_accum"):
             _positive(name, getattr(self, name))
         for name in ("max_steps", "max_train_examples", "max_eval_examples", "eval_every",
-                     "early_stopping_patience"):
+                     "early_stopping_patience", "checkpoint_every"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
         _positive("lr", self.lr)
@@ -142,21 +162,19 @@ class TrainConfig:
         if self.max_steps is None:
             _positive("epochs", self.epochs)
         if not 0.0 <= self.warmup_ratio < 1.0:
-            raise SpliceError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            raise _error("warmup_ratio", f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.weight_decay < 0:
-            raise SpliceError(f"weight_decay must be >= 0, got {self.weight_decay}")
+            raise _error("weight_decay", f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.max_grad_norm is not None:
             _positive("max_grad_norm", self.max_grad_norm)
-        if not isinstance(self.gradient_checkpointing, bool):
-            raise SpliceError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
-        if not isinstance(self.adapter, dict) or "method" not in self.adapter:
-            raise SpliceError(f"adapter must be a mapping with a 'method' key, e.g. "
-                              f"{default_adapter()}; got {self.adapter!r}")
-        self.adapter_config()
+        try:
+            self.adapter_config()
+        except ConfigError as err:
+            raise _error("adapter", f"adapter: {err}") from None
 
     def adapter_config(self) -> AdapterConfig:
         """The adapter mapping as a splice config object (raises with the method's own message)."""
-        return config_from_dict(self.adapter)
+        return config_from_dict(self.adapter, error=ConfigError)
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any] | None = None, /, **overrides: Any) -> TrainConfig:
@@ -171,6 +189,8 @@ class TrainConfig:
         merged = {**fields, **overrides}
         if adapter_override:
             merged["adapter"] = _merge_adapter(merged.get("adapter", default_adapter()), adapter_override)
+        if isinstance(merged.get("adapter"), dict):
+            merged["adapter"] = {k: _yaml_number(v) for k, v in merged["adapter"].items()}
         return cls(**merged)
 
     @classmethod
@@ -180,14 +200,25 @@ class TrainConfig:
             return cls.from_dict({}, **overrides)
         path = Path(path)
         if not path.is_file():
-            raise SpliceError(f"config file {path} does not exist")
+            raise ConfigError(f"config file {path} does not exist")
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise SpliceError(f"{path} is not valid YAML: {err}") from None
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
         if not isinstance(data, dict):
-            raise SpliceError(f"{path} must hold a mapping of config fields, not {type(data).__name__}")
-        return cls.from_dict(data, **overrides)
+            raise ConfigError(f"{path} must hold a mapping of config fields, not {type(data).__name__}")
+        given = {k for k, v in overrides.items() if v is not None}
+        try:
+            return cls.from_dict(data, **overrides)
+        except ConfigError as err:
+            key = getattr(err, "key", None)
+            if key is None or key not in data:
+                raise
+            if key in given:  # the override replaced the file's value, except in the adapter mapping
+                if key != "adapter":
+                    raise
+                raise _error(key, f"{path} (with the command line's adapter settings): {err}") from None
+            raise _error(key, f"{path}: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -212,24 +243,38 @@ def _coerce_numbers(data: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in data.items():
         if key not in types:
-            close = difflib.get_close_matches(key, list(types), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known fields: {', '.join(types)}"
-            raise SpliceError(f"unknown training config field {key!r}{hint}")
+            raise _error(key, f"unknown training config field {key!r}{did_you_mean(key, types)}")
         kind = types[key].split(" ")[0]
         if isinstance(value, str) and kind in ("int", "float"):
             try:
                 value = float(value) if kind == "float" else int(value)
             except ValueError:
-                raise SpliceError(f"{key} must be a number ({kind}), got {value!r}") from None
+                expected = "a number" if kind == "float" else "an integer"
+                raise _error(key, f"{key} must be {expected} ({kind}), got {show(value)}") from None
         out[key] = value
     return out
 
 
+_YAML_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _yaml_number(value: Any) -> Any:
+    """`1e-3` as the number YAML 1.2 reads (PyYAML, YAML 1.1, leaves it a string); else `value`."""
+    return float(value) if isinstance(value, str) and _YAML_FLOAT.fullmatch(value.strip()) else value
+
+
+def _error(key: str, message: str) -> ConfigError:
+    """A ConfigError about field `key` (kept on the error, so that `from_yaml` can name the file)."""
+    err = ConfigError(message)
+    err.key = key
+    return err
+
+
 def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise SpliceError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        raise _error(name, f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 
 
 def _positive(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise SpliceError(f"{name} must be a positive number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise _error(name, f"{name} must be a positive number, got {value!r}")

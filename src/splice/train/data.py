@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 from splice import assets
 from splice.assets import DatasetSplits, Row
 from splice.core.config import AdapterConfig
-from splice.core.errors import SpliceError
+from splice.core.errors import DataError
 from splice.train.config import TrainConfig
 
 IGNORE_INDEX = -100  # the label torch's cross-entropy skips: prompt and padding positions
@@ -31,35 +33,74 @@ IGNORE_INDEX = -100  # the label torch's cross-entropy skips: prompt and padding
 
 def read_rows(source: str | Path | Iterable[Mapping[str, Any]]) -> list[Row]:
     """Rows of a .jsonl / .csv file, a `save_to_disk` folder, or an iterable of mappings."""
+    return read_numbered_rows(source)[0]
+
+
+def read_numbered_rows(source: str | Path | Iterable[Mapping[str, Any]]) -> tuple[list[Row], list[str]]:
+    """The rows and where each one is, for messages: "data.jsonl:3" (file and line; for a CSV
+    row, the line it ends on), "data/:row 5" for a saved data set, "row 5" for an iterable.
+
+    A file or folder with no rows (empty, blank, a CSV header alone) is refused, and so is a
+    JSONL line or an item that is not an object (a mapping of column to value)."""
     if not isinstance(source, (str, Path)):
-        return [dict(row) for row in source]
+        rows = list(source)
+        return _mappings(rows, [f"row {i}" for i in range(1, len(rows) + 1)])
     path = Path(source)
     if path.is_dir():
-        return read_rows(_load_from_disk(path))
-    if not path.is_file():
-        raise SpliceError(f"data file {path} does not exist (bundled data sets: {', '.join(assets.DATASETS)})")
-    if path.suffix == ".jsonl":
+        rows = list(_load_from_disk(path))
+        rows, where = _mappings(rows, [f"{path}: row {i}" for i in range(1, len(rows) + 1)])
+    elif not path.is_file():
+        raise DataError(f"data file {path} does not exist (bundled data sets: {', '.join(assets.DATASETS)})")
+    elif path.suffix == ".jsonl":
         with path.open(encoding="utf-8") as f:
-            return [_json_line(line, path, i) for i, line in enumerate(f, 1) if line.strip()]
-    if path.suffix == ".csv":
+            numbered = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+        rows = [_json_line(line, path, i) for i, line in numbered]
+        where = [f"{path}:{i}" for i, _ in numbered]
+    elif path.suffix == ".csv":
         with path.open(encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f))
-    raise SpliceError(f"cannot read {path}: expected a .jsonl or .csv file or a datasets folder")
+            reader = csv.DictReader(f)
+            rows, where = [], []
+            for row in reader:
+                rows.append(row)
+                where.append(f"{path}:{reader.line_num}")
+            if reader.fieldnames is None:
+                raise DataError(f"{path} is empty: a .csv file needs a header line and one line per row")
+    else:
+        raise DataError(f"cannot read {path}: expected a .jsonl or .csv file or a datasets folder")
+    if not rows:
+        raise DataError(f"{path} holds no rows (the file is empty or blank, or has only a header)")
+    return rows, where
+
+
+def _mappings(rows: list[Any], where: list[str]) -> tuple[list[Row], list[str]]:
+    for row, place in zip(rows, where, strict=True):
+        if not isinstance(row, Mapping):
+            raise DataError(f"{place} is a {type(row).__name__}, not a mapping of column names to values")
+    return [dict(row) for row in rows], where
 
 
 def _json_line(line: str, path: Path, number: int) -> Row:
     try:
-        return json.loads(line)
+        row = json.loads(line)
     except json.JSONDecodeError as err:
-        raise SpliceError(f"{path}:{number} is not valid JSON: {err}") from None
+        raise DataError(f"{path}:{number} is not valid JSON: {err}") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{path}:{number} is not a JSON object: each line must be one object of column: value "
+                        f"pairs, e.g. {{\"text\": \"...\", \"label\": 1}}; got a {_json_type(row)}")
+    return row
+
+
+def _json_type(value: Any) -> str:
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean",
+            type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def _load_from_disk(path: Path) -> Any:
     try:
         import datasets
     except ImportError:
-        raise SpliceError(f"{path} is a folder; reading a saved Hugging Face data set needs "
-                          "`pip install datasets` (or give a .jsonl / .csv file)") from None
+        raise DataError(f"{path} is a folder; reading a saved Hugging Face data set needs "
+                        "`pip install datasets` (or give a .jsonl / .csv file)") from None
     return datasets.load_from_disk(str(path))
 
 
@@ -70,19 +111,31 @@ def load_splits(config: TrainConfig) -> DatasetSplits:
     validation; files have no test split. Training rows are shuffled with a fixed seed, so that
     `max_train_examples` keeps a fair sample; `max_eval_examples` keeps the first rows of each
     evaluation split.
+
+    Every row of a file is checked first (`check_rows`), and a classification file must hold at
+    least two classes, in its training rows as well: with one class every prediction is right and
+    the accuracy of 1.0 would mean nothing.
     """
     if config.data in assets.DATASETS:
         splits = assets.dataset(config.data)
         if splits.task != config.task:
-            raise SpliceError(f"data set {config.data!r} is for {splits.task}, but task is {config.task!r}")
+            raise DataError(f"data set {config.data!r} is for {splits.task}, but task is {config.task!r}")
     else:
-        rows = read_rows(config.data)
+        rows, where = read_numbered_rows(config.data)
+        kinds = check_rows(rows, where, config)
         if config.validation:
-            train, validation = assets.shuffled(rows), read_rows(config.validation)
+            validation_rows, validation_where = read_numbered_rows(config.validation)
+            _same_label_kinds(kinds, check_rows(validation_rows, validation_where, config))
+            train, validation = assets.shuffled(rows), validation_rows
         else:
             train, validation, held_out = assets.split(rows)
             validation += held_out
         splits = canonical_splits(train, validation, [], config)
+        if splits.task == "classification":
+            _several_classes(splits.train + splits.validation, splits.label_names, config.data, "rows")
+            _several_classes(splits.train, splits.label_names, config.data,
+                             "training rows" + ("" if config.validation else " (what remains after holding out "
+                                                "a tenth for validation)"))
     return DatasetSplits(
         train=splits.train[: config.max_train_examples],
         validation=splits.validation[: config.max_eval_examples],
@@ -93,52 +146,145 @@ def load_splits(config: TrainConfig) -> DatasetSplits:
 
 
 def load_eval_rows(config: TrainConfig, split: str = "test") -> DatasetSplits:
-    """Rows to evaluate on: one split of a bundled data set, or a whole file, as `.test`."""
+    """Rows to evaluate on: one split of a bundled data set, or a whole file, as `.test`.
+
+    An evaluation file may hold a single class when its labels are class indices (the accuracy
+    on that class is still meaningful); with class names it may not, since names are numbered
+    from the file's own sorted names and one name alone would always become class 0.
+    """
     if config.data in assets.DATASETS:
         splits = load_splits(config)
         if split not in ("train", "validation", "test"):
-            raise SpliceError(f"split must be train, validation or test; got {split!r}")
+            raise DataError(f"split must be train, validation or test; got {split!r}")
         rows = getattr(splits, split)
     else:
-        splits = canonical_splits([], [], read_rows(config.data), config)
+        rows, where = read_numbered_rows(config.data)
+        kinds = check_rows(rows, where, config)
+        splits = canonical_splits([], [], rows, config)
+        if "name" in kinds:
+            _several_classes(splits.test, splits.label_names, config.data, "rows (class names)")
         rows = splits.test
     return DatasetSplits([], [], rows[: config.max_eval_examples], splits.task, splits.label_names)
+
+
+def check_rows(rows: list[Row], where: list[str], config: TrainConfig) -> dict[str, str]:
+    """Refuse, naming the file and line, a row the task cannot use; return where each kind of
+    label ("index", "name") first appears.
+
+    Causal LM: the prompt and completion columns hold strings. Classification: the text column
+    holds a string, and the label column a class, either an index (a whole number >= 0: 1, 1.0,
+    "1") or a name (a non-blank string); null, negative (-1 often marks "no label"), fractional
+    (0.5) and boolean labels are refused, and so is a file that mixes indices and names.
+    """
+    if config.task == "causal_lm":
+        columns = (config.prompt_column, config.completion_column)
+    else:
+        columns = (config.text_column,)
+    kinds: dict[str, str] = {}
+    for row, place in zip(rows, where, strict=True):
+        for column in (*columns, *(() if config.task == "causal_lm" else (config.label_column,))):
+            if column not in row:
+                raise DataError(f"{place}: the row has no column {column!r} (its columns: {sorted(row)}); set "
+                                "--text-column / --label-column (or prompt/completion) to the right names")
+        for column in columns:
+            if not isinstance(row[column], str):
+                raise DataError(f"{place}: column {column!r} is {_shown(row[column])}; expected a string")
+        if config.task != "causal_lm":
+            key = _label_key(row[config.label_column], f"{place}: label column {config.label_column!r}")
+            kinds.setdefault("index" if isinstance(key, int) else "name", place)
+    _same_label_kinds(kinds, {})
+    return kinds
+
+
+def _same_label_kinds(kinds: dict[str, str], more: dict[str, str]) -> None:
+    both = {**more, **kinds}
+    if len(both) > 1:
+        raise DataError(f"the labels mix class indices ({both['index']}) and class names ({both['name']}); "
+                        "use one or the other, or the classes would be numbered by accident")
+    kinds.update(both)
+
+
+def _several_classes(rows: list[Row], names: tuple[str, ...], source: str, what: str) -> None:
+    present = sorted({r["label"] for r in rows})
+    if len(present) < 2:
+        found = f"only class {names[present[0]]!r}" if present else "no rows"
+        raise DataError(f"{source}: the {what} hold {found}; classification needs at least two classes "
+                        "(with one, every prediction is right and accuracy is 1.0 by construction)")
 
 
 def canonical_splits(train: list[Row], validation: list[Row], test: list[Row], config: TrainConfig) -> DatasetSplits:
     """Rename the configured columns to the canonical ones; string labels become indices.
 
     String labels are numbered in sorted order ("neg"/"pos" become 0/1); integer labels keep
-    their value.
+    their value ("2", 2 and 2.0 are the same class). Labels that are not a class (null, -1,
+    0.5, true) and a mix of indices and names are refused (`check_rows`, which names the file and
+    line, is the check for files; here a row is named by its split and position).
     """
     if config.task == "causal_lm":
+        check_rows(train + validation + test, _places(train, validation, test), config)
         columns = {config.prompt_column: "prompt", config.completion_column: "completion"}
         train, validation, test = (_rename(rows, columns) for rows in (train, validation, test))
         return DatasetSplits(train, validation, test, task="causal_lm")
+    check_rows(train + validation + test, _places(train, validation, test), config)
     columns = {config.text_column: "text", config.label_column: "label"}
     train, validation, test = (_rename(rows, columns) for rows in (train, validation, test))
-    keys = sorted({_label_key(r["label"]) for r in train + validation + test}, key=str)
+    keyed = [(_label_key(row["label"], "label"), row) for row in train + validation + test]
+    keys = sorted({key for key, _ in keyed}, key=str)
     if all(isinstance(k, int) for k in keys):
-        names, index = [str(i) for i in range(max(keys) + 1)], {k: k for k in keys}
+        names, index = [str(i) for i in range(max(keys, default=-1) + 1)], {k: k for k in keys}
     else:
         names, index = [str(k) for k in keys], {k: i for i, k in enumerate(keys)}
-    for row in train + validation + test:
-        row["label"] = index[_label_key(row["label"])]
+    for key, row in keyed:
+        row["label"] = index[key]
     return DatasetSplits(train, validation, test, task="classification", label_names=tuple(names))
 
 
-def _label_key(value: Any) -> int | str:
-    """Labels from CSV are strings; "1" and 1 must be the same class."""
-    text = str(value).strip()
-    return int(text) if text.lstrip("-").isdigit() else text
+def _places(train: list[Row], validation: list[Row], test: list[Row]) -> list[str]:
+    return [f"{split} row {i}" for split, rows in (("train", train), ("validation", validation), ("test", test))
+            for i in range(1, len(rows) + 1)]
+
+
+_WHOLE = re.compile(r"[-+]?\d+(\.0*)?")
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _label_key(value: Any, place: str) -> int | str:
+    """A label as a class index (int >= 0) or a class name (str); anything else is refused.
+
+    Labels from CSV are strings; "1", 1 and 1.0 must be the same class."""
+    if isinstance(value, bool) or value is None or not isinstance(value, (int, float, str)):
+        hint = " (write 0 and 1, or class names)" if isinstance(value, bool) else ""
+        raise DataError(f"{place} is {_shown(value)}; expected a class index (0, 1, ...) or a class name{hint}")
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            raise DataError(f"{place} is blank; expected a class index (0, 1, ...) or a class name")
+        if _WHOLE.fullmatch(text):
+            value = int(float(text))
+        elif _NUMBER.fullmatch(text):
+            value = float(text)
+        else:
+            return text
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise DataError(f"{place} is {value!r}; expected a whole class index (0, 1, ...) or a class name")
+        value = int(value)
+    if value < 0:
+        raise DataError(f"{place} is {value}; class indices start at 0 (a negative label often marks an "
+                        "unlabelled row: drop such rows)")
+    return value
+
+
+def _shown(value: Any) -> str:
+    return "null" if value is None else f"{value!r} (a {_json_type(value)})"
 
 
 def _rename(rows: list[Row], columns: dict[str, str]) -> list[Row]:
     if rows:
         missing = [c for c in columns if c not in rows[0]]
         if missing:
-            raise SpliceError(f"data has no column {missing} (columns: {sorted(rows[0])}); "
-                              "set --text-column / --label-column (or prompt/completion) to the right names")
+            raise DataError(f"data has no column {missing} (columns: {sorted(rows[0])}); "
+                            "set --text-column / --label-column (or prompt/completion) to the right names")
     return [{new: row[old] for old, new in columns.items()} for row in rows]
 
 
