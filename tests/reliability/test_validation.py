@@ -413,3 +413,21 @@ def test_disjoint_targets_of_one_model_still_merge():
     merged = merge_adapters([_state_of(make_bert(), ["query"], 1), _state_of(make_bert(), ["value"], 2)], "cat")
     assert any(n.endswith("query") for n in merged.state.modules) and any(n.endswith("value")
                                                                           for n in merged.state.modules)
+
+
+def test_unify_refuses_nonfinite_and_chimera_inputs():
+    from splice.merging import unify_adapters
+
+    good = _state_of(make_bert(), ["query", "value"], seed=1)
+    bad, name = _poison(_state_of(make_bert(), ["query", "value"], seed=2), math.nan)
+    with pytest.raises(SpliceError, match=f"adapter 2: {name}.lora_A"):
+        unify_adapters([good, bad])
+    with pytest.raises(IncompatibleAdaptersError):
+        unify_adapters([good, _state_of(make_llama(), ["q_proj", "v_proj"])])
+
+
+def test_info_names_a_badly_typed_key(saved, tmp_path):
+    from splice.io.info import inspect_adapter
+
+    with pytest.raises(AdapterFileError, match="'r' has value 'four'"):
+        inspect_adapter(edited(saved["peft"], tmp_path / "bad", config={"r": "four"}))

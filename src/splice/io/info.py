@@ -55,7 +55,8 @@ def inspect_adapter(path: str | Path) -> AdapterInfo:
         return AdapterInfo(path, "splice", config.get("method", "?"), config.get("config", {}), modules,
                            heads, dtypes, size, config.get("base_model_name_or_path"),
                            ["not a LoRA in PEFT's format"])
-    factors, head_tensors, _ = peft_format.split_keys(tensors, config.get("modules_to_save") or [])
+    peft_format.check_peft_config(config, path)  # typed values, or a message naming the key (a NaN factor is shown)
+    factors, head_tensors, _ = peft_format.split_keys(tensors, config.get("modules_to_save") or [], where=path)
     modules = [
         ModuleEntry(name, pair["A"].shape[0], sum(v.numel() for v in pair.values()),
                     {k: tuple(v.shape) for k, v in pair.items()})

@@ -104,14 +104,11 @@ def merge_adapters(
     states = [a if isinstance(a, AdapterState) else adapter_state(a) for a in adapters]
     if not states:
         raise SpliceError("merge needs at least one adapter")
-    labels = [_label(a, i) for i, a in enumerate(adapters)]
+    labels = [label_of(a, i) for i, a in enumerate(adapters)]
     weights = _weights(weights, len(states), method)
     if method == "cat" and rank is not None:
         raise SpliceError("cat is exact at rank Σ r_i; use method='svd' (or 'linear' with rank=) to truncate")
-    for state, label in zip(states, labels, strict=True):
-        _check_finite(state, label)
-    base_model = _common(states, "base_model", "were trained on different base models", labels)
-    _check_belong_together(states, labels, base_model)
+    base_model = check_inputs(states, labels)
     generator = torch.Generator().manual_seed(seed)
     dora = method in EXACT_METHODS and any(s.dora for s in states)
     modules: dict[str, ModuleUpdate] = {}
@@ -288,12 +285,22 @@ def _common(states: list[AdapterState], key: str, conflict: str | None, labels: 
     return next(iter(values), None)
 
 
-def _label(adapter: AdapterState | AdapterSource, index: int) -> str:
+def label_of(adapter: AdapterState | AdapterSource, index: int) -> str:
     """How an input is named in messages: its directory, or its position."""
     if isinstance(adapter, (str, Path)):
         return str(adapter)
     kind = "" if isinstance(adapter, AdapterState) else f" (a {type(adapter).__name__})"
     return f"adapter {index + 1}{kind}"
+
+
+def check_inputs(states: list[AdapterState], labels: list[str]) -> str | None:
+    """Refuse adapters that cannot be combined: non-finite values, different recorded base
+    models, modules or shapes that do not belong to one model. Returns the common base model."""
+    for state, label in zip(states, labels, strict=True):
+        _check_finite(state, label)
+    base_model = _common(states, "base_model", "were trained on different base models", labels)
+    _check_belong_together(states, labels, base_model)
+    return base_model
 
 
 def _check_finite(state: AdapterState, label: str) -> None:

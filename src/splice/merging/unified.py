@@ -23,7 +23,7 @@ from splice.core.svd import factor_dense
 from splice.io.files import atomic_directory, write_json, write_tensors
 from splice.io.state import AdapterSource, adapter_state
 from splice.merging.emr import Unified, decouple, unify
-from splice.merging.merge import BaseWeights, base_weight
+from splice.merging.merge import BaseWeights, base_weight, check_inputs, label_of
 
 FORMAT = "splice-unified"
 FORMAT_VERSION = 1
@@ -89,7 +89,9 @@ class UnifiedAdapters:
 
 def unify_adapters(adapters: Sequence[AdapterState | AdapterSource], base: BaseWeights = None) -> UnifiedAdapters:
     """Unify task adapters (states, directories or models) into one change plus masks and scales."""
+    adapters = list(adapters)
     states = [a if isinstance(a, AdapterState) else adapter_state(a) for a in adapters]
+    check_inputs(states, [label_of(a, i) for i, a in enumerate(adapters)])
     layouts: dict[str, Layout] = {}
     task_vectors: list[dict[str, torch.Tensor]] = [{} for _ in states]
     for name in dict.fromkeys(n for s in states for n in s.modules):
