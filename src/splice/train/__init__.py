@@ -6,6 +6,6 @@
 """
 
 from splice.train.config import TrainConfig
-from splice.train.loop import RunResult, evaluate, evaluate_adapter, run
+from splice.train.loop import RunResult, TrainingInterrupted, evaluate, evaluate_adapter, resume, run
 
-__all__ = ["RunResult", "TrainConfig", "evaluate", "evaluate_adapter", "run"]
+__all__ = ["RunResult", "TrainConfig", "TrainingInterrupted", "evaluate", "evaluate_adapter", "resume", "run"]
