@@ -9,6 +9,7 @@ import pytest
 import torch
 from helpers import assert_close, assert_differs, logits, make_bert, make_convnet, randomize
 from rich.table import Table
+from safetensors.torch import save_file
 from torch import nn
 
 import splice
@@ -416,6 +417,9 @@ def test_a_directory_that_is_not_an_adapter_is_refused(tmp_path):
     with pytest.raises(AdapterFileError, match="adapter_config.json"):
         compress(tmp_path, budget=0.5)
     (tmp_path / "adapter_config.json").write_text('{"hello": 1}')
+    with pytest.raises(AdapterFileError, match="no adapter_model.safetensors"):
+        compress(tmp_path, budget=0.5)
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "adapter_model.safetensors"))
     with pytest.raises(AdapterFileError, match="neither"):
         compress(tmp_path, budget=0.5)
     with pytest.raises(AdapterFileError, match="does not exist"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -68,6 +70,13 @@ def train(
                                                  "size; 0: no limit.")] = None,
     max_padding: Annotated[float, typer.Option(help="With --tenants: largest share of padded token slots "
                                                "in a packed pass before its rows are split.")] = 0.25,
+    checkpoint_every: Annotated[int | None, typer.Option(
+        help="Write a resumable checkpoint every N optimizer steps (0: only on Ctrl-C / SIGTERM).")] = None,
+    on_nonfinite: Annotated[str | None, typer.Option(
+        help="A NaN/inf loss or gradient: stop (keep the best finite adapter) or skip (drop that step).")] = None,
+    resume: Annotated[Path | None, typer.Option(
+        help="Continue the interrupted run in this folder from its last checkpoint, with its config.yaml.",
+        show_default=False)] = None,
 ) -> None:
     """Train an adapter, evaluate it before and after, save it (HF PEFT format) and a report.
 
@@ -86,9 +95,25 @@ def train(
         splice train --method diablo --set blocks=32 --targets all-linear
 
         splice train --tenants alice.yaml bob.yaml carol.yaml --max-steps 200
-    """
-    from splice.train import TrainConfig, run
 
+        splice train --resume runs/rotten-tomatoes-lora
+
+    Ctrl-C (or SIGTERM) stops after the current step with a checkpoint, the best adapter so far
+    in RUN/adapter and the command that continues the run (exit status 130 / 143).
+    """
+    from splice.train import TrainConfig
+    from splice.train.loop import TrainingInterrupted, run
+    from splice.train.loop import resume as resume_run
+
+    if resume is not None:
+        given = {name for name, value in locals().items() if name in FLAGS and value not in (None, False, [])}
+        with user_errors():
+            if given:
+                raise SpliceError(f"--resume continues a run with its own config.yaml; it takes no config or other "
+                                  f"flags (got {', '.join(sorted(FLAGS[n] for n in given))})")
+        with user_errors(), _interruptions(TrainingInterrupted):
+            _exit_if_diverged([resume_run(resume, console=console)])
+        return
     adapter = {"method": method, "r": r, "alpha": alpha, "targets": targets.split(",") if targets else None}
     if adapter["targets"] == ["all-linear"]:
         adapter["targets"] = "all-linear"
@@ -106,17 +131,55 @@ def train(
             path, model=model, task=task, data=data, lr=lr, head_lr=head_lr, epochs=epochs, max_steps=max_steps,
             batch_size=batch_size, max_train_examples=max_train_examples, eval_every=eval_every, seed=seed,
             gradient_checkpointing=gradient_checkpointing, precision=precision, output_dir=output_dir,
-            adapter={k: v for k, v in adapter.items() if v is not None},
+            adapter={k: v for k, v in adapter.items() if v is not None}, on_nonfinite=on_nonfinite,
+            checkpoint_every=checkpoint_every or None,
         ) for path in configs or [None]]
+        if checkpoint_every == 0:  # a None override would be ignored: rebuild with the field unset
+            settings = [TrainConfig.from_dict({**c.to_dict(), "checkpoint_every": None}) for c in settings]
+    with user_errors(), _interruptions(TrainingInterrupted):
         if tenants:
             from splice.orchestrate import multiplex
 
             steps = [int(s) for s in join_at.split(",")] if join_at else None
             rows = "auto" if max_rows is None else (max_rows or None)
-            multiplex(settings, join_at=steps, max_rows=rows, max_padding=max_padding, force=force,
-                      console=console)
+            results = multiplex(settings, join_at=steps, max_rows=rows, max_padding=max_padding, force=force,
+                                console=console)
+            _exit_if_diverged(list(results.values()))
         else:
-            run(settings[0], console=console, force=force)
+            _exit_if_diverged([run(settings[0], console=console, force=force)])
+
+
+# Parameters of `train` that --resume does not combine with (the run's config.yaml says it all).
+FLAGS = {
+    "configs": "a config file", "model": "--model", "task": "--task", "data": "--data", "method": "--method",
+    "r": "--r", "alpha": "--alpha", "targets": "--targets", "param": "--set", "lr": "--lr", "head_lr": "--head-lr",
+    "epochs": "--epochs", "max_steps": "--max-steps", "batch_size": "--batch-size",
+    "max_train_examples": "--max-train-examples", "eval_every": "--eval-every",
+    "gradient_checkpointing": "--gradient-checkpointing", "seed": "--seed", "precision": "--precision",
+    "output_dir": "--output-dir", "force": "--force", "tenants": "--tenants", "join_at": "--join-at",
+    "max_rows": "--max-rows", "checkpoint_every": "--checkpoint-every", "on_nonfinite": "--on-nonfinite",
+}
+
+
+@contextmanager
+def _interruptions(kind: type[Exception]) -> Iterator[None]:
+    """A run stopped by SIGINT/SIGTERM: its message (where the checkpoint is, how to resume) and
+    the shell's exit status for that signal."""
+    try:
+        yield
+    except kind as err:
+        Console(stderr=True, soft_wrap=True).print(f"[yellow]interrupted:[/] {err}", highlight=False)
+        raise typer.Exit(err.exit_code) from None
+
+
+def _exit_if_diverged(results: list) -> None:
+    """A run that stopped on non-finite numbers saved its best finite adapter; say so and exit 1."""
+    diverged = [r for r in results if r.status != "finished"]
+    for result in diverged:
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {result.paths['run_dir']}: {result.message}",
+                                                   highlight=False)
+    if diverged:
+        raise typer.Exit(1)
 
 
 def method_params(pairs: list[str]) -> dict[str, object]:

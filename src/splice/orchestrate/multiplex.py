@@ -20,6 +20,13 @@ floating-point summation order. Dropout in the backbone draws its masks for the 
 so with dropout the runs agree in distribution, not bit for bit.
 
 Requirements: the tenants share the model, the task and the precision ("no" or "bf16").
+
+Run folders: each tenant claims its output folder with the lock a lone run takes (refused at
+once if another run holds it), writes config.yaml at the start and its best adapter so far at
+every improvement, and releases the folder when it is done. Non-finite losses or gradients
+follow each tenant's `on_nonfinite` ("stop" ends that tenant alone with its best finite
+adapter; "skip" drops its update). Tenants are not checkpointed: an interrupted multiplexed
+run leaves each tenant's best adapter but cannot be resumed.
 """
 
 from __future__ import annotations
@@ -29,12 +36,14 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from torch import nn
 from torch.utils.data import DataLoader
@@ -87,10 +96,14 @@ class Tenant:
     before: dict[str, Metrics] = field(default_factory=dict)
     examples: int = 0
     train_time: float = 0.0
+    folder: report.RunFolder | None = None  # the claimed (locked) output folder
+    stop: str | None = None  # why a tenant ends before its last step (non-finite numbers)
+    skipped: int = 0
+    skipped_in_a_row: int = 0
 
     @property
     def done(self) -> bool:
-        return self.step >= self.total_steps or self.best.should_stop
+        return self.step >= self.total_steps or self.best.should_stop or self.stop is not None
 
 
 class Multiplexer:
@@ -133,7 +146,20 @@ class Multiplexer:
         if name in self.tenants or name in self.results:
             raise SpliceError(f"a tenant named {name!r} already exists")
         self._check_compatible(config)
-        run_dir = report.prepare_run_dir(config.output_dir, self.force)
+        folder = Path(config.output_dir).expanduser().resolve()
+        for other in self.tenants.values():
+            if Path(other.run_dir).expanduser().resolve() == folder:
+                raise SpliceError(f"tenant {other.name} already writes to {folder}; every tenant needs its own "
+                                  "output_dir")
+        claimed = report.claim_run_dir(config.output_dir, force=self.force)
+        try:
+            return self._add(config, name, claimed)
+        except BaseException:
+            claimed.release()
+            raise
+
+    def _add(self, config: TrainConfig, name: str, claimed: report.RunFolder) -> str:
+        run_dir = claimed.path
         set_seed(config.seed)
         splits = load_splits(config)
         if not splits.train:
@@ -177,14 +203,15 @@ class Multiplexer:
             eval_every=config.eval_every or steps_per_epoch, batches_per_epoch=len(loader),
             best=loop.BestKeeper(metric, higher, config.early_stopping_patience),
             num_labels=len(splits.label_names) if config.task == "classification" else None,
-            joined_at=self.global_step,
+            joined_at=self.global_step, folder=claimed,
         )
         self.tenants[name] = tenant
         self.configs[name] = config
         self._refresh_trainability()
+        report.write_config(run_dir, config)  # at the start (once set up), as a lone run does
         tenant.before = self._evaluate_all(tenant)
         if "validation" in tenant.before:
-            tenant.best.offer(tenant.before["validation"], 0, lambda: self._snapshot(tenant))
+            self._keep_if_best(tenant, tenant.before["validation"], 0)
         self.console.print(report.metrics_line(f"{name}: before training", tenant.before))
         return name
 
@@ -323,24 +350,53 @@ class Multiplexer:
         return total
 
     def _optimizer_step(self, tenant: Tenant) -> None:
+        """The tenant's optimizer step, unless its loss or gradient norm is not finite: then its
+        `on_nonfinite` policy ends the tenant ("stop") or drops the update ("skip")."""
         config = tenant.config
+        params = [p for p in tenant.parameters.values() if p.grad is not None]
         if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(list(tenant.parameters.values()), config.max_grad_norm)
-        tenant.optimizer.step()
+            norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        loss = sum(tenant.micro_losses) / len(tenant.micro_losses)
+        tenant.micro_losses = []
+        problem = (f"loss {loss}" if not math.isfinite(loss) else
+                   f"gradient norm {float(norm)}" if not math.isfinite(float(norm)) else None)
+        if problem is not None and config.on_nonfinite == "stop":
+            tenant.optimizer.zero_grad()
+            tenant.stop = loop._nonfinite_message(config, tenant.step + 1, problem, tenant.best, "stop")
+            return
+        if problem is None:
+            tenant.optimizer.step()
         tenant.scheduler.step()
         tenant.optimizer.zero_grad()
         tenant.step += 1
-        loss = sum(tenant.micro_losses) / len(tenant.micro_losses)
-        tenant.micro_losses = []
         entry = {"step": tenant.step, "epoch": round(tenant.step / tenant.steps_per_epoch, 4),
                  "lr": tenant.scheduler.get_last_lr()[0], "loss": loss}
+        if problem is not None:
+            entry.update(loss=None, skipped=problem)
+            tenant.skipped += 1
+            tenant.skipped_in_a_row += 1
+            self.console.print(f"[yellow]{tenant.name} step {tenant.step}: non-finite {problem}; update skipped[/]")
+        else:
+            tenant.skipped_in_a_row = 0
         tenant.history.append(entry)
         if (tenant.step % tenant.eval_every == 0 or tenant.step == tenant.total_steps) \
                 and "validation" in tenant.eval_loaders:
             entry["eval"] = self._evaluate(tenant, "validation")
-            improved = tenant.best.offer(entry["eval"], tenant.step, lambda: self._snapshot(tenant))
+            improved = self._keep_if_best(tenant, entry["eval"], tenant.step)
             self.console.print(report.metrics_line(f"{tenant.name} step {tenant.step}",
                                                    {"validation": entry["eval"]}, best=improved))
+        if tenant.skipped_in_a_row >= loop.MAX_SKIPS_IN_A_ROW:
+            tenant.stop = loop._nonfinite_message(config, tenant.step, problem, tenant.best, "skip")
+
+    def _keep_if_best(self, tenant: Tenant, metrics: Metrics, step: int) -> bool:
+        """Offer an evaluation to the tenant's keeper; an improvement is written to its adapter/ at once."""
+        improved = tenant.best.offer(metrics, step, lambda: self._snapshot(tenant))
+        if improved:
+            loop.save_adapter(tenant.model, tenant.run_dir / "adapter", tenant.config.save_format, name=tenant.name,
+                              tensors=tenant.parameters)
+        return improved
 
     def _finish(self, tenant: Tenant) -> None:
         """Evaluate the tenant's best state, save it like a lone run, and take it off the model."""
@@ -348,8 +404,16 @@ class Multiplexer:
             self._restore(tenant, tenant.best.state)
         after = self._evaluate_all(tenant)
         paths = {"run_dir": tenant.run_dir, "adapter": tenant.run_dir / "adapter"}
-        splice.save(tenant.model, paths["adapter"], name=tenant.name, format=tenant.config.save_format,
-                    overwrite=True)
+        status, message = ("diverged", tenant.stop) if tenant.stop else ("finished", "")
+        unsaved = loop._nonfinite_tensors(tenant.parameters)
+        if unsaved:  # no validation split, so no finite best state to fall back on
+            status, message = "diverged", f"{message} The final state has non-finite tensors; no adapter was saved."
+            paths.pop("adapter")
+        else:
+            loop.save_adapter(tenant.model, paths["adapter"], tenant.config.save_format, name=tenant.name,
+                              tensors=tenant.parameters)
+        if message:
+            self.console.print(f"[red]{tenant.name}: {escape(message.strip())}[/]")
         result = loop.RunResult(
             metrics={"before": tenant.before, "after": after}, history=tenant.history, paths=paths,
             timings={"train_s": tenant.train_time, "examples_per_s": tenant.examples / max(tenant.train_time, 1e-9),
@@ -357,8 +421,11 @@ class Multiplexer:
             best_step=tenant.best.step if tenant.best.state is not None else tenant.step,
             stopped_early=tenant.best.should_stop,
             parameters={"trainable": tenant.summary.trainable, "total": tenant.summary.total},
+            status=status, message=message.strip(), skipped_steps=tenant.skipped,
         )
         result.paths.update(report.write_run(tenant.run_dir, tenant.config, result, tenant.summary))
+        if tenant.folder is not None:
+            tenant.folder.release()
         self.results[tenant.name] = result
         self.console.print(report.metrics_line(f"{tenant.name}: done after {tenant.step} steps", after))
         del self.tenants[tenant.name]
@@ -392,12 +459,21 @@ class Multiplexer:
     def run(self, joining: Sequence[tuple[int, TrainConfig]] = ()) -> dict[str, loop.RunResult]:
         """Step until every tenant is done; `joining` adds (step, config) tenants on the way."""
         pending = sorted(joining, key=lambda item: item[0])
-        while self.tenants or pending:
-            while pending and (pending[0][0] <= self.global_step or not self.tenants):
-                self.add(pending.pop(0)[1])
-            self.step()
+        try:
+            while self.tenants or pending:
+                while pending and (pending[0][0] <= self.global_step or not self.tenants):
+                    self.add(pending.pop(0)[1])
+                self.step()
+        finally:
+            self.close()
         self.console.print(self.summary_table())
         return self.results
+
+    def close(self) -> None:
+        """Release the output folders of tenants still training (their best adapters stay)."""
+        for tenant in self.tenants.values():
+            if tenant.folder is not None:
+                tenant.folder.release()
 
     def summary_table(self) -> Table:
         table = Table(title=f"multiplexed training: {len(self.results)} tenants, {self.global_step} steps, "
@@ -432,9 +508,13 @@ def multiplex(configs: Sequence[TrainConfig], *, join_at: Sequence[int] | None =
     join_at = list(join_at) if join_at is not None else [0] * len(configs)
     if len(join_at) != len(configs):
         raise SpliceError(f"join_at has {len(join_at)} entries for {len(configs)} tenants")
-    folders = [str(c.output_dir) for c in configs]
-    if len(set(folders)) != len(folders):
-        raise SpliceError(f"every tenant needs its own output_dir; got {folders}")
+    # Compared resolved: runs/x, runs/x/ and ./runs/x are one folder.
+    folders = [Path(c.output_dir).expanduser().resolve() for c in configs]
+    for i, folder in enumerate(folders):
+        if folder in folders[:i]:
+            first = folders.index(folder)
+            raise SpliceError(f"every tenant needs its own output_dir; {configs[first].output_dir!r} and "
+                              f"{configs[i].output_dir!r} are the same folder ({folder})")
     mux = Multiplexer(max_rows=max_rows, max_padding=max_padding, force=force, console=console)
     return mux.run(list(zip(join_at, configs, strict=True)))
 
