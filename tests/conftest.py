@@ -118,7 +118,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
                if getattr(r, "when", "call") == "call" or r.outcome != "passed"]
     cases = {}
     for report in reports:
-        kind = dict(report.user_properties).get("guards")
+        kind = dict(getattr(report, "user_properties", ())).get("guards")
         if kind is not None:
             cases[report.nodeid] = (kind, report.outcome == "passed" and cases.get(report.nodeid, ("", True))[1])
     if not cases:

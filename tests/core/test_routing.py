@@ -23,7 +23,8 @@ from splice.core.config import Adapter, AdapterConfig
 from splice.core.host import host_of, hosts
 from splice.core.layers import LayerInfo
 from splice.core.lowrank import LowRank
-from splice.core.routing import Routing, routing_of
+from splice.core.route_context import routing_of
+from splice.core.routing import Routing
 
 LoRA = splice.LoRA
 

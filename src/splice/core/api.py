@@ -8,9 +8,8 @@ config, whether it is trainable, which modules it trains in full) lives in `mode
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -20,27 +19,13 @@ from splice.core.errors import MergeError, SpliceError, TargetError
 from splice.core.heads import add_head, all_head_copies, bind_heads, head_module, release_head, remove_head
 from splice.core.host import Host, add_to_weight, ensure_host, host_of, hosts, remove_host
 from splice.core.inputs import InputsRecorder, batch_auxiliary_loss
+from splice.core.model_state import AdapterRecord, ModelState, drop_model_state, model_state
 from splice.core.targets import matches, named_base_modules, resolve_targets, site_info
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 # Adapters are held by name in a `Host` (an nn.ModuleDict) and in a ModuleDict of head copies,
 # so a name must not be one of their attributes: the host's own, and every nn.Module's.
 RESERVED_NAMES = frozenset({"info", "active", "merged", "enabled", "_merged_deltas", "_hook"} | set(vars(nn.Module())))
-
-
-@dataclass
-class AdapterRecord:
-    config: AdapterConfig
-    trainable: bool = True
-    heads: list[str] = field(default_factory=list)  # paths of the modules it trains in full (its own copies)
-    undo: Callable[[], None] | None = None  # what `config.on_attach` set up on the model
-
-
-@dataclass
-class ModelState:
-    adapters: dict[str, AdapterRecord] = field(default_factory=dict)
-    checkpoint_inputs: CheckpointInputGrads | None = None
-    inputs_recorder: InputsRecorder | None = None  # while an attached adapter reads the batch's inputs
 
 
 class CheckpointInputGrads:
@@ -101,14 +86,6 @@ class CheckpointInputGrads:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
-
-
-def model_state(model: nn.Module) -> ModelState:
-    state = model.__dict__.get("_splice")
-    if state is None:
-        state = ModelState()
-        model.__dict__["_splice"] = state
-    return state
 
 
 def attach(
@@ -322,7 +299,7 @@ def unload(model: nn.Module) -> nn.Module:
     _remove_checkpoint_hooks(state)
     if state.inputs_recorder is not None:
         state.inputs_recorder.remove()
-    model.__dict__.pop("_splice", None)
+    drop_model_state(model)
     return model
 
 

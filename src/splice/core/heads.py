@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from splice.core.errors import SpliceError
-from splice.core.routing import routing_of
+from splice.core.route_context import routing_of
 from splice.core.targets import HEADS_ATTRIBUTE, HOST_ATTRIBUTE, named_base_modules
 
 if TYPE_CHECKING:
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 class HeadStore(nn.ModuleDict):
     """The model root's child that holds the `HeadCopies` of every module trained in full."""
+
+    splice_internal = True  # not part of the base model (core.targets skips it)
 
 
 class HeadCopies(nn.Module):

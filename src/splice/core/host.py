@@ -18,7 +18,7 @@ from torch import nn
 from splice.core.config import adapter_delta
 from splice.core.errors import MergeError
 from splice.core.layers import LayerInfo, is_plain_float_weight
-from splice.core.routing import routing_of
+from splice.core.route_context import routing_of
 from splice.core.targets import HOST_ATTRIBUTE, named_base_modules
 
 if TYPE_CHECKING:
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 class Host(nn.ModuleDict):
     """Named adapters of one base layer, which of them are active, and which are merged."""
+
+    splice_internal = True  # not part of the base model (core.targets skips it)
 
     def __init__(self, base: nn.Module, info: LayerInfo) -> None:
         super().__init__()
@@ -60,11 +62,19 @@ class Host(nn.ModuleDict):
         base_output = output
         for name in on:
             output = output + adapter_delta(self[name], x, base_output).to(output.dtype)
-        for name in off:
+        return self.give_back(x, output, off)
+
+    def give_back(self, x: torch.Tensor, output: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """`output` plus what the named adapters took out of the base weight at init (PiSSA), so
+        that an adapter switched off (or not routed to a row) leaves the base's output there."""
+        for name in names:
             restore = self[name].initial_delta(x)
             if restore is not None:
                 output = output + restore.to(output.dtype)
         return output
+
+    def unmerged(self) -> list[str]:
+        return [name for name in self if name not in self.merged]
 
     def remove_hook(self) -> None:
         self._hook.remove()
@@ -92,12 +102,8 @@ class Host(nn.ModuleDict):
                 "and cannot be merged"
             )
         check_mergeable_weight(base)
-        if getattr(base, "bias", None) is None:
-            with torch.no_grad():
-                bias = self[name].delta_bias()
-            if bias is not None and torch.count_nonzero(bias):
-                raise MergeError(f"adapter {name!r} changes the bias, but this {type(base).__name__} has none; "
-                                 "keep the adapter unmerged (or give the layer a zero bias first)")
+        with torch.no_grad():
+            check_bias_change(base, self[name].delta_bias(), f"adapter {name!r}")
 
     def unmerge(self, base: nn.Module, name: str) -> None:
         if name not in self.merged:
@@ -119,14 +125,10 @@ def add_to_weight(base: nn.Module, info: LayerInfo, delta: torch.Tensor, sign: f
     corrupting the model; nothing changes when it refuses.
     """
     check_mergeable_weight(base)
+    check_bias_change(base, bias, "the adapter")
     changes = [(base.weight, delta.T if info.transposed else delta, "weight")]
-    if bias is not None:
-        if base.bias is None:
-            if torch.count_nonzero(bias):
-                raise MergeError(f"the adapter changes the bias, but this {type(base).__name__} has none; "
-                                 "keep the adapter unmerged (or give the layer a zero bias first)")
-        else:
-            changes.append((base.bias, bias, "bias"))
+    if bias is not None and base.bias is not None:
+        changes.append((base.bias, bias, "bias"))
     updated = []
     for target, change, what in changes:
         if change.shape != target.shape:
@@ -143,6 +145,13 @@ def add_to_weight(base: nn.Module, info: LayerInfo, delta: torch.Tensor, sign: f
     with torch.no_grad():
         for target, merged in updated:
             target.copy_(merged)
+
+
+def check_bias_change(base: nn.Module, bias: torch.Tensor | None, who: str) -> None:
+    """A non-zero bias change cannot be merged into a layer without a bias."""
+    if getattr(base, "bias", None) is None and bias is not None and torch.count_nonzero(bias):
+        raise MergeError(f"{who} changes the bias, but this {type(base).__name__} has none; "
+                         "keep the adapter unmerged (or give the layer a zero bias first)")
 
 
 def check_mergeable_weight(base: nn.Module) -> None:

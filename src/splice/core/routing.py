@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,7 +30,11 @@ from torch import nn
 
 from splice.core.config import Adapter, adapter_delta
 from splice.core.errors import MergeError, SpliceError
+from splice.core.heads import all_head_copies
+from splice.core.host import hosts
 from splice.core.lowrank import LowRank
+from splice.core.model_state import model_state
+from splice.core.route_context import OpenRoute, close_route, open_route
 
 if TYPE_CHECKING:
     from splice.core.host import Host
@@ -57,9 +60,7 @@ class Routing:
             plan = self._inference_plan(host, x)
             if plan is not None and not (plan.dropout > 0 and self._training(host)):
                 return plan.apply(host, x, output)
-        for name in host:  # a PiSSA-style adapter gives back what it took out, on every row
-            if name not in host.merged and (restore := host[name].initial_delta(x)) is not None:
-                output = output + restore.to(output.dtype)
+        output = host.give_back(x, output, host.unmerged())  # on every row; the routed ones take it out again
         used = [name for name in self.names if name in host]
         if not used:
             return output
@@ -129,11 +130,9 @@ class Routing:
         used = [name for name in self.names if name in host]
         factors = [host[name].low_rank_factors() for name in used]
         if used and not self.everywhere and all(f is not None for f in factors):
-            restorers = [n for n in host if n not in host.merged and host[n].initial_delta(x[:1]) is not None]
             A, B = self._stacked(factors)
             slots = self._slot_of_rows(used, x.device)
-            plan = _Plan(used, restorers, A.index_select(0, slots), B.index_select(0, slots),
-                         max(f.dropout for f in factors))
+            plan = _Plan(used, A.index_select(0, slots), B.index_select(0, slots), max(f.dropout for f in factors))
         self._plans[id(host)] = (state, plan)
         return plan
 
@@ -172,13 +171,11 @@ class _Plan:
     mode with dropout > 0 does not use it.
     """
 
-    def __init__(self, used: list[str], restorers: list[str], A_rows: torch.Tensor, B_rows: torch.Tensor,
-                 dropout: float) -> None:
-        self.used, self.restorers, self.A_rows, self.B_rows, self.dropout = used, restorers, A_rows, B_rows, dropout
+    def __init__(self, used: list[str], A_rows: torch.Tensor, B_rows: torch.Tensor, dropout: float) -> None:
+        self.used, self.A_rows, self.B_rows, self.dropout = used, A_rows, B_rows, dropout
 
     def apply(self, host: Host, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        for name in self.restorers:
-            output = output + host[name].initial_delta(x).to(output.dtype)
+        output = host.give_back(x, output, host.unmerged())
         x = x.to(self.A_rows.dtype).reshape(self.A_rows.shape[0], -1, x.shape[-1])
         return _add_gathered(x, output, self.A_rows, self.B_rows)
 
@@ -198,37 +195,6 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return t if t.shape[0] == rows else torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
 
 
-class _Route:
-    """One open `route` block: its routing and the hosts (and head copies) it applies to."""
-
-    __slots__ = ("routing", "members")
-
-    def __init__(self, routing: Routing, members: list[nn.Module]) -> None:
-        self.routing, self.members = routing, frozenset(id(m) for m in members)
-
-
-# The open `route` blocks of this context (thread, asyncio task), innermost last. A context
-# variable, so that threads serving one shared model each route their own batches; a block
-# removes exactly its own entry on exit, so blocks left out of order cannot leave a stale route.
-_OPEN: ContextVar[tuple[_Route, ...]] = ContextVar("splice_open_routes", default=())
-# The same blocks for the whole process, for backward passes only: autograd may run a
-# checkpointed block's recomputation on its own thread (CUDA), outside the block's context.
-_OPEN_ANYWHERE: list[_Route] = []
-
-
-def routing_of(member: nn.Module) -> Routing | None:
-    """The routing in force for a host (or a module's head copies) here, if any."""
-    key = id(member)
-    for entry in reversed(_OPEN.get()):
-        if key in entry.members:
-            return entry.routing
-    if torch._C._current_graph_task_id() != -1:  # a recomputation inside backward
-        for entry in reversed(_OPEN_ANYWHERE):
-            if key in entry.members:
-                return entry.routing
-    return None
-
-
 @contextmanager
 def route(model: nn.Module, adapter_ids: Sequence[str | None], *, grouped: bool = True) -> Iterator[Routing]:
     """Within the block, row i of every batch goes through adapter `adapter_ids[i]` (None: base).
@@ -244,10 +210,6 @@ def route(model: nn.Module, adapter_ids: Sequence[str | None], *, grouped: bool 
     `backward()` inside the block: the recomputed forward must see the same routing (two
     threads that both train through checkpointed routes on one model are not supported).
     """
-    from splice.core.api import model_state
-    from splice.core.heads import all_head_copies
-    from splice.core.host import hosts
-
     if not len(adapter_ids):
         raise SpliceError("route() needs one adapter id (or None) per row; got an empty list")
     known = model_state(model).adapters
@@ -259,11 +221,9 @@ def route(model: nn.Module, adapter_ids: Sequence[str | None], *, grouped: bool 
     if merged:
         raise MergeError(f"adapters {merged} are merged into the weights, so rows cannot be routed; unmerge first")
     routing = Routing(adapter_ids, grouped)
-    entry = _Route(routing, [*all_hosts, *all_head_copies(model)])
-    _OPEN.set((*_OPEN.get(), entry))
-    _OPEN_ANYWHERE.append(entry)
+    entry = OpenRoute(routing, [*all_hosts, *all_head_copies(model)])
+    open_route(entry)
     try:
         yield routing
     finally:
-        _OPEN.set(tuple(e for e in _OPEN.get() if e is not entry))
-        _OPEN_ANYWHERE.remove(entry)
+        close_route(entry)

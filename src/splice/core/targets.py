@@ -62,13 +62,9 @@ def named_base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def is_splice_child(name: str, child: nn.Module) -> bool:
-    """Whether a child module is one splice added (a host of adapters, copies of a trained head)."""
-    if name not in (HOST_ATTRIBUTE, HEADS_ATTRIBUTE):
-        return False
-    from splice.core.heads import HeadStore
-    from splice.core.host import Host
-
-    return isinstance(child, (Host, HeadStore))
+    """Whether a child module is one splice added (a host of adapters, copies of a trained head):
+    those classes say so with a `splice_internal` class attribute."""
+    return name in (HOST_ATTRIBUTE, HEADS_ATTRIBUTE) and getattr(type(child), "splice_internal", False)
 
 
 def matches(pattern: Targets, name: str) -> bool:
