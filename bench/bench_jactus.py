@@ -179,7 +179,7 @@ def fit(model: nn.Module, X: torch.Tensor, Y: torch.Tensor, steps: int, lr: floa
 
 
 def toy(s: Settings, phase: Phases) -> dict[str, Any]:
-    from splice.compress.jactus import jactus
+    from splice.compression.jactus import jactus
 
     phase("[toy] planted direction")
     steps, lrs = (300, (1e-2, 3e-2)) if not s.quick else (30, (3e-2,))
@@ -248,8 +248,8 @@ def build(variant: Variant, data: str, seed: int, s: Settings) -> tuple[nn.Modul
     import transformers
 
     import splice
-    from splice.compress.factorized import factorized_modules, replace_module
-    from splice.compress.jactus import calibrate, jactus
+    from splice.compression.factorized import factorized_modules, replace_module
+    from splice.compression.jactus import calibrate, jactus
 
     splits = data_rows(data)
     seed_everything(seed)  # the head's init

@@ -138,7 +138,7 @@ def evaluator(model_name: str, data: str, s: Settings):
 def matched_per_module(state: Any, parameters: int) -> Any:
     """Per-module energy allocation: the largest common energy fraction whose factor parameters fit
     in `parameters` (found by bisection over the fractions where some module's rank changes)."""
-    from splice.compress.para import compress, module_svd
+    from splice.compression.para import compress, module_svd
 
     cuts = set()
     for update in state.modules.values():
@@ -178,7 +178,7 @@ def one_adapter(model_name: str, data: str, r: int, s: Settings) -> dict[str, An
     """Train one LoRA, compress it every way, evaluate everything (in a worker process)."""
     from rich.console import Console
 
-    from splice.compress.para import compress, sweep
+    from splice.compression.para import compress, sweep
     from splice.io.state import adapter_state
     from splice.train import TrainConfig, run
 
@@ -265,7 +265,7 @@ def render(runs: list[dict[str, Any]], s: Settings, env: dict[str, Any], runtime
         "Training is kept short so the whole benchmark runs in about 30 minutes on two cores; the adapters "
         "are therefore not converged (see the uncompressed metric).",
         "",
-        "**Compression** (data-free, `splice.compress.para`). *global*: PARA, one threshold over the pooled "
+        "**Compression** (data-free, `splice.compression.para`). *global*: PARA, one threshold over the pooled "
         "singular values, largest set within the budget. *per-module*: every module keeps the same fraction of "
         "its own energy, the largest fraction that fits in the global result's parameter count. *uniform*: rank "
         "k = round(budget * r) in every module. Parameters are the LoRA factors (heads, trained in full, are kept "

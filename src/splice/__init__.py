@@ -6,15 +6,16 @@
     splice.save(model, "my-adapter")          # loads in HF PEFT as well
 """
 
-from splice import assets, compress, merging, placement  # compress: a callable package (PARA)
+from splice import assets, compression, merging, placement
+from splice.compression import compress
 from splice.core import *  # noqa: F403
 from splice.core import __all__ as _core_all
 from splice.io import load, save
-from splice.methods import ConvAdapter, DiaBlo, DoRA, FlexiLoRA, LoRA, LoReFT, RepConvAdapter, TTLoRA
+from splice.methods import *  # noqa: F403  (every method's config class: splice.LoRA, splice.DoRA, ...)
+from splice.methods import __all__ as _methods_all
 from splice.placement import DomLoRA
 
 __version__ = "0.1.0"
 __all__ = [
-    *_core_all, "ConvAdapter", "DiaBlo", "DoRA", "FlexiLoRA", "LoRA", "LoReFT", "RepConvAdapter", "TTLoRA",
-    "DomLoRA", "assets", "compress", "load", "merging", "placement", "save",
+    *_core_all, *_methods_all, "DomLoRA", "assets", "compress", "compression", "load", "merging", "placement", "save",
 ]

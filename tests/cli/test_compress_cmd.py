@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import splice
 from splice.cli.main import app
-from splice.compress.para import compress
+from splice.compression.para import compress
 from splice.io.peft_format import attach_state
 from splice.train import TrainConfig, evaluate_adapter
 from splice.train.tasks import load_pretrained

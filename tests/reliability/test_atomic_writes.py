@@ -27,8 +27,8 @@ from typer.testing import CliRunner
 
 import splice
 from splice.cli.main import app
-from splice.compress import compress
-from splice.compress.factorized import FactorizedLinear, load_factorized, save_factorized
+from splice.compression import compress
+from splice.compression.factorized import FactorizedLinear, load_factorized, save_factorized
 from splice.core.errors import OutputExistsError, SpliceError
 from splice.io import files
 from splice.io.state import adapter_state, save_state

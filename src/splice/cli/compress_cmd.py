@@ -13,7 +13,7 @@ from rich.table import Table
 from splice.cli.errors import user_errors
 
 if TYPE_CHECKING:
-    from splice.compress.para import SweepPoint
+    from splice.compression.para import SweepPoint
     from splice.core.state import AdapterState
 
 console = Console()
@@ -77,7 +77,7 @@ def compress(
 
         splice compress runs/rt/adapter --sweep 1,0.5,0.25,0.1 --data rotten_tomatoes --out sweep
     """
-    from splice.compress import para
+    from splice.compression import para
     from splice.core.errors import SpliceError
     from splice.io.files import check_output_dir
     from splice.io.state import adapter_state
@@ -125,7 +125,7 @@ def _sweep(state: AdapterState, budgets: list[float], allocation: str, normalize
            force: bool, *, model: str | None, data: str, task: str | None, split: str, metric: str | None,
            max_eval_examples: int | None, batch_size: int, max_length: int) -> None:
     """Evaluate the uncompressed adapter and every budget's compression on one loaded base model."""
-    from splice.compress import para
+    from splice.compression import para
     from splice.core.api import detach
     from splice.core.errors import SpliceError
     from splice.io.files import atomic_directory, write_json

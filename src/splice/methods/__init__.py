@@ -1,4 +1,8 @@
-"""Adapter forms, one file each. Importing this package registers them with the core."""
+"""Adapter forms, one file each. Importing this package registers them with the core.
+
+`__all__` lists every form's config class; `splice/__init__` re-exports it, so a new method is
+its file, its import and `__all__` entry here, and its own tests (tests/contract checks the rest).
+"""
 
 from splice.methods.conv_adapter import ConvAdapter
 from splice.methods.diablo import DiaBlo

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import splice
-from splice.compress.para import compress, module_svd, plot_sweep, sweep
+from splice.compression.para import compress, module_svd, plot_sweep, sweep
 from splice.core.errors import AdapterFileError, OutputExistsError, SpliceError
 from splice.core.host import hosts
 from splice.core.state import AdapterState, ModuleUpdate
@@ -478,12 +478,13 @@ def test_minilm_lora_on_rotten_tomatoes_compressed_by_half_keeps_its_logits(mini
     assert error <= 2 * math.sqrt(discarded) * change, (error / change, math.sqrt(discarded))
 
 
-def test_splice_compress_is_callable_and_still_a_package():
+def test_splice_compress_is_paras_function_and_compression_the_package():
     import importlib
 
-    import splice.compress.para as para_module
+    import splice.compression.para as para_module
 
-    assert splice.compress.jactus is importlib.import_module("splice.compress.jactus").jactus
+    assert splice.compress is para_module.compress
+    assert importlib.import_module("splice.compression.jactus").jactus is splice.compression.jactus
     model = nn.Sequential(nn.Linear(6, 5))
     splice.attach(model, splice.LoRA(r=3, targets=["0"]))
     with torch.no_grad():

@@ -3,7 +3,7 @@
     y = U C Vᵀ x + b,    U: [out, k],  V: [in, k]  (orthonormal columns, frozen),
                          C: [k, k] (the only trainable tensor),  b: the original bias (frozen)
 
-It is what joint compression (JACTUS, `splice.compress.jactus`) deploys in place of a dense
+It is what joint compression (JACTUS, `splice.compression.jactus`) deploys in place of a dense
 `nn.Linear`: (in + out) k + k² numbers instead of in * out, and no copy of the dense weight.
 The forward runs right to left, ((x V) Cᵀ) Uᵀ, so it costs (in + out) k + k² multiply-adds per
 token, as many as it stores numbers, and never forms the [out, in] product: at an 80% parameter

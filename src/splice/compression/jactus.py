@@ -61,7 +61,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from splice.compress.factorized import FactorizedLinear, freeze_except, replace_module
+from splice.compression.factorized import FactorizedLinear, freeze_except, replace_module
 from splice.core.api import resolve_heads
 from splice.core.config import AdapterConfig, Targets
 from splice.core.errors import SpliceError, TargetError

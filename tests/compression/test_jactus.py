@@ -17,8 +17,8 @@ from helpers import VOCAB, make_bert
 from torch import nn
 
 import splice
-from splice.compress.factorized import FactorizedLinear, factorized_modules, load_factorized, save_factorized
-from splice.compress.jactus import allocate_ranks, calibrate, jactus, layer_cost, union_bases
+from splice.compression.factorized import FactorizedLinear, factorized_modules, load_factorized, save_factorized
+from splice.compression.jactus import allocate_ranks, calibrate, jactus, layer_cost, union_bases
 from splice.core.errors import AdapterFileError, OutputExistsError, ShapeMismatchError, SpliceError, TargetError
 
 
