@@ -169,8 +169,9 @@ def merge(
       splice merge runs/rotten-tomatoes-lora/adapter --into-base --model minilm --out merged-minilm
     """
     from splice.io.files import atomic_directory, check_output_dir
-    from splice.io.state import save_state
-    from splice.merging import merge_adapters, unify_adapters
+    from splice.io.state import adapter_state, save_state
+    from splice.merging import fold_into_base, merge_adapters, unify_adapters
+    from splice.train.adapter_base import adapter_base
 
     with user_errors():
         if len(adapters) == 1 and not into_base and method not in ("svd", "emr"):
@@ -180,12 +181,15 @@ def merge(
             raise typer.BadParameter("emr keeps one adapter per task; it has no single model to fold in",
                                      param_hint="--method")
         check_output_dir(out, overwrite=force)  # refused before the work; written whole (or not at all) after it
-        if into_base and len(adapters) == 1:
-            _fold_into_base(adapters[0], model, out, force)
+        if into_base and len(adapters) == 1:  # any form, splice's own format too
+            net = fold_into_base(adapter_base(adapters, model, task="auto").load(), adapters[0])
+            with atomic_directory(out, overwrite=force) as folder:
+                net.save_pretrained(folder)
+            console.print(f"merged [bold]{adapters[0]}[/bold] into {type(net).__name__} -> {out}")
             return
         weight_list = [float(w) for w in weights.split(",")] if weights else None
-        states = [_state(path) for path in adapters]
-        base = _base_model(adapters[0], model) if into_base or any(s.dora for s in states) else None
+        states = [adapter_state(path) for path in adapters]
+        base = adapter_base(adapters[:1], model).load() if into_base or any(s.dora for s in states) else None
         if method == "emr":
             unified = unify_adapters(states, base=base)
             with atomic_directory(out, overwrite=force) as folder:
@@ -198,12 +202,7 @@ def merge(
         result = merge_adapters(states, method, weights=weight_list, density=density, rank=rank,
                                 majority=majority, seed=seed, base=base, heads=heads)
         if into_base:
-            from splice.io.peft_format import attach_state
-
-            attach_state(base, result.state, "default")
-            import splice
-
-            splice.unload(base)
+            fold_into_base(base, result.state)
             with atomic_directory(out, overwrite=force) as folder:
                 base.save_pretrained(folder)
             console.print(f"{result.summary()}\nfolded into {type(base).__name__} -> {out}")
@@ -211,38 +210,6 @@ def merge(
         save_state(result.state, out, overwrite=force)
     _print_merge(result)
     console.print(f"-> {out}")
-
-
-def _fold_into_base(adapter: Path, model: str | None, out: Path, force: bool) -> None:
-    """One adapter of any form (splice's own format too) folded into its base model."""
-    import splice
-    from splice.io.files import atomic_directory
-
-    net = _base_model(adapter, model)
-    splice.load(net, adapter)
-    splice.unload(net)
-    with atomic_directory(out, overwrite=force) as folder:
-        net.save_pretrained(folder)
-    console.print(f"merged [bold]{adapter}[/bold] into {type(net).__name__} -> {out}")
-
-
-def _state(path: Path):
-    from splice.io.state import adapter_state
-
-    return adapter_state(path)
-
-
-def _base_model(adapter: Path, model: str | None):
-    """The base model of `adapter` (with its classification head size), for DoRA and --into-base."""
-    from splice.io.info import inspect_adapter
-    from splice.train.tasks import load_pretrained
-
-    found = inspect_adapter(adapter)
-    name = model or found.base_model
-    if not name:
-        raise typer.BadParameter("the adapter names no base model; pass --model", param_hint="--model")
-    labels = tuple(str(i) for i in range(num_labels(adapter, list(found.heads))))
-    return load_pretrained(name, _task_of(found.config), labels)
 
 
 def _print_merge(result, limit: int = 40) -> None:
@@ -254,16 +221,3 @@ def _print_merge(result, limit: int = 40) -> None:
     for name, update in result.state.modules.items():
         table.add_row(name, str(update.rank), f"{result.errors.get(name, 0.0):.2e}")
     console.print(table)
-
-
-def _task_of(config: dict) -> str:
-    return {"SEQ_CLS": "classification", "CAUSAL_LM": "causal_lm"}.get(config.get("task_type"), "base")
-
-
-def num_labels(path: Path, heads: list[str]) -> int:
-    """A classification head's output size: rows of its last saved weight (2 if none)."""
-    from splice.io.files import read_weights
-
-    weights = [v for k, v in sorted(read_weights(path).items())
-               if k.endswith("weight") and any(f".{h}." in f".{k}" for h in heads)]
-    return weights[-1].shape[0] if weights else 2

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -14,9 +14,6 @@ from rich.table import Table
 
 from splice.cli.errors import user_errors
 from splice.core.inventory import shared_prefix
-
-if TYPE_CHECKING:
-    from splice.io.info import AdapterInfo
 
 console = Console()
 
@@ -56,13 +53,13 @@ def analyze(
     """
     from splice.analysis.spectra import ENERGY_FRACTIONS, adapter_dir_spectra, plot_effective_ranks, plot_spectra
     from splice.io.files import atomic_directory, check_output_dir
-    from splice.train.tasks import load_pretrained
+    from splice.train.adapter_base import adapter_base
 
     out = out or adapter.parent / f"{adapter.name}-spectra"
     with user_errors():
-        base = _base_model([adapter], model, task)
+        base = adapter_base([adapter], model, task)
         check_output_dir(out, overwrite=force)
-        report = adapter_dir_spectra(load_pretrained(*base), adapter)
+        report = adapter_dir_spectra(base.load(), adapter)
     prefix = shared_prefix([m.name for m in report.modules])
     table = Table(title=f"spectra of {adapter}", caption="rank: numerical; erank: entropy effective rank; "
                   "k90%/k99%: energy ranks; srank: stable rank")
@@ -102,13 +99,13 @@ def compare(
     """
     from splice.analysis.compare import compare_adapter_dirs
     from splice.io.files import atomic_directory, check_output_dir
-    from splice.train.tasks import load_pretrained
+    from splice.train.adapter_base import adapter_base
 
     with user_errors():
-        base = _base_model([adapter_a, adapter_b], model, task)
+        base = adapter_base([adapter_a, adapter_b], model, task)
         if out is not None:
             check_output_dir(out, overwrite=force)
-        result = compare_adapter_dirs(load_pretrained(*base), adapter_a, adapter_b, k)
+        result = compare_adapter_dirs(base.load(), adapter_a, adapter_b, k)
     prefix = shared_prefix([m.name for m in result.modules])
     table = Table(title=f"{adapter_b} against {adapter_a}",
                   caption="angle: smallest principal angle; overlap: mean cos² of the angles; "
@@ -135,38 +132,6 @@ def compare(
             (folder / "comparison.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         line += f" -> {out / 'comparison.json'}"
     console.print(line, highlight=False)
-
-
-def _base_model(adapters: list[Path], model: str | None, task: str) -> tuple[str, str, tuple[str, ...]]:
-    """`load_pretrained`'s arguments for the adapters' base model: name or folder, task, and as
-    many labels as the first adapter's classification head has (checked before any loading)."""
-    from splice.cli.adapter_cmds import num_labels
-    from splice.core.errors import SpliceError
-    from splice.io.info import inspect_adapter
-    from splice.train.tasks import model_path
-
-    found = [inspect_adapter(path) for path in adapters]
-    if model is None:
-        recorded = [f.base_model for f in found]
-        if None in recorded:
-            raise SpliceError(f"{adapters[recorded.index(None)]} names no base model; pass --model")
-        if len(set(recorded)) > 1:
-            raise SpliceError(f"the adapters name different base models {sorted(set(recorded))}; pass --model")
-        model = recorded[0]
-    model_path(model)  # a name that is neither bundled nor a folder fails here, before any output
-    if task == "auto":
-        task = _task_of(found[0])
-    return model, task, tuple(str(i) for i in range(num_labels(adapters[0], list(found[0].heads))))
-
-
-def _task_of(found: AdapterInfo) -> str:
-    """PEFT's task_type; splice's own format records trained heads, not a task."""
-    from splice.core.targets import SEQ_CLS_HEAD_NAMES
-
-    if found.format == "peft":
-        return {"SEQ_CLS": "classification", "CAUSAL_LM": "causal_lm"}.get(found.config.get("task_type"), "base")
-    heads = {h.rsplit(".", 1)[-1] for h in found.heads}
-    return "classification" if heads & set(SEQ_CLS_HEAD_NAMES) else "base"
 
 
 def _cell(value: Any) -> str:

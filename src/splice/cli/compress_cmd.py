@@ -132,6 +132,7 @@ def _sweep(state: AdapterState, budgets: list[float], allocation: str, normalize
     from splice.io.peft_format import attach_state
     from splice.io.state import save_state
     from splice.train import TrainConfig
+    from splice.train.adapter_base import PEFT_TASKS
     from splice.train.data import load_eval_rows
     from splice.train.loop import evaluate
     from splice.train.tasks import MAIN_METRIC, default_task, load_model
@@ -139,7 +140,7 @@ def _sweep(state: AdapterState, budgets: list[float], allocation: str, normalize
     model = model or state.base_model
     if not model:
         raise SpliceError("the adapter names no base model; pass --model")
-    task = task or {"SEQ_CLS": "classification", "CAUSAL_LM": "causal_lm"}.get(state.task_type or "")
+    task = task or PEFT_TASKS.get(state.task_type or "")
     config = TrainConfig.from_dict(model=model, task=task or default_task(model), data=data, batch_size=batch_size,
                                    max_length=max_length, max_eval_examples=max_eval_examples)
     metric = metric or MAIN_METRIC[config.task][0]

@@ -1,0 +1,74 @@
+"""Which base model, task and label count a saved adapter belongs to.
+
+Commands that take an adapter folder and need its model (`merge --into-base`, `analyze`,
+`compare`, `compress --sweep`, DoRA merges) resolve it here: the model recorded in the adapter
+(or the one the user names), the task from PEFT's `task_type` (or, for splice's own format, from
+the heads it trains), and as many labels as its classification head has outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from splice.core.errors import SpliceError
+from splice.core.targets import SEQ_CLS_HEAD_NAMES
+from splice.io.files import read_adapter
+from splice.io.info import AdapterInfo, inspect_adapter
+from splice.train.tasks import load_pretrained, model_path
+
+# HF PEFT's task_type -> splice's task ("base": the bare model, no head)
+PEFT_TASKS = {"SEQ_CLS": "classification", "CAUSAL_LM": "causal_lm"}
+
+
+@dataclass(frozen=True)
+class AdapterBase:
+    """The model an adapter goes with: `load()` gives it, fresh, with a head of the right size."""
+
+    model: str
+    task: str
+    labels: tuple[str, ...]
+
+    def load(self) -> nn.Module:
+        return load_pretrained(self.model, self.task, self.labels)
+
+
+def task_of_peft(task_type: str | None) -> str:
+    return PEFT_TASKS.get(task_type or "", "base")
+
+
+def adapter_base(adapters: Sequence[str | Path], model: str | None = None, task: str = "auto") -> AdapterBase:
+    """The base model of these adapters (they must agree on it unless `model` is given), checked
+    to exist before anything is loaded."""
+    found = [inspect_adapter(path) for path in adapters]
+    if model is None:
+        recorded = [f.base_model for f in found]
+        if None in recorded:
+            raise SpliceError(f"{adapters[recorded.index(None)]} names no base model; pass --model")
+        if len(set(recorded)) > 1:
+            raise SpliceError(f"the adapters name different base models {sorted(set(recorded))}; pass --model")
+        model = recorded[0]
+    model_path(model)  # neither bundled nor a folder: refused here, before any output
+    if task == "auto":
+        task = _task_of(found[0])
+    labels = tuple(str(i) for i in range(head_outputs(adapters[0], list(found[0].heads))))
+    return AdapterBase(model, task, labels)
+
+
+def head_outputs(path: str | Path, heads: list[str]) -> int:
+    """A classification head's output size: rows of its last saved weight (2 if none)."""
+    _, tensors = read_adapter(path)
+    weights = [v for k, v in sorted(tensors.items())
+               if k.endswith("weight") and any(f".{h}." in f".{k}" for h in heads)]
+    return weights[-1].shape[0] if weights else 2
+
+
+def _task_of(found: AdapterInfo) -> str:
+    """PEFT's task_type; splice's own format records trained heads, not a task."""
+    if found.format == "peft":
+        return task_of_peft(found.config.get("task_type"))
+    heads = {h.rsplit(".", 1)[-1] for h in found.heads}
+    return "classification" if heads & set(SEQ_CLS_HEAD_NAMES) else "base"

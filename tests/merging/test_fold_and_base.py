@@ -1,0 +1,58 @@
+"""The library side of `splice merge --into-base`, `analyze` and `compare`: an adapter folder's base
+model, task and label count, and folding an adapter into that model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import randomize, randomize_module, save_tiny_bert
+
+import splice
+from splice.core.errors import SpliceError
+from splice.merging import fold_into_base
+from splice.train.adapter_base import adapter_base
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """A LoRA with a 3-label head on a tiny BERT saved as a folder, the adapter saved beside it."""
+    base = save_tiny_bert(tmp_path / "base", dropout=0.0)
+    model = adapter_base_model(base)
+    splice.attach(model, splice.LoRA(r=2, targets=["query", "value"], train_also=["classifier"]))
+    randomize(model)
+    randomize_module(model.classifier, seed=3)
+    splice.save(model, tmp_path / "adapter")
+    ids = torch.randint(1, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    return tmp_path / "adapter", base, model.eval()(input_ids=ids).logits, ids
+
+
+def adapter_base_model(folder):
+    from splice.train.tasks import load_pretrained
+
+    return load_pretrained(str(folder), "classification", ("a", "b", "c")).eval()
+
+
+def test_adapter_base_reads_model_task_and_labels(trained):
+    adapter, base, _, _ = trained
+    found = adapter_base([adapter])
+    assert (found.model, found.task, len(found.labels)) == (str(base), "classification", 3)
+    assert adapter_base([adapter], task="base").task == "base"
+
+
+def test_fold_into_base_gives_a_plain_model_with_the_adapters_outputs(trained):
+    adapter, _, expected, ids = trained
+    plain = fold_into_base(adapter_base([adapter]).load().eval(), adapter)
+    assert not any(n.endswith((".splice", "splice_heads")) for n, _ in plain.named_modules())
+    torch.testing.assert_close(plain(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_an_adapter_without_a_recorded_model_needs_one(trained, tmp_path):
+    import json
+
+    adapter = trained[0]
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = None
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(SpliceError, match="names no base model; pass --model"):
+        adapter_base([adapter])
+    assert adapter_base([adapter], model=str(trained[1])).model == str(trained[1])
