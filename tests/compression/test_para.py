@@ -82,7 +82,7 @@ def test_threshold_zero_and_full_rank_reproduce_every_delta():
                    compress(state, energy=1.0)):
         for name, update in state.modules.items():
             new = result.state.modules[name]
-            assert new.scale == 1.0 and new.A.dtype == update.A.dtype
+            assert new.scaling == 1.0 and new.A.dtype == update.A.dtype
             assert new.A.shape[1:] == update.A.shape[1:] and new.B.shape[2:] == update.B.shape[2:]
             expected = update.matrix()
             torch.testing.assert_close(new.matrix(), expected, rtol=0, atol=1e-6 * expected.abs().max().item())

@@ -92,14 +92,14 @@ class ModuleSVD:
 def module_svd(update: ModuleUpdate) -> ModuleSVD:
     """The SVD of s B A from thin QRs of B and Aᵀ and the SVD of the small s R_B R_Aᵀ."""
     B, A = update.B.detach().flatten(1), update.A.detach().flatten(1)
-    return ModuleSVD(*product_svd(B.double() * update.scale, A), B.shape[0] + A.shape[1])
+    return ModuleSVD(*product_svd(B.double() * update.scaling, A), B.shape[0] + A.shape[1])
 
 
 def truncated(update: ModuleUpdate, svd: ModuleSVD, rank: int) -> ModuleUpdate:
     """The module's best rank-`rank` approximation as factors of scale 1, bias and magnitude kept."""
     root = svd.S[:rank].sqrt()
-    bias = None if update.bias is None else update.bias.double() * update.scale
-    return update.from_matrix_factors(svd.U[:, :rank] * root, root[:, None] * svd.Vh[:rank], scale=1.0,
+    bias = None if update.bias is None else update.bias.double() * update.scaling
+    return update.from_matrix_factors(svd.U[:, :rank] * root, root[:, None] * svd.Vh[:rank], scaling=1.0,
                                       bias=bias, magnitude=update.magnitude)
 
 

@@ -38,7 +38,7 @@ class ModuleUpdate:
 
     A: torch.Tensor
     B: torch.Tensor
-    scale: float
+    scaling: float
     kind: UpdateKind = "linear"
     bias: torch.Tensor | None = None
     magnitude: torch.Tensor | None = None
@@ -64,11 +64,11 @@ class ModuleUpdate:
 
     def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """s · B̂ Â as a matrix [out, in·kernel] (embedding: [dim, num])."""
-        return self.B.flatten(1).to(dtype) @ self.A.flatten(1).to(dtype) * self.scale
+        return self.B.flatten(1).to(dtype) @ self.A.flatten(1).to(dtype) * self.scaling
 
     def scaled_bias(self, dtype: torch.dtype = torch.float64) -> torch.Tensor | None:
         """s · b: the change of the module's output bias."""
-        return None if self.bias is None else self.bias.to(dtype) * self.scale
+        return None if self.bias is None else self.bias.to(dtype) * self.scaling
 
     def effective_matrix(self, base_weight: torch.Tensor | None = None) -> torch.Tensor:
         """The true change of the weight as a float64 matrix; DoRA needs the base weight W
@@ -88,7 +88,7 @@ class ModuleUpdate:
     def like(self, **changes: object) -> ModuleUpdate:
         return dataclasses.replace(self, **changes)
 
-    def from_matrix_factors(self, B: torch.Tensor, A: torch.Tensor, scale: float = 1.0,
+    def from_matrix_factors(self, B: torch.Tensor, A: torch.Tensor, scaling: float = 1.0,
                             bias: torch.Tensor | None = None, magnitude: torch.Tensor | None = None,
                             dtype: torch.dtype | None = None) -> ModuleUpdate:
         """A new update of this module's layout from flattened factors B̂ [out, k], Â [k, in·kernel]."""
@@ -97,7 +97,7 @@ class ModuleUpdate:
         return ModuleUpdate(
             A=A.to(dtype).reshape(rank, *self.A.shape[1:]).contiguous(),
             B=B.to(dtype).reshape(self.B.shape[0], rank, *self.B.shape[2:]).contiguous(),
-            scale=scale, kind=self.kind,
+            scaling=scaling, kind=self.kind,
             bias=None if bias is None else bias.to(dtype),
             magnitude=None if magnitude is None else magnitude.to(dtype),
         )
@@ -136,8 +136,8 @@ class AdapterState:
         return sum(u.parameters for u in self.modules.values())
 
     def alpha(self, update: ModuleUpdate) -> float:
-        """The PEFT `lora_alpha` that gives this update's scale at its rank."""
-        return update.scale * (math.sqrt(update.rank) if self.rslora else update.rank)
+        """The PEFT `lora_alpha` that gives this update's scaling at its rank."""
+        return update.scaling * (math.sqrt(update.rank) if self.rslora else update.rank)
 
     def like(self, **changes: object) -> AdapterState:
         return dataclasses.replace(self, **changes)

@@ -158,7 +158,7 @@ def _exact(name: str, template: ModuleUpdate, updates: list[ModuleUpdate | None]
     for w, u in zip(weights, updates, strict=True):
         if u is None or w == 0:
             continue
-        row_scale = torch.full((u.out_features,), w * u.scale, dtype=torch.float64)
+        row_scale = torch.full((u.out_features,), w * u.scaling, dtype=torch.float64)
         if u.magnitude is not None:
             g = _dora_scale(u, weight)
             row_scale = row_scale * g
@@ -166,7 +166,7 @@ def _exact(name: str, template: ModuleUpdate, updates: list[ModuleUpdate | None]
         Bs.append(u.B.flatten(1).double() * row_scale[:, None])
         As.append(u.A.flatten(1).double())
         if u.bias is not None:
-            bias = (0 if bias is None else bias) + w * u.scale * u.bias.double()
+            bias = (0 if bias is None else bias) + w * u.scaling * u.bias.double()
     if not Bs:  # every weight is 0: a zero change of rank 1 keeps the module well-formed
         Bs = [torch.zeros(template.out_features, 1, dtype=torch.float64)]
         As = [torch.zeros(1, template.A.flatten(1).shape[1], dtype=torch.float64)]
@@ -311,8 +311,8 @@ def _check_finite(state: AdapterState, label: str) -> None:
             problem = None if tensor is None else tensor_problem(tensor)
             if problem:
                 raise SpliceError(f"{label}: {name}.{role} {problem}; nothing was merged")
-        if not _is_finite(update.scale):
-            raise SpliceError(f"{label}: {name} has scale {update.scale!r}; the scale alpha/r must be finite")
+        if not _is_finite(update.scaling):
+            raise SpliceError(f"{label}: {name} has scaling {update.scaling!r}; the scaling alpha/r must be finite")
     for key, tensor in state.heads.items():
         problem = tensor_problem(tensor, floating=False)
         if problem:
