@@ -371,6 +371,10 @@ def attach_state(model: nn.Module, state: AdapterState, name: str = "default", t
             _copy_state(model, state, name)
     except (KeyError, RuntimeError) as err:
         raise AdapterFileError(f"the adapter does not fit the model; nothing was attached ({err})") from err
+    # Built from zeros and then filled; the recorded config says how a fresh one would start, so
+    # that attaching it again to another model gives an adapter that trains.
+    record = model_state(model).adapters[name]
+    record.config = record.config.replace(init=state.residual_init or "default")
     return model
 
 
