@@ -38,7 +38,7 @@ from typer.testing import CliRunner
 
 import splice
 from splice.cli import train_cmd
-from splice.train import TrainConfig, evaluate_adapter, loop, report, run
+from splice.train import TrainConfig, checkpoint, evaluate_adapter, loop, report, run
 
 pytestmark = pytest.mark.guards("lost")
 
@@ -158,7 +158,7 @@ def test_resume_from_a_periodic_checkpoint_ends_as_the_run_that_never_stopped(be
     assert len(evaluations(whole.history)) == 3 and whole.best_step > 0  # it learned
     assert not (tmp_path / "whole" / "checkpoints").exists()  # an ended run keeps none
 
-    save_checkpoint = loop._save_checkpoint
+    save_checkpoint = checkpoint.save_checkpoint
 
     def crash_after_step_8(accelerator, model, run_dir, step, show):
         saved = save_checkpoint(accelerator, model, run_dir, step, show)
@@ -166,7 +166,7 @@ def test_resume_from_a_periodic_checkpoint_ends_as_the_run_that_never_stopped(be
             raise Crash
         return saved
 
-    monkeypatch.setattr(loop, "_save_checkpoint", crash_after_step_8)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", crash_after_step_8)
     out = tmp_path / "crashed"
     with pytest.raises(Crash):
         run(config(bert_dir, data, out, **fields), console=quiet())
@@ -520,7 +520,7 @@ DDP_WORKER = """
 import sys
 import torch
 from rich.console import Console
-from splice.train import TrainConfig, loop, run
+from splice.train import TrainConfig, checkpoint, loop, run
 
 torch.set_num_threads(1)
 config_file, mode = sys.argv[1], sys.argv[2]
@@ -528,7 +528,7 @@ if mode == "resume":
     loop.resume(TrainConfig.from_yaml(config_file).output_dir, console=Console(quiet=True))
     sys.exit()
 if mode == "crash":  # every process dies right after the step-16 checkpoint
-    save_checkpoint = loop._save_checkpoint
+    save_checkpoint = checkpoint.save_checkpoint
 
     def crash(accelerator, model, run_dir, step, show):
         saved = save_checkpoint(accelerator, model, run_dir, step, show)
@@ -536,7 +536,7 @@ if mode == "crash":  # every process dies right after the step-16 checkpoint
             sys.exit(3)
         return saved
 
-    loop._save_checkpoint = crash
+    checkpoint.save_checkpoint = crash
 run(TrainConfig.from_yaml(config_file), console=Console(quiet=True))
 """
 

@@ -59,9 +59,18 @@ from splice.core.summary import Summary
 from splice.core.targets import HOST_ATTRIBUTE, exact_targets
 from splice.orchestrate import packing
 from splice.orchestrate.views import TenantModules, view
-from splice.train import loop, report, tasks
+from splice.train import report, tasks
 from splice.train.config import TrainConfig
 from splice.train.data import IGNORE_INDEX, collator, load_splits, train_loader, with_probe
+from splice.train.evaluation import enable_gradient_checkpointing, evaluate_loader, make_accelerator
+from splice.train.results import (
+    MAX_SKIPS_IN_A_ROW,
+    BestKeeper,
+    RunResult,
+    nonfinite_message,
+    nonfinite_tensors,
+    save_adapter,
+)
 
 Metrics = dict[str, float]
 
@@ -85,7 +94,7 @@ class Tenant:
     total_steps: int
     steps_per_epoch: int
     eval_every: int
-    best: loop.BestKeeper
+    best: BestKeeper
     batches_per_epoch: int = 1
     num_labels: int | None = None
     joined_at: int = 0
@@ -128,7 +137,7 @@ class Multiplexer:
         self.max_rows, self.max_padding, self.force = max_rows, max_padding, force
         self.console = console or Console()
         self.tenants: dict[str, Tenant] = {}
-        self.results: dict[str, loop.RunResult] = {}
+        self.results: dict[str, RunResult] = {}
         self.configs: dict[str, TrainConfig] = {}
         self.padding = packing.PaddingStats()
         self.global_step = 0
@@ -201,7 +210,7 @@ class Multiplexer:
             batches=_epochs(loader, math.ceil(total_steps / steps_per_epoch)), eval_rows=eval_rows,
             eval_loaders=eval_loaders, run_dir=run_dir, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
             eval_every=config.eval_every or steps_per_epoch, batches_per_epoch=len(loader),
-            best=loop.BestKeeper(metric, higher, config.early_stopping_patience),
+            best=BestKeeper(metric, higher, config.early_stopping_patience),
             num_labels=len(splits.label_names) if config.task == "classification" else None,
             joined_at=self.global_step, folder=claimed,
         )
@@ -229,10 +238,10 @@ class Multiplexer:
     def _adopt(self, model: nn.Module, config: TrainConfig) -> None:
         """The first tenant's model becomes the shared one; its head slot holds every tenant's."""
         self.first = config
-        self.accelerator = loop._accelerator(config)
+        self.accelerator = make_accelerator(config)
         self.shared = model.to(self.accelerator.device)
         if config.gradient_checkpointing:  # the tenants share the model, so this is for all of them
-            loop._enable_gradient_checkpointing(self.shared)
+            enable_gradient_checkpointing(self.shared)
 
     def _join(self, name: str, own: nn.Module, adapter: AdapterConfig) -> nn.Module:
         """Move a tenant's freshly initialised adapter and trained modules onto the shared model."""
@@ -364,7 +373,7 @@ class Multiplexer:
                    f"gradient norm {float(norm)}" if not math.isfinite(float(norm)) else None)
         if problem is not None and config.on_nonfinite == "stop":
             tenant.optimizer.zero_grad()
-            tenant.stop = loop._nonfinite_message(config, tenant.step + 1, problem, tenant.best, "stop")
+            tenant.stop = nonfinite_message(config, tenant.step + 1, problem, tenant.best, "stop")
             return
         if problem is None:
             tenant.optimizer.step()
@@ -387,14 +396,14 @@ class Multiplexer:
             improved = self._keep_if_best(tenant, entry["eval"], tenant.step)
             self.console.print(report.metrics_line(f"{tenant.name} step {tenant.step}",
                                                    {"validation": entry["eval"]}, best=improved))
-        if tenant.skipped_in_a_row >= loop.MAX_SKIPS_IN_A_ROW:
-            tenant.stop = loop._nonfinite_message(config, tenant.step, problem, tenant.best, "skip")
+        if tenant.skipped_in_a_row >= MAX_SKIPS_IN_A_ROW:
+            tenant.stop = nonfinite_message(config, tenant.step, problem, tenant.best, "skip")
 
     def _keep_if_best(self, tenant: Tenant, metrics: Metrics, step: int) -> bool:
         """Offer an evaluation to the tenant's keeper; an improvement is written to its adapter/ at once."""
         improved = tenant.best.offer(metrics, step, lambda: self._snapshot(tenant))
         if improved:
-            loop.save_adapter(tenant.model, tenant.run_dir / "adapter", tenant.config.save_format, name=tenant.name,
+            save_adapter(tenant.model, tenant.run_dir / "adapter", tenant.config.save_format, name=tenant.name,
                               tensors=tenant.parameters)
         return improved
 
@@ -405,16 +414,16 @@ class Multiplexer:
         after = self._evaluate_all(tenant)
         paths = {"run_dir": tenant.run_dir, "adapter": tenant.run_dir / "adapter"}
         status, message = ("diverged", tenant.stop) if tenant.stop else ("finished", "")
-        unsaved = loop._nonfinite_tensors(tenant.parameters)
+        unsaved = nonfinite_tensors(tenant.parameters)
         if unsaved:  # no validation split, so no finite best state to fall back on
             status, message = "diverged", f"{message} The final state has non-finite tensors; no adapter was saved."
             paths.pop("adapter")
         else:
-            loop.save_adapter(tenant.model, paths["adapter"], tenant.config.save_format, name=tenant.name,
+            save_adapter(tenant.model, paths["adapter"], tenant.config.save_format, name=tenant.name,
                               tensors=tenant.parameters)
         if message:
             self.console.print(f"[red]{tenant.name}: {escape(message.strip())}[/]")
-        result = loop.RunResult(
+        result = RunResult(
             metrics={"before": tenant.before, "after": after}, history=tenant.history, paths=paths,
             timings={"train_s": tenant.train_time, "examples_per_s": tenant.examples / max(tenant.train_time, 1e-9),
                      "joined_at_step": tenant.joined_at, "left_at_step": self.global_step},
@@ -440,7 +449,7 @@ class Multiplexer:
     def _evaluate(self, tenant: Tenant, split: str, generate: bool = False) -> Metrics:
         rows = tenant.eval_rows[split] if generate else None
         with splice.route(tenant.model, [tenant.name]), self.accelerator.autocast():
-            return loop._evaluate(tenant.model, tenant.eval_loaders[split], tenant.config.task, self.accelerator,
+            return evaluate_loader(tenant.model, tenant.eval_loaders[split], tenant.config.task, self.accelerator,
                                   tenant.tokenizer, rows, tenant.config.batch_size)
 
     def _evaluate_all(self, tenant: Tenant) -> dict[str, Metrics]:
@@ -456,7 +465,7 @@ class Multiplexer:
 
     # -- driving -----------------------------------------------------------------------------
 
-    def run(self, joining: Sequence[tuple[int, TrainConfig]] = ()) -> dict[str, loop.RunResult]:
+    def run(self, joining: Sequence[tuple[int, TrainConfig]] = ()) -> dict[str, RunResult]:
         """Step until every tenant is done; `joining` adds (step, config) tenants on the way."""
         pending = sorted(joining, key=lambda item: item[0])
         try:
@@ -497,7 +506,7 @@ class Multiplexer:
 
 def multiplex(configs: Sequence[TrainConfig], *, join_at: Sequence[int] | None = None,
               max_rows: int | Literal["auto"] | None = "auto", max_padding: float = 0.25, force: bool = False,
-              console: Console | None = None) -> dict[str, loop.RunResult]:
+              console: Console | None = None) -> dict[str, RunResult]:
     """Train `configs` together on one shared backbone; results by tenant name.
 
     `join_at[i]` is the step at which tenant i joins (default: all at step 0). Tenant names

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splice.core.api import AdapterRecord, ModelState
 from splice.core.config import AdapterConfig
+from splice.core.model_state import AdapterRecord, ModelState, install_model_state
 
 
 class TenantModules(nn.Module):
@@ -54,7 +54,7 @@ def view(shared: nn.Module, name: str, config: AdapterConfig, own_modules: dict[
     out.config = model_config
     if hasattr(out, "num_labels"):
         out.num_labels = model_config.num_labels
-    out.__dict__["_splice"] = ModelState(adapters={name: AdapterRecord(config, True, list(own_modules))})
+    install_model_state(out, ModelState(adapters={name: AdapterRecord(config, True, list(own_modules))}))
     return out
 
 

@@ -1,11 +1,21 @@
-"""Training adapters: a config, data loading, the two tasks, the loop, and the run report.
+"""Training adapters: a config, data loading, the two tasks, the trainer, and the run report.
 
-    from splice.train import TrainConfig, run
+    from splice.train import TrainConfig, Trainer, run
     result = run(TrainConfig())                      # the main job: LoRA on MiniLM, Rotten Tomatoes
     result.metrics["after"]["test"]["accuracy"]
+
+    trainer = Trainer.from_config(TrainConfig(...))  # or Trainer(model, tokenizer, config, adapter_name=...)
+    while not trainer.done:
+        trainer.step()
+    result = trainer.finish()
 """
 
+from splice.train.callbacks import Callback
 from splice.train.config import TrainConfig
-from splice.train.loop import RunResult, TrainingInterrupted, evaluate, evaluate_adapter, resume, run
+from splice.train.evaluation import evaluate, evaluate_adapter
+from splice.train.loop import resume, run
+from splice.train.results import RunResult, TrainingInterrupted
+from splice.train.trainer import Trainer
 
-__all__ = ["RunResult", "TrainConfig", "TrainingInterrupted", "evaluate", "evaluate_adapter", "resume", "run"]
+__all__ = ["Callback", "RunResult", "TrainConfig", "Trainer", "TrainingInterrupted", "evaluate",
+           "evaluate_adapter", "resume", "run"]

@@ -87,6 +87,10 @@ class TrainConfig:
             message; the best finite checkpoint is kept) or "skip" (drop that optimizer step
             and go on; the run stops anyway after 10 skips in a row). A non-finite state is
             never selected or saved.
+        init_adapter: an adapter folder (splice's or HF PEFT's, e.g. an earlier run's adapter/)
+            to continue from instead of a fresh `adapter` (for a sequence of tasks): its adapter
+            weights are loaded and trained further; the heads it trained are not loaded, the
+            task trains its own (a fresh classifier for its labels, as with a new adapter).
     """
 
     model: str = "minilm"
@@ -119,6 +123,7 @@ class TrainConfig:
     save_format: SaveFormat = "auto"
     checkpoint_every: int | None = 100
     on_nonfinite: NonFinite = "stop"
+    init_adapter: str | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # a pathlib.Path where a path string goes is fine

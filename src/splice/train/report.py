@@ -46,7 +46,7 @@ STEP_PREFIX = "step-"
 ENDED = ("finished", "diverged")
 
 if TYPE_CHECKING:
-    from splice.train.loop import RunResult
+    from splice.train.results import RunResult
 
 
 class RunFolderBusy(SpliceError):

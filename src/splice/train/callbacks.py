@@ -1,0 +1,48 @@
+"""Hooks into a `Trainer`, and its progress bar.
+
+A callback is any object with some of these methods (subclass `Callback` to get no-op defaults):
+
+    on_step_end(trainer, entry)      after each optimizer step (entry: its history record, with
+                                     "eval" when the step evaluated)
+    on_evaluate(trainer, metrics)    after each evaluation ({split: metrics}; step 0 is the start)
+    on_save(trainer, path)           before the adapter is written to `path`
+
+They run on every process; `trainer.main` says whether this is the main one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+if TYPE_CHECKING:
+    from splice.train.trainer import Trainer
+
+
+class Callback:
+    """No-op hooks; override the ones you need."""
+
+    def on_step_end(self, trainer: Trainer, entry: dict[str, Any]) -> None:
+        pass
+
+    def on_evaluate(self, trainer: Trainer, metrics: dict[str, dict[str, float]]) -> None:
+        pass
+
+    def on_save(self, trainer: Trainer, path: Path) -> None:
+        pass
+
+
+def progress_bar(console: Console, enabled: bool) -> Progress:
+    return Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} ex/s"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not enabled)

@@ -1,0 +1,98 @@
+"""Evaluation and the accelerate set-up a training shares with every job built on it: a fresh
+Accelerator per config, gradient checkpointing, metrics of a model on a loader or on rows."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+import splice
+from splice.assets import Row
+from splice.train import tasks
+from splice.train.config import TrainConfig
+from splice.train.data import collator, load_eval_rows
+
+Metrics = dict[str, float]
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    """A fresh Accelerator for this config's precision and accumulation.
+
+    accelerate keeps mixed precision in a process-wide singleton that refuses to change; its
+    non-distributed part is reset so that one process (a notebook, a test session) can run
+    configs of different precisions. The distributed state of `accelerate launch` is kept.
+    """
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(mixed_precision=config.precision, gradient_accumulation_steps=config.grad_accum)
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """transformers' gradient (activation) checkpointing, non-reentrant.
+
+    Non-reentrant because it connects a recomputed block to the graph through the parameters
+    inside it, not only through the block's inputs (which a frozen base leaves without grad;
+    `splice.attach` covers reentrant checkpointing too), and because reentrant checkpointing
+    runs a nested backward that DistributedDataParallel supports only in restricted settings.
+    It is what PyTorch recommends and what recent transformers use by default.
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise splice.SpliceError(f"{type(model).__name__} does not support gradient checkpointing; "
+                                 "set gradient_checkpointing to false")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # its name since transformers 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+@torch.no_grad()
+def evaluate_loader(model: torch.nn.Module, loader: DataLoader, task: str, accelerator: Accelerator,
+              tokenizer: PreTrainedTokenizerBase | None = None, generate_rows: list[Row] | None = None,
+              batch_size: int = 16) -> Metrics:
+    """Loss and task metrics over a loader, gathered across processes; with `generate_rows`
+    (causal LM only) also the greedy exact-match rate on those rows."""
+    model.eval()
+    stats: dict[str, list[torch.Tensor]] = defaultdict(list)
+    for batch in loader:
+        for key, value in tasks.example_stats(task, model, batch).items():
+            stats[key].append(accelerator.gather_for_metrics(value))
+    metrics = tasks.reduce_stats(task, {k: torch.cat(v) for k, v in stats.items()})
+    if task == "causal_lm" and generate_rows:
+        unwrapped = accelerator.unwrap_model(model)
+        metrics["exact_match"] = tasks.exact_match(unwrapped, tokenizer, generate_rows, batch_size)
+    return metrics
+
+
+def evaluate(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, data: list[Row], config: TrainConfig
+) -> Metrics:
+    """Metrics of `model` on canonical rows: loss and accuracy (classification), or loss,
+    perplexity and greedy exact match (causal LM). Uses config's task, batch size, max length
+    and precision; the model is moved to accelerate's device.
+    """
+    accelerator = make_accelerator(config)
+    collate = collator(config.task, tokenizer, config.max_length)
+    loader = DataLoader(data, batch_size=config.batch_size, collate_fn=collate)
+    model = accelerator.prepare_model(model, evaluation_mode=True)
+    return evaluate_loader(model, accelerator.prepare(loader), config.task, accelerator, tokenizer, data,
+                           config.batch_size)
+
+
+def evaluate_adapter(config: TrainConfig, adapter: str | Path, split: str = "test") -> Metrics:
+    """Load `config.model`, attach the adapter saved in `adapter`, evaluate on `config.data`.
+
+    A bundled data set is evaluated on `split`; a file is evaluated whole. The classification
+    head's size comes from the data's labels, so the data must name every class (integer
+    labels do by their largest value).
+    """
+    rows = load_eval_rows(config, split)
+    model, tokenizer = tasks.load_model(config, rows.label_names)
+    splice.load(model, adapter)
+    return evaluate(model, tokenizer, rows.test, config)
+

@@ -1,0 +1,410 @@
+"""The reusable unit of training: one adapter of one model on one data set, on accelerate (CPU,
+CUDA, MPS, bf16/fp16 and `accelerate launch` run the same code).
+
+    trainer = Trainer.from_config(TrainConfig(...))       # loads the model, attaches the adapter
+    trainer = Trainer(model, tokenizer, config, adapter_name="task2")  # a model you built
+    result = trainer.fit()                                 # or: while not trainer.done: trainer.step()
+                                                           #     result = trainer.finish()
+
+The trainer owns the accelerator, optimizer, scheduler, data loaders, evaluation, checkpoints,
+resume and the report. Jobs made of several trainings (continual learning, orchestration,
+benchmarks) drive it through `step()`, `evaluate()`, `fit()` and `Callback`s, never its privates.
+
+Best checkpoint: the trainable tensors (adapter and trained head) of the best evaluation are
+kept in memory and restored at the end, and the adapter folder is rewritten (whole, through
+`atomic_directory`) at every improvement, so that a run stopped at any point leaves its best
+adapter so far. The untrained state (step 0) is a candidate too: if training never beats it,
+that is what gets saved, and the report says so (best_step 0). A non-finite evaluation or state
+is never a candidate, and no non-finite adapter or checkpoint is ever written.
+
+Non-finite numbers: each step's loss and, before the optimizer step, its gradient norm are
+checked. `on_nonfinite: stop` ends the run there (the best finite state is saved);
+`on_nonfinite: skip` drops the step's update and goes on, and stops after 10 such steps in a
+row. Checkpoints, resuming and signals: see `splice.train.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from rich.console import Console
+from rich.markup import escape
+from torch.utils.data import DataLoader
+from transformers import get_cosine_schedule_with_warmup
+
+import splice
+from splice.core.errors import SpliceError
+from splice.train import checkpoint, report, tasks
+from splice.train.adapters import continue_adapter, param_groups, trainable_adapter
+from splice.train.callbacks import Callback, progress_bar
+from splice.train.config import TrainConfig
+from splice.train.data import DatasetSplits, collator, load_splits, with_probe
+from splice.train.data import train_loader as make_train_loader
+from splice.train.evaluation import Metrics, enable_gradient_checkpointing, evaluate_loader, make_accelerator
+from splice.train.results import (
+    MAX_SKIPS_IN_A_ROW,
+    BestKeeper,
+    RunResult,
+    RunState,
+    StepCheck,
+    TrainingInterrupted,
+    check_step,
+    nonfinite_message,
+    nonfinite_tensors,
+    save_adapter,
+)
+
+
+class Trainer:
+    """Trains adapter `adapter_name` (attached, trainable) of `model` as `config` says.
+
+    The model may carry other adapters: `adapter_name` is made the only active one, so only it
+    (and its own heads) trains. The data comes from `config` (or `splits`); the run folder is
+    `config.output_dir` (config.yaml at the start, adapter/ at every improvement, checkpoints,
+    and the report at the end). The folder is not locked here: `splice.train.run` locks it.
+    `resume=True` continues from the newest checkpoint in the folder.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, config: TrainConfig, *,
+                 adapter_name: str = "default", splits: DatasetSplits | None = None,
+                 callbacks: Sequence[Callback] = (), console: Console | None = None, resume: bool = False,
+                 accelerator: Accelerator | None = None) -> None:
+        self.started = time.perf_counter()
+        self.config, self.tokenizer, self.adapter_name = config, tokenizer, adapter_name
+        self.console = console or Console()
+        self.callbacks = list(callbacks)
+        self.accelerator = accelerator or make_accelerator(config)
+        self.main = self.accelerator.is_main_process
+        self.run_dir = Path(config.output_dir)
+        self.resuming = resume
+        splits = splits if splits is not None else load_splits(config)
+        if not splits.train:
+            raise SpliceError(f"no training rows in {config.data!r}")
+        heads = trainable_adapter(model, adapter_name)
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        self.parameters = splice.summary(model)
+        self.show(report.summary_table(self.parameters,
+                                       title=f"{config.model} + {config.adapter['method']} on {config.data}"))
+        self._prepare(model, splits, heads)
+        metric, higher_is_better = tasks.MAIN_METRIC[config.task]
+        self.best = BestKeeper(metric, higher_is_better, config.early_stopping_patience)
+        self.state = RunState(config=checkpoint.comparable(config), best=self.best)
+        self.accelerator.register_for_checkpointing(self.state)
+        checkpoint.checkpoint_trainable_only(self.accelerator, self.plain_model)
+        self.timings: dict[str, float] = {}
+        self.stop: tuple[str, str] | None = None  # (status, message) of a run that ends before its last step
+        self.last_check: StepCheck | None = None
+        self._begun, self._batches, self._signals = False, None, None
+        self._micro_losses: list[torch.Tensor] = []
+        self._micro_totals: list[torch.Tensor] = []
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, **kwargs: Any) -> Trainer:
+        """Seed, load the data and `config.model`, attach `config.adapter` (or load
+        `config.init_adapter`, trainable), and build the trainer (keywords as `Trainer`)."""
+        started = time.perf_counter()
+        accelerator = kwargs.pop("accelerator", None) or make_accelerator(config)
+        set_seed(config.seed)
+        splits = load_splits(config)
+        if not splits.train:
+            raise SpliceError(f"no training rows in {config.data!r}")
+        model, tokenizer = tasks.load_model(config, splits.label_names)
+        collate = collator(config.task, tokenizer, config.max_length)
+        adapter = with_probe(tasks.adapter_config(config, model), splits.train, config, collate)
+        if config.init_adapter is None:
+            splice.attach(model, adapter)
+        else:
+            continue_adapter(model, config.init_adapter, adapter.train_also)
+        trainer = cls(model, tokenizer, config, splits=splits, accelerator=accelerator, **kwargs)
+        trainer.started = started
+        return trainer
+
+    def _prepare(self, model: torch.nn.Module, splits: DatasetSplits, heads: list[str]) -> None:
+        """Loaders, optimizer and schedule, through `accelerator.prepare`."""
+        config, accelerator = self.config, self.accelerator
+        collate = collator(config.task, self.tokenizer, config.max_length)
+        self.train_rows = splits.train
+        train_loader = make_train_loader(splits.train, config, collate)
+        self.eval_rows = {n: rows for n, rows in (("validation", splits.validation), ("test", splits.test)) if rows}
+        eval_loaders = [DataLoader(rows, batch_size=config.batch_size, collate_fn=collate)
+                        for rows in self.eval_rows.values()]
+        self.params = list(splice.trainable_parameters(model).values())
+        optimizer = torch.optim.AdamW(param_groups(model, heads, config), weight_decay=config.weight_decay)
+        self.plain_model = model  # accelerate may wrap it (DDP); splice's state lives on the model itself
+        self.model, self.optimizer, self.train_loader, *eval_loaders = accelerator.prepare(
+            model, optimizer, train_loader, *eval_loaders)
+        self.loaders = dict(zip(self.eval_rows, eval_loaders, strict=True))
+        self.steps_per_epoch = math.ceil(len(self.train_loader) / config.grad_accum)
+        self.total_steps = config.max_steps or math.ceil(config.epochs * self.steps_per_epoch)
+        self.eval_every = config.eval_every or self.steps_per_epoch
+        # A prepared scheduler steps once per process per optimizer step, hence the factor.
+        self.scheduler = accelerator.prepare(get_cosine_schedule_with_warmup(
+            self.optimizer, int(config.warmup_ratio * self.total_steps) * accelerator.num_processes,
+            self.total_steps * accelerator.num_processes,
+        ))
+
+    # -- the public steps ---------------------------------------------------------------------
+
+    @property
+    def step_count(self) -> int:
+        return self.state.step
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.state.history
+
+    @property
+    def done(self) -> bool:
+        """The last step is taken, early stopping struck, or non-finite numbers stopped the run."""
+        return self.stop is not None or self.state.step >= self.total_steps or self.best.should_stop
+
+    def begin(self) -> None:
+        """Write config.yaml and evaluate the untrained state (step 0), or load the newest
+        checkpoint when resuming. `step` and `fit` call it; once only."""
+        if self._begun:
+            return
+        self._begun = True
+        if self.main and not self.resuming:  # now, not at the end: `--resume` reads it
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            report.write_config(self.run_dir, self.config)
+        self.timings["load_s"] = time.perf_counter() - self.started
+        if self.resuming:
+            latest = report.latest_checkpoint(self.run_dir)
+            self.accelerator.load_state(str(latest))
+            checkpoint.check_same_config(self.state.saved_config, self.state.config, self.run_dir)
+            self.show(f"resumed {escape(str(self.run_dir))} from {escape(str(latest))} "
+                      f"(step {self.state.step} of {self.total_steps})")
+        else:
+            tick = time.perf_counter()
+            self.state.before = self.evaluate()
+            self.timings["eval_before_s"] = time.perf_counter() - tick
+            if "validation" in self.state.before:
+                self._keep_if_best(self.state.before["validation"], 0)
+        self.show(report.metrics_line("before training", self.state.before))
+
+    def step(self) -> dict[str, Any] | None:
+        """One optimizer step (`grad_accum` batches), the periodic evaluation and checkpoint that
+        fall on it; its history entry. None when the run is over or non-finite numbers stopped it."""
+        self.begin()
+        if self.done:
+            return None
+        tick = time.perf_counter()
+        if self._batches is None:
+            epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+            self._batches = checkpoint.batches(self.train_loader, epochs, self.state, self.accelerator)
+        self.model.train()
+        check = None
+        for batch in self._batches:
+            check = self._forward_backward(batch)
+            if check is not None:
+                break
+        if check is None:  # the data ran out (cannot happen before the last step)
+            return None
+        self.last_check = check
+        entry = self._end_step(check)
+        self.state.train_s += time.perf_counter() - tick
+        if entry is not None:
+            if not self.done and not self.interrupt_requested and self.config.checkpoint_every \
+                    and entry["step"] % self.config.checkpoint_every == 0:
+                self.save_checkpoint()
+            for callback in self.callbacks:
+                callback.on_step_end(self, entry)
+        return entry
+
+    def evaluate(self, splits: Sequence[str] | None = None, *, generate: bool = True) -> dict[str, Metrics]:
+        """Metrics on each evaluation split (default: all); `generate` adds greedy exact match
+        for causal LM (too slow for every periodic evaluation)."""
+        config = self.config
+        metrics = {name: evaluate_loader(self.model, self.loaders[name], config.task, self.accelerator,
+                                         self.tokenizer if generate else None,
+                                         self.eval_rows[name] if generate else None, config.batch_size)
+                   for name in (self.loaders if splits is None else splits)}
+        for callback in self.callbacks:
+            callback.on_evaluate(self, metrics)
+        return metrics
+
+    def fit(self) -> RunResult:
+        """Step to the end (or an early stop), then `finish`. SIGINT/SIGTERM stop after the step
+        under way with a checkpoint and raise `TrainingInterrupted`; a second signal stops at once."""
+        self.begin()
+        with checkpoint.StopSignals() as signals, progress_bar(self.console, self.main) as progress:
+            self._signals = signals
+            bar = progress.add_task("train", total=self.total_steps, completed=self.state.step, loss="-", speed="-")
+            try:
+                while not self.done:
+                    entry = self.step()
+                    if entry is None:
+                        break
+                    speed = self.state.examples / max(self.state.train_s, 1e-9)
+                    progress.update(bar, advance=1, speed=f"{speed:.1f}",
+                                    loss="nan" if entry["loss"] is None else f"{entry['loss']:.4f}")
+                    if not self.done and self.interrupt_requested:
+                        raise self._interrupt()
+            finally:
+                self._signals = None
+        return self.finish()
+
+    @property
+    def interrupt_requested(self) -> bool:
+        """One process: a signal arrived; several: the flag they agreed on in `check_step`."""
+        check, signals = self.last_check, self._signals
+        received = signals is not None and signals.received is not None
+        return bool(check and check.interrupted) or (self.accelerator.num_processes == 1 and received)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the adapter (and its trained heads) to `path`, whole; callbacks' `on_save` first."""
+        for callback in self.callbacks:
+            callback.on_save(self, Path(path))
+        return save_adapter(self.plain_model, Path(path), self.config.save_format, name=self.adapter_name)
+
+    def save_checkpoint(self) -> Path | None:
+        """A resumable checkpoint of this step in the run folder (see `splice.train.checkpoint`)."""
+        return checkpoint.save_checkpoint(self.accelerator, self.plain_model, self.run_dir, self.state.step, self.show)
+
+    def show(self, *args: Any, **kwargs: Any) -> None:
+        """`console.print` on the main process only."""
+        if self.main:
+            self.console.print(*args, **kwargs)
+
+    # -- inside a step ------------------------------------------------------------------------
+
+    def _forward_backward(self, batch: dict[str, torch.Tensor]) -> StepCheck | None:
+        """One batch; at the end of an accumulation, the checked optimizer step (its StepCheck)."""
+        accelerator, optimizer, config = self.accelerator, self.optimizer, self.config
+        with accelerator.accumulate(self.model):
+            loss = self.model(**batch).loss
+            extra = splice.auxiliary_loss(self.plain_model)  # e.g. a rank router's budget penalty
+            total = loss if extra is None else loss + extra
+            accelerator.backward(total)
+            self._micro_losses.append(loss.detach())
+            self._micro_totals.append(total.detach())
+            check = None
+            if accelerator.sync_gradients:
+                received = self._signals is not None and self._signals.received is not None
+                check = check_step(accelerator, self._micro_losses, self._micro_totals, self.params,
+                                   config.max_grad_norm, config.precision != "fp16", received)
+            if check is None or check.problem is None:
+                optimizer.step()
+            elif accelerator.scaler is not None and config.max_grad_norm:
+                accelerator.scaler.update()  # clipping unscaled the gradients: close the scaler's step
+            if check is None or check.problem is None or config.on_nonfinite == "skip":
+                self.scheduler.step()
+            optimizer.zero_grad()
+        self.state.batches += 1
+        self.state.examples += len(batch["labels"]) * accelerator.num_processes
+        if check is not None:
+            self._micro_losses, self._micro_totals = [], []
+        return check
+
+    def _end_step(self, check: StepCheck) -> dict[str, Any] | None:
+        """History entry, the non-finite policy and the periodic evaluation of a finished step."""
+        config, state = self.config, self.state
+        if check.problem is not None and config.on_nonfinite == "stop":
+            self.stop = ("diverged", nonfinite_message(config, state.step + 1, check.problem, self.best, "stop"))
+            return None
+        state.step += 1
+        step = state.step
+        entry = {"step": step, "epoch": round(step / self.steps_per_epoch, 4),
+                 "lr": self.scheduler.get_last_lr()[0], "loss": check.loss}
+        if check.problem is not None:  # on_nonfinite: skip
+            entry.update(loss=None, skipped=check.problem)
+            state.skipped += 1
+            state.skipped_in_a_row += 1
+            self.show(f"[yellow]step {step}: non-finite {check.problem}; update skipped "
+                      f"({state.skipped_in_a_row} in a row)[/]")
+        else:
+            state.skipped_in_a_row = 0
+        state.history.append(entry)
+        if (step % self.eval_every == 0 or step == self.total_steps) and "validation" in self.loaders:
+            entry["eval"] = self.evaluate(["validation"], generate=False)["validation"]
+            improved = self._keep_if_best(entry["eval"], step)
+            self.show(report.metrics_line(f"step {step}", {"validation": entry["eval"]}, best=improved))
+            self.model.train()
+        if state.skipped_in_a_row >= MAX_SKIPS_IN_A_ROW:
+            self.stop = ("diverged", nonfinite_message(config, step, check.problem, self.best, "skip"))
+        return entry
+
+    def _keep_if_best(self, metrics: Metrics, step: int) -> bool:
+        """Offer an evaluation to the keeper; an improvement is written to adapter/ at once."""
+        improved = self.best.offer(metrics, step, self.snapshot)
+        if improved and self.main:
+            self.save(self.run_dir / "adapter")
+        return improved
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of the trainable tensors (adapter and trained heads)."""
+        trainable = splice.trainable_parameters(self.accelerator.unwrap_model(self.model))
+        return {name: p.detach().to("cpu", copy=True) for name, p in trainable.items()}
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy a `snapshot` back into the trainable tensors."""
+        with torch.no_grad():
+            for name, p in splice.trainable_parameters(self.accelerator.unwrap_model(self.model)).items():
+                p.copy_(state[name])
+
+    # -- the end ------------------------------------------------------------------------------
+
+    def finish(self) -> RunResult:
+        """Restore the best state, evaluate it, save the adapter, write the report; the result."""
+        self.begin()
+        self._final_messages()
+        if self.best.state is not None:
+            self.restore(self.best.state)
+        tick = time.perf_counter()
+        after = self.evaluate()
+        timings, state = self.timings, self.state
+        timings.update(eval_after_s=time.perf_counter() - tick, train_s=state.train_s,
+                       examples_per_s=state.examples / max(state.train_s, 1e-9))
+        paths = {"run_dir": self.run_dir, "adapter": self.run_dir / "adapter"}
+        status, message = self.stop or ("finished", "")
+        unsaved = nonfinite_tensors(splice.trainable_parameters(self.plain_model))
+        if unsaved:  # only without a validation split: the final state is all there is
+            status = "diverged"
+            message = (f"{message + ' ' if message else ''}The final state has non-finite tensors "
+                       f"({', '.join(unsaved[:3])}{', ...' if len(unsaved) > 3 else ''}); no adapter was saved.")
+            paths.pop("adapter")
+        self.accelerator.wait_for_everyone()
+        if self.main and not unsaved:
+            self.save(paths["adapter"])
+        timings["total_s"] = time.perf_counter() - self.started
+        result = RunResult(
+            metrics={"before": state.before, "after": after}, history=state.history, paths=paths, timings=timings,
+            best_step=self.best.step if self.best.state is not None else state.step,
+            stopped_early=self.best.should_stop,
+            parameters={"trainable": self.parameters.trainable, "total": self.parameters.total},
+            status=status, message=message, skipped_steps=state.skipped,
+        )
+        if self.main:
+            result.paths.update(report.write_run(self.run_dir, self.config, result, self.parameters))
+            report.prune_checkpoints(self.run_dir, keep=0)  # an ended run is not resumed
+            self.console.print(report.results_table(result))
+        # Under `accelerate launch` every process returns only once the main one has written the
+        # adapter and the report, so code after `fit` on any rank never reads a half-written folder.
+        self.accelerator.wait_for_everyone()
+        if unsaved:
+            raise SpliceError(f"{message} Report: {self.run_dir / 'metrics.json'}")
+        return result
+
+    def _final_messages(self) -> None:
+        if self.best.should_stop:
+            self.show(f"early stopping: no improvement in {self.config.early_stopping_patience} evaluations")
+        if self.stop is not None:
+            self.show(f"[red]{escape(self.stop[1])}[/]")
+        elif self.state.skipped:
+            self.show(f"[yellow]{self.state.skipped} optimizer steps were skipped for non-finite numbers[/]")
+
+    def _interrupt(self) -> TrainingInterrupted:
+        """Checkpoint, write what there is of the report, and the exception that says how to go on."""
+        number = self._signals.received if self._signals and self._signals.received else signal.SIGINT
+        saved = self.save_checkpoint()
+        return checkpoint.interruption(self.config, self.run_dir, self.state, self.parameters, number, saved,
+                                       self.timings, self.main)
