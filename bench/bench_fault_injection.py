@@ -41,6 +41,7 @@ Results: bench/results/fault_injection.{json,md} (`fault_injection_quick` for --
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import mmap
@@ -388,59 +389,22 @@ def run(s: Settings) -> dict[str, Any]:
     return result
 
 
-def markdown(result: dict[str, Any], s: Settings) -> str:
-    from common import environment_line, table
-
-    w = result["writers"]
-    swap = "renameat2 RENAME_EXCHANGE" if result["environment"].get("rename_exchange") else "two renames"
-    out = ["# Fault injection: SIGKILL during an adapter overwrite, then load", "",
-           environment_line(result["environment"]), ""]
-    if s.quick:
-        out += ["**Quick run: smoke test only, too few kills to read as rates.**", ""]
-    out += [f"{s.kills} SIGKILLs per writer, each at a random moment 0 to {s.delay:g} save durations after the"
-            " child's first save began, the child overwriting the folder with versions A and B alternately;"
-            f" every {s.fresh_every}th kill during a fresh save (no folder before). After each kill the folder is"
-            " loaded with `splice.load` onto a fresh base and its outputs compared bit for bit. `before` is the"
-            " code at HEAD~3 (config rewritten in place, then the weights); `after` is `splice.save` now"
-            f" (temporary sibling, fsync, {swap}).",
-            "", table(["writer", "kills", "old", "new", "refused", "mixed", "other", "save ms: warm / a child's first",
-                        "kills leaving leftovers (most at once)", "leftovers after one more clean save"],
-                       [[name, str(r["kills"]), *(str(r[o]) for o in OUTCOMES),
-                         f"{r['save_ms']:.1f} / {r['first_save_ms'] or 0:.1f}",
-                         f"{r['rounds_with_leftovers']} ({r['leftovers_after_kill_max']})",
-                         str(len(r["leftovers_after_final_save"]))]
-                        for name, r in w.items()]), ""]
-    out += ["old / new: exactly the folder before the save in flight / exactly what it was writing; refused: a"
-            " SpliceError; mixed: loaded without error, outputs of neither version; other: any other exception."
-            " Leftovers: temporaries next to the folder (`after`: the killed child's, removed by the next save) or"
-            " files in it besides the adapter's two (`before`: safetensors' `.tmp*`, never removed by a save).", ""]
-    for name, r in w.items():
-        fresh = ", ".join(f"{k} {v}" for k, v in sorted(r["fresh"].items()))
-        out += [f"- **{name}**: {r['fresh_rounds']} rounds began with no folder; in {r['fresh_save_kills']} the kill"
-                f" landed in that fresh save: {fresh}. Saves the child finished before its kill (count of kills):"
-                f" {r['saves_before_kill']}. Left after the final clean save:"
-                f" {r['leftovers_after_final_save'] or 'nothing'}."]
-        for outcome, details in r["details"].items():
-            out += [f"  - {outcome}: " + "; ".join(f"`{d[:160]}`" for d in details)]
-    out += ["", f"Total run time {result['total_s']:.0f} s."]
-    return "\n".join(out)
-
-
-def main(argv: list[str] | None = None) -> None:
-    from common import bench_parser, rerender, settings_from, write_results
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
+    from common import bench_parser, settings_from
 
     p = bench_parser(__doc__, "50 kills per writer (smoke run)")
     p.add_argument("--kills", type=int, help="kills per writer")
     p.add_argument("--writers", nargs="+", choices=WRITERS, help="subset of writers")
     p.add_argument("--seed", type=int, help="seed of the kill times")
     args = p.parse_args(argv)
-    if args.render:
-        rerender(args.render, Settings, markdown)
-        return
-    settings = settings_from(args, Settings, ("kills", "writers", "seed"))
-    result = run(settings)
-    write_results(args.out_dir, "fault_injection_quick" if settings.quick else "fault_injection", result,
-                  markdown(result, settings))
+    return args, settings_from(args, Settings)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from common import bench_main
+    from fault_injection_report import markdown  # it imports this module: imported only here
+
+    bench_main(argv, parse_args, Settings, lambda s, args: run(s), markdown, "fault_injection")
 
 
 if __name__ == "__main__":

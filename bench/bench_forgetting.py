@@ -15,15 +15,15 @@ Two places to measure θ_min, both reported:
   trained head, B with its fresh one): the overlap at the moment the interference happens.
 
 Heads: the two tasks have different label sets (2 vs 5 classes), so each task has its own linear
-head (initialised as transformers initialises BERT's classifier), trained in full with its task
-and then kept aside; only the LoRA is carried over. Task A is evaluated with its own head after
-training B, so F measures what the shared encoder (the LoRA) forgot, not a head being retrained.
+head (the adapter's own copy of the classifier, initialised by transformers), trained in full with
+its task; only the LoRA is carried over (`TrainConfig.init_adapter`: the adapter without its
+heads). Task A is evaluated with its own head after training B (B's LoRA copied under A's head),
+so F measures what the shared encoder (the LoRA) forgot, not a head being retrained.
 
-Training mirrors `splice.train.run` (the settings come from a `TrainConfig`; its data loading and
-collation are used): AdamW, lr 2e-3 for the LoRA and 1e-2 for the head, weight decay 0.01, cosine
-schedule with 6% warm-up, clipping at 1.0, batch 16, 64 tokens, backbone dropout on, one epoch of
-steps * 16 rows. `run` itself is not used: it always builds a fresh model and adapter, and a
-sequential run needs the adapter carried from one task to the next. A fresh optimizer per task.
+Training is `splice.train.Trainer` (one per task, a fresh optimizer each): AdamW, lr 2e-3 for the
+LoRA and 1e-2 for the head, weight decay 0.01, cosine schedule with 6% warm-up, clipping at 1.0,
+batch 16, 64 tokens, backbone dropout on, one epoch of steps * 16 rows, one evaluation at the end
+(the trainer keeps the better of the start and the end; the end in every run so far).
 Defaults: r in {4, 16}, seeds {0, 1}, 80 steps on RT and 40 on BBC (which learns faster). A first
 run with r in {2, 8} and 60 steps each left RT at chance with r = 2 (nothing learned, so F = 0 for
 a reason that has nothing to do with geometry), hence the longer RT phase and larger ranks.
@@ -39,10 +39,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,152 +51,133 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (sets the offline / quiet environment before transformers)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from rich.console import Console  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
-from transformers import get_cosine_schedule_with_warmup  # noqa: E402
 
 import splice  # noqa: E402
 from splice.analysis.forgetting import (  # noqa: E402
-    accuracy_matrix,
     fit_forgetting_law,
     forgetting,
     gradient_subspace,
     subspace_angle,
 )
-from splice.train import TrainConfig, tasks  # noqa: E402
-from splice.train.data import collator, load_splits, train_loader  # noqa: E402
+from splice.train import TrainConfig, Trainer, tasks  # noqa: E402
+from splice.train.data import collator, load_splits  # noqa: E402
 
 TASKS = ("rotten_tomatoes", "bbc_news")
 SHORT = {"rotten_tomatoes": "RT", "bbc_news": "BBC"}
 BATCH, MAX_LEN, EVAL_BATCH = 16, 64, 64
 
 
-@dataclass
-class Task:
-    """One task of a sequential run: its rows, its own head, its loaders."""
-
-    name: str
-    config: TrainConfig
-    train_rows: list[dict[str, Any]]
-    eval_rows: list[dict[str, Any]]
-    head: nn.Linear
+QUIET = Console(quiet=True)
 
 
-def make_config(data: str, rank: int, seed: int, steps: int, eval_rows: int) -> TrainConfig:
+def make_config(data: str, rank: int, seed: int, steps: int, eval_rows: int, out: Path,
+                init_adapter: Path | None = None) -> TrainConfig:
     return TrainConfig(
         model="minilm", data=data, adapter={"method": "lora", "r": rank, "alpha": 2 * rank,
                                             "targets": ["query", "value"]},
         max_length=MAX_LEN, batch_size=BATCH, lr=2e-3, head_lr=1e-2, weight_decay=0.01, warmup_ratio=0.06,
         max_steps=steps, max_train_examples=steps * BATCH, max_eval_examples=eval_rows, max_grad_norm=1.0,
-        seed=seed, output_dir="runs/unused",
+        eval_every=steps, checkpoint_every=None, seed=seed, output_dir=str(out),
+        init_adapter=None if init_adapter is None else str(init_adapter),
     )
 
 
-def fresh_head(hidden: int, labels: int, std: float, seed: int) -> nn.Linear:
-    """A classifier as transformers initialises BERT's: weight ~ N(0, std), bias 0."""
-    head = nn.Linear(hidden, labels)
-    with torch.no_grad():
-        head.weight.normal_(0.0, std, generator=torch.Generator().manual_seed(seed))
-        head.bias.zero_()
-    return head
-
-
 def logits_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Cross-entropy of the current head's logits (the model's own loss assumes its first label count)."""
+    """Cross-entropy of the model's logits (the gradient samples of `gradient_subspace`)."""
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     return F.cross_entropy(logits, batch["labels"])
 
 
+def fresh_model(config: TrainConfig) -> nn.Module:
+    """The untrained model of a task as `Trainer.from_config` builds it (B = 0, a fresh head)."""
+    splits = load_splits(config)
+    model, _ = tasks.load_model(config, splits.label_names)
+    return splice.attach(model, tasks.adapter_config(config, model))
+
+
+def carry_adapter(source: nn.Module, target: nn.Module) -> None:
+    """Copy the LoRA tensors of `source` into `target` (same backbone and targets); heads stay."""
+    theirs = splice.trainable_parameters(source)
+    with torch.no_grad():
+        for name, p in splice.trainable_parameters(target).items():
+            if not name.startswith("classifier.") and name in theirs:
+                p.copy_(theirs[name])
+
+
 def sequential_run(order: tuple[str, str], rank: int, seed: int, args: argparse.Namespace,
                    init_angles: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """Train one LoRA on order[0] then order[1]; the matrix, F and both θ_min measurements.
+    """Train one LoRA on order[0] then order[1] with `splice.train.Trainer`; the matrix, F and θ_min.
 
-    θ_min at init is the same for every rank and both orders of one seed (same pretrained
-    weights, ΔW = 0, same heads, same gradient batches), so it is measured once per seed and
-    kept in `init_angles`.
+    Task A is a `Trainer` from its config; task B a `Trainer` whose config continues A's saved
+    adapter (`init_adapter`) with B's own fresh head. θ_min at init is the same for every rank
+    and both orders of one seed (same pretrained weights, ΔW = 0, same heads, same gradient
+    batches), so it is measured once per seed and kept in `init_angles`.
     """
     tick = time.perf_counter()
-    configs = [make_config(data, rank, seed, args.steps[data], args.eval_rows) for data in order]
-    splits = [load_splits(c) for c in configs]
+    work = Path(tempfile.mkdtemp(prefix="forgetting-"))
     common.seed_everything(seed)
-    model, tokenizer = tasks.load_model(configs[0], splits[0].label_names)
-    splice.attach(model, configs[0].adapter_config())  # the LoRA only: the heads are handled below
-    lora = list(splice.trainable_parameters(model).values())
-    std = model.config.initializer_range
-    run_tasks = [Task(c.data, c, s.train, s.validation, fresh_head(model.config.hidden_size, len(s.label_names),
-                                                                    std, seed * 10 + TASKS.index(c.data)))
-                 for c, s in zip(configs, splits, strict=True)]
-    collate = collator("classification", tokenizer, MAX_LEN)
+    config_a = make_config(order[0], rank, seed, args.steps[order[0]], args.eval_rows, work / "a")
+    first = Trainer.from_config(config_a, console=QUIET)
+    timings = {"load_s": time.perf_counter() - tick, "angles_s": 0.0}
 
-    def use_head(task: Task) -> None:
-        model.classifier = task.head
-
-    def gradient_batches(task: Task) -> list[dict[str, torch.Tensor]]:
-        loader = DataLoader(task.train_rows, batch_size=BATCH, shuffle=True, collate_fn=collate,
+    def subspace(model: nn.Module, rows: list[dict[str, Any]], tokenizer: Any) -> dict[str, torch.Tensor]:
+        loader = DataLoader(rows, batch_size=BATCH, shuffle=True, collate_fn=collator("classification", tokenizer,
+                                                                                     MAX_LEN),
                             generator=torch.Generator().manual_seed(seed + 1000))
-        return [batch for batch, _ in zip(loader, range(args.k), strict=False)]
-
-    timings = {"load_s": time.perf_counter() - tick, "angles_s": 0.0, "train_s": 0.0, "eval_s": 0.0}
-
-    def angle_now() -> dict[str, Any]:
-        """θ_min between the two tasks' gradient subspaces at the model as it is, each with its head."""
-        start = time.perf_counter()
         model.eval()
-        spaces = []
-        for task in run_tasks:
-            use_head(task)
-            spaces.append(gradient_subspace(model, gradient_batches(task), logits_loss, k=args.k))
-        angle = subspace_angle(*spaces)
+        return gradient_subspace(model, [b for b, _ in zip(loader, range(args.k), strict=False)], logits_loss,
+                                 k=args.k)
+
+    def angle(a: tuple, b: tuple) -> dict[str, Any]:
+        start = time.perf_counter()
+        found = subspace_angle(subspace(*a), subspace(*b))
         timings["angles_s"] += time.perf_counter() - start
-        return {"mean": angle.mean, "min": angle.min, "per_module": angle.per_module}
+        return {"mean": found.mean, "min": found.min, "per_module": found.per_module}
 
     if seed not in init_angles:
-        init_angles[seed] = angle_now()
+        config_b = make_config(order[1], rank, seed, args.steps[order[1]], args.eval_rows, work / "unused")
+        fresh_b = fresh_model(config_b)
+        init_angles[seed] = angle((first.plain_model, first.train_rows, first.tokenizer),
+                                  (fresh_b, load_splits(config_b).train, first.tokenizer))
     angles = {"init": init_angles[seed]}
+    result_a = first.fit()
+    config_b = make_config(order[1], rank, seed, args.steps[order[1]], args.eval_rows, work / "b",
+                           init_adapter=work / "a" / "adapter")
+    second = Trainer.from_config(config_b, console=QUIET)  # A's LoRA, B's own fresh head
+    angles["switch"] = angle((first.plain_model, first.train_rows, first.tokenizer),
+                             (second.plain_model, second.train_rows, second.tokenizer))
+    result_b = second.fit()
+    carry_adapter(second.plain_model, first.plain_model)  # A's head on the LoRA after B
+    start = time.perf_counter()
+    a_after_b = first.evaluate(["validation"], generate=False)["validation"]["accuracy"]
 
-    def train(task: Task) -> None:
-        if task is run_tasks[1]:
-            angles["switch"] = angle_now()  # after A, before B
-        start = time.perf_counter()
-        use_head(task)
-        model.train()
-        optimizer = torch.optim.AdamW([{"params": lora, "lr": task.config.lr},
-                                       {"params": list(task.head.parameters()), "lr": task.config.head_lr}],
-                                      weight_decay=task.config.weight_decay)
-        steps = task.config.max_steps
-        schedule = get_cosine_schedule_with_warmup(
-            optimizer, int(task.config.warmup_ratio * steps), steps)
-        loader = train_loader(task.train_rows, task.config, collate)
-        for _, batch in zip(range(steps), loader, strict=False):
-            loss = logits_loss(model, batch)
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([*lora, *task.head.parameters()], task.config.max_grad_norm)
-            optimizer.step()
-            schedule.step()
-        timings["train_s"] += time.perf_counter() - start
-
-    @torch.no_grad()
-    def evaluate(task: Task) -> float:
-        start = time.perf_counter()
-        use_head(task)
-        model.eval()
-        correct = 0
-        for batch in DataLoader(task.eval_rows, batch_size=EVAL_BATCH, collate_fn=collate):
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-            correct += (logits.argmax(-1) == batch["labels"]).sum().item()
-        timings["eval_s"] += time.perf_counter() - start
-        return correct / len(task.eval_rows)
-
-    matrix = accuracy_matrix(run_tasks, train, evaluate)
+    matrix = [[accuracy(result_a, "after"), accuracy(result_b, "before")],
+              [a_after_b, accuracy(result_b, "after")]]
+    timings.update(train_s=result_a.timings["train_s"] + result_b.timings["train_s"],
+                   eval_s=sum(r.timings.get(k, 0.0) for r in (result_a, result_b)
+                              for k in ("eval_before_s", "eval_after_s")) + time.perf_counter() - start)
+    shutil.rmtree(work, ignore_errors=True)
     result = {"order": [SHORT[t] for t in order], "rank": rank, "seed": seed, "matrix": matrix,
               "forgetting": forgetting(matrix)[0], "theta": angles,
               "seconds": {**timings, "total_s": time.perf_counter() - tick}}
-    print(f"  {'->'.join(result['order'])} r={rank} seed={seed}: a={[[round(v, 3) for v in row] for row in matrix]}"
-          f" F={result['forgetting']:+.3f} θ_init={math.degrees(angles['init']['mean']):.2f}°"
-          f" θ_switch={math.degrees(angles['switch']['mean']):.2f}°"
-          f" ({', '.join(f'{k} {v:.0f}' for k, v in result['seconds'].items())})", flush=True)
+    print_point(result)
     return result
+
+
+def accuracy(result: Any, when: str) -> float:
+    """Validation accuracy of a run's result, before or after its training."""
+    return result.metrics[when]["validation"]["accuracy"]
+
+
+def print_point(r: dict[str, Any]) -> None:
+    matrix = [[round(v, 3) for v in row] for row in r["matrix"]]
+    print(f"  {'->'.join(r['order'])} r={r['rank']} seed={r['seed']}: a={matrix}"
+          f" F={r['forgetting']:+.3f} θ_init={math.degrees(r['theta']['init']['mean']):.2f}°"
+          f" θ_switch={math.degrees(r['theta']['switch']['mean']):.2f}°"
+          f" ({', '.join(f'{k} {v:.0f}' for k, v in r['seconds'].items())})", flush=True)
 
 
 def fits(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -35,19 +35,15 @@ import copy
 import gc
 import importlib
 import json
-import multiprocessing
-import os
 import tempfile
 import traceback
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from bench_multi_adapter import verdict
 from common import (
     HEAD,
     Batch,
@@ -56,31 +52,27 @@ from common import (
     Peft,
     Phases,
     Splice,
+    bench_main,
     bench_parser,
     compare,
     copy_lora,
     environment,
-    environment_line,
-    fmt_ratio,
-    fmt_s,
+    finish,
     interleaved,
-    keep_freed_memory,
     load_minilm_classifier,
-    mean_std,
     memory_marks,
     minilm_dir,
     parameter_storages,
+    pool_runs,
     proc_status_mb,
-    rerender,
     reset_peak_rss,
     review_batch,
     run_child,
+    run_sections,
     seed_everything,
     seed_summary,
     settings_from,
-    table,
     trainable,
-    write_results,
 )
 from torch import nn
 
@@ -211,10 +203,6 @@ def form_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch) 
 # ------------------------------------------------------------------------------- a. accuracy
 
 
-def worker_init(threads: int) -> None:
-    torch.set_num_threads(threads)
-
-
 def train_one(form_name: str, data: str, seed: int, s: dict[str, Any]) -> dict[str, Any]:
     """One `splice.train.run` (in a worker process); never raises: a failure is returned."""
     from rich.console import Console
@@ -251,17 +239,13 @@ def accuracy(s: Settings, phase: Phases) -> dict[str, Any]:
 
     jobs = [(f, d, seed) for d in s.datasets for seed in s.seeds for f in s.forms]
     phase(f"[accuracy] {len(jobs)} training runs, {s.jobs} at a time")
-    runs = []
-    context = multiprocessing.get_context("spawn")  # fresh interpreters: no state shared with this one
-    with ProcessPoolExecutor(max_workers=s.jobs, mp_context=context, initializer=worker_init,
-                             initargs=(s.threads,)) as pool:
-        futures = [pool.submit(train_one, f, d, seed, asdict(s)) for f, d, seed in jobs]
-        for future in futures:
-            row = future.result()
-            runs.append(row)
-            status = f"failed: {row['error']}" if "error" in row else (
-                f"test acc {row['test_accuracy']:.3f} ({row['train_s']:.0f} s training)")
-            print(f"  {row['form']:<11} {row['data']:<16} seed {row['seed']}: {status}", flush=True)
+
+    def describe(row: dict[str, Any]) -> str:
+        status = f"failed: {row['error']}" if "error" in row else (
+            f"test acc {row['test_accuracy']:.3f} ({row['train_s']:.0f} s training)")
+        return f"  {row['form']:<11} {row['data']:<16} seed {row['seed']}: {status}"
+
+    runs = pool_runs(train_one, [(*job, asdict(s)) for job in jobs], s.jobs, s.threads, describe)
     summary = seed_summary(runs, "form", s.forms, s.datasets, lambda ok: {
         "before_mean": float(np.mean([r["test_accuracy_before"] for r in ok])),
         "kept_step_0": sum(r["best_step"] == 0 for r in ok),
@@ -447,250 +431,11 @@ def dora_peft(s: Settings, phase: Phases) -> dict[str, Any]:
     return out
 
 
-# ------------------------------------------------------------------------------------ report
-
-
-def rel(value: float, base: float) -> str:
-    return f"{value / base:.2f}x" if base > 0 else "n/a"
-
-
-def main_table(result: dict[str, Any], s: Settings) -> list[str]:
-    sec = result["sections"]
-    acc, st, mem = sec.get("accuracy"), sec.get("step_time"), sec.get("memory")
-    ratios = (st or {}).get("timing", {}).get("ratios", {})
-    children = (mem or {}).get("children", {})
-    base_mem = children.get(BASELINE, {})
-    rows = []
-    for name in s.forms:
-        form = FORM_BY_NAME[name]
-        params = (st or {}).get("forms", {}).get(name) or children.get(name) or {}
-        if "adapter" in params:
-            heads = [str(params["head"])]
-            if acc:  # the measured head has 2 classes: (hidden + 1) numbers per class
-                heads = [f"{acc['labels'][d] * (params['head'] // 2):,}" for d in s.datasets]
-            count = f"{params['adapter']:,} / {' or '.join(heads)}"
-        else:
-            count = f"failed: {params.get('error', 'not measured')}"
-        accs = [mean_std(acc["summary"][name][d]) if acc else "-" for d in s.datasets]
-        if name == BASELINE:
-            time_cell = "1 (baseline)" if ratios else "-"
-        elif f"{name}/{BASELINE}" in ratios:
-            time_cell = fmt_ratio(ratios[f"{name}/{BASELINE}"])
-        else:
-            time_cell = f"failed: {st['forms'][name]['error']}" if st and "error" in st["forms"].get(name, {}) else "-"
-        child = children.get(name, {})
-        if "error" in child:
-            saved_cell = peak_cell = f"failed: {child['error']}"
-        elif child and "saved_mb" in base_mem:
-            saved_cell = f"{rel(child['saved_mb'], base_mem['saved_mb'])} ({child['saved_mb']:.1f} MB)"
-            peak_cell = f"{rel(child['peak_mb'], base_mem['peak_mb'])} ({child['peak_mb']:.0f} MB)"
-        else:
-            saved_cell = peak_cell = "-"
-        rows.append([name, f"{lr_of(form, s):g}", count, *accs, time_cell, saved_cell, peak_cell])
-    header = ["form", "lr", "trainable params: adapter / head", *[f"{DATASETS[d]} test acc." for d in s.datasets],
-              "step time vs LoRA [IQR]", "saved for backward vs LoRA", "peak RSS vs LoRA"]
-    return [table(header, rows), ""]
-
-
-def losses_paragraph(result: dict[str, Any], s: Settings) -> list[str]:
-    """Where each form loses to LoRA (and where it does not), read off the numbers."""
-    sec = result["sections"]
-    acc, st, mem = sec.get("accuracy"), sec.get("step_time"), sec.get("memory")
-    ratios = (st or {}).get("timing", {}).get("ratios", {})
-    children = (mem or {}).get("children", {})
-    lines = []
-    for name in s.forms:
-        if name == BASELINE:
-            continue
-        loses, holds, failed = [], [], []
-        if acc:
-            for d in s.datasets:
-                a, b = acc["summary"][name][d], acc["summary"][BASELINE][d]
-                if "error" in a or "error" in b:
-                    failed.append(f"{DATASETS[d]} training ({a.get('error') or b.get('error')})")
-                    continue
-                diff = a["mean"] - b["mean"]
-                spread = a["std"] + b["std"]
-                where = f"{DATASETS[d]} accuracy {100 * diff:+.1f} points"
-                if diff < 0 and -diff > spread:
-                    loses.append(f"{where} (more than the seeds' spread, {100 * spread:.1f})")
-                elif diff < 0:
-                    holds.append(f"{where} (within the seeds' spread, {100 * spread:.1f}: not resolved)")
-                else:
-                    holds.append(where)
-        r = ratios.get(f"{name}/{BASELINE}")
-        if r is not None:
-            what = f"step time {r['median']:.2f}x [{r['q1']:.2f}-{r['q3']:.2f}]"
-            note = " (IQR above 1)" if r["q1"] > 1.0 else (" (IQR spans 1: not resolved)" if r["q3"] > 1.0 else "")
-            (loses if r["q1"] > 1.0 else holds).append(what + note)
-        elif st and "error" in st["forms"].get(name, {}):
-            failed.append(f"step timing ({st['forms'][name]['error']})")
-        c, b = children.get(name, {}), children.get(BASELINE, {})
-        if "saved_mb" in c and "saved_mb" in b:
-            factor = c["saved_mb"] / b["saved_mb"]
-            what = f"activation memory {factor:.2f}x"
-            (loses if factor > 1.02 else holds).append(what)
-            pa = (st or {}).get("forms", {}).get(name, {}).get("adapter") or c.get("adapter")
-            pb = (st or {}).get("forms", {}).get(BASELINE, {}).get("adapter") or b.get("adapter")
-            if pa and pb:
-                (loses if pa > pb else holds).append(f"adapter parameters {pa / pb:.2f}x")
-        elif "error" in c:
-            failed.append(f"memory ({c['error']})")
-        parts = [f"**{name}**:"]
-        parts.append(f"loses on {'; '.join(loses)}." if loses else "no clear loss on anything measured here.")
-        if holds:
-            parts.append(f"Otherwise: {'; '.join(holds)}.")
-        if failed:
-            parts.append(f"Failed: {'; '.join(failed)}.")
-        lines += ["- " + " ".join(parts)]
-    return lines
-
-
-def accuracy_details(result: dict[str, Any], s: Settings) -> list[str]:
-    acc = result["sections"]["accuracy"]
-    rows = []
-    for name in s.forms:
-        for d in s.datasets:
-            a = acc["summary"][name][d]
-            if "error" in a:
-                rows.append([name, DATASETS[d], f"failed: {a['error']}", "", "", "", ""])
-                continue
-            rows.append([name, DATASETS[d], " / ".join(f"{x:.1%}" for x in a["per_seed"]), f"{a['before_mean']:.1%}",
-                         f"{a['last_loss_mean']:.3f}", f"{a['kept_step_0']}/{a['n']}", f"{a['train_s_mean']:.0f}"])
-    return [table(["form", "data", "test acc. per seed", "before training", "train loss (last 5 steps)",
-                   "runs that kept step 0", "training s (mean)"], rows), ""]
-
-
-def dora_md(res: dict[str, Any], s: Settings) -> list[str]:
-    lines = [
-        f"One training step (forward + backward + AdamW, train mode, dropout 0, classifier trained) on a fixed"
-        f" batch of {res['batch'][0]} x {res['batch'][1]} reviews; splice LoRA / PEFT LoRA / splice DoRA / PEFT"
-        f" DoRA (r=8, alpha=16) each on its own copy of MiniLM, {s.dora_rounds} interleaved rounds (rotating order)"
-        f" after {s.warmup} warm-up. Ratio = median of per-round ratios [Q1-Q3]; below 1: the first is faster.",
-        "",
-    ]
-    rows = []
-    for key, c in res["configs"].items():
-        if "error" in c:
-            rows.append([key, f"failed: {c['error']}"] + [""] * 7)
-            continue
-        r = c["ratios"]
-        a = c["absolute"]
-        rows.append([key, fmt_ratio(r["splice_dora/peft_dora"]), f"{r['splice_dora/peft_dora']['cpu_median']:.3f}",
-                     fmt_ratio(r["splice_dora/splice_lora"]), fmt_ratio(r["peft_dora/peft_lora"]),
-                     fmt_ratio(r["splice_dora/peft_lora"]), fmt_ratio(r["splice_lora/peft_lora"]),
-                     " / ".join(fmt_s(a[n]) for n in ("splice_dora", "peft_dora")),
-                     f"{c['dora_loss_diff']:.1e}"])
-    lines += [table(["targets", "splice DoRA / PEFT DoRA", "(CPU time)", "splice DoRA / splice LoRA",
-                     "PEFT DoRA / PEFT LoRA", "splice DoRA / PEFT LoRA", "splice LoRA / PEFT LoRA",
-                     "DoRA ms splice / PEFT (min / med)", "DoRA loss diff at equal weights"], rows), ""]
-    for key, c in res["configs"].items():
-        if "error" in c:
-            continue
-        r = c["ratios"]["splice_dora/peft_dora"]
-        s_over, p_over = c["ratios"]["splice_dora/splice_lora"], c["ratios"]["peft_dora/peft_lora"]
-        lines.append(f"- {key}: splice's DoRA step cheaper than PEFT's (goal: ratio < 1 over the whole IQR)?"
-                     f" {verdict(r['q1'], r['q3'], 1.0)} ({r['median']:.3f} [{r['q1']:.3f}-{r['q3']:.3f}])."
-                     f" DoRA's cost over the same library's LoRA: splice {s_over['median']:.2f}x,"
-                     f" PEFT {p_over['median']:.2f}x.")
-    for key, c in res["configs"].items():
-        if "error" in c:
-            continue
-        t, m = c["trainable"], c["saved_for_backward_mb"]
-        lines.append(f"- {key}: trainable splice DoRA {t['splice_dora']:,}, PEFT DoRA {t['peft_dora']:,}, LoRA"
-                     f" {t['splice_lora']:,} (head included); {c['lora_tensors']} LoRA tensors copied splice -> PEFT;"
-                     f" LoRA loss diff {c['lora_loss_diff']:.1e}. Saved for backward (MB, weights excluded): splice"
-                     f" DoRA {m['splice_dora']:.1f}, PEFT DoRA {m['peft_dora']:.1f}, splice LoRA"
-                     f" {m['splice_lora']:.1f}, PEFT LoRA {m['peft_lora']:.1f}.")
-    return lines + [""]
-
-
 def markdown(result: dict[str, Any], s: Settings) -> str:
-    sec = result["sections"]
-    used = {d: n for d, n in s.train_max_length.items() if d in s.datasets}
-    lengths = (f"{next(iter(used.values()))} tokens" if len(set(used.values())) == 1
-               else ", ".join(f"{n} tokens ({DATASETS[d]})" for d, n in used.items()))
-    head_note = (" (the trainer's default 1e-2 left most Rotten Tomatoes runs of a 60-step trial at their step-0"
-                 " checkpoint)") if s.head_lr != 1e-2 else ""
-    out = [
-        "# Adapter forms on MiniLM: accuracy, parameters, step time and memory, same data and budget (CPU)",
-        "",
-        environment_line(result["environment"]),
-        f"Runtime {result['runtime_s'] / 60:.1f} min."
-        f" {'QUICK smoke run: too few steps and rounds to trust. ' if s.quick else ''}"
-        "Other jobs may share this machine's two cores (see the load average): paired ratios are robust to that,"
-        " absolute times are not.",
-        "",
-        f"**Budget, the same for every form**: bundled all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) with a fresh"
-        f" classification head trained in full; `splice.train.run`, {s.steps} optimizer steps of batch {s.batch},"
-        f" max length {lengths}, AdamW (weight decay 0.01), cosine schedule with 6% warm-up, gradient"
-        f" clipping 1.0, head lr {s.head_lr:g}{head_note}, adapter lr {s.lr:g} unless the table says otherwise;"
-        f" seeds"
-        f" {', '.join(map(str, s.seeds))} (seed = adapter and head init and data order). Accuracy: test split, first"
-        f" {s.eval_examples} rows (the same rows for every form and seed), of the checkpoint the trainer keeps"
-        " (the better on validation of step 0 and the last step); mean ± standard deviation over the seeds."
-        " Data: Rotten Tomatoes (2 classes, 3,892 training reviews) and BBC News (5 topics, 1,780 training"
-        " articles, cut at the max length).",
-        "",
-        "## Forms compared",
-        "",
-    ]
-    out += [f"- **{f.name}** `{json.dumps(f.adapter)}`, lr {lr_of(f, s):g}: {f.why}."
-            for f in FORMS if f.name in s.forms]
-    out += ["", "## Main table", ""]
-    if "step_time" in sec:
-        st = sec["step_time"]
-        out += [f"Step time: one training step on a fixed batch of {st['batch'][0]} x {st['batch'][1]} reviews, all"
-                f" forms in one process, {s.rounds} interleaved rounds (rotating order) after {s.warmup} warm-up;"
-                " median of per-round ratios form / LoRA [Q1-Q3]."]
-    if "memory" in sec:
-        out += ["Memory: one fresh process per form, the same batch. *Saved for backward*: bytes autograd keeps for"
-                " the backward of one training forward (weights excluded; deterministic): the activation memory."
-                " *Peak RSS*: the process's high-water mark (imports, model, optimizer, two steps), mostly the"
-                " model and libraries, so it moves little."]
-    if "accuracy" in sec:
-        out += ["Head parameters: (384 + 1) x classes, one number per data set."]
-    out += ["", *main_table(result, s)]
-    if any(k in sec for k in ("accuracy", "step_time", "memory")):
-        out += ["## Where a form loses to LoRA", "",
-                "Read off the numbers above: accuracy differences are in points of the mean over seeds, a loss"
-                " when larger than the sum of the two standard deviations (the seeds' spread); step time loses when"
-                " the whole IQR is above 1; memory when the saved-for-backward bytes exceed LoRA's by more than 2%;"
-                " parameters when the adapter has more than LoRA's.", "", *losses_paragraph(result, s), ""]
-    if "accuracy" in sec:
-        out += ["## Accuracy runs in detail", "", *accuracy_details(result, s)]
-    if "step_time" in sec and "timing" in sec["step_time"]:
-        a = sec["step_time"]["timing"]["absolute"]
-        out += ["Absolute step times, ms (min / median): "
-                + "; ".join(f"{n} {fmt_s(v)}" for n, v in a.items()) + ".", ""]
-    if "memory" in sec:
-        rows = [[n, f"{c['saved_mb']:.1f}", f"{c['step_delta_mb']:.1f}", f"{c['peak_mb']:.0f}",
-                 f"{c['after_setup_mb']:.0f}"] if "error" not in c else [n, f"failed: {c['error']}", "", "", ""]
-                for n, c in sec["memory"]["children"].items()]
-        out += ["## Memory in detail", "",
-                f"({', '.join(f'{k}={v}' for k, v in sec['memory']['malloc_env'].items())}; step increase: VmHWM during"
-                " one step minus the RSS before it, the high-water mark reset after a warm-up step.)", "",
-                table(["form", "saved for backward MB", "step increase MB", "peak RSS MB", "after setup MB"], rows), ""]
-    if "dora_peft" in sec:
-        out += ["## DoRA: splice vs HF PEFT, one training step", "", *dora_md(sec["dora_peft"], s)]
-    failures = failed_forms(result)
-    if failures:
-        out += ["## Failures", "", *[f"- {n}: {e}" for n, e in failures.items()], ""]
-    return "\n".join(out)
+    """The report; forms_report.py holds it and imports this module, so it is imported only here."""
+    from forms_report import markdown as render
 
-
-def failed_forms(result: dict[str, Any]) -> dict[str, str]:
-    sec, failed = result["sections"], {}
-    for row in sec.get("accuracy", {}).get("runs", []):
-        if "error" in row:
-            failed.setdefault(row["form"], f"training: {row['error']}")
-    for name, c in sec.get("step_time", {}).get("forms", {}).items():
-        if "error" in c:
-            failed.setdefault(name, f"step: {c['error']}")
-    for name, c in sec.get("memory", {}).get("children", {}).items():
-        if "error" in c:
-            failed.setdefault(name, f"memory: {c['error']}")
-    return failed
+    return render(result, s)
 
 
 # -------------------------------------------------------------------------------------- main
@@ -705,21 +450,11 @@ def run(s: Settings) -> dict[str, Any]:
     torch.set_num_threads(s.threads)
     result: dict[str, Any] = {"environment": environment(s.threads), "settings": asdict(s), "sections": {},
                               "forms": {f.name: asdict(f) for f in FORMS}}
-    # Memory children first, while this process is small; then the training pool; then the timed
-    # sections, with glibc malloc keeping freed memory (common.keep_freed_memory).
-    for key in ("memory", "accuracy"):
-        if key in s.sections:
-            result["sections"][key] = SECTIONS[key](s, phase)
-    result["environment"]["malloc_keeps_freed_memory"] = keep_freed_memory()
-    for key in ("step_time", "dora_peft"):
-        if key in s.sections:
-            result["sections"][key] = SECTIONS[key](s, phase)
-            gc.collect()
+    run_sections(result, s, phase, SECTIONS, untimed=("memory", "accuracy"), timed=("step_time", "dora_peft"))
+    from forms_report import failed_forms
+
     result["failed"] = failed_forms(result)
-    result["phase_s"] = phase.seconds()
-    result["environment"]["loadavg_end"] = os.getloadavg()
-    result["runtime_s"] = phase.total()
-    return result
+    return finish(result, phase)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
@@ -738,24 +473,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     p.add_argument("--warmup", type=int, help="untimed rounds before each timed section")
     p.add_argument("--mem-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    overrides = ("jobs", "sections", "forms", "datasets", "seeds", "steps", "batch", "max_length", "eval_examples",
-                 "rounds", "dora_rounds", "warmup")
-    settings = settings_from(args, Settings, overrides)
-    return args, settings
+    return args, settings_from(args, Settings)
+
+
+def mem_child(args: argparse.Namespace, settings: Settings) -> bool:
+    if args.mem_child:
+        print(json.dumps(memory_child(args.mem_child, settings)))
+    return bool(args.mem_child)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, settings = parse_args(argv)
-    if args.mem_child:
-        print(json.dumps(memory_child(args.mem_child, settings)))
-        return
-    if args.render:
-        rerender(args.render, Settings, markdown)
-        return
-    result = run(settings)
-    stem = "forms_quick" if settings.quick else "forms"
-    write_results(args.out_dir, stem, result, markdown(result, settings))
-    if result["failed"]:
+    result = bench_main(argv, parse_args, Settings, lambda s, args: run(s), markdown, "forms", child=mem_child)
+    if result and result["failed"]:
         print("\nfailed: " + "; ".join(f"{n}: {e}" for n, e in result["failed"].items()))
 
 

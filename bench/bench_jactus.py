@@ -32,11 +32,8 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import multiprocessing
-import os
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -47,25 +44,21 @@ from common import (
     HEAD,
     Candidate,
     Phases,
+    bench_main,
     bench_parser,
     compare,
     environment,
-    environment_line,
-    fmt_ratio,
-    fmt_s,
+    finish,
     interleaved,
-    keep_freed_memory,
-    mean_std,
     minilm_dir,
-    rerender,
+    pool_runs,
     review_batch,
+    run_sections,
     seed_everything,
     seed_summary,
     settings_from,
-    table,
     train_step,
     trainable,
-    write_results,
 )
 from torch import nn
 
@@ -350,25 +343,17 @@ def train_one(name: str, data: str, seed: int, s: dict[str, Any]) -> dict[str, A
     return out
 
 
-def worker_init(threads: int) -> None:
-    torch.set_num_threads(threads)
-
-
 def accuracy(s: Settings, phase: Phases) -> dict[str, Any]:
     jobs = [(v, d, seed) for d in s.datasets for seed in s.seeds for v in s.variants]
     phase(f"[accuracy] {len(jobs)} training runs, {s.jobs} at a time")
-    runs = []
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=s.jobs, mp_context=context, initializer=worker_init,
-                             initargs=(s.threads,)) as pool:
-        futures = [pool.submit(train_one, v, d, seed, asdict(s)) for v, d, seed in jobs]
-        for future in futures:
-            row = future.result()
-            runs.append(row)
-            status = f"failed: {row['error']}" if "error" in row else (
-                f"test acc {row['test_accuracy']:.3f}, loss {row['first_loss']:.3f} -> {row['last_loss']:.3f}"
-                f" ({row['train_s']:.0f} s training)")
-            print(f"  {row['variant']:<20} {row['data']:<16} seed {row['seed']}: {status}", flush=True)
+
+    def describe(row: dict[str, Any]) -> str:
+        status = f"failed: {row['error']}" if "error" in row else (
+            f"test acc {row['test_accuracy']:.3f}, loss {row['first_loss']:.3f} -> {row['last_loss']:.3f}"
+            f" ({row['train_s']:.0f} s training)")
+        return f"  {row['variant']:<20} {row['data']:<16} seed {row['seed']}: {status}"
+
+    runs = pool_runs(train_one, [(*job, asdict(s)) for job in jobs], s.jobs, s.threads, describe)
     summary = seed_summary(runs, "variant", s.variants, s.datasets)
     return {"runs": runs, "summary": summary}
 
@@ -399,92 +384,11 @@ def step_time(s: Settings, phase: Phases) -> dict[str, Any]:
     return out
 
 
-# ---------------------------------------------------------------------------------- report
-
-
-def count(n: int) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
-
-
 def markdown(result: dict[str, Any], s: Settings) -> str:
-    sec = result["sections"]
-    out = [
-        "# JACTUS vs compress-then-LoRA vs LoRA on MiniLM (CPU)",
-        "",
-        environment_line(result["environment"]),
-        f"Runtime {result['runtime_s'] / 60:.1f} min."
-        f" {'QUICK smoke run: too few steps to trust. ' if s.quick else ''}"
-        "Other jobs may share the two cores (see the load average): paired ratios are robust to that, absolute"
-        " times are not.",
-        "",
-    ]
-    if "toy" in sec:
-        t = sec["toy"]
-        k = t["rows"][0]["rank"]
-        lora_numbers = 2 * 2 * (TOY_D + k)  # r=2 on the in -> k factor and on the k -> out factor
-        out += ["## The planted-direction toy (spec test 3)", "",
-                f"{TOY_D} x {TOY_D} layer, W = rank-{TOY_SIGNAL} signal + noise (std given); the task adds u* v*ᵀ"
-                " along W's weakest singular directions. JACTUS at an 80% budget"
-                f" ({int(s.budget * TOY_D * TOY_D)} numbers) gets rank {k}, task_rank 1, storing"
-                f" {2 * TOY_D * k + k * k} numbers ((in + out) k + k²); truncated SVD then LoRA r=2 on each of its"
-                f" two factors uses the same rank k: {2 * TOY_D * k} + {lora_numbers} ="
-                f" {2 * TOY_D * k + lora_numbers} numbers, so both fit the budget. Adam, {t['steps']} full-batch"
-                f" steps, best of lr {', '.join(map(str, t['lrs']))}; final MSE (start: the MSE of the"
-                " uncompressed W on the task).", ""]
-        rows = [[f"{r['noise']:g}", str(r["seed"]), f"{r['start']:.3f}", f"{r['truncated_core']:.4f}",
-                 f"{r['jactus']:.4f}", f"{r['jactus_floor']:.4f}", f"{r['factor_lora']:.4f}"] for r in t["rows"]]
-        out += [table(["noise", "seed", "start", "truncated SVD, core tuned", "JACTUS core tuned",
-                       "JACTUS floor (least squares)", "truncated SVD -> LoRA on factors"], rows), ""]
-        noises = sorted({r["noise"] for r in t["rows"]})
-        wins = [f"{sum(r['jactus'] < r['factor_lora'] for r in t['rows'] if r['noise'] == n)} of"
-                f" {sum(r['noise'] == n for r in t['rows'])} seeds at noise {n:g}" for n in noises]
-        out += [f"JACTUS's tuned core ends below truncate-then-LoRA in {', '.join(wins)}; tuning the core of plain"
-                " truncation never learns the planted map (its basis has no trace of v*).", ""]
-    if "accuracy" in sec:
-        acc = sec["accuracy"]
-        out += ["## Accuracy, parameters, step time", "",
-                f"all-linear MiniLM (36 encoder Linear layers + pooler; the head is trained in full by all), retained"
-                f" budget {s.budget:.0%} of the compressed layers' weight numbers; {s.steps} AdamW steps of"
-                f" {s.batch} (max length {s.max_length}), 6% warm-up + cosine, clipping 1.0, no weight decay; lr"
-                f" cores {s.lr_core:g}, LoRA {s.lr_lora:g}, head {s.head_lr:g}; calibration on the first"
-                f" {s.calibration_examples} training examples; test accuracy of the last step on the first"
-                f" {s.eval_examples} test rows, mean ± std over seeds {', '.join(map(str, s.seeds))}. Deployed"
-                " parameters: every number the model needs at inference (LoRA on the uncompressed model merged;"
-                " compress-then-LoRA's LoRA cannot be merged into the factors without raising their rank).", ""]
-        st = sec.get("step_time", {})
-        ratios = st.get("timing", {}).get("ratios", {})
-        rows = []
-        for name in s.variants:
-            runs = [r for r in acc["runs"] if r["variant"] == name and "error" not in r]
-            facts = runs[0] if runs else st.get("variants", {}).get(name, {})
-            accs = []
-            for d in s.datasets:
-                a = acc["summary"][name][d]
-                accs.append(mean_std(a))
-            kept = (f"{facts['retained_fraction']:.1%} (ranks {facts['rank_min']}-{facts['rank_max']},"
-                    f" median {facts['rank_median']:.0f})") if "retained_fraction" in facts else "100%"
-            trained = f"{count(facts['trainable_adapter'])} + {count(facts['trainable_head'])}" if facts else "-"
-            deployed = count(facts["deployed_parameters"]) if facts else "-"
-            time_cell = "1 (baseline)" if name == BASELINE else (
-                fmt_ratio(ratios[f"{name}/{BASELINE}"]) if f"{name}/{BASELINE}" in ratios else "-")
-            rows.append([name, kept, trained, deployed, *accs, time_cell])
-        out += [table(["variant", "compressed layers kept", "trainable: adapter/cores + head", "deployed params",
-                       *[f"{DATASETS[d]} test acc." for d in s.datasets], "step time vs LoRA [IQR]"], rows), ""]
-        out += ["Variants:", "", *[f"- **{v.name}**: {v.why}." for v in VARIANTS if v.name in s.variants], ""]
-        detail = [[r["variant"], DATASETS[r["data"]], str(r["seed"]),
-                   f"failed: {r['error']}" if "error" in r else f"{r['test_accuracy']:.1%}",
-                   f"{r.get('first_loss', float('nan')):.3f} -> {r.get('last_loss', float('nan')):.3f}",
-                   f"{r.get('calibration_s', 0):.0f} / {r.get('compress_s', 0):.0f}", f"{r.get('train_s', 0):.0f}"]
-                  for r in acc["runs"]]
-        out += ["### Runs", "", table(["variant", "data", "seed", "test acc.", "train loss (first 5 -> last 10)",
-                                       "calibrate / compress s", "training s"], detail), ""]
-    if "step_time" in sec and "timing" in sec["step_time"]:
-        st = sec["step_time"]
-        a = st["timing"]["absolute"]
-        out += [f"Step time: one training step (forward, backward, AdamW) on a fixed batch of {st['batch'][0]} x"
-                f" {st['batch'][1]} reviews, {s.rounds} interleaved rounds after {s.warmup} warm-up, one process;"
-                " ms (min / median): " + "; ".join(f"{n} {fmt_s(v)}" for n, v in a.items()) + ".", ""]
-    return "\n".join(out)
+    """The report; jactus_report.py holds it and imports this module, so it is imported only here."""
+    from jactus_report import markdown as render
+
+    return render(result, s)
 
 
 # -------------------------------------------------------------------------------------- main
@@ -498,16 +402,8 @@ def run(s: Settings) -> dict[str, Any]:
     torch.set_num_threads(s.threads)
     result: dict[str, Any] = {"environment": environment(s.threads), "settings": asdict(s), "sections": {},
                               "variants": {v.name: asdict(v) for v in VARIANTS}}
-    for key in ("toy", "accuracy"):
-        if key in s.sections:
-            result["sections"][key] = SECTIONS[key](s, phase)
-    result["environment"]["malloc_keeps_freed_memory"] = keep_freed_memory()
-    if "step_time" in s.sections:
-        result["sections"]["step_time"] = step_time(s, phase)
-    result["phase_s"] = phase.seconds()
-    result["environment"]["loadavg_end"] = os.getloadavg()
-    result["runtime_s"] = phase.total()
-    return result
+    run_sections(result, s, phase, SECTIONS, untimed=("toy", "accuracy"), timed=("step_time",))
+    return finish(result, phase)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
@@ -522,18 +418,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     p.add_argument("--eval-examples", type=int, help="test rows evaluated")
     p.add_argument("--rounds", type=int, help="timed rounds of the step-time section")
     args = p.parse_args(argv)
-    overrides = ("jobs", "sections", "variants", "datasets", "seeds", "steps", "lr_core", "eval_examples", "rounds")
-    settings = settings_from(args, Settings, overrides)
-    return args, settings
+    return args, settings_from(args, Settings)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, settings = parse_args(argv)
-    if args.render:
-        rerender(args.render, Settings, markdown)
-        return
-    result = run(settings)
-    write_results(args.out_dir, "jactus_quick" if settings.quick else "jactus", result, markdown(result, settings))
+    bench_main(argv, parse_args, Settings, lambda s, args: run(s), markdown, "jactus")
 
 
 if __name__ == "__main__":

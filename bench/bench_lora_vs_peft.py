@@ -39,18 +39,16 @@ from typing import Any
 import torch
 from common import (
     HEAD,
-    RESULTS,
     Batch,
     Candidate,
     Library,
     Peft,
     Phases,
     Splice,
+    bench_main,
+    bench_parser,
     compare,
     environment,
-    environment_line,
-    fmt_ratio,
-    fmt_s,
     inputs_only,
     interleaved,
     load_minilm_classifier,
@@ -61,11 +59,11 @@ from common import (
     randomize_trainables,
     review_batch,
     run_child,
-    table,
+    settings_from,
     train_step,
     trainable,
-    write_results,
 )
+from lora_vs_peft_report import markdown
 from safetensors.torch import load_file
 from torch import nn
 
@@ -312,82 +310,6 @@ def rss_all(settings: Settings) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------- reporting
 
 
-def markdown(result: dict[str, Any]) -> str:
-    """The human-readable report: one table per measurement, ratios as median [Q1-Q3]."""
-    env, s, cfgs = result["environment"], result["settings"], result["configs"]
-    out = [
-        "# splice vs HF PEFT: LoRA r=8, alpha=16 on all-MiniLM-L6-v2 (CPU)",
-        "",
-        environment_line(env),
-        f"Workload: batch {s['batch_size']} x {s['seq_len']} tokens of Rotten Tomatoes reviews (real text,"
-        f" padded; {result['real_token_fraction']:.0%} of positions are real tokens), classifier head trained"
-        f" in both libraries. {'QUICK smoke run: too few rounds to trust. ' if s['quick'] else ''}"
-        f"Runtime {result['runtime_s']:.0f} s.",
-        "",
-        "Ratios are splice/PEFT (below 1 = splice faster): median of per-round ratios of a paired,"
-        " interleaved run, [Q1-Q3] in brackets; times are min / median milliseconds.",
-        "",
-        f"## 1. Training step (forward + backward + AdamW), {s['pairs']} pairs after {s['warmup']} warm-up steps",
-        "",
-    ]
-    rows = []
-    for key, c in cfgs.items():
-        t = c["training"]
-        r = t["ratios"]["splice/peft"]
-        rows.append([key, fmt_ratio(r), f"{r['cpu_median']:.3f}", fmt_s(t["absolute"]["splice"]),
-                     fmt_s(t["absolute"]["peft"])])
-    out += [table(["targets", "splice/PEFT wall", "CPU-time ratio", "splice ms", "PEFT ms"], rows), ""]
-
-    out += [f"## 2. Inference forward (no grad, eval), {s['infer_rounds']} rounds", ""]
-    rows = []
-    for key, c in cfgs.items():
-        for group, g in c["inference"].items():
-            for pair, r in g["ratios"].items():
-                num, den = pair.split("/")
-                rows.append([key, group, pair, fmt_ratio(r), fmt_s(g["absolute"][num]), fmt_s(g["absolute"][den])])
-    out += [table(["targets", "group", "ratio", "median [Q1-Q3]", "numerator ms", "denominator ms"], rows), ""]
-
-    if result.get("rss"):
-        out += [f"## 3. Peak RSS of {s['rss_steps']} training step(s), one fresh process per row", "",
-                "peak = ru_maxrss (VmHWM in brackets, should agree); after imports / after setup (model,"
-                " adapter, optimizer) and the training delta are VmHWM readings.", ""]
-        rows = [[k, f"{v['trainable']:,}", f"{v['peak_mb']:.0f} ({v['peak_vmhwm_mb']:.0f})",
-                 f"{v['after_import_mb']:.0f}", f"{v['after_setup_mb']:.0f}", f"{v['train_delta_mb']:.0f}"]
-                for k, v in result["rss"].items()]
-        out += [table(["configuration", "trainable", "peak MB", "after imports MB", "after setup MB",
-                       "training delta MB"], rows), ""]
-
-    out += [f"## 4. Overheads ({s['reps']} interleaved repetitions; min / median ms) and files", ""]
-    rows = []
-    for key, c in cfgs.items():
-        for op, o in c["overheads"].items():
-            rows.append([key, op, fmt_s(o["absolute"]["splice"]), fmt_s(o["absolute"]["peft"]),
-                         fmt_ratio(o["ratios"]["splice/peft"])])
-    out += [table(["targets", "operation", "splice ms", "PEFT ms", "splice/PEFT"], rows), ""]
-    rows = []
-    for key, c in cfgs.items():
-        f, p = c["files"], c["params"]["splice"]
-        rows.append([key, f"{p['with_head']:,}", f"{p['without_head']:,}",
-                     f"{f['splice']['weights_bytes']:,} + {f['splice']['config_bytes']:,}",
-                     f"{f['peft']['weights_bytes']:,} + {f['peft']['config_bytes']:,}",
-                     "yes" if f["tensors"]["same_keys"] else "NO", f"{f['tensors']['max_abs_diff']:.1e}"])
-    out += [table(["targets", "trainable (with head)", "trainable (no head)", "splice file B (weights + config)",
-                   "PEFT file B (weights + config)", "same tensor names", "max tensor diff"], rows),
-            "", "Trainable counts are asserted equal between the libraries; files hold the same adapter"
-            " (written by splice, loaded by PEFT, written again by PEFT).", ""]
-
-    out += ["## 5. Numerical parity, max |logits difference| (fp32, eval mode)", ""]
-    labels = {"splice_to_peft": "splice save -> PEFT load", "peft_to_splice": "PEFT save -> splice load",
-              "after_3_adamw_steps": "after 3 identical AdamW steps (lr 1e-3)",
-              "merged_splice_vs_merged_peft": "splice.merge vs PEFT merge_and_unload",
-              "splice_merged_vs_unmerged": "splice merged vs unmerged",
-              "adapter_effect": "(adapter vs base model, to show the adapter matters)",
-              "logit_scale": "(max |logit|, for scale)"}
-    rows = [[label] + [f"{c['parity'][k]:.2e}" for c in cfgs.values()] for k, label in labels.items()]
-    out += [table(["check", *cfgs], rows), ""]
-    return "\n".join(out)
-
-
 # -------------------------------------------------------------------------------------- main
 
 
@@ -426,40 +348,32 @@ def run(settings: Settings) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="~1 minute smoke run (few rounds; numbers not trustworthy)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see bench/README.md)")
+    p = bench_parser(__doc__, "~1 minute smoke run (few rounds; numbers not trustworthy)")
     p.add_argument("--pairs", type=int, help="timed training rounds (default 24, quick 4)")
     p.add_argument("--infer-rounds", type=int, help="timed inference rounds (default 20, quick 4)")
     p.add_argument("--reps", type=int, help="attach/save/load/merge repetitions (default 10, quick 3)")
     p.add_argument("--warmup", type=int, help="untimed warm-up rounds (default 3, quick 1)")
     p.add_argument("--rss-steps", type=int, help="training steps per RSS subprocess (default 3, quick 1)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--batch-size", type=int, help="examples per batch (default 8)")
+    p.add_argument("--seq-len", type=int, help="tokens per example (default 64)")
     p.add_argument("--targets", nargs="+", choices=list(TARGETS), help="subset of target configurations")
     p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
-    p.add_argument("--out-dir", type=Path, default=RESULTS)
     p.add_argument("--rss-child", choices=RSS_KINDS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    common = {"threads": args.threads, "batch_size": args.batch_size, "seq_len": args.seq_len}
-    settings = Settings.quick_run(**common) if args.quick else Settings(**common)
-    for name in ("pairs", "infer_rounds", "reps", "warmup", "rss_steps", "targets"):
-        if getattr(args, name) is not None:
-            setattr(settings, name, getattr(args, name))
+    settings = settings_from(args, Settings)
     if args.no_rss:
         settings.rss_kinds = []
     return args, settings
 
 
-def main(argv: list[str] | None = None) -> None:
-    args, settings = parse_args(argv)
+def child(args: argparse.Namespace, settings: Settings) -> bool:
     if args.rss_child:
         print(json.dumps(rss_child(args.rss_child, settings)))
-        return
-    result = run(settings)
-    stem = "lora_vs_peft_quick" if settings.quick else "lora_vs_peft"
-    write_results(args.out_dir, stem, result, markdown(result))
+    return bool(args.rss_child)
+
+
+def main(argv: list[str] | None = None) -> None:
+    bench_main(argv, parse_args, Settings, lambda s, args: run(s), markdown, "lora_vs_peft", child=child)
 
 
 if __name__ == "__main__":

@@ -261,18 +261,8 @@ def med(samples: list[dict[str, Any]], key: str) -> float:
     return statistics.median(s[key] for s in samples)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--child", choices=KINDS)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rows", type=Path)
-    parser.add_argument("--quick", action="store_true", help="4 steps, 1 round, writes tenants_quick.*")
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(child(args.child, args.steps, args.rows, args.threads)))
-        return
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Every candidate in its own subprocess, `args.rounds` interleaved rounds; the result JSON."""
     if args.quick:
         args.steps, args.rounds = 4, 1
     env = common.environment(args.threads)
@@ -291,9 +281,6 @@ def main() -> None:
 
     summary = {k: {key: med(v, key) for key in ("proc_s", "run_s", "load_s", "run_minus_load_s", "eval_s",
                                                  "peak_mb")} for k, v in samples.items()}
-    rows = [[k, f"{s['proc_s']:.1f}", f"{s['run_s']:.1f}", f"{s['load_s']:.1f}", f"{s['run_minus_load_s']:.1f}",
-             f"{s['eval_s']:.1f}" if s["eval_s"] == s["eval_s"] else "-", f"{s['peak_mb']:.0f}"]
-            for k, s in summary.items()]
 
     def ratio(a: str, b: str, key: str) -> float:
         return summary[a][key] / summary[b][key]
@@ -310,18 +297,27 @@ def main() -> None:
             "peak_vs_splice_one": ratio(mux, "splice_one", "peak_mb"),
             "peak_vs_peft_sequential": ratio(mux, "peft_sequential", "peak_mb"),
         }
-    ratio_rows = [[name, *(f"{r[k]:.3f}" for k in r)] for name, r in ratios.items()]
     padding = {k: samples[k][0]["padding"] for k in ("splice_multiplex", "splice_mux_rows8")}
+    return {"env": env, "steps": args.steps, "rounds": args.rounds, "tenants": TENANTS, "summary": summary,
+            "ratios": ratios, "padding": padding, "samples": samples}
+
+
+def markdown(result: dict[str, Any], settings: Any = None) -> str:
+    """The report, from the result JSON alone (`--render`)."""
+    env, summary, ratios, padding, samples = (result[k] for k in ("env", "summary", "ratios", "padding", "samples"))
+    rows = [[k, f"{s['proc_s']:.1f}", f"{s['run_s']:.1f}", f"{s['load_s']:.1f}", f"{s['run_minus_load_s']:.1f}",
+             f"{s['eval_s']:.1f}" if s["eval_s"] == s["eval_s"] else "-", f"{s['peak_mb']:.0f}"]
+            for k, s in summary.items()]
+    ratio_rows = [[name, *(f"{r[k]:.3f}" for k in r)] for name, r in ratios.items()]
     pad_rows = [[k, f"{p['padded_share_naive']:.1%}", f"{p['padded_share_packed']:.1%}", str(p["forwards"]),
                  str(p["steps"]), str(p["real_tokens"])] for k, p in padding.items()]
     acc_rows = [[k, ", ".join(f"{n} {a:.3f}" for n, a in samples[k][0]["test_accuracy"].items())]
                 for k in ("splice_sequential", "splice_multiplex", "splice_mux_rows8")]
-
     m = ratios["splice_multiplex"]
     time_ok, mem_ok = m["time_vs_peft_sequential_run"] <= 1.0, m["peak_vs_peft_one"] <= 1.3
-    text = "\n\n".join([
-        f"# 4 tenants: splice multiplex vs one after another ({args.steps} steps x batch {BATCH} each,"
-        f" {args.rounds} round(s), medians)",
+    return "\n\n".join([
+        f"# 4 tenants: splice multiplex vs one after another ({result['steps']} steps x batch {BATCH} each,"
+        f" {result['rounds']} round(s), medians)",
         common.environment_line(env) + " Other jobs may have been running on this machine during the run.",
         "Seconds: `proc` = whole subprocess (Python + imports included), `run` = after imports, `load` = model"
         " + tokenizer loading inside `run`, `eval` = evaluations (5 passes over 16 rows per tenant in every"
@@ -341,9 +337,23 @@ def main() -> None:
         f"({m['time_vs_peft_sequential_run']:.2f}x PEFT sequential), memory goal {'met' if mem_ok else 'MISSED'} "
         f"({m['peak_vs_peft_one']:.2f}x PEFT one tenant).",
     ])
-    result = {"env": env, "steps": args.steps, "rounds": args.rounds, "tenants": TENANTS, "summary": summary,
-              "ratios": ratios, "padding": padding, "samples": samples}
-    common.write_results(common.RESULTS, "tenants_quick" if args.quick else "tenants", result, text)
+
+
+def main() -> None:
+    parser = common.bench_parser(__doc__, "4 steps, 1 round, writes tenants_quick.*")
+    parser.add_argument("--child", choices=KINDS)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rows", type=Path)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.steps, args.rows, args.threads)))
+        return
+    if args.render:
+        common.rerender(args.render, None, markdown)
+        return
+    result = measure(args)
+    common.write_results(args.out_dir, "tenants_quick" if args.quick else "tenants", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,274 @@
+"""Paired interleaved timing and its statistics, garbage-collector and malloc control, memory
+readings and fresh-subprocess runs: the measuring half of the bench harness (bench/common.py
+re-exports all of it)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import multiprocessing
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+# -------------------------------------------------------------------------- paired timing core
+
+
+def _nothing() -> None:
+    return None
+
+
+@dataclass
+class Candidate:
+    """One thing to time: `run(setup())`; only `run` is on the clock (setup builds fresh inputs,
+    e.g. a copy of the base model for attach/load, outside the measurement)."""
+
+    name: str
+    run: Callable[[Any], object]
+    setup: Callable[[], Any] = _nothing
+
+
+@dataclass
+class Sample:
+    wall: float
+    cpu: float
+
+
+@contextmanager
+def quiet_gc() -> Iterator[None]:
+    """No garbage-collector pause inside a timed call (as `timeit` does), and cheap collections
+    between calls: objects that already exist are frozen out of the collector's view (a full
+    collection over transformers' object graph takes ~0.3 s here), so only what the rounds
+    create (copies of models, which hold reference cycles) is examined."""
+    gc.collect()
+    gc.freeze()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        if enabled:
+            gc.enable()
+
+
+def interleaved(candidates: list[Candidate], rounds: int, warmup: int) -> dict[str, list[Sample]]:
+    """Run every candidate once per round, rotating which goes first (ABC -> ABC, BCA, CAB, ...).
+
+    Slow drifts of the machine then hit all candidates of a round alike, so per-round ratios
+    cancel them; the first `warmup` rounds are run but not recorded.
+    """
+    samples: dict[str, list[Sample]] = {c.name: [] for c in candidates}
+    with quiet_gc():
+        for i in range(warmup + rounds):
+            k = i % len(candidates)
+            for c in candidates[k:] + candidates[:k]:
+                arg = c.setup()
+                wall, cpu = time.perf_counter(), time.process_time()
+                c.run(arg)
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                del arg
+                gc.collect()
+                if i >= warmup:
+                    samples[c.name].append(Sample(wall, cpu))
+    return samples
+
+
+def absolute(samples: list[Sample]) -> dict[str, float]:
+    walls = [s.wall for s in samples]
+    return {"min_s": min(walls), "median_s": float(np.median(walls)),
+            "cpu_median_s": float(np.median([s.cpu for s in samples])), "n": len(walls)}
+
+
+def ratio(samples: dict[str, list[Sample]], num: str, den: str) -> dict[str, float]:
+    """Median and quartiles of the per-round ratios num/den (wall time), plus the CPU-time median."""
+    walls = np.array([a.wall / b.wall for a, b in zip(samples[num], samples[den], strict=True)])
+    cpus = np.array([a.cpu / b.cpu for a, b in zip(samples[num], samples[den], strict=True) if b.cpu > 0])
+    q1, median, q3 = np.percentile(walls, [25, 50, 75])
+    return {"median": float(median), "q1": float(q1), "q3": float(q3), "iqr": float(q3 - q1),
+            "cpu_median": float(np.median(cpus)) if len(cpus) else float("nan"), "n": len(walls)}
+
+
+def compare(samples: dict[str, list[Sample]], pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    return {"absolute": {name: absolute(s) for name, s in samples.items()},
+            "ratios": {f"{a}/{b}": ratio(samples, a, b) for a, b in pairs}}
+
+
+def overheads(samples: dict[str, list[Sample]], base: str, clock: str = "wall") -> dict[str, np.ndarray]:
+    """Per-round relative overhead of every candidate over `base`: (t - t_base) / t_base, with t
+    the wall time or (clock="cpu") the process CPU time."""
+    t0 = np.array([getattr(s, clock) for s in samples[base]])
+    return {name: np.array([getattr(s, clock) for s in ss]) / t0 - 1 for name, ss in samples.items() if name != base}
+
+
+def quartiles(values: np.ndarray) -> dict[str, float]:
+    q1, median, q3 = np.percentile(values, [25, 50, 75])
+    return {"median": float(median), "q1": float(q1), "q3": float(q3), "n": len(values)}
+
+
+def median_ratio_ci(num: np.ndarray, den: np.ndarray, reps: int = 2000, seed: int = 0) -> dict[str, float]:
+    """median(num) / median(den) for paired per-round values, with a 95% bootstrap interval
+    (rounds resampled together). nan where the denominator's median is not positive."""
+    point = float(np.median(num) / np.median(den)) if np.median(den) > 0 else float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(num), size=(reps, len(num)))
+    dens = np.median(den[idx], axis=1)
+    boot = np.median(num[idx], axis=1)[dens > 0] / dens[dens > 0]
+    lo, hi = np.percentile(boot, [2.5, 97.5]) if len(boot) else (float("nan"), float("nan"))
+    return {"value": point, "ci95_low": float(lo), "ci95_high": float(hi), "reps": reps}
+
+
+# ------------------------------------------------------------------------------- peak memory
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc malloc to keep freed memory in the process instead of returning it to the OS.
+
+    By default, large buffers are mmap-ed and the heap top is trimmed on free, so every forward
+    pass faults its activation pages in anew; on this VM that page-fault churn was the largest
+    source of timing noise (3x the system time, twice the spread of per-round overheads).
+    M_MMAP_THRESHOLD 32 MiB (the maximum), M_TRIM_THRESHOLD 2 GiB and M_TOP_PAD 256 MiB make
+    buffers be reused instead. Same process, same allocator for every candidate; returns False
+    where mallopt is not available (not glibc).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    return all(mallopt(option, value) == 1 for option, value in (
+        (m_mmap_threshold, 32 * 2**20), (m_trim_threshold, 2**31 - 1), (m_top_pad, 256 * 2**20)))
+
+
+def proc_status_mb(key: str) -> float | None:
+    """A memory line of /proc/self/status (VmRSS, VmHWM, ...) in MB; None off Linux."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return None
+    line = next((x for x in status.read_text().splitlines() if x.startswith(key + ":")), None)
+    return int(line.split()[1]) / 1024 if line else None
+
+
+def memory_marks() -> dict[str, float]:
+    """Peak resident set of this process so far, in MB, read two ways.
+
+    `ru_maxrss` (getrusage) is kept across execve on Linux, so a child spawned by a large parent
+    starts with the parent's peak; that is why parents run their memory children before they
+    load any model. `VmHWM` (/proc/self/status) belongs to the current address space and starts
+    fresh at exec, so it is exact even then; both are recorded and should agree at the peak.
+    """
+    marks = {"ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    hwm = proc_status_mb("VmHWM")
+    if hwm is not None:
+        marks["vmhwm_mb"] = hwm
+    return marks
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's RSS high-water mark (VmHWM, and with it ru_maxrss) to the current RSS
+    by writing "5" to /proc/self/clear_refs (Linux >= 4.0). Returns whether the reset took."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    hwm, rss = proc_status_mb("VmHWM"), proc_status_mb("VmRSS")
+    return hwm is not None and rss is not None and hwm - rss < 1.0
+
+
+@contextmanager
+def saved_for_backward(exclude: set[int] | None = None) -> Iterator[dict[str, int]]:
+    """Total the bytes of the tensors autograd saves for backward inside the block.
+
+    Counted once per storage (a tensor saved by several nodes, or views of one buffer, count
+    once), excluding the storages in `exclude` (pass `parameter_storages(model)`: weights exist
+    anyway): what is left is the activation memory the backward needs, deterministic and
+    independent of the allocator. Yields a dict that holds {"bytes", "tensors"} after the block.
+    """
+    skip = exclude or set()
+    seen: dict[int, int] = {}
+    out = {"bytes": 0, "tensors": 0}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in skip and key not in seen:
+            seen[key] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield out
+    out["bytes"], out["tensors"] = sum(seen.values()), len(seen)
+
+
+def parameter_storages(model: nn.Module) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+
+
+def run_child(script: Path, args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run `python script args` in a fresh interpreter; its last stdout line is a JSON object."""
+    cmd = [sys.executable, str(script), *args]
+    done = subprocess.run(cmd, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    if done.returncode != 0:
+        raise RuntimeError(f"child {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+
+
+def run_sections(result: dict[str, Any], s: Any, phase: Any, sections: dict[str, Callable[..., dict[str, Any]]],
+                 untimed: tuple[str, ...], timed: tuple[str, ...]) -> None:
+    """Run the chosen (`s.sections`) sections into `result["sections"]`: `untimed` first (memory
+    children and training pools, while this process is small), then glibc malloc set to keep freed
+    memory (`keep_freed_memory`) and the `timed` ones, with a garbage collection after each."""
+    for key in untimed:
+        if key in s.sections:
+            result["sections"][key] = sections[key](s, phase)
+    result["environment"]["malloc_keeps_freed_memory"] = keep_freed_memory()
+    for key in timed:
+        if key in s.sections:
+            result["sections"][key] = sections[key](s, phase)
+            gc.collect()
+
+
+# ------------------------------------------------------------------------------- worker pools
+
+
+def torch_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def worker_pool(jobs: int, threads: int) -> ProcessPoolExecutor:
+    """`jobs` worker processes, fresh interpreters (spawn: no state shared with this one), each
+    with `threads` torch threads."""
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=torch_threads, initargs=(threads,))
+
+
+def pool_runs(fn: Callable[..., dict[str, Any]], jobs: Iterable[tuple[Any, ...]], workers: int, threads: int,
+              describe: Callable[[dict[str, Any]], str]) -> list[dict[str, Any]]:
+    """`fn(*job)` for every job in a `worker_pool`, results in job order, each printed as it is
+    collected (`describe(row)`)."""
+    rows = []
+    with worker_pool(workers, threads) as pool:
+        futures = [pool.submit(fn, *job) for job in jobs]
+        for future in futures:
+            rows.append(future.result())
+            print(describe(rows[-1]), flush=True)
+    return rows
