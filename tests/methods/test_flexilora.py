@@ -174,12 +174,13 @@ def test_length_scorer_counts_only_unsupervised_tokens_of_a_causal_lm():
     assert last_ranks(model).tolist() == [2, 8]
 
 
-def test_length_scorer_keeps_the_prompt_ranks_while_generating():
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_length_scorer_keeps_the_prompt_ranks_while_generating(use_cache):
     model = splice.attach(make_llama(), FlexiLoRA(ranks=[2, 4, 8], bins=[5, 10]))
     randomize(model)
     ids, mask = ids_and_mask([4, 4, 4], seq=4)
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
-                         pad_token_id=0)
+                         pad_token_id=0, use_cache=use_cache)  # without cache every step re-runs the prompt
     assert out.shape == (3, 12)
     assert last_ranks(model).tolist() == [2, 2, 2]  # 4 prompt tokens, not 4 + generated
 
@@ -305,7 +306,7 @@ def test_merge_and_row_subsets_are_refused():
     ({"ranks": [2, 4, 8], "bins": [10]}, "needs 2 bins"),
     ({"ranks": [2, 4, 8], "bins": [10, 5]}, "bins must be strictly increasing"),
     ({"scorer": "router", "bins": [1, 2, 3]}, "takes none"),
-    ({"scorer": "size"}, "scorer must be"),
+    ({"scorer": "size"}, "scorer' has value 'size'"),
     ({"budget": 0.0}, "budget"),
 ])
 def test_bad_configs_are_refused(changes, message):
