@@ -49,7 +49,7 @@ from splice.core.errors import AdapterFileError, SpliceError
 from splice.core.heads import head_tensors
 from splice.core.host import hosts
 from splice.io import native, peft_format, save
-from splice.io.files import CONFIG_NAME, WEIGHTS_NAME, read_adapter
+from splice.io.files import CONFIG_NAME, WEIGHTS_NAME, paired_tensors, read_adapter
 
 __all__ = ["SpliceTrainer", "SpliceTrainerMixin", "restore_adapters", "save_adapters"]
 
@@ -160,15 +160,7 @@ def _plan(model: nn.Module, name: str, folder: Path) -> list[tuple[torch.Tensor,
             raise AdapterFileError(f"{folder} adapts modules adapter {name!r} does not: {sorted(extra)[:5]}")
         targets |= head_tensors(model, record.heads, name, keep_vars=True)
         values |= state.heads
-    missing, unexpected = sorted(set(targets) - set(values)), sorted(set(values) - set(targets))
-    if missing or unexpected:
-        raise AdapterFileError(f"{folder} does not match adapter {name!r}: missing tensors {missing[:5]}, "
-                               f"unexpected tensors {unexpected[:5]}")
-    for key, target in targets.items():
-        if target.shape != values[key].shape:
-            raise AdapterFileError(f"{folder}: {key} has shape {tuple(values[key].shape)}, adapter {name!r} "
-                                   f"needs {tuple(target.shape)}")
-    return [(target, values[key]) for key, target in targets.items()]
+    return paired_tensors(targets, values, f"{folder} (adapter {name!r})")
 
 
 def _holds_adapter(folder: str | Path) -> bool:

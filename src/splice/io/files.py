@@ -56,7 +56,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from splice.core.errors import AdapterFileError, OutputExistsError, SpliceError
+from splice.core.errors import AdapterFileError, OutputExistsError, ShapeMismatchError, SpliceError
 
 try:
     import fcntl
@@ -586,6 +586,21 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         name = safetensors_file if safetensors_file.is_file() else legacy_file
         raise AdapterFileError(f"{name} is corrupt or unreadable: {err}") from None
     raise AdapterFileError(f"no {WEIGHTS_NAME} (or {LEGACY_WEIGHTS_NAME}) in {path}")
+
+
+def paired_tensors(targets: dict[str, torch.Tensor], values: dict[str, torch.Tensor],
+                   where: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(target, value) pairs for copying a file's tensors into an adapter: refuses, before anything
+    is copied, tensors missing on either side and shapes that differ, naming `where`."""
+    missing, unexpected = sorted(set(targets) - set(values)), sorted(set(values) - set(targets))
+    if missing or unexpected:
+        raise AdapterFileError(f"{where} does not match the adapter: missing tensors {missing[:5]}, "
+                               f"unexpected tensors {unexpected[:5]}")
+    for key, target in targets.items():
+        if target.shape != values[key].shape:
+            raise ShapeMismatchError(f"{where}: {key} has shape {tuple(values[key].shape)}, the model needs "
+                                     f"{tuple(target.shape)}")
+    return [(target, values[key]) for key, target in targets.items()]
 
 
 def base_model_name(model: torch.nn.Module) -> str | None:

@@ -22,7 +22,7 @@ from splice.core.host import hosts
 from splice.core.registry import config_from_dict
 from splice.core.targets import exact_targets, named_base_modules
 from splice.core.validation import Problem, check_value, describe_type, located, raise_problems, tensor_problem
-from splice.io.files import CONFIG_NAME, WEIGHTS_NAME, base_model_name, write_config, write_weights
+from splice.io.files import CONFIG_NAME, WEIGHTS_NAME, base_model_name, paired_tensors, write_config, write_weights
 
 FORMAT = "splice"
 FORMAT_VERSION = 1
@@ -131,14 +131,6 @@ def _load_tensors(model: nn.Module, name: str, heads: list[str], tensors: dict[s
         if name in host:
             targets |= {f"{module_name}.{k}": v for k, v in host[name].state_dict(keep_vars=True).items()}
     targets |= {f"{HEAD_PREFIX}{k}": v for k, v in head_tensors(model, heads, name, keep_vars=True).items()}
-    unexpected, missing = sorted(set(tensors) - set(targets)), sorted(set(targets) - set(tensors))
-    if unexpected or missing:
-        raise AdapterFileError(f"adapter file does not match its config: unexpected tensors "
-                               f"{unexpected[:5]}, missing tensors {missing[:5]}")
-    for key, target in targets.items():
-        if target.shape != tensors[key].shape:
-            raise ShapeMismatchError(
-                f"{key}: file has shape {tuple(tensors[key].shape)}, model needs {tuple(target.shape)}")
     with torch.no_grad():
-        for key, target in targets.items():
-            target.copy_(tensors[key])
+        for target, value in paired_tensors(targets, tensors, "the adapter file"):
+            target.copy_(value)
