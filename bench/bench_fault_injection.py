@@ -5,12 +5,12 @@ the weights, so a kill in between left the new config next to the old weights: a
 without an error and gives wrong outputs. Now every folder is written into a temporary sibling and
 swapped in whole (`splice.io.files.atomic_directory`). This counts what a kill leaves, both ways.
 
-How. A server process (this file, `--serve`) imports splice once and holds two versions of one LoRA
-on a tiny MLP (64-256-256-16; LoRA r=16 on its three Linears, 70 KB of weights): A with alpha 16, B
-with alpha 32 and other random factors, so that one's config with the other's weights gives outputs
-unlike both. It also writes each version once, cleanly, as the reference. For each kill it forks a
-child that overwrites one folder with A, B, A, B, ... (`overwrite=True`) as fast as it can; once
-the child's first save has begun, this process waits a random 0 to `delay` save durations, SIGKILLs
+How. A server process (fault_injection_server.py) imports splice once and holds two versions of one
+LoRA on a tiny MLP (64-256-256-16; LoRA r=16 on its three Linears, 70 KB of weights): A with alpha
+16, B with alpha 32 and other random factors, so that one's config with the other's weights gives
+outputs unlike both. It also writes each version once, cleanly, as the reference. For each kill it
+forks a child that overwrites one folder with A, B, A, B, ... (`overwrite=True`) as fast as it can;
+once the child's first save has begun, this process waits a random 0 to `delay` save durations, SIGKILLs
 the child, and loads the folder (`splice.load`) onto a fresh copy of the base model. Every
 `fresh_every`-th kill starts with no folder (a fresh save). The outcome is judged against the save
 in flight when the kill landed (the child counts its finished saves in shared memory):
@@ -44,13 +44,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import mmap
 import os
 import random
 import shutil
 import signal
 import statistics
-import struct
 import subprocess
 import sys
 import time
@@ -66,6 +64,8 @@ OUTCOMES = ("old", "new", "refused", "mixed", "other")
 WRITERS = ("before", "after")
 VERSIONS = {"A": (16.0, 1), "B": (32.0, 2)}  # alpha, seed of the random factors
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+CARD = "README.md"  # the model card splice.save writes beside them
+SERVER = Path(__file__).resolve().with_name("fault_injection_server.py")
 
 
 # -- the adapter and the two writers ------------------------------------------------------------
@@ -107,91 +107,11 @@ def head3_save(config: dict[str, Any], tensors: dict[str, torch.Tensor], path: P
 
 
 def leftovers(folder: Path) -> list[str]:
-    """Temporaries next to the folder and files in it other than the adapter's two."""
+    """Temporaries next to the folder and files in it other than the adapter's two and its card."""
     found = [p.name for p in folder.parent.glob(f".{folder.name}.*")]
     if folder.is_dir():
-        found += [f"{folder.name}/{p.name}" for p in folder.iterdir() if p.name not in (CONFIG, WEIGHTS)]
+        found += [f"{folder.name}/{p.name}" for p in folder.iterdir() if p.name not in (CONFIG, WEIGHTS, CARD)]
     return sorted(found)
-
-
-# -- the server: one import of splice, one fork per kill ----------------------------------------
-
-
-def serve(writer: str, folder: Path) -> None:
-    """Commands on stdin, one JSON reply per line on stdout:
-    `kill V` forks a child saving V, then the other version, alternately, replies {"pid"} once
-    the child's first save began and {"saves", "first_s", "signal", "exit"} once the child is dead
-    (first_s: how long its first save took, 0 if it did not finish);
-    `save V` saves V once, here; EOF ends."""
-    torch.set_num_threads(1)  # no thread pool to inherit across fork
-    from safetensors.torch import load_file
-
-    import splice
-
-    models = {v: adapter_model(v) for v in VERSIONS}
-    for v, model in models.items():
-        splice.save(model, folder.parent / f"reference-{v}", overwrite=True)
-    if writer == "after":
-        def save(version: str) -> None:
-            splice.save(models[version], folder, overwrite=True)
-    else:
-        files = {v: (json.loads((folder.parent / f"reference-{v}" / CONFIG).read_text()),
-                     load_file(str(folder.parent / f"reference-{v}" / WEIGHTS))) for v in VERSIONS}
-
-        def save(version: str) -> None:
-            head3_save(*files[version], folder)
-
-    durations = []
-    for i in range(8):
-        started = time.perf_counter()
-        save("AB"[i % 2])
-        durations.append(time.perf_counter() - started)
-    shutil.rmtree(folder)
-    reply({"save_s": statistics.median(durations)})
-    shared = mmap.mmap(-1, 24)  # [began, saves finished, first save's ns], shared with the forked child
-    for line in sys.stdin:
-        command, version = line.split()
-        if command == "save":
-            save(version)
-            reply({"saved": version})
-            continue
-        shared[:] = bytes(24)
-        pid = os.fork()
-        if pid == 0:
-            _child(save, version, shared)
-        deadline = time.monotonic() + 10
-        while not struct.unpack_from("q", shared, 0)[0] and time.monotonic() < deadline:
-            time.sleep(0.0002)
-        reply({"pid": pid})
-        _, status = os.waitpid(pid, 0)
-        reply({"saves": struct.unpack_from("q", shared, 8)[0], "first_s": struct.unpack_from("q", shared, 16)[0] / 1e9,
-               "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
-               "exit": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None})
-
-
-def _child(save: Any, first: str, shared: mmap.mmap) -> None:
-    """Overwrite the folder with `first`, the other version, `first`, ... until killed (20 s at most)."""
-    code = 0
-    try:
-        order = [first, "B" if first == "A" else "A"]
-        struct.pack_into("q", shared, 0, 1)
-        started = time.perf_counter_ns()
-        deadline, done = time.monotonic() + 20, 0
-        while time.monotonic() < deadline:
-            save(order[done % 2])
-            done += 1
-            if done == 1:
-                struct.pack_into("q", shared, 16, time.perf_counter_ns() - started)
-            struct.pack_into("q", shared, 8, done)
-    except BaseException:
-        code = 3
-    finally:
-        os._exit(code)
-
-
-def reply(message: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()
 
 
 # -- the killing side ---------------------------------------------------------------------------
@@ -241,9 +161,8 @@ class FaultInjection:
     def __init__(self, root: Path, writer: str, *, seed: int = 0, delay: float = 2.5) -> None:
         self.writer, self.delay = writer, delay
         self.folder = Path(root) / "adapter"
-        self.server = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--serve", writer,
-                                        str(self.folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        self.server = subprocess.Popen([sys.executable, str(SERVER), writer, str(self.folder)], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         self.save_s = self._read()["save_s"]
         self.base, self.x = base_model(), inputs()
         self.expected = {v: outputs(self.folder.parent / f"reference-{v}", self.base, self.x) for v in VERSIONS}
@@ -369,7 +288,7 @@ class Settings:
 def run(s: Settings) -> dict[str, Any]:
     import tempfile
 
-    from common import Phases, environment
+    from common import Phases, environment, finish
 
     from splice.io import files
 
@@ -383,10 +302,7 @@ def run(s: Settings) -> dict[str, Any]:
             result["writers"][writer] = inject(Path(root), writer, s.kills, fresh_every=s.fresh_every, seed=s.seed,
                                                delay=s.delay)
         print("  " + ", ".join(f"{k} {result['writers'][writer][k]}" for k in ("kills", *OUTCOMES)), flush=True)
-    result["environment"]["loadavg_end"] = os.getloadavg()
-    result["phase_seconds"] = phase.seconds()
-    result["total_s"] = phase.total()
-    return result
+    return finish(result, phase, keys=("phase_seconds", "total_s"))
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
@@ -408,7 +324,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--serve"]:
-        serve(sys.argv[2], Path(sys.argv[3]))
-    else:
-        main()
+    main()

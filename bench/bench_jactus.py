@@ -33,98 +33,37 @@ import argparse
 import copy
 import math
 import time
-import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from common import (
-    HEAD,
+    DATASETS,
     Candidate,
     Phases,
     bench_main,
     bench_parser,
-    compare,
+    encode_rows,
     environment,
     finish,
-    interleaved,
+    guarded,
     minilm_dir,
-    pool_runs,
     review_batch,
     run_sections,
-    seed_everything,
+    seed_runs,
     seed_summary,
     settings_from,
+    train_loop,
     train_step,
-    trainable,
+    versus_baseline,
 )
+from jactus_report import markdown
+from jactus_setup import BASELINE, TOY_D, TOY_SIGNAL, VARIANT_BY_NAME, VARIANTS, Settings, Variant, build, data_rows
 from torch import nn
 
-DATASETS = {"rotten_tomatoes": "Rotten Tomatoes", "bbc_news": "BBC News"}
-BASELINE = "LoRA"
-
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    kind: str  # "jactus", "compress_lora" or "lora"
-    options: dict[str, Any]
-    why: str
-
-
-VARIANTS = [
-    Variant("JACTUS", "jactus", {"task_rank": 8, "weighting": "input"},
-            "union of W's dominant subspace (output-error weighted, `weighting='input'`) and 8 input / 8"
-            " gradient directions per layer; cores + head trained"),
-    Variant("JACTUS t=0", "jactus", {"task_rank": 0, "weighting": "input"},
-            "ablation: the same allocation and weighting without task directions (weighted truncated SVD),"
-            " cores + head trained"),
-    Variant("compress-then-LoRA", "compress_lora", {"r": 8, "alpha": 16},
-            "truncated SVD (`task_rank=0, weighting='none'`), factors and core frozen, LoRA r=8 alpha=16"
-            " beside each compressed layer + head"),
-    Variant("LoRA", "lora", {"r": 8, "alpha": 16}, "uncompressed MiniLM, LoRA r=8 alpha=16 on the same layers + head"),
-]
-VARIANT_BY_NAME = {v.name: v for v in VARIANTS}
-
-
-@dataclass
-class Settings:
-    """How much to measure; `--quick` shrinks every count to a smoke run."""
-
-    threads: int = 1
-    jobs: int = 2
-    sections: list[str] = field(default_factory=lambda: ["toy", "accuracy", "step_time"])
-    variants: list[str] = field(default_factory=lambda: [v.name for v in VARIANTS])
-    datasets: list[str] = field(default_factory=lambda: ["rotten_tomatoes"])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    budget: float = 0.8
-    steps: int = 150
-    batch: int = 16
-    max_length: int = 48
-    lr_lora: float = 2e-3  # bench_forms' adapter lr
-    # Pilot (Rotten Tomatoes, seed 0, 150 steps, validation accuracy of JACTUS): 3e-4 71.5%, 1e-3 74.5%,
-    # 3e-3 and 1e-2 49% (the loss never fell: the cores hold the whole weights, not a delta).
-    lr_core: float = 1e-3
-    head_lr: float = 3e-2  # bench_forms' head lr
-    calibration_examples: int = 128
-    eval_examples: int = 200
-    rounds: int = 10
-    warmup: int = 2
-    toy_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    quick: bool = False
-
-    @classmethod
-    def quick_run(cls, **overrides: Any) -> Settings:
-        return cls(seeds=[0], steps=4, calibration_examples=16, eval_examples=16, rounds=2, warmup=1,
-                   toy_seeds=[0], quick=True, **overrides)
-
-
 # ------------------------------------------------------------------------------------- toy
-
-
-TOY_D, TOY_SIGNAL = 32, 4
 
 
 def planted(seed: int, noise: float) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -209,85 +148,6 @@ def toy(s: Settings, phase: Phases) -> dict[str, Any]:
 # -------------------------------------------------------------------------------- variants
 
 
-class LoRABeside(nn.Module):
-    """A frozen layer plus LoRA: y = layer(x) + (alpha / r) B A x, B = 0 at the start (PEFT's init)."""
-
-    def __init__(self, layer: nn.Module, r: int, alpha: float) -> None:
-        super().__init__()
-        self.layer, self.scale = layer, alpha / r
-        like = next(layer.parameters())
-        self.lora_A = nn.Parameter(torch.empty(r, layer.in_features, dtype=like.dtype))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.lora_B = nn.Parameter(torch.zeros(layer.out_features, r, dtype=like.dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x) + self.scale * ((x @ self.lora_A.T) @ self.lora_B.T)
-
-
-def data_rows(data: str) -> Any:
-    from splice import assets
-
-    return assets.dataset(data)
-
-
-def encode(tokenizer: Any, rows: list[dict[str, Any]], max_length: int) -> dict[str, torch.Tensor]:
-    batch = dict(tokenizer([r["text"] for r in rows], padding=True, truncation=True, max_length=max_length,
-                           return_tensors="pt"))
-    return batch | {"labels": torch.tensor([int(r["label"]) for r in rows])}
-
-
-def build(variant: Variant, data: str, seed: int, s: Settings) -> tuple[nn.Module, list[dict[str, Any]], dict]:
-    """A fresh MiniLM with a seeded head, prepared the variant's way; its parameter groups and facts."""
-    import transformers
-
-    import splice
-    from splice.compression.factorized import factorized_modules, replace_module
-    from splice.compression.jactus import calibrate, jactus
-
-    splits = data_rows(data)
-    seed_everything(seed)  # the head's init
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        minilm_dir(), num_labels=len(splits.label_names))
-    facts: dict[str, Any] = {"base_parameters": sum(p.numel() for p in model.parameters())}
-    if variant.kind == "lora":
-        o = variant.options
-        splice.attach(model, splice.LoRA(r=o["r"], alpha=o["alpha"], targets="all-linear", train_also=[HEAD]))
-        adapter = [p for n, p in trainable(model).items() if not n.startswith(f"{HEAD}.")]
-        groups = [{"params": adapter, "lr": s.lr_lora}]
-        facts["deployed_parameters"] = facts["base_parameters"]  # merged into W
-    else:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir())
-        rows = splits.train[: s.calibration_examples]
-        batches = [encode(tokenizer, rows[i : i + s.batch], s.max_length) for i in range(0, len(rows), s.batch)]
-        tick = time.perf_counter()
-        stats = calibrate(model, batches, "all-linear", train_also=[HEAD])
-        facts["calibration_s"] = time.perf_counter() - tick
-        options = variant.options if variant.kind == "jactus" else {"task_rank": 0, "weighting": "none"}
-        tick = time.perf_counter()
-        report = jactus(model, stats, budget=s.budget, train_also=[HEAD], **options)
-        facts["compress_s"] = time.perf_counter() - tick
-        ranks = list(report.ranks.values())
-        facts.update({"retained_fraction": report.retained_fraction, "rank_min": min(ranks),
-                      "rank_median": float(np.median(ranks)), "rank_max": max(ranks),
-                      "compressed_before": report.params_before, "compressed_after": report.params_after})
-        if variant.kind == "jactus":
-            groups = [{"params": [p for n, p in model.named_parameters() if n.endswith(".core")], "lr": s.lr_core}]
-        else:
-            lora = []
-            for name, layer in factorized_modules(model).items():
-                layer.core.requires_grad_(False)
-                wrapped = LoRABeside(layer, variant.options["r"], variant.options["alpha"])
-                replace_module(model, name, wrapped)
-                lora += [wrapped.lora_A, wrapped.lora_B]
-            groups = [{"params": lora, "lr": s.lr_lora}]
-        facts["deployed_parameters"] = sum(p.numel() for p in model.parameters())
-    head = list(model.get_submodule(HEAD).parameters())
-    groups.append({"params": head, "lr": s.head_lr})
-    facts["trainable_adapter"] = sum(p.numel() for p in groups[0]["params"])
-    facts["trainable_head"] = sum(p.numel() for p in head)
-    return model, groups, facts
-
-
 def train_and_test(model: nn.Module, groups: list[dict[str, Any]], data: str, seed: int, s: Settings) -> dict:
     """AdamW (no weight decay: it would pull the cores, i.e. the weights, to zero), 6% warm-up and
     cosine decay, clipping 1.0; the data order depends on the seed alone; test accuracy at the end."""
@@ -298,31 +158,18 @@ def train_and_test(model: nn.Module, groups: list[dict[str, Any]], data: str, se
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir())
     loader = DataLoader(splits.train, batch_size=s.batch, shuffle=True,
                         generator=torch.Generator().manual_seed(seed),
-                        collate_fn=lambda rows: encode(tokenizer, rows, s.max_length))
-    params = [p for g in groups for p in g["params"]]
+                        collate_fn=lambda rows: encode_rows(tokenizer, rows, s.max_length))
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
     scheduler = transformers.get_cosine_schedule_with_warmup(optimizer, int(0.06 * s.steps), s.steps)
-    model.train()
-    losses, step, tick = [], 0, time.perf_counter()
-    while step < s.steps:
-        for batch in loader:
-            loss = model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            step += 1
-            if step == s.steps:
-                break
+    tick = time.perf_counter()
+    losses = train_loop(model, loader, optimizer, scheduler, [p for g in groups for p in g["params"]], s.steps)
     train_s = time.perf_counter() - tick
     model.eval()
     rows = splits.test[: s.eval_examples]
     correct = 0
     with torch.no_grad():
         for i in range(0, len(rows), 32):
-            batch = encode(tokenizer, rows[i : i + 32], s.max_length)
+            batch = encode_rows(tokenizer, rows[i : i + 32], s.max_length)
             labels = batch.pop("labels")
             correct += (model(**batch).logits.argmax(-1) == labels).sum().item()
     return {"test_accuracy": correct / len(rows), "first_loss": float(np.mean(losses[:5])),
@@ -331,21 +178,20 @@ def train_and_test(model: nn.Module, groups: list[dict[str, Any]], data: str, se
 
 def train_one(name: str, data: str, seed: int, s: dict[str, Any]) -> dict[str, Any]:
     """One training run in a worker process; a failure is returned, not raised."""
-    settings = Settings(**s)
     out: dict[str, Any] = {"variant": name, "data": data, "seed": seed}
-    try:
-        model, groups, facts = build(VARIANT_BY_NAME[name], data, seed, settings)
-        out.update(facts)
-        out.update(train_and_test(model, groups, data, seed, settings))
-    except Exception as err:  # one broken variant must not stop the others
-        out["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"[:300]
-        out["traceback"] = traceback.format_exc()[-2000:]
-    return out
+    return guarded(out, built_and_trained, out, VARIANT_BY_NAME[name], data, seed, Settings(**s))
+
+
+def built_and_trained(out: dict[str, Any], variant: Variant, data: str, seed: int, s: Settings) -> dict[str, Any]:
+    """Build the variant, its facts into `out` at once (a run that fails in training still reports
+    them), then train and test it."""
+    model, groups, facts = build(variant, data, seed, s)
+    out.update(facts)
+    return train_and_test(model, groups, data, seed, s)
 
 
 def accuracy(s: Settings, phase: Phases) -> dict[str, Any]:
-    jobs = [(v, d, seed) for d in s.datasets for seed in s.seeds for v in s.variants]
-    phase(f"[accuracy] {len(jobs)} training runs, {s.jobs} at a time")
+    """Every (variant, data set, seed) trained and tested, `s.jobs` runs at a time."""
 
     def describe(row: dict[str, Any]) -> str:
         status = f"failed: {row['error']}" if "error" in row else (
@@ -353,7 +199,7 @@ def accuracy(s: Settings, phase: Phases) -> dict[str, Any]:
             f" ({row['train_s']:.0f} s training)")
         return f"  {row['variant']:<20} {row['data']:<16} seed {row['seed']}: {status}"
 
-    runs = pool_runs(train_one, [(*job, asdict(s)) for job in jobs], s.jobs, s.threads, describe)
+    runs = seed_runs(train_one, s.variants, s, phase, describe)
     summary = seed_summary(runs, "variant", s.variants, s.datasets)
     return {"runs": runs, "summary": summary}
 
@@ -362,6 +208,7 @@ def accuracy(s: Settings, phase: Phases) -> dict[str, Any]:
 
 
 def step_time(s: Settings, phase: Phases) -> dict[str, Any]:
+    """One training step of every variant on a fixed batch of reviews, paired and interleaved."""
     batch, real = review_batch(s.batch, s.max_length)
     out: dict[str, Any] = {"batch": list(batch["input_ids"].shape), "real_token_fraction": real, "variants": {}}
     candidates = []
@@ -376,19 +223,7 @@ def step_time(s: Settings, phase: Phases) -> dict[str, Any]:
             candidates.append(Candidate(name, lambda _, m=model, o=optimizer: train_step(m, o, batch)))
         except Exception as err:
             out["variants"][name] = {"error": f"{type(err).__name__}: {err}"[:300]}
-    names = [c.name for c in candidates]
-    if BASELINE in names and len(names) > 1:
-        phase(f"[step time] {s.rounds} interleaved rounds of {len(names)} variants")
-        samples = interleaved(candidates, s.rounds, s.warmup)
-        out["timing"] = compare(samples, [(n, BASELINE) for n in names if n != BASELINE])
-    return out
-
-
-def markdown(result: dict[str, Any], s: Settings) -> str:
-    """The report; jactus_report.py holds it and imports this module, so it is imported only here."""
-    from jactus_report import markdown as render
-
-    return render(result, s)
+    return out | versus_baseline(candidates, BASELINE, s.rounds, s.warmup, phase, "variants")
 
 
 # -------------------------------------------------------------------------------------- main

@@ -29,7 +29,6 @@ import argparse
 import copy
 import gc
 import json
-import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -49,6 +48,7 @@ from common import (
     bench_parser,
     compare,
     environment,
+    finish,
     inputs_only,
     interleaved,
     load_minilm_classifier,
@@ -307,9 +307,6 @@ def rss_all(settings: Settings) -> dict[str, Any]:
     return out
 
 
-# ----------------------------------------------------------------------------------- reporting
-
-
 # -------------------------------------------------------------------------------------- main
 
 
@@ -341,10 +338,7 @@ def run(settings: Settings) -> dict[str, Any]:
             result["configs"][key] = cfg
             del models
             gc.collect()
-    result["phase_s"] = phase.seconds()
-    result["environment"]["loadavg_end"] = os.getloadavg()
-    result["runtime_s"] = phase.total()
-    return result
+    return finish(result, phase)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:

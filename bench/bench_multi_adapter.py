@@ -36,11 +36,10 @@ Results go to bench/results/multi_adapter.{json,md} (`_quick` suffix for --quick
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
-import os
+import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +48,11 @@ import transformers
 from common import (
     Batch,
     Candidate,
-    Library,
     LoraSpec,
-    Peft,
     Phases,
-    Splice,
     bench_main,
     bench_parser,
     compare,
-    copy_lora,
     environment,
     finish,
     inputs_only,
@@ -66,123 +61,31 @@ from common import (
     load_minilm_classifier,
     max_abs_diff,
     median_ratio_ci,
-    memory_marks,
     minilm_dir,
     optimizer_for,
     overheads,
-    parameter_storages,
-    proc_status_mb,
     quartiles,
-    reset_peak_rss,
     review_batch,
     review_chunks,
-    run_child,
-    saved_for_backward,
     seed_everything,
     settings_from,
     smollm2_dir,
     train_step,
     trainable,
 )
+from multi_adapter_memory import memory, memory_child
 from multi_adapter_report import decode_md, markdown, memory_md, mixed_batch_md, training_md
+from multi_adapter_setup import (
+    CAUSAL,
+    TARGETS,
+    Context,
+    Settings,
+    causal_batch,
+    load_smollm2,
+    lora_only,
+    twin_models,
+)
 from torch import nn
-
-TARGETS: dict[str, dict[str, str | list[str]]] = {
-    "minilm": {"qv": ["query", "value"], "all-linear": "all-linear"},
-    "smollm2": {"qv": ["q_proj", "v_proj"], "all-linear": "all-linear"},
-}
-B_STD = 0.02  # std of the seeded lora_B values: large enough to change outputs and tokens
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # see `memory`: freed tensors go back to the OS
-MB = 2**20
-
-
-@dataclass
-class Settings:
-    """How much to measure; `--quick` shrinks every count (and the decode length) to a smoke run."""
-
-    threads: int = 1
-    warmup: int = 2  # untimed rounds before the MiniLM rounds (SmolLM2 sections: 1)
-    sections: list[str] = field(default_factory=lambda: [s.key for s in SECTIONS])
-    targets: list[str] = field(default_factory=lambda: ["qv", "all-linear"])
-    mixed_batch: int = 32
-    mixed_seq: int = 48
-    mixed_adapters: list[int] = field(default_factory=lambda: [4, 16])
-    mixed_rounds: int = 20
-    decode_batch: int = 8
-    prompt_len: int = 32
-    new_tokens: int = 32
-    decode_adapters: int = 8
-    decode_rounds: int = 4
-    minilm_batch: int = 8
-    minilm_seq: int = 64
-    minilm_pairs: int = 20
-    smollm_batch: int = 4
-    smollm_seq: int = 64
-    smollm_pairs: int = 8
-    smollm_train_targets: list[str] = field(default_factory=lambda: ["qv"])
-    mem_steps: int = 1
-    mem_dropouts: list[float] = field(default_factory=lambda: [0.0, 0.1])
-    mem_models: list[str] = field(default_factory=lambda: ["minilm", "smollm2"])
-    mem_targets: list[str] = field(default_factory=lambda: ["qv", "all-linear"])  # MiniLM; SmolLM2: qv
-    default_malloc: bool = False
-    quick: bool = False
-
-    @classmethod
-    def quick_run(cls, **overrides: Any) -> Settings:
-        return cls(warmup=1, mixed_adapters=[16], mixed_rounds=2, new_tokens=4, decode_rounds=1, minilm_pairs=2,
-                   smollm_pairs=1, smollm_seq=32, mem_models=["minilm"], mem_dropouts=[0.1], mem_targets=["qv"],
-                   quick=True, **overrides)
-
-
-@dataclass
-class Context:
-    """What every section gets: the settings and the model folders (resolved once)."""
-
-    settings: Settings
-    minilm: Path
-    smollm2: Path
-    phase: Phases
-
-
-# ------------------------------------------------------------------------------ shared pieces
-
-
-def lora_only(spec: LoraSpec) -> LoraSpec:
-    """The same LoRA without a trained head (encoder or decoder models)."""
-    return LoraSpec(r=spec.r, alpha=spec.alpha, dropout=spec.dropout, head=None, task_type=None)
-
-
-CAUSAL = LoraSpec(head=None, task_type="CAUSAL_LM")
-
-
-def twin_models(base: nn.Module, spec: LoraSpec, targets: str | list[str], names: list[str], seed: int
-                ) -> tuple[nn.Module, nn.Module, int]:
-    """A splice and a PEFT copy of `base` holding the same adapters `names` (lora_B seeded, not
-    zero; copied from splice into PEFT). Returns both models and the number of LoRA tensors."""
-    spl, pft = Splice(spec), Peft(spec)
-    s_model, p_model = copy.deepcopy(base), copy.deepcopy(base)
-    for name in names:
-        s_model = spl.attach(s_model, targets, name)
-        p_model = pft.attach(p_model, targets, name)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # every adapter's B (trainable or not), in a fixed order
-        for name, p in sorted(s_model.named_parameters()):
-            if name.endswith(".lora_B"):
-                p.copy_(torch.randn(p.shape, generator=generator) * B_STD)
-    copied = copy_lora(s_model, p_model)
-    return s_model, p_model, copied
-
-
-def causal_batch(path: Path, size: int, length: int, seed: int) -> Batch:
-    """Packed real text for causal-LM training: no padding, labels = inputs (the model shifts)."""
-    ids = review_chunks(path, size, length, seed)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-
-
-def load_smollm2(path: Path) -> nn.Module:
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-
 
 # ------------------------------------------------------------------ a. mixed-batch inference
 
@@ -354,97 +257,6 @@ def training_one(base: nn.Module, spec: LoraSpec, targets: str | list[str], batc
     return result
 
 
-# ------------------------------------------------------------------------------- d. memory
-
-
-def memory_kinds(s: Settings) -> list[str]:
-    """model:library:targets:dropout for each child, plus model:floor (no adapter)."""
-    kinds = []
-    for model in s.mem_models:
-        targets = [t for t in s.targets if t in s.mem_targets] if model == "minilm" else s.smollm_train_targets
-        kinds += [f"{model}:{lib}:{t}:{p}" for t in targets for p in s.mem_dropouts for lib in ("splice", "peft")]
-        kinds.append(f"{model}:floor")
-    return kinds
-
-
-def memory(ctx: Context) -> dict[str, Any]:
-    """One fresh interpreter per configuration, run one after another (never concurrently).
-
-    The children run with glibc's mmap threshold fixed at 64 KiB (unless --default-malloc):
-    every tensor buffer is then its own mapping, returned to the OS when freed, so the RSS
-    follows live memory and the step's RSS increase does not depend on what the allocator kept
-    from earlier steps (with the default dynamic threshold it varied 13-31 MB for one config).
-    """
-    s = ctx.settings
-    out: dict[str, Any] = {"children": {}, "malloc_env": {} if s.default_malloc else MALLOC_ENV}
-    for kind in memory_kinds(s):
-        ctx.phase(f"[memory] {kind}")
-        model = kind.split(":")[0]
-        args = ["--mem-child", kind, "--threads", str(s.threads), "--mem-steps", str(s.mem_steps),
-                "--model-path", str(ctx.minilm if model == "minilm" else ctx.smollm2),
-                "--minilm-batch", str(s.minilm_batch), "--minilm-seq", str(s.minilm_seq),
-                "--smollm-batch", str(s.smollm_batch), "--smollm-seq", str(s.smollm_seq)]
-        row = run_child(Path(__file__).resolve(), args, env=out["malloc_env"])
-        out["children"][kind] = row
-        print(f"  saved {row['saved_mb']:7.1f} MB, step +{row['step_delta_mb']:6.1f} MB, peak {row['peak_mb']:7.1f} MB",
-              flush=True)
-    return out
-
-
-def memory_child(kind: str, s: Settings, model_path: Path) -> dict[str, Any]:
-    """Inside a fresh interpreter: load, attach, one warm-up step (creates gradients and the
-    optimizer state), reset the RSS high-water mark, `mem_steps` steps, then one forward under
-    `saved_for_backward` to total the activation bytes."""
-    torch.set_num_threads(s.threads)
-    model_name, library, *rest = kind.split(":")
-    minilm = model_name == "minilm"
-    spec = LoraSpec(dropout=float(rest[1])) if rest else LoraSpec()
-    spec = spec if minilm else LoraSpec(dropout=spec.dropout, head=None, task_type="CAUSAL_LM")
-    lib: Library | None = {"splice": Splice, "peft": Peft}[library](spec) if library != "floor" else None
-    after_import = memory_marks()
-    if minilm:
-        model = load_minilm_classifier(model_path)
-        batch, _ = review_batch(s.minilm_batch, s.minilm_seq)
-    else:
-        model = load_smollm2(model_path)
-        batch = causal_batch(model_path, s.smollm_batch, s.smollm_seq, seed=1)
-    if lib is not None:
-        model = lib.attach(model, TARGETS[model_name][rest[0]])
-        optimizer: torch.optim.Optimizer | None = optimizer_for(model)
-    else:  # the floor: nothing trains, but gradients flow down to the embeddings' output
-        model.requires_grad_(False)
-        model.enable_input_require_grads()
-        optimizer = None
-    model.train()
-    torch.manual_seed(0)
-
-    def step() -> None:
-        if optimizer is not None:
-            train_step(model, optimizer, batch)
-        else:
-            model(**batch).loss.backward()
-
-    step()
-    after_setup = memory_marks()
-    rss_before = proc_status_mb("VmRSS") or 0.0
-    reset_ok = reset_peak_rss()
-    for _ in range(s.mem_steps):
-        step()
-    after_steps = memory_marks()
-    with saved_for_backward(parameter_storages(model)) as saved:
-        loss = model(**batch).loss
-    loss.backward()
-    key = "vmhwm_mb" if "vmhwm_mb" in after_steps else "ru_maxrss_mb"
-    return {"kind": kind, "trainable": sum(p.numel() for p in trainable(model).values()),
-            "saved_mb": saved["bytes"] / MB, "saved_tensors": saved["tensors"],
-            "hwm_reset_worked": reset_ok, "rss_before_steps_mb": rss_before,
-            "step_delta_mb": after_steps[key] - rss_before if reset_ok else float("nan"),
-            "peak_mb": max(after_setup[key], after_steps[key]),
-            "peak_ru_maxrss_mb": max(after_setup["ru_maxrss_mb"], after_steps["ru_maxrss_mb"]),
-            "after_import_mb": after_import[key], "after_setup_mb": after_setup[key], "steps": s.mem_steps,
-            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_")}
-
-
 # ------------------------------------------------------------------------------ the registry
 
 
@@ -470,7 +282,8 @@ SECTIONS: list[Section] = [
 ]
 # Sections announced but not written yet; the report lists them so readers know they are missing.
 # A section that lands here: write `tenants(ctx) -> dict` and `tenants_md(result, settings) -> (lines,
-# goals)`, add its Section above and drop its PLANNED entry.
+# goals)`, add its Section above and its key to `Settings.sections` (multi_adapter_setup.py), and drop
+# its PLANNED entry.
 PLANNED = {"tenants": "Concurrent multi-tenant training (several adapters trained at once on one base): not part"
                       " of this script yet; bench/bench_tenants.py measures it on its own (results/tenants.md)"}
 
@@ -513,15 +326,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     for name in ("minilm-batch", "minilm-seq", "smollm-batch", "smollm-seq"):
         p.add_argument(f"--{name}", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    settings = settings_from(args, Settings)
-    settings.default_malloc = args.default_malloc
-    return args, settings
+    return args, settings_from(args, Settings)
 
 
 def mem_child(args: argparse.Namespace, settings: Settings) -> bool:
     if args.mem_child:
-        import json
-
         print(json.dumps(memory_child(args.mem_child, settings, args.model_path)))
     return bool(args.mem_child)
 

@@ -179,7 +179,7 @@ def one_adapter(model_name: str, data: str, r: int, s: Settings) -> dict[str, An
     from rich.console import Console
 
     from splice.compression.para import compress, sweep
-    from splice.io.state import adapter_state
+    from splice.io.adapter_states import adapter_state
     from splice.train import TrainConfig, run
 
     torch.set_num_threads(1)

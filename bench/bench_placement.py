@@ -34,7 +34,6 @@ import argparse
 import json
 import tempfile
 import time
-import traceback
 from collections import Counter, defaultdict
 from concurrent.futures import as_completed
 from dataclasses import asdict, dataclass, field
@@ -44,11 +43,13 @@ from typing import Any
 import numpy as np
 import torch
 from common import (
+    DATASETS,
     Phases,
     bench_main,
     bench_parser,
     environment,
     finish,
+    guarded,
     minilm_dir,
     review_chunks,
     seed_summary,
@@ -59,7 +60,6 @@ from common import (
 
 HERE = Path(__file__).resolve().parent
 SMOLLM2_EXAMPLE = HERE.parent / "examples" / "smollm2_arithmetic.yaml"
-DATASETS = {"rotten_tomatoes": "Rotten Tomatoes", "bbc_news": "BBC News"}
 BASELINE = "LoRA q,v"
 DOMLORA = "DomLoRA top-1"
 
@@ -117,21 +117,6 @@ class Settings:
     @classmethod
     def quick_run(cls, **overrides: Any) -> Settings:
         return cls(seeds=[0], steps=3, max_length=32, eval_examples=16, probe_batches=2, quick=True, **overrides)
-
-
-def short_error(err: BaseException) -> str:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return f"{type(err).__name__}: {first}"[:300]
-
-
-def guarded(job: dict[str, Any], fn: Any, *args: Any) -> dict[str, Any]:
-    """`fn(*args)` merged into `job`; an exception becomes job["error"] instead of stopping the pool."""
-    try:
-        job.update(fn(*args))
-    except Exception as err:
-        job["error"] = short_error(err)
-        job["traceback"] = traceback.format_exc()[-2000:]
-    return job
 
 
 def train_config(data: str, seed: int, adapter: dict[str, Any], s: Settings, output_dir: str) -> Any:

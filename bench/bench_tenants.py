@@ -120,23 +120,14 @@ def peft_tenant(tenant: dict[str, Any], rows: dict[str, Any], steps: int, out: P
     """One tenant with HF PEFT, as `splice.train.run` would train it (see the module docstring)."""
     import torch
     import transformers
-    from peft import LoraConfig, get_peft_model
     from torch.utils.data import DataLoader
 
     tick = time.perf_counter()
-    common.seed_everything(tenant["seed"])
-    path = common.minilm_dir()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=rows["num_labels"])
-    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=tenant["r"], lora_alpha=tenant["alpha"],
-                                             lora_dropout=0.0, target_modules=tenant["targets"]))
+    model, tokenizer = peft_model(tenant, rows["num_labels"])
     load_s = time.perf_counter() - tick
 
-    def collate(batch_rows):
-        batch = tokenizer([r["text"] for r in batch_rows], padding=True, truncation=True, max_length=MAX_LEN,
-                          return_tensors="pt")
-        batch["labels"] = torch.tensor([int(r["label"]) for r in batch_rows])
-        return dict(batch)
+    def collate(batch_rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return common.encode_rows(tokenizer, batch_rows, MAX_LEN)
 
     generator = torch.Generator().manual_seed(tenant["seed"])
     loader = DataLoader(rows["train"], batch_size=BATCH, shuffle=True, collate_fn=collate, generator=generator)
@@ -146,40 +137,44 @@ def peft_tenant(tenant: dict[str, Any], rows: dict[str, Any], steps: int, out: P
     lora = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" not in n]
     optimizer = torch.optim.AdamW([{"params": lora, "lr": LR}, {"params": head, "lr": HEAD_LR}], weight_decay=WD)
     scheduler = transformers.get_cosine_schedule_with_warmup(optimizer, int(WARMUP * steps), steps)
-    eval_s = 0.0
-
-    def evaluate(splits: tuple[str, ...]) -> None:
-        nonlocal eval_s
-        tick = time.perf_counter()
-        model.eval()
-        with torch.no_grad():
-            for split in splits:
-                for batch in evals[split]:
-                    model(**batch)
-        model.train()
-        eval_s += time.perf_counter() - tick
-
-    evaluate(("validation", "test"))
+    eval_s = evaluate(model, evals, ("validation", "test"))
     tick = time.perf_counter()
-    model.train()
-    step = 0
-    while step < steps:
-        for batch in loader:
-            loss = model(**batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, CLIP)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad()
-            step += 1
-            if step == steps:
-                break
+    common.train_loop(model, loader, optimizer, scheduler, params, steps, CLIP)
     train_s = time.perf_counter() - tick
-    evaluate(("validation",))
-    evaluate(("validation", "test"))
+    eval_s += evaluate(model, evals, ("validation",)) + evaluate(model, evals, ("validation", "test"))
     model.save_pretrained(out / tenant["name"])
     gc.collect()  # the model goes with this frame; collect before the next tenant loads
     return {"load_s": load_s, "eval_s": eval_s, "train_s": train_s}
+
+
+def peft_model(tenant: dict[str, Any], num_labels: int) -> tuple[Any, Any]:
+    """The tenant's seeded MiniLM classifier with its PEFT LoRA (the head trained through
+    `modules_to_save`), and the tokenizer."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    common.seed_everything(tenant["seed"])
+    path = common.minilm_dir()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=tenant["r"], lora_alpha=tenant["alpha"],
+                                             lora_dropout=0.0, target_modules=tenant["targets"]))
+    return model, tokenizer
+
+
+def evaluate(model: Any, evals: dict[str, Any], splits: tuple[str, ...]) -> float:
+    """Forward passes over `splits` in eval mode, as splice's evaluations (back in train mode after);
+    returns the seconds they took."""
+    import torch
+
+    tick = time.perf_counter()
+    model.eval()
+    with torch.no_grad():
+        for split in splits:
+            for batch in evals[split]:
+                model(**batch)
+    model.train()
+    return time.perf_counter() - tick
 
 
 def child(kind: str, steps: int, rows_path: Path, threads: int) -> dict[str, Any]:

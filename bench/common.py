@@ -13,7 +13,9 @@ its import footprint is part of what it reports.
 from __future__ import annotations
 
 import bz2
+import copy
 import csv
+import importlib
 import importlib.util
 import os
 import random
@@ -120,6 +122,14 @@ def review_chunks(tokenizer_dir: Path, size: int, length: int, seed: int = 0) ->
     return torch.tensor(ids[: size * length]).view(size, length)
 
 
+def encode_rows(tokenizer: Any, rows: list[dict[str, Any]], max_length: int) -> Batch:
+    """Labelled rows ({"text", "label"}, as `splice.assets` data sets hold them) as one batch,
+    padded to its longest row and cut at `max_length` tokens, as `splice.train`'s collator does."""
+    batch = dict(tokenizer([r["text"] for r in rows], padding=True, truncation=True, max_length=max_length,
+                           return_tensors="pt"))
+    return batch | {"labels": torch.tensor([int(r["label"]) for r in rows])}
+
+
 def inputs_only(batch: Batch) -> Batch:
     return {k: v for k, v in batch.items() if k != "labels"}
 
@@ -133,6 +143,27 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch)
     model(**batch).loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def train_loop(model: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+               params: list[nn.Parameter], steps: int, clip: float = 1.0) -> list[float]:
+    """`steps` optimizer steps in train mode over `loader` (iterated again as often as needed), each
+    with gradient clipping at `clip` over `params` and a scheduler step: the loop of `splice.train.run`,
+    for models trained outside it. Returns the loss of every step."""
+    model.train()
+    losses: list[float] = []
+    while len(losses) < steps:
+        for batch in loader:
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            if len(losses) == steps:
+                break
+    return losses
 
 
 def optimizer_for(model: nn.Module, lr: float = 1e-4) -> torch.optim.Optimizer:
@@ -155,6 +186,17 @@ def randomize_trainables(model: nn.Module, seed: int, std: float = 0.05) -> None
     with torch.no_grad():
         for _, p in sorted(trainable(model).items()):
             p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+def seed_lora_b(model: nn.Module, seed: int, std: float) -> None:
+    """Seeded random values (times `std`) for every lora_B of a splice model, drawn in name order:
+    B is zero at attach, and an adapter that changes nothing would make every comparison trivial.
+    Models with the same adapter names get the same values from the same seed."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if name.endswith(".lora_B"):
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
 
 
 # --------------------------------------------------------------------------- the two libraries
@@ -180,10 +222,11 @@ class Library:
     """The operations the benchmarks need, implemented once per library so that every
     measurement is written once and run for both."""
 
-    name: str
+    name: str  # also the module that implements it, imported on construction (never at module level)
 
     def __init__(self, spec: LoraSpec | None = None) -> None:
         self.spec = spec or LoraSpec()
+        self.lib = importlib.import_module(self.name)
 
     def attach(self, model: nn.Module, targets: str | list[str], name: str = "default") -> nn.Module:
         """Attach adapter `name`; called again with another name, adds one more adapter."""
@@ -202,12 +245,6 @@ class Library:
 
 class Splice(Library):
     name = "splice"
-
-    def __init__(self, spec: LoraSpec | None = None) -> None:
-        super().__init__(spec)
-        import splice
-
-        self.lib = splice
 
     def config(self, targets: str | list[str]) -> Any:
         s = self.spec
@@ -235,12 +272,6 @@ class Splice(Library):
 
 class Peft(Library):
     name = "peft"
-
-    def __init__(self, spec: LoraSpec | None = None) -> None:
-        super().__init__(spec)
-        import peft
-
-        self.lib = peft
 
     def config(self, targets: str | list[str]) -> Any:
         s = self.spec
@@ -289,16 +320,33 @@ def copy_lora(splice_model: nn.Module, peft_model: nn.Module) -> int:
     return len(copied)
 
 
+def twins(base: nn.Module, splice_lib: Library, peft_lib: Library, targets: str | list[str],
+          names: list[str], seed: int, std: float = 0.02) -> tuple[nn.Module, nn.Module, int]:
+    """A splice and a PEFT copy of `base` holding the same adapters `names`: attached in turn (splice
+    first), the splice lora_B seeded (`seed_lora_b`), then every factor copied into PEFT (`copy_lora`).
+    Returns both models and the number of LoRA tensors copied."""
+    s_model, p_model = copy.deepcopy(base), copy.deepcopy(base)
+    for name in names:
+        s_model = splice_lib.attach(s_model, targets, name)
+        p_model = peft_lib.attach(p_model, targets, name)
+    seed_lora_b(s_model, seed, std)
+    return s_model, p_model, copy_lora(s_model, p_model)
+
+
 # ------------------------------------------------------------------- the rest of the harness
 
 from common_measure import (  # noqa: E402, F401
+    MB,
+    RSS_FOLLOWS_LIVE,
     Candidate,
     Sample,
     absolute,
     compare,
+    guarded,
     interleaved,
     keep_freed_memory,
     median_ratio_ci,
+    memory_children,
     memory_marks,
     overheads,
     parameter_storages,
@@ -311,10 +359,15 @@ from common_measure import (  # noqa: E402, F401
     run_child,
     run_sections,
     saved_for_backward,
+    seed_runs,
+    short_error,
+    step_memory,
     torch_threads,
+    versus_baseline,
     worker_pool,
 )
 from common_report import (  # noqa: E402, F401
+    DATASETS,
     HERE,
     RESULTS,
     Phases,
@@ -326,9 +379,11 @@ from common_report import (  # noqa: E402, F401
     fmt_pct,
     fmt_ratio,
     fmt_s,
+    heading,
     mean_std,
     rerender,
     seed_summary,
+    seed_table,
     settings_from,
     table,
     verdict,

@@ -1,6 +1,6 @@
 """Paired interleaved timing and its statistics, garbage-collector and malloc control, memory
-readings and fresh-subprocess runs: the measuring half of the bench harness (bench/common.py
-re-exports all of it)."""
+readings and memory children, fresh-subprocess runs and worker pools that survive a failing run:
+the measuring half of the bench harness (bench/common.py re-exports all of it)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import resource
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,19 @@ def compare(samples: dict[str, list[Sample]], pairs: list[tuple[str, str]]) -> d
             "ratios": {f"{a}/{b}": ratio(samples, a, b) for a, b in pairs}}
 
 
+def versus_baseline(candidates: list[Candidate], baseline: str, rounds: int, warmup: int,
+                    phase: Callable[[str], None], what: str) -> dict[str, Any]:
+    """{"timing": `compare`} of every candidate against `baseline`, `rounds` interleaved rounds after
+    `warmup`; {} when there is nothing to compare (the baseline or every other candidate failed to
+    build). `what` names the candidates in the phase line."""
+    names = [c.name for c in candidates]
+    if baseline not in names or len(names) < 2:
+        return {}
+    phase(f"[step time] {rounds} interleaved rounds of {len(names)} {what}")
+    samples = interleaved(candidates, rounds, warmup)
+    return {"timing": compare(samples, [(n, baseline) for n in names if n != baseline])}
+
+
 def overheads(samples: dict[str, list[Sample]], base: str, clock: str = "wall") -> dict[str, np.ndarray]:
     """Per-round relative overhead of every candidate over `base`: (t - t_base) / t_base, with t
     the wall time or (clock="cpu") the process CPU time."""
@@ -131,6 +145,13 @@ def median_ratio_ci(num: np.ndarray, den: np.ndarray, reps: int = 2000, seed: in
 
 
 # ------------------------------------------------------------------------------- peak memory
+
+
+MB = 2**20
+# The memory children's malloc: a fixed 64 KiB mmap threshold makes every tensor buffer its own
+# mapping, returned to the OS when freed, so RSS follows live memory and a step's RSS increase does
+# not depend on what the allocator kept from earlier steps (bench/README.md).
+RSS_FOLLOWS_LIVE = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def keep_freed_memory() -> bool:
@@ -220,6 +241,41 @@ def parameter_storages(model: nn.Module) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
 
 
+def step_memory(model: nn.Module, batch: dict[str, torch.Tensor], step: Callable[[], object],
+                after_import: dict[str, float], steps: int = 1, detail: bool = False) -> dict[str, Any]:
+    """What training steps cost in memory, read inside a fresh memory child whose model, adapter and
+    optimizer are set up: a seeded warm-up `step()` (it creates the gradients and the optimizer
+    state), the RSS high-water mark reset, `steps` measured steps, then one forward under
+    `saved_for_backward` to total the activation bytes.
+
+    Returns the bytes saved for backward, whether the reset worked, the step increase (VmHWM during
+    the steps minus the RSS before them), the peak and the readings after imports (`after_import`,
+    taken by the caller before it loaded anything) and after setup, in MB (VmHWM, ru_maxrss off
+    Linux); `detail` adds the RSS before the steps and the ru_maxrss peak.
+    """
+    torch.manual_seed(0)
+    step()
+    after_setup = memory_marks()
+    rss_before = proc_status_mb("VmRSS") or 0.0
+    reset_ok = reset_peak_rss()
+    for _ in range(steps):
+        step()
+    after_steps = memory_marks()
+    with saved_for_backward(parameter_storages(model)) as saved:
+        loss = model(**batch).loss
+    loss.backward()
+    key = "vmhwm_mb" if "vmhwm_mb" in after_steps else "ru_maxrss_mb"
+    row = {"saved_mb": saved["bytes"] / MB, "saved_tensors": saved["tensors"], "hwm_reset_worked": reset_ok,
+           "rss_before_steps_mb": rss_before,
+           "step_delta_mb": after_steps[key] - rss_before if reset_ok else float("nan"),
+           "peak_mb": max(after_setup[key], after_steps[key]),
+           "peak_ru_maxrss_mb": max(after_setup["ru_maxrss_mb"], after_steps["ru_maxrss_mb"]),
+           "after_import_mb": after_import[key], "after_setup_mb": after_setup[key]}
+    if not detail:
+        del row["rss_before_steps_mb"], row["peak_ru_maxrss_mb"]
+    return row
+
+
 def run_child(script: Path, args: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run `python script args` in a fresh interpreter; its last stdout line is a JSON object."""
     cmd = [sys.executable, str(script), *args]
@@ -230,6 +286,27 @@ def run_child(script: Path, args: list[str], env: dict[str, str] | None = None) 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+
+
+def memory_children(script: Path, kinds: dict[str, list[str]], env: dict[str, str], phase: Callable[[str], None],
+                    keep_going: bool = False) -> dict[str, dict[str, Any]]:
+    """`script` with each kind's arguments in a fresh interpreter, one after another (never
+    concurrently: each measures its own peak); every row printed as it comes. With `keep_going` a
+    failed child's row is {"error": the last line it wrote to stderr} and the others still run."""
+    rows: dict[str, dict[str, Any]] = {}
+    for kind, args in kinds.items():
+        phase(f"[memory] {kind}")
+        try:
+            rows[kind] = row = run_child(script, args, env=env)
+        except RuntimeError as err:
+            if not keep_going:
+                raise
+            lines = [x for x in str(err).strip().splitlines() if x.strip()]
+            rows[kind] = row = {"error": lines[-1][:300] if lines else "child failed"}
+        print(f"  failed: {row['error']}" if "error" in row else
+              f"  saved {row['saved_mb']:7.1f} MB, step +{row['step_delta_mb']:6.1f} MB, peak {row['peak_mb']:7.1f} MB",
+              flush=True)
+    return rows
 
 
 def run_sections(result: dict[str, Any], s: Any, phase: Any, sections: dict[str, Callable[..., dict[str, Any]]],
@@ -272,3 +349,29 @@ def pool_runs(fn: Callable[..., dict[str, Any]], jobs: Iterable[tuple[Any, ...]]
             rows.append(future.result())
             print(describe(rows[-1]), flush=True)
     return rows
+
+
+def short_error(err: BaseException) -> str:
+    """"TypeName: first line of the message", at most 300 characters: fits a table cell."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {first}"[:300]
+
+
+def guarded(job: dict[str, Any], fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """`fn(*args)` merged into `job`; an exception becomes job["error"] (and its traceback) instead,
+    so that one failing run in a pool does not stop the others."""
+    try:
+        job.update(fn(*args))
+    except Exception as err:
+        job["error"] = short_error(err)
+        job["traceback"] = traceback.format_exc()[-2000:]
+    return job
+
+
+def seed_runs(fn: Callable[..., dict[str, Any]], names: list[str], s: Any, phase: Callable[[str], None],
+              describe: Callable[[dict[str, Any]], str]) -> list[dict[str, Any]]:
+    """`fn(name, data, seed, asdict(s))` for every data set, seed and name of `s` (in that nesting),
+    `s.jobs` at a time in a `worker_pool`: the accuracy runs behind a `seed_summary`."""
+    jobs = [(name, data, seed, asdict(s)) for data in s.datasets for seed in s.seeds for name in names]
+    phase(f"[accuracy] {len(jobs)} training runs, {s.jobs} at a time")
+    return pool_runs(fn, jobs, s.jobs, s.threads, describe)

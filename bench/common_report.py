@@ -1,7 +1,7 @@
-"""Environment headers, phases, number formatting, markdown tables, the JSON + markdown output,
-the command line every benchmark shares (`bench_parser`, `settings_from`, `bench_main`,
-`rerender`) and accuracy over seeds: the reporting half of the bench harness (bench/common.py
-re-exports all of it). Imports no torch, transformers, splice or PEFT at module level."""
+"""Environment headers and report headings, phases, number formatting, markdown tables, the JSON +
+markdown output, the command line every benchmark shares (`bench_parser`, `settings_from`,
+`bench_main`, `rerender`) and accuracy over seeds: the reporting half of the bench harness
+(bench/common.py re-exports all of it). Imports no torch, transformers, splice or PEFT at module level."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+# The classification data sets the accuracy benchmarks train on, with the names their reports use.
+DATASETS = {"rotten_tomatoes": "Rotten Tomatoes", "bbc_news": "BBC News"}
 
 # ----------------------------------------------------------------------------------- reporting
 
@@ -54,6 +56,11 @@ def environment_line(env: dict[str, Any]) -> str:
             f" PEFT {env['peft']}, transformers {env['transformers']}, torch {env['torch']}, Python {env['python']};"
             f" {env['cpu']} x{env['cpu_count']}, torch threads {env['torch_threads']};"
             f" load average at start {env['loadavg_start'][0]:.2f}, at end {env['loadavg_end'][0]:.2f}.")
+
+
+def heading(title: str, env: dict[str, Any]) -> list[str]:
+    """A report's first lines: its title and the environment sentence (`environment_line`)."""
+    return [f"# {title}", "", environment_line(env)]
 
 
 class Phases:
@@ -168,15 +175,28 @@ def mean_std(a: dict[str, Any]) -> str:
     return f"{a['mean']:.1%} ± {a['std']:.1%}{failed}"
 
 
+def seed_table(header: list[str], summary: dict[str, Any], names: list[str], datasets: list[str],
+               cells: Callable[[dict[str, Any]], list[str]]) -> str:
+    """One row per candidate and data set of a `seed_summary`: the name, the data set and
+    `cells(summary cell)`; a cell without a seed that ran says its error and leaves the rest blank."""
+    rows = []
+    for name in names:
+        for data in datasets:
+            a = summary[name][data]
+            rows.append([name, DATASETS[data], *([f"failed: {a['error']}"] + [""] * (len(header) - 3)
+                                                 if "error" in a else cells(a))])
+    return table(header, rows)
+
 
 # -- one benchmark run, start to end -----------------------------------------------------------
 
 
-def finish(result: dict[str, Any], phase: Any) -> dict[str, Any]:
-    """Close a run's result: seconds per phase, load average at the end, total runtime."""
-    result["phase_s"] = phase.seconds()
+def finish(result: dict[str, Any], phase: Any, keys: tuple[str, str] = ("phase_s", "runtime_s")) -> dict[str, Any]:
+    """Close a run's result: seconds per phase and total runtime under `keys` (older benchmarks'
+    JSON says "phase_seconds" and "total_s"), and the load average at the end."""
+    result[keys[0]] = phase.seconds()
     result["environment"]["loadavg_end"] = os.getloadavg()
-    result["runtime_s"] = phase.total()
+    result[keys[1]] = phase.total()
     return result
 
 

@@ -12,12 +12,11 @@ if TYPE_CHECKING:
 
 
 def markdown(result: dict[str, Any], s: Settings) -> str:
-    from common import environment_line, table
+    from common import heading, table
 
     w = result["writers"]
     swap = "renameat2 RENAME_EXCHANGE" if result["environment"].get("rename_exchange") else "two renames"
-    out = ["# Fault injection: SIGKILL during an adapter overwrite, then load", "",
-           environment_line(result["environment"]), ""]
+    out = [*heading("Fault injection: SIGKILL during an adapter overwrite, then load", result["environment"]), ""]
     if s.quick:
         out += ["**Quick run: smoke test only, too few kills to read as rates.**", ""]
     out += [f"{s.kills} SIGKILLs per writer, each at a random moment 0 to {s.delay:g} save durations after the"

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from bench_forms import BASELINE, DATASETS, FORM_BY_NAME, FORMS, lr_of
-from common_report import environment_line, fmt_ratio, fmt_s, mean_std, table, verdict
+from common_report import DATASETS, fmt_ratio, fmt_s, heading, mean_std, seed_table, table, verdict
+from forms_setup import BASELINE, FORM_BY_NAME, FORMS, lr_of
 
 if TYPE_CHECKING:
-    from bench_forms import Settings
+    from forms_setup import Settings
 
 
 def rel(value: float, base: float) -> str:
@@ -110,18 +110,13 @@ def losses_paragraph(result: dict[str, Any], s: Settings) -> list[str]:
 
 
 def accuracy_details(result: dict[str, Any], s: Settings) -> list[str]:
-    acc = result["sections"]["accuracy"]
-    rows = []
-    for name in s.forms:
-        for d in s.datasets:
-            a = acc["summary"][name][d]
-            if "error" in a:
-                rows.append([name, DATASETS[d], f"failed: {a['error']}", "", "", "", ""])
-                continue
-            rows.append([name, DATASETS[d], " / ".join(f"{x:.1%}" for x in a["per_seed"]), f"{a['before_mean']:.1%}",
-                         f"{a['last_loss_mean']:.3f}", f"{a['kept_step_0']}/{a['n']}", f"{a['train_s_mean']:.0f}"])
-    return [table(["form", "data", "test acc. per seed", "before training", "train loss (last 5 steps)",
-                   "runs that kept step 0", "training s (mean)"], rows), ""]
+    def cells(a: dict[str, Any]) -> list[str]:
+        return [" / ".join(f"{x:.1%}" for x in a["per_seed"]), f"{a['before_mean']:.1%}", f"{a['last_loss_mean']:.3f}",
+                f"{a['kept_step_0']}/{a['n']}", f"{a['train_s_mean']:.0f}"]
+
+    return [seed_table(["form", "data", "test acc. per seed", "before training", "train loss (last 5 steps)",
+                        "runs that kept step 0", "training s (mean)"],
+                       result["sections"]["accuracy"]["summary"], s.forms, s.datasets, cells), ""]
 
 
 def dora_md(res: dict[str, Any], s: Settings) -> list[str]:
@@ -170,50 +165,21 @@ def dora_md(res: dict[str, Any], s: Settings) -> list[str]:
 
 def markdown(result: dict[str, Any], s: Settings) -> str:
     sec = result["sections"]
-    used = {d: n for d, n in s.train_max_length.items() if d in s.datasets}
-    lengths = (f"{next(iter(used.values()))} tokens" if len(set(used.values())) == 1
-               else ", ".join(f"{n} tokens ({DATASETS[d]})" for d, n in used.items()))
-    head_note = (" (the trainer's default 1e-2 left most Rotten Tomatoes runs of a 60-step trial at their step-0"
-                 " checkpoint)") if s.head_lr != 1e-2 else ""
     out = [
-        "# Adapter forms on MiniLM: accuracy, parameters, step time and memory, same data and budget (CPU)",
-        "",
-        environment_line(result["environment"]),
+        *heading("Adapter forms on MiniLM: accuracy, parameters, step time and memory, same data and budget (CPU)",
+                 result["environment"]),
         f"Runtime {result['runtime_s'] / 60:.1f} min."
         f" {'QUICK smoke run: too few steps and rounds to trust. ' if s.quick else ''}"
         "Other jobs may share this machine's two cores (see the load average): paired ratios are robust to that,"
         " absolute times are not.",
         "",
-        f"**Budget, the same for every form**: bundled all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) with a fresh"
-        f" classification head trained in full; `splice.train.run`, {s.steps} optimizer steps of batch {s.batch},"
-        f" max length {lengths}, AdamW (weight decay 0.01), cosine schedule with 6% warm-up, gradient"
-        f" clipping 1.0, head lr {s.head_lr:g}{head_note}, adapter lr {s.lr:g} unless the table says otherwise;"
-        f" seeds"
-        f" {', '.join(map(str, s.seeds))} (seed = adapter and head init and data order). Accuracy: test split, first"
-        f" {s.eval_examples} rows (the same rows for every form and seed), of the checkpoint the trainer keeps"
-        " (the better on validation of step 0 and the last step); mean ± standard deviation over the seeds."
-        " Data: Rotten Tomatoes (2 classes, 3,892 training reviews) and BBC News (5 topics, 1,780 training"
-        " articles, cut at the max length).",
+        budget_paragraph(s),
         "",
         "## Forms compared",
         "",
-    ]
-    out += [f"- **{f.name}** `{json.dumps(f.adapter)}`, lr {lr_of(f, s):g}: {f.why}."
-            for f in FORMS if f.name in s.forms]
-    out += ["", "## Main table", ""]
-    if "step_time" in sec:
-        st = sec["step_time"]
-        out += [f"Step time: one training step on a fixed batch of {st['batch'][0]} x {st['batch'][1]} reviews, all"
-                f" forms in one process, {s.rounds} interleaved rounds (rotating order) after {s.warmup} warm-up;"
-                " median of per-round ratios form / LoRA [Q1-Q3]."]
-    if "memory" in sec:
-        out += ["Memory: one fresh process per form, the same batch. *Saved for backward*: bytes autograd keeps for"
-                " the backward of one training forward (weights excluded; deterministic): the activation memory."
-                " *Peak RSS*: the process's high-water mark (imports, model, optimizer, two steps), mostly the"
-                " model and libraries, so it moves little."]
-    if "accuracy" in sec:
-        out += ["Head parameters: (384 + 1) x classes, one number per data set."]
-    out += ["", *main_table(result, s)]
+        *[f"- **{f.name}** `{json.dumps(f.adapter)}`, lr {lr_of(f, s):g}: {f.why}."
+          for f in FORMS if f.name in s.forms],
+        "", "## Main table", "", *how_measured(sec, s), "", *main_table(result, s)]
     if any(k in sec for k in ("accuracy", "step_time", "memory")):
         out += ["## Where a form loses to LoRA", "",
                 "Read off the numbers above: accuracy differences are in points of the mean over seeds, a loss"
@@ -227,19 +193,59 @@ def markdown(result: dict[str, Any], s: Settings) -> str:
         out += ["Absolute step times, ms (min / median): "
                 + "; ".join(f"{n} {fmt_s(v)}" for n, v in a.items()) + ".", ""]
     if "memory" in sec:
-        rows = [[n, f"{c['saved_mb']:.1f}", f"{c['step_delta_mb']:.1f}", f"{c['peak_mb']:.0f}",
-                 f"{c['after_setup_mb']:.0f}"] if "error" not in c else [n, f"failed: {c['error']}", "", "", ""]
-                for n, c in sec["memory"]["children"].items()]
-        out += ["## Memory in detail", "",
-                f"({', '.join(f'{k}={v}' for k, v in sec['memory']['malloc_env'].items())}; step increase: VmHWM during"
-                " one step minus the RSS before it, the high-water mark reset after a warm-up step.)", "",
-                table(["form", "saved for backward MB", "step increase MB", "peak RSS MB", "after setup MB"], rows), ""]
+        out += ["## Memory in detail", "", *memory_details(sec["memory"])]
     if "dora_peft" in sec:
         out += ["## DoRA: splice vs HF PEFT, one training step", "", *dora_md(sec["dora_peft"], s)]
     failures = failed_forms(result)
     if failures:
         out += ["## Failures", "", *[f"- {n}: {e}" for n, e in failures.items()], ""]
     return "\n".join(out)
+
+
+def budget_paragraph(s: Settings) -> str:
+    """What every form gets alike: model, trainer, steps, lengths, optimizer, seeds, evaluation, data."""
+    used = {d: n for d, n in s.train_max_length.items() if d in s.datasets}
+    lengths = (f"{next(iter(used.values()))} tokens" if len(set(used.values())) == 1
+               else ", ".join(f"{n} tokens ({DATASETS[d]})" for d, n in used.items()))
+    head_note = (" (the trainer's default 1e-2 left most Rotten Tomatoes runs of a 60-step trial at their step-0"
+                 " checkpoint)") if s.head_lr != 1e-2 else ""
+    return (f"**Budget, the same for every form**: bundled all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384) with a fresh"
+            f" classification head trained in full; `splice.train.run`, {s.steps} optimizer steps of batch {s.batch},"
+            f" max length {lengths}, AdamW (weight decay 0.01), cosine schedule with 6% warm-up, gradient"
+            f" clipping 1.0, head lr {s.head_lr:g}{head_note}, adapter lr {s.lr:g} unless the table says otherwise;"
+            f" seeds {', '.join(map(str, s.seeds))} (seed = adapter and head init and data order). Accuracy: test"
+            f" split, first {s.eval_examples} rows (the same rows for every form and seed), of the checkpoint the"
+            " trainer keeps (the better on validation of step 0 and the last step); mean ± standard deviation over"
+            " the seeds."
+            " Data: Rotten Tomatoes (2 classes, 3,892 training reviews) and BBC News (5 topics, 1,780 training"
+            " articles, cut at the max length).")
+
+
+def how_measured(sec: dict[str, Any], s: Settings) -> list[str]:
+    """The main table's method notes, one line for each section that ran."""
+    lines = []
+    if "step_time" in sec:
+        st = sec["step_time"]
+        lines += [f"Step time: one training step on a fixed batch of {st['batch'][0]} x {st['batch'][1]} reviews, all"
+                  f" forms in one process, {s.rounds} interleaved rounds (rotating order) after {s.warmup} warm-up;"
+                  " median of per-round ratios form / LoRA [Q1-Q3]."]
+    if "memory" in sec:
+        lines += ["Memory: one fresh process per form, the same batch. *Saved for backward*: bytes autograd keeps for"
+                  " the backward of one training forward (weights excluded; deterministic): the activation memory."
+                  " *Peak RSS*: the process's high-water mark (imports, model, optimizer, two steps), mostly the"
+                  " model and libraries, so it moves little."]
+    if "accuracy" in sec:
+        lines += ["Head parameters: (384 + 1) x classes, one number per data set."]
+    return lines
+
+
+def memory_details(mem: dict[str, Any]) -> list[str]:
+    rows = [[n, f"{c['saved_mb']:.1f}", f"{c['step_delta_mb']:.1f}", f"{c['peak_mb']:.0f}",
+             f"{c['after_setup_mb']:.0f}"] if "error" not in c else [n, f"failed: {c['error']}", "", "", ""]
+            for n, c in mem["children"].items()]
+    return [f"({', '.join(f'{k}={v}' for k, v in mem['malloc_env'].items())}; step increase: VmHWM during"
+            " one step minus the RSS before it, the high-water mark reset after a warm-up step.)", "",
+            table(["form", "saved for backward MB", "step increase MB", "peak RSS MB", "after setup MB"], rows), ""]
 
 
 def failed_forms(result: dict[str, Any]) -> dict[str, str]:

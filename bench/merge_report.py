@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from common_report import environment_line, fmt_ratio, fmt_s, table
+from common_report import environment_line, fmt_ratio, fmt_s, heading, table
 
 if TYPE_CHECKING:
-    from bench_merge import Settings
+    from merge_setup import Settings
 
 
 def cell(res: dict[str, Any]) -> tuple[str, str]:
@@ -63,8 +63,8 @@ def accuracy_md(sec: dict[str, Any], s: Settings) -> list[str]:
 
 def markdown(result: dict[str, Any], s: Settings) -> str:
     sec = result["sections"]
-    out = ["# Merging adapters: splice `merge_adapters` vs HF PEFT `add_weighted_adapter` (MiniLM, CPU)", "",
-           environment_line(result["environment"]), ""]
+    out = [*heading("Merging adapters: splice `merge_adapters` vs HF PEFT `add_weighted_adapter` (MiniLM, CPU)",
+                    result["environment"]), ""]
     if s.quick:
         out += ["**Quick run: smoke test only, too few cases and rounds to trust.**", ""]
     if "correctness_rerun" in result:

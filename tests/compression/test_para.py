@@ -14,9 +14,9 @@ from torch import nn
 
 import splice
 from splice.compression.para import compress, module_svd, plot_sweep, sweep
+from splice.core.adapter_state import AdapterState, ModuleUpdate
 from splice.core.errors import AdapterFileError, OutputExistsError, SpliceError
 from splice.core.host import hosts
-from splice.core.state import AdapterState, ModuleUpdate
 from splice.io.peft_format import attach_state
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -203,8 +203,8 @@ def test_output_is_a_peft_directory_with_rank_pattern_that_hf_peft_loads_alike(t
     torch.testing.assert_close(logits(peft_model, ids), expected, atol=1e-5, rtol=0)
     reloaded = splice.load(make_bert(), tmp_path / "small")
     torch.testing.assert_close(logits(reloaded, ids), expected, atol=1e-6, rtol=0)
-    for key, value in result.original.heads.items():  # the trained head is kept as it was
-        assert torch.equal(result.state.heads[key], value)
+    for key, value in result.original.head_tensors.items():  # the trained head is kept as it was
+        assert torch.equal(result.state.head_tensors[key], value)
 
 
 @pytest.mark.parametrize("config", [

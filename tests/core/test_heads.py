@@ -89,11 +89,11 @@ def test_only_the_active_adapters_head_trains(net, x):
     splice.activate(net, "b")
     trainable = splice.trainable_parameters(net)
     assert {k for k in trainable if ".splice." not in k} == {"lin1.weight", "lin1.bias"}
-    a_head = {k: v.detach().clone() for k, v in splice.io.adapter_state(net, "a").heads.items()}
+    a_head = {k: v.detach().clone() for k, v in splice.io.adapter_state(net, "a").head_tensors.items()}
     optimizer = torch.optim.AdamW(trainable.values(), lr=0.1)
     net(x).sum().backward()
     optimizer.step()
-    assert all(torch.equal(v, a_head[k]) for k, v in splice.io.adapter_state(net, "a").heads.items())
+    assert all(torch.equal(v, a_head[k]) for k, v in splice.io.adapter_state(net, "a").head_tensors.items())
     assert not torch.equal(net.lin1.weight, a_head["lin1.weight"])
     assert set(dict(net.lin1.named_parameters())) == {"weight", "bias"}  # the module gained no children
 
@@ -106,7 +106,7 @@ def test_two_active_adapters_with_their_own_head_are_refused_and_nothing_changes
         splice.activate(net, ["a", "b"])
     assert splice.active_adapters(net) == ["a"] and torch.equal(net(x), before)
     splice.activate(net, ["a", "c"])  # one head owner plus a head-less adapter is fine
-    assert torch.equal(net.lin1.weight, splice.io.adapter_state(net, "a").heads["lin1.weight"])
+    assert torch.equal(net.lin1.weight, splice.io.adapter_state(net, "a").head_tensors["lin1.weight"])
 
 
 def test_route_gives_every_row_its_own_adapters_head(net, x):

@@ -13,7 +13,9 @@ from helpers import make_llama
 from torch import nn
 
 import splice
-from splice.core.inputs import _is_decoding_step, current_inputs
+from splice.core.host import hosts
+from splice.core.inputs import _is_decoding_step
+from splice.core.model_state import model_state
 from splice.methods.loreft import LoReFT
 
 # Left padding of 3, 1 and 0 tokens: each row's prompt is the attended part.
@@ -29,12 +31,13 @@ EDITED = torch.tensor([[0, 0, 0, 1, 0, 1], [0, 1, 0, 0, 0, 1], [1, 0, 0, 0, 0, 1
 class Steps:
     """A pre-hook inside the model (layer 0) that records what each forward's batch says."""
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, model: nn.Module) -> None:
         self.seen: list[tuple[bool, int, int | None, int]] = []  # decoding, new positions, prompt_width, rows
-        self.handle = layer.register_forward_pre_hook(self.record)
+        self.recorder = model_state(model).inputs_recorder
+        self.handle = model.model.layers[0].register_forward_pre_hook(self.record)
 
     def record(self, module: nn.Module, args: tuple) -> None:
-        inputs = current_inputs()
+        inputs = self.recorder.current()
         self.seen.append((inputs.decoding, args[0].shape[1], inputs.prompt_width, args[0].shape[0]))
 
     @property
@@ -76,7 +79,7 @@ MODES = {
 def test_decoding_steps_are_flagged_exactly_when_they_are_cached(mode):
     options = MODES[mode]
     model = reft_llama()
-    steps = Steps(model.model.layers[0])
+    steps = Steps(model)
     tokens = generate(model, **options)
     beams = options.get("num_beams", 1)
     assert tokens.shape == (3, WIDTH + NEW)
@@ -133,7 +136,7 @@ def cache_argument(model: nn.Module) -> str:
 
 def test_a_hand_written_decoding_loop_is_told_by_the_mask_or_by_the_cache():
     model = reft_llama()
-    steps = Steps(model.model.layers[0])
+    steps = Steps(model)
     ids, mask = PROMPTS["input_ids"], PROMPTS["attention_mask"]
     name = cache_argument(model)
     with torch.no_grad():
@@ -184,3 +187,18 @@ def test_generate_is_wrapped_while_attached_and_restored_on_detach():
     splice.detach(model, "default")
     assert "generate" not in model.__dict__
     generate(model)  # the class's generate again
+
+
+def test_an_adapter_reads_the_batch_of_its_own_model_never_another_models():
+    first, second = reft_llama(), reft_llama()
+    ids = PROMPTS["input_ids"]
+    with torch.no_grad():
+        first(**PROMPTS)
+        second(input_ids=ids[:1, 2:], attention_mask=PROMPTS["attention_mask"][:1, 2:])
+    adapter = next(host["default"] for _, _, host in hosts(first))
+    assert torch.equal(adapter.batch_inputs().input_ids, ids)  # first's last batch, not second's
+    # outside any forward, as activation checkpointing recomputes a block during backward
+    h = torch.randn(3, WIDTH, 32)
+    assert adapter.delta(h, h).shape == h.shape
+    splice.detach(first, "default")
+    assert adapter.batch_inputs() is None

@@ -215,3 +215,15 @@ def test_selection_does_not_change_the_model(bert):
     after = bert.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_target_list_entry_that_matches_nothing_is_refused_with_the_close_names():
+    # HF PEFT adapts `value` alone here and says nothing; the typo is the user's to fix
+    peft = peft_selection(FACTORIES["bert"](), ["quary", "value"], None, None, [], None)
+    assert {n.rsplit(".", 1)[-1] for n in peft} == {"value"}
+    model = FACTORIES["bert"]()
+    with pytest.raises(splice.TargetError, match=r"'quary' \(did you mean 'query'\?\) match no module"):
+        resolve_targets(model, splice.LoRA(targets=["quary", "value"]))
+    with pytest.raises(splice.TargetError, match="quary"):
+        splice.attach(model, splice.LoRA(targets=["quary", "value"]))
+    assert splice.adapters(model) == {}

@@ -227,3 +227,17 @@ def test_from_pretrained_of_a_checkpoint_keeps_the_adapter(tmp_path):
     reloaded = BertForSequenceClassification.from_pretrained(tmp_path / "run" / "checkpoint-3").eval()
     batch = {"input_ids": RandomIds(seed=4).ids[:4], "attention_mask": torch.ones(4, 12, dtype=torch.long)}
     torch.testing.assert_close(logits(reloaded, batch), logits(model.eval(), batch), rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoints_carry_a_model_card_with_the_metrics_and_keep_a_users_readme(tmp_path):
+    scores = itertools.cycle([0.25, 0.75])
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "README.md").write_text("# My run\n\nNotes of mine.\n")
+    run = trainer(make_model(), tmp_path, eval_strategy="steps", eval_steps=3, per_device_eval_batch_size=8,
+                  eval_dataset=RandomIds(n=8, seed=3), compute_metrics=lambda _: {"score": next(scores)})
+    run.train()
+    card = (tmp_path / "checkpoint-6" / "README.md").read_text()
+    assert "| eval_score | 0.75 |" in card and "| method | lora |" in card and "runtime" not in card
+    run.save_model(str(tmp_path))  # into the output folder, where the user's README is
+    kept = (tmp_path / "README.md").read_text()
+    assert kept.startswith("---\n") and "# My run\n\nNotes of mine.\n" in kept and "| eval_score | 0.75 |" in kept

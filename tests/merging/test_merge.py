@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import splice
-from splice.core.state import AdapterState
+from splice.core.adapter_state import AdapterState
+from splice.io.adapter_states import adapter_state
 from splice.io.peft_format import attach_state
-from splice.io.state import adapter_state
 from splice.merging import merge_adapters
 
 

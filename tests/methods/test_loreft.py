@@ -348,9 +348,9 @@ def test_merge_is_refused_with_a_reason():
         splice.merge(model)
 
 
-def test_called_outside_a_model_forward_it_says_so(monkeypatch):
+def test_called_outside_a_model_forward_it_says_so():
+    make_llama()(torch.ones(1, 3, dtype=torch.long))  # another model's batch is never this adapter's
     adapter = LoReFT().build(LayerInfo("block", 32, 32), "layer", nn.Identity())
-    monkeypatch.setattr("splice.core.inputs._LAST", [None])
     h = torch.randn(2, 5, 32)
     with pytest.raises(splice.SpliceError, match="outside"):
         adapter.delta(h, h)

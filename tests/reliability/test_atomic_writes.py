@@ -31,7 +31,7 @@ from splice.compression import compress
 from splice.compression.factorized import FactorizedLinear, load_factorized, save_factorized
 from splice.core.errors import OutputExistsError, SpliceError
 from splice.io import files
-from splice.io.state import adapter_state, save_state
+from splice.io.adapter_states import adapter_state, save_state
 from splice.merging import load_unified, merge_adapters, unify_adapters
 
 pytestmark = pytest.mark.guards("lost")  # the old folder (or a file outside it) lost or mixed; overridden below
@@ -93,7 +93,8 @@ def test_overwrite_replaces_the_folder_whole_and_keeps_its_permissions(old, ids)
     folder.chmod(0o750)
     new = lora_model(r=3, alpha=8, seed=1)
     assert splice.save(new, folder, overwrite=True) == folder
-    assert sorted(p.name for p in folder.iterdir()) == [files.CONFIG_NAME, files.WEIGHTS_NAME]  # replaced whole
+    replaced = sorted(p.name for p in folder.iterdir())
+    assert replaced == ["README.md", files.CONFIG_NAME, files.WEIGHTS_NAME]  # replaced whole (card included)
     assert json.loads((folder / files.CONFIG_NAME).read_text())["r"] == 3
     assert torch.equal(loaded_logits(folder, ids), logits(new, input_ids=ids))
     assert (folder.stat().st_mode & 0o777) == 0o750
@@ -216,7 +217,7 @@ def test_a_writer_given_the_temporary_folder_fills_it_in_place(tmp_path, ids, mo
     with files.atomic_directory(run) as temporary:
         splice.save(model, temporary, overwrite=True)
         (temporary / "metrics.json").write_text("{}")
-    assert sorted(os.listdir(run)) == sorted([files.CONFIG_NAME, files.WEIGHTS_NAME, "metrics.json"])
+    assert sorted(os.listdir(run)) == sorted(["README.md", files.CONFIG_NAME, files.WEIGHTS_NAME, "metrics.json"])
     assert torch.equal(loaded_logits(run, ids), logits(model, input_ids=ids))
     assert os.listdir(tmp_path) == ["run"]
     with pytest.raises(OutputExistsError), files.atomic_directory(run, overwrite=True) as temporary:

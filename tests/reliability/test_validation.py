@@ -23,8 +23,8 @@ from helpers import make_bert, make_llama
 from safetensors.torch import load_file, save_file
 
 import splice
+from splice.core.adapter_state import AdapterState
 from splice.core.errors import AdapterFileError, ConfigError, IncompatibleAdaptersError, SpliceError
-from splice.core.state import AdapterState
 from splice.io import native, peft_format
 from splice.merging import merge_adapters, task_vectors
 from splice.train import TrainConfig
@@ -180,6 +180,8 @@ ADAPTER_CASES = {
     "ttlora-modes-string": ({"method": "ttlora", "modes": "4x8"}, "'modes'", "a list of integers"),
     "targets-number": ({"method": "lora", "targets": 3}, "'targets'", "a string, a list of strings or null"),
     "method-typo": ({"method": "lroa"}, "'lroa'", "did you mean 'lora'"),
+    "habitual-rank": ({"method": "lora", "rank": 8}, "'rank'", "did you mean 'r'"),
+    "peft-name": ({"method": "lora", "target_modules": ["query"]}, "'target_modules'", "did you mean 'targets'"),
 }
 
 
@@ -190,6 +192,17 @@ def test_adapter_mappings_are_type_checked(case):
         splice.config_from_dict(data)
     message = str(caught.value)
     assert named in message and expected in message
+
+
+@pytest.mark.parametrize(("method", "kwargs", "meant"), [
+    ("LoRA", {"rank": 8}, "'r'"), ("DoRA", {"lora_alpha": 8}, "'alpha'"), ("LoRA", {"modules_to_save": ["c"]},
+                                                                         "'train_also'"),
+    ("DiaBlo", {"block": 4}, "'blocks'"),
+])
+def test_an_unknown_constructor_keyword_names_the_key_meant(method, kwargs, meant):
+    with pytest.raises(TypeError, match=rf"got an unexpected keyword argument '{next(iter(kwargs))}'; did you "
+                                        rf"mean {meant}"):
+        getattr(splice, method)(**kwargs)
 
 
 @pytest.mark.parametrize(("kwargs", "named", "expected"), [
@@ -355,7 +368,7 @@ def test_different_recorded_base_models_are_named():
 
 
 def _state_of(model, targets, seed: int = 0) -> AdapterState:
-    from splice.io.state import adapter_state
+    from splice.io.adapter_states import adapter_state
 
     splice.attach(model, splice.LoRA(r=2, targets=targets))
     generator = torch.Generator().manual_seed(seed)
@@ -371,7 +384,7 @@ def _poison(state: AdapterState, value: float) -> tuple[AdapterState, str]:
     A = update.A.clone()
     A.view(-1)[0] = value
     modules = {**state.modules, name: update.like(A=A)}
-    return AdapterState(modules, state.heads, state.head_modules, base_model=state.base_model), name
+    return AdapterState(modules, state.head_tensors, state.heads, base_model=state.base_model), name
 
 
 @pytest.mark.parametrize(("method", "value"), [("svd", math.nan), ("linear", math.inf), ("ties", math.nan),

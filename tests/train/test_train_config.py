@@ -41,6 +41,18 @@ def test_flags_override_yaml_and_none_means_not_given(tmp_path):
     assert config.adapter == {"method": "lora", "r": 16, "targets": ["query"]}
 
 
+def test_settings_set_fields_or_adapter_keys_after_the_flags_and_null_unsets(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("max_steps: 10\nadapter: {method: lora, r: 4, targets: [query]}\n")
+    config = TrainConfig.from_yaml(path, settings={"max_steps": None, "r": 2, "lr": "1e-3"}, lr=0.5, max_steps=3)
+    assert config.max_steps is None and config.lr == 1e-3
+    assert config.adapter == {"method": "lora", "r": 2, "targets": ["query"]}
+    with pytest.raises(SpliceError, match=r"job.yaml .*unknown setting 'rslorra': did you mean 'rslora'\?"):
+        TrainConfig.from_yaml(path, settings={"rslorra": True})
+    with pytest.raises(SpliceError, match="Training config keys: model, .*Keys of the 'dora' adapter: "):
+        TrainConfig.from_dict(settings={"method": "dora", "zzz": 1})
+
+
 def test_adapter_override_applies_to_the_default_adapter():
     config = TrainConfig.from_dict({}, adapter={"targets": ["query", "key"]})
     assert config.adapter == {"method": "lora", "r": 8, "alpha": 16, "targets": ["query", "key"]}

@@ -91,9 +91,12 @@ def test_string_labels_are_numbered_in_sorted_order_and_csv_integers_stay():
     assert [r["label"] for r in numbered.train] == [2, 0] and numbered.label_names == ("0", "1", "2")
 
 
-def test_missing_column_names_the_flag():
-    with pytest.raises(SpliceError, match="--text-column"):
+def test_missing_column_names_the_flags_of_the_task():
+    with pytest.raises(SpliceError, match="--text-column / --label-column"):
         canonical_splits([{"sentence": "a", "label": 0}], [], [], TrainConfig())
+    with pytest.raises(SpliceError, match="--prompt-column / --completion-column"):
+        canonical_splits([{"question": "1+1", "completion": "2"}], [], [],
+                         TrainConfig(model="smollm2", task="causal_lm"))
 
 
 def test_file_without_validation_holds_out_a_tenth(tmp_path):
@@ -102,6 +105,17 @@ def test_file_without_validation_holds_out_a_tenth(tmp_path):
     splits = load_splits(config)
     assert len(splits.train) == 30 and len(splits.validation) == 10 and splits.test == []
     assert not {r["text"] for r in splits.train} & {r["text"] for r in splits.validation}
+
+
+def test_max_eval_examples_keeps_the_first_rows_of_each_evaluation_split(tmp_path):
+    train = write_jsonl(tmp_path / "t.jsonl", [{"text": f"t{i}", "label": i % 2} for i in range(20)])
+    validation = write_jsonl(tmp_path / "v.jsonl", [{"text": f"v{i}", "label": i % 2} for i in range(10)])
+    splits = load_splits(TrainConfig(data=str(train), validation=str(validation), max_eval_examples=3))
+    assert [r["text"] for r in splits.validation] == ["v0", "v1", "v2"] and len(splits.train) == 20
+    whole = load_splits(TrainConfig())
+    capped = load_splits(TrainConfig(max_eval_examples=4))
+    assert capped.validation == whole.validation[:4] and capped.test == whole.test[:4]
+    assert capped.train == whole.train
 
 
 def test_bundled_data_set_for_the_wrong_task_is_refused():

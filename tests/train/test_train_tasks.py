@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+import shutil
+import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
 import splice
@@ -75,3 +78,21 @@ def test_exact_match_compares_the_first_line_of_the_greedy_answer(tiny_llama_dir
     rows = [{"prompt": prompt, "completion": f" {answer.strip()}"}, {"prompt": prompt, "completion": " nope"}]
     assert tasks.exact_match(model, tokenizer, rows, batch_size=2, max_new_tokens=3) == 0.5
     assert tokenizer.padding_side == "right"
+
+
+def test_the_newly_initialized_head_report_is_silenced_but_other_missing_weights_are_not(tiny_bert_dir, tmp_path,
+                                                                                         caplog):
+    caplog.set_level("WARNING", logger="transformers")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the head alone is no reason for a warning
+        model = tasks.load_pretrained(str(tiny_bert_dir), "classification", ("neg", "pos"))
+    assert model.classifier.out_features == 2
+    assert not [r for r in caplog.records if "LOAD REPORT" in r.getMessage() or "newly initialized" in r.getMessage()]
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_bert_dir, damaged)
+    weights = next(damaged.glob("*.safetensors"))
+    tensors = load_file(weights)
+    dropped = next(k for k in tensors if "query.weight" in k)
+    save_file({k: v for k, v in tensors.items() if k != dropped}, weights, metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match=r"missing from the checkpoint besides the head.*query\.weight"):
+        tasks.load_pretrained(str(damaged), "classification", ("neg", "pos"))

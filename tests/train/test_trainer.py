@@ -54,6 +54,31 @@ def test_run_equals_a_hand_driven_trainer(tiny_classification, tmp_path):
         assert reports[0][key] == reports[1][key], key
 
 
+
+def test_the_public_step_pieces_driven_by_hand_give_the_same_run(tiny_classification, tmp_path):
+    """What an orchestrator does with `next_batch`, `record_backward` and `optimizer_step` (its
+    own forward and backward in between) is `step`: the same run, to the bit. grad_accum 5 over
+    12 batches an epoch: steps of 5, 5 and 2 batches."""
+    config = tiny_classification.from_dict(tiny_classification.to_dict(), grad_accum=5)
+    by_run = run(config, console=quiet())
+    trainer = Trainer.from_config(config.from_dict(config.to_dict(), output_dir=str(tmp_path / "by-hand")),
+                                  console=quiet())
+    trainer.begin()  # evaluates the start
+    trainer.model.train()
+    completed = []
+    while not trainer.done:
+        batch = trainer.next_batch()
+        with trainer.accelerator.accumulate(trainer.model):
+            loss = trainer.model(**batch).loss
+            trainer.accelerator.backward(loss)
+        completed.append(trainer.record_backward(loss, len(batch["labels"])))
+        if completed[-1]:
+            trainer.optimizer_step()
+    by_hand = trainer.finish()
+    assert completed[:12] == [False] * 4 + [True] + [False] * 4 + [True, False, True]
+    assert_same_tensors(adapter_tensors(by_run.paths["run_dir"]), adapter_tensors(tmp_path / "by-hand"))
+    assert by_hand.history == by_run.history and by_hand.metrics == by_run.metrics
+
 class Recorder(Callback):
     def __init__(self) -> None:
         self.steps, self.evaluations, self.saves = [], [], []
@@ -189,3 +214,30 @@ def test_two_tasks_in_sequence_from_yaml(tiny_classification, tmp_path):
 def test_the_continual_example_reads():
     config = TrainConfig.from_yaml(Path(__file__).parents[2] / "examples" / "continual_rt_then_bbc.yaml")
     assert config.init_adapter == "runs/continual-rt/adapter" and config.data == "bbc_news"
+
+
+def test_a_run_that_never_beats_step_0_says_so_and_keeps_the_last_state(tiny_classification, tmp_path):
+    config = tiny_classification.__class__(**{**tiny_classification.__dict__, "lr": 1e-12, "max_steps": 4,
+                                             "eval_every": 2, "output_dir": str(tmp_path / "flat")})
+    console = Console(record=True, width=200)
+    result = run(config, console=console)
+    assert result.status == "finished" and result.best_step == 0
+    assert "no evaluation beat the untrained adapter" in result.message
+    assert "warning: no evaluation beat the untrained adapter" in console.export_text()
+    assert json.loads((tmp_path / "flat" / "metrics.json").read_text())["message"] == result.message
+    best = load_file(tmp_path / "flat" / "adapter" / "adapter_model.safetensors")
+    last = load_file(result.paths["last_adapter"] / "adapter_model.safetensors")
+    b_keys = [k for k in best if "lora_B" in k]
+    assert b_keys and all(not best[k].any() for k in b_keys)  # the untrained adapter: B = 0
+    assert any(last[k].any() for k in b_keys)  # the state the 4 steps reached
+
+
+def test_a_run_that_improves_has_no_warning_and_keeps_its_last_state_beside_the_best(tiny_classification,
+                                                                                      tmp_path):
+    config = tiny_classification.__class__(**{**tiny_classification.__dict__, "lr": 0.1, "max_steps": 48,
+                                             "output_dir": str(tmp_path / "learns")})
+    result = run(config, console=Console(quiet=True))
+    assert 0 < result.best_step < 48 and result.message == ""  # it learns, and peaks before the end
+    best = load_file(result.paths["adapter"] / "adapter_model.safetensors")
+    last = load_file(result.paths["last_adapter"] / "adapter_model.safetensors")
+    assert best.keys() == last.keys() and any(not torch.equal(best[k], last[k]) for k in best)

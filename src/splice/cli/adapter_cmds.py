@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from splice.cli.errors import user_errors
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from splice.core.adapter_state import AdapterState
+    from splice.merging.merge import MergeResult
 
 console = Console()
 
@@ -124,38 +130,41 @@ def info(
         console.print(listing)
 
 
+Adapters = Annotated[list[Path], typer.Argument(help="Adapter directories (HF PEFT's or splice's format).")]
+MergeOut = Annotated[Path, typer.Option("--out", "-o", help="Folder for the merged adapter (or model, --into-base).")]
+MergeMethod = Annotated[str, typer.Option(
+    help="cat | linear | task_arithmetic | svd | ties | dare_ties | dare_linear | magnitude_prune | emr. cat and "
+         "linear are exact; emr writes a unified folder plus one rebuilt adapter per input.")]
+Weights = Annotated[str | None, typer.Option(help="One weight per adapter, comma-separated. Default: 1/n for cat, "
+                                             "linear and svd; 1 for the others.")]
+Density = Annotated[float, typer.Option(help="Fraction of entries kept by ties, dare_* and magnitude_prune.")]
+MergeRank = Annotated[int | None, typer.Option(
+    help="Rank of the result (svd: default the largest input rank; ties/dare/magnitude_prune: default the sum of "
+         "ranks; emr: default exact).")]
+Majority = Annotated[str, typer.Option(help="TIES sign election: total | frequency.")]
+Seed = Annotated[int, typer.Option(help="Seed of DARE's random masks.")]
+Heads = Annotated[str, typer.Option(help="Modules trained in full (classifier heads): average | first | none.")]
+IntoBase = Annotated[bool, typer.Option("--into-base", help="Fold the (merged) adapter into its base model and save "
+                                        "a plain transformers model instead of an adapter.")]
+MergeBase = Annotated[str | None, typer.Option(
+    help="Base model: 'minilm', 'smollm2' or a folder. Needed for --into-base and for DoRA inputs. Default: the "
+         "adapters' recorded base model.")]
+MergeForce = Annotated[bool, typer.Option("--force", help="Overwrite a non-empty --out folder.")]
+
+
 def merge(
-    adapters: Annotated[list[Path], typer.Argument(help="Adapter directories (HF PEFT's or splice's format).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the merged adapter (or model, --into-base).")],
-    method: Annotated[
-        str, typer.Option(help="cat | linear | task_arithmetic | svd | ties | dare_ties | dare_linear | "
-                               "magnitude_prune | emr. cat and linear are exact; emr writes a unified folder "
-                               "plus one rebuilt adapter per input.")
-    ] = "linear",
-    weights: Annotated[
-        str | None, typer.Option(help="One weight per adapter, comma-separated. Default: 1/n for cat, linear "
-                                      "and svd; 1 for the others.")
-    ] = None,
-    density: Annotated[float, typer.Option(help="Fraction of entries kept by ties, dare_* and magnitude_prune.")] = 0.5,
-    rank: Annotated[
-        int | None, typer.Option(help="Rank of the result (svd: default the largest input rank; ties/dare/"
-                                      "magnitude_prune: default the sum of ranks; emr: default exact).")
-    ] = None,
-    majority: Annotated[str, typer.Option(help="TIES sign election: total | frequency.")] = "total",
-    seed: Annotated[int, typer.Option(help="Seed of DARE's random masks.")] = 0,
-    heads: Annotated[
-        str, typer.Option(help="Modules trained in full (classifier heads): average | first | none.")
-    ] = "average",
-    into_base: Annotated[
-        bool, typer.Option("--into-base", help="Fold the (merged) adapter into its base model and save a plain "
-                                               "transformers model instead of an adapter.")
-    ] = False,
-    model: Annotated[
-        str | None,
-        typer.Option(help="Base model: 'minilm', 'smollm2' or a folder. Needed for --into-base and for DoRA "
-                          "inputs. Default: the adapters' recorded base model."),
-    ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite a non-empty --out folder.")] = False,
+    adapters: Adapters,
+    out: MergeOut,
+    method: MergeMethod = "linear",
+    weights: Weights = None,
+    density: Density = 0.5,
+    rank: MergeRank = None,
+    majority: Majority = "total",
+    seed: Seed = 0,
+    heads: Heads = "average",
+    into_base: IntoBase = False,
+    model: MergeBase = None,
+    force: MergeForce = False,
 ) -> None:
     """Merge adapters into one adapter (exact in weight-change space), or fold them into the base model.
 
@@ -168,9 +177,9 @@ def merge(
 
       splice merge runs/rotten-tomatoes-lora/adapter --into-base --model minilm --out merged-minilm
     """
-    from splice.io.files import atomic_directory, check_output_dir
-    from splice.io.state import adapter_state, save_state
-    from splice.merging import fold_into_base, merge_adapters, unify_adapters
+    from splice.io.adapter_states import adapter_state, save_state
+    from splice.io.files import check_output_dir
+    from splice.merging import merge_adapters
     from splice.train.adapter_base import adapter_base
 
     with user_errors():
@@ -182,34 +191,60 @@ def merge(
                                      param_hint="--method")
         check_output_dir(out, overwrite=force)  # refused before the work; written whole (or not at all) after it
         if into_base and len(adapters) == 1:  # any form, splice's own format too
-            net = fold_into_base(adapter_base(adapters, model, task="auto").load(), adapters[0])
-            with atomic_directory(out, overwrite=force) as folder:
-                net.save_pretrained(folder)
-            console.print(f"merged [bold]{adapters[0]}[/bold] into {type(net).__name__} -> {out}")
+            _fold_one(adapters[0], model, out, force)
             return
-        weight_list = [float(w) for w in weights.split(",")] if weights else None
         states = [adapter_state(path) for path in adapters]
         base = adapter_base(adapters[:1], model).load() if into_base or any(s.dora for s in states) else None
         if method == "emr":
-            unified = unify_adapters(states, base=base)
-            with atomic_directory(out, overwrite=force) as folder:
-                unified.save(folder / "unified")
-                for i, path in enumerate(adapters):
-                    save_state(unified.decouple(i, rank), folder / f"task-{i}-{path.name}")
-            console.print(f"unified {len(adapters)} adapters -> {out}/unified (scales "
-                          f"{[round(x, 4) for x in unified.unified.scales]}), rebuilt adapters in {out}/task-*")
+            _unify(adapters, states, base, rank, out, force)
             return
-        result = merge_adapters(states, method, weights=weight_list, density=density, rank=rank,
-                                majority=majority, seed=seed, base=base, heads=heads)
+        result = merge_adapters(states, method, weights=[float(w) for w in weights.split(",")] if weights else None,
+                                density=density, rank=rank, majority=majority, seed=seed, base=base, heads=heads)
         if into_base:
-            fold_into_base(base, result.state)
-            with atomic_directory(out, overwrite=force) as folder:
-                base.save_pretrained(folder)
-            console.print(f"{result.summary()}\nfolded into {type(base).__name__} -> {out}")
+            _fold_merged(result, base, out, force)
             return
         save_state(result.state, out, overwrite=force)
     _print_merge(result)
     console.print(f"-> {out}")
+
+
+def _fold_one(adapter: Path, model: str | None, out: Path, force: bool) -> None:
+    """Fold one adapter into its base model and save the plain model."""
+    from splice.io.files import atomic_directory
+    from splice.merging import fold_into_base
+    from splice.train.adapter_base import adapter_base
+
+    net = fold_into_base(adapter_base([adapter], model, task="auto").load(), adapter)
+    with atomic_directory(out, overwrite=force) as folder:
+        net.save_pretrained(folder)
+    console.print(f"merged [bold]{adapter}[/bold] into {type(net).__name__} -> {out}")
+
+
+def _unify(adapters: list[Path], states: list[AdapterState], base: nn.Module | None, rank: int | None, out: Path,
+           force: bool) -> None:
+    """EMR: one unified adapter (out/unified) and each task's adapter rebuilt from it (out/task-*)."""
+    from splice.io.adapter_states import save_state
+    from splice.io.files import atomic_directory
+    from splice.merging import unify_adapters
+
+    unified = unify_adapters(states, base=base)
+    with atomic_directory(out, overwrite=force) as folder:
+        unified.save(folder / "unified")
+        for i, path in enumerate(adapters):
+            save_state(unified.decouple(i, rank), folder / f"task-{i}-{path.name}")
+    console.print(f"unified {len(adapters)} adapters -> {out}/unified (scales "
+                  f"{[round(x, 4) for x in unified.unified.scales]}), rebuilt adapters in {out}/task-*")
+
+
+def _fold_merged(result: MergeResult, base: nn.Module, out: Path, force: bool) -> None:
+    """Fold the merged adapter into the loaded base model and save the plain model."""
+    from splice.io.files import atomic_directory
+    from splice.merging import fold_into_base
+
+    fold_into_base(base, result.state)
+    with atomic_directory(out, overwrite=force) as folder:
+        base.save_pretrained(folder)
+    console.print(f"{result.summary()}\nfolded into {type(base).__name__} -> {out}")
 
 
 def _print_merge(result, limit: int = 40) -> None:

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from splice.cli.errors import user_errors
+from splice.cli.options import ForceOut
 from splice.core.inventory import shared_prefix
 
 console = Console()
@@ -26,7 +27,6 @@ Task = Annotated[
     typer.Option(help="auto | classification | causal_lm | base: the model class the adapter was trained on "
                       "(auto: PEFT's task_type, or a classification head among the trained modules)."),
 ]
-Force = Annotated[bool, typer.Option("--force", help="Write into a non-empty --out folder.")]
 
 
 def register(app: typer.Typer) -> None:
@@ -42,7 +42,7 @@ def analyze(
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Leading singular values per module to plot "
                                        "and to write to the JSON.")] = 64,
     task: Task = "auto",
-    force: Force = False,
+    force: ForceOut = False,
 ) -> None:
     """Spectra of an adapter's delta weights: singular values, effective and stable ranks per module.
 
@@ -91,7 +91,7 @@ def compare(
     k: Annotated[int | None, typer.Option(min=1, help="Singular directions per module whose subspaces are "
                                           "compared. Default: each delta's 90%-energy rank.")] = None,
     task: Task = "auto",
-    force: Force = False,
+    force: ForceOut = False,
 ) -> None:
     """Compare two adapters module by module: principal angles, subspace overlap, norm ratio, cosine.
 

@@ -14,13 +14,14 @@ app = typer.Typer(
 
 
 def _register_commands() -> None:
-    from splice.cli import adapter_cmds, analysis_cmds, compress_cmd, probe_cmd, train_cmd
+    from splice.cli import adapter_cmds, analysis_cmds, compress_cmd, hub_cmd, probe_cmd, train_cmd
 
     train_cmd.register(app)
     adapter_cmds.register(app)
     analysis_cmds.register(app)
     probe_cmd.register(app)
     compress_cmd.register(app)
+    hub_cmd.register(app)
 
 
 _register_commands()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -13,8 +14,23 @@ from rich.table import Table
 
 from splice.assets import DATASETS
 from splice.cli.errors import user_errors
+from splice.cli.options import (
+    BatchSize,
+    CompletionColumn,
+    Data,
+    LabelColumn,
+    Model,
+    Precision,
+    PromptColumn,
+    Task,
+    TextColumn,
+)
 from splice.core.errors import SpliceError
 from splice.core.registry import method_names
+
+if TYPE_CHECKING:
+    from splice.train import TrainConfig
+    from splice.train.results import RunResult
 
 console = Console()
 
@@ -25,58 +41,65 @@ def register(app: typer.Typer) -> None:
     app.command("eval")(evaluate)
 
 
-Model = Annotated[str | None, typer.Option(help="minilm, smollm2 (bundled) or a local model folder.")]
-Task = Annotated[str | None, typer.Option(help="classification or causal_lm.")]
-Data = Annotated[str | None, typer.Option(help="Bundled data set (rotten_tomatoes, bbc_news, arithmetic, "
-                                          "iris, ...) or a .jsonl/.csv file.")]
-BatchSize = Annotated[int | None, typer.Option(help="Examples per forward pass.")]
-Precision = Annotated[str | None, typer.Option(help="Mixed precision: no, bf16 or fp16.")]
+ConfigFiles = Annotated[list[Path] | None, typer.Argument(
+    help="YAML config; flags override its values. With --tenants, one config per tenant.", show_default=False)]
+Method = Annotated[str | None, typer.Option(help=f"Adapter method: {', '.join(method_names())}.")]
+Rank = Annotated[int | None, typer.Option(help="Adapter rank.")]
+Alpha = Annotated[float | None, typer.Option(help="LoRA scale numerator (scale = alpha / r).")]
+Targets = Annotated[str | None, typer.Option(help="Comma-separated module names, e.g. query,value, or all-linear.")]
+Settings = Annotated[list[str] | None, typer.Option(
+    "--set", help="A setting as KEY=VALUE (YAML value), repeatable: a hyperparameter of the method (--set "
+    "blocks=32, --set positions=f3+l3, --set ranks=[2,4,8]) or a key of the training config (--set "
+    "max_length=128, --set max_steps=null); a key that is neither is refused with both lists of keys.",
+    show_default=False)]
+InitAdapter = Annotated[Path | None, typer.Option(
+    help="Continue training this saved adapter folder (e.g. an earlier run's RUN/adapter) on the new task "
+    "instead of a fresh adapter; the task trains a fresh head of its own.", show_default=False)]
+Lr = Annotated[float | None, typer.Option(help="Learning rate of the adapter.")]
+HeadLr = Annotated[float | None, typer.Option(help="Learning rate of the head trained in full.")]
+Epochs = Annotated[float | None, typer.Option(help="Passes over the training data.")]
+MaxSteps = Annotated[int | None, typer.Option(help="Optimizer steps; overrides --epochs.")]
+MaxTrainExamples = Annotated[int | None, typer.Option(help="Train on a fixed sample of N examples.")]
+MaxEvalExamples = Annotated[int | None, typer.Option(
+    help="Evaluate on the first N rows of the validation and test splits (the same rows in every run): a "
+    "quick run's evaluations stay quick.", show_default=False)]
+EvalEvery = Annotated[int | None, typer.Option(help="Evaluate every N optimizer steps.")]
+GradientCheckpointing = Annotated[bool | None, typer.Option(
+    help="Recompute activations in the backward pass: less memory, about a third more compute.")]
+Seed = Annotated[int | None, typer.Option(help="Random seed.")]
+OutputDir = Annotated[str | None, typer.Option(help="Run folder (default: runs/<data>-<method>).")]
+Force = Annotated[bool, typer.Option("--force", help="Overwrite a non-empty run folder.")]
+Tenants = Annotated[bool, typer.Option("--tenants", help="Train every config given at once on one shared copy "
+                                       "of the model (multiplexed); flags apply to all.")]
+JoinAt = Annotated[str | None, typer.Option(help="With --tenants: comma-separated step at which each tenant "
+                                            "joins, e.g. 0,0,100.")]
+MaxRows = Annotated[int | None, typer.Option(help="With --tenants: most rows in one packed forward pass (bounds "
+                                             "memory); default: the largest tenant batch size; 0: no limit.")]
+MaxPadding = Annotated[float, typer.Option(help="With --tenants: largest share of padded token slots in a packed "
+                                           "pass before its rows are split.")]
+CheckpointEvery = Annotated[int | None, typer.Option(
+    help="Write a resumable checkpoint every N optimizer steps (0: only on Ctrl-C / SIGTERM).")]
+OnNonfinite = Annotated[str | None, typer.Option(
+    help="A NaN/inf loss or gradient: stop (keep the best finite adapter) or skip (drop that step).")]
+Resume = Annotated[Path | None, typer.Option(
+    help="Continue the interrupted run in this folder from its last checkpoint, with its config.yaml.",
+    show_default=False)]
 
 
 def train(
-    configs: Annotated[list[Path] | None, typer.Argument(
-        help="YAML config; flags override its values. With --tenants, one config per tenant.",
-        show_default=False)] = None,
-    model: Model = None,
-    task: Task = None,
-    data: Data = None,
-    method: Annotated[str | None, typer.Option(help=f"Adapter method: {', '.join(method_names())}.")] = None,
-    r: Annotated[int | None, typer.Option(help="Adapter rank.")] = None,
-    alpha: Annotated[float | None, typer.Option(help="LoRA scale numerator (scale = alpha / r).")] = None,
-    targets: Annotated[str | None, typer.Option(help="Comma-separated module names, e.g. query,value, "
-                                                "or all-linear.")] = None,
-    param: Annotated[list[str] | None, typer.Option(
-        "--set", help="A hyperparameter of the method as KEY=VALUE (YAML value), repeatable: "
-        "--set blocks=32, --set positions=f3+l3, --set ranks=[2,4,8].", show_default=False)] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate of the adapter.")] = None,
-    head_lr: Annotated[float | None, typer.Option(help="Learning rate of the head trained in full.")] = None,
-    epochs: Annotated[float | None, typer.Option(help="Passes over the training data.")] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps; overrides --epochs.")] = None,
-    batch_size: BatchSize = None,
-    max_train_examples: Annotated[int | None, typer.Option(help="Train on a fixed sample of N examples.")] = None,
-    eval_every: Annotated[int | None, typer.Option(help="Evaluate every N optimizer steps.")] = None,
-    gradient_checkpointing: Annotated[bool | None, typer.Option(
-        help="Recompute activations in the backward pass: less memory, about a third more compute.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
-    precision: Precision = None,
-    output_dir: Annotated[str | None, typer.Option(help="Run folder (default: runs/<data>-<method>).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite a non-empty run folder.")] = False,
-    tenants: Annotated[bool, typer.Option("--tenants", help="Train every config given at once on one shared "
-                                          "copy of the model (multiplexed); flags apply to all.")] = False,
-    join_at: Annotated[str | None, typer.Option(help="With --tenants: comma-separated step at which each "
-                                                "tenant joins, e.g. 0,0,100.")] = None,
-    max_rows: Annotated[int | None, typer.Option(help="With --tenants: most rows in one packed forward "
-                                                 "pass (bounds memory); default: the largest tenant batch "
-                                                 "size; 0: no limit.")] = None,
-    max_padding: Annotated[float, typer.Option(help="With --tenants: largest share of padded token slots "
-                                               "in a packed pass before its rows are split.")] = 0.25,
-    checkpoint_every: Annotated[int | None, typer.Option(
-        help="Write a resumable checkpoint every N optimizer steps (0: only on Ctrl-C / SIGTERM).")] = None,
-    on_nonfinite: Annotated[str | None, typer.Option(
-        help="A NaN/inf loss or gradient: stop (keep the best finite adapter) or skip (drop that step).")] = None,
-    resume: Annotated[Path | None, typer.Option(
-        help="Continue the interrupted run in this folder from its last checkpoint, with its config.yaml.",
-        show_default=False)] = None,
+    configs: ConfigFiles = None,
+    model: Model = None, task: Task = None, data: Data = None,
+    text_column: TextColumn = None, label_column: LabelColumn = None,
+    prompt_column: PromptColumn = None, completion_column: CompletionColumn = None,
+    method: Method = None, r: Rank = None, alpha: Alpha = None, targets: Targets = None,
+    param: Settings = None, init_adapter: InitAdapter = None,
+    lr: Lr = None, head_lr: HeadLr = None, epochs: Epochs = None, max_steps: MaxSteps = None,
+    batch_size: BatchSize = None, max_train_examples: MaxTrainExamples = None,
+    max_eval_examples: MaxEvalExamples = None, eval_every: EvalEvery = None,
+    gradient_checkpointing: GradientCheckpointing = None, seed: Seed = None, precision: Precision = None,
+    output_dir: OutputDir = None, force: Force = False,
+    tenants: Tenants = False, join_at: JoinAt = None, max_rows: MaxRows = None, max_padding: MaxPadding = 0.25,
+    checkpoint_every: CheckpointEvery = None, on_nonfinite: OnNonfinite = None, resume: Resume = None,
 ) -> None:
     """Train an adapter, evaluate it before and after, save it (HF PEFT format) and a report.
 
@@ -90,7 +113,7 @@ def train(
 
         splice train examples/smollm2_arithmetic.yaml --max-steps 20
 
-        splice train --data reviews.jsonl --r 16 --targets query,key,value --output-dir runs/reviews
+        splice train --data reviews.jsonl --text-column review --label-column sentiment --r 16
 
         splice train --method diablo --set blocks=32 --targets all-linear
 
@@ -101,64 +124,72 @@ def train(
     Ctrl-C (or SIGTERM) stops after the current step with a checkpoint, the best adapter so far
     in RUN/adapter and the command that continues the run (exit status 130 / 143).
     """
-    from splice.train import TrainConfig
+    flags = dict(locals())
     from splice.train.loop import TrainingInterrupted, run
-    from splice.train.loop import resume as resume_run
 
-    if resume is not None:
-        given = {name for name, value in locals().items() if name in FLAGS and value not in (None, False, [])}
-        with user_errors():
-            if given:
-                raise SpliceError(f"--resume continues a run with its own config.yaml; it takes no config or other "
-                                  f"flags (got {', '.join(sorted(FLAGS[n] for n in given))})")
-        with user_errors(), _interruptions(TrainingInterrupted):
-            _exit_if_diverged([resume_run(resume, console=console)])
-        return
-    adapter = {"method": method, "r": r, "alpha": alpha, "targets": targets.split(",") if targets else None}
-    if adapter["targets"] == ["all-linear"]:
-        adapter["targets"] = "all-linear"
-    configs = configs or []
-    with user_errors():
-        adapter |= method_params(param or [])
-        if len(configs) > 1 and not tenants:
-            raise SpliceError(f"{len(configs)} configs given; train them together with --tenants, "
-                              "or give one config")
-        if tenants and not configs:
-            raise SpliceError("--tenants needs one YAML config per tenant")
-        if (join_at or max_rows) and not tenants:
-            raise SpliceError("--join-at and --max-rows apply to --tenants runs only")
-        settings = [TrainConfig.from_yaml(
-            path, model=model, task=task, data=data, lr=lr, head_lr=head_lr, epochs=epochs, max_steps=max_steps,
-            batch_size=batch_size, max_train_examples=max_train_examples, eval_every=eval_every, seed=seed,
-            gradient_checkpointing=gradient_checkpointing, precision=precision, output_dir=output_dir,
-            adapter={k: v for k, v in adapter.items() if v is not None}, on_nonfinite=on_nonfinite,
-            checkpoint_every=checkpoint_every or None,
-        ) for path in configs or [None]]
-        if checkpoint_every == 0:  # a None override would be ignored: rebuild with the field unset
-            settings = [TrainConfig.from_dict({**c.to_dict(), "checkpoint_every": None}) for c in settings]
     with user_errors(), _interruptions(TrainingInterrupted):
-        if tenants:
-            from splice.orchestrate import multiplex
-
-            steps = [int(s) for s in join_at.split(",")] if join_at else None
-            rows = "auto" if max_rows is None else (max_rows or None)
-            results = multiplex(settings, join_at=steps, max_rows=rows, max_padding=max_padding, force=force,
-                                console=console)
-            _exit_if_diverged(list(results.values()))
+        if resume is not None:
+            results = [_resume(resume, flags)]
+        elif tenants:
+            results = _multiplex(_configs(flags), join_at, max_rows, max_padding, force)
         else:
-            _exit_if_diverged([run(settings[0], console=console, force=force)])
+            results = [run(_configs(flags)[0], console=console, force=force)]
+    _exit_if_diverged(results)
 
 
-# Parameters of `train` that --resume does not combine with (the run's config.yaml says it all).
-FLAGS = {
-    "configs": "a config file", "model": "--model", "task": "--task", "data": "--data", "method": "--method",
-    "r": "--r", "alpha": "--alpha", "targets": "--targets", "param": "--set", "lr": "--lr", "head_lr": "--head-lr",
-    "epochs": "--epochs", "max_steps": "--max-steps", "batch_size": "--batch-size",
-    "max_train_examples": "--max-train-examples", "eval_every": "--eval-every",
-    "gradient_checkpointing": "--gradient-checkpointing", "seed": "--seed", "precision": "--precision",
-    "output_dir": "--output-dir", "force": "--force", "tenants": "--tenants", "join_at": "--join-at",
-    "max_rows": "--max-rows", "checkpoint_every": "--checkpoint-every", "on_nonfinite": "--on-nonfinite",
-}
+# Flags of `train` that set the training config's field of the same name.
+CONFIG_FLAGS = ("model", "task", "data", "text_column", "label_column", "prompt_column", "completion_column",
+                "init_adapter", "lr", "head_lr", "epochs", "max_steps", "batch_size", "max_train_examples",
+                "max_eval_examples", "eval_every", "gradient_checkpointing", "seed", "precision", "output_dir",
+                "checkpoint_every", "on_nonfinite")
+
+
+def _configs(flags: dict[str, Any]) -> list[TrainConfig]:
+    """One TrainConfig per YAML file given (the defaults without one): the file, the flags on
+    top, then the --set pairs (`TrainConfig.from_yaml`)."""
+    from splice.train import TrainConfig
+
+    paths = flags["configs"] or []
+    if len(paths) > 1 and not flags["tenants"]:
+        raise SpliceError(f"{len(paths)} configs given; train them together with --tenants, or give one config")
+    if flags["tenants"] and not paths:
+        raise SpliceError("--tenants needs one YAML config per tenant")
+    if (flags["join_at"] or flags["max_rows"]) and not flags["tenants"]:
+        raise SpliceError("--join-at and --max-rows apply to --tenants runs only")
+    targets = flags["targets"]
+    adapter = {"method": flags["method"], "r": flags["r"], "alpha": flags["alpha"],
+               "targets": targets.split(",") if targets and targets != "all-linear" else targets or None}
+    # --checkpoint-every 0 unsets the field (a None flag would be ignored); --set pairs come after it.
+    settings = {"checkpoint_every": None} if flags["checkpoint_every"] == 0 else {}
+    settings |= key_values(flags["param"] or [])
+    return [TrainConfig.from_yaml(path, settings=settings, adapter={k: v for k, v in adapter.items() if v is not None},
+                                  **{name: flags[name] for name in CONFIG_FLAGS}) for path in paths or [None]]
+
+
+def _resume(run_dir: Path, flags: dict[str, Any]) -> RunResult:
+    """Continue the interrupted run in `run_dir`; its config.yaml says it all, so any other
+    argument given is refused, by its flag."""
+    from splice.train.loop import resume
+
+    defaults = inspect.signature(train).parameters
+    given = sorted({"configs": "a config file", "param": "--set"}.get(name, "--" + name.replace("_", "-"))
+                   for name, value in flags.items()
+                   if name != "resume" and value not in (None, False, [], defaults[name].default))
+    if given:
+        raise SpliceError(f"--resume continues a run with its own config.yaml; it takes no config or other "
+                          f"flags (got {', '.join(given)})")
+    return resume(run_dir, console=console)
+
+
+def _multiplex(configs: list[TrainConfig], join_at: str | None, max_rows: int | None, max_padding: float,
+               force: bool) -> list[RunResult]:
+    """Train the tenants' configs at once on one shared model (`splice.orchestrate.multiplex`)."""
+    from splice.orchestrate import multiplex
+
+    steps = [int(s) for s in join_at.split(",")] if join_at else None
+    rows = "auto" if max_rows is None else (max_rows or None)
+    results = multiplex(configs, join_at=steps, max_rows=rows, max_padding=max_padding, force=force, console=console)
+    return list(results.values())
 
 
 @contextmanager
@@ -182,8 +213,8 @@ def _exit_if_diverged(results: list) -> None:
         raise typer.Exit(1)
 
 
-def method_params(pairs: list[str]) -> dict[str, object]:
-    """`--set KEY=VALUE` pairs as a mapping; values are read as YAML (numbers, lists, booleans)."""
+def key_values(pairs: list[str]) -> dict[str, object]:
+    """`--set KEY=VALUE` pairs as a mapping; values are read as YAML (numbers, lists, booleans, null)."""
     import yaml
 
     out: dict[str, object] = {}
@@ -203,6 +234,8 @@ def evaluate(
     model: Model = "minilm",
     task: Task = "classification",
     data: Data = "rotten_tomatoes",
+    text_column: TextColumn = None, label_column: LabelColumn = None,
+    prompt_column: PromptColumn = None, completion_column: CompletionColumn = None,
     split: Annotated[str, typer.Option(help="Split of a bundled data set: train, validation or test.")] = "test",
     batch_size: BatchSize = 32,
     max_length: Annotated[int, typer.Option(help="Tokens per example.")] = 64,
@@ -217,7 +250,9 @@ def evaluate(
     from splice.train import TrainConfig, evaluate_adapter
 
     with user_errors():
-        settings = TrainConfig.from_dict(model=model, task=task, data=data, batch_size=batch_size,
+        settings = TrainConfig.from_dict(model=model, task=task, data=data, text_column=text_column,
+                                         label_column=label_column, prompt_column=prompt_column,
+                                         completion_column=completion_column, batch_size=batch_size,
                                          max_length=max_length, precision=precision)
         metrics = evaluate_adapter(settings, adapter, split)
     table = Table(title=f"{data} ({split})" if data in DATASETS else data, caption=f"adapter: {adapter}")

@@ -54,40 +54,29 @@ compact core. Reported: ViT-Base at 80% retained parameters 89.2% vs DoRA's 87.9
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from splice.compression.calibration import (  # noqa: F401  (Batch, LossFn, linear_targets: re-exported)
+    Batch,
+    LayerStats,
+    LossFn,
+    calibrate,
+    linear_targets,
+)
 from splice.compression.factorized import FactorizedLinear, freeze_except, replace_module
 from splice.core.api import resolve_heads
-from splice.core.config import AdapterConfig, Targets
-from splice.core.errors import SpliceError, TargetError
+from splice.core.config import Targets
+from splice.core.errors import SpliceError
 from splice.core.layers import dense_weight, describe, is_plain_float_weight
-from splice.core.targets import resolve_targets
 
-Batch = Mapping[str, Any]
-LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 Weighting = Literal["none", "input"]
 WEIGHTINGS = ("none", "input")
 SUBSPACE_ITERATIONS = 20
-
-
-@dataclass
-class LayerStats:
-    """Calibration statistics of one Linear layer (float64, on the CPU).
-
-    Attributes:
-        input_cov: C_x = E[x xᵀ] over the calibration token rows, [in, in].
-        grad_cov: C_g = E[g gᵀ], g = ∂L/∂(W x) at the same rows, [out, out].
-        rows: how many token rows the expectations average.
-    """
-
-    input_cov: torch.Tensor
-    grad_cov: torch.Tensor
-    rows: int
 
 
 @dataclass
@@ -141,129 +130,6 @@ class JactusReport:
                     f"({self.retained_fraction:.1%}, budget {self.budget:.0%}); {self.core_parameters:,} trainable "
                     f"core numbers" + (f"; also trained: {', '.join(self.trained)}" if self.trained else ""))
         return "\n".join(rows)
-
-
-# ----------------------------------------------------------------------------------- targets
-
-
-def linear_targets(model: nn.Module, targets: Targets = "all-linear", exclude: Targets = None,
-                   layers: Any = None, train_also: Sequence[str] = ()) -> list[tuple[str, nn.Module]]:
-    """The Linear modules a splice target pattern selects (PEFT's rules and splice's errors).
-
-    Only Linear layers (nn.Linear and transformers' Conv1D) can be factorized; a pattern that
-    selects anything else is refused with the module's name and type.
-    """
-    config = AdapterConfig(targets=targets, exclude=exclude, layers=layers, train_also=list(train_also))
-    selected = resolve_targets(model, config)
-    others = [f"{name} ({type(module).__name__})" for name, module in selected
-              if describe(module) is None or describe(module).kind != "linear"]
-    if others:
-        raise TargetError(f"JACTUS factorizes Linear layers only; targets {targets!r} also select: "
-                          f"{', '.join(others[:8])}. Narrow targets= or add them to exclude=")
-    return selected
-
-
-# ------------------------------------------------------------------------------- calibration
-
-
-def calibrate(model: nn.Module, batches: Iterable[Batch], targets: Targets = "all-linear", *,
-              exclude: Targets = None, layers: Any = None, train_also: Sequence[str] = (),
-              loss_fn: LossFn | None = None) -> dict[str, LayerStats]:
-    """C_x and C_g of every targeted Linear, from forward and backward passes over `batches`.
-
-    Each batch is a mapping the model accepts as `model(**batch)`, with labels so that the
-    output has a `.loss`; for a model without one, pass `loss_fn(model, batch) -> loss`. The
-    model runs in eval mode (no dropout) and its modes are restored afterwards. Gradients are
-    taken with `torch.autograd.grad` with respect to the layers' outputs only, so no parameter
-    receives a `.grad` and no weight changes; a frozen model works too (each targeted output is
-    connected to the graph by adding a zero that requires grad).
-    """
-    selected = linear_targets(model, targets, exclude, layers, train_also)
-    # Sums live on each layer's device (float64), so a GPU model is not synchronised per batch.
-    x_sums: dict[str, torch.Tensor] = {}
-    g_sums: dict[str, torch.Tensor] = {}
-    for name, module in selected:
-        n, m = _in_out(module)
-        device = next(module.parameters()).device
-        x_sums[name] = torch.zeros(n, n, dtype=torch.float64, device=device)
-        g_sums[name] = torch.zeros(m, m, dtype=torch.float64, device=device)
-    rows = dict.fromkeys(x_sums, 0)
-    captured: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
-    current: dict[str, torch.Tensor | None] = {"mask": None}
-    anchor = torch.zeros((), requires_grad=True)
-
-    def hook(name: str) -> Callable[..., torch.Tensor]:
-        def record(_module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-            keep = _row_mask(current["mask"], output)
-            x = _rows(args[0], keep)
-            x_sums[name] += x.T @ x
-            rows[name] += x.shape[0]
-            if not output.requires_grad:
-                output = output + anchor.to(output.device)
-            captured.append((name, output, keep))
-            return output
-
-        return record
-
-    modes = {m: m.training for m in model.modules()}
-    handles = [module.register_forward_hook(hook(name)) for name, module in selected]
-    model.eval()
-    seen = 0
-    try:
-        with torch.enable_grad():
-            for batch in batches:
-                seen += 1
-                captured.clear()
-                current["mask"] = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-                loss = _loss(model, batch, loss_fn)
-                grads = torch.autograd.grad(loss, [out for _, out, _ in captured], allow_unused=True)
-                for (name, _, keep), g in zip(captured, grads, strict=True):
-                    if g is not None:
-                        g = _rows(g, keep)
-                        g_sums[name] += g.T @ g
-    finally:
-        for handle in handles:
-            handle.remove()
-        captured.clear()
-        for module, mode in modes.items():
-            module.train(mode)
-    if not seen:
-        raise SpliceError("calibrate got no batches; pass an iterable of batches (e.g. a DataLoader)")
-    unused = [name for name, n in rows.items() if n == 0]
-    if unused:
-        raise SpliceError(f"these targets never ran during calibration, so nothing is known about their inputs: "
-                          f"{unused[:8]}; exclude them or check the batches reach them")
-    return {name: LayerStats((x_sums[name] / rows[name]).cpu(), (g_sums[name] / rows[name]).cpu(), rows[name])
-            for name in x_sums}
-
-
-def _loss(model: nn.Module, batch: Batch, loss_fn: LossFn | None) -> torch.Tensor:
-    if loss_fn is not None:
-        return loss_fn(model, batch)
-    output = model(**batch)
-    loss = getattr(output, "loss", None)
-    if loss is None:
-        raise SpliceError("model(**batch) returned no loss: give batches with labels "
-                          f"(batch keys: {sorted(batch)}), or pass loss_fn=lambda model, batch: ...")
-    return loss
-
-
-def _row_mask(mask: torch.Tensor | None, output: torch.Tensor) -> torch.Tensor | None:
-    """The batch's attention mask as a row selector, when it matches the layer's leading dims."""
-    if mask is None or tuple(mask.shape) != tuple(output.shape[:-1]):
-        return None
-    return mask.reshape(-1).to(device=output.device, dtype=torch.bool)
-
-
-def _rows(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    rows = t.detach().reshape(-1, t.shape[-1])
-    return (rows if keep is None else rows[keep]).to(torch.float64)
-
-
-def _in_out(module: nn.Module) -> tuple[int, int]:
-    info = describe(module)
-    assert info is not None  # linear_targets only selects describable layers
-    return info.in_features, info.out_features
 
 
 # -------------------------------------------------------------------------------- allocation
@@ -429,20 +295,27 @@ def jactus(model: nn.Module, calibration: Iterable[Batch] | Mapping[str, LayerSt
     ranks = allocate_ranks(gains, shapes, budget)
     report = JactusReport(budget=budget, trained=heads)
     for name, module in selected:
-        W = _dense64(module)
-        U, V, t = union_bases(W, stats[name], ranks[name], task_rank, weighting)
-        core = U.T @ W @ V
-        like = module.weight
-        dtype = like.dtype if is_plain_float_weight(like) else torch.float32
-        bias = getattr(module, "bias", None)
-        layer = FactorizedLinear(*(x.to(device=like.device, dtype=dtype) for x in (U, core, V)),
-                                 None if bias is None else bias.detach().to(dtype))
-        replace_module(model, name, layer)
-        n, m = shapes[name]
-        report.layers.append(LayerReport(name, n, m, ranks[name], t, n * m, layer_cost(n, m, ranks[name]),
-                                         float(core.square().sum() / W.square().sum().clamp_min(1e-300))))
+        report.layers.append(_factorize(model, name, module, stats[name], ranks[name], task_rank, weighting))
     freeze_except(model, heads)
     return report
+
+
+def _factorize(model: nn.Module, name: str, module: nn.Module, stats: LayerStats, rank: int, task_rank: int,
+               weighting: Weighting) -> LayerReport:
+    """Replace the Linear `name` of `model` by a FactorizedLinear of `rank` in the union of its
+    weight's and the task's subspaces, core C₀ = Uᵀ W V, in the layer's dtype and device."""
+    W = _dense64(module)
+    U, V, t = union_bases(W, stats, rank, task_rank, weighting)
+    core = U.T @ W @ V
+    like = module.weight
+    dtype = like.dtype if is_plain_float_weight(like) else torch.float32
+    bias = getattr(module, "bias", None)
+    layer = FactorizedLinear(*(x.to(device=like.device, dtype=dtype) for x in (U, core, V)),
+                             None if bias is None else bias.detach().to(dtype))
+    replace_module(model, name, layer)
+    n, m = W.shape[1], W.shape[0]
+    return LayerReport(name, n, m, rank, t, n * m, layer_cost(n, m, rank),
+                       float(core.square().sum() / W.square().sum().clamp_min(1e-300)))
 
 
 def _dense64(module: nn.Module) -> torch.Tensor:

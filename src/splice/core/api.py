@@ -130,8 +130,11 @@ def attach(
     state.adapters[name] = AdapterRecord(config, trainable, heads)
     if state.checkpoint_inputs is None:
         state.checkpoint_inputs = CheckpointInputGrads.install(model)
-    if config.reads_inputs and state.inputs_recorder is None:
-        state.inputs_recorder = InputsRecorder(model)
+    if config.reads_inputs:
+        if state.inputs_recorder is None:
+            state.inputs_recorder = InputsRecorder(model)
+        for module in built:
+            host_of(module)[name].inputs_recorder = state.inputs_recorder
     state.adapters[name].undo = config.on_attach(model, name)
     activate(model, name)
     return model

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from splice.core.errors import SpliceError
+from splice.core.inputs import BatchInputs, InputsRecorder
 from splice.core.layers import LayerInfo
 from splice.core.lowrank import LowRank
 from splice.core.validation import check_config_fields
@@ -50,7 +51,7 @@ class AdapterConfig:
     # model's transformer layers (`layers` picks among them), or name modules explicitly.
     site: ClassVar[Literal["layer", "block"]] = "layer"
     # True when the adapter reads the batch's inputs (token positions, attention mask) through
-    # `splice.core.inputs.current_inputs()`; attach then records them at every forward.
+    # `Adapter.batch_inputs()`; attach then records them at every forward of the model.
     reads_inputs: ClassVar[bool] = False
     # True when `placed` needs probe batches (field `probe`); a trainer passes a few of its own.
     needs_probe: ClassVar[bool] = False
@@ -117,12 +118,21 @@ class Adapter(nn.Module):
     """
 
     uses_base_output: ClassVar[bool] = False
+    # The recorder of the model this adapter is attached to, set by `attach` for forms whose
+    # config `reads_inputs`; see `batch_inputs`.
+    inputs_recorder: InputsRecorder | None = None
     # True when `delta_weight()` reads the base weight (DoRA's norms): after merging, the base
     # weight has changed, so the host keeps the merged delta to take exactly that out again.
     delta_weight_reads_base: ClassVar[bool] = False
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def batch_inputs(self) -> BatchInputs | None:
+        """The batch of the forward of the model this adapter is attached to (its last one
+        outside a forward, as activation checkpointing needs); None if it never ran or the
+        adapter is not attached to a model."""
+        return self.inputs_recorder.current() if self.inputs_recorder is not None else None
 
     def delta_weight(self) -> torch.Tensor | None:
         return None

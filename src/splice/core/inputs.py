@@ -3,13 +3,14 @@ per example (ReFT's "first f and last l prompt tokens", input-adaptive ranks).
 
 A host only sees one layer's input tensor. Adapters that need more (the attention mask, the
 token ids, whether this forward is a decoding step whose prompt was already seen) read it here:
-while a model carrying such an adapter runs its forward, `current_inputs()` gives the batch that
-model was called with. Values an adapter derives from it once per forward (a position mask) go
-in `memo`; auxiliary losses (a router's budget penalty) go in `aux_losses`, which the trainer
-adds to the task loss via `auxiliary_loss(model)`.
+while a model carrying such an adapter runs its forward, its recorder's `current()` gives the
+batch that model was called with (an adapter asks through `Adapter.batch_inputs()`, which reads
+the recorder of the model it is attached to, never another model's). Values an adapter derives
+from it once per forward (a position mask) go in `memo`; auxiliary losses (a router's budget
+penalty) go in `aux_losses`, which the trainer adds to the task loss via `auxiliary_loss(model)`.
 
-After the forward returns, the last batch stays readable: activation checkpointing re-runs
-blocks during backward, outside the model's forward, and must see the same inputs.
+After the forward returns, that model's last batch stays readable: activation checkpointing
+re-runs blocks during backward, outside the model's forward, and must see the same inputs.
 
 A cached decoding step is told from the shapes transformers guarantees, not from the keyword
 arguments a release happens to pass (4.x passes `past_key_values` and `cache_position`, 5.x a
@@ -29,7 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-_CURRENT: ContextVar[BatchInputs | None] = ContextVar("splice_batch_inputs", default=None)
+# The batch of the forward running in this context (thread or asyncio task), and whose it is.
+_CURRENT: ContextVar[tuple[InputsRecorder, BatchInputs] | None] = ContextVar("splice_batch_inputs", default=None)
 
 
 @dataclass
@@ -104,12 +106,17 @@ class InputsRecorder:
             elif width is not None and generation.prompt_width is not None and width > generation.prompt_width:
                 inputs.prompt_width = generation.prompt_width  # a step without cache: prompt + generated tokens
         if not self._tokens:  # the outermost call is the batch; a nested call (a scorer's) is not kept
-            self.last = _LAST[0] = inputs
-        self._tokens.append(_CURRENT.set(inputs))
+            self.last = inputs
+        self._tokens.append(_CURRENT.set((self, inputs)))
 
     def leave(self, model: nn.Module, args: tuple, output: Any) -> None:
         if self._tokens:
             _CURRENT.reset(self._tokens.pop())
+
+    def current(self) -> BatchInputs | None:
+        """The batch of this model's forward now running, else its last one (see the module doc)."""
+        running = _CURRENT.get()
+        return running[1] if running is not None and running[0] is self else self.last
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -117,8 +124,7 @@ class InputsRecorder:
         if self.generate is not None:
             self.generate.restore()
             self.generate = None
-        if _LAST[0] is self.last:
-            _LAST[0] = None
+        self.last = None
 
 
 @dataclass
@@ -156,15 +162,6 @@ class _Generate:
                 self.model.generate = self.inner
             else:
                 del self.model.generate
-
-
-_LAST: list[BatchInputs | None] = [None]  # the last batch any recorder saw; see the module doc
-
-
-def current_inputs() -> BatchInputs | None:
-    """The batch of the model forward now running, else the last one recorded (see module doc)."""
-    inputs = _CURRENT.get()
-    return inputs if inputs is not None else _LAST[0]
 
 
 def batch_auxiliary_loss(inputs: BatchInputs | None) -> torch.Tensor | None:

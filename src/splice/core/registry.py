@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,7 +26,25 @@ def register_method(config_cls: C) -> C:
     if name in _METHODS and _METHODS[name] is not config_cls:
         raise TypeError(f"method {name!r} is already registered by {_METHODS[name].__name__}")
     _METHODS[name] = config_cls
+    _name_unknown_keywords(config_cls)
     return config_cls
+
+
+def _name_unknown_keywords(config_cls: type[AdapterConfig]) -> None:
+    """`LoRA(rank=8)` fails as any Python call with an unknown keyword does (TypeError), but
+    says which key was meant, as YAML configs and `--set` do."""
+    init = config_cls.__init__
+
+    @functools.wraps(init)
+    def checked_init(self: AdapterConfig, *args: Any, **kwargs: Any) -> None:
+        known = init_fields(type(self))
+        for key in kwargs:
+            if key not in known:
+                raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument {key!r}"
+                                f"{did_you_mean(key, known)}")
+        init(self, *args, **kwargs)
+
+    config_cls.__init__ = checked_init
 
 
 def method_names() -> list[str]:

@@ -3,8 +3,9 @@
 The rules are HF PEFT's (`check_target_module_exists`) so that users can reuse their configs:
 `exclude` first, modules trained in full (`train_also`) are never targets, a string is a
 full-match regex, a list entry matches a name equal to it or ending in ".entry", and
-"all-linear" selects every Linear/Conv1D except the output head. One deliberate difference:
-`layers` also restricts regex targets (PEFT silently ignores it there).
+"all-linear" selects every Linear/Conv1D except the output head. Two deliberate differences:
+`layers` also restricts regex targets (PEFT silently ignores it there), and a list entry that
+matches no module at all is refused as a typo (PEFT adapts what the other entries match).
 """
 
 from __future__ import annotations
@@ -149,6 +150,8 @@ def resolve_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, 
         selected.append((name, module))
     if not selected:
         raise TargetError(_no_match_message(model, targets, config))
+    if isinstance(targets, list):
+        _refuse_unmatched_entries(model, targets)
     return selected
 
 
@@ -223,6 +226,21 @@ def _describe_names(names: list[str], limit: int = 12) -> str:
     leaves = Counter(n.rsplit(".", 1)[-1] for n in names)
     listed = ", ".join(f"{leaf} (x{count})" for leaf, count in leaves.most_common(limit))
     return listed or "none"
+
+
+def _refuse_unmatched_entries(model: nn.Module, targets: list[str]) -> None:
+    """A list entry that names no module is a typo (["quary", "value"] would adapt `value` alone,
+    silently, in HF PEFT): refused with the names that are close."""
+    names = [n for n, _ in named_base_modules(model) if n]
+    unmatched = [entry for entry in targets if not any(matches([entry], n) for n in names)]
+    if not unmatched:
+        return
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in _linear_names(model)})
+    hints = [f"{entry!r} (did you mean {', '.join(map(repr, close))}?)" if close else repr(entry)
+             for entry in unmatched for close in [difflib.get_close_matches(entry, leaves, n=3, cutoff=0.5)]]
+    raise TargetError(f"targets entries {', '.join(hints)} match no module of the model (the other entries "
+                      f"do). Modules that can host an adapter: {_describe_names(_linear_names(model))}. To name "
+                      "modules that only some models have, use a regex (targets='.*(q_proj|qkv_proj)').")
 
 
 def _no_match_message(model: nn.Module, targets: Targets, config: AdapterConfig) -> str:

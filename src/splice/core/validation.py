@@ -68,10 +68,19 @@ def raise_problems(problems: list[Problem], error: type[SpliceError], where: str
         raise error(located(where, prefix + "; ".join(str(p) for p in problems)))
 
 
+# What users write for a key out of habit (HF PEFT's LoraConfig names, "rank"), and splice's key.
+HABITUAL_KEYS = {
+    "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
+    "modules_to_save": "train_also", "use_rslora": "rslora", "layers_to_transform": "layers",
+    "init_lora_weights": "init", "exclude_modules": "exclude", "learning_rate": "lr",
+}
+
+
 def did_you_mean(key: str, known: Iterable[str]) -> str:
-    """'; did you mean 'x'?' for a near match, else the list of what is known."""
+    """'; did you mean 'x'?' for a near match or a habitual name, else the list of what is known."""
     known = sorted(known)
-    close = difflib.get_close_matches(key, known, n=1)
+    habit = HABITUAL_KEYS.get(key)
+    close = [habit] if habit in known else difflib.get_close_matches(key, known, n=1)
     return f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
 
 

@@ -10,9 +10,10 @@ three methods, nothing else:
 - `_save` (what `save_model()` and every checkpoint call) writes the trained adapters with
   `splice.save`: `adapter_config.json` + `adapter_model.safetensors`, HF PEFT's format for LoRA
   and DoRA (so `PeftModel.from_pretrained(base, checkpoint)` works), heads (`train_also`)
-  included, plus the tokenizer and `training_args.bin` as the Trainer writes them. No base
-  weights. Several trained adapters: PEFT's layout, "default" (or the only one) at the root and
-  every other in a subfolder named after it.
+  included, a model card with the last evaluation's metrics, plus the tokenizer and
+  `training_args.bin` as the Trainer writes them. No base weights. Several trained adapters:
+  PEFT's layout (`splice.io.layout`), "default" at the root and every other in a subfolder
+  named after it; a single one at the root, whatever its name.
 - `_load_from_checkpoint` (`train(resume_from_checkpoint=...)`) and `_load_best_model`
   (`load_best_model_at_end=True`) copy the saved tensors back into the attached adapters and
   heads *in place*, exactly: the parameter objects the optimizer holds stay the same. A
@@ -46,16 +47,14 @@ from transformers.utils import logging
 
 from splice.core.api import model_state
 from splice.core.errors import AdapterFileError, SpliceError
-from splice.core.heads import head_tensors
 from splice.core.host import hosts
-from splice.io import native, peft_format, save
-from splice.io.files import CONFIG_NAME, WEIGHTS_NAME, paired_tensors, read_adapter
+from splice.io import layout, native, peft_format, save
+from splice.io.adapter_files import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, paired_tensors, read_adapter
+from splice.io.model_card import carry_over
 
 __all__ = ["SpliceTrainer", "SpliceTrainerMixin", "restore_adapters", "save_adapters"]
 
 logger = logging.get_logger(__name__)
-
-ROOT_ADAPTER = "default"  # with several adapters, the one saved at the folder's root (PEFT's layout)
 
 
 def trained_adapters(model: nn.Module) -> list[str]:
@@ -66,8 +65,9 @@ def trained_adapters(model: nn.Module) -> list[str]:
 
 
 def _folder_of(name: str, names: list[str]) -> str:
-    """Where adapter `name` lives inside a saved folder: "" (the root) or its own subfolder."""
-    return "" if len(names) == 1 or name == ROOT_ADAPTER else name
+    """Where adapter `name` lives inside a saved folder: the only one at the root (so that
+    `PeftModel.from_pretrained(base, checkpoint)` loads it), several in PEFT's layout."""
+    return "" if len(names) == 1 else layout.subfolder(name)
 
 
 def _restorable_as_peft(model: nn.Module, name: str) -> bool:
@@ -76,9 +76,10 @@ def _restorable_as_peft(model: nn.Module, name: str) -> bool:
         host[name].initial_delta_weight() is None for _, _, host in hosts(model) if name in host)
 
 
-def save_adapters(model: nn.Module, output_dir: str | Path) -> list[str]:
+def save_adapters(model: nn.Module, output_dir: str | Path, metrics: dict[str, float] | None = None) -> list[str]:
     """Write the model's trained adapters into `output_dir` (which may hold other files, such as
-    a Trainer's checkpoints: only the adapter files are replaced). Returns the names written."""
+    a Trainer's checkpoints: only the adapter files are replaced), with their model cards
+    (`metrics` in the root one). Returns the names written."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     names = trained_adapters(model)
@@ -88,13 +89,14 @@ def save_adapters(model: nn.Module, output_dir: str | Path) -> list[str]:
         fmt = "auto" if _restorable_as_peft(model, name) else "splice"
         sub = _folder_of(name, names)
         if sub:
-            save(model, output_dir / sub, name, format=fmt, overwrite=True)
+            save(model, output_dir / sub, name, format=fmt, overwrite=True, metrics=metrics)
             continue
         # The root may hold other files (checkpoint-*/ folders under output_dir): write the
-        # adapter aside, then move its two files in, each replaced atomically.
+        # adapter aside, then move its files in, each replaced atomically.
         with tempfile.TemporaryDirectory(prefix=".splice-", dir=output_dir) as aside:
-            written = save(model, Path(aside) / "adapter", name, format=fmt)
-            for file in (CONFIG_NAME, WEIGHTS_NAME):
+            written = save(model, Path(aside) / "adapter", name, format=fmt, metrics=metrics)
+            carry_over(output_dir / CARD_NAME, written / CARD_NAME)  # a README the user wrote keeps its text
+            for file in (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME):
                 os.replace(written / file, output_dir / file)
     return names
 
@@ -122,53 +124,20 @@ def _plan(model: nn.Module, name: str, folder: Path) -> list[tuple[torch.Tensor,
     """(the model's tensor, the saved value) for every tensor of adapter `name`, checked."""
     record = model_state(model).adapters[name]
     config, tensors = read_adapter(folder)
-    targets: dict[str, torch.Tensor] = {}
+    where = f"{folder} (adapter {name!r})"
     if config.get("format") == native.FORMAT:
         if str(config.get("method", "")).lower() != record.config.method.lower():
             raise AdapterFileError(f"{folder} holds a {config.get('method')!r} adapter; {name!r} is "
                                    f"{record.config.method!r}")
-        for module_name, _, host in hosts(model):
-            if name in host:
-                targets |= {f"{module_name}.{k}": v for k, v in host[name].state_dict(keep_vars=True).items()}
-        targets |= {f"{native.HEAD_PREFIX}{k}": v
-                    for k, v in head_tensors(model, record.heads, name, keep_vars=True).items()}
-        values = tensors
-    else:
-        if not _restorable_as_peft(model, name):
-            raise AdapterFileError(f"{folder} holds a PEFT LoRA file; adapter {name!r} ({record.config.method}) "
-                                   "cannot be restored from it")
-        state = peft_format.from_peft(config, tensors, source=folder)
-        values = {}
-        for module_name, _, host in hosts(model):
-            if name not in host:
-                continue
-            adapter, update = host[name], state.modules.get(module_name)
-            targets[f"{module_name}.lora_A"], targets[f"{module_name}.lora_B"] = adapter.lora_A, adapter.lora_B
-            if adapter.lora_bias is not None:
-                targets[f"{module_name}.lora_B.bias"] = adapter.lora_bias
-            magnitude = getattr(adapter, "lora_magnitude_vector", None)
-            if magnitude is not None:
-                targets[f"{module_name}.lora_magnitude_vector"] = magnitude
-            if update is not None:
-                values |= {f"{module_name}.lora_A": update.A, f"{module_name}.lora_B": update.B}
-                if update.bias is not None:
-                    values[f"{module_name}.lora_B.bias"] = update.bias
-                if update.magnitude is not None:
-                    values[f"{module_name}.lora_magnitude_vector"] = update.magnitude
-        extra = set(state.modules) - {m for m, _, host in hosts(model) if name in host}
-        if extra:
-            raise AdapterFileError(f"{folder} adapts modules adapter {name!r} does not: {sorted(extra)[:5]}")
-        targets |= head_tensors(model, record.heads, name, keep_vars=True)
-        values |= state.heads
-    return paired_tensors(targets, values, f"{folder} (adapter {name!r})")
+        return paired_tensors(native.adapter_tensors(model, name), tensors, where)
+    if not _restorable_as_peft(model, name):
+        raise AdapterFileError(f"{folder} holds a PEFT LoRA file; adapter {name!r} ({record.config.method}) "
+                               "cannot be restored from it")
+    return peft_format.state_pairs(model, name, peft_format.from_peft(config, tensors, source=folder), where)
 
 
 def _holds_adapter(folder: str | Path) -> bool:
-    folder = Path(folder)
-    if not folder.is_dir():
-        return False
-    return (folder / CONFIG_NAME).is_file() or any((sub / CONFIG_NAME).is_file() for sub in folder.iterdir()
-                                                   if sub.is_dir())
+    return Path(folder).is_dir() and bool(layout.saved_adapters(Path(folder)))
 
 
 class SpliceTrainerMixin:
@@ -182,12 +151,21 @@ class SpliceTrainerMixin:
             return
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         logger.info(f"Saving splice adapters {trained_adapters(model)} to {output_dir}")
-        save_adapters(model, output_dir)
+        save_adapters(model, output_dir, metrics=self._latest_metrics())
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         elif getattr(self.data_collator, "tokenizer", None) is not None:
             self.data_collator.tokenizer.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _latest_metrics(self) -> dict[str, float]:
+        """The last evaluation's metrics (`eval_*`), for the model card; empty before any."""
+        evaluated = [entry for entry in self.state.log_history if any(k.startswith("eval_") for k in entry)]
+        if not evaluated:
+            return {}
+        timings = ("_runtime", "_per_second")
+        return {k: v for k, v in evaluated[-1].items()
+                if (k.startswith("eval_") and not k.endswith(timings)) or k in ("epoch", "step")}
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         model = self.accelerator.unwrap_model(model if model is not None else self.model)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from torch import nn
 
+from splice.core.adapter_state import AdapterState
 from splice.core.api import unload
-from splice.core.state import AdapterState
 from splice.io import load
 from splice.io.peft_format import attach_state
 

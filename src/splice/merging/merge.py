@@ -35,12 +35,12 @@ from typing import Literal
 import torch
 from torch import nn
 
+from splice.core.adapter_state import AdapterState, ModuleUpdate
 from splice.core.errors import IncompatibleAdaptersError, SpliceError
 from splice.core.layers import dense_weight, describe
-from splice.core.state import AdapterState, ModuleUpdate
 from splice.core.svd import Factors, factor_dense, factor_product
 from splice.core.validation import nonfinite_problem, tensor_problem
-from splice.io.state import AdapterSource, adapter_state, save_state
+from splice.io.adapter_states import AdapterSource, adapter_state, save_state
 from splice.merging import task_vectors
 
 Method = Literal["cat", "linear", "task_arithmetic", "svd", "ties", "dare_ties", "dare_linear", "magnitude_prune"]
@@ -123,11 +123,11 @@ def merge_adapters(
         else:
             modules[name], errors[name] = _elementwise(name, template, updates, weights, method, density, rank,
                                                        majority, generator, base)
-    head_tensors, head_modules, rule = _merge_heads(states, weights, heads)
+    head_tensors, heads, rule = _merge_heads(states, weights, heads)
     targets = {tuple(s.target_modules or ()) for s in states}
     same_modules = all(set(s.modules) == set(modules) for s in states)
     state = AdapterState(
-        modules, head_tensors, head_modules, rslora=False, dropout=states[0].dropout, base_model=base_model,
+        modules, head_tensors, heads, rslora=False, dropout=states[0].dropout, base_model=base_model,
         task_type=_common(states, "task_type", None),
         target_modules=states[0].target_modules if len(targets) == 1 and same_modules else None,
         fan_in_fan_out=any(s.fan_in_fan_out for s in states),
@@ -313,7 +313,7 @@ def _check_finite(state: AdapterState, label: str) -> None:
                 raise SpliceError(f"{label}: {name}.{role} {problem}; nothing was merged")
         if not _is_finite(update.scaling):
             raise SpliceError(f"{label}: {name} has scaling {update.scaling!r}; the scaling alpha/r must be finite")
-    for key, tensor in state.heads.items():
+    for key, tensor in state.head_tensors.items():
         problem = tensor_problem(tensor, floating=False)
         if problem:
             raise SpliceError(f"{label}: head tensor {key} {problem}; nothing was merged")
@@ -361,20 +361,20 @@ def _is_finite(value: object) -> bool:
 
 def _merge_heads(states: list[AdapterState], weights: list[float],
                  rule: HeadRule) -> tuple[dict[str, torch.Tensor], list[str], str]:
-    holders = [(s, w) for s, w in zip(states, weights, strict=True) if s.heads]
+    holders = [(s, w) for s, w in zip(states, weights, strict=True) if s.head_tensors]
     if rule == "none" or not holders:
         return {}, [], "none"
     if rule == "first":
-        return dict(holders[0][0].heads), list(holders[0][0].head_modules), "first"
+        return dict(holders[0][0].head_tensors), list(holders[0][0].heads), "first"
     if rule != "average":
         raise SpliceError(f"heads must be 'average', 'first' or 'none', got {rule!r}")
-    keys = {tuple(sorted(s.heads)) for s in states}
+    keys = {tuple(sorted(s.head_tensors)) for s in states}
     if len(keys) > 1:
         raise SpliceError("the adapters train different heads "
-                          f"({[sorted(s.heads)[:3] for s in states]}); pass heads='first' or heads='none'")
+                          f"({[sorted(s.head_tensors)[:3] for s in states]}); pass heads='first' or heads='none'")
     total = sum(weights)
     if total == 0:
         raise SpliceError("the weights sum to 0, so the heads cannot be averaged; pass heads='first' or 'none'")
-    merged = {key: sum(w / total * s.heads[key].double() for s, w in zip(states, weights, strict=True))
-              .to(states[0].heads[key].dtype) for key in states[0].heads}
-    return merged, list(states[0].head_modules), "average"
+    merged = {key: sum(w / total * s.head_tensors[key].double() for s, w in zip(states, weights, strict=True))
+              .to(states[0].head_tensors[key].dtype) for key in states[0].head_tensors}
+    return merged, list(states[0].heads), "average"

@@ -13,15 +13,16 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
+from splice.core.adapter_state import AdapterState, ModuleUpdate
 from splice.core.errors import AdapterFileError, SpliceError
-from splice.core.state import AdapterState, ModuleUpdate
 from splice.core.svd import factor_dense
+from splice.io.adapter_states import AdapterSource, adapter_state
 from splice.io.files import atomic_directory, write_json, write_tensors
-from splice.io.state import AdapterSource, adapter_state
 from splice.merging.emr import Unified, decouple, unify
 from splice.merging.merge import BaseWeights, base_weight, check_inputs, label_of
 
@@ -76,8 +77,8 @@ class UnifiedAdapters:
         tensors = {f"vector.{n}": v for n, v in self.unified.vector.items()}
         for i, masks in enumerate(self.unified.masks):
             tensors |= {f"mask.{i}.{n}": m for n, m in masks.items()}
-            tensors |= {f"head.{i}.{k}": v for k, v in self.tasks[i].heads.items()}
-        meta = [{k: v for k, v in asdict(t).items() if k not in ("modules", "heads")} for t in self.tasks]
+            tensors |= {f"head.{i}.{k}": v for k, v in self.tasks[i].head_tensors.items()}
+        meta = [_file_meta(t) for t in self.tasks]
         with atomic_directory(path, overwrite) as folder:
             write_tensors(folder / TENSORS_NAME, {k: v.contiguous() for k, v in tensors.items()})
             write_json(folder / CONFIG_NAME, {
@@ -137,7 +138,18 @@ def load_unified(path: str | Path) -> UnifiedAdapters:
         for i, meta in enumerate(config["tasks"]):
             prefix = f"head.{i}."
             heads = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            tasks.append(AdapterState(modules={}, heads=heads, **meta))
+            meta = {("heads" if k == HEADS_KEY else k): v for k, v in meta.items()}
+            tasks.append(AdapterState(modules={}, head_tensors=heads, **meta))
     except (KeyError, TypeError) as err:
         raise AdapterFileError(f"{path} does not match its {CONFIG_NAME}: missing or unexpected {err}") from None
     return UnifiedAdapters(unified, layouts, tasks)
+
+
+# The key under which unified.json lists each task's heads by name (written since format 1).
+HEADS_KEY = "head_modules"
+
+
+def _file_meta(task: AdapterState) -> dict[str, Any]:
+    """A task's metadata as unified.json records it: no tensors, heads by name under HEADS_KEY."""
+    meta = {k: v for k, v in asdict(task).items() if k not in ("modules", "head_tensors", "heads")}
+    return {**meta, HEADS_KEY: list(task.heads)}

@@ -17,7 +17,7 @@ where PEFT's semantics drop the input of both terms), and the row norms come fro
 
 which costs one [out, r] product with W instead of PEFT's dense [out, in] B A, its sum with W
 and a norm over it; ||W_i||^2 is kept while the base weight is unchanged, and in eval mode the
-whole scale g is kept until a factor or the magnitude changes. Files are HF PEFT's LoRA files
+whole ratio g is kept until a factor or the magnitude changes. Files are HF PEFT's LoRA files
 with `use_dora: true` and `lora_magnitude_vector` (see splice.io.peft_format).
 """
 
@@ -71,7 +71,7 @@ class DoRAAdapter(LoRAAdapter):
         super().__init__(info, r, scaling, dropout)
         self._base = (base,)  # a tuple, so the base layer is not registered as a submodule
         self._row_norms_sq: tuple[tuple, torch.Tensor] | None = None
-        self._eval_scale: tuple[tuple, torch.Tensor] | None = None
+        self._eval_ratio: tuple[tuple, torch.Tensor] | None = None
         self.lora_magnitude_vector = nn.Parameter(self._base_row_norms_sq().sqrt())
 
     def reset(self, init: str = "default") -> None:
@@ -102,20 +102,20 @@ class DoRAAdapter(LoRAAdapter):
         square = ((B @ (A @ A.T)) * B).sum(dim=1)
         return (self._base_row_norms_sq() + 2 * s * cross + s * s * square).clamp_min(0).sqrt()
 
-    def scale(self) -> torch.Tensor:
+    def magnitude_ratio(self) -> torch.Tensor:
         """g = m / ||W + s B A||, the norm a constant for autograd; kept in eval mode."""
         if self.training or torch.is_grad_enabled() and self.lora_magnitude_vector.requires_grad:
             return self.lora_magnitude_vector / self.row_norms().to(self.lora_magnitude_vector.dtype)
         weight = self._base[0].weight
         key = tuple((t.data_ptr(), t._version) for t in (self.lora_A, self.lora_B, self.lora_magnitude_vector, weight))
-        if self._eval_scale is None or self._eval_scale[0] != key:
-            self._eval_scale = (key, self.lora_magnitude_vector / self.row_norms().to(self.lora_magnitude_vector.dtype))
-        return self._eval_scale[1]
+        if self._eval_ratio is None or self._eval_ratio[0] != key:
+            self._eval_ratio = (key, self.lora_magnitude_vector / self.row_norms().to(self.lora_magnitude_vector.dtype))
+        return self._eval_ratio[1]
 
     # -- the adapter protocol ----------------------------------------------------------------
 
     def delta(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
-        g = self.scale()
+        g = self.magnitude_ratio()
         base = self._base[0]
         if self.p > 0 and self.training:  # PEFT's semantics: both terms see the same dropped input
             dropped = F.dropout(x.to(self.lora_A.dtype), self.p, training=True)
@@ -132,7 +132,7 @@ class DoRAAdapter(LoRAAdapter):
     def delta_weight(self) -> torch.Tensor:
         """g * (W + s B A) - W for the base weight as it is now (merging reads it first)."""
         weight = self._base_weight().to(self.lora_A.dtype)
-        g = self.scale()[:, None]
+        g = self.magnitude_ratio()[:, None]
         return (g - 1) * weight + g * self._product(self.lora_A, self.lora_B)
 
     def low_rank_factors(self) -> LowRank | None:

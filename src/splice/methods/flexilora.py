@@ -51,7 +51,7 @@ from splice.core.api import adapters, disabled
 from splice.core.config import Adapter, AdapterConfig
 from splice.core.errors import SpliceError
 from splice.core.host import hosts
-from splice.core.inputs import BatchInputs, current_inputs
+from splice.core.inputs import BatchInputs, InputsRecorder
 from splice.core.layers import LayerInfo
 from splice.core.registry import register_method
 
@@ -153,7 +153,8 @@ class FlexiLoRA(AdapterConfig):
             first.router = router.to(first.lora_A)
         if self.scorer != "entropy":
             return None
-        hook = model.register_forward_pre_hook(EntropyScorer(self, state), with_kwargs=True)
+        scorer = EntropyScorer(self, state, built[0][1].inputs_recorder)
+        hook = model.register_forward_pre_hook(scorer, with_kwargs=True)
         return hook.remove
 
 
@@ -189,15 +190,15 @@ class EntropyScorer:
     binned into the ladder and left in the batch's memo for the adapters.
 
     It runs after `InputsRecorder`'s pre-hook (registered by `attach` before `on_attach`), so
-    `current_inputs()` is this call's batch. The base forward calls `model.forward` directly,
+    the recorder's `current()` is this call's batch. The base forward calls `model.forward` directly,
     which skips the model's own hooks: no recursion, and the recorded batch stays this one.
     """
 
-    def __init__(self, config: FlexiLoRA, state: RankState) -> None:
-        self.config, self.state = config, state
+    def __init__(self, config: FlexiLoRA, state: RankState, recorder: InputsRecorder) -> None:
+        self.config, self.state, self.recorder = config, state, recorder
 
     def __call__(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        inputs = current_inputs()
+        inputs = self.recorder.current()
         if self.state.fixed is not None or inputs is None or inputs.decoding:
             return  # decoding steps reuse the prompt's ranks
         if inputs.input_ids is None:
@@ -260,7 +261,7 @@ class FlexiLoRAAdapter(Adapter):
         if state.fixed is not None:
             state.last = state.fixed
             return state.fixed
-        inputs = current_inputs()
+        inputs = self.batch_inputs()
         if inputs is not None and state.key in inputs.memo:
             return inputs.memo[state.key]
         if inputs is not None and inputs.decoding:

@@ -52,7 +52,7 @@ from transformers.activations import ACT2FN
 
 from splice.core.config import Adapter, AdapterConfig
 from splice.core.errors import SpliceError
-from splice.core.inputs import BatchInputs, current_inputs
+from splice.core.inputs import BatchInputs
 from splice.core.layers import LayerInfo
 from splice.core.registry import register_method
 
@@ -196,7 +196,7 @@ class LoReFTAdapter(Adapter):
         self.dropout = nn.Dropout(dropout)
 
     def delta(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
-        inputs = current_inputs()
+        inputs = self.batch_inputs()
         if inputs is None:
             raise SpliceError("a ReFT adapter reads the batch's token positions, which it has only inside a "
                               "forward of the model it was attached to; it was called outside one")

@@ -2,117 +2,86 @@
 
     results = splice.orchestrate.multiplex([TrainConfig(...), TrainConfig(...), ...])
 
-Each tenant is an ordinary training config (`splice train` would run it alone): its own data,
-adapter, optimizer and learning-rate schedule, evaluation, best checkpoint and output folder.
-All tenants share one copy of the model. Every step takes one batch from each tenant, packs
-their rows into a few forward passes (`packing`), routes each row through its tenant's adapter
-and head (`splice.route`), and runs one backward per pass; each tenant's loss is the mean over
-its own rows (or label tokens), so gradients reach every adapter exactly as if it trained alone.
-Then every tenant whose accumulation is complete takes its own optimizer and scheduler step.
-A tenant that reaches its last step (or stops early) is evaluated, saved and detached while the
-others go on; `Multiplexer.add` lets a tenant join at any step.
+Each tenant is an ordinary training config (`splice train` would run it alone), trained by its
+own `splice.train.Trainer`: the data order, optimizer and learning-rate schedule, non-finite
+policy, history, evaluation, best checkpoint, output folder and report are the trainer's. All
+tenants share one copy of the model; a tenant's trainer trains its *view* of it (`views`: the
+shared backbone with the tenant's adapter and modules only) on the multiplexer's accelerator.
 
-Equal to training alone: a tenant's setup runs the same code in the same order as
-`splice.train.run` (seed, data, model load, attach), so its initial adapter and head, its data
-order and its schedule are those of the lone run; the per-tenant loss and clipping use only its
-rows and parameters. With a dropout-free backbone the adapters match the lone run's up to
-floating-point summation order. Dropout in the backbone draws its masks for the packed batch,
+What the multiplexer does itself is the forward and backward. Every step takes the next batch of
+each tenant's trainer, packs their rows into a few forward passes (`packing`), routes each row
+through its tenant's adapter and head (`splice.route`), and runs one backward per pass; each
+tenant's loss is the mean over its own rows (or label tokens), so gradients reach every adapter
+exactly as if it trained alone. Each trainer then counts its batch (`Trainer.record_backward`)
+and, once its accumulation is complete, takes its own checked optimizer step
+(`Trainer.optimizer_step`: clipping over its own parameters, update, history, periodic
+evaluation, best keeping, callbacks). A tenant that reaches its last step (or stops early)
+finishes as a lone run does (`Trainer.finish`) and leaves the shared model while the others go
+on; `Multiplexer.add` lets a tenant join at any step.
+
+Equal to training alone: a tenant is set up by the code `splice.train.run` sets up with, in the
+same order (`splice.train.run_setup.load_run`: seed, data, model load, attach or continue
+`init_adapter`), and trained by the same trainer code, so its initial adapter and head, data
+order, schedule, checks and evaluations are those of the lone run; its loss and clipping use
+only its rows and parameters. With a dropout-free backbone the adapters match the lone run's up
+to floating-point summation order. Dropout in the backbone draws its masks for the packed batch,
 so with dropout the runs agree in distribution, not bit for bit.
 
-Requirements: the tenants share the model, the task and the precision ("no" or "bf16").
+Requirements: the tenants share the model, the task and the precision ("no" or "bf16"); the
+first tenant's `gradient_checkpointing` holds for the shared model.
 
 Run folders: each tenant claims its output folder with the lock a lone run takes (refused at
-once if another run holds it), writes config.yaml at the start and its best adapter so far at
-every improvement, and releases the folder when it is done. Non-finite losses or gradients
-follow each tenant's `on_nonfinite` ("stop" ends that tenant alone with its best finite
-adapter; "skip" drops its update). Tenants are not checkpointed: an interrupted multiplexed
-run leaves each tenant's best adapter but cannot be resumed.
+once if another run holds it); its trainer writes config.yaml at the start and its best adapter
+so far at every improvement; the folder is released when the tenant is done. Non-finite losses
+or gradients follow each tenant's `on_nonfinite` ("stop" ends that tenant alone with its best
+finite adapter; "skip" drops its update). Tenants are not checkpointed (`Tenancy`): an
+interrupted multiplexed run leaves each tenant's best adapter but cannot be resumed.
 """
 
 from __future__ import annotations
 
-import copy
-import math
+import dataclasses
+import functools
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 from torch import nn
-from torch.utils.data import DataLoader
-from transformers import get_cosine_schedule_with_warmup
+from transformers import PreTrainedTokenizerBase
 
 import splice
-from splice.core.api import model_state, resolve_heads
+from splice.core.api import model_state
 from splice.core.config import AdapterConfig
 from splice.core.errors import SpliceError
-from splice.core.heads import release_head
-from splice.core.host import hosts
-from splice.core.summary import Summary
-from splice.core.targets import HOST_ATTRIBUTE, exact_targets
 from splice.orchestrate import packing
-from splice.orchestrate.views import TenantModules, view
-from splice.train import report, tasks
-from splice.train.config import TrainConfig
-from splice.train.data import IGNORE_INDEX, collator, load_splits, train_loader, with_probe
-from splice.train.evaluation import enable_gradient_checkpointing, evaluate_loader, make_accelerator
-from splice.train.results import (
-    MAX_SKIPS_IN_A_ROW,
-    BestKeeper,
-    RunResult,
-    nonfinite_message,
-    nonfinite_tensors,
-    save_adapter,
-)
-
-Metrics = dict[str, float]
+from splice.orchestrate.views import TenantModules, join
+from splice.train import Callback, RunResult, TrainConfig, Trainer, report, tasks
+from splice.train.data import IGNORE_INDEX
+from splice.train.ending import Tenancy
+from splice.train.evaluation import enable_gradient_checkpointing, make_accelerator
+from splice.train.run_setup import load_run
 
 
 @dataclass
 class Tenant:
-    """One training job inside a multiplexed run: its model view, data, optimizer and progress."""
+    """One training job inside a multiplexed run: its trainer and its place in the run."""
 
     name: str
-    config: TrainConfig
-    model: nn.Module
-    tokenizer: Any
-    parameters: dict[str, nn.Parameter]
-    summary: Summary
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    batches: Iterator[dict[str, torch.Tensor]]
-    eval_rows: dict[str, list]
-    eval_loaders: dict[str, DataLoader]
-    run_dir: Any
-    total_steps: int
-    steps_per_epoch: int
-    eval_every: int
-    best: BestKeeper
-    batches_per_epoch: int = 1
-    num_labels: int | None = None
-    joined_at: int = 0
-    step: int = 0
-    micro: int = 0  # loader batches since the last epoch boundary
-    micro_losses: list[float] = field(default_factory=list)
-    history: list[dict[str, Any]] = field(default_factory=list)
-    before: dict[str, Metrics] = field(default_factory=dict)
-    examples: int = 0
-    train_time: float = 0.0
-    folder: report.RunFolder | None = None  # the claimed (locked) output folder
-    stop: str | None = None  # why a tenant ends before its last step (non-finite numbers)
-    skipped: int = 0
-    skipped_in_a_row: int = 0
+    trainer: Trainer  # over the tenant's view of the shared model
+    folder: report.RunFolder  # the claimed (locked) output folder
+    num_labels: int | None  # a classifier's own columns of the packed (padded) logits
+    joined_at: int
 
     @property
-    def done(self) -> bool:
-        return self.step >= self.total_steps or self.best.should_stop or self.stop is not None
+    def model(self) -> nn.Module:
+        """The tenant's view of the shared model."""
+        return self.trainer.plain_model
 
 
 class Multiplexer:
@@ -149,79 +118,48 @@ class Multiplexer:
 
     # -- tenants joining and leaving -------------------------------------------------------
 
-    def add(self, config: TrainConfig, name: str | None = None) -> str:
-        """Set up a tenant exactly as `splice.train.run` would, on the shared model; its name."""
+    def add(self, config: TrainConfig, name: str | None = None, *, callbacks: Sequence[Callback] = ()) -> str:
+        """Set up a tenant exactly as `splice.train.run` would, on the shared model, and evaluate
+        its start; its name. `callbacks` are its trainer's (`splice.train.Callback`)."""
         name = name or _tenant_name(config, [*self.tenants, *self.results])
         if name in self.tenants or name in self.results:
             raise SpliceError(f"a tenant named {name!r} already exists")
         self._check_compatible(config)
         folder = Path(config.output_dir).expanduser().resolve()
         for other in self.tenants.values():
-            if Path(other.run_dir).expanduser().resolve() == folder:
+            if other.trainer.run_dir.expanduser().resolve() == folder:
                 raise SpliceError(f"tenant {other.name} already writes to {folder}; every tenant needs its own "
                                   "output_dir")
         claimed = report.claim_run_dir(config.output_dir, force=self.force)
         try:
-            return self._add(config, name, claimed)
+            return self._add(config, name, claimed, callbacks)
         except BaseException:
             claimed.release()
             raise
 
-    def _add(self, config: TrainConfig, name: str, claimed: report.RunFolder) -> str:
-        run_dir = claimed.path
-        set_seed(config.seed)
-        splits = load_splits(config)
-        if not splits.train:
-            raise SpliceError(f"tenant {name}: no training rows in {config.data!r}")
-        own, tokenizer = tasks.load_model(config, splits.label_names)
-        if tokenizer.padding_side != "right":
-            raise SpliceError(f"tenant {name}: multiplexing packs right-padded batches; the tokenizer pads "
-                              f"{tokenizer.padding_side}")
-        collate = collator(config.task, tokenizer, config.max_length)
-        adapter = with_probe(tasks.adapter_config(config, own), splits.train, config, collate)
-        if getattr(adapter, "init", None) == "pissa":
-            raise SpliceError(f"tenant {name}: init='pissa' takes its part out of the base weights, which the "
-                              "tenants share; use another init for multiplexed training")
-        if adapter.reads_inputs:
-            raise SpliceError(f"tenant {name}: {adapter.method} reads each batch's token positions, which a packed "
-                              "pass of several tenants' rows does not give it; train it alone with `splice train`")
-        splice.attach(own, adapter, name)
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in own.modules()):
+    def _add(self, config: TrainConfig, name: str, claimed: report.RunFolder, callbacks: Sequence[Callback]) -> str:
+        started = time.perf_counter()
+        setup = load_run(config, name, check=functools.partial(_refuse_unpackable, name))
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in setup.model.modules()):
             raise SpliceError(f"tenant {name}: the model or adapter has BatchNorm layers, whose batch statistics "
                               "would mix the tenants' rows; train it alone with `splice train`")
-        summary = splice.summary(own)
+        tenancy = Tenancy(summary=splice.summary(setup.model), label=name)  # counted alone, before joining
         if self.shared is None:
-            self._adopt(own, config)
-        tenant_view = self._join(name, own, adapter)
-        del own
-        parameters = self._parameters(tenant_view, name)
-        optimizer = torch.optim.AdamW(self._param_groups(parameters, name, config), weight_decay=config.weight_decay)
-        loader = train_loader(splits.train, config, collate)
-        steps_per_epoch = math.ceil(len(loader) / config.grad_accum)
-        total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
-        eval_rows = {n: rows for n, rows in (("validation", splits.validation), ("test", splits.test)) if rows}
-        eval_loaders = {n: self.accelerator.prepare(DataLoader(rows, batch_size=config.batch_size, collate_fn=collate))
-                        for n, rows in eval_rows.items()}
-        metric, higher = tasks.MAIN_METRIC[config.task]
-        tenant = Tenant(
-            name=name, config=config, model=tenant_view, tokenizer=tokenizer, parameters=parameters,
-            summary=summary, optimizer=optimizer, scheduler=scheduler,
-            batches=_epochs(loader, math.ceil(total_steps / steps_per_epoch)), eval_rows=eval_rows,
-            eval_loaders=eval_loaders, run_dir=run_dir, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-            eval_every=config.eval_every or steps_per_epoch, batches_per_epoch=len(loader),
-            best=BestKeeper(metric, higher, config.early_stopping_patience),
-            num_labels=len(splits.label_names) if config.task == "classification" else None,
-            joined_at=self.global_step, folder=claimed,
-        )
-        self.tenants[name] = tenant
-        self.configs[name] = config
-        self._refresh_trainability()
-        report.write_config(run_dir, config)  # at the start (once set up), as a lone run does
-        tenant.before = self._evaluate_all(tenant)
-        if "validation" in tenant.before:
-            self._keep_if_best(tenant, tenant.before["validation"], 0)
-        self.console.print(report.metrics_line(f"{name}: before training", tenant.before))
+            self._adopt(setup.model, config)
+        try:
+            tenant_view = join(self.shared, self.routers, name, setup.model, self.accelerator.device)
+            trainer = Trainer(tenant_view, setup.tokenizer, config, adapter_name=name, splits=setup.splits,
+                              callbacks=callbacks, console=self.console, accelerator=self.accelerator,
+                              tenancy=tenancy)
+            trainer.started = started
+            num_labels = len(setup.splits.label_names) if config.task == "classification" else None
+            self.tenants[name] = Tenant(name, trainer, claimed, num_labels, self.global_step)
+            self.configs[name] = config
+            self._refresh_trainability()  # the trainer made its adapter the only active one
+            trainer.begin()  # config.yaml and the evaluation of the start, as a lone run begins
+        except BaseException:
+            self._leave(name)
+            raise
         return name
 
     def _check_compatible(self, config: TrainConfig) -> None:
@@ -238,61 +176,32 @@ class Multiplexer:
     def _adopt(self, model: nn.Module, config: TrainConfig) -> None:
         """The first tenant's model becomes the shared one; its head slot holds every tenant's."""
         self.first = config
-        self.accelerator = make_accelerator(config)
+        # One accelerate step per multiplexed step: each tenant's trainer counts its own accumulation.
+        self.accelerator = make_accelerator(dataclasses.replace(config, grad_accum=1))
         self.shared = model.to(self.accelerator.device)
         if config.gradient_checkpointing:  # the tenants share the model, so this is for all of them
             enable_gradient_checkpointing(self.shared)
 
-    def _join(self, name: str, own: nn.Module, adapter: AdapterConfig) -> nn.Module:
-        """Move a tenant's freshly initialised adapter and trained modules onto the shared model."""
-        shared = self.shared
-        if own is not shared:  # the same modules as on its own model, named in full
-            hosted = [module_name for module_name, _, host in hosts(own) if name in host]
-            exact = adapter.replace(train_also=[], targets=exact_targets(shared, hosted), exclude=None, layers=None)
-            splice.attach(shared, exact, name)
-            with torch.no_grad():
-                theirs = {k: v for k, v in own.named_parameters() if f".{HOST_ATTRIBUTE}.{name}." in k}
-                for key, param in shared.named_parameters():
-                    if key in theirs:
-                        param.copy_(theirs[key])
-        for path in model_state(own).adapters[name].heads:  # the tenants' trained modules are managed here
-            release_head(own, path, name)
-        if own is shared:
-            model_state(shared).adapters[name].heads = []
-        own_modules = {}
-        for path in resolve_heads(own, adapter.train_also):
-            module = own.get_submodule(path)
-            _refuse_tied(own, path, module, name)
-            router = self.routers.get(path)
-            if router is None:
-                original = copy.deepcopy(module).requires_grad_(False) if own is shared else shared.get_submodule(path)
-                router = self.routers[path] = TenantModules(original)
-                shared.set_submodule(path, router)
-            router.copies[name] = own_modules[path] = module.to(self.accelerator.device)
-        return view(shared, name, adapter, own_modules, own.config)
-
-    def _parameters(self, tenant_view: nn.Module, name: str) -> dict[str, nn.Parameter]:
-        """The tenant's adapter parameters and those of the modules it trains, by name in its view."""
-        paths = tuple(f"{p}." for p in model_state(tenant_view).adapters[name].heads)
-        return {k: p for k, p in tenant_view.named_parameters()
-                if f".{HOST_ATTRIBUTE}.{name}." in k or k.startswith(paths)}
-
-    def _param_groups(self, parameters: dict[str, nn.Parameter], name: str,
-                      config: TrainConfig) -> list[dict[str, Any]]:
-        """Adapter parameters at `lr`, trained modules at `head_lr`, as `splice train` does."""
-        adapter = [p for k, p in parameters.items() if f".{HOST_ATTRIBUTE}.{name}." in k]
-        heads = [p for k, p in parameters.items() if f".{HOST_ATTRIBUTE}.{name}." not in k]
-        groups = [{"params": adapter, "lr": config.lr}]
-        if heads:
-            groups.append({"params": heads, "lr": config.head_lr or config.lr})
-        return groups
-
     def _refresh_trainability(self) -> None:
-        """Every tenant's adapter and head trains; the backbone stays frozen."""
+        """Every tenant's adapter and modules train; the backbone stays frozen. (A trainer makes
+        its adapter the only active one on the hosts its view shares: this follows every join.)"""
         splice.activate(self.shared, list(self.tenants)) if self.tenants else splice.deactivate(self.shared)
         for tenant in self.tenants.values():
-            for p in tenant.parameters.values():
+            for p in tenant.trainer.trained.values():
                 p.requires_grad_(True)
+
+    def _leave(self, name: str) -> None:
+        """Take tenant `name` (done, or failed to join) off the shared model, and forget it."""
+        self.tenants.pop(name, None)
+        if name in model_state(self.shared).adapters:
+            splice.detach(self.shared, name)
+        for router in self.routers.values():
+            if name in router.copies:
+                del router.copies[name]
+        self._refresh_trainability()
+        # The accelerator forgets what it prepared for every tenant (their trainers hold their
+        # own): so the one that left takes its view, optimizer state and loaders with it.
+        self.accelerator.free_memory()
 
     # -- training ----------------------------------------------------------------------------
 
@@ -300,47 +209,37 @@ class Multiplexer:
         """One multiplexed step: a batch from every tenant, packed forwards, per-tenant updates."""
         if not self.tenants:
             raise SpliceError("no tenant is training; add one first")
-        tick = time.perf_counter()
-        device = self.accelerator.device
-        batches = {name: {k: v.to(device) for k, v in next(t.batches).items()} for name, t in self.tenants.items()}
-        counts = {name: self._count(t, batches[name]) for name, t in self.tenants.items()}
-        limit = max(t.config.batch_size for t in self.tenants.values()) if self.max_rows == "auto" else self.max_rows
+        batches = {name: t.trainer.next_batch() for name, t in self.tenants.items()}
+        counts = {name: _count(t.trainer.config.task, batches[name]) for name, t in self.tenants.items()}
+        limit = (max(t.trainer.config.batch_size for t in self.tenants.values()) if self.max_rows == "auto"
+                 else self.max_rows)
         groups = packing.plan(batches, limit, self.max_padding)
         packing.record(self.padding, batches, groups)
-        losses = dict.fromkeys(self.tenants, 0.0)
+        losses = {name: torch.zeros((), device=self.accelerator.device) for name in self.tenants}
         self.shared.train()
-        for group in groups:
-            inputs, segments = packing.assemble(batches, group, self.shared.config.pad_token_id)
-            ids = [name for name, n in segments for _ in range(n)]
-            for router in self.routers.values():
-                router.segments = segments
-            # backward inside the routing: activation checkpointing recomputes the forward there
-            with splice.route(self.shared, ids):
-                self.accelerator.backward(self._group_loss(inputs, segments, counts, losses))
+        # accelerate's gradient sync holds for the whole step (gradient_accumulation_steps is 1), so
+        # the tenants' prepared optimizers act whenever their own accumulation is complete.
+        with self.accelerator.accumulate():
+            for group in groups:
+                inputs, segments = packing.assemble(batches, group, self.shared.config.pad_token_id)
+                ids = [name for name, n in segments for _ in range(n)]
+                for router in self.routers.values():
+                    router.segments = segments
+                # backward inside the routing: activation checkpointing recomputes the forward there
+                with splice.route(self.shared, ids):
+                    self.accelerator.backward(self._group_loss(inputs, segments, counts, losses))
         self.global_step += 1
-        elapsed = time.perf_counter() - tick
         for name in list(self.tenants):
-            tenant = self.tenants[name]
-            tenant.train_time += elapsed
-            tenant.examples += len(batches[name]["labels"])
-            tenant.micro_losses.append(losses[name])
-            tenant.micro += 1
-            end_of_epoch = tenant.micro == tenant.batches_per_epoch
-            if end_of_epoch or tenant.micro % tenant.config.grad_accum == 0:
-                # as accelerate's `accumulate`: an epoch's last batch steps even with a partial accumulation
-                tenant.micro = 0 if end_of_epoch else tenant.micro
-                self._optimizer_step(tenant)
-            if tenant.done:
-                self._finish(tenant)
-
-    def _count(self, tenant: Tenant, batch: dict[str, torch.Tensor]) -> float:
-        """What the tenant's mean loss divides by: its rows, or its label tokens (causal LM)."""
-        if tenant.config.task == "classification":
-            return float(len(batch["labels"]))
-        return float((batch["labels"][:, 1:] != IGNORE_INDEX).sum().clamp(min=1))
+            trainer = self.tenants[name].trainer
+            if trainer.record_backward(losses[name], len(batches[name]["labels"])):
+                trainer.optimizer_step()
+            if trainer.done:
+                self._finish(self.tenants[name])
 
     def _group_loss(self, inputs: dict[str, torch.Tensor], segments: list[tuple[str, int]],
-                    counts: dict[str, float], losses: dict[str, float]) -> torch.Tensor:
+                    counts: dict[str, float], losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What one packed pass backpropagates: each tenant's share of its mean loss, over its
+        accumulation; each tenant's share is added to `losses` (its batch's loss)."""
         labels = inputs.pop("labels")
         with self.accelerator.autocast():
             logits = self.shared(**inputs).logits
@@ -351,117 +250,23 @@ class Multiplexer:
             rows = slice(start, start + n)
             start += n
             out = logits[rows, : tenant.num_labels] if tenant.num_labels else logits[rows]
-            stats = tasks.stats_from_logits(tenant.config.task, out, labels[rows])
+            stats = tasks.stats_from_logits(tenant.trainer.config.task, out, labels[rows])
             summed = stats["loss"].sum() if "loss" in stats else stats["loss_sum"].sum()
             loss = summed / counts[name]
-            losses[name] += loss.item()
-            total = total + loss / tenant.config.grad_accum
+            losses[name] += loss.detach()
+            total = total + loss / tenant.trainer.config.grad_accum
         return total
 
-    def _optimizer_step(self, tenant: Tenant) -> None:
-        """The tenant's optimizer step, unless its loss or gradient norm is not finite: then its
-        `on_nonfinite` policy ends the tenant ("stop") or drops the update ("skip")."""
-        config = tenant.config
-        params = [p for p in tenant.parameters.values() if p.grad is not None]
-        if config.max_grad_norm:
-            norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        loss = sum(tenant.micro_losses) / len(tenant.micro_losses)
-        tenant.micro_losses = []
-        problem = (f"loss {loss}" if not math.isfinite(loss) else
-                   f"gradient norm {float(norm)}" if not math.isfinite(float(norm)) else None)
-        if problem is not None and config.on_nonfinite == "stop":
-            tenant.optimizer.zero_grad()
-            tenant.stop = nonfinite_message(config, tenant.step + 1, problem, tenant.best, "stop")
-            return
-        if problem is None:
-            tenant.optimizer.step()
-        tenant.scheduler.step()
-        tenant.optimizer.zero_grad()
-        tenant.step += 1
-        entry = {"step": tenant.step, "epoch": round(tenant.step / tenant.steps_per_epoch, 4),
-                 "lr": tenant.scheduler.get_last_lr()[0], "loss": loss}
-        if problem is not None:
-            entry.update(loss=None, skipped=problem)
-            tenant.skipped += 1
-            tenant.skipped_in_a_row += 1
-            self.console.print(f"[yellow]{tenant.name} step {tenant.step}: non-finite {problem}; update skipped[/]")
-        else:
-            tenant.skipped_in_a_row = 0
-        tenant.history.append(entry)
-        if (tenant.step % tenant.eval_every == 0 or tenant.step == tenant.total_steps) \
-                and "validation" in tenant.eval_loaders:
-            entry["eval"] = self._evaluate(tenant, "validation")
-            improved = self._keep_if_best(tenant, entry["eval"], tenant.step)
-            self.console.print(report.metrics_line(f"{tenant.name} step {tenant.step}",
-                                                   {"validation": entry["eval"]}, best=improved))
-        if tenant.skipped_in_a_row >= MAX_SKIPS_IN_A_ROW:
-            tenant.stop = nonfinite_message(config, tenant.step, problem, tenant.best, "skip")
-
-    def _keep_if_best(self, tenant: Tenant, metrics: Metrics, step: int) -> bool:
-        """Offer an evaluation to the tenant's keeper; an improvement is written to its adapter/ at once."""
-        improved = tenant.best.offer(metrics, step, lambda: self._snapshot(tenant))
-        if improved:
-            save_adapter(tenant.model, tenant.run_dir / "adapter", tenant.config.save_format, name=tenant.name,
-                              tensors=tenant.parameters)
-        return improved
-
     def _finish(self, tenant: Tenant) -> None:
-        """Evaluate the tenant's best state, save it like a lone run, and take it off the model."""
-        if tenant.best.state is not None:
-            self._restore(tenant, tenant.best.state)
-        after = self._evaluate_all(tenant)
-        paths = {"run_dir": tenant.run_dir, "adapter": tenant.run_dir / "adapter"}
-        status, message = ("diverged", tenant.stop) if tenant.stop else ("finished", "")
-        unsaved = nonfinite_tensors(tenant.parameters)
-        if unsaved:  # no validation split, so no finite best state to fall back on
-            status, message = "diverged", f"{message} The final state has non-finite tensors; no adapter was saved."
-            paths.pop("adapter")
-        else:
-            save_adapter(tenant.model, paths["adapter"], tenant.config.save_format, name=tenant.name,
-                              tensors=tenant.parameters)
-        if message:
-            self.console.print(f"[red]{tenant.name}: {escape(message.strip())}[/]")
-        result = RunResult(
-            metrics={"before": tenant.before, "after": after}, history=tenant.history, paths=paths,
-            timings={"train_s": tenant.train_time, "examples_per_s": tenant.examples / max(tenant.train_time, 1e-9),
-                     "joined_at_step": tenant.joined_at, "left_at_step": self.global_step},
-            best_step=tenant.best.step if tenant.best.state is not None else tenant.step,
-            stopped_early=tenant.best.should_stop,
-            parameters={"trainable": tenant.summary.trainable, "total": tenant.summary.total},
-            status=status, message=message.strip(), skipped_steps=tenant.skipped,
-        )
-        result.paths.update(report.write_run(tenant.run_dir, tenant.config, result, tenant.summary))
-        if tenant.folder is not None:
+        """The tenant's trainer ends its run as a lone one (best state restored, evaluated, saved,
+        reported, with the steps it joined and left at); then it leaves the shared model."""
+        trainer = tenant.trainer
+        trainer.timings.update(joined_at_step=tenant.joined_at, left_at_step=self.global_step)
+        try:
+            self.results[tenant.name] = trainer.finish()
+        finally:
             tenant.folder.release()
-        self.results[tenant.name] = result
-        self.console.print(report.metrics_line(f"{tenant.name}: done after {tenant.step} steps", after))
-        del self.tenants[tenant.name]
-        splice.detach(self.shared, tenant.name)
-        for router in self.routers.values():
-            if tenant.name in router.copies:
-                del router.copies[tenant.name]
-        self._refresh_trainability()
-
-    # -- evaluation and checkpoints ----------------------------------------------------------
-
-    def _evaluate(self, tenant: Tenant, split: str, generate: bool = False) -> Metrics:
-        rows = tenant.eval_rows[split] if generate else None
-        with splice.route(tenant.model, [tenant.name]), self.accelerator.autocast():
-            return evaluate_loader(tenant.model, tenant.eval_loaders[split], tenant.config.task, self.accelerator,
-                                  tenant.tokenizer, rows, tenant.config.batch_size)
-
-    def _evaluate_all(self, tenant: Tenant) -> dict[str, Metrics]:
-        return {split: self._evaluate(tenant, split, generate=True) for split in tenant.eval_loaders}
-
-    def _snapshot(self, tenant: Tenant) -> dict[str, torch.Tensor]:
-        return {k: p.detach().to("cpu", copy=True) for k, p in tenant.parameters.items()}
-
-    def _restore(self, tenant: Tenant, state: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for k, p in tenant.parameters.items():
-                p.copy_(state[k])
+            self._leave(tenant.name)
 
     # -- driving -----------------------------------------------------------------------------
 
@@ -481,8 +286,7 @@ class Multiplexer:
     def close(self) -> None:
         """Release the output folders of tenants still training (their best adapters stay)."""
         for tenant in self.tenants.values():
-            if tenant.folder is not None:
-                tenant.folder.release()
+            tenant.folder.release()
 
     def summary_table(self) -> Table:
         table = Table(title=f"multiplexed training: {len(self.results)} tenants, {self.global_step} steps, "
@@ -537,18 +341,22 @@ def _tenant_name(config: TrainConfig, taken: list[str]) -> str:
     return name
 
 
-def _refuse_tied(model: nn.Module, path: str, module: nn.Module, name: str) -> None:
-    """A trained module whose weights are tied elsewhere (lm_head = embeddings) cannot get a
-    per-tenant copy: training it alone would change the other module too."""
-    own = {id(p) for p in module.parameters()}
-    elsewhere = [k for k, p in model.named_parameters(remove_duplicate=False)
-                 if id(p) in own and not k.startswith(f"{path}.")]
-    if elsewhere:
-        raise SpliceError(f"tenant {name}: train_also module {path!r} shares its weights with {elsewhere}; "
-                          "a multiplexed tenant cannot train tied weights. Untie them or train it alone.")
+def _count(task: str, batch: dict[str, torch.Tensor]) -> float:
+    """What a tenant's mean loss divides by: its rows, or its label tokens (causal LM)."""
+    if task == "classification":
+        return float(len(batch["labels"]))
+    return float((batch["labels"][:, 1:] != IGNORE_INDEX).sum().clamp(min=1))
 
 
-def _epochs(loader: DataLoader, epochs: int) -> Iterator[dict[str, torch.Tensor]]:
-    for _ in range(epochs):
-        yield from loader
-
+def _refuse_unpackable(name: str, adapter: AdapterConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Refuse, before it is attached and saying what to do instead, a tenant's adapter that a
+    packed pass of several tenants' rows would not train as it trains alone."""
+    if tokenizer.padding_side != "right":
+        raise SpliceError(f"tenant {name}: multiplexing packs right-padded batches; the tokenizer pads "
+                          f"{tokenizer.padding_side}")
+    if getattr(adapter, "init", None) == "pissa":
+        raise SpliceError(f"tenant {name}: init='pissa' takes its part out of the base weights, which the "
+                          "tenants share; use another init for multiplexed training")
+    if adapter.reads_inputs:
+        raise SpliceError(f"tenant {name}: {adapter.method} reads each batch's token positions, which a packed "
+                          "pass of several tenants' rows does not give it; train it alone with `splice train`")

@@ -169,22 +169,47 @@ def page(
     scaling = (2 * r if alpha is None else alpha) / r
     selected = resolve_targets(model, AdapterConfig(targets=candidates, layers=layers, exclude=exclude))
     generator = torch.Generator().manual_seed(seed)
-    probes: dict[str, _Probe] = {}
-    for name, module in selected:
-        info = describe(module)
-        if info is None or info.kind != "linear":
-            raise SpliceError(f"PAGE scores Linear layers; candidate {name!r} is a {type(module).__name__}")
-        bound = 1 / math.sqrt(info.in_features)  # kaiming_uniform_(a=sqrt(5)) on [r, in]
-        A = (torch.rand(r, info.in_features, generator=generator) * 2 - 1) * bound
-        if factors is not None and name in factors:
-            A = factors[name].detach().float()
-            if A.shape != (r, info.in_features):
-                raise SpliceError(f"factors[{name!r}] has shape {tuple(A.shape)}, PAGE needs {(r, info.in_features)}")
-        probes[name] = _Probe(module, A.to(module.weight.device), scaling, info.out_features)
+    probes = {name: _probe(name, module, r, scaling, generator, factors) for name, module in selected}
+    count = _backward_passes(model, batches, probes, loss_fn)
+    sites = [
+        SiteScore(name, layer_index(name + "."), _kind(name), p.in_features, p.out_features,
+                  p.sampled / count, p.expected / count)
+        for name, p in probes.items()
+    ]
+    total = sum(getattr(s, score) for s in sites) or 1.0
+    for site in sites:
+        site.share = getattr(site, score) / total
+    sites.sort(key=lambda s: getattr(s, score), reverse=True)
+    return Placement(sites, score, r, count)
+
+
+def _probe(name: str, module: nn.Module, r: int, scaling: float, generator: torch.Generator,
+           factors: dict[str, torch.Tensor] | None) -> _Probe:
+    """Hooks on a candidate Linear for a LoRA of rank r: A drawn as `splice.LoRA` draws it
+    (from `generator`, in candidate order), or the one `factors` gives."""
+    info = describe(module)
+    if info is None or info.kind != "linear":
+        raise SpliceError(f"PAGE scores Linear layers; candidate {name!r} is a {type(module).__name__}")
+    bound = 1 / math.sqrt(info.in_features)  # kaiming_uniform_(a=sqrt(5)) on [r, in]
+    A = (torch.rand(r, info.in_features, generator=generator) * 2 - 1) * bound
+    if factors is not None and name in factors:
+        A = factors[name].detach().float()
+        if A.shape != (r, info.in_features):
+            raise SpliceError(f"factors[{name!r}] has shape {tuple(A.shape)}, PAGE needs {(r, info.in_features)}")
+    return _Probe(module, A.to(module.weight.device), scaling, info.out_features)
+
+
+def _backward_passes(model: nn.Module, batches: Iterable[Any], probes: dict[str, _Probe],
+                     loss_fn: LossFn | None) -> int:
+    """Run every batch forward and backward so that the probes accumulate; return how many.
+
+    The model is in eval mode meanwhile (no dropout: the score of the model as it is) and its
+    parameters do not require grad (only the hooks need gradients: no weight gradient is formed
+    or left behind); the hooks, modes and flags are restored or removed afterwards."""
     was_training = model.training
-    model.eval()  # no dropout: the score of the model as it is
+    model.eval()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    for param in trainable:  # only the hooks need gradients: no weight gradient is formed or left behind
+    for param in trainable:
         param.requires_grad_(False)
     count = 0
     try:
@@ -201,16 +226,7 @@ def page(
         _ZERO.grad = None
     if not count:
         raise SpliceError("PAGE needs at least one probe batch")
-    sites = [
-        SiteScore(name, layer_index(name + "."), _kind(name), p.in_features, p.out_features,
-                  p.sampled / count, p.expected / count)
-        for name, p in probes.items()
-    ]
-    total = sum(getattr(s, score) for s in sites) or 1.0
-    for site in sites:
-        site.share = getattr(site, score) / total
-    sites.sort(key=lambda s: getattr(s, score), reverse=True)
-    return Placement(sites, score, r, count)
+    return count
 
 
 def _kind(name: str) -> str:

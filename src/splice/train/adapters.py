@@ -1,9 +1,9 @@
-"""The adapter a `Trainer` trains: checked, made the only active one, its optimizer groups; and
+"""The adapter a `Trainer` trains: checked, made the only active one, its parameters and optimizer
+groups; and
 continuing from a saved adapter with a new task's own heads (`TrainConfig.init_adapter`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,8 +15,7 @@ import splice
 from splice.core.api import model_state, resolve_heads
 from splice.core.errors import SpliceError
 from splice.core.heads import add_head
-from splice.io import native, peft_format
-from splice.io.files import read_adapter
+from splice.core.host import hosts
 from splice.train.config import TrainConfig
 
 
@@ -28,15 +27,7 @@ def continue_adapter(model: torch.nn.Module, path: str | Path, train_also: Seque
     if not Path(path).is_dir():
         raise SpliceError(f"init_adapter {os.fspath(path)!r} is not a folder (an adapter folder, such as a "
                           "run's adapter/)")
-    config, tensors = read_adapter(path)
-    if config.get("format") == native.FORMAT:
-        body = {k: v for k, v in tensors.items() if not k.startswith(native.HEAD_PREFIX)}
-        native.read(model, {**config, "train_also": []}, body, name, True, source=path)
-    elif "peft_type" in config:
-        state = peft_format.from_peft(config, tensors, source=path)
-        peft_format.attach_state(model, dataclasses.replace(state, heads={}, head_modules=[]), name, trainable=True)
-    else:
-        splice.load(model, path, name, trainable=True)  # which says what the folder lacks
+    splice.load(model, path, name, trainable=True, heads=False)
     record = model_state(model).adapters[name]
     for head in resolve_heads(model, list(train_also)):
         add_head(model, head, name)
@@ -57,11 +48,26 @@ def trainable_adapter(model: torch.nn.Module, name: str) -> list[str]:
     return list(records[name].heads)
 
 
-def param_groups(model: torch.nn.Module, heads: list[str], config: TrainConfig) -> list[dict[str, Any]]:
-    """Adapter parameters at `lr`; parameters of modules trained in full at `head_lr`."""
+def adapter_parameters(model: torch.nn.Module, name: str) -> dict[str, torch.nn.Parameter]:
+    """What training adapter `name` updates, by name in `model`: the trainable parameters that
+    belong to no other adapter (its own in every host, the modules it trains in full, and any a
+    method keeps outside the hosts).
+
+    On a model where `name` is the only active adapter that is all of `splice.trainable_parameters`.
+    A multi-tenant view shares its hosts with the other tenants, whose adapters train too: they
+    are left out, so snapshots, clipping and saving touch this adapter alone.
+    """
+    others = {id(p) for _, _, host in hosts(model) for owner, adapter in host.items() if owner != name
+              for p in adapter.parameters()}
+    return {key: p for key, p in splice.trainable_parameters(model).items() if id(p) not in others}
+
+
+def param_groups(parameters: dict[str, torch.nn.Parameter], heads: list[str],
+                 config: TrainConfig) -> list[dict[str, Any]]:
+    """Adapter parameters at `lr`; parameters of modules trained in full (under `heads`) at `head_lr`."""
     prefixes = tuple(f"{name}." for name in heads)
     groups: dict[bool, list[torch.nn.Parameter]] = {False: [], True: []}
-    for name, p in splice.trainable_parameters(model).items():
+    for name, p in parameters.items():
         groups[name.startswith(prefixes)].append(p)
     lrs = {False: config.lr, True: config.head_lr or config.lr}
     return [{"params": ps, "lr": lrs[is_head]} for is_head, ps in groups.items() if ps]

@@ -7,7 +7,8 @@ A callback is any object with some of these methods (subclass `Callback` to get 
     on_evaluate(trainer, metrics)    after each evaluation ({split: metrics}; step 0 is the start)
     on_save(trainer, path)           before the adapter is written to `path`
 
-They run on every process; `trainer.main` says whether this is the main one.
+They run on every process; `trainer.main` says whether this is the main one. A multiplexed
+tenant is a trainer too: `Multiplexer.add(config, callbacks=[...])` hooks into its run.
 """
 
 from __future__ import annotations

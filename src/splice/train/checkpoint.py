@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,6 @@ from accelerate.utils.constants import SAFE_WEIGHTS_NAME
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-import splice
 from splice.core.errors import OutputExistsError, SpliceError
 from splice.io.files import atomic_directory
 from splice.train import report
@@ -88,23 +87,22 @@ def batches(loader: DataLoader, epochs: int, state: RunState,
         yield from accelerator.skip_first_batches(loader, state.batches) if state.batches else loader
 
 
-def checkpoint_trainable_only(accelerator: Accelerator, model: torch.nn.Module) -> None:
+def checkpoint_trainable_only(accelerator: Accelerator, trained: Mapping[str, torch.nn.Parameter]) -> None:
     """accelerate checkpoints a prepared model whole; these hooks make its checkpoint hold only
-    what trains (adapter and trained modules; the base is the model's own files) and load that
-    back with an exact check of the names."""
+    what trains (`trained`: the adapter and its trained modules; the base is the model's own
+    files) and load that back with an exact check of the names."""
 
     def save_trainable(models: list, weights: list, output_dir: str) -> None:
-        weights[:] = [{k: p.detach().contiguous() for k, p in splice.trainable_parameters(model).items()}]
+        weights[:] = [{k: p.detach().contiguous() for k, p in trained.items()}]
 
     def load_trainable(models: list, input_dir: str) -> None:
         tensors = load_file(str(Path(input_dir) / SAFE_WEIGHTS_NAME))
-        own = splice.trainable_parameters(model)
-        if tensors.keys() != own.keys():
-            missing, extra = sorted(own.keys() - tensors.keys()), sorted(tensors.keys() - own.keys())
+        if tensors.keys() != trained.keys():
+            missing, extra = sorted(trained.keys() - tensors.keys()), sorted(tensors.keys() - trained.keys())
             raise SpliceError(f"checkpoint {input_dir} does not hold this run's trainable tensors "
                               f"(missing {missing[:3]}, unexpected {extra[:3]})")
         with torch.no_grad():
-            for name, p in own.items():
+            for name, p in trained.items():
                 p.copy_(tensors[name])
         models.clear()  # loaded here; accelerate must not load a whole model from the file
 
@@ -112,12 +110,12 @@ def checkpoint_trainable_only(accelerator: Accelerator, model: torch.nn.Module) 
     accelerator.register_load_state_pre_hook(load_trainable)
 
 
-def save_checkpoint(accelerator: Accelerator, model: torch.nn.Module, run_dir: Path, step: int,
-                     show: Callable[..., None]) -> Path | None:
+def save_checkpoint(accelerator: Accelerator, trained: Mapping[str, torch.nn.Parameter], run_dir: Path, step: int,
+                    show: Callable[..., None]) -> Path | None:
     """accelerate's `save_state` into checkpoints/step-N, written whole: the main process makes a
     temporary folder (every process writes its random states into it) and swaps it into place.
-    Older checkpoints are removed; a state with non-finite tensors is not written (None)."""
-    if nonfinite_tensors(splice.trainable_parameters(model)):
+    Older checkpoints are removed; a state whose `trained` tensors are not finite is not written (None)."""
+    if nonfinite_tensors(trained):
         show(f"[yellow]step {step}: the parameters are not finite; no checkpoint written[/]")
         return None
     target = report.checkpoint_dir(run_dir, step)

@@ -3,14 +3,19 @@
 The defaults are the main job: LoRA (r=8, alpha=16) on the query/value projections of the
 bundled MiniLM, with its classification head trained in full, on Rotten Tomatoes: two epochs,
 about four minutes on two CPU cores. A YAML file sets any field; keyword overrides (the CLI's flags) win
-over the file, and a key of the `adapter` mapping can be overridden alone.
+over the file, and a key of the `adapter` mapping can be overridden alone. Settings (the CLI's
+`--set KEY=VALUE`) come last and take either kind of key: a training-config field or a key of
+the adapter's method.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
 import os
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,8 +24,8 @@ import yaml
 
 from splice.core.config import AdapterConfig
 from splice.core.errors import ConfigError
-from splice.core.registry import config_from_dict
-from splice.core.validation import check_value, did_you_mean, field_types, show
+from splice.core.registry import config_class, config_from_dict
+from splice.core.validation import check_value, did_you_mean, field_types, init_fields, show
 
 Task = Literal["classification", "causal_lm"]
 Precision = Literal["no", "bf16", "fp16"]
@@ -30,7 +35,7 @@ TASKS = ("classification", "causal_lm")
 PRECISIONS = ("no", "bf16", "fp16")
 SAVE_FORMATS = ("auto", "peft", "splice")
 NONFINITE_RULES = ("stop", "skip")
-PATH_FIELDS = ("model", "data", "validation", "output_dir")
+PATH_FIELDS = ("model", "data", "validation", "output_dir", "init_adapter")
 ENCODER_MODELS = ("minilm",)
 # Keys of an adapter mapping that say where it goes; they survive a change of method.
 PLACEMENT_KEYS = ("targets", "exclude", "layers", "train_also")
@@ -49,9 +54,11 @@ class TrainConfig:
         model: "minilm", "smollm2" (bundled) or a local transformers folder.
         task: "classification" (a sequence-classification head) or "causal_lm" (SFT with the
             loss on the completion only).
-        data: a bundled data set name (rotten_tomatoes, bbc_news, arithmetic, iris, ...) or a
-            .jsonl / .csv file; `validation` an optional file of the same shape. A file without
-            a validation file gives up a seeded 10% of its rows for validation.
+        data: a bundled data set name (rotten_tomatoes, bbc_news, arithmetic, iris, ...), a
+            .jsonl / .csv file, a `datasets.Dataset.save_to_disk` folder, or rows in memory (a
+            `datasets.Dataset`, a list of dicts); `validation` an optional source of the same
+            shape. Data without validation rows gives up a seeded 10% of its rows for them. Rows
+            in memory are recorded in config.yaml and metrics.json by `describe_data`.
         text_column, label_column, prompt_column, completion_column: column names in files.
         adapter: an adapter mapping as in `splice.config_from_dict` ({"method": "lora", ...}).
         max_length: tokens per example; longer texts are truncated.
@@ -131,7 +138,7 @@ class TrainConfig:
                 setattr(self, f.name, os.fspath(getattr(self, f.name)))
         self.validate()
         if self.output_dir is None:
-            name = Path(self.data).stem if Path(self.data).suffix else self.data
+            name = "dataset" if in_memory(self.data) else Path(self.data).stem if Path(self.data).suffix else self.data
             self.output_dir = f"runs/{name.replace('_', '-')}-{self.adapter['method']}"
 
     def validate(self) -> None:
@@ -150,6 +157,8 @@ class TrainConfig:
                                     f"{default_adapter()}; got {self.adapter!r}")
         types = field_types(TrainConfig)
         for name in (f.name for f in dataclasses.fields(self)):
+            if name in ("data", "validation") and in_memory(getattr(self, name)):
+                continue
             if name != "adapter" and (expected := check_value(types[name], getattr(self, name))) is not None:
                 raise _error(name, f"{name} must be {expected}, got {show(getattr(self, name))}")
         if self.task == "causal_lm" and self.model in ENCODER_MODELS:
@@ -182,27 +191,36 @@ class TrainConfig:
         return config_from_dict(self.adapter, error=ConfigError)
 
     @classmethod
-    def from_dict(cls, fields: dict[str, Any] | None = None, /, **overrides: Any) -> TrainConfig:
-        """Fields from `fields`, then `overrides` on top; None-valued overrides are ignored.
+    def from_dict(cls, fields: dict[str, Any] | None = None, /, *, settings: Mapping[str, Any] | None = None,
+                  **overrides: Any) -> TrainConfig:
+        """Fields from `fields`, then `overrides` on top (None-valued ones are ignored: a flag not
+        given), then `settings` (`splice train --set KEY=VALUE`; see `split_settings`), where None
+        is a value (`--set max_steps=null` unsets a file's max_steps).
 
         An `adapter` override is merged key by key into the adapter mapping (so `r=4` keeps the
-        targets); switching `method` keeps only the placement keys (targets, exclude, ...).
+        targets); switching `method` keeps only the placement keys (targets, exclude, ...). A
+        setting that is neither a field nor a key of the adapter's method is refused with the
+        closest key and both lists of valid keys.
         """
+        config_settings, adapter_settings = split_settings(settings or {})
         fields = _coerce_numbers(fields or {})
-        overrides = _coerce_numbers({k: v for k, v in overrides.items() if v is not None})
-        adapter_override = overrides.pop("adapter", None)
+        overrides = _coerce_numbers({k: v for k, v in overrides.items() if v is not None} | config_settings)
+        adapter_override = {**overrides.pop("adapter", {}), **adapter_settings}
         merged = {**fields, **overrides}
         if adapter_override:
             merged["adapter"] = _merge_adapter(merged.get("adapter", default_adapter()), adapter_override)
+            _check_adapter_keys(merged["adapter"], adapter_settings)
         if isinstance(merged.get("adapter"), dict):
             merged["adapter"] = {k: _yaml_number(v) for k, v in merged["adapter"].items()}
         return cls(**merged)
 
     @classmethod
-    def from_yaml(cls, path: str | Path | None, /, **overrides: Any) -> TrainConfig:
-        """Read a YAML mapping of fields (None: the defaults) and apply `overrides` on top."""
+    def from_yaml(cls, path: str | Path | None, /, *, settings: Mapping[str, Any] | None = None,
+                  **overrides: Any) -> TrainConfig:
+        """Read a YAML mapping of fields (None: the defaults) and apply `overrides`, then
+        `settings`, on top (as `from_dict`)."""
         if path is None:
-            return cls.from_dict({}, **overrides)
+            return cls.from_dict({}, settings=settings, **overrides)
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
@@ -212,9 +230,12 @@ class TrainConfig:
             raise ConfigError(f"{path} is not valid YAML: {err}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of config fields, not {type(data).__name__}")
-        given = {k for k, v in overrides.items() if v is not None}
+        config_settings, adapter_settings = split_settings(settings or {})
+        given = {k for k, v in overrides.items() if v is not None} | set(config_settings)
+        if adapter_settings:
+            given.add("adapter")
         try:
-            return cls.from_dict(data, **overrides)
+            return cls.from_dict(data, settings=settings, **overrides)
         except ConfigError as err:
             key = getattr(err, "key", None)
             if key is None or key not in data:
@@ -226,7 +247,13 @@ class TrainConfig:
             raise _error(key, f"{path}: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as plain values; rows in memory as their `describe_data` description."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["adapter"] = copy.deepcopy(self.adapter)
+        for name in ("data", "validation"):
+            if in_memory(out[name]):
+                out[name] = describe_data(out[name])
+        return out
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         """The config as YAML (fields in declaration order); also written to `path` if given."""
@@ -234,6 +261,60 @@ class TrainConfig:
         if path is not None:
             Path(path).write_text(text)
         return text
+
+
+IN_MEMORY_PREFIX = "<in memory: "
+
+
+def in_memory(data: Any) -> bool:
+    """Whether `data` is rows held in memory (a `datasets.Dataset`, a list of dicts) rather than
+    a data set name, a file or a folder."""
+    return data is not None and not isinstance(data, (str, bytes, os.PathLike)) and hasattr(data, "__iter__")
+
+
+def describe_data(data: Any) -> str:
+    """What a report records for `data`: the name or path as given; for rows in memory, their
+    kind, number, columns and (for a `datasets.Dataset`) its content fingerprint, so that two
+    runs on the same rows record the same description and a checkpoint resumes only on them."""
+    if not in_memory(data):
+        return os.fspath(data) if isinstance(data, os.PathLike) else str(data)
+    kind = f"{type(data).__module__.split('.')[0]}.{type(data).__name__}"
+    rows = len(data) if hasattr(data, "__len__") else "?"
+    columns = getattr(data, "column_names", None)
+    fingerprint = getattr(data, "_fingerprint", None)  # datasets' hash of the rows and transforms
+    parts = [f"{rows} rows"] + ([f"columns {', '.join(columns)}"] if columns else []) \
+        + ([f"fingerprint {fingerprint}"] if fingerprint else [])
+    return f"{IN_MEMORY_PREFIX}{kind}, {'; '.join(parts)}>"
+
+
+# The fields a setting (`--set KEY=VALUE`) can name; `adapter` is set key by key instead.
+SETTABLE_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "adapter")
+
+
+def split_settings(settings: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """KEY=VALUE settings as (training-config fields, adapter keys): a key that names a field of
+    TrainConfig sets it, any other is a key of the adapter mapping (checked against its method's
+    keys once the method is known). No adapter method has a key named like a field, so the one
+    `--set` flag serves both without ambiguity."""
+    config = {k: v for k, v in settings.items() if k in SETTABLE_FIELDS}
+    return config, {k: v for k, v in settings.items() if k not in config}
+
+
+def _check_adapter_keys(adapter: dict[str, Any], keys: Iterable[str]) -> None:
+    """Refuse a setting that is neither a field nor a key of the adapter's method, naming the
+    closest valid key and both sets of them (an unknown method is left to `validate`, which lists
+    the methods)."""
+    try:
+        method_keys = ["method", *init_fields(config_class(adapter.get("method"), ConfigError))]
+    except ConfigError:
+        return
+    for key in keys:
+        if key not in method_keys:
+            close = difflib.get_close_matches(key, [*SETTABLE_FIELDS, *method_keys], n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise _error("adapter", f"unknown setting {key!r}: {hint}Training config keys: "
+                                    f"{', '.join(SETTABLE_FIELDS)}. Keys of the {adapter['method']!r} adapter: "
+                                    f"{', '.join(sorted(method_keys))}")
 
 
 def _merge_adapter(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from splice import assets
 from splice.assets import DatasetSplits, Row
 from splice.core.config import AdapterConfig
 from splice.core.errors import DataError
-from splice.train.config import TrainConfig
+from splice.train.config import IN_MEMORY_PREFIX, TrainConfig, describe_data
 
 IGNORE_INDEX = -100  # the label torch's cross-entropy skips: prompt and padding positions
 
@@ -45,6 +45,9 @@ def read_numbered_rows(source: str | Path | Iterable[Mapping[str, Any]]) -> tupl
     if not isinstance(source, (str, Path)):
         rows = list(source)
         return _mappings(rows, [f"row {i}" for i in range(1, len(rows) + 1)])
+    if str(source).startswith(IN_MEMORY_PREFIX):
+        raise DataError(f"data {source!r} describes rows the run was given in memory, which config.yaml cannot "
+                        "hold; give them again (TrainConfig(data=the_dataset)) to train or resume")
     path = Path(source)
     if path.is_dir():
         rows = list(_load_from_disk(path))
@@ -109,14 +112,15 @@ def load_splits(config: TrainConfig) -> DatasetSplits:
 
     A file without a `validation` file gives up a seeded 10% of its rows (`assets.split`) for
     validation; files have no test split. Training rows are shuffled with a fixed seed, so that
-    `max_train_examples` keeps a fair sample; `max_eval_examples` keeps the first rows of each
-    evaluation split.
+    `max_train_examples` keeps a fair sample; `max_eval_examples` keeps the first N rows of each
+    evaluation split (a validation file's first lines, a bundled split's first rows, or the first
+    of the seeded hold-out), the same rows in every run, so that quick runs compare.
 
     Every row of a file is checked first (`check_rows`), and a classification file must hold at
     least two classes, in its training rows as well: with one class every prediction is right and
     the accuracy of 1.0 would mean nothing.
     """
-    if config.data in assets.DATASETS:
+    if isinstance(config.data, str) and config.data in assets.DATASETS:
         splits = assets.dataset(config.data)
         if splits.task != config.task:
             raise DataError(f"data set {config.data!r} is for {splits.task}, but task is {config.task!r}")
@@ -132,8 +136,8 @@ def load_splits(config: TrainConfig) -> DatasetSplits:
             validation += held_out
         splits = canonical_splits(train, validation, [], config)
         if splits.task == "classification":
-            _several_classes(splits.train + splits.validation, splits.label_names, config.data, "rows")
-            _several_classes(splits.train, splits.label_names, config.data,
+            _several_classes(splits.train + splits.validation, splits.label_names, describe_data(config.data), "rows")
+            _several_classes(splits.train, splits.label_names, describe_data(config.data),
                              "training rows" + ("" if config.validation else " (what remains after holding out "
                                                 "a tenth for validation)"))
     return DatasetSplits(
@@ -152,7 +156,7 @@ def load_eval_rows(config: TrainConfig, split: str = "test") -> DatasetSplits:
     on that class is still meaningful); with class names it may not, since names are numbered
     from the file's own sorted names and one name alone would always become class 0.
     """
-    if config.data in assets.DATASETS:
+    if isinstance(config.data, str) and config.data in assets.DATASETS:
         splits = load_splits(config)
         if split not in ("train", "validation", "test"):
             raise DataError(f"split must be train, validation or test; got {split!r}")
@@ -162,7 +166,7 @@ def load_eval_rows(config: TrainConfig, split: str = "test") -> DatasetSplits:
         kinds = check_rows(rows, where, config)
         splits = canonical_splits([], [], rows, config)
         if "name" in kinds:
-            _several_classes(splits.test, splits.label_names, config.data, "rows (class names)")
+            _several_classes(splits.test, splits.label_names, describe_data(config.data), "rows (class names)")
         rows = splits.test
     return DatasetSplits([], [], rows[: config.max_eval_examples], splits.task, splits.label_names)
 
@@ -178,14 +182,16 @@ def check_rows(rows: list[Row], where: list[str], config: TrainConfig) -> dict[s
     """
     if config.task == "causal_lm":
         columns = (config.prompt_column, config.completion_column)
+        names = "--prompt-column / --completion-column (prompt_column / completion_column in a config)"
     else:
         columns = (config.text_column,)
+        names = "--text-column / --label-column (text_column / label_column in a config)"
     kinds: dict[str, str] = {}
     for row, place in zip(rows, where, strict=True):
         for column in (*columns, *(() if config.task == "causal_lm" else (config.label_column,))):
             if column not in row:
                 raise DataError(f"{place}: the row has no column {column!r} (its columns: {sorted(row)}); set "
-                                "--text-column / --label-column (or prompt/completion) to the right names")
+                                f"{names} to the right names")
         for column in columns:
             if not isinstance(row[column], str):
                 raise DataError(f"{place}: column {column!r} is {_shown(row[column])}; expected a string")
@@ -280,11 +286,7 @@ def _shown(value: Any) -> str:
 
 
 def _rename(rows: list[Row], columns: dict[str, str]) -> list[Row]:
-    if rows:
-        missing = [c for c in columns if c not in rows[0]]
-        if missing:
-            raise DataError(f"data has no column {missing} (columns: {sorted(rows[0])}); "
-                            "set --text-column / --label-column (or prompt/completion) to the right names")
+    """The rows with only `columns`, under their new names (`check_rows` made sure they are there)."""
     return [{new: row[old] for old, new in columns.items()} for row in rows]
 
 

@@ -1,5 +1,6 @@
 """What a run keeps and returns: its result, the progress a checkpoint holds, the best-checkpoint
-keeper, and the checks for non-finite numbers (shared by `Trainer` and the multiplexer)."""
+keeper, and the checks for non-finite numbers (the `Trainer`'s, so every job built on trainers'
+too: a multiplexed tenant is a trainer)."""
 
 from __future__ import annotations
 

@@ -11,8 +11,11 @@ them across processes exactly, then reduced by `reduce_stats`.
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,9 +48,11 @@ MAIN_METRIC = {"classification": ("accuracy", True), "causal_lm": ("loss", False
 
 
 def model_path(name: str) -> Path:
-    """A bundled model's folder ("minilm", "smollm2") or a local transformers folder."""
-    if name in BUNDLED_MODELS:
-        return BUNDLED_MODELS[name]()
+    """A bundled model's folder (by "minilm", "smollm2" or their Hub ids, as adapters record
+    them) or a local transformers folder."""
+    bundled = assets.bundled_model(name)
+    if bundled is not None:
+        return BUNDLED_MODELS[bundled]()
     path = Path(name)
     if not path.is_dir():
         raise SpliceError(f"model {name!r} is neither bundled ({', '.join(BUNDLED_MODELS)}) "
@@ -66,10 +71,42 @@ def load_pretrained(name: str, task: str, label_names: tuple[str, ...] = ()) -> 
         if label_names:
             labels = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
                       "label2id": {n: i for i, n in enumerate(label_names)}}
-        return AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, **labels)
+        return _classifier(path, labels)
     if task == "causal_lm":
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return AutoModel.from_pretrained(path, dtype=torch.float32)
+
+
+def _classifier(path: Path, labels: dict[str, Any]) -> PreTrainedModel:
+    """A sequence classifier whose head splice supplies (trained as `train_also`, or read from
+    the adapter): transformers' report that the head was "newly initialized" is expected noise
+    here and is silenced; any other missing or unexpected weight is still reported."""
+    loader = logging.getLogger("transformers.modeling_utils")
+    report = _LoadReportFilter()
+    loader.addFilter(report)  # a filter, not a level: transformers 5 runs extra checks by the level
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=torch.float32, output_loading_info=True, **labels)
+    finally:
+        loader.removeFilter(report)
+    heads = tuple(f"{name}." for name in SEQ_CLS_HEAD_NAMES)
+    missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith(heads))
+    mismatched = sorted(str(k) for k in info.get("mismatched_keys", ()))
+    for what, keys in (("missing from the checkpoint besides the head, left randomly initialized", missing),
+                       ("of another shape in the checkpoint, left randomly initialized", mismatched)):
+        if keys:
+            warnings.warn(f"loading {path}: weights {what}: {keys[:8]}{' ...' if len(keys) > 8 else ''}",
+                          stacklevel=3)
+    return model
+
+
+class _LoadReportFilter(logging.Filter):
+    """Drops transformers' report of newly initialized weights (5.x: "LOAD REPORT" table; 4.x:
+    "Some weights ... newly initialized"); `_classifier` reports what is not the head itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "LOAD REPORT" not in message and "newly initialized" not in message
 
 
 def default_task(name: str) -> str:

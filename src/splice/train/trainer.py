@@ -10,6 +10,14 @@ The trainer owns the accelerator, optimizer, scheduler, data loaders, evaluation
 resume and the report. Jobs made of several trainings (continual learning, orchestration,
 benchmarks) drive it through `step()`, `evaluate()`, `fit()` and `Callback`s, never its privates.
 
+A step is three public pieces, which `step()` composes and an orchestrator may drive itself
+(`splice.orchestrate` runs the forward and backward of several trainers' batches at once):
+
+    batch = trainer.next_batch()                     # the run's own data order
+    ... forward and backward of the batch ...
+    if trainer.record_backward(loss, examples):      # the accumulation is complete
+        entry = trainer.optimizer_step()             # checked update, history, evaluation, best
+
 Best checkpoint: the trainable tensors (adapter and trained head) of the best evaluation are
 kept in memory and restored at the end, and the adapter folder is rewritten (whole, through
 `atomic_directory`) at every improvement, so that a run stopped at any point leaves its best
@@ -34,7 +42,6 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from rich.console import Console
 from rich.markup import escape
 from torch.utils.data import DataLoader
@@ -42,12 +49,13 @@ from transformers import get_cosine_schedule_with_warmup
 
 import splice
 from splice.core.errors import SpliceError
-from splice.train import checkpoint, report, tasks
-from splice.train.adapters import continue_adapter, param_groups, trainable_adapter
+from splice.train import checkpoint, ending, report, tasks
+from splice.train.adapters import adapter_parameters, param_groups, trainable_adapter
 from splice.train.callbacks import Callback, progress_bar
-from splice.train.config import TrainConfig
-from splice.train.data import DatasetSplits, collator, load_splits, with_probe
+from splice.train.config import TrainConfig, describe_data
+from splice.train.data import DatasetSplits, collator, load_splits
 from splice.train.data import train_loader as make_train_loader
+from splice.train.ending import Tenancy
 from splice.train.evaluation import Metrics, enable_gradient_checkpointing, evaluate_loader, make_accelerator
 from splice.train.results import (
     MAX_SKIPS_IN_A_ROW,
@@ -55,12 +63,11 @@ from splice.train.results import (
     RunResult,
     RunState,
     StepCheck,
-    TrainingInterrupted,
     check_step,
     nonfinite_message,
-    nonfinite_tensors,
     save_adapter,
 )
+from splice.train.run_setup import load_run
 
 
 class Trainer:
@@ -70,40 +77,47 @@ class Trainer:
     (and its own heads) trains. The data comes from `config` (or `splits`); the run folder is
     `config.output_dir` (config.yaml at the start, adapter/ at every improvement, checkpoints,
     and the report at the end). The folder is not locked here: `splice.train.run` locks it.
-    `resume=True` continues from the newest checkpoint in the folder.
+    `resume=True` continues from the newest checkpoint in the folder. `tenancy` makes it one of
+    several trainers an orchestrator drives on its own model and `accelerator` (see `Tenancy`).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, config: TrainConfig, *,
                  adapter_name: str = "default", splits: DatasetSplits | None = None,
                  callbacks: Sequence[Callback] = (), console: Console | None = None, resume: bool = False,
-                 accelerator: Accelerator | None = None) -> None:
+                 accelerator: Accelerator | None = None, tenancy: Tenancy | None = None) -> None:
+        if tenancy is not None and resume:
+            raise SpliceError("a tenant trainer is not checkpointed, so it cannot resume")
         self.started = time.perf_counter()
-        self.config, self.tokenizer, self.adapter_name = config, tokenizer, adapter_name
+        self.config, self.tokenizer, self.adapter_name, self.tenancy = config, tokenizer, adapter_name, tenancy
         self.console = console or Console()
         self.callbacks = list(callbacks)
         self.accelerator = accelerator or make_accelerator(config)
         self.main = self.accelerator.is_main_process
         self.run_dir = Path(config.output_dir)
         self.resuming = resume
+        self.label = f"{tenancy.label}: " if tenancy is not None else ""  # starts the trainer's messages
         splits = splits if splits is not None else load_splits(config)
         if not splits.train:
-            raise SpliceError(f"no training rows in {config.data!r}")
+            raise SpliceError(f"no training rows in {describe_data(config.data)}")
         heads = trainable_adapter(model, adapter_name)
-        if config.gradient_checkpointing:
+        self.trained = adapter_parameters(model, adapter_name)  # what snapshots, clipping and saving touch
+        if config.gradient_checkpointing and tenancy is None:
             enable_gradient_checkpointing(model)
-        self.parameters = splice.summary(model)
-        self.show(report.summary_table(self.parameters,
-                                       title=f"{config.model} + {config.adapter['method']} on {config.data}"))
+        self.parameters = splice.summary(model) if tenancy is None else tenancy.summary
+        self.show(report.summary_table(self.parameters, title=f"{self.label}{config.model} + "
+                                       f"{config.adapter['method']} on {describe_data(config.data)}"))
         self._prepare(model, splits, heads)
         metric, higher_is_better = tasks.MAIN_METRIC[config.task]
         self.best = BestKeeper(metric, higher_is_better, config.early_stopping_patience)
         self.state = RunState(config=checkpoint.comparable(config), best=self.best)
-        self.accelerator.register_for_checkpointing(self.state)
-        checkpoint.checkpoint_trainable_only(self.accelerator, self.plain_model)
-        self.timings: dict[str, float] = {}
+        if tenancy is None:
+            self.accelerator.register_for_checkpointing(self.state)
+            checkpoint.checkpoint_trainable_only(self.accelerator, self.trained)
+        self.timings: dict[str, float] = {}  # what the report gives under "timings"; callers may add theirs
         self.stop: tuple[str, str] | None = None  # (status, message) of a run that ends before its last step
         self.last_check: StepCheck | None = None
         self._begun, self._batches, self._signals = False, None, None
+        self._step_started: float | None = None  # when the accumulation under way took its first batch
         self._micro_losses: list[torch.Tensor] = []
         self._micro_totals: list[torch.Tensor] = []
 
@@ -113,18 +127,8 @@ class Trainer:
         `config.init_adapter`, trainable), and build the trainer (keywords as `Trainer`)."""
         started = time.perf_counter()
         accelerator = kwargs.pop("accelerator", None) or make_accelerator(config)
-        set_seed(config.seed)
-        splits = load_splits(config)
-        if not splits.train:
-            raise SpliceError(f"no training rows in {config.data!r}")
-        model, tokenizer = tasks.load_model(config, splits.label_names)
-        collate = collator(config.task, tokenizer, config.max_length)
-        adapter = with_probe(tasks.adapter_config(config, model), splits.train, config, collate)
-        if config.init_adapter is None:
-            splice.attach(model, adapter)
-        else:
-            continue_adapter(model, config.init_adapter, adapter.train_also)
-        trainer = cls(model, tokenizer, config, splits=splits, accelerator=accelerator, **kwargs)
+        setup = load_run(config, kwargs.get("adapter_name", "default"))
+        trainer = cls(setup.model, setup.tokenizer, config, splits=setup.splits, accelerator=accelerator, **kwargs)
         trainer.started = started
         return trainer
 
@@ -137,8 +141,7 @@ class Trainer:
         self.eval_rows = {n: rows for n, rows in (("validation", splits.validation), ("test", splits.test)) if rows}
         eval_loaders = [DataLoader(rows, batch_size=config.batch_size, collate_fn=collate)
                         for rows in self.eval_rows.values()]
-        self.params = list(splice.trainable_parameters(model).values())
-        optimizer = torch.optim.AdamW(param_groups(model, heads, config), weight_decay=config.weight_decay)
+        optimizer = torch.optim.AdamW(param_groups(self.trained, heads, config), weight_decay=config.weight_decay)
         self.plain_model = model  # accelerate may wrap it (DDP); splice's state lives on the model itself
         self.model, self.optimizer, self.train_loader, *eval_loaders = accelerator.prepare(
             model, optimizer, train_loader, *eval_loaders)
@@ -146,9 +149,11 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(self.train_loader) / config.grad_accum)
         self.total_steps = config.max_steps or math.ceil(config.epochs * self.steps_per_epoch)
         self.eval_every = config.eval_every or self.steps_per_epoch
-        # A prepared scheduler steps once per process per optimizer step, hence the factor.
+        # A prepared scheduler steps once per process per optimizer step, hence the factor. Built on
+        # the plain optimizer, which accelerate then ties to this trainer's prepared optimizer alone
+        # (an orchestrator's accelerator prepares several).
         self.scheduler = accelerator.prepare(get_cosine_schedule_with_warmup(
-            self.optimizer, int(config.warmup_ratio * self.total_steps) * accelerator.num_processes,
+            optimizer, int(config.warmup_ratio * self.total_steps) * accelerator.num_processes,
             self.total_steps * accelerator.num_processes,
         ))
 
@@ -189,7 +194,7 @@ class Trainer:
             self.timings["eval_before_s"] = time.perf_counter() - tick
             if "validation" in self.state.before:
                 self._keep_if_best(self.state.before["validation"], 0)
-        self.show(report.metrics_line("before training", self.state.before))
+        self.show(report.metrics_line(f"{self.label}before training", self.state.before))
 
     def step(self) -> dict[str, Any] | None:
         """One optimizer step (`grad_accum` batches), the periodic evaluation and checkpoint that
@@ -197,24 +202,54 @@ class Trainer:
         self.begin()
         if self.done:
             return None
-        tick = time.perf_counter()
+        self.model.train()
+        while (batch := self.next_batch()) is not None:
+            with self.accelerator.accumulate(self.model):
+                loss, total = self._forward_backward(batch)
+            if self.record_backward(loss, len(batch["labels"]) * self.accelerator.num_processes, total):
+                return self.optimizer_step()
+        return None  # the data ran out (cannot happen before the last step)
+
+    def next_batch(self) -> dict[str, torch.Tensor] | None:
+        """The next training batch in this run's own data order (reshuffled each epoch, resumed
+        where a checkpoint left it), on the accelerator's device; None when the epochs are over."""
+        self.begin()
         if self._batches is None:
             epochs = math.ceil(self.total_steps / self.steps_per_epoch)
             self._batches = checkpoint.batches(self.train_loader, epochs, self.state, self.accelerator)
-        self.model.train()
-        check = None
-        for batch in self._batches:
-            check = self._forward_backward(batch)
-            if check is not None:
-                break
-        if check is None:  # the data ran out (cannot happen before the last step)
-            return None
+        if self._step_started is None:
+            self._step_started = time.perf_counter()
+        return next(self._batches, None)
+
+    def record_backward(self, loss: torch.Tensor, examples: int, total: torch.Tensor | None = None) -> bool:
+        """Count a batch from `next_batch` whose backward has run (in `step`, or in an orchestrator's
+        pass over several trainers' batches): its task `loss`, its number of `examples` (on all
+        processes) and the `total` backpropagated if more (auxiliary losses). True when the
+        accumulation is complete (as accelerate's `accumulate`: every `grad_accum` batches and at
+        an epoch's last batch), and `optimizer_step` is due."""
+        self._micro_losses.append(loss.detach())
+        self._micro_totals.append((loss if total is None else total).detach())
+        self.state.batches += 1
+        self.state.examples += examples
+        return self.state.batches % self.config.grad_accum == 0 or self.state.batches == len(self.train_loader)
+
+    def optimizer_step(self) -> dict[str, Any] | None:
+        """The checked optimizer step that ends an accumulation, and what falls on it; its history entry.
+
+        Unless the loss or gradient norm is not finite, the (clipped) update and the schedule's
+        step; then the non-finite policy, the history entry, the periodic evaluation and best
+        keeping, a checkpoint when due and the callbacks' `on_step_end`. None when non-finite
+        numbers stopped the run.
+        """
+        check = self._update()
         self.last_check = check
         entry = self._end_step(check)
-        self.state.train_s += time.perf_counter() - tick
+        if self._step_started is not None:
+            self.state.train_s += time.perf_counter() - self._step_started
+            self._step_started = None
         if entry is not None:
-            if not self.done and not self.interrupt_requested and self.config.checkpoint_every \
-                    and entry["step"] % self.config.checkpoint_every == 0:
+            if self.tenancy is None and not self.done and not self.interrupt_requested \
+                    and self.config.checkpoint_every and entry["step"] % self.config.checkpoint_every == 0:
                 self.save_checkpoint()
             for callback in self.callbacks:
                 callback.on_step_end(self, entry)
@@ -248,10 +283,19 @@ class Trainer:
                     progress.update(bar, advance=1, speed=f"{speed:.1f}",
                                     loss="nan" if entry["loss"] is None else f"{entry['loss']:.4f}")
                     if not self.done and self.interrupt_requested:
-                        raise self._interrupt()
+                        raise ending.interruption(self, signals.received or signal.SIGINT)
             finally:
                 self._signals = None
         return self.finish()
+
+    def finish(self) -> RunResult:
+        """Restore the best state, evaluate it, save the adapter, write the report; the result.
+
+        A final state with non-finite tensors (possible only without a validation split) is not
+        saved: the report says so and `SpliceError` is raised (a tenant's result says it instead).
+        """
+        self.begin()
+        return ending.finish(self)
 
     @property
     def interrupt_requested(self) -> bool:
@@ -264,45 +308,55 @@ class Trainer:
         """Write the adapter (and its trained heads) to `path`, whole; callbacks' `on_save` first."""
         for callback in self.callbacks:
             callback.on_save(self, Path(path))
-        return save_adapter(self.plain_model, Path(path), self.config.save_format, name=self.adapter_name)
+        return save_adapter(self.plain_model, Path(path), self.config.save_format, name=self.adapter_name,
+                            tensors=self.trained)
 
     def save_checkpoint(self) -> Path | None:
         """A resumable checkpoint of this step in the run folder (see `splice.train.checkpoint`)."""
-        return checkpoint.save_checkpoint(self.accelerator, self.plain_model, self.run_dir, self.state.step, self.show)
+        if self.tenancy is not None:
+            raise SpliceError("a tenant trainer is not checkpointed")
+        return checkpoint.save_checkpoint(self.accelerator, self.trained, self.run_dir, self.state.step, self.show)
 
     def show(self, *args: Any, **kwargs: Any) -> None:
         """`console.print` on the main process only."""
         if self.main:
             self.console.print(*args, **kwargs)
 
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of the trainable tensors (adapter and trained heads)."""
+        return {name: p.detach().to("cpu", copy=True) for name, p in self.trained.items()}
+
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy a `snapshot` back into the trainable tensors."""
+        with torch.no_grad():
+            for name, p in self.trained.items():
+                p.copy_(state[name])
+
     # -- inside a step ------------------------------------------------------------------------
 
-    def _forward_backward(self, batch: dict[str, torch.Tensor]) -> StepCheck | None:
-        """One batch; at the end of an accumulation, the checked optimizer step (its StepCheck)."""
+    def _forward_backward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's task loss and what was backpropagated (with auxiliary losses, if any)."""
+        loss = self.model(**batch).loss
+        extra = splice.auxiliary_loss(self.plain_model)  # e.g. a rank router's budget penalty
+        total = loss if extra is None else loss + extra
+        self.accelerator.backward(total)
+        return loss, total
+
+    def _update(self) -> StepCheck:
+        """Check the accumulated step (`check_step`, clipping on the way); the optimizer's update
+        unless a number is not finite, and the schedule's step unless the policy stops the run."""
         accelerator, optimizer, config = self.accelerator, self.optimizer, self.config
-        with accelerator.accumulate(self.model):
-            loss = self.model(**batch).loss
-            extra = splice.auxiliary_loss(self.plain_model)  # e.g. a rank router's budget penalty
-            total = loss if extra is None else loss + extra
-            accelerator.backward(total)
-            self._micro_losses.append(loss.detach())
-            self._micro_totals.append(total.detach())
-            check = None
-            if accelerator.sync_gradients:
-                received = self._signals is not None and self._signals.received is not None
-                check = check_step(accelerator, self._micro_losses, self._micro_totals, self.params,
-                                   config.max_grad_norm, config.precision != "fp16", received)
-            if check is None or check.problem is None:
-                optimizer.step()
-            elif accelerator.scaler is not None and config.max_grad_norm:
-                accelerator.scaler.update()  # clipping unscaled the gradients: close the scaler's step
-            if check is None or check.problem is None or config.on_nonfinite == "skip":
-                self.scheduler.step()
-            optimizer.zero_grad()
-        self.state.batches += 1
-        self.state.examples += len(batch["labels"]) * accelerator.num_processes
-        if check is not None:
-            self._micro_losses, self._micro_totals = [], []
+        received = self._signals is not None and self._signals.received is not None
+        check = check_step(accelerator, self._micro_losses, self._micro_totals, list(self.trained.values()),
+                           config.max_grad_norm, config.precision != "fp16", received)
+        self._micro_losses, self._micro_totals = [], []
+        if check.problem is None:
+            optimizer.step()
+        elif accelerator.scaler is not None and config.max_grad_norm:
+            accelerator.scaler.update()  # clipping unscaled the gradients: close the scaler's step
+        if check.problem is None or config.on_nonfinite == "skip":
+            self.scheduler.step()
+        optimizer.zero_grad()
         return check
 
     def _end_step(self, check: StepCheck) -> dict[str, Any] | None:
@@ -319,7 +373,7 @@ class Trainer:
             entry.update(loss=None, skipped=check.problem)
             state.skipped += 1
             state.skipped_in_a_row += 1
-            self.show(f"[yellow]step {step}: non-finite {check.problem}; update skipped "
+            self.show(f"[yellow]{escape(self.label)}step {step}: non-finite {check.problem}; update skipped "
                       f"({state.skipped_in_a_row} in a row)[/]")
         else:
             state.skipped_in_a_row = 0
@@ -327,7 +381,7 @@ class Trainer:
         if (step % self.eval_every == 0 or step == self.total_steps) and "validation" in self.loaders:
             entry["eval"] = self.evaluate(["validation"], generate=False)["validation"]
             improved = self._keep_if_best(entry["eval"], step)
-            self.show(report.metrics_line(f"step {step}", {"validation": entry["eval"]}, best=improved))
+            self.show(report.metrics_line(f"{self.label}step {step}", {"validation": entry["eval"]}, best=improved))
             self.model.train()
         if state.skipped_in_a_row >= MAX_SKIPS_IN_A_ROW:
             self.stop = ("diverged", nonfinite_message(config, step, check.problem, self.best, "skip"))
@@ -339,72 +393,3 @@ class Trainer:
         if improved and self.main:
             self.save(self.run_dir / "adapter")
         return improved
-
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        """A CPU copy of the trainable tensors (adapter and trained heads)."""
-        trainable = splice.trainable_parameters(self.accelerator.unwrap_model(self.model))
-        return {name: p.detach().to("cpu", copy=True) for name, p in trainable.items()}
-
-    def restore(self, state: dict[str, torch.Tensor]) -> None:
-        """Copy a `snapshot` back into the trainable tensors."""
-        with torch.no_grad():
-            for name, p in splice.trainable_parameters(self.accelerator.unwrap_model(self.model)).items():
-                p.copy_(state[name])
-
-    # -- the end ------------------------------------------------------------------------------
-
-    def finish(self) -> RunResult:
-        """Restore the best state, evaluate it, save the adapter, write the report; the result."""
-        self.begin()
-        self._final_messages()
-        if self.best.state is not None:
-            self.restore(self.best.state)
-        tick = time.perf_counter()
-        after = self.evaluate()
-        timings, state = self.timings, self.state
-        timings.update(eval_after_s=time.perf_counter() - tick, train_s=state.train_s,
-                       examples_per_s=state.examples / max(state.train_s, 1e-9))
-        paths = {"run_dir": self.run_dir, "adapter": self.run_dir / "adapter"}
-        status, message = self.stop or ("finished", "")
-        unsaved = nonfinite_tensors(splice.trainable_parameters(self.plain_model))
-        if unsaved:  # only without a validation split: the final state is all there is
-            status = "diverged"
-            message = (f"{message + ' ' if message else ''}The final state has non-finite tensors "
-                       f"({', '.join(unsaved[:3])}{', ...' if len(unsaved) > 3 else ''}); no adapter was saved.")
-            paths.pop("adapter")
-        self.accelerator.wait_for_everyone()
-        if self.main and not unsaved:
-            self.save(paths["adapter"])
-        timings["total_s"] = time.perf_counter() - self.started
-        result = RunResult(
-            metrics={"before": state.before, "after": after}, history=state.history, paths=paths, timings=timings,
-            best_step=self.best.step if self.best.state is not None else state.step,
-            stopped_early=self.best.should_stop,
-            parameters={"trainable": self.parameters.trainable, "total": self.parameters.total},
-            status=status, message=message, skipped_steps=state.skipped,
-        )
-        if self.main:
-            result.paths.update(report.write_run(self.run_dir, self.config, result, self.parameters))
-            report.prune_checkpoints(self.run_dir, keep=0)  # an ended run is not resumed
-            self.console.print(report.results_table(result))
-        # Under `accelerate launch` every process returns only once the main one has written the
-        # adapter and the report, so code after `fit` on any rank never reads a half-written folder.
-        self.accelerator.wait_for_everyone()
-        if unsaved:
-            raise SpliceError(f"{message} Report: {self.run_dir / 'metrics.json'}")
-        return result
-
-    def _final_messages(self) -> None:
-        if self.best.should_stop:
-            self.show(f"early stopping: no improvement in {self.config.early_stopping_patience} evaluations")
-        if self.stop is not None:
-            self.show(f"[red]{escape(self.stop[1])}[/]")
-        elif self.state.skipped:
-            self.show(f"[yellow]{self.state.skipped} optimizer steps were skipped for non-finite numbers[/]")
-
-    def _interrupt(self) -> TrainingInterrupted:
-        """Checkpoint, write what there is of the report, and the exception that says how to go on."""
-        number = self._signals.received if self._signals and self._signals.received else signal.SIGINT
-        saved = self.save_checkpoint()
-        return checkpoint.interruption(self.config, self.run_dir, self.state, self.parameters, number, saved,
-                                       self.timings, self.main)

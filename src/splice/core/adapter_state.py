@@ -107,15 +107,15 @@ class ModuleUpdate:
 class AdapterState:
     """A LoRA-shaped adapter as tensors plus the facts a PEFT directory records about it.
 
-    `heads` are modules trained in full (`train_also`, PEFT's `modules_to_save`), keyed by
-    parameter path ("classifier.weight"); `head_modules` the module names as configured.
+    `heads` are the modules trained in full (`train_also`, PEFT's `modules_to_save`) by name,
+    as configured; `head_tensors` their tensors, keyed by parameter path ("classifier.weight").
     `target_modules` is what the config names (leaf names or full paths); None means the
     module names themselves.
     """
 
     modules: dict[str, ModuleUpdate]
-    heads: dict[str, torch.Tensor] = field(default_factory=dict)
-    head_modules: list[str] = field(default_factory=list)
+    head_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    heads: list[str] = field(default_factory=list)
     rslora: bool = False
     dropout: float = 0.0
     base_model: str | None = None

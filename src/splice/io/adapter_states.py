@@ -14,14 +14,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from splice.core.adapter_state import AdapterState, ModuleUpdate
 from splice.core.api import active_adapters, model_state
 from splice.core.errors import AdapterFileError, SpliceError
 from splice.core.heads import head_tensors
 from splice.core.host import hosts
-from splice.core.state import AdapterState, ModuleUpdate
 from splice.core.svd import factor_dense
 from splice.io import native, peft_format
-from splice.io.files import atomic_directory, base_model_name, read_adapter
+from splice.io.adapter_files import read_adapter
+from splice.io.base_names import base_model_name
+from splice.io.files import atomic_directory
+from splice.io.model_card import card_entry, write_cards
 
 AdapterSource = nn.Module | str | Path
 
@@ -49,12 +52,13 @@ def adapter_state(source: AdapterSource, name: str | None = None) -> AdapterStat
 
 
 def save_state(state: AdapterState, path: str | Path, *, overwrite: bool = False, portable: bool = False) -> Path:
-    """Write `state` as a PEFT LoRA directory, whole or not at all (`io.files.atomic_directory`);
-    a non-empty `path` is refused unless `overwrite`."""
+    """Write `state` as a PEFT LoRA directory with its model card, whole or not at all
+    (`io.files.atomic_directory`); a non-empty `path` is refused unless `overwrite`."""
     if not state.modules:
         raise SpliceError("the adapter has no modules left to save")
     with atomic_directory(path, overwrite) as folder:
-        peft_format.write_state(state, folder, portable=portable)
+        config, tensors = peft_format.write_state(state, folder, portable=portable)
+        write_cards(folder, [card_entry("default", "", folder, config, tensors)], replacing=Path(path))
     return Path(path)
 
 
