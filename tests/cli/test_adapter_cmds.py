@@ -144,3 +144,13 @@ def test_merge_of_one_adapter_asks_what_is_meant(trained_adapter, tmp_path):
     path, _, _ = trained_adapter
     result = runner.invoke(app, ["merge", str(path), "--out", str(tmp_path / "x")])
     assert result.exit_code != 0 and "--into-base" in result.output
+
+
+def test_merge_quiet_prints_the_folder_and_no_table(trained_adapter, tiny_folder, tmp_path):
+    first, _, _ = trained_adapter
+    second = _second_adapter(tiny_folder, tmp_path, 7)
+    args = ["merge", str(first), str(second), "--method", "ties"]
+    shown = runner.invoke(app, [*args, "--out", str(tmp_path / "shown")])
+    quiet = runner.invoke(app, [*args, "--out", str(tmp_path / "quiet"), "--quiet"])
+    assert shown.exit_code == quiet.exit_code == 0, quiet.output
+    assert "┏" in shown.output and quiet.output.strip() == f"-> {tmp_path / 'quiet'}"

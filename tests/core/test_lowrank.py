@@ -9,7 +9,7 @@ from helpers import logits, randomize
 from torch import nn
 
 import splice
-from splice.core.lowrank import LowRank, _LeanLowRank, low_rank_delta
+from splice.core.lowrank import LowRank, _LeanLowRank, dropout_mask, low_rank_delta
 
 IN, OUT, R, S = 12, 10, 3, 0.7
 
@@ -57,8 +57,11 @@ def nbytes(tensors: list[torch.Tensor]) -> int:
 def test_gradcheck_float64(shape, p):
     A, B = factors(torch.float64)
     x = inputs(shape, torch.float64)
-    fn = lambda x, A, B: _LeanLowRank.apply(x, A, B, S, p, 1234)  # noqa: E731
-    if p:  # the fixed seed really drops entries, so the check covers the mask in backward
+    torch.manual_seed(1234)
+    keep = dropout_mask(x, p) if p else None
+    fn = lambda x, A, B: _LeanLowRank.apply(x, A, B, S, p, keep)  # noqa: E731
+    if p:  # the fixed mask really drops entries, so the check covers the mask in backward
+        assert not keep.all()
         assert not torch.allclose(fn(x, A, B), plain(x, A, B))
     assert torch.autograd.gradcheck(fn, (x, A, B))
 
@@ -68,7 +71,7 @@ def test_gradients_equal_plain_autograd(shape):
     A, B = factors()
     x = inputs(shape)
     w = torch.randn(*shape[:-1], OUT, generator=torch.Generator().manual_seed(5))
-    lean = torch.autograd.grad((_LeanLowRank.apply(x, A, B, S, 0.0, 0) * w).sum(), (x, A, B))
+    lean = torch.autograd.grad((_LeanLowRank.apply(x, A, B, S, 0.0, None) * w).sum(), (x, A, B))
     ref = torch.autograd.grad((plain(x, A, B) * w).sum(), (x, A, B))
     for got, want in zip(lean, ref, strict=True):
         assert got.dtype == want.dtype and got.shape == want.shape
@@ -80,7 +83,7 @@ def test_forward_is_bit_identical_to_the_plain_formula(shape):
     A, B = factors()
     x = inputs(shape)
     assert torch.equal(low_rank_delta(x, LowRank(A, B, S), training=True), plain(x, A, B))
-    assert torch.equal(_LeanLowRank.apply(x, A, B, S, 0.0, 0), plain(x, A, B))
+    assert torch.equal(_LeanLowRank.apply(x, A, B, S, 0.0, None), plain(x, A, B))
 
 
 def test_no_grad_path_gives_the_same_values():
@@ -120,22 +123,31 @@ def test_frozen_A_gets_no_grad_and_B_still_does():
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_lean_path_saves_only_x_A_B(p):
+def test_lean_path_saves_x_A_B_the_rank_r_hidden_and_a_byte_mask(p):
+    """No full-size float tensor of its own: the input (shared with the base layer), the factors,
+    the [N, r] hidden and, with dropout, a one-byte mask instead of a dropped fp32 copy."""
     A, B = factors()
     x = inputs((4, 6, IN))
     _, saved = saved_bytes(lambda: low_rank_delta(x, LowRank(A, B, S, p), training=True))
-    assert sorted(t.data_ptr() for t in saved) == sorted(t.data_ptr() for t in (x, A, B))
-    assert nbytes(saved) == nbytes([x, A, B])
+    shared = [t.data_ptr() for t in (x, A, B)]
+    own = [t for t in saved if t.data_ptr() not in shared]
+    assert set(shared) <= {t.data_ptr() for t in saved}
+    expected = [(torch.float32, (4, 6, R))] + ([(torch.uint8, (4, 6, IN))] if p else [])
+    assert len(own) == len(expected) and {(t.dtype, tuple(t.shape)) for t in own} == set(expected)
+    hidden = 4 * 6 * R * 4  # the [N, r] intermediate, fp32
+    assert nbytes(saved) == nbytes([x, A, B]) + hidden + (x.numel() if p else 0)
 
     def plain_dropout():
         return plain(F.dropout(x, p, training=True), A, B)
 
     _, saved_plain = saved_bytes(plain_dropout)
-    hidden = 4 * 6 * R * 4  # the [N, r] intermediate, fp32
     extra = nbytes(saved_plain) - (nbytes([x, A, B]) + hidden)  # x itself or its dropped copy counted
     # plus, with dropout, the mask (bool or float, by backend)
     assert extra in ((0,) if p == 0 else (x.numel(), 4 * x.numel()))
-    assert nbytes(saved) < nbytes(saved_plain)
+    if p == 0:  # plain autograd saves the same then
+        assert nbytes(saved) == nbytes(saved_plain)
+    else:  # a bool mask in place of a dropped fp32 copy (and plain's own mask)
+        assert nbytes(saved) <= nbytes(saved_plain) - 3 * x.numel()
 
 
 def test_lean_path_keeps_a_half_precision_input_in_its_own_dtype():
@@ -144,7 +156,7 @@ def test_lean_path_keeps_a_half_precision_input_in_its_own_dtype():
     x = inputs((4, 6, IN)).to(torch.bfloat16).detach().requires_grad_()
     out, saved = saved_bytes(lambda: low_rank_delta(x, LowRank(A, B, S), training=True))
     assert out.dtype == torch.float32
-    assert nbytes(saved) == nbytes([x, A, B])
+    assert nbytes(saved) == nbytes([x, A, B]) + 4 * 6 * R * 4  # and the fp32 rank-r hidden
     assert any(t.dtype == torch.bfloat16 and t.data_ptr() == x.data_ptr() for t in saved)
     out.sum().backward()
     assert x.grad.dtype == torch.bfloat16 and A.grad.dtype == torch.float32
@@ -237,6 +249,6 @@ def test_lora_on_a_linear_host_takes_the_lean_path():
     adapter = model[0].splice["default"]
     out, saved = saved_bytes(lambda: adapter.delta(x))
     assert "LeanLowRank" in type(out.grad_fn).__name__
-    assert nbytes(saved) == nbytes([x, adapter.lora_A, adapter.lora_B])
+    assert nbytes(saved) == nbytes([x, adapter.lora_A, adapter.lora_B]) + 3 * R * 4  # + the [3, r] hidden
     base = F.linear(x, model[0].weight, model[0].bias)
     assert torch.allclose(logits(model, x), base + out, atol=1e-6)

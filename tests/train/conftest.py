@@ -11,7 +11,7 @@ import random
 from pathlib import Path
 
 import pytest
-from helpers import save_tiny_bert, save_tiny_llama
+from helpers import minilm_tokenizer, save_tiny_bert, save_tiny_llama
 from train_helpers import write_jsonl
 
 from splice import assets
@@ -29,6 +29,14 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """MiniLM's tokenizer with `[SEP]` as its eos token, as the tiny Llama has it."""
+    tokenizer = minilm_tokenizer()
+    tokenizer.eos_token = "[SEP]"
+    return tokenizer
 
 
 def sentiment_rows(n: int, seed: int) -> list[dict]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 
 import pytest
-from helpers import minilm_tokenizer
 from train_helpers import write_jsonl
 
 from splice import SpliceError
@@ -18,13 +17,6 @@ from splice.train.data import (
     load_splits,
     read_rows,
 )
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    tokenizer = minilm_tokenizer()
-    tokenizer.eos_token = "[SEP]"
-    return tokenizer
 
 
 def test_causal_lm_labels_mask_exactly_prompt_and_padding(tokenizer):

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from splice.cli.errors import user_errors
+from splice.cli.output import Quiet, command, name_column, quieted
 
 if TYPE_CHECKING:
     from torch import nn
@@ -22,9 +23,9 @@ console = Console()
 
 
 def register(app: typer.Typer) -> None:
-    app.command("inspect")(inspect)
-    app.command("info")(info)
-    app.command("merge")(merge)
+    command(app, "inspect", inspect)
+    command(app, "info", info)
+    command(app, "merge", merge)
 
 
 def _split(value: str | None) -> list[str] | str | None:
@@ -60,7 +61,8 @@ def inspect(
         config = splice.LoRA(targets=_split(targets), exclude=_split(exclude), layers=_parse_layers(layers))
         selected = {name for name, _ in splice.resolve_targets(net, config)}
     table = Table(title=f"{type(net).__name__}: modules that can host an adapter")
-    for column in ("module", "type", "in->out", "selected"):
+    name_column(table, "module")
+    for column in ("type", "in->out", "selected"):
         table.add_column(column, justify="right" if column == "selected" else "left")
     for group in module_groups(net, selected):
         if full:
@@ -107,6 +109,8 @@ def info(
         }))
         return
     table = Table(show_header=False, title=f"adapter {found.path}")
+    table.add_column()
+    name_column(table, "")  # a base model's folder, say
     ranks = sorted({m.rank for m in found.modules if m.rank is not None})
     for key, value in [
         ("format", "HF PEFT" if found.format == "peft" else "splice"),
@@ -124,7 +128,10 @@ def info(
         table.add_row(key, value)
     console.print(table)
     if modules:
-        listing = Table("module", "rank", "parameters")
+        listing = Table()
+        name_column(listing, "module")
+        for column in ("rank", "parameters"):
+            listing.add_column(column)
         for m in found.modules:
             listing.add_row(m.name, str(m.rank or "-"), f"{m.parameters:,}")
         console.print(listing)
@@ -165,6 +172,7 @@ def merge(
     into_base: IntoBase = False,
     model: MergeBase = None,
     force: MergeForce = False,
+    quiet: Quiet = False,
 ) -> None:
     """Merge adapters into one adapter (exact in weight-change space), or fold them into the base model.
 
@@ -182,7 +190,7 @@ def merge(
     from splice.merging import merge_adapters
     from splice.train.adapter_base import adapter_base
 
-    with user_errors():
+    with user_errors(), quieted(console, quiet) as tables:
         if len(adapters) == 1 and not into_base and method not in ("svd", "emr"):
             raise typer.BadParameter("one adapter: pass --into-base to fold it into its base model, or give "
                                      "several adapters to merge", param_hint="ADAPTERS")
@@ -204,7 +212,7 @@ def merge(
             _fold_merged(result, base, out, force)
             return
         save_state(result.state, out, overwrite=force)
-    _print_merge(result)
+    _print_merge(result, tables)
     console.print(f"-> {out}")
 
 
@@ -247,12 +255,15 @@ def _fold_merged(result: MergeResult, base: nn.Module, out: Path, force: bool) -
     console.print(f"{result.summary()}\nfolded into {type(base).__name__} -> {out}")
 
 
-def _print_merge(result, limit: int = 40) -> None:
-    """Per-module ranks and truncation errors (a summary line alone for large models)."""
+def _print_merge(result: MergeResult, tables: Console, limit: int = 40) -> None:
+    """Per-module ranks and truncation errors to `tables` (a summary line alone for large models)."""
     if len(result.state.modules) > limit:
-        console.print(result.summary())
+        tables.print(result.summary())
         return
-    table = Table("module", "rank", "relative error", title=result.summary())
+    table = Table(title=result.summary())
+    name_column(table, "module")
+    for column in ("rank", "relative error"):
+        table.add_column(column)
     for name, update in result.state.modules.items():
         table.add_row(name, str(update.rank), f"{result.errors.get(name, 0.0):.2e}")
-    console.print(table)
+    tables.print(table)

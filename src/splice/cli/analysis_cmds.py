@@ -14,6 +14,7 @@ from rich.table import Table
 
 from splice.cli.errors import user_errors
 from splice.cli.options import ForceOut
+from splice.cli.output import Quiet, command, name_column, quieted
 from splice.core.inventory import shared_prefix
 
 console = Console()
@@ -30,8 +31,8 @@ Task = Annotated[
 
 
 def register(app: typer.Typer) -> None:
-    app.command("analyze")(analyze)
-    app.command("compare")(compare)
+    command(app, "analyze", analyze)
+    command(app, "compare", compare)
 
 
 def analyze(
@@ -43,6 +44,7 @@ def analyze(
                                        "and to write to the JSON.")] = 64,
     task: Task = "auto",
     force: ForceOut = False,
+    quiet: Quiet = False,
 ) -> None:
     """Spectra of an adapter's delta weights: singular values, effective and stable ranks per module.
 
@@ -56,21 +58,21 @@ def analyze(
     from splice.train.adapter_base import adapter_base
 
     out = out or adapter.parent / f"{adapter.name}-spectra"
-    with user_errors():
+    with user_errors(), quieted(console, quiet) as tables:
         base = adapter_base([adapter], model, task)
         check_output_dir(out, overwrite=force)
         report = adapter_dir_spectra(base.load(), adapter)
     prefix = shared_prefix([m.name for m in report.modules])
     table = Table(title=f"spectra of {adapter}", caption="rank: numerical; erank: entropy effective rank; "
                   "k90%/k99%: energy ranks; srank: stable rank")
-    table.add_column(f"{prefix}*" if prefix else "module", overflow="fold")
+    name_column(table, f"{prefix}*" if prefix else "module")
     for column in ("r", "rank", "erank", *(f"k{f:.0%}" for f in ENERGY_FRACTIONS), "srank", "|dW|_F"):
         table.add_column(column, justify="right")
     for m in report.modules:
         table.add_row(m.name.removeprefix(prefix), _cell(m.adapter_rank), str(m.numerical_rank),
                       f"{m.entropy_rank:.2f}", *(str(k) for k in m.energy_ranks.values()), f"{m.stable_rank:.2f}",
                       _cell(m.frobenius_norm))
-    console.print(table)
+    tables.print(table)
     for name, reason in report.skipped.items():
         console.print(f"[yellow]skipped[/] {name}: {reason}")
     files = ["spectra.json"]
@@ -92,6 +94,7 @@ def compare(
                                           "compared. Default: each delta's 90%-energy rank.")] = None,
     task: Task = "auto",
     force: ForceOut = False,
+    quiet: Quiet = False,
 ) -> None:
     """Compare two adapters module by module: principal angles, subspace overlap, norm ratio, cosine.
 
@@ -101,7 +104,7 @@ def compare(
     from splice.io.files import atomic_directory, check_output_dir
     from splice.train.adapter_base import adapter_base
 
-    with user_errors():
+    with user_errors(), quieted(console, quiet) as tables:
         base = adapter_base([adapter_a, adapter_b], model, task)
         if out is not None:
             check_output_dir(out, overwrite=force)
@@ -110,13 +113,13 @@ def compare(
     table = Table(title=f"{adapter_b} against {adapter_a}",
                   caption="angle: smallest principal angle; overlap: mean cos² of the angles; "
                   "norm b/a: |dW_b|_F / |dW_a|_F")
-    table.add_column(f"{prefix}*" if prefix else "module", overflow="fold")
+    name_column(table, f"{prefix}*" if prefix else "module")
     for column in ("k_a", "k_b", "angle", "overlap", "norm b/a", "cosine"):
         table.add_column(column, justify="right")
     for m in result.modules:
         table.add_row(m.name.removeprefix(prefix), str(m.k_a), str(m.k_b), f"{math.degrees(m.min_angle):.1f}°",
                       f"{m.overlap:.3f}", _cell(m.norm_ratio), _cell(m.cosine))
-    console.print(table)
+    tables.print(table)
     for label, names in ((f"only in {adapter_a}", result.only_a), (f"only in {adapter_b}", result.only_b)):
         if names:
             console.print(f"[yellow]{label}[/] ({len(names)}): " + ", ".join(names), highlight=False)

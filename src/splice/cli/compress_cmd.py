@@ -12,6 +12,7 @@ from rich.table import Table
 
 from splice.cli.errors import user_errors
 from splice.cli.options import ForceOut
+from splice.cli.output import Quiet, command, quieted
 
 if TYPE_CHECKING:
     from splice.compression.para_sweep import DataSweep
@@ -20,7 +21,7 @@ console = Console()
 
 
 def register(app: typer.Typer) -> None:
-    app.command("compress")(compress)
+    command(app, "compress", compress)
 
 
 AdapterDir = Annotated[Path, typer.Argument(help="A LoRA adapter directory (HF PEFT format, LoRA or DoRA).")]
@@ -62,7 +63,7 @@ def compress(
     out: Out = None, force: ForceOut = False, sweep: Sweep = None,
     model: SweepModel = None, data: SweepData = None, task: SweepTask = None, split: Split = "test",
     metric: Metric = None, max_eval_examples: SweepRows = None, batch_size: SweepBatch = 32,
-    max_length: SweepLength = 64,
+    max_length: SweepLength = 64, quiet: Quiet = False,
 ) -> None:
     """Compress a trained LoRA to the ranks each module really uses (PARA), without data.
 
@@ -88,18 +89,20 @@ def compress(
     from splice.compression import para
     from splice.io.files import check_output_dir
 
-    with user_errors():
+    with user_errors(), quieted(console, quiet) as tables:
         budgets = None if sweep is None else _budgets(sweep, (budget, energy, rank, threshold), data)
         if out is not None:
             check_output_dir(out, overwrite=force)  # refused before the work, written whole after it
         if budgets is not None:
-            _sweep(adapter, budgets, out, force, model=model, data=data, task=task, split=split, metric=metric,
-                   allocation=allocation, normalize=normalize, max_eval_examples=max_eval_examples,
+            _sweep(adapter, budgets, out, force, tables, model=model, data=data, task=task, split=split,
+                   metric=metric, allocation=allocation, normalize=normalize, max_eval_examples=max_eval_examples,
                    batch_size=batch_size, max_length=max_length)
             return
         result = para.compress(adapter, budget=budget, energy=energy, rank=rank, threshold=threshold,
                                allocation=allocation, normalize=normalize)
-        console.print(result.summary())  # its caption is the headline: parameters before -> after
+        tables.print(result.summary())  # its caption is the headline: parameters before -> after
+        if quiet:
+            console.print(result.headline(), highlight=False)
         if out is not None:
             result.save(out, overwrite=force)
     console.print(f"-> {out}" if out is not None else "nothing written; pass --out DIR to save it", highlight=False)
@@ -125,13 +128,14 @@ def _budgets(text: str, targets: tuple[float | None, ...], data: str | None) -> 
     return budgets
 
 
-def _sweep(adapter: Path, budgets: list[float], out: Path | None, force: bool, **options: Any) -> None:
+def _sweep(adapter: Path, budgets: list[float], out: Path | None, force: bool, tables: Console,
+           **options: Any) -> None:
     """Evaluate the uncompressed adapter and every budget's compression on data, print the
-    table, and write the report if asked."""
+    table to `tables`, and write the report if asked."""
     from splice.compression.para_sweep import sweep_on_data
 
     result = sweep_on_data(adapter, budgets, **options)
-    console.print(_sweep_table(result))
+    tables.print(_sweep_table(result))
     if out is None:
         console.print("nothing written; pass --out DIR for sweep.json, sweep.png and the adapters", highlight=False)
         return

@@ -9,12 +9,13 @@ import typer
 from rich.console import Console
 
 from splice.cli.errors import user_errors
+from splice.cli.output import command
 
 console = Console()
 
 
 def register(app: typer.Typer) -> None:
-    app.command("push")(push)
+    command(app, "push", push)
 
 
 def push(

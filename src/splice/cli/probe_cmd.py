@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Annotated
@@ -11,12 +12,13 @@ from rich.console import Console
 from rich.table import Table
 
 from splice.cli.errors import user_errors
+from splice.cli.output import Quiet, command, name_column, quieted
 
 console = Console()
 
 
 def register(app: typer.Typer) -> None:
-    app.command("probe")(probe)
+    command(app, "probe", probe)
 
 
 def probe(
@@ -33,6 +35,7 @@ def probe(
     out: Annotated[Path | None, typer.Option(help="Folder for probe.json and probe.png "
                                              "(default: <output_dir>-probe).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite a non-empty output folder.")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Score every candidate module by Projected Adapter Gradient Energy (PAGE): how much gradient
     a fresh LoRA there would receive at step 0. Prints the ranking, writes the scores (JSON) and a
@@ -48,20 +51,22 @@ def probe(
     from splice.train import TrainConfig, tasks
     from splice.train.data import collator, load_splits, train_loader
 
-    with user_errors():
+    with user_errors(), quieted(console, quiet) as tables:
         settings = TrainConfig.from_yaml(config)
         splits = load_splits(settings)
         model, tokenizer = tasks.load_model(settings, splits.label_names)
         loader = train_loader(splits.train, settings, collator(settings.task, tokenizer, settings.max_length))
-        probe_batches = (batch for _, batch in zip(range(batches), loader, strict=False))
+        probe_batches = list(itertools.islice(loader, batches))  # a list: its length is the bar's
         placement = page(model, probe_batches, _split(candidates), r, score=score)
         out = check_output_dir(out or Path(f"{settings.output_dir}-probe"), force)
     table = Table(title=f"PAGE on {settings.model} / {settings.data} ({placement.batches} batches, r={r}, {score})")
-    for column in ("rank", "module", "share", "expected", "sampled"):
-        table.add_column(column, justify="left" if column == "module" else "right")
+    table.add_column("rank", justify="right")
+    name_column(table, "module")
+    for column in ("share", "expected", "sampled"):
+        table.add_column(column, justify="right")
     for rank, site in enumerate(placement.sites[:top], 1):
         table.add_row(str(rank), site.name, f"{100 * site.share:.1f}%", f"{site.expected:.3g}", f"{site.sampled:.3g}")
-    console.print(table)
+    tables.print(table)
     with user_errors(), atomic_directory(out, overwrite=force) as folder:
         (folder / "probe.json").write_text(json.dumps({"score": score, "r": r, "batches": placement.batches,
                                                        "sites": placement.rows()}, indent=2) + "\n")

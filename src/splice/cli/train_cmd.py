@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from splice.assets import DATASETS
@@ -25,6 +26,7 @@ from splice.cli.options import (
     Task,
     TextColumn,
 )
+from splice.cli.output import Quiet, command, quieted
 from splice.core.errors import SpliceError
 from splice.core.registry import method_names
 
@@ -37,8 +39,8 @@ console = Console()
 
 def register(app: typer.Typer) -> None:
     """Add the `train` and `eval` commands to the `splice` app."""
-    app.command("train")(train)
-    app.command("eval")(evaluate)
+    command(app, "train", train)
+    command(app, "eval", evaluate)
 
 
 ConfigFiles = Annotated[list[Path] | None, typer.Argument(
@@ -67,6 +69,8 @@ EvalEvery = Annotated[int | None, typer.Option(help="Evaluate every N optimizer 
 GradientCheckpointing = Annotated[bool | None, typer.Option(
     help="Recompute activations in the backward pass: less memory, about a third more compute.")]
 Seed = Annotated[int | None, typer.Option(help="Random seed.")]
+GroupByLength = Annotated[bool | None, typer.Option(
+    help="Batch training rows of similar length together (less padding, same results up to seed noise).")]
 OutputDir = Annotated[str | None, typer.Option(help="Run folder (default: runs/<data>-<method>).")]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite a non-empty run folder.")]
 Tenants = Annotated[bool, typer.Option("--tenants", help="Train every config given at once on one shared copy "
@@ -96,10 +100,12 @@ def train(
     lr: Lr = None, head_lr: HeadLr = None, epochs: Epochs = None, max_steps: MaxSteps = None,
     batch_size: BatchSize = None, max_train_examples: MaxTrainExamples = None,
     max_eval_examples: MaxEvalExamples = None, eval_every: EvalEvery = None,
-    gradient_checkpointing: GradientCheckpointing = None, seed: Seed = None, precision: Precision = None,
+    gradient_checkpointing: GradientCheckpointing = None, group_by_length: GroupByLength = None,
+    seed: Seed = None, precision: Precision = None,
     output_dir: OutputDir = None, force: Force = False,
     tenants: Tenants = False, join_at: JoinAt = None, max_rows: MaxRows = None, max_padding: MaxPadding = 0.25,
     checkpoint_every: CheckpointEvery = None, on_nonfinite: OnNonfinite = None, resume: Resume = None,
+    quiet: Quiet = False,
 ) -> None:
     """Train an adapter, evaluate it before and after, save it (HF PEFT format) and a report.
 
@@ -127,20 +133,23 @@ def train(
     flags = dict(locals())
     from splice.train.loop import TrainingInterrupted, run
 
-    with user_errors(), _interruptions(TrainingInterrupted):
+    with user_errors(), _interruptions(TrainingInterrupted), quieted(console, quiet) as out:
         if resume is not None:
-            results = [_resume(resume, flags)]
+            results = [_resume(resume, flags, out)]
         elif tenants:
-            results = _multiplex(_configs(flags), join_at, max_rows, max_padding, force)
+            results = _multiplex(_configs(flags), join_at, max_rows, max_padding, force, out)
         else:
-            results = [run(_configs(flags)[0], console=console, force=force)]
+            results = [run(_configs(flags)[0], console=out, force=force)]
+    if quiet:
+        _closing_lines(results)
     _exit_if_diverged(results)
 
 
 # Flags of `train` that set the training config's field of the same name.
 CONFIG_FLAGS = ("model", "task", "data", "text_column", "label_column", "prompt_column", "completion_column",
                 "init_adapter", "lr", "head_lr", "epochs", "max_steps", "batch_size", "max_train_examples",
-                "max_eval_examples", "eval_every", "gradient_checkpointing", "seed", "precision", "output_dir",
+                "max_eval_examples", "eval_every", "gradient_checkpointing", "group_by_length", "seed", "precision",
+                "output_dir",
                 "checkpoint_every", "on_nonfinite")
 
 
@@ -166,29 +175,30 @@ def _configs(flags: dict[str, Any]) -> list[TrainConfig]:
                                   **{name: flags[name] for name in CONFIG_FLAGS}) for path in paths or [None]]
 
 
-def _resume(run_dir: Path, flags: dict[str, Any]) -> RunResult:
-    """Continue the interrupted run in `run_dir`; its config.yaml says it all, so any other
-    argument given is refused, by its flag."""
+def _resume(run_dir: Path, flags: dict[str, Any], out: Console) -> RunResult:
+    """Continue the interrupted run in `run_dir`, printing to `out`; its config.yaml says it all,
+    so any other argument given (but --quiet) is refused, by its flag."""
     from splice.train.loop import resume
 
     defaults = inspect.signature(train).parameters
     given = sorted({"configs": "a config file", "param": "--set"}.get(name, "--" + name.replace("_", "-"))
                    for name, value in flags.items()
-                   if name != "resume" and value not in (None, False, [], defaults[name].default))
+                   if name not in ("resume", "quiet") and value not in (None, False, [], defaults[name].default))
     if given:
         raise SpliceError(f"--resume continues a run with its own config.yaml; it takes no config or other "
                           f"flags (got {', '.join(given)})")
-    return resume(run_dir, console=console)
+    return resume(run_dir, console=out)
 
 
 def _multiplex(configs: list[TrainConfig], join_at: str | None, max_rows: int | None, max_padding: float,
-               force: bool) -> list[RunResult]:
-    """Train the tenants' configs at once on one shared model (`splice.orchestrate.multiplex`)."""
+               force: bool, out: Console) -> list[RunResult]:
+    """Train the tenants' configs at once on one shared model (`splice.orchestrate.multiplex`),
+    printing to `out`."""
     from splice.orchestrate import multiplex
 
     steps = [int(s) for s in join_at.split(",")] if join_at else None
     rows = "auto" if max_rows is None else (max_rows or None)
-    results = multiplex(configs, join_at=steps, max_rows=rows, max_padding=max_padding, force=force, console=console)
+    results = multiplex(configs, join_at=steps, max_rows=rows, max_padding=max_padding, force=force, console=out)
     return list(results.values())
 
 
@@ -199,16 +209,33 @@ def _interruptions(kind: type[Exception]) -> Iterator[None]:
     try:
         yield
     except kind as err:
-        Console(stderr=True, soft_wrap=True).print(f"[yellow]interrupted:[/] {err}", highlight=False)
+        _to_stderr(f"[yellow]interrupted:[/] {err}")
         raise typer.Exit(err.exit_code) from None
+
+
+def _to_stderr(message: str) -> None:
+    """A message that no --quiet silences (whole lines: a path in it is not broken)."""
+    Console(stderr=True, soft_wrap=True).print(message, highlight=False)
+
+
+def _closing_lines(results: list[RunResult]) -> None:
+    """Under --quiet, the end of what the trainer would have printed: its warning (stderr), and
+    where each finished run went with its final metrics (a diverged run's error follows)."""
+    from splice.train.report import metrics_line
+
+    for result in results:
+        if result.status == "finished":
+            if result.message:
+                _to_stderr(f"[bold yellow]warning:[/] {escape(result.message)}")
+            label = f"saved to {escape(str(result.paths['run_dir']))}"
+            console.print(metrics_line(label, result.metrics["after"]), highlight=False)
 
 
 def _exit_if_diverged(results: list) -> None:
     """A run that stopped on non-finite numbers saved its best finite adapter; say so and exit 1."""
     diverged = [r for r in results if r.status != "finished"]
     for result in diverged:
-        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] {result.paths['run_dir']}: {result.message}",
-                                                   highlight=False)
+        _to_stderr(f"[red]error:[/] {result.paths['run_dir']}: {result.message}")
     if diverged:
         raise typer.Exit(1)
 
@@ -240,6 +267,7 @@ def evaluate(
     batch_size: BatchSize = 32,
     max_length: Annotated[int, typer.Option(help="Tokens per example.")] = 64,
     precision: Precision = "no",
+    quiet: Quiet = False,
 ) -> None:
     """Evaluate a saved adapter on a data set: accuracy, or loss/perplexity/exact match.
 
@@ -249,15 +277,18 @@ def evaluate(
     """
     from splice.train import TrainConfig, evaluate_adapter
 
-    with user_errors():
+    with user_errors(), quieted(console, quiet) as tables:
         settings = TrainConfig.from_dict(model=model, task=task, data=data, text_column=text_column,
                                          label_column=label_column, prompt_column=prompt_column,
                                          completion_column=completion_column, batch_size=batch_size,
                                          max_length=max_length, precision=precision)
         metrics = evaluate_adapter(settings, adapter, split)
-    table = Table(title=f"{data} ({split})" if data in DATASETS else data, caption=f"adapter: {adapter}")
+    title = f"{data} ({split})" if data in DATASETS else data
+    table = Table(title=title, caption=f"adapter: {adapter}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():
         table.add_row(key, f"{value:.4f}")
-    console.print(table)
+    tables.print(table)
+    if quiet:  # the metrics on one line
+        console.print(f"{escape(title)}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), highlight=False)

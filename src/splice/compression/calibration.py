@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from splice.core import progress
 from splice.core.config import AdapterConfig, Targets
 from splice.core.errors import SpliceError, TargetError
 from splice.core.layers import describe
@@ -74,7 +75,7 @@ def calibrate(model: nn.Module, batches: Iterable[Batch], targets: Targets = "al
     seen = 0
     try:
         with torch.enable_grad():
-            for batch in batches:
+            for batch in progress.track(batches, "calibrate"):
                 seen += 1
                 sums.add_batch(model, batch, loss_fn)
     finally:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from splice.compression.para import Allocation, Normalize, sweep
 from splice.compression.para_report import SweepPoint, plot_sweep
+from splice.core import progress
 from splice.core.adapter_state import AdapterState
 from splice.core.errors import SpliceError
 from splice.io.adapter_states import AdapterSource, adapter_state
@@ -120,5 +121,6 @@ def sweep_on_data(source: AdapterSource | AdapterState, budgets: Iterable[float]
         return measured[metric]
 
     score(state)
-    points = sweep(state, budgets, evaluate=score, allocation=allocation, normalize=normalize)
+    points = sweep(state, progress.track(list(budgets), "PARA sweep"), evaluate=score, allocation=allocation,
+                   normalize=normalize)
     return DataSweep(points, metric, metrics, config, split, len(rows.test), allocation, normalize, state.parameters)

@@ -4,13 +4,15 @@ A host does not replace the base layer. It is attached as the child `splice` of 
 and adds the active adapters' deltas through a forward hook, so module paths, `isinstance`
 checks and the base model's own state-dict keys stay exactly as they were, and any base layer
 (plain, quantized, compiled) is called through its own forward. The base output is computed
-once; each active, unmerged adapter adds `delta(x)`.
+once; each active, unmerged adapter adds `delta(x)`. Without autograd (inference), adapters of
+LoRA's shape on a Linear host are added into the base output in place instead, fused
+(`Host.add_in_place`): no full-size temporary per adapter and no separate scaling pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,11 +20,9 @@ from torch import nn
 from splice.core.config import adapter_delta
 from splice.core.errors import MergeError
 from splice.core.layers import LayerInfo, is_plain_float_weight
+from splice.core.lowrank import LowRankForward, add_low_rank_
 from splice.core.route_context import routing_of
 from splice.core.targets import HOST_ATTRIBUTE, named_base_modules
-
-if TYPE_CHECKING:
-    pass
 
 
 class Host(nn.ModuleDict):
@@ -59,10 +59,35 @@ class Host(nn.ModuleDict):
         off = [n for n in self if n not in on and n not in self.merged]
         if not on and not off:
             return output
+        if not torch.is_grad_enabled() and self.info.kind == "linear" and self.add_in_place(x, output, on):
+            return self.give_back(x, output, [*on, *off])
         base_output = output
         for name in on:
             output = output + adapter_delta(self[name], x, base_output).to(output.dtype)
         return self.give_back(x, output, off)
+
+    def add_in_place(self, x: torch.Tensor, output: torch.Tensor, names: list[str]) -> bool:
+        """Without autograd, add the named adapters' `delta - initial_delta` into `output` in place,
+        fused (`add_low_rank_`), and say whether it did; it does nothing unless every one of them
+        computes its forward in LoRA's shape (`LowRankForward` with `low_rank_factors`) and has no
+        dropout now, and the output is contiguous.
+
+        The caller then gives back every unmerged adapter's initial delta (theirs too), which
+        makes the sum `delta` for these and the base's output for the others, as the reference
+        path. Results agree with it to float rounding, not bit for bit (see core.lowrank).
+        """
+        factors = []
+        for name in names:
+            adapter = self[name]
+            found = adapter.low_rank_factors() if isinstance(adapter, LowRankForward) else None
+            if found is None or (found.dropout > 0 and adapter.training):
+                return False
+            factors.append(found)
+        if not output.is_contiguous():
+            return False
+        for found in factors:
+            add_low_rank_(output, x, found)
+        return True
 
     def give_back(self, x: torch.Tensor, output: torch.Tensor, names: list[str]) -> torch.Tensor:
         """`output` plus what the named adapters took out of the base weight at init (PiSSA), so

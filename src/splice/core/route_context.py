@@ -34,6 +34,8 @@ _OPEN_ANYWHERE: list[OpenRoute] = []
 
 def routing_of(member: nn.Module) -> Routing | None:
     """The routing in force for a host (or a module's head copies) here, if any."""
+    if not _OPEN_ANYWHERE:  # no block open in any context: every hosted layer of a plain forward asks
+        return None
     key = id(member)
     for entry in reversed(_OPEN.get()):
         if key in entry.members:

@@ -35,6 +35,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from splice.core import progress
 from splice.core.adapter_state import AdapterState, ModuleUpdate
 from splice.core.errors import IncompatibleAdaptersError, SpliceError
 from splice.core.layers import dense_weight, describe
@@ -113,7 +114,7 @@ def merge_adapters(
     dora = method in EXACT_METHODS and any(s.dora for s in states)
     modules: dict[str, ModuleUpdate] = {}
     errors: dict[str, float] = {}
-    for name in _module_names(states):
+    for name in progress.track(_module_names(states), f"{method} merge"):
         updates = [s.modules.get(name) for s in states]
         template = _check_module(name, updates)
         if method in EXACT_METHODS:

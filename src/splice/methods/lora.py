@@ -24,7 +24,7 @@ from splice.core.config import Adapter, AdapterConfig
 from splice.core.errors import SpliceError
 from splice.core.host import add_to_weight
 from splice.core.layers import LayerInfo
-from splice.core.lowrank import LowRank, low_rank_delta
+from splice.core.lowrank import LowRank, LowRankForward, low_rank_delta
 from splice.core.registry import register_method
 from splice.core.validation import regex_error
 
@@ -130,7 +130,7 @@ def _pattern_matches(key: str, module_name: str) -> bool:
     return re.match(rf"(.*\.)?({key})$", module_name) is not None
 
 
-class LoRAAdapter(Adapter):
+class LoRAAdapter(Adapter, LowRankForward):
     """delta(x) = s * (B(A(dropout(x))) + b), with A and B shaped as HF PEFT stores them; the
     bias b (PEFT's `lora_B.bias`) exists only with `lora_bias=True`."""
 
@@ -180,6 +180,14 @@ class LoRAAdapter(Adapter):
         self.register_buffer("pissa_B0", self.lora_B.detach().clone())
         add_to_weight(base, self.info, self.initial_delta_weight(), sign=-1.0)
 
+    def has_pissa(self) -> bool:
+        """Whether PiSSA took part of the base weight into this adapter (it keeps `pissa_A0`).
+
+        A dict lookup, not `hasattr`: a missing attribute of an nn.Module raises inside
+        `__getattr__`, which costs microseconds on every forward of every hosted layer.
+        """
+        return "pissa_A0" in self._buffers
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         out = self._apply_factors(x, self.lora_A, self.lora_B, self.p)
         if self.lora_bias is None:
@@ -192,7 +200,7 @@ class LoRAAdapter(Adapter):
 
     def initial_delta(self, x: torch.Tensor) -> torch.Tensor | None:
         """s * B0 A0 x: what PiSSA took out of the base weight, as an output (no dropout)."""
-        if not hasattr(self, "pissa_A0"):
+        if not self.has_pissa():
             return None
         return self._apply_factors(x, self.pissa_A0, self.pissa_B0, 0.0)
 
@@ -214,7 +222,7 @@ class LoRAAdapter(Adapter):
         """
         if self.info.kind != "linear" or self.lora_bias is not None:
             return None
-        if not hasattr(self, "pissa_A0"):
+        if not self.has_pissa():
             return LowRank(self.lora_A, self.lora_B, self.scaling, self.p)
         if self.p > 0:
             return None
@@ -225,7 +233,7 @@ class LoRAAdapter(Adapter):
         return self._product(self.lora_A, self.lora_B)
 
     def initial_delta_weight(self) -> torch.Tensor | None:
-        if not hasattr(self, "pissa_A0"):
+        if not self.has_pissa():
             return None
         return self._product(self.pissa_A0, self.pissa_B0)
 
@@ -240,7 +248,7 @@ class LoRAAdapter(Adapter):
 
         For a PiSSA adapter this is PEFT's rank-2r conversion: s(BA - B0A0) = s[B, -B0][A; A0].
         """
-        if not hasattr(self, "pissa_A0"):
+        if not self.has_pissa():
             return self.lora_A.detach(), self.lora_B.detach()
         A = torch.cat([self.lora_A.detach(), self.pissa_A0], dim=0)
         B = torch.cat([self.lora_B.detach(), -self.pissa_B0], dim=1)

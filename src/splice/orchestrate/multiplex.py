@@ -56,6 +56,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 import splice
+from splice.core import progress
 from splice.core.api import model_state
 from splice.core.config import AdapterConfig
 from splice.core.errors import SpliceError
@@ -274,14 +275,22 @@ class Multiplexer:
         """Step until every tenant is done; `joining` adds (step, config) tenants on the way."""
         pending = sorted(joining, key=lambda item: item[0])
         try:
-            while self.tenants or pending:
-                while pending and (pending[0][0] <= self.global_step or not self.tenants):
-                    self.add(pending.pop(0)[1])
-                self.step()
+            with progress.use(self.console), progress.task("tenants") as bar:
+                while self.tenants or pending:
+                    while pending and (pending[0][0] <= self.global_step or not self.tenants):
+                        self.add(pending.pop(0)[1])
+                    self.step()
+                    bar.update(completed=self.global_step, total=self._last_step(pending))
         finally:
             self.close()
         self.console.print(self.summary_table())
         return self.results
+
+    def _last_step(self, pending: Sequence[tuple[int, TrainConfig]]) -> int:
+        """The step at which the last tenant known so far is due to finish: the bar's length (a
+        tenant takes a batch per step, `grad_accum` of them per optimizer step)."""
+        ends = [t.joined_at + t.trainer.total_steps * t.trainer.config.grad_accum for t in self.tenants.values()]
+        return max([self.global_step, *ends, *(step for step, _ in pending)])
 
     def close(self) -> None:
         """Release the output folders of tenants still training (their best adapters stay)."""
@@ -292,7 +301,7 @@ class Multiplexer:
         table = Table(title=f"multiplexed training: {len(self.results)} tenants, {self.global_step} steps, "
                             f"{time.perf_counter() - self.started:.0f} s")
         for column in ("tenant", "steps", "joined", "left", "metric", "before", "after", "folder"):
-            table.add_column(column)
+            table.add_column(column, overflow="fold")  # names and folders whole, never cut to "…"
         for name, result in self.results.items():
             config = self.configs[name]
             metric, _ = tasks.MAIN_METRIC[config.task]

@@ -34,6 +34,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from splice.core import progress
 from splice.core.config import AdapterConfig, Targets
 from splice.core.errors import SpliceError
 from splice.core.layers import describe
@@ -213,7 +214,7 @@ def _backward_passes(model: nn.Module, batches: Iterable[Any], probes: dict[str,
         param.requires_grad_(False)
     count = 0
     try:
-        for batch in batches:
+        for batch in progress.track(batches, "PAGE probe"):
             loss = _loss(model, batch, loss_fn)
             loss.backward()
             count += 1

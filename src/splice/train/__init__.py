@@ -11,11 +11,12 @@
 """
 
 from splice.train.callbacks import Callback
-from splice.train.config import TrainConfig
+from splice.train.config import TrainConfig, describe_data
+from splice.train.ending import Tenancy
 from splice.train.evaluation import evaluate, evaluate_adapter
 from splice.train.loop import resume, run
 from splice.train.results import RunResult, TrainingInterrupted
 from splice.train.trainer import Trainer
 
-__all__ = ["Callback", "RunResult", "TrainConfig", "Trainer", "TrainingInterrupted", "evaluate",
-           "evaluate_adapter", "resume", "run"]
+__all__ = ["Callback", "RunResult", "Tenancy", "TrainConfig", "Trainer", "TrainingInterrupted", "describe_data",
+           "evaluate", "evaluate_adapter", "resume", "run"]

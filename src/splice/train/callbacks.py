@@ -13,18 +13,14 @@ tenant is a trainer too: `Multiplexer.add(config, callbacks=[...])` hooks into i
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import Progress
+
+from splice.core import progress
 
 if TYPE_CHECKING:
     from splice.train.trainer import Trainer
@@ -43,7 +39,8 @@ class Callback:
         pass
 
 
-def progress_bar(console: Console, enabled: bool) -> Progress:
-    return Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} ex/s"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not enabled)
+def progress_bar(console: Console, enabled: bool) -> AbstractContextManager[Progress]:
+    """The display of the training bar (a task with `loss` and `speed` fields): splice's shared
+    one (`splice.core.progress`), so that the evaluations during training show beneath it. Its
+    last state stays on the screen; not drawn unless `enabled` and the console is a terminal."""
+    return progress.display(console, enabled=enabled, details="loss {loss} {speed} ex/s", transient=False)

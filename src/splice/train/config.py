@@ -63,6 +63,16 @@ class TrainConfig:
         adapter: an adapter mapping as in `splice.config_from_dict` ({"method": "lora", ...}).
         max_length: tokens per example; longer texts are truncated.
         batch_size, grad_accum: examples per forward pass, and passes per optimizer step.
+        group_by_length: batch training rows of similar token length together (each epoch:
+            the seeded shuffle cut into mega-batches of 50 optimizer steps' rows, each sorted
+            by length and cut into steps taken in random order, the longest step first;
+            `splice.train.batching`), so that a batch pads little: Rotten Tomatoes batches of
+            16 go from 44% padding to 2%. Rows of one length keep the plain shuffled order.
+            False (the default until the time-to-accuracy bench has its verdict): plain shuffle.
+        packing: causal LM only: concatenate each batch's sequences into one row without
+            padding, attention kept within each sequence by restarting position ids (sdpa or
+            eager attention in transformers 5, or flash attention; checked on the model before
+            training). The loss is that of the padded batch; the order is plain shuffled.
         lr, weight_decay, warmup_ratio: AdamW's learning rate and decay; the share of steps of
             linear warm-up before the cosine decay. LoRA wants a higher rate than full
             fine-tuning (1e-4 to 3e-3): only the low-rank product moves, from zero.
@@ -112,6 +122,8 @@ class TrainConfig:
     max_length: int = 64
     batch_size: int = 16
     grad_accum: int = 1
+    group_by_length: bool = False
+    packing: bool = False
     lr: float = 2e-3
     head_lr: float | None = 1e-2
     weight_decay: float = 0.01
@@ -161,6 +173,9 @@ class TrainConfig:
                 continue
             if name != "adapter" and (expected := check_value(types[name], getattr(self, name))) is not None:
                 raise _error(name, f"{name} must be {expected}, got {show(getattr(self, name))}")
+        if self.packing and self.task != "causal_lm":
+            raise _error("packing", "packing applies to task causal_lm only (a classifier reads each row's own "
+                                    "first or last token); use group_by_length to cut padding instead")
         if self.task == "causal_lm" and self.model in ENCODER_MODELS:
             raise _error("task", f"model {self.model!r} is an encoder and cannot be trained as a causal LM; "
                                  "use --model smollm2 (or a decoder folder), or --task classification")

@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 import splice
 from splice.assets import Row
+from splice.core import progress
 from splice.train import tasks
 from splice.train.config import TrainConfig
 from splice.train.data import collator, load_eval_rows
@@ -58,15 +59,26 @@ def evaluate_loader(model: torch.nn.Module, loader: DataLoader, task: str, accel
     """Loss and task metrics over a loader, gathered across processes; with `generate_rows`
     (causal LM only) also the greedy exact-match rate on those rows."""
     model.eval()
+    main = accelerator.is_main_process
     stats: dict[str, list[torch.Tensor]] = defaultdict(list)
-    for batch in loader:
+    for batch in progress.track(loader, "evaluate", enabled=main):
         for key, value in tasks.example_stats(task, model, batch).items():
             stats[key].append(accelerator.gather_for_metrics(value))
     metrics = tasks.reduce_stats(task, {k: torch.cat(v) for k, v in stats.items()})
     if task == "causal_lm" and generate_rows:
         unwrapped = accelerator.unwrap_model(model)
-        metrics["exact_match"] = tasks.exact_match(unwrapped, tokenizer, generate_rows, batch_size)
+        metrics["exact_match"] = _exact_match(unwrapped, tokenizer, generate_rows, batch_size, main)
     return metrics
+
+
+def _exact_match(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase | None, rows: list[Row],
+                 batch_size: int, bar: bool) -> float:
+    """`tasks.exact_match` on `rows`, a batch at a time under a progress bar (shown if `bar`):
+    greedy generation is the slowest part of a causal-LM evaluation."""
+    batches = [rows[start : start + batch_size] for start in range(0, len(rows), batch_size)]
+    hits = sum(round(tasks.exact_match(model, tokenizer, chunk, batch_size) * len(chunk))
+               for chunk in progress.track(batches, "exact match", enabled=bar))
+    return hits / max(len(rows), 1)
 
 
 def evaluate(

@@ -360,7 +360,7 @@ def summary_table(summary: Summary, title: str) -> Table:
     """`splice.summary` as a rich table."""
     table = Table(title=title)
     for header, justify in (("", "left"), ("parameters", "right"), ("trainable", "right"), ("", "left")):
-        table.add_column(header, justify=justify)
+        table.add_column(header, justify=justify, overflow="fold")  # the first holds adapters' names
     for row in summary.rows():
         table.add_row(*row)
     return table

@@ -49,8 +49,10 @@ from transformers import get_cosine_schedule_with_warmup
 
 import splice
 from splice.core.errors import SpliceError
+from splice.core.progress import use as progress_to
 from splice.train import checkpoint, ending, report, tasks
 from splice.train.adapters import adapter_parameters, param_groups, trainable_adapter
+from splice.train.batching import check_packing, rows_in
 from splice.train.callbacks import Callback, progress_bar
 from splice.train.config import TrainConfig, describe_data
 from splice.train.data import DatasetSplits, collator, load_splits
@@ -136,8 +138,10 @@ class Trainer:
         """Loaders, optimizer and schedule, through `accelerator.prepare`."""
         config, accelerator = self.config, self.accelerator
         collate = collator(config.task, self.tokenizer, config.max_length)
+        if config.packing:
+            check_packing(model, collate, tenant=self.tenancy is not None)
         self.train_rows = splits.train
-        train_loader = make_train_loader(splits.train, config, collate)
+        train_loader = make_train_loader(splits.train, config, collate, accelerator.num_processes)
         self.eval_rows = {n: rows for n, rows in (("validation", splits.validation), ("test", splits.test)) if rows}
         eval_loaders = [DataLoader(rows, batch_size=config.batch_size, collate_fn=collate)
                         for rows in self.eval_rows.values()]
@@ -206,7 +210,7 @@ class Trainer:
         while (batch := self.next_batch()) is not None:
             with self.accelerator.accumulate(self.model):
                 loss, total = self._forward_backward(batch)
-            if self.record_backward(loss, len(batch["labels"]) * self.accelerator.num_processes, total):
+            if self.record_backward(loss, rows_in(batch) * self.accelerator.num_processes, total):
                 return self.optimizer_step()
         return None  # the data ran out (cannot happen before the last step)
 
@@ -259,10 +263,11 @@ class Trainer:
         """Metrics on each evaluation split (default: all); `generate` adds greedy exact match
         for causal LM (too slow for every periodic evaluation)."""
         config = self.config
-        metrics = {name: evaluate_loader(self.model, self.loaders[name], config.task, self.accelerator,
-                                         self.tokenizer if generate else None,
-                                         self.eval_rows[name] if generate else None, config.batch_size)
-                   for name in (self.loaders if splits is None else splits)}
+        with progress_to(self.console, quiet=not self.main):  # its bars go where its messages go
+            metrics = {name: evaluate_loader(self.model, self.loaders[name], config.task, self.accelerator,
+                                             self.tokenizer if generate else None,
+                                             self.eval_rows[name] if generate else None, config.batch_size)
+                       for name in (self.loaders if splits is None else splits)}
         for callback in self.callbacks:
             callback.on_evaluate(self, metrics)
         return metrics
