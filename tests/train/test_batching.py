@@ -137,6 +137,8 @@ def test_train_loader_groups_when_asked_and_resumes_from_the_epoch_state(tokeniz
     rows = reviews(256)  # mega-batches of 64 rows (16 steps of 4)
     grouped, plain = loader(rows, tokenizer, group_by_length=True), loader(rows, tokenizer)
     assert isinstance(grouped.sampler, LengthGroupedSampler) and grouped.sampler.generator is grouped.generator
+    steps = loader(rows, tokenizer, processes=2, grad_accum=3, group_by_length=True).sampler.step_rows
+    assert steps == 4 * 3 * 2  # mega-batches count global optimizer steps
     assert sorted(sum(ids(grouped), [])) == sorted(sum(ids(plain), []))  # the same rows, other batches
     padded = [b["input_ids"].numel() for b in grouped], [b["input_ids"].numel() for b in plain]
     assert sum(padded[0]) < 0.8 * sum(padded[1])

@@ -47,15 +47,17 @@ def tiny_classifier_dir(tmp_path_factory) -> Path:
     return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert-classifier"), dropout=0.0)
 
 
-def rows(n: int, seed: int) -> list[dict]:
-    """Three-word texts, so that a per-process batch pads to the length of the global batch:
-    padding that differs only changes the last bits of the sums, but Adam amplifies them."""
+def rows(n: int, seed: int, most_words: int = 3) -> list[dict]:
+    """Three-word texts by default, so that a per-process batch pads to the length of the global
+    batch: padding that differs only changes the last bits of the sums, but Adam amplifies them.
+    Length grouping needs lengths to group (1 to `most_words` words)."""
     rng = random.Random(seed)
     words = {1: ["good", "great", "fine", "superb"], 0: ["bad", "awful", "poor", "dull"]}
     out = []
     for _ in range(n):
         label = rng.randint(0, 1)
-        out.append({"text": " ".join(rng.choice(words[label]) for _ in range(3)), "label": label})
+        count = 3 if most_words == 3 else rng.randint(1, most_words)
+        out.append({"text": " ".join(rng.choice(words[label]) for _ in range(count)), "label": label})
     return out
 
 
@@ -65,15 +67,19 @@ def flat(metrics: dict) -> dict[str, float]:
             for split, values in splits.items() for key, value in values.items()}
 
 
-def test_two_processes_match_one_process_with_the_same_global_batch(tiny_classifier_dir, tmp_path):
-    train = write_jsonl(tmp_path / "train.jsonl", rows(64, 1))
-    val = write_jsonl(tmp_path / "val.jsonl", rows(20, 2))  # 20 rows: uneven shards, deduplicated by gather
+@pytest.mark.parametrize("grouped", [False, True], ids=["shuffled", "length-grouped"])
+def test_two_processes_match_one_process_with_the_same_global_batch(tiny_classifier_dir, tmp_path, grouped):
+    """Length-grouped, a global step's rows are the same too: mega-batches count global steps
+    (`batching.LengthGroupedSampler`), and accelerate deals the two halves of each to the ranks."""
+    most_words = 12 if grouped else 3
+    train = write_jsonl(tmp_path / "train.jsonl", rows(64, 1, most_words))
+    val = write_jsonl(tmp_path / "val.jsonl", rows(20, 2, most_words))  # 20 rows: uneven shards, deduplicated by gather
     # Four epochs of 8 global steps (each epoch's reshuffle must agree too), evaluated every 8:
     # accuracy reaches 1.0 at step 24 and ties at 32, so the weights compared are a trained
     # snapshot that `run` restored at the end.
     ddp = TrainConfig(model=str(tiny_classifier_dir), data=str(train), validation=str(val),
                       batch_size=PER_PROCESS_BATCH, epochs=4, eval_every=8, lr=3e-2, head_lr=0.1,
-                      warmup_ratio=0.1, output_dir=str(tmp_path / "ddp-run"))
+                      warmup_ratio=0.1, output_dir=str(tmp_path / "ddp-run"), group_by_length=grouped)
     config_file = tmp_path / "ddp.yaml"
     ddp.to_yaml(config_file)
     # `--cpu` alone starts one process (several need mpirun); `--multi_gpu` starts them through

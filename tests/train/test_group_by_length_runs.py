@@ -19,8 +19,8 @@ from train_helpers import write_jsonl
 from typer.testing import CliRunner
 
 from splice.cli import train_cmd
-from splice.core.errors import ConfigError
-from splice.train import Callback, TrainConfig, Trainer, loop
+from splice.core.errors import ConfigError, SpliceError
+from splice.train import Callback, TrainConfig, Trainer, checkpoint, loop
 
 WORDS = {0: ["bad", "awful", "poor", "dull"], 1: ["good", "great", "fine", "superb"]}
 
@@ -126,3 +126,12 @@ def test_cli_flag_sets_group_by_length(app, tiny_bert_dir, data, tmp_path, flags
     result = CliRunner().invoke(app, ["train", str(path), *flags, "--output-dir", str(out)])
     assert result.exit_code == 0, result.output
     assert yaml.safe_load((out / "config.yaml").read_text())["group_by_length"] is expected
+
+
+def test_a_checkpoint_from_before_the_fields_resumes_only_as_it_ran(tmp_path):
+    """A checkpoint written before `group_by_length` and `packing` existed ran without them."""
+    current = checkpoint.comparable(TrainConfig(output_dir=str(tmp_path)))
+    older = {k: v for k, v in current.items() if k not in ("group_by_length", "packing")}
+    checkpoint.check_same_config(older, current, tmp_path)
+    with pytest.raises(SpliceError, match="group_by_length: False -> True"):
+        checkpoint.check_same_config(older, {**current, "group_by_length": True}, tmp_path)

@@ -61,8 +61,17 @@ def comparable(config: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in config.to_dict().items() if k != "output_dir"}
 
 
+# Fields added to TrainConfig after checkpoints were first written, with the value that does what
+# such a checkpoint's run did: a checkpoint without them resumes under a config that has them so.
+ADDED_FIELDS = {"group_by_length": False, "packing": False}
+
+
 def check_same_config(saved: dict[str, Any] | None, current: dict[str, Any], run_dir: Path) -> None:
-    if saved is None or saved == current:
+    """Refuse to resume `saved`'s checkpoint under another config, naming every field that changed."""
+    if saved is None:
+        return
+    saved = {**ADDED_FIELDS, **saved}
+    if saved == current:
         return
     changed = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
                if saved.get(k) != current.get(k)]

@@ -376,14 +376,19 @@ def train_loader(rows: list[Row], config: TrainConfig, collate, processes: int =
     return DataLoader(rows, batch_size=config.batch_size, shuffle=True, collate_fn=collate, generator=generator)
 
 
+def probe_loader(rows: list[Row], config: TrainConfig, collate) -> DataLoader:
+    """Padded batches in the plain seeded shuffle, whatever `group_by_length` says: a sample of the
+    data for probing it (a length-grouped epoch starts with its longest step: a biased sample)."""
+    return train_loader(rows, dataclasses.replace(config, group_by_length=False, packing=False), collate)
+
+
 def with_probe(adapter: AdapterConfig, rows: list[Row], config: TrainConfig, collate) -> AdapterConfig:
     """The adapter config, given probe batches from the training data if it chooses its sites
-    from data (DomLoRA) and has none: a loader of its own, so the training order is unchanged,
-    in plain shuffled order (a length-grouped epoch starts with its longest rows, a biased probe)."""
+    from data (DomLoRA) and has none: a loader of its own (`probe_loader`), so the training order
+    is unchanged."""
     if not adapter.needs_probe or getattr(adapter, "probe", None) is not None:
         return adapter
-    plain = dataclasses.replace(config, group_by_length=False, packing=False)
-    return adapter.replace(probe=train_loader(rows, plain, collate))
+    return adapter.replace(probe=probe_loader(rows, config, collate))
 
 
 def collator(task: str, tokenizer: PreTrainedTokenizerBase, max_length: int):
