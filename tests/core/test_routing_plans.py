@@ -150,3 +150,16 @@ def test_attaching_another_adapter_inside_the_block_rebuilds_and_keeps_the_rows(
         after = outputs(model, ids)
     assert len(builds) > linear_hosts(model)
     assert torch.allclose(after, before, rtol=0, atol=1e-6)  # "late" is routed to no row
+
+
+@pytest.mark.parametrize("length", [routing_module.TOKENS_FOR_TRANSPOSED - 1, routing_module.TOKENS_FOR_TRANSPOSED + 2])
+def test_both_orientations_of_the_batched_product(length):
+    """Below TOKENS_FOR_TRANSPOSED tokens a row the grouped path computes x A^T, from it (A x^T)^T:
+    with and without autograd, every row equals that row alone."""
+    model = with_adapters("llama")
+    ids = batch(len(ROWS), length=length, seed=7)
+    with torch.enable_grad(), splice.route(model, ROWS):
+        with_grad = model(input_ids=ids, output_hidden_states=True)
+    with_grad = torch.cat([with_grad.hidden_states[-1].flatten(1), with_grad.logits.flatten(1)], dim=1).detach()
+    assert_rows_alone(model, ids, routed(model, ids))
+    assert_rows_alone(model, ids, with_grad)

@@ -6,12 +6,14 @@
 
 Each host computes the base output once for the whole batch. Adapters of LoRA's shape (any
 form whose `low_rank_factors()` exists) on Linear hosts are then applied in one grouped
-operation, Punica's BGMV idea: the used adapters' factors are stacked (ranks zero-padded to the
-largest, scaling folded into B, one zero slot for rows without an adapter), gathered per row,
-and applied with two batched matmuls, so the cost does not grow with the number of adapters
-and no row is copied out of the batch. Other forms and hosts run the reference path, one
-`delta` per adapter on the rows `index_select` picks; `grouped=False` forces it everywhere,
-which is how the grouped path is tested.
+operation, Punica's BGMV idea: each row's adapter factors are gathered into one stack (ranks
+zero-padded to the largest, scaling folded into B, zeros for rows without an adapter) and
+applied with two batched matmuls, so the cost does not grow with the number of adapters and no
+row is copied out of the batch. Without autograd the stacks are built once per `route` block
+and host and reused by every forward (every decoding step) while the adapters are unchanged.
+Other forms and hosts run the reference path, one `delta` per adapter on the rows
+`index_select` picks; `grouped=False` forces it everywhere, which is how the grouped path is
+tested.
 
 Rows: the leading dimension of a hosted layer's input must be a multiple of the number of ids;
 each id then covers that many consecutive entries. This is what beam search and
@@ -41,7 +43,7 @@ if TYPE_CHECKING:
     from splice.core.host import Host
 
 _VERSION = operator.attrgetter("_version")
-TOKENS_FOR_TRANSPOSED = 4  # see _add_gathered
+TOKENS_FOR_TRANSPOSED = 12  # see _add_gathered
 _POINTER = torch.Tensor.data_ptr
 
 
@@ -54,7 +56,6 @@ class Routing:
         self.names = list(dict.fromkeys(i for i in self.ids if i is not None))
         self.everywhere = len(self.names) == 1 and None not in self.ids
         self._rows: dict[tuple[tuple[str | None, ...], int, torch.device], torch.Tensor] = {}
-        self._slots: dict[tuple[tuple[str, ...], torch.device], torch.Tensor] = {}
         self._plans: dict[int, _Plan] = {}
 
     def add_to(self, host: Host, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
@@ -122,14 +123,6 @@ class Routing:
             self._rows[key] = (rows[:, None] * repeat + offsets).flatten()
         return self._rows[key]
 
-    def slot_of_rows(self, used: list[str], device: torch.device) -> torch.Tensor:
-        """For each id, its adapter's position in `used`; rows without one get the zero slot."""
-        key = (tuple(used), device)
-        if key not in self._slots:
-            slot = {name: i for i, name in enumerate(used)}
-            self._slots[key] = torch.tensor([slot.get(n, len(used)) for n in self.ids], device=device)
-        return self._slots[key]
-
     def _inference_plan(self, host: Host, x: torch.Tensor) -> _Plan:
         """The host's gathered factors for this routing, built once and kept while they are current.
 
@@ -146,14 +139,12 @@ class Routing:
 
     def _grouped(self, host: Host, used: list[str], factors: list[LowRank], x: torch.Tensor,
                  output: torch.Tensor) -> torch.Tensor:
-        rows = len(self.ids)
-        slots = self.slot_of_rows(used, x.device)
-        A, B = stacked(factors)
-        A_rows, B_rows = A.index_select(0, slots), B.index_select(0, slots)  # [rows, r, in], [rows, r, out]
-        x = x.to(A.dtype).reshape(rows, -1, x.shape[-1])
+        A_rows, B_rows = gathered(self.ids, used, factors)
+        x = x.to(A_rows.dtype).reshape(len(self.ids), -1, x.shape[-1])
         if self._training(host) and any(f.dropout > 0 for f in factors):
-            keep = torch.tensor([1 - f.dropout for f in factors] + [1.0], device=x.device, dtype=x.dtype)
-            keep = keep.index_select(0, slots)[:, None, None]
+            dropout = {name: f.dropout for name, f in zip(used, factors, strict=True)}
+            keep = torch.tensor([1 - dropout.get(i, 0.0) for i in self.ids], device=x.device, dtype=x.dtype)
+            keep = keep[:, None, None]
             x = x * torch.bernoulli(keep.expand_as(x)) / keep
         return _add_gathered(x, output, A_rows, B_rows)
 
@@ -162,14 +153,25 @@ class Routing:
         return any(adapter.training for adapter in host.values())
 
 
-def stacked(factors: list[LowRank]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A as [adapters + 1, r_max, in] and s * B^T as [adapters + 1, r_max, out], last slot zero."""
+def gathered(ids: list[str | None], used: list[str], factors: list[LowRank]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every id's adapter factors in its row: A as [ids, r_max, in] and s * B^T as [ids, r_max, out]
+    (ranks zero-padded to the largest); an id whose adapter is not among `used` gets zeros.
+
+    One stack a factor, straight from the adapters' tensors (autograd reaches them through it), and
+    the scalings as one multiplication by a per-row vector: a `route` block builds this once per
+    host, and for 16 adapters it took a third of the time of stacking them first, scaling each B
+    and gathering rows after.
+    """
     r_max = max(f.A.shape[0] for f in factors)
+    A_of = {name: _pad_rows(f.A, r_max) for name, f in zip(used, factors, strict=True)}
+    B_of = {name: _pad_rows(f.B.T, r_max) for name, f in zip(used, factors, strict=True)}
+    scaling = {name: f.scaling for name, f in zip(used, factors, strict=True)}
     first = factors[0]
-    A = torch.stack([_pad_rows(f.A, r_max) for f in factors] + [first.A.new_zeros(r_max, first.A.shape[1])])
-    B = torch.stack([_pad_rows(f.B.T * f.scaling, r_max) for f in factors]
-                    + [first.B.new_zeros(r_max, first.B.shape[0])])
-    return A, B
+    no_A, no_B = first.A.new_zeros(r_max, first.A.shape[1]), first.B.new_zeros(r_max, first.B.shape[0])
+    A = torch.stack([A_of.get(i, no_A) for i in ids])
+    B = torch.stack([B_of.get(i, no_B) for i in ids])
+    scales = torch.tensor([scaling.get(i, 0.0) for i in ids], dtype=B.dtype, device=B.device)
+    return A, B * scales[:, None, None]
 
 
 class _Plan:
@@ -186,8 +188,10 @@ class _Plan:
 
     def __init__(self, routing: Routing, host: Host, x: torch.Tensor) -> None:
         self.merged, self.adapters = list(host.merged), dict(host.items())
-        watched = [(owner, key, t) for adapter in host.values() for module in adapter.modules()
-                   for owner in (module._parameters, module._buffers) for key, t in owner.items() if t is not None]
+        modules = [module for adapter in host.values()
+                   for module in (adapter.modules() if adapter._modules else (adapter,))]
+        watched = [(owner, key, t) for module in modules for owner in (module._parameters, module._buffers)
+                   for key, t in owner.items() if t is not None]
         self.owners = [owner for owner, _, _ in watched]
         self.keys = [key for _, key, _ in watched]
         self.tensors = [t for _, _, t in watched]
@@ -198,9 +202,7 @@ class _Plan:
         self.A_rows = self.B_rows = None
         self.dropout = 0.0
         if self.used and not routing.everywhere and all(f is not None for f in factors):
-            A, B = stacked(factors)
-            slots = routing.slot_of_rows(self.used, x.device)
-            self.A_rows, self.B_rows = A.index_select(0, slots), B.index_select(0, slots)
+            self.A_rows, self.B_rows = gathered(routing.ids, self.used, factors)
             self.dropout = max(f.dropout for f in factors)
 
     def current(self, host: Host) -> bool:
@@ -226,8 +228,8 @@ def _add_gathered(x: torch.Tensor, output: torch.Tensor, A_rows: torch.Tensor, B
     [rows, r, out]; in place when no graph is built.
 
     From TOKENS_FOR_TRANSPOSED tokens a row the first product runs as (A_i x_i^T)^T: MKL's
-    batched GEMM takes 0.4-0.8x the time that way at 4-48 tokens (a mixed batch, a prefill) and
-    1.3x at one token (a decoding step), where x A_i^T is kept.
+    batched GEMM takes 0.6-0.8x the time that way at 16-48 tokens a row (a mixed batch, a
+    prefill), and up to 1.5x below 12 (a decoding step: one token), where x A_i^T is kept.
     """
     if x.shape[1] >= TOKENS_FOR_TRANSPOSED:
         hidden = torch.bmm(A_rows, x.transpose(1, 2)).transpose(1, 2)
