@@ -194,14 +194,14 @@ def page_minilm(data: str, seed: int, s: Settings, heatmap: str | None) -> dict[
 
     from splice.placement import page
     from splice.train import tasks
-    from splice.train.data import collator, load_splits, train_loader
+    from splice.train.data import collator, load_splits, probe_loader
 
     with tempfile.TemporaryDirectory() as run_dir:
         config = train_config(data, seed, {"method": "lora", "r": 8, "alpha": 16}, s, run_dir)
     set_seed(config.seed)  # as `splice.train.run` does before it loads the model: the same head init
     splits = load_splits(config)
     model, tokenizer = tasks.load_model(config, splits.label_names)
-    loader = train_loader(splits.train, config, collator(config.task, tokenizer, config.max_length))
+    loader = probe_loader(splits.train, config, collator(config.task, tokenizer, config.max_length))
     batches = (batch for _, batch in zip(range(s.probe_batches), loader, strict=False))
     placement = page(model, batches, "all-linear", r=8, alpha=16)
     if heatmap:
@@ -226,7 +226,7 @@ def page_smollm2(text: str, s: Settings, heatmap: str) -> dict[str, Any]:
 
     from splice.placement import page
     from splice.train import TrainConfig, tasks
-    from splice.train.data import collator, load_splits, train_loader
+    from splice.train.data import collator, load_splits, probe_loader
 
     with tempfile.TemporaryDirectory() as run_dir:
         config = TrainConfig.from_yaml(SMOLLM2_EXAMPLE, seed=0, output_dir=run_dir)
@@ -234,7 +234,7 @@ def page_smollm2(text: str, s: Settings, heatmap: str) -> dict[str, Any]:
     model, tokenizer = tasks.load_model(config)
     if text == "arithmetic":
         splits = load_splits(config)
-        loader = train_loader(splits.train, config, collator(config.task, tokenizer, config.max_length))
+        loader = probe_loader(splits.train, config, collator(config.task, tokenizer, config.max_length))
         batches = [batch for _, batch in zip(range(s.probe_batches), loader, strict=False)]
         shape = f"{config.batch_size} x <= {config.max_length} tokens, loss on the answer only"
     else:

@@ -24,7 +24,7 @@ def markdown(result: dict[str, Any], settings: Settings | None = None) -> str:
                f"{column_label(result, c)}" for c in result["threads"]) + " (the first is the headline).", "",
            "Ratios are medians of per-round ratios of a paired, interleaved run, [Q1-Q3] in brackets; overheads"
            " are (t - t_base) / t_base per round, median [Q1 to Q3]; times are min / median ms.", ""]
-    out += goals_md(result)
+    out += goals_md(result) + gaps_md(result)
     for key, render in SECTIONS.items():
         if key in sections:
             out += render(result, sections[key])
@@ -135,6 +135,47 @@ def memory_floor(c: Section) -> float:
 
 GOALS: dict[str, Callable[[Section], list[Goal]]] = {
     "training": training_goals, "inference": inference_goals, "mixed": mixed_goals, "decode": decode_goals}
+
+
+# ---------------------------------------------------------------------------------- the gaps
+
+
+def gaps_md(result: dict[str, Any]) -> list[str]:
+    """Where the time over the base goes, for the two goals that the hardware bounds: per layer,
+    the two low-rank GEMMs alone (and whether they use the threads the base GEMM uses) against
+    the hook and dispatch; for decoding, the share of the memory-traffic floor reached."""
+    sections, out = result["sections"], []
+    if "inference" in sections:
+        rows = []
+        for column, res in sections["inference"].items():
+            for shape, layer in res["layers"].items():
+                gemm_share = layer["absolute"]["gemms"]["median_s"] / layer["absolute"]["base"]["median_s"]
+                threads = {k: layer["absolute"][k]["cpu_median_s"] / layer["absolute"][k]["median_s"]
+                           for k in ("base", "gemms")}
+                splice = layer["overhead"]["splice"]["median"]
+                rows.append([column_label(result, column), shape, f"{layer['flop_overhead']:+.1%}", f"{gemm_share:.1%}",
+                             f"{threads['base']:.2f} / {threads['gemms']:.2f}", f"{splice:+.1%}",
+                             f"{splice - gemm_share:+.1%}"])
+        out += ["## Where the unmerged overhead goes", "",
+                "Per adapted layer shape: the added FLOPs, the two low-rank GEMMs alone (share of the base layer's "
+                "time), the cores each keeps busy (CPU time / wall time, base / GEMMs), splice's whole overhead, and "
+                "what is left for the hook, dispatch and the output's read-modify-write (splice minus GEMMs).", "",
+                table(["column", "layer", "added FLOPs", "two GEMMs alone", "cores busy (base / GEMMs)",
+                       "splice overhead", "hook and dispatch"], rows), ""]
+    if "decode" in sections:
+        rows = []
+        for column, res in sections["decode"].items():
+            for key, c in res.items():
+                speed, floor = c["timing"]["ratios"]["base/splice"]["median"], memory_floor(c)
+                rows.append([column_label(result, column), key, f"{speed:.3f}", f"{floor:.3f}", f"{speed / floor:.1%}",
+                             "yes" if floor < 0.95 else "no"])
+        out += ["## Decode against the memory-traffic floor", "",
+                "A decoding step reads every base weight and every row's adapter factors; the floor is the speed "
+                "relative to the base if nothing else cost time. Where the floor is below 0.95, the goal cannot be "
+                "met by any kernel on this hardware without reading fewer bytes.", "",
+                table(["column", "targets", "splice / base speed", "floor", "share of the floor",
+                       "goal above the floor"], rows), ""]
+    return out
 
 
 # ------------------------------------------------------------------------------- the sections

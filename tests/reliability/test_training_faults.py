@@ -239,6 +239,8 @@ def test_resume_refuses_what_it_cannot_continue(bert_dir, data, tmp_path, app):
     assert result.exit_code == 1 and "nothing to resume" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["train", "--resume", str(done), "--lr", "0.1"], env={"COLUMNS": "300"})
     assert result.exit_code == 1 and "--lr" in result.output
+    result = runner.invoke(app, ["train", "--resume", str(done), "--no-group-by-length"], env={"COLUMNS": "300"})
+    assert result.exit_code == 1 and "--group-by-length" in result.output  # a "no" flag is given too
     with pytest.raises(splice.SpliceError, match="no config.yaml"):
         loop.resume(tmp_path / "nowhere", console=quiet())
     # Stopped before its first checkpoint: only config.yaml (and the best adapter) exist.

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from splice import LoRA, SpliceError
 from splice.train import TrainConfig
@@ -110,6 +111,15 @@ def test_shipped_examples_load(request):
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parents[2].glob("examples/*.yaml")), ids=lambda p: p.name)
 def test_every_example_config_is_valid(path):
+    if "tasks" in yaml.safe_load(path.read_text()):  # a continual sequence (`splice continual`)
+        from splice.continual import SequenceConfig
+        from splice.continual.strategies import make_strategy
+
+        sequence = SequenceConfig.from_yaml(path)
+        configs = [sequence.train_config(task) for task in sequence.tasks]
+        make_strategy(sequence.strategy, configs[0].adapter_config(), sequence.options)
+        assert all(c.output_dir.startswith(f"runs/continual-{sequence.model}-") for c in configs)
+        return
     config = TrainConfig.from_yaml(path)
     adapter = config.adapter_config()
     assert adapter.method == config.adapter["method"]

@@ -49,13 +49,13 @@ def probe(
     from splice.io.files import atomic_directory, check_output_dir
     from splice.placement import page
     from splice.train import TrainConfig, tasks
-    from splice.train.data import collator, load_splits, train_loader
+    from splice.train.data import collator, load_splits, probe_loader
 
     with user_errors(), quieted(console, quiet) as tables:
         settings = TrainConfig.from_yaml(config)
         splits = load_splits(settings)
         model, tokenizer = tasks.load_model(settings, splits.label_names)
-        loader = train_loader(splits.train, settings, collator(settings.task, tokenizer, settings.max_length))
+        loader = probe_loader(splits.train, settings, collator(settings.task, tokenizer, settings.max_length))
         probe_batches = list(itertools.islice(loader, batches))  # a list: its length is the bar's
         placement = page(model, probe_batches, _split(candidates), r, score=score)
         out = check_output_dir(out or Path(f"{settings.output_dir}-probe"), force)

@@ -183,7 +183,7 @@ def _resume(run_dir: Path, flags: dict[str, Any], out: Console) -> RunResult:
     defaults = inspect.signature(train).parameters
     given = sorted({"configs": "a config file", "param": "--set"}.get(name, "--" + name.replace("_", "-"))
                    for name, value in flags.items()
-                   if name not in ("resume", "quiet") and value not in (None, False, [], defaults[name].default))
+                   if name not in ("resume", "quiet") and value not in (None, []) and value != defaults[name].default)
     if given:
         raise SpliceError(f"--resume continues a run with its own config.yaml; it takes no config or other "
                           f"flags (got {', '.join(given)})")

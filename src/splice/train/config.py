@@ -237,14 +237,7 @@ class TrainConfig:
         if path is None:
             return cls.from_dict({}, settings=settings, **overrides)
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping of config fields, not {type(data).__name__}")
+        data = read_yaml_mapping(path, "config file", "config fields")
         config_settings, adapter_settings = split_settings(settings or {})
         given = {k for k, v in overrides.items() if v is not None} | set(config_settings)
         if adapter_settings:
@@ -276,6 +269,20 @@ class TrainConfig:
         if path is not None:
             Path(path).write_text(text)
         return text
+
+
+def read_yaml_mapping(path: Path, what: str, holds: str) -> dict[str, Any]:
+    """The mapping a YAML file holds (empty file: {}); a missing file, bad YAML or another kind of
+    document is refused naming the file (`what`: "config file"; `holds`: what the mapping lists)."""
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of {holds}, not {type(data).__name__}")
+    return data
 
 
 IN_MEMORY_PREFIX = "<in memory: "

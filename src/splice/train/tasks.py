@@ -180,17 +180,23 @@ def reduce_stats(task: str, stats: dict[str, torch.Tensor]) -> dict[str, float]:
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
-@torch.no_grad()
 def exact_match(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[Row],
                 batch_size: int, max_new_tokens: int = 8) -> float:
-    """Share of prompts whose greedy continuation, up to its first line break, is the completion.
+    """Share of prompts whose greedy continuation, up to its first line break, is the completion."""
+    return sum(exact_match_hits(model, tokenizer, rows, batch_size, max_new_tokens)) / max(len(rows), 1)
+
+
+@torch.no_grad()
+def exact_match_hits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[Row],
+                     batch_size: int, max_new_tokens: int = 8) -> list[bool]:
+    """For each prompt, whether its greedy continuation, up to its first line break, is the completion.
 
     Prompts are left-padded for generation, so the tokenizer's padding side is switched for
     the duration and restored.
     """
     model.eval()
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    hits = 0
+    hits: list[bool] = []
     try:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
@@ -199,10 +205,10 @@ def exact_match(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                     pad_token_id=tokenizer.pad_token_id)
             answers = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            hits += sum(_first_line(a) == r["completion"].strip() for a, r in zip(answers, chunk, strict=True))
+            hits += [_first_line(a) == r["completion"].strip() for a, r in zip(answers, chunk, strict=True)]
     finally:
         tokenizer.padding_side = side
-    return hits / max(len(rows), 1)
+    return hits
 
 
 def _first_line(text: str) -> str:

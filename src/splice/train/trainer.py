@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,14 +81,20 @@ class Trainer:
     and the report at the end). The folder is not locked here: `splice.train.run` locks it.
     `resume=True` continues from the newest checkpoint in the folder. `tenancy` makes it one of
     several trainers an orchestrator drives on its own model and `accelerator` (see `Tenancy`).
+    A job that owns more of the model (a continual run's per-task heads, its penalties) gives
+    `heads`, paths of modules outside the adapter trained in full at `head_lr` (their parameters
+    already require grad), and `penalties`, callables whose scalar is added to each batch's loss.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, config: TrainConfig, *,
                  adapter_name: str = "default", splits: DatasetSplits | None = None,
                  callbacks: Sequence[Callback] = (), console: Console | None = None, resume: bool = False,
-                 accelerator: Accelerator | None = None, tenancy: Tenancy | None = None) -> None:
-        if tenancy is not None and resume:
-            raise SpliceError("a tenant trainer is not checkpointed, so it cannot resume")
+                 accelerator: Accelerator | None = None, tenancy: Tenancy | None = None,
+                 heads: Sequence[str] = (), penalties: Sequence[Callable[[], torch.Tensor]] = ()) -> None:
+        if tenancy is not None and (resume or penalties):
+            raise SpliceError("a tenant trainer is not checkpointed and computes no penalties: it cannot "
+                              + ("resume" if resume else "take penalties"))
+        self.penalties = list(penalties)
         self.started = time.perf_counter()
         self.config, self.tokenizer, self.adapter_name, self.tenancy = config, tokenizer, adapter_name, tenancy
         self.console = console or Console()
@@ -101,7 +107,7 @@ class Trainer:
         splits = splits if splits is not None else load_splits(config)
         if not splits.train:
             raise SpliceError(f"no training rows in {describe_data(config.data)}")
-        heads = trainable_adapter(model, adapter_name)
+        heads = trainable_adapter(model, adapter_name) + list(heads)
         self.trained = adapter_parameters(model, adapter_name)  # what snapshots, clipping and saving touch
         if config.gradient_checkpointing and tenancy is None:
             enable_gradient_checkpointing(model)
@@ -344,6 +350,8 @@ class Trainer:
         loss = self.model(**batch).loss
         extra = splice.auxiliary_loss(self.plain_model)  # e.g. a rank router's budget penalty
         total = loss if extra is None else loss + extra
+        for penalty in self.penalties:
+            total = total + penalty()
         self.accelerator.backward(total)
         return loss, total
 

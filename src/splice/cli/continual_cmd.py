@@ -1,0 +1,61 @@
+"""`splice continual`: train a sequence of tasks with one strategy and measure what is remembered."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from splice.cli.errors import user_errors
+from splice.cli.output import Quiet, command, quieted
+
+console = Console()
+
+
+def register(app: typer.Typer) -> None:
+    command(app, "continual", continual)
+
+
+def continual(
+    sequence: Annotated[Path, typer.Argument(help="Sequence YAML: tasks (name, data, budget), strategy, "
+                                             "options, model, adapter, train.", show_default=False)],
+    strategy: Annotated[str | None, typer.Option(help="Override the file's strategy: sequential, separate, "
+                                                 "olora, ...")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the file's seed.")] = None,
+    output_dir: Annotated[str | None, typer.Option(help="Run folder (default: the file's, else "
+                                                   "runs/continual-<strategy>).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty run folder.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Train the tasks in order; after each one, evaluate every task seen so far (and the next
+    one) with the task id given and without it. Prints the accuracy matrix and the scores
+    (average final accuracy, backward and forward transfer, forgetting) and writes them with
+    the plots to <run>/report/: results.json, results.md, accuracy_matrix.png,
+    accuracy_curves.png.
+
+    Examples:
+
+        splice continual examples/continual_minilm.yaml
+        splice continual examples/continual_minilm.yaml --strategy olora --seed 1
+    """
+    from splice.continual import SequenceConfig, run_sequence
+
+    with user_errors(), quieted(console, quiet) as tables:
+        config = SequenceConfig.from_yaml(sequence, strategy=strategy, seed=seed, output_dir=output_dir)
+        result = run_sequence(config, console=tables, quiet=quiet, overwrite=force)
+    for setting, matrix in result.matrices.items():
+        table = Table(title=f"{config.strategy}: accuracy after each task ({setting.replace('_', '-')})")
+        table.add_column("after")
+        for name in result.tasks:
+            table.add_column(name, justify="right")
+        for name, row in zip(result.tasks, matrix, strict=True):
+            table.add_row(name, *["" if v is None else f"{v:.3f}" for v in row])
+        tables.print(table)
+    for setting, s in result.scores.items():
+        fwt = "" if s.forward_transfer is None else f", FWT {s.forward_transfer:+.3f}"
+        tables.print(f"{setting}: average final accuracy {s.average_accuracy:.3f}, BWT {s.backward_transfer:+.3f}"
+                     f"{fwt}, mean forgetting {s.mean_forgetting:+.3f}")
+    console.print(f"wrote {result.output_dir / 'report'} ({result.wall_seconds:.0f} s)")

@@ -1,0 +1,196 @@
+"""A continual run as configuration: the tasks in order, the strategy, and what every task's
+training shares; read from YAML with every value checked (file, key and value in the message).
+
+    model: minilm
+    strategy: olora            # sequential, separate, olora, ...
+    options: {penalty: 0.5}    # the strategy's own keys
+    adapter: {method: lora, r: 8, alpha: 16}
+    train: {batch_size: 16, lr: 2e-3, max_length: 64}   # any TrainConfig field, for every task
+    tasks:
+      - {name: sentiment, data: rotten_tomatoes, max_steps: 120}
+      - {name: topic, data: bbc_news, max_steps: 80}
+      - name: business
+        data: bbc_news
+        labels: {business: business, tech: business, entertainment: other, politics: other, sport: other}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from splice.core.errors import ConfigError
+from splice.core.validation import check_value, did_you_mean, field_types, show
+from splice.train.config import SETTABLE_FIELDS, TrainConfig, default_adapter, read_yaml_mapping
+
+Setting = Literal["task_incremental", "task_agnostic"]
+SETTINGS = ("task_incremental", "task_agnostic")
+# Per-task fields that set the TrainConfig field of the same name for that task only.
+BUDGET_FIELDS = ("max_steps", "epochs", "max_train_examples", "max_eval_examples", "lr", "eval_every")
+# TrainConfig fields a sequence sets itself (per task or from its own keys), not through `train`.
+OWN_FIELDS = ("model", "task", "data", "validation", "adapter", "output_dir", "init_adapter", "seed")
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+@dataclass
+class TaskSpec:
+    """One task of a sequence.
+
+    Attributes:
+        name: the task's name (letters, digits, _ and -): its adapter, head and folder.
+        data: a bundled data set, a file or a folder, as `TrainConfig.data`.
+        labels: classification only: a new label for every label of the data, by name (several
+            may map to one): the same texts as a different task, e.g. business/tech vs the rest.
+        as_words: turn a classification data set into prompt -> label-word rows for a causal LM
+            (the labels as words, scored by greedy exact match), with `prompt` ({text} is the row's text).
+        max_words: as_words only: keep the first N words of each text, so that a long article
+            leaves room for the answer within `max_length` (the end of a longer row is cut).
+        max_steps, epochs, max_train_examples, max_eval_examples, lr, eval_every: this task's
+            budget and rate (None: the sequence's `train` value).
+    """
+
+    name: str
+    data: str
+    labels: dict[str, str] | None = None
+    as_words: bool = False
+    prompt: str = "Text: {text}\nLabel:"
+    max_words: int | None = None
+    max_steps: int | None = None
+    epochs: float | None = None
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+    lr: float | None = None
+    eval_every: int | None = None
+
+
+@dataclass
+class SequenceConfig:
+    """A sequence of tasks trained in order with one strategy.
+
+    Attributes:
+        tasks: the tasks, in training order (at least two, distinct names).
+        strategy: how earlier tasks are kept (`splice.continual.STRATEGIES`).
+        options: the strategy's own keys (e.g. O-LoRA's `penalty`).
+        model: "minilm", "smollm2" or a local transformers folder.
+        task: "classification" (per-task heads) or "causal_lm" (one generator; classification
+            data joins with `as_words`).
+        adapter: the adapter form every task trains, as `TrainConfig.adapter`.
+        train: TrainConfig fields shared by every task (batch_size, lr, max_length, ...).
+        settings: the inference settings evaluated after each task: task_incremental (task id
+            given) and/or task_agnostic (the strategy picks the task).
+        eval_split: the split of the accuracy matrix ("test" or "validation").
+        angle_samples: gradient samples per task for the principal angles between successive
+            tasks (0: no angles).
+        seed: seeds the model, the adapters and every task's data order.
+        output_dir: the run folder (default runs/continual-<model>-<strategy>).
+    """
+
+    tasks: list[TaskSpec]
+    strategy: str = "sequential"
+    options: dict[str, Any] = field(default_factory=dict)
+    model: str = "minilm"
+    task: Literal["classification", "causal_lm"] = "classification"
+    adapter: dict[str, Any] = field(default_factory=default_adapter)
+    train: dict[str, Any] = field(default_factory=dict)
+    settings: list[Setting] = field(default_factory=lambda: list(SETTINGS))
+    eval_split: Literal["test", "validation"] = "test"
+    angle_samples: int = 4
+    seed: int = 0
+    output_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        self.tasks = [t if isinstance(t, TaskSpec) else _task_spec(t, i) for i, t in enumerate(self.tasks)]
+        _check_fields(SequenceConfig, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                                       if f.name != "tasks"}, "")
+        names = [t.name for t in self.tasks]
+        if len(names) < 2:
+            raise _error("tasks", f"a sequence needs at least two tasks, got {len(names)}")
+        if len(set(names)) != len(names):
+            raise _error("tasks", f"task names must differ, got {names}")
+        for i, spec in enumerate(self.tasks):
+            _check_task(spec, i, self.task)
+        for key in self.train:
+            if key in OWN_FIELDS or key not in SETTABLE_FIELDS:
+                why = "is set by the sequence itself" if key in OWN_FIELDS else f"is not a training field" \
+                      f"{did_you_mean(key, SETTABLE_FIELDS)}"
+                raise _error("train", f"train.{key} {why}")
+        if not self.settings or any(s not in SETTINGS for s in self.settings):
+            raise _error("settings", f"settings must list some of {', '.join(SETTINGS)}; got {self.settings!r}")
+        if self.angle_samples < 0:
+            raise _error("angle_samples", f"angle_samples must be >= 0, got {self.angle_samples}")
+        if self.output_dir is None:
+            self.output_dir = f"runs/continual-{Path(self.model).name}-{self.strategy}"
+        for spec in self.tasks:  # every task's training config is valid before anything loads
+            self.train_config(spec)
+
+    def train_config(self, spec: TaskSpec) -> TrainConfig:
+        """The TrainConfig of one task: the sequence's model, adapter, seed and `train`, the task's
+        data and budget, its own folder under the run's."""
+        budget = {k: getattr(spec, k) for k in BUDGET_FIELDS if getattr(spec, k) is not None}
+        try:
+            return TrainConfig.from_dict({**self.train, **budget}, model=self.model, task=self.task, data=spec.data,
+                                         adapter=dict(self.adapter), seed=self.seed,
+                                         output_dir=str(Path(self.output_dir) / "tasks" / spec.name))
+        except ConfigError as err:
+            raise _error("train", f"task {spec.name!r}: {err}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> SequenceConfig:
+        """Read a sequence file; keyword overrides (the CLI's flags; None: not given) win."""
+        path = Path(path)
+        data = read_yaml_mapping(path, "sequence file", "sequence keys (tasks, strategy, ...)")
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in known:
+                raise ConfigError(f"{path}: unknown key {key!r}{did_you_mean(key, known)}")
+        if "tasks" not in data:
+            raise ConfigError(f"{path}: no 'tasks' list")
+        try:
+            return cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _task_spec(data: Any, index: int) -> TaskSpec:
+    if not isinstance(data, dict):
+        raise _error("tasks", f"tasks[{index}] must be a mapping (name, data, ...), got {show(data)}")
+    known = [f.name for f in dataclasses.fields(TaskSpec)]
+    for key in data:
+        if key not in known:
+            raise _error("tasks", f"tasks[{index}]: unknown key {key!r}{did_you_mean(key, known)}")
+    for key in ("name", "data"):
+        if key not in data:
+            raise _error("tasks", f"tasks[{index}] has no {key!r}")
+    _check_fields(TaskSpec, data, f"tasks[{index}].")
+    return TaskSpec(**data)
+
+
+def _check_task(spec: TaskSpec, index: int, task: str) -> None:
+    where = f"tasks[{index}] ({spec.name!r})"
+    if not _NAME.match(spec.name):
+        raise _error("tasks", f"{where}: a task name is letters, digits, _ and - and starts with a letter")
+    if spec.as_words and task != "causal_lm":
+        raise _error("tasks", f"{where}: as_words makes rows for a causal LM; set task: causal_lm")
+    if spec.max_words is not None and (not spec.as_words or spec.max_words < 1):
+        raise _error("tasks", f"{where}: max_words is a positive number of words, for as_words tasks only")
+    if spec.as_words and "{text}" not in spec.prompt:
+        raise _error("tasks", f"{where}: prompt must contain {{text}}, got {spec.prompt!r}")
+
+
+def _check_fields(cls: type, data: dict[str, Any], prefix: str) -> None:
+    types = field_types(cls)
+    for key, value in data.items():
+        if key in types and (expected := check_value(types[key], value)) is not None:
+            raise _error(prefix.split("[")[0] or key, f"{prefix}{key} must be {expected}, got {show(value)}")
+
+
+def _error(key: str, message: str) -> ConfigError:
+    err = ConfigError(message)
+    err.key = key
+    return err

@@ -1,0 +1,103 @@
+"""The continual harness on a tiny BERT: matrices, scores, heads, strategies' defining properties,
+the report, and the sanity check of identical tasks (volume 2, §4(d))."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from rich.console import Console
+
+from splice.continual import SequenceConfig, run_sequence
+from splice.continual.metrics import scores
+from splice.core.host import hosts
+
+QUIET = Console(quiet=True)
+
+
+def sequence(folder, files, tmp_path, strategy="sequential", tasks=None, **extra) -> SequenceConfig:
+    tasks = tasks or [{"name": "sentiment", "data": str(files["sentiment"])},
+                      {"name": "topic", "data": str(files["topic"])}]
+    return SequenceConfig(
+        tasks=tasks, strategy=strategy, model=str(folder),
+        adapter={"method": "lora", "r": 8, "alpha": 16, "targets": "all-linear"},
+        train={"batch_size": 16, "max_steps": 60, "lr": 1e-2, "head_lr": 5e-2, "max_length": 16,
+               "checkpoint_every": None, "eval_every": None, "max_eval_examples": 64},
+        output_dir=str(tmp_path / "run"), **{"angle_samples": 2, **extra})
+
+
+def test_two_tasks_give_matrices_scores_heads_and_a_report(tiny_bert_folder, task_files, tmp_path):
+    result = run_sequence(sequence(tiny_bert_folder, task_files, tmp_path), console=QUIET, quiet=True)
+    ti = result.matrices["task_incremental"]
+    assert [len(row) for row in ti] == [2, 2] and all(v is not None for row in ti for v in row)
+    assert ti[0][0] > 0.9  # learned (the word lists are easy)
+    # the best state is kept, and the untrained state (step 0) is a candidate: never worse than the start
+    assert ti[0][0] >= result.before[0] and ti[1][1] >= ti[0][1]
+    ta = result.matrices["task_agnostic"]
+    assert ta[0][1] is None and ta[1][0] is not None
+    assert result.scores["task_incremental"] == scores(ti, result.before)
+    assert len(result.switches) == 1 and 0 <= result.switches[0]["theta_min_mean"] <= torch.pi / 2
+    assert result.switches[0]["forgetting"] == pytest.approx(ti[0][0] - ti[1][0])
+    assert result.trainable_parameters[0] > 0 and result.stored_bytes[1] > result.stored_bytes[0]  # a second head
+    report = result.output_dir / "report"
+    saved = json.loads((report / "results.json").read_text())
+    assert saved["matrices"]["task_incremental"] == ti
+    assert (report / "accuracy_matrix.png").stat().st_size > 0 and (report / "accuracy_curves.png").is_file()
+    assert "| topic |" in (report / "results.md").read_text()
+    for task in ("sentiment", "topic"):
+        assert (result.output_dir / "tasks" / task / "adapter").is_dir()
+
+
+def test_separate_forgets_nothing_exactly(tiny_bert_folder, task_files, tmp_path):
+    """A task's own adapter and head are untouched by later tasks: its accuracy does not move."""
+    result = run_sequence(sequence(tiny_bert_folder, task_files, tmp_path, "separate"), console=QUIET, quiet=True)
+    ti = result.matrices["task_incremental"]
+    assert ti[1][0] == ti[0][0]
+    assert result.scores["task_incremental"].forgetting == [0.0]
+    # distinct vocabularies: prototype routing sends rows to their own task
+    assert result.matrices["task_agnostic"][1][0] == pytest.approx(ti[1][0], abs=0.05)
+
+
+def test_identical_tasks_forget_nothing_within_noise(tiny_bert_folder, task_files, tmp_path):
+    """Volume 2, §4(d): with K identical tasks, forgetting is ~0 for the forgetting baseline too."""
+    tasks = [{"name": f"same{i}", "data": str(task_files["sentiment"])} for i in range(3)]
+    config = sequence(tiny_bert_folder, task_files, tmp_path, tasks=tasks, settings=["task_incremental"])
+    result = run_sequence(config, console=QUIET, quiet=True)
+    assert min(result.matrices["task_incremental"][0][:1]) > 0.9
+    assert max(result.scores["task_incremental"].forgetting) <= 0.05
+
+
+def test_olora_penalty_is_its_formula_and_keeps_the_new_down_projection_orthogonal(tiny_bert_folder, task_files,
+                                                                                  tmp_path):
+    overlaps = {}
+    for penalty in (0.0, 50.0):
+        config = sequence(tiny_bert_folder, task_files, tmp_path / str(penalty), "olora",
+                          options={"penalty": penalty}, settings=["task_incremental"], angle_samples=0)
+        result = run_sequence(config, console=QUIET, quiet=True)
+        model_hosts = [host for _, _, host in hosts(result.model)]
+        overlaps[penalty] = sum(((h["topic"].lora_A @ h["sentiment"].lora_A.T) ** 2).sum().item() for h in model_hosts)
+        assert all(h.merged == ["sentiment", "topic"] for h in model_hosts)  # the model is the sum of both
+    assert overlaps[50.0] < 0.1 * overlaps[0.0]
+
+
+
+def test_olora_penalty_is_lambda_times_the_squared_overlaps(bert):
+    import splice
+    from splice.continual.sequence import TaskSpec
+    from splice.continual.strategies import make_strategy
+    from splice.continual.strategies.base import TaskContext
+
+    lora = splice.LoRA(r=4, targets=["query", "value"])
+    strategy = make_strategy("olora", lora, {"penalty": 0.3})
+    for name in ("a", "b"):
+        splice.attach(bert, lora, name)
+        for _, _, host in hosts(bert):
+            torch.nn.init.normal_(host[name].lora_A)
+    strategy.trained = ["a"]
+    task = TaskContext(1, TaskSpec(name="b", data="unused"), None, None, None)
+    (penalty,) = strategy.penalties(bert, task)
+    expected = 0.3 * sum(((h["b"].lora_A @ h["a"].lora_A.T) ** 2).sum() for _, _, h in hosts(bert))
+    assert torch.allclose(penalty(), expected)
+    penalty().backward()
+    assert all(h["b"].lora_A.grad is not None and h["a"].lora_A.grad is None for _, _, h in hosts(bert))
