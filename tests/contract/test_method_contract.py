@@ -138,6 +138,7 @@ class Contract:
     options: dict[str, Any] = field(default_factory=dict)
     config: Callable[[Site], AdapterConfig] | None = None
     expected: Callable[[nn.Module, Site], tuple[str, ...]] | None = None
+    scale: float = 0.3  # std of a randomised adapter's values (a train multiplies many cores: larger)
 
 
 METHODS: dict[str, Contract] = {
@@ -149,6 +150,9 @@ METHODS: dict[str, Contract] = {
                        options={"blocks": 4}),
     "ttlora": Contract(("linear", "conv1d"), zero_init=True, mergeable=True, route="grouped",
                        options={"r": 2, "alpha": 4}),
+    # As released, every core starts Gaussian: a small non-zero edit at init (`init="zero"` starts at 0).
+    "loretta": Contract(("linear", "conv1d"), zero_init=False, mergeable=True, route="grouped",
+                        options={"r": 2, "tensor_rank": 2, "alpha": 4}, scale=0.6),
     # README: merges only at one rank (`delta_weight_at`); needs the whole batch to pick ranks.
     "flexilora": Contract(("linear", "conv1d"), zero_init=True, mergeable=False, route="refused",
                           options={"ranks": [2, 4]}),
@@ -222,6 +226,9 @@ class Case:
 
     def expected(self, model: nn.Module) -> tuple[str, ...]:
         return self.contract.expected(model, self.site) if self.contract.expected else self.site.expected
+
+    def randomize(self, model: nn.Module, name: str = "default", seed: int = 0) -> None:
+        randomize(model, name, scale=self.contract.scale, seed=seed)
 
 
 @pytest.fixture(params=cases())
@@ -332,7 +339,7 @@ def test_randomised_adapter_changes_the_output(case):
     inputs = case.inputs()
     base = out(model, inputs)
     case.attached(model=model)
-    randomize(model)
+    case.randomize(model)
     assert all(p.abs().sum() > 0 for p in adapter_parameters(model))
     assert_differs(out(model, inputs), base)
 
@@ -340,7 +347,7 @@ def test_randomised_adapter_changes_the_output(case):
 def saved_and_loaded(case: Case, tmp_path: Path) -> tuple[nn.Module, nn.Module]:
     """A randomised adapter, saved, and loaded into a fresh copy of the base model."""
     model = case.attached()
-    randomize(model)
+    case.randomize(model)
     splice.save(model, tmp_path / "adapter")
     return model, splice.load(case.model(), tmp_path / "adapter")
 
@@ -367,7 +374,7 @@ def test_merge_equals_unmerged_and_unmerge_restores_the_base_or_is_refused(case)
     base = out(model, inputs)
     weights = copy.deepcopy(model.state_dict())  # the base's own tensors, by their names
     case.attached(model=model)
-    randomize(model)
+    case.randomize(model)
     unmerged = out(model, inputs)
     forms = {a.has_weight_form() for a in adapter_modules(model).values()}
     assert forms == {case.contract.mergeable}, f"table says mergeable={case.contract.mergeable}"
@@ -404,8 +411,8 @@ def test_mixed_batch_rows_equal_each_row_alone_or_routing_is_refused(case):
     base_model = copy.deepcopy(model)
     case.attached("a", model)
     case.attached("b", model)
-    randomize(model, "a", seed=1)
-    randomize(model, "b", seed=2)
+    case.randomize(model, "a", seed=1)
+    case.randomize(model, "b", seed=2)
     inputs = case.inputs()
     ids = ["b", None, "a"]
 
@@ -444,7 +451,7 @@ def test_detach_restores_the_base_exactly(case):
     state = copy.deepcopy(model.state_dict())
     names = sorted(n for n, _ in model.named_modules())
     case.attached(model=model)
-    randomize(model)
+    case.randomize(model)
     assert_differs(out(model, inputs), base)
     with splice.disabled(model):
         assert torch.equal(out(model, inputs), base), "splice.disabled must give the base output"
@@ -461,7 +468,7 @@ def test_gradients_reach_only_the_adapter_and_its_heads(case):
     model = case.model()
     base_params = list(model.parameters())
     case.attached(model=model)
-    randomize(model)
+    case.randomize(model)
     model.train()
     result = model(**case.inputs())
     output = result.logits if hasattr(result, "logits") else result

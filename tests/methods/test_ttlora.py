@@ -17,7 +17,8 @@ from transformers import AutoTokenizer
 import splice
 from splice.core.errors import SpliceError
 from splice.core.host import hosts
-from splice.methods.ttlora import TTLoRA, TTLoRAAdapter, factorize
+from splice.core.tensor_train import factorize
+from splice.methods.ttlora import TTLoRA, TTLoRAAdapter
 from splice.train import TrainConfig, run
 
 TARGETS = {"bert": ["query", "value", "intermediate.dense"], "gpt2": ["c_attn", "c_fc", "c_proj"]}

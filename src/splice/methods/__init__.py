@@ -10,7 +10,8 @@ from splice.methods.dora import DoRA
 from splice.methods.flexilora import FlexiLoRA
 from splice.methods.lora import LoRA
 from splice.methods.loreft import LoReFT
+from splice.methods.loretta import LoRETTA
 from splice.methods.rep_conv_adapter import RepConvAdapter
 from splice.methods.ttlora import TTLoRA
 
-__all__ = ["ConvAdapter", "DiaBlo", "DoRA", "FlexiLoRA", "LoRA", "LoReFT", "RepConvAdapter", "TTLoRA"]
+__all__ = ["ConvAdapter", "DiaBlo", "DoRA", "FlexiLoRA", "LoRA", "LoReFT", "LoRETTA", "RepConvAdapter", "TTLoRA"]

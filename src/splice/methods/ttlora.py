@@ -33,6 +33,7 @@ from splice.core.errors import SpliceError
 from splice.core.layers import LayerInfo
 from splice.core.lowrank import LowRank, low_rank_delta
 from splice.core.registry import register_method
+from splice.core.tensor_train import factorize
 
 
 @register_method
@@ -80,24 +81,6 @@ class TTLoRA(AdapterConfig):
         adapter = TTLoRAAdapter(info, out_modes, in_modes, self.r, self.alpha / self.r, self.dropout)
         adapter.reset()
         return adapter
-
-
-def factorize(n: int, parts: int) -> list[int]:
-    """`n` as at most `parts` near-equal factors, largest first: each prime factor, largest
-    first, multiplies the currently smallest part; parts left at 1 are dropped (a mode of size 1
-    would only add an r x r core). A prime n stays whole: 7 -> [7]."""
-    primes, rest, p = [], n, 2
-    while p * p <= rest:
-        while rest % p == 0:
-            primes.append(p)
-            rest //= p
-        p += 1
-    if rest > 1:
-        primes.append(rest)
-    factors = [1] * parts
-    for prime in sorted(primes, reverse=True):
-        factors[factors.index(min(factors))] *= prime
-    return sorted((f for f in factors if f > 1), reverse=True) or [1]
 
 
 def split_modes(modes: list[int], out: int, n: int, module_name: str) -> tuple[list[int], list[int]]:

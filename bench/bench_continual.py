@@ -1,0 +1,184 @@
+"""Continual learning on real task sequences: every strategy of `splice.continual`, 3 seeds, both
+sequences of issue 15, and the verdicts on the papers' claims.
+
+Sequences (the example files, run as they are but for the strategy, the seed and the folder):
+
+    minilm    examples/continual_minilm.yaml: MiniLM, Rotten Tomatoes sentiment -> BBC News topic
+              (5 classes) -> BBC re-labelled business/tech vs the rest (it conflicts with the
+              topic task: the shared representation must now merge business with tech), a head
+              per task, accuracy on the first 200 test rows of each
+    smollm2   examples/continual_smollm2.yaml: SmolLM2-135M as a generator, labels as words
+              (review sentiment -> news topic -> arithmetic), greedy exact match on 100 test rows
+
+Strategies: sequential, separate, olora, loda, condu with the sequence's LoRA; core with LoReFT
+(r=4, first and last prompt token, every layer: ReFT has no weight change, so it cannot take
+the LoRA), hence a different trainable budget, which the table states.
+
+Forgetting by parametrization (volume 2, §4): the `sequential` strategy on the MiniLM sequence
+with each adapter form at about LoRA r=8's trainable budget on query/value (147,456): LoRA r=8,
+DiaBlo with 24 blocks (384²/24 per layer), TT-LoRA with bond 14 (30r² + 14r per layer), LoRETTA_rep
+(r=8, tensor rank 14) and LoReFT r=8 at the first and last token of every layer's output
+(2 x 12 x (2rd + r)); the table gives the parameters each run actually trained.
+
+Per run (strategy or form, seed): both accuracy matrices, average final accuracy, BWT, FWT, forgetting,
+trainable parameters, stored bytes, time, and the switch angles paired with the forgetting they
+preceded. The report gives mean ± std over seeds and the verdicts:
+
+- LoDA forgets less than plain LoRA (sequential): mean forgetting, task id given.
+- ConDU beats sequential on task 1 after the last task: a[K-1][0], task id given.
+- ConDU keeps zero-shot behaviour: on the generator sequence, the accuracy on the next unseen
+  task a[j-1][j] against the base model's b[j] (the spec's "agnostic ensemble not below the
+  pretrained model"), and the task-agnostic average accuracy against the task-incremental one.
+- The Geometric Forgetting Law: F = a (1 - cos² θ_min) + b fitted over every switch of every run.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_continual.py                       # both sequences
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_continual.py --sequences minilm    # one
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_continual.py --quick               # smoke run
+
+Each run is a child interpreter (`--child`), so one run's memory and state never leak into the
+next. Results: bench/results/continual.{json,md} and continual_matrices.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common import Phases, bench_main, bench_parser, environment, finish, run_child, settings_from
+from continual_report import markdown, plot_matrices
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SEQUENCES = {"minilm": EXAMPLES / "continual_minilm.yaml", "smollm2": EXAMPLES / "continual_smollm2.yaml"}
+STRATEGIES = ["sequential", "separate", "olora", "loda", "core", "condu"]
+REFT = {"method": "loreft", "r": 4, "positions": "f1+l1"}
+QV = ["query", "value"]
+FORMS = {
+    "lora": {"method": "lora", "r": 8, "alpha": 16, "targets": QV},
+    "diablo": {"method": "diablo", "blocks": 24, "targets": QV},
+    "ttlora": {"method": "ttlora", "r": 14, "alpha": 28, "targets": QV},
+    "loretta": {"method": "loretta", "r": 8, "alpha": 16, "tensor_rank": 14, "targets": QV},
+    "loreft": {"method": "loreft", "r": 8, "positions": "f1+l1"},
+}
+FORMS_SEQUENCE = "minilm"
+
+
+@dataclass
+class Settings:
+    quick: bool = False
+    threads: int = 1
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    sequences: list[str] = field(default_factory=lambda: list(SEQUENCES))
+    strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
+    forms: list[str] = field(default_factory=lambda: list(FORMS))  # sequential on the MiniLM sequence
+    step_scale: float = 1.0  # every task's max_steps times this
+    eval_examples: int | None = None  # cap on each task's evaluation rows (None: the file's)
+
+    @classmethod
+    def quick_run(cls, threads: int = 1) -> Settings:
+        return cls(quick=True, threads=threads, seeds=[0], sequences=["minilm"],
+                   strategies=["sequential", "separate"], forms=["loretta"], step_scale=0.1, eval_examples=48)
+
+
+def sequence_config(name: str, strategy: str, seed: int, s: Settings, folder: str, form: str | None = None) -> Any:
+    """The example sequence with this strategy (or adapter form), seed, folder and budget."""
+    from splice.continual import SequenceConfig
+
+    config = SequenceConfig.from_yaml(SEQUENCES[name], strategy=strategy, seed=seed, output_dir=folder)
+    for task in config.tasks:
+        task.max_steps = max(1, round((task.max_steps or 100) * s.step_scale))
+        if s.eval_examples:
+            task.max_eval_examples = s.eval_examples
+    if strategy == "core":
+        config.adapter = dict(REFT)
+    if form is not None:
+        config.adapter = dict(FORMS[form])
+    return config
+
+
+def child(args: argparse.Namespace, s: Settings) -> bool:
+    """--child SEQUENCE:STRATEGY[:FORM]: one run, printed as one JSON line."""
+    if not args.child:
+        return False
+    import torch
+    from rich.console import Console
+
+    from splice.continual import run_sequence
+    from splice.continual.report import as_dict
+
+    torch.set_num_threads(s.threads)
+    name, strategy, *form = args.child.split(":")
+    form = form[0] if form else None
+    with tempfile.TemporaryDirectory(prefix="continual-") as folder:
+        config = sequence_config(name, strategy, args.seed, s, folder, form)
+        result = run_sequence(config, console=Console(quiet=True), quiet=True)
+        row = {k: v for k, v in as_dict(result).items() if k != "config"}
+    print(json.dumps({"sequence": name, "strategy": strategy, "form": form, "seed": args.seed,
+                      "adapter": config.adapter, **row}))
+    return True
+
+
+def jobs(s: Settings) -> list[tuple[str, int, str]]:
+    """(child key, seed, label) of every run: each sequence's strategies (rotating per seed), then
+    the forms on the MiniLM sequence."""
+    out = []
+    for name in s.sequences:
+        for i, seed in enumerate(s.seeds):
+            order = s.strategies[i % len(s.strategies):] + s.strategies[: i % len(s.strategies)]
+            out += [(f"{name}:{strategy}", seed, f"[{name} seed {seed}] {strategy}") for strategy in order]
+    for i, seed in enumerate(s.seeds):
+        order = s.forms[i % len(s.forms):] + s.forms[: i % len(s.forms)] if s.forms else []
+        out += [(f"{FORMS_SEQUENCE}:sequential:{form}", seed, f"[forms seed {seed}] {form}") for form in order]
+    return out
+
+
+def run(s: Settings, out_dir: Path) -> dict[str, Any]:
+    """Every sequence, seed and strategy, one child at a time (strategies rotate per seed); the
+    mean matrices drawn into `out_dir`."""
+    phase = Phases()
+    result: dict[str, Any] = {"environment": environment(s.threads), "settings": asdict(s), "runs": []}
+    flags = ["--threads", str(s.threads), "--settings-json", json.dumps(asdict(s))]
+    for key, seed, label in jobs(s):
+        phase(label)
+        started = time.perf_counter()
+        try:
+            row = run_child(Path(__file__).resolve(), ["--child", key, "--seed", str(seed), *flags])
+        except RuntimeError as err:
+            name, strategy, *form = key.split(":")
+            row = {"sequence": name, "strategy": strategy, "form": form[0] if form else None, "seed": seed,
+                   "error": str(err).strip().splitlines()[-1][:300]}  # the child's own last line says why
+        row["process_s"] = time.perf_counter() - started
+        result["runs"].append(row)
+        print(f"  {json.dumps(row)}", flush=True)  # a stopped bench keeps its runs in the log
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_matrices(result, out_dir / f"continual{'_quick' if s.quick else ''}_matrices.png")
+    return finish(result, phase)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
+    p = bench_parser(__doc__, "smoke run (MiniLM sequence, sequential and separate, 10% of the steps, 1 seed)")
+    p.add_argument("--seeds", nargs="+", type=int, help="seeds (default 0 1 2)")
+    p.add_argument("--sequences", nargs="+", choices=list(SEQUENCES), help="subset of sequences")
+    p.add_argument("--strategies", nargs="*", choices=STRATEGIES, help="subset of strategies (none: no strategy runs)")
+    p.add_argument("--forms", nargs="*", choices=list(FORMS), help="subset of adapter forms (none: no form runs)")
+    p.add_argument("--step-scale", type=float, help="multiply every task's max_steps (default 1)")
+    p.add_argument("--eval-examples", type=int, help="cap every task's evaluation rows")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--settings-json", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.settings_json:
+        return args, Settings(**json.loads(args.settings_json))
+    return args, settings_from(args, Settings)
+
+
+def main(argv: list[str] | None = None) -> None:
+    bench_main(argv, parse_args, Settings, lambda s, args: run(s, args.out_dir), markdown, "continual", child=child)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""bench_continual.py's rendering: per sequence, strategy x (scores, costs) as mean ± std over
+seeds, the verdicts on the papers' claims, the pooled forgetting-law fit, and a picture of the
+mean accuracy matrices; from the result JSON alone (`--render` needs no model)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from common_report import heading, table
+
+Run = dict[str, Any]
+TI, TA = "task_incremental", "task_agnostic"
+
+
+def runs_of(result: dict[str, Any], sequence: str, strategy: str, form: str | None = None) -> list[Run]:
+    """The successful runs of one strategy (form None: the sequence's own adapter) or one form."""
+    return [r for r in result["runs"] if r["sequence"] == sequence and r["strategy"] == strategy
+            and r.get("form") == form and "error" not in r]
+
+
+def failed_of(result: dict[str, Any], sequence: str, strategy: str, form: str | None = None) -> list[Run]:
+    return [r for r in result["runs"] if r["sequence"] == sequence and r["strategy"] == strategy
+            and r.get("form") == form and "error" in r]
+
+
+def spread(values: list[float], fmt: str = "{:.3f}") -> str:
+    """"mean ± std (n)"; a single value alone; nothing for no value."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return ""
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.fmean(values))} ± {fmt.format(statistics.stdev(values))}"
+
+
+def column(runs: list[Run], value: Callable[[Run], float | None]) -> list[float]:
+    return [v for r in runs if (v := value(r)) is not None]
+
+
+def score_cells(runs: list[Run]) -> list[str]:
+    """Scores and costs over seeds: accuracy, BWT, forgetting, FWT, agnostic accuracy, task 1 at
+    the end, parameters, storage, time."""
+    return [
+        spread(column(runs, lambda r: r["scores"][TI]["average_accuracy"])),
+        spread(column(runs, lambda r: r["scores"][TI]["backward_transfer"]), "{:+.3f}"),
+        spread(column(runs, lambda r: r["scores"][TI]["mean_forgetting"]), "{:+.3f}"),
+        spread(column(runs, lambda r: r["scores"][TI]["forward_transfer"]), "{:+.3f}"),
+        spread(column(runs, lambda r: r["scores"][TA]["average_accuracy"] if TA in r["scores"] else None)),
+        spread(column(runs, lambda r: r["matrices"][TI][-1][0])),
+        f"{runs[0]['trainable_parameters'][-1]:,}",
+        f"{runs[0]['stored_bytes'][-1] / 1e6:.2f} MB",
+        spread(column(runs, lambda r: sum(r["train_seconds"])), "{:.0f}"),
+    ]
+
+
+def rows_for(result: dict[str, Any], sequence: str, names: list[str], strategy: str | None) -> list[list[str]]:
+    """One row per strategy (`strategy` None: `names` are strategies) or per form of `strategy`."""
+    rows = []
+    for name in names:
+        key = (name, None) if strategy is None else (strategy, name)
+        runs, failed = runs_of(result, sequence, *key), failed_of(result, sequence, *key)
+        label = name + (f" ({len(failed)} seed(s) failed)" if failed and runs else "")
+        if not runs:
+            rows.append([name, f"failed: {failed[0]['error']}" if failed else "not run", *[""] * 8])
+            continue
+        rows.append([label, *score_cells(runs)])
+    return rows
+
+
+def mean_of(result: dict[str, Any], sequence: str, strategy: str, value: Callable[[Run], float],
+            form: str | None = None) -> tuple[float, float, int]:
+    values = column(runs_of(result, sequence, strategy, form), value)
+    if not values:
+        return math.nan, math.nan, 0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan, len(values)
+
+
+def compare(result: dict[str, Any], sequence: str, a: str, b: str, value: Callable[[Run], float],
+            better: str, forms: bool = False) -> str:
+    """a vs b on `value` (mean ± std over seeds; strategies, or forms of `sequential`): held when a
+    is better by more than both spreads' mean, refuted when worse by that much, else within noise."""
+    def stats(name: str) -> tuple[float, float, int]:
+        return mean_of(result, sequence, "sequential", value, name) if forms else \
+            mean_of(result, sequence, name, value)
+
+    (ma, sa, na), (mb, sb, nb) = stats(a), stats(b)
+    if not na or not nb:
+        return f"not measured ({a}: {na} runs, {b}: {nb})"
+    noise = statistics.fmean([x for x in (sa, sb) if not math.isnan(x)] or [0.0])
+    gain = (ma - mb) if better == "higher" else (mb - ma)
+    word = "held" if gain > noise else ("refuted" if gain < -noise else "within seed noise")
+    return f"{word}: {a} {ma:.3f} vs {b} {mb:.3f} (std {noise:.3f}, {min(na, nb)} seeds)"
+
+
+def verdicts(result: dict[str, Any], sequence: str) -> list[str]:
+    out = ["- LoDA forgets less than plain LoRA: "
+           + compare(result, sequence, "loda", "sequential", lambda r: r["scores"][TI]["mean_forgetting"], "lower"),
+           "- ConDU beats sequential on task 1 after the last task: "
+           + compare(result, sequence, "condu", "sequential", lambda r: r["matrices"][TI][-1][0], "higher")]
+    zero_shot = [(r["matrices"][TI][j - 1][j] - r["before"][j]) for r in runs_of(result, sequence, "condu")
+                 for j in range(1, len(r["tasks"]))]
+    if zero_shot:
+        out.append(f"- ConDU keeps zero-shot behaviour (accuracy on the next unseen task minus the base model's, "
+                   f"every switch and seed): {spread(zero_shot, '{:+.3f}')}")
+    return out
+
+
+def law(result: dict[str, Any], sequence: str) -> str:
+    """F = a (1 - cos² θ_min) + b over every switch of every run of the sequence."""
+    points = [(s["theta_min_mean"], s["forgetting"]) for r in result["runs"] if r["sequence"] == sequence
+              and "error" not in r for s in r["switches"] if "theta_min_mean" in s and "forgetting" in s]
+    if len({round(p[0], 9) for p in points}) < 2:
+        return "not fitted (fewer than two different angles)"
+    x = [1 - math.cos(t) ** 2 for t, _ in points]
+    F = [f for _, f in points]
+    mx, mF = statistics.fmean(x), statistics.fmean(F)
+    sxx = sum((v - mx) ** 2 for v in x)
+    a = sum((v - mx) * (f - mF) for v, f in zip(x, F, strict=True)) / sxx
+    b = mF - a * mx
+    ss_tot = sum((f - mF) ** 2 for f in F)
+    r2 = 1 - sum((f - (a * v + b)) ** 2 for v, f in zip(x, F, strict=True)) / ss_tot if ss_tot else math.nan
+    angles = [math.degrees(t) for t, _ in points]
+    return (f"a = {a:+.3f}, b = {b:+.3f}, R² = {r2:.3f} over {len(points)} switches "
+            f"(θ_min {min(angles):.1f}° to {max(angles):.1f}°, forgetting {min(F):+.3f} to {max(F):+.3f})")
+
+
+def markdown(result: dict[str, Any], settings: Any = None) -> str:
+    s = result["settings"]
+    quick = "QUICK smoke run: too few steps and seeds to trust. " if s["quick"] else ""
+    out = [*heading("Continual learning on real task sequences: splice.continual's strategies", result["environment"]),
+           "", f"{quick}Seeds {s['seeds']}; steps x {s['step_scale']}; runtime {result['runtime_s'] / 60:.0f} min. "
+           "Scores with the task id given unless said; mean ± std over seeds.", ""]
+    header = ["strategy", "average final accuracy", "BWT", "mean forgetting", "FWT",
+              "average final accuracy, no task id", "task 1 after the last", "trainable parameters (last task)",
+              "stored after the last task", "training s"]
+    for sequence in s["sequences"]:
+        tasks = next((r["tasks"] for r in result["runs"] if r["sequence"] == sequence and "error" not in r), [])
+        out += [f"## {sequence}: {' -> '.join(tasks)}", "",
+                table(header, rows_for(result, sequence, s["strategies"], None)), "",
+                "Verdicts:", "", *verdicts(result, sequence), f"- Forgetting law, pooled: {law(result, sequence)}", ""]
+    if s.get("forms"):
+        out += ["## Forgetting by parametrization: `sequential` on the MiniLM sequence, one form each", "",
+                table(["form", *header[1:]], rows_for(result, "minilm", s["forms"], "sequential")), "",
+                "- Tensor decompositions (LoRETTA) forget less than LoRA at an equal budget: " + compare(
+                    result, "minilm", "loretta", "lora", lambda r: r["scores"][TI]["mean_forgetting"], "lower",
+                    forms=True), ""]
+    return "\n".join(out)
+
+
+def plot_matrices(result: dict[str, Any], path: Path) -> None:
+    """Mean task-incremental accuracy matrix per strategy (columns) and sequence (rows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = result["settings"]
+    fig, axes = plt.subplots(len(s["sequences"]), len(s["strategies"]), squeeze=False,
+                             figsize=(2.4 * len(s["strategies"]), 2.4 * len(s["sequences"])), layout="constrained")
+    for row, sequence in zip(axes, s["sequences"], strict=True):
+        for ax, strategy in zip(row, s["strategies"], strict=True):
+            runs = runs_of(result, sequence, strategy)
+            ax.set_title(f"{sequence}: {strategy}", fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if not runs:
+                continue
+            K = len(runs[0]["tasks"])
+            mean = [[statistics.fmean(r["matrices"][TI][t][j] for r in runs) if runs[0]["matrices"][TI][t][j]
+                     is not None else math.nan for j in range(K)] for t in range(K)]
+            ax.imshow(mean, vmin=0, vmax=1, cmap="viridis")
+            for t in range(K):
+                for j in range(K):
+                    if not math.isnan(mean[t][j]):
+                        ax.text(j, t, f"{mean[t][j]:.2f}", ha="center", va="center", fontsize=7,
+                                color="white" if mean[t][j] < 0.6 else "black")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
