@@ -68,9 +68,10 @@ class TrainConfig:
             by length and cut into steps taken in random order, the longest step first;
             `splice.train.batching`), so that a batch pads little: Rotten Tomatoes batches of
             16 go from 44% padding to 2%. Rows of one length keep the plain shuffled order.
-            False (the default): plain shuffle. On the main job grouping reached validation
-            accuracy 0.78 in 0.65x HF PEFT + HF Trainer's time (plain: 0.95x) but ended 0.9
-            test points lower on average over 3 seeds (README, "Less padding").
+            False (the default, for now): plain shuffle. On the main job grouping reached
+            validation accuracy 0.78 in 0.65x HF PEFT + HF Trainer's time (plain: 0.95x) and
+            ended 0.3 test points lower on average over 6 seeds, within seed noise (README,
+            "Less padding").
         packing: causal LM only: concatenate each batch's sequences into one row without
             padding, attention kept within each sequence by restarting position ids (sdpa or
             eager attention in transformers 5, or flash attention; checked on the model before
