@@ -12,6 +12,8 @@ from typing import Any
 
 from common_report import heading, table
 
+from splice.analysis.forgetting import fit_forgetting_law
+
 Run = dict[str, Any]
 TI, TA = "task_incremental", "task_agnostic"
 
@@ -115,14 +117,9 @@ def law(result: dict[str, Any], sequence: str) -> str:
               and "error" not in r for s in r["switches"] if "theta_min_mean" in s and "forgetting" in s]
     if len({round(p[0], 9) for p in points}) < 2:
         return "not fitted (fewer than two different angles)"
-    x = [1 - math.cos(t) ** 2 for t, _ in points]
     F = [f for _, f in points]
-    mx, mF = statistics.fmean(x), statistics.fmean(F)
-    sxx = sum((v - mx) ** 2 for v in x)
-    a = sum((v - mx) * (f - mF) for v, f in zip(x, F, strict=True)) / sxx
-    b = mF - a * mx
-    ss_tot = sum((f - mF) ** 2 for f in F)
-    r2 = 1 - sum((f - (a * v + b)) ** 2 for v, f in zip(x, F, strict=True)) / ss_tot if ss_tot else math.nan
+    fit = fit_forgetting_law([t for t, _ in points], F)
+    a, b, r2 = fit.a, fit.b, fit.r2
     angles = [math.degrees(t) for t, _ in points]
     return (f"a = {a:+.3f}, b = {b:+.3f}, R² = {r2:.3f} over {len(points)} switches "
             f"(θ_min {min(angles):.1f}° to {max(angles):.1f}°, forgetting {min(F):+.3f} to {max(F):+.3f})")

@@ -64,7 +64,7 @@ def test_identical_tasks_forget_nothing_within_noise(tiny_bert_folder, task_file
     tasks = [{"name": f"same{i}", "data": str(task_files["sentiment"])} for i in range(3)]
     config = sequence(tiny_bert_folder, task_files, tmp_path, tasks=tasks, settings=["task_incremental"])
     result = run_sequence(config, console=QUIET, quiet=True)
-    assert min(result.matrices["task_incremental"][0][:1]) > 0.9
+    assert result.matrices["task_incremental"][0][0] > 0.9
     assert max(result.scores["task_incremental"].forgetting) <= 0.05
 
 

@@ -153,8 +153,10 @@ def accuracy_matrix(
     return matrix
 
 
-def forgetting(matrix: Sequence[Sequence[float]]) -> list[float]:
-    """F_j = max_{t<K} a[t][j] - a[K][j] for every task j but the last (K = the final row).
+def forgetting(matrix: Sequence[Sequence[float | None]]) -> list[float]:
+    """F_j = max_{j<=t<K} a[t][j] - a[K][j] for every task j but the last (K = the final row):
+    the best accuracy task j had once trained, minus its last. Entries before task j was
+    trained (None where not evaluated) do not count.
 
     For two tasks, F_0 = acc_A(after A) - acc_A(after A then B). Negative means the later tasks
     improved task j (backward transfer).
@@ -163,7 +165,8 @@ def forgetting(matrix: Sequence[Sequence[float]]) -> list[float]:
     if len(rows) < 2 or any(len(row) != len(rows) for row in rows):
         raise SpliceError(f"an accuracy matrix is square with at least 2 tasks; got rows of lengths "
                           f"{[len(row) for row in rows]}")
-    return [max(row[j] for row in rows[:-1]) - rows[-1][j] for j in range(len(rows) - 1)]
+    K = len(rows) - 1
+    return [max(float(rows[t][j]) for t in range(j, K)) - float(rows[K][j]) for j in range(K)]
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ With K tasks (Lopez-Paz & Ranzato 2017; Chaudhry et al. 2018):
     average final accuracy   A   = mean_j a[K-1][j]
     backward transfer        BWT = mean_{j<K-1} (a[K-1][j] - a[j][j])      (negative: forgetting)
     forward transfer         FWT = mean_{j>0} (a[j-1][j] - b[j])           (before training task j)
-    forgetting               F_j = max_{t<K-1} a[t][j] - a[K-1][j]          (j < K-1; max over t >= j)
+    forgetting               F_j = max_{j<=t<K-1} a[t][j] - a[K-1][j]       (`analysis.forgetting`)
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from statistics import fmean
 
+from splice.analysis.forgetting import forgetting
 from splice.core.errors import SpliceError
 
 Matrix = Sequence[Sequence[float | None]]
@@ -45,7 +46,7 @@ def scores(matrix: Matrix, before: Sequence[float] | None = None) -> Scores:
         if any(row[j] is None for j in range(t + 1)):
             raise SpliceError(f"row {t} of the accuracy matrix lacks a seen task: {list(row)}")
     final = [float(v) for v in matrix[-1]]  # type: ignore[arg-type]
-    forgetting = [max(float(matrix[t][j]) for t in range(j, K - 1)) - final[j] for j in range(K - 1)]  # type: ignore[arg-type]
+    per_task = forgetting(matrix)
     bwt = fmean(final[j] - float(matrix[j][j]) for j in range(K - 1))  # type: ignore[arg-type]
     fwt = None
     if before is not None:
@@ -53,4 +54,4 @@ def scores(matrix: Matrix, before: Sequence[float] | None = None) -> Scores:
             raise SpliceError(f"the before-training accuracies name {len(before)} tasks, the matrix {K}")
         gains = [float(matrix[j - 1][j]) - before[j] for j in range(1, K) if matrix[j - 1][j] is not None]
         fwt = fmean(gains) if gains else None
-    return Scores(fmean(final), bwt, fwt, forgetting, fmean(forgetting))
+    return Scores(fmean(final), bwt, fwt, per_task, fmean(per_task))
