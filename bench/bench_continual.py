@@ -36,7 +36,12 @@ preceded. The report gives mean ± std over seeds and the verdicts:
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_continual.py --quick               # smoke run
 
 Each run is a child interpreter (`--child`), so one run's memory and state never leak into the
-next. Results: bench/results/continual.{json,md} and continual_matrices.png.
+next. Results: bench/results/continual.{json,md} and continual_matrices.png. On two cores the two
+sequences can run side by side, one thread each, and be joined afterwards:
+
+    .venv/bin/python bench/bench_continual.py --sequences minilm --out-dir /tmp/a &
+    .venv/bin/python bench/bench_continual.py --sequences smollm2 --forms --out-dir /tmp/b
+    .venv/bin/python bench/bench_continual.py --merge /tmp/a/continual.json /tmp/b/continual.json
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import Phases, bench_main, bench_parser, environment, finish, run_child, settings_from
+from common import Phases, bench_main, bench_parser, environment, finish, run_child, settings_from, write_results
 from continual_report import markdown, plot_matrices
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -159,6 +164,21 @@ def run(s: Settings, out_dir: Path) -> dict[str, Any]:
     return finish(result, phase)
 
 
+def merge(paths: list[Path]) -> dict[str, Any]:
+    """Results of processes run side by side as one: every run, the union of their settings, the
+    longest runtime (they overlapped) and each process's environment."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    settings = dict(parts[0]["settings"])
+    for key in ("seeds", "sequences", "strategies", "forms"):
+        settings[key] = list(dict.fromkeys(v for part in parts for v in part["settings"][key]))
+    settings["quick"] = any(part["settings"]["quick"] for part in parts)
+    return {"environment": parts[0]["environment"], "settings": settings,
+            "runs": [run for part in parts for run in part["runs"]],
+            "runtime_s": max(part["runtime_s"] for part in parts),
+            "merged_from": [{"file": str(p), "settings": part["settings"], "environment": part["environment"],
+                             "runtime_s": part["runtime_s"]} for p, part in zip(paths, parts, strict=True)]}
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
     p = bench_parser(__doc__, "smoke run (MiniLM sequence, sequential and separate, 10% of the steps, 1 seed)")
     p.add_argument("--seeds", nargs="+", type=int, help="seeds (default 0 1 2)")
@@ -167,6 +187,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     p.add_argument("--forms", nargs="*", choices=list(FORMS), help="subset of adapter forms (none: no form runs)")
     p.add_argument("--step-scale", type=float, help="multiply every task's max_steps (default 1)")
     p.add_argument("--eval-examples", type=int, help="cap every task's evaluation rows")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                   help="measure nothing: join result files of runs made side by side into --out-dir")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--settings-json", help=argparse.SUPPRESS)
@@ -177,6 +199,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
 
 
 def main(argv: list[str] | None = None) -> None:
+    args, _ = parse_args(argv)
+    if args.merge:
+        result = merge(args.merge)
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        plot_matrices(result, args.out_dir / "continual_matrices.png")
+        write_results(args.out_dir, "continual", result, markdown(result))
+        return
     bench_main(argv, parse_args, Settings, lambda s, args: run(s, args.out_dir), markdown, "continual", child=child)
 
 

@@ -56,6 +56,7 @@ def score_cells(runs: list[Run]) -> list[str]:
         f"{runs[0]['trainable_parameters'][-1]:,}",
         f"{runs[0]['stored_bytes'][-1] / 1e6:.2f} MB",
         spread(column(runs, lambda r: sum(r["train_seconds"])), "{:.0f}"),
+        str(len(runs)),
     ]
 
 
@@ -67,7 +68,7 @@ def rows_for(result: dict[str, Any], sequence: str, names: list[str], strategy: 
         runs, failed = runs_of(result, sequence, *key), failed_of(result, sequence, *key)
         label = name + (f" ({len(failed)} seed(s) failed)" if failed and runs else "")
         if not runs:
-            rows.append([name, f"failed: {failed[0]['error']}" if failed else "not run", *[""] * 8])
+            rows.append([name, f"failed: {failed[0]['error']}" if failed else "not run", *[""] * 9])
             continue
         rows.append([label, *score_cells(runs)])
     return rows
@@ -131,9 +132,18 @@ def markdown(result: dict[str, Any], settings: Any = None) -> str:
     out = [*heading("Continual learning on real task sequences: splice.continual's strategies", result["environment"]),
            "", f"{quick}Seeds {s['seeds']}; steps x {s['step_scale']}; runtime {result['runtime_s'] / 60:.0f} min. "
            "Scores with the task id given unless said; mean ± std over seeds.", ""]
+    for part in result.get("merged_from", []):
+        p = part["settings"]
+        forms = ", ".join(p["forms"]) or "none"
+        out.append(f"- {', '.join(p['sequences'])} (forms: {forms}): seeds {p['seeds']}, steps x {p['step_scale']}, "
+                   f"evaluation rows {p['eval_examples'] or 'as the file says'}, "
+                   f"{part['runtime_s'] / 60:.0f} min, load average at the end "
+                   f"{part['environment']['loadavg_end'][0]:.1f}")
+    if "merged_from" in result:
+        out += ["", "These processes ran side by side, one thread each: training seconds are under that load.", ""]
     header = ["strategy", "average final accuracy", "BWT", "mean forgetting", "FWT",
               "average final accuracy, no task id", "task 1 after the last", "trainable parameters (last task)",
-              "stored after the last task", "training s"]
+              "stored after the last task", "training s", "seeds"]
     for sequence in s["sequences"]:
         tasks = next((r["tasks"] for r in result["runs"] if r["sequence"] == sequence and "error" not in r), [])
         out += [f"## {sequence}: {' -> '.join(tasks)}", "",

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from splice.continual import SequenceConfig, run_sequence
 from splice.continual.metrics import scores
+from splice.core.errors import ConfigError
 from splice.core.host import hosts
 
 QUIET = Console(quiet=True)
@@ -36,13 +37,17 @@ def test_two_tasks_give_matrices_scores_heads_and_a_report(tiny_bert_folder, tas
     assert ti[0][0] >= result.before[0] and ti[1][1] >= ti[0][1]
     ta = result.matrices["task_agnostic"]
     assert ta[0][1] is None and ta[1][0] is not None
+    routing = result.routing
+    assert routing[0] == [1.0, None]  # one task seen: every row goes to it
+    # a row answered through another task's head is wrong: routing bounds the agnostic accuracy
+    assert all(ta[t][j] <= routing[t][j] for t in range(2) for j in range(t + 1))
     assert result.scores["task_incremental"] == scores(ti, result.before)
     assert len(result.switches) == 1 and 0 <= result.switches[0]["theta_min_mean"] <= torch.pi / 2
     assert result.switches[0]["forgetting"] == pytest.approx(ti[0][0] - ti[1][0])
     assert result.trainable_parameters[0] > 0 and result.stored_bytes[1] > result.stored_bytes[0]  # a second head
     report = result.output_dir / "report"
     saved = json.loads((report / "results.json").read_text())
-    assert saved["matrices"]["task_incremental"] == ti
+    assert saved["matrices"]["task_incremental"] == ti and saved["routing"] == routing
     assert (report / "accuracy_matrix.png").stat().st_size > 0 and (report / "accuracy_curves.png").is_file()
     assert "| topic |" in (report / "results.md").read_text()
     for task in ("sentiment", "topic"):
@@ -56,7 +61,8 @@ def test_separate_forgets_nothing_exactly(tiny_bert_folder, task_files, tmp_path
     assert ti[1][0] == ti[0][0]
     assert result.scores["task_incremental"].forgetting == [0.0]
     # distinct vocabularies: prototype routing sends rows to their own task
-    assert result.matrices["task_agnostic"][1][0] == pytest.approx(ti[1][0], abs=0.05)
+    assert result.routing[1] == [1.0, 1.0]
+    assert result.matrices["task_agnostic"][1][0] == ti[1][0]
 
 
 def test_identical_tasks_forget_nothing_within_noise(tiny_bert_folder, task_files, tmp_path):
@@ -101,3 +107,36 @@ def test_olora_penalty_is_lambda_times_the_squared_overlaps(bert):
     assert torch.allclose(penalty(), expected)
     penalty().backward()
     assert all(h["b"].lora_A.grad is not None and h["a"].lora_A.grad is None for _, _, h in hosts(bert))
+
+
+def test_confidence_routing_sends_rows_to_the_head_most_sure_of_them(tiny_bert_folder, task_files, tmp_path,
+                                                                     monkeypatch):
+    """Routing by confidence: each row goes to the seen task whose own view and head give it the
+    largest class probability, and that task's answer is the row's answer. With the confidences
+    rigged (its own head sure, the other unsure, then the reverse), routing is all right, then all
+    wrong; unrigged, it is whatever the heads say, bounded as the prototype rule is."""
+    from splice.continual import harness
+
+    real = harness.confidence
+    results = {}
+    for rig in ("own", "other", None):
+        def rigged(model, task, rows, heads, head_of, rig=rig):
+            sure = (head_of == task.name) == (rig == "own")
+            return torch.full((len(rows),), 0.9 if sure else 0.6)
+
+        monkeypatch.setattr(harness, "confidence", rigged if rig else real)
+        config = sequence(tiny_bert_folder, task_files, tmp_path / str(rig), "separate", routing="confidence",
+                          angle_samples=0)
+        results[rig] = run_sequence(config, console=QUIET, quiet=True)
+    own, other, unrigged = results["own"], results["other"], results[None]
+    assert own.routing == [[1.0, None], [1.0, 1.0]] and other.routing == [[1.0, None], [0.0, 0.0]]
+    assert own.matrices["task_agnostic"][1] == own.matrices["task_incremental"][1][:2]
+    assert other.matrices["task_agnostic"][1] == [0.0, 0.0]  # every row answered by the other task's head
+    ta = unrigged.matrices["task_agnostic"]
+    assert unrigged.routing[0] == [1.0, None] and all(ta[1][j] <= unrigged.routing[1][j] for j in range(2))
+    assert "no task id (confidence routing)" in (unrigged.output_dir / "report" / "results.md").read_text()
+
+
+def test_confidence_routing_needs_a_classification_head(tiny_bert_folder, task_files, tmp_path):
+    with pytest.raises(ConfigError, match="routing: confidence reads a classification head"):
+        sequence(tiny_bert_folder, task_files, tmp_path, task="causal_lm", routing="confidence")

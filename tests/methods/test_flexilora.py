@@ -325,11 +325,12 @@ def test_length_scorer_needs_token_inputs():
 
 @pytest.mark.slow
 def test_flexilora_on_minilm_learns_rotten_tomatoes(tmp_path):
-    """40 steps of 16 reviews of <= 32 tokens, ranks by length (about 25 s of one CPU core).
-    Measured: validation loss 0.692 -> 0.637, accuracy 0.47 -> 0.67 on 64 reviews."""
+    """40 steps of 16 reviews of <= 32 tokens, ranks by length (about 25 s of one CPU core), in
+    the plain shuffle so that every batch mixes ranks. Measured: validation loss 0.692 -> 0.637,
+    accuracy 0.47 -> 0.67 on 64 reviews (length-grouped batches, one rank per batch: 0.59)."""
     config = TrainConfig(
         adapter={"method": "flexilora", "ranks": [2, 4, 8], "bins": [12, 20]}, max_length=32, lr=5e-3,
-        max_steps=40, eval_every=40, max_eval_examples=64, output_dir=str(tmp_path / "run"))
+        max_steps=40, eval_every=40, max_eval_examples=64, group_by_length=False, output_dir=str(tmp_path / "run"))
     result = run(config, console=Console(quiet=True))
     before, after = result.metrics["before"]["validation"], result.metrics["after"]["validation"]
     assert after["loss"] < before["loss"] - 0.02

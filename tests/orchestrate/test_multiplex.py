@@ -48,7 +48,7 @@ def classification_tenants(bert_dir, tmp_path):
     accumulation (5 batches per epoch with grad_accum=2 ends an epoch on a partial step)."""
     a = TrainConfig(model=str(bert_dir), data=str(text_rows(tmp_path / "a.jsonl", 96, 2, 12, 1)),
                     validation=str(text_rows(tmp_path / "a-val.jsonl", 32, 2, 12, 11)), batch_size=8,
-                    max_steps=12, eval_every=4, lr=2e-2, seed=1, output_dir=str(tmp_path / "a"))
+                    max_steps=12, eval_every=4, lr=5e-2, seed=1, output_dir=str(tmp_path / "a"))
     b = TrainConfig(model=str(bert_dir), data=str(text_rows(tmp_path / "b.jsonl", 40, 3, 3, 2)),
                     validation=str(text_rows(tmp_path / "b-val.jsonl", 30, 3, 3, 12)), batch_size=8,
                     grad_accum=2, max_steps=6, eval_every=2, lr=1e-2, head_lr=3e-2, seed=2,
@@ -71,7 +71,8 @@ def test_each_tenant_trains_as_it_would_alone(classification_tenants, tmp_path):
         _assert_same_training(alone[name], Path(results[name].paths["run_dir"]))
         after_alone = json.loads((alone[name] / "metrics.json").read_text())["after"]["validation"]
         assert results[name].metrics["after"]["validation"] == pytest.approx(after_alone, abs=1e-5)
-    assert _history(alone["a"])[-1]["loss"] < _history(alone["a"])[0]["loss"]  # the compared runs did learn
+    learned = json.loads((alone["a"] / "metrics.json").read_text())
+    assert learned["best_step"] > 0  # the compared adapters are trained ones, not the initial ones
 
 
 def test_a_tenant_joining_late_and_one_leaving_early_still_match(classification_tenants, tmp_path):

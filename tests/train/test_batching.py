@@ -84,7 +84,7 @@ def test_rows_of_one_length_keep_the_plain_shuffled_order(tokenizer):
     """Nothing to group: the loader gives exactly the batches of `shuffle=True`, every epoch."""
     rows = [{"text": f"word{i % 7} film", "label": i % 2} for i in range(40)]
     assert len(set(ClassificationCollator(tokenizer, 64).lengths(rows))) == 1
-    grouped, plain = loader(rows, tokenizer, group_by_length=True), loader(rows, tokenizer)
+    grouped, plain = loader(rows, tokenizer, group_by_length=True), loader(rows, tokenizer, group_by_length=False)
     for _ in range(3):
         assert ids(grouped) == ids(plain)
 
@@ -135,7 +135,7 @@ def ids(batches) -> list[list[tuple[int, ...]]]:
 
 def test_train_loader_groups_when_asked_and_resumes_from_the_epoch_state(tokenizer):
     rows = reviews(256)  # mega-batches of 64 rows (16 steps of 4)
-    grouped, plain = loader(rows, tokenizer, group_by_length=True), loader(rows, tokenizer)
+    grouped, plain = loader(rows, tokenizer, group_by_length=True), loader(rows, tokenizer, group_by_length=False)
     assert isinstance(grouped.sampler, LengthGroupedSampler) and grouped.sampler.generator is grouped.generator
     steps = loader(rows, tokenizer, processes=2, grad_accum=3, group_by_length=True).sampler.step_rows
     assert steps == 4 * 3 * 2  # mega-batches count global optimizer steps

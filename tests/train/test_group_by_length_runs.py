@@ -102,7 +102,7 @@ def test_packed_run_follows_the_padded_run(tiny_causal):
 
 
 def test_config_defaults_and_refusals():
-    assert not TrainConfig().group_by_length and not TrainConfig().packing
+    assert TrainConfig().group_by_length is True and TrainConfig().packing is False
     with pytest.raises(ConfigError, match="packing applies to task causal_lm only"):
         TrainConfig(packing=True)
     with pytest.raises(ConfigError, match="group_by_length must be true or false"):
@@ -130,8 +130,25 @@ def test_cli_flag_sets_group_by_length(app, tiny_bert_dir, data, tmp_path, flags
 
 def test_a_checkpoint_from_before_the_fields_resumes_only_as_it_ran(tmp_path):
     """A checkpoint written before `group_by_length` and `packing` existed ran without them."""
-    current = checkpoint.comparable(TrainConfig(output_dir=str(tmp_path)))
+    current = checkpoint.comparable(TrainConfig(output_dir=str(tmp_path), group_by_length=False))
     older = {k: v for k, v in current.items() if k not in ("group_by_length", "packing")}
     checkpoint.check_same_config(older, current, tmp_path)
     with pytest.raises(SpliceError, match="group_by_length: False -> True"):
         checkpoint.check_same_config(older, {**current, "group_by_length": True}, tmp_path)
+
+
+def test_a_run_folder_from_before_the_default_changed_resumes_as_it_ran(tiny_bert_dir, data, tmp_path):
+    """Its config.yaml has no group_by_length: `resume` keeps that run's plain shuffle, not today's
+    default (grouped), and ends as the plain run that never stopped."""
+    whole = loop.run(config(tiny_bert_dir, data, tmp_path / "whole", group_by_length=False, max_steps=12),
+                     console=quiet())
+    out = tmp_path / "older"
+    with pytest.raises(Crash):
+        Trainer.from_config(config(tiny_bert_dir, data, out, group_by_length=False, max_steps=12),
+                            callbacks=[CrashAt(8)], console=quiet()).fit()
+    written = yaml.safe_load((out / "config.yaml").read_text())
+    (out / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in written.items()
+                                                     if k not in ("group_by_length", "packing")}))
+    resumed = loop.resume(out, console=quiet())
+    assert resumed.status == "finished"
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history]

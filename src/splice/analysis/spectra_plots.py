@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from splice.io.figures import pyplot, save_png
+
 if TYPE_CHECKING:
     from splice.analysis.spectra import ModuleSpectrum, SpectraReport
 
@@ -17,7 +19,7 @@ if TYPE_CHECKING:
 def plot_spectra(report: SpectraReport, path: str | Path, top_k: int | None = None) -> None:
     """Normalised spectra σ_i/σ₁ on a log scale: one panel per module type, one line per layer
     (coloured by depth), a dashed line at the adapter's rank r. Round-off values are not drawn."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     groups = _by_type(report.modules)
@@ -47,14 +49,13 @@ def plot_spectra(report: SpectraReport, path: str | Path, top_k: int | None = No
         fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes, label="layer", shrink=0.8,
                      ticks=MaxNLocator(integer=True))
     fig.suptitle(f"singular values of ΔW, {report.adapter}", fontsize=10)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def plot_effective_ranks(report: SpectraReport, path: str | Path) -> None:
     """A heatmap layers x module types of the entropy effective rank, each cell annotated; the
     colour scale runs from 0 to the adapter's rank r (or the largest value), so colour is absolute."""
-    plt = _pyplot()
+    plt = pyplot()
     groups = _by_type(report.modules)
     layer_keys = sorted({m.layer for m in report.modules}, key=lambda v: (v is None, v or 0))
     grid = torch.full((len(layer_keys), len(groups)), float("nan"))
@@ -78,17 +79,8 @@ def plot_effective_ranks(report: SpectraReport, path: str | Path) -> None:
                         color="black" if value > 0.6 * top else "white")
     ax.set_title("effective rank (entropy)" + (f", r = {rank}" if rank else ""), fontsize=10)
     fig.colorbar(image, ax=ax)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _by_type(modules: list[ModuleSpectrum]) -> dict[str, list[ModuleSpectrum]]:

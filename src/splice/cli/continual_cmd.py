@@ -28,6 +28,8 @@ def continual(
     output_dir: Annotated[str | None, typer.Option(help="Run folder (default: the file's, else "
                                                    "runs/continual-<strategy>).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty run folder.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the stopped run in the run folder at the "
+                                         "task after the last one it finished (same file and flags).")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Train the tasks in order; after each one, evaluate every task seen so far (and the next
@@ -40,12 +42,23 @@ def continual(
 
         splice continual examples/continual_minilm.yaml
         splice continual examples/continual_minilm.yaml --strategy olora --seed 1
+        splice continual examples/continual_minilm.yaml --strategy olora --seed 1 --resume   # after a stop
+
+    The run is saved after every task: a stopped run (Ctrl-C, a killed job) continues with --resume.
     """
     from splice.continual import SequenceConfig, run_sequence
+    from splice.core.errors import SpliceError
 
     with user_errors(), quieted(console, quiet) as tables:
+        if resume and force:
+            raise SpliceError("--resume continues the run in the folder and --force replaces it: give one")
         config = SequenceConfig.from_yaml(sequence, strategy=strategy, seed=seed, output_dir=output_dir)
-        result = run_sequence(config, console=tables, quiet=quiet, overwrite=force)
+        try:
+            result = run_sequence(config, console=tables, quiet=quiet, overwrite=force, resume=resume)
+        except KeyboardInterrupt:
+            console.print(f"[yellow]stopped.[/] The tasks finished so far are saved in {config.output_dir}; "
+                          f"continue with the same command and --resume")
+            raise typer.Exit(130) from None
     for setting, matrix in result.matrices.items():
         table = Table(title=f"{config.strategy}: accuracy after each task ({setting.replace('_', '-')})")
         table.add_column("after")

@@ -70,7 +70,8 @@ GradientCheckpointing = Annotated[bool | None, typer.Option(
     help="Recompute activations in the backward pass: less memory, about a third more compute.")]
 Seed = Annotated[int | None, typer.Option(help="Random seed.")]
 GroupByLength = Annotated[bool | None, typer.Option(
-    help="Batch training rows of similar length together (less padding, same results up to seed noise).")]
+    help="Batch training rows of similar length together (less padding, same results up to seed noise); on "
+    "by default, --no-group-by-length for the plain shuffle.")]
 OutputDir = Annotated[str | None, typer.Option(help="Run folder (default: runs/<data>-<method>).")]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite a non-empty run folder.")]
 Tenants = Annotated[bool, typer.Option("--tenants", help="Train every config given at once on one shared copy "

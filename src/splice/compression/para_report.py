@@ -17,6 +17,7 @@ from splice.core.adapter_state import AdapterState, ModuleUpdate
 from splice.core.errors import SpliceError
 from splice.core.inventory import shared_prefix
 from splice.io.adapter_states import save_state
+from splice.io.figures import pyplot, save_png
 
 if TYPE_CHECKING:
     from splice.compression.para import ModuleSVD
@@ -228,10 +229,7 @@ def plot_sweep(points: Mapping[float, SweepPoint], path: str | Path, *, metric: 
                reference: float | None = None, title: str | None = None) -> Path:
     """The metric (y) against the adapter parameters kept (x, log scale), one labelled point per
     budget; a dashed line at `reference` (the uncompressed adapter). Needs metrics."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     scored = [p for p in points.values() if p.metric is not None]
     if not scored:
@@ -249,6 +247,5 @@ def plot_sweep(points: Mapping[float, SweepPoint], path: str | Path, *, metric: 
     ax.set(xlabel="adapter parameters kept (labels: budget)", ylabel=metric)
     ax.set_title(title or f"PARA: {metric} against budget", fontsize=10)
     path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
     return path

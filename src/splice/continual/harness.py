@@ -9,10 +9,12 @@ task trains with `splice.train.Trainer` (its own optimizer, schedule, best-state
 run folder under `<output_dir>/tasks/<name>`) on the adapter the strategy gives it. Before any
 training and after each task, every seen task and the next unseen one are evaluated with the
 task id given (task-incremental); with `task_agnostic`, every seen task also without it (rows
-routed by prototypes, `splice.continual.scoring`). At every switch from task t-1 to task t the
-smallest principal angle between the two tasks' gradient subspaces is measured at the model as
-task t starts (`splice.analysis.gradient_subspace`), and paired with the forgetting of task t-1
-that task t causes, for the Geometric Forgetting Law's fit (Steele 2026).
+routed by prototype or by confidence, `splice.continual.scoring`; the share routed to the right
+task is kept as `routing`, the ceiling of a classification task's accuracy there). At every
+switch from task t-1 to task t the smallest principal angle between the two tasks' gradient
+subspaces is measured at the model as task t starts (`splice.analysis.gradient_subspace`), and
+paired with the forgetting of task t-1 that task t causes, for the Geometric Forgetting Law's
+fit (Steele 2026).
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from rich.console import Console
 from torch import nn
 
 from splice.analysis.forgetting import fit_forgetting_law, gradient_subspace, subspace_angle
+from splice.continual import checkpoint
 from splice.continual import heads as task_heads
 from splice.continual.data import task_splits
 from splice.continual.metrics import Scores, scores
-from splice.continual.scoring import Prototypes, correct_rows, eval_rows, eval_split
+from splice.continual.scoring import Prototypes, confidence, correct_rows, eval_rows, eval_split
 from splice.continual.sequence import SequenceConfig
 from splice.continual.strategies import make_strategy
 from splice.continual.strategies.base import Strategy, TaskContext
@@ -60,6 +63,7 @@ class ContinualResult:
     train_seconds: list[float] = field(default_factory=list)
     wall_seconds: float = 0.0
     eval_splits: list[str] = field(default_factory=list)  # per task: test, or validation where no test rows
+    routing: list[list[float | None]] = field(default_factory=list)  # task-agnostic: rows sent to their own task
     model: nn.Module | None = field(default=None, repr=False)  # as the last task left it
 
     @property
@@ -70,11 +74,12 @@ class ContinualResult:
 class _Run:
     """The state of one sequence run: model, heads, tasks, strategy, and the numbers so far."""
 
-    def __init__(self, config: SequenceConfig, console: Console, overwrite: bool) -> None:
+    def __init__(self, config: SequenceConfig, console: Console, overwrite: bool, resuming: bool) -> None:
         self.config, self.console = config, console
-        folder = check_output_dir(config.output_dir, overwrite)
-        if folder.exists() and overwrite:
-            shutil.rmtree(folder)
+        if not resuming:
+            folder = check_output_dir(config.output_dir, overwrite)
+            if folder.exists() and overwrite:
+                shutil.rmtree(folder)
         set_seed(config.seed)
         configs = [config.train_config(spec) for spec in config.tasks]
         splits = [task_splits(spec, c) for spec, c in zip(config.tasks, configs, strict=True)]
@@ -89,8 +94,21 @@ class _Run:
                 self.heads.add(context.name, len(context.splits.label_names))
         adapter = configs[0].adapter_config()  # no head in train_also: the heads are the run's
         self.strategy: Strategy = make_strategy(config.strategy, adapter, config.options)
+        self.agnostic = "task_agnostic" in config.settings
         self.prototypes = (Prototypes(self.model, self.tokenizer, self.contexts, config.eval_split)
-                           if "task_agnostic" in config.settings else None)
+                           if self.agnostic and config.routing == "prototype" else None)
+
+    def choice(self, task: int, seen: int) -> torch.Tensor:
+        """For each eval row of task `task`, the index of the task it is routed to among the first `seen`."""
+        if self.prototypes is not None:
+            return self.prototypes.choice(task, seen)
+        context = self.contexts[task]
+        rows = eval_rows(context, self.config.eval_split)
+        scores = []
+        for route in self.contexts[:seen]:
+            with self.strategy.agnostic_view(self.model, route.name):
+                scores.append(confidence(self.model, context, rows, self.heads, route.name))
+        return torch.stack(scores, dim=1).argmax(dim=1)
 
     def accuracy(self, task: int, agnostic_seen: int | None = None) -> float:
         """Task `task`'s accuracy, with its task id, or routed among the first `agnostic_seen` tasks."""
@@ -100,7 +118,7 @@ class _Run:
             with self.strategy.view(self.model, context.name):
                 hits = correct_rows(self.model, self.tokenizer, context, rows, self.heads)
             return hits.float().mean().item() if len(hits) else float("nan")
-        chosen = self.prototypes.choice(task, agnostic_seen)
+        chosen = self.choice(task, agnostic_seen)
         hits = torch.zeros(len(rows), dtype=torch.bool)
         for route in chosen.unique().tolist():
             picked = (chosen == route).nonzero().flatten().tolist()
@@ -118,6 +136,11 @@ class _Run:
         if "task_agnostic" in self.config.settings:
             out["task_agnostic"] = [self.accuracy(j, task + 1) if j <= task else None for j in range(K)]
         return out
+
+    def routing(self, task: int) -> list[float | None]:
+        """After task `task`: the share of each seen task's eval rows routed to that task."""
+        return [(self.choice(j, task + 1) == j).float().mean().item() if j <= task else None
+                for j in range(len(self.contexts))]
 
     def switch_angle(self, task: TaskContext) -> dict[str, Any] | None:
         """θ_min between the previous task's and this task's gradient subspaces, at the model now."""
@@ -143,6 +166,8 @@ class _Run:
     def train(self, task: TaskContext) -> tuple[Trainer, float, dict[str, Any] | None]:
         """The strategy's adapter for `task` (and its head) trained by a `Trainer`; its wall seconds,
         and the switch angle, measured once the adapter is attached (so at the adapted layers)."""
+        if self.heads is not None:  # a strategy's statistics pass (LoDA's) runs the model through a head
+            task_heads.select(self.model, self.heads, task.name)
         name = self.strategy.begin_task(self.model, task)
         switch = self.switch_angle(task)
         extra = []
@@ -160,6 +185,17 @@ class _Run:
         self.strategy.end_task(self.model, task)
         return trainer, seconds, switch
 
+    def rebuild(self, state: dict[str, Any]) -> int:
+        """The model as the saved run left it after its first `done` tasks; that number. The
+        unfinished task's folder (and any after it) is cleared for its fresh start."""
+        done = state["done"]
+        for context in self.contexts[:done]:
+            self.strategy.rebuild(self.model, context)
+        checkpoint.restore(self.model, self.strategy, state)
+        for context in self.contexts[done:]:
+            shutil.rmtree(context.config.output_dir, ignore_errors=True)
+        return done
+
     def stored_bytes(self, trained: int) -> int:
         """What the strategy keeps, plus the trained tasks' heads."""
         heads = 0 if self.heads is None else sum(t.numel() * t.element_size() for c in self.contexts[:trained]
@@ -168,21 +204,38 @@ class _Run:
 
 
 def run_sequence(config: SequenceConfig, *, console: Console | None = None, quiet: bool = False,
-                 overwrite: bool = False) -> ContinualResult:
+                 overwrite: bool = False, resume: bool = False) -> ContinualResult:
     """Train the sequence's tasks in order with its strategy; the matrices, scores and costs,
-    written to `config.output_dir` (a non-empty folder is refused unless `overwrite`)."""
+    written to `config.output_dir` (a non-empty folder is refused unless `overwrite`).
+
+    After every task the run is saved (`splice.continual.checkpoint`); `resume=True` continues a
+    stopped run in `config.output_dir` at the task after the last one it finished, with the same
+    config, and ends as the run that never stopped.
+    """
     from splice.continual.report import write_report
 
     console = console or Console(quiet=quiet)
     started = time.perf_counter()
+    saved = checkpoint.load(config.output_dir, config.to_dict()) if resume else None
     with progress.use(console, quiet=quiet):
-        run = _Run(config, console, overwrite)
+        run = _Run(config, console, overwrite, resuming=saved is not None)
         names = [c.name for c in run.contexts]
-        before = [run.accuracy(j) for j in range(len(names))]  # the pretrained model, untrained heads
         matrices: dict[str, list[list[float | None]]] = {s: [] for s in config.settings}
-        result = ContinualResult(config, names, matrices, [float(v) for v in before], {}, model=run.model,
+        result = ContinualResult(config, names, matrices, [], {}, model=run.model,
                                  eval_splits=[eval_split(c, config.eval_split) for c in run.contexts])
-        for task in progress.track(run.contexts, "tasks"):
+        done, earlier_seconds = 0, 0.0
+        if saved is None:
+            result.before = [float(run.accuracy(j)) for j in range(len(names))]  # pretrained model, untrained heads
+        else:
+            state, partial = saved
+            done, earlier_seconds = run.rebuild(state), partial.pop("wall_seconds")
+            for key, value in partial.items():
+                if key not in ("done", "config"):
+                    setattr(result, key, value)
+            matrices = result.matrices
+            console.print(f"resuming {config.output_dir} after task {done}/{len(names)} ({names[done - 1]})")
+        before = result.before
+        for task in progress.track(run.contexts[done:], "tasks"):
             console.print(f"[bold]task {task.index + 1}/{len(names)}: {task.name}[/] ({config.strategy})")
             trainer, seconds, switch = run.train(task)
             if switch is not None:
@@ -190,14 +243,28 @@ def run_sequence(config: SequenceConfig, *, console: Console | None = None, quie
             for setting, values in run.row(task.index).items():
                 if setting in matrices:
                     matrices[setting].append(values)
+            if run.agnostic:
+                result.routing.append(run.routing(task.index))
             result.trainable_parameters.append(sum(p.numel() for p in trainer.trained.values()))
             result.stored_bytes.append(run.stored_bytes(task.index + 1))
             result.train_seconds.append(seconds)
+            if task.index + 1 < len(names):
+                checkpoint.save(config.output_dir, run.model, run.strategy, task.index + 1,
+                                _partial(result, earlier_seconds + time.perf_counter() - started))
         result.scores = {s: scores(m, before if s == "task_incremental" else None) for s, m in matrices.items()}
         result.law = _law(result)
-        result.wall_seconds = time.perf_counter() - started
+        result.wall_seconds = earlier_seconds + time.perf_counter() - started
         write_report(result)
+        checkpoint.remove(config.output_dir)
     return result
+
+
+def _partial(result: ContinualResult, wall_seconds: float) -> dict[str, Any]:
+    """What a resumed run needs of the result so far (plain values)."""
+    return {"config": result.config.to_dict(), "before": result.before, "matrices": result.matrices,
+            "routing": result.routing, "switches": result.switches,
+            "trainable_parameters": result.trainable_parameters, "stored_bytes": result.stored_bytes,
+            "train_seconds": result.train_seconds, "wall_seconds": wall_seconds}
 
 
 def _law(result: ContinualResult) -> dict[str, float] | None:

@@ -10,18 +10,22 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from splice.io.figures import pyplot, save_png
 from splice.io.files import atomic_directory, write_json, write_text
 
 if TYPE_CHECKING:
     from splice.continual.harness import ContinualResult
 
-SETTING_TITLES = {"task_incremental": "task id given", "task_agnostic": "no task id (prototype routing)"}
+
+def setting_title(setting: str, result: ContinualResult) -> str:
+    return "task id given" if setting == "task_incremental" else f"no task id ({result.config.routing} routing)"
 
 
 def as_dict(result: ContinualResult) -> dict[str, Any]:
     return {
         "strategy": result.config.strategy, "tasks": result.tasks, "before": result.before,
-        "matrices": result.matrices, "scores": {s: v.to_dict() for s, v in result.scores.items()},
+        "matrices": result.matrices, "routing": result.routing,
+        "scores": {s: v.to_dict() for s, v in result.scores.items()},
         "switches": result.switches, "forgetting_law": result.law,
         "trainable_parameters": result.trainable_parameters, "stored_bytes": result.stored_bytes,
         "train_seconds": result.train_seconds, "wall_seconds": result.wall_seconds, "eval_splits": result.eval_splits,
@@ -51,13 +55,20 @@ def markdown(result: ContinualResult) -> str:
              "Accuracy on each task's " + ", ".join(f"{n}: {s}" for n, s in zip(result.tasks, result.eval_splits,
                                                                               strict=True)) + " rows.", ""]
     for setting, matrix in result.matrices.items():
-        lines += [f"## Accuracy matrix, {SETTING_TITLES[setting]}", "",
+        lines += [f"## Accuracy matrix, {setting_title(setting, result)}", "",
                   "| after \\ on | " + " | ".join(result.tasks) + " |", "|---" * (len(result.tasks) + 1) + "|"]
         if setting == "task_incremental":
             lines.append("| (before) | " + " | ".join(_cell(v) for v in result.before) + " |")
         lines += [f"| {name} | " + " | ".join(_cell(v) for v in row) + " |" for name, row in zip(result.tasks, matrix,
                                                                                                  strict=True)]
         lines.append("")
+    if result.routing:
+        lines += ["## Routing without task id: share of each task's rows sent to that task", "",
+                  "| after \\ on | " + " | ".join(result.tasks) + " |", "|---" * (len(result.tasks) + 1) + "|"]
+        lines += [f"| {name} | " + " | ".join(_cell(v) for v in row) + " |" for name, row in zip(result.tasks,
+                  result.routing, strict=True)]
+        lines += ["", "A classification row routed elsewhere is answered by another task's head and counts as "
+                  "wrong: this bounds the task-agnostic accuracy from above.", ""]
     lines += ["## Scores", "",
               "| setting | average final accuracy | BWT | FWT | mean forgetting | forgetting per task |",
               "|---|---|---|---|---|---|"]
@@ -90,7 +101,7 @@ def markdown(result: ContinualResult) -> str:
 
 def plot_matrices(result: ContinualResult, path: Path) -> None:
     """A heatmap of each setting's accuracy matrix (rows: after task t; columns: on task j)."""
-    plt = _pyplot()
+    plt = pyplot()
     settings = list(result.matrices)
     K = len(result.tasks)
     fig, axes = plt.subplots(1, len(settings), figsize=(3.2 + 1.1 * K * len(settings), 1.2 + 0.9 * K),
@@ -105,16 +116,15 @@ def plot_matrices(result: ContinualResult, path: Path) -> None:
                             fontsize=8)
         ax.set_xticks(range(K), result.tasks, rotation=30, ha="right")
         ax.set_yticks(range(K), [f"after {n}" for n in result.tasks])
-        ax.set_title(SETTING_TITLES[setting], fontsize=9)
+        ax.set_title(setting_title(setting, result), fontsize=9)
     fig.colorbar(image, ax=axes[0, -1], label="accuracy")
     fig.suptitle(f"{result.config.strategy}: accuracy after each task")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def plot_curves(result: ContinualResult, path: Path) -> None:
     """Each task's task-incremental accuracy from before training to after the last task."""
-    plt = _pyplot()
+    plt = pyplot()
     matrix = result.matrices["task_incremental"]
     fig, ax = plt.subplots(figsize=(5.5, 3.5), layout="constrained")
     steps = ["before", *[f"after {n}" for n in result.tasks]]
@@ -127,14 +137,5 @@ def plot_curves(result: ContinualResult, path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     ax.set_title(f"{result.config.strategy}: forgetting curves")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt

@@ -6,11 +6,13 @@ was routed to: a classification row counts as right only if it went to its own t
 task's head answers in another label space) and that head's class is its label; a generated
 answer counts when it matches, whichever task's view produced it.
 
-Routing (ConDU's rule, Gao et al. 2026): features are the mean-pooled last hidden states of the
-frozen pretrained model, L2-normalised; a classification task's prototypes are its classes'
-normalised mean features, a generation task's one prototype its mean feature; a row goes to the
-seen task whose best prototype is closest in cosine. Features depend only on the row and the
-pretrained model, so they are computed once, before any training changes the weights.
+Routing by prototype (ConDU's rule, Gao et al. 2026; the default): features are the mean-pooled
+last hidden states of the frozen pretrained model, L2-normalised; a classification task's
+prototypes are its classes' normalised mean features, a generation task's one prototype its mean
+feature; a row goes to the seen task whose best prototype is closest in cosine. Features depend only on the row and the
+pretrained model, so they are computed once, before any training changes the weights. Routing
+by confidence (classification; volume 2, §1's other rule for CoRe) sends a row to the seen task
+whose own view and head predict it with the largest class probability.
 """
 
 from __future__ import annotations
@@ -44,6 +46,17 @@ def eval_rows(task: TaskContext, split: str) -> list[Row]:
 
 def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+@torch.no_grad()
+def confidence(model: nn.Module, task: TaskContext, rows: list[Row], heads: TaskHeads, head_of: str) -> torch.Tensor:
+    """Per row, the largest class probability the model (as it is now) gives through task `head_of`'s head."""
+    model.eval()
+    select(model, heads, head_of)
+    device = device_of(model)
+    return torch.cat([model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}).logits.float()
+                      .softmax(-1).amax(-1).cpu()
+                      for batch in DataLoader(rows, batch_size=task.config.batch_size, collate_fn=task.collate)])
 
 
 @torch.no_grad()

@@ -81,6 +81,10 @@ class SequenceConfig:
         train: TrainConfig fields shared by every task (batch_size, lr, max_length, ...).
         settings: the inference settings evaluated after each task: task_incremental (task id
             given) and/or task_agnostic (the strategy picks the task).
+        routing: task-agnostic task selection: "prototype" (the row's closest class prototype
+            of the frozen model, ConDU's rule) or "confidence" (classification only: the task
+            whose view and head give the row's most confident prediction, max softmax; one
+            forward pass per seen task).
         eval_split: the split of the accuracy matrix ("test" or "validation").
         angle_samples: gradient samples per task for the principal angles between successive
             tasks (0: no angles).
@@ -96,6 +100,7 @@ class SequenceConfig:
     adapter: dict[str, Any] = field(default_factory=default_adapter)
     train: dict[str, Any] = field(default_factory=dict)
     settings: list[Setting] = field(default_factory=lambda: list(SETTINGS))
+    routing: Literal["prototype", "confidence"] = "prototype"
     eval_split: Literal["test", "validation"] = "test"
     angle_samples: int = 4
     seed: int = 0
@@ -119,6 +124,9 @@ class SequenceConfig:
                 raise _error("train", f"train.{key} {why}")
         if not self.settings or any(s not in SETTINGS for s in self.settings):
             raise _error("settings", f"settings must list some of {', '.join(SETTINGS)}; got {self.settings!r}")
+        if self.routing == "confidence" and self.task != "classification":
+            raise _error("routing", "routing: confidence reads a classification head's probabilities; a generator "
+                                    "routes by prototype")
         if self.angle_samples < 0:
             raise _error("angle_samples", f"angle_samples must be >= 0, got {self.angle_samples}")
         if self.output_dir is None:

@@ -334,6 +334,11 @@ def write_text(file: Path, text: str) -> None:
     _write_new(Path(file), text.encode("utf-8", "surrogateescape"))
 
 
+def write_bytes(file: Path, data: bytes) -> None:
+    """`data` in a new file (an existing entry, a link included, is replaced)."""
+    _write_new(Path(file), data)
+
+
 def write_tensors(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """A new safetensors file (an existing entry, a link included, is replaced, never written through)."""
     file = Path(file)

@@ -39,6 +39,7 @@ from splice.core.config import AdapterConfig, Targets
 from splice.core.errors import SpliceError
 from splice.core.layers import describe
 from splice.core.targets import layer_index, resolve_targets
+from splice.io.figures import pyplot, save_png
 
 Score = Literal["expected", "sampled"]
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -75,10 +76,7 @@ class Placement:
 
     def heatmap(self, path: str | Path) -> Path:
         """A PNG of each module's share, layers down and module types across."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         layers: list[int | None] = sorted({s.layer for s in self.sites if s.layer is not None})
         if any(s.layer is None for s in self.sites):  # outside the layer stack (a pooler): a row of its own
@@ -97,8 +95,7 @@ class Placement:
         fig.colorbar(image, ax=ax)
         fig.tight_layout()
         path = Path(path)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        save_png(fig, path, dpi=120)
         return path
 
 

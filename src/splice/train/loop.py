@@ -19,8 +19,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from splice.core.errors import SpliceError
-from splice.train.checkpoint import claim
-from splice.train.config import TrainConfig
+from splice.train.checkpoint import ADDED_FIELDS, claim
+from splice.train.config import TrainConfig, read_yaml_mapping
 
 # The names below lived here before `Trainer`; kept so that existing imports keep working.
 from splice.train.evaluation import enable_gradient_checkpointing as _enable_gradient_checkpointing  # noqa: F401
@@ -66,10 +66,14 @@ def resume(run_dir: str | Path, *, console: Console | None = None) -> RunResult:
     """Continue the interrupted run in `run_dir` from its newest checkpoint, with its config.yaml.
 
     The result is that of the run had it never stopped (same batches, random states, schedule
-    and best checkpoint). A run that has ended (finished or diverged) is refused.
+    and best checkpoint). A run that has ended (finished or diverged) is refused. A config.yaml
+    written before a field existed resumes with the value that run had (`checkpoint.ADDED_FIELDS`),
+    not today's default.
     """
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise SpliceError(f"cannot resume {run_dir}: it has no config.yaml (not a `splice train` run folder)")
-    return run(TrainConfig.from_yaml(config_file, output_dir=str(run_dir)), console=console, resume=True)
+    written = read_yaml_mapping(config_file, "config file", "config fields")
+    older = {k: v for k, v in ADDED_FIELDS.items() if k not in written}  # written before these fields existed
+    return run(TrainConfig.from_yaml(config_file, output_dir=str(run_dir), **older), console=console, resume=True)

@@ -31,6 +31,7 @@ from rich.table import Table
 import splice
 from splice.core.errors import OutputExistsError, SpliceError
 from splice.core.summary import Summary
+from splice.io.figures import pyplot, save_png
 from splice.train.config import TrainConfig
 
 try:
@@ -323,10 +324,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path, start: dict[str, floa
 
     `start`, the validation metrics before training, is drawn at step 0.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     history = [h for h in history if h.get("loss") is not None]  # a skipped (non-finite) step has none
     during = [h for h in history if "eval" in h]
@@ -352,8 +350,7 @@ def plot_curves(history: list[dict[str, Any]], path: Path, start: dict[str, floa
         metric_ax.set(xlabel="step", title="validation")
         metric_ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def summary_table(summary: Summary, title: str) -> Table:

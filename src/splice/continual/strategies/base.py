@@ -9,6 +9,9 @@ evaluation; a strategy owns the adapters. For each task, in order:
     strategy.end_task(model, task)                # freeze, merge, recalibrate, unify ...
     with strategy.view(model, j): ...             # the model as it answers task j (task id given)
 
+A resumed run (`splice.continual.checkpoint`) calls `rebuild` for each finished task on a fresh
+model, loads the saved tensors over what it re-created, and hands `state()` back to `load_state`.
+
 Task-agnostic inference routes each example to a task first (the harness's prototype rule,
 `splice.continual.scoring`), then answers through the strategy's `agnostic_view` of that task.
 """
@@ -79,6 +82,18 @@ class Strategy:
 
     def end_task(self, model: nn.Module, task: TaskContext) -> None:
         self.trained.append(task.name)
+
+    def rebuild(self, model: nn.Module, task: TaskContext) -> None:
+        """Re-create the modules that finished task `task` left in the model (attached, merged),
+        with any values: a resume loads the saved tensors over them."""
+        raise NotImplementedError
+
+    def state(self) -> dict[str, Any]:
+        """What the strategy remembers beyond the model's tensors, as tensors and plain values."""
+        return {"trained": list(self.trained)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.trained = list(state["trained"])
 
     @contextmanager
     def view(self, model: nn.Module, task: str) -> Iterator[None]:

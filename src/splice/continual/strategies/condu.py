@@ -84,6 +84,18 @@ class ConDU(Strategy):
         splice.detach(model, task.name)
         super().end_task(model, task)
 
+    def rebuild(self, model: nn.Module, task: TaskContext) -> None:
+        """Nothing: a finished task's expert is gone from the model, kept in `unified`."""
+
+    def state(self) -> dict[str, Any]:
+        unified = None if self.unified is None else {
+            "vector": self.unified.vector, "masks": self.unified.masks, "scales": self.unified.scales}
+        return {**super().state(), "unified": unified}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
+        self.unified = None if state["unified"] is None else Unified(**state["unified"])
+
     def decoupled(self, task: str) -> dict[str, torch.Tensor] | None:
         """τ̂ of `task` by parameter name (None: not trained yet)."""
         if self.unified is None or task not in self.trained:

@@ -263,6 +263,17 @@ class LoDA(Strategy):
         self.new = {}
         super().end_task(model, task)
 
+    def rebuild(self, model: nn.Module, task: TaskContext) -> None:
+        splice.attach(model, self.task_config(), task.name)
+        splice.merge(model, task.name)
+
+    def state(self) -> dict[str, Any]:
+        return {**super().state(), "old": self.old}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
+        self.old = dict(state["old"])
+
     @contextmanager
     def view(self, model: nn.Module, task: str) -> Iterator[None]:
         with active(model, []):  # every finished task is merged into the weights

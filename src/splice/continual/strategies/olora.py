@@ -56,6 +56,10 @@ class OLoRA(Strategy):
         splice.merge(model, task.name)
         super().end_task(model, task)
 
+    def rebuild(self, model: nn.Module, task: TaskContext) -> None:
+        splice.attach(model, self.adapter, task.name)
+        splice.merge(model, task.name)
+
     @contextmanager
     def view(self, model: nn.Module, task: str) -> Iterator[None]:
         with active(model, []):  # the finished LoRAs are in the weights

@@ -21,6 +21,9 @@ class Separate(Strategy):
         splice.attach(model, self.adapter, task.name)
         return task.name
 
+    def rebuild(self, model: nn.Module, task: TaskContext) -> None:
+        self.begin_task(model, task)
+
     @contextmanager
     def view(self, model: nn.Module, task: str) -> Iterator[None]:
         with active(model, [task] if task in self.trained else []):

@@ -25,6 +25,9 @@ class Sequential(Strategy):
         splice.activate(model, ADAPTER)
         return ADAPTER
 
+    def rebuild(self, model: nn.Module, task: TaskContext) -> None:
+        self.begin_task(model, task)
+
     @contextmanager
     def view(self, model: nn.Module, task: str) -> Iterator[None]:
         with active(model, [ADAPTER] if ADAPTER in splice.adapters(model) else []):
