@@ -135,10 +135,11 @@ def markdown(result: dict[str, Any], settings: Any = None) -> str:
     for part in result.get("merged_from", []):
         p = part["settings"]
         forms = ", ".join(p["forms"]) or "none"
-        out.append(f"- {', '.join(p['sequences'])} (forms: {forms}): seeds {p['seeds']}, steps x {p['step_scale']}, "
-                   f"evaluation rows {p['eval_examples'] or 'as the file says'}, "
-                   f"{part['runtime_s'] / 60:.0f} min, load average at the end "
-                   f"{part['environment']['loadavg_end'][0]:.1f}")
+        load = part["environment"].get("loadavg_end")
+        out.append(f"- {', '.join(p['sequences'])}: {', '.join(p['strategies']) or 'no strategy'} (forms: {forms}), "
+                   f"seeds {p['seeds']}, steps x {p['step_scale']}, evaluation rows "
+                   f"{p['eval_examples'] or 'as the file says'}, {part['runtime_s'] / 60:.0f} min"
+                   + (f", load average at the end {load[0]:.1f}" if load else ""))
     if "merged_from" in result:
         out += ["", "These processes ran side by side, one thread each: training seconds are under that load.", ""]
     header = ["strategy", "average final accuracy", "BWT", "mean forgetting", "FWT",

@@ -40,7 +40,7 @@ from splice.continual.sequence import SequenceConfig
 from splice.continual.strategies import make_strategy
 from splice.continual.strategies.base import Strategy, TaskContext
 from splice.core import progress
-from splice.core.errors import SpliceError
+from splice.core.errors import ConfigError, SpliceError
 from splice.io.output_dirs import check_output_dir
 from splice.train import Trainer
 from splice.train import tasks as train_tasks
@@ -91,7 +91,12 @@ class _Run:
         if config.task == "classification":
             self.heads, self.head_path = task_heads.install(self.model)
             for context in self.contexts:
-                self.heads.add(context.name, len(context.splits.label_names))
+                if context.spec.head is None:
+                    self.heads.add(context.name, len(context.splits.label_names))
+                else:
+                    owner = next(c for c in self.contexts if c.name == context.spec.head)
+                    _check_same_labels(context, owner)
+                    self.heads.share(context.name, context.spec.head)
         adapter = configs[0].adapter_config()  # no head in train_also: the heads are the run's
         self.strategy: Strategy = make_strategy(config.strategy, adapter, config.options)
         self.agnostic = "task_agnostic" in config.settings
@@ -173,15 +178,15 @@ class _Run:
         extra = []
         if self.heads is not None:
             task_heads.select(self.model, self.heads, task.name)
-            self.heads.heads[task.name].requires_grad_(True)
-            extra = [f"{self.head_path}.heads.{task.name}"]
+            self.heads.head(task.name).requires_grad_(True)
+            extra = [f"{self.head_path}.heads.{self.heads.owner(task.name)}"]
         started = time.perf_counter()
         trainer = Trainer(self.model, self.tokenizer, task.config, adapter_name=name, splits=task.splits,
                           heads=extra, penalties=self.strategy.penalties(self.model, task), console=self.console)
         trainer.fit()
         seconds = time.perf_counter() - started
         if self.heads is not None:
-            self.heads.heads[task.name].requires_grad_(False)
+            self.heads.head(task.name).requires_grad_(False)
         self.strategy.end_task(self.model, task)
         return trainer, seconds, switch
 
@@ -198,8 +203,8 @@ class _Run:
 
     def stored_bytes(self, trained: int) -> int:
         """What the strategy keeps, plus the trained tasks' heads."""
-        heads = 0 if self.heads is None else sum(t.numel() * t.element_size() for c in self.contexts[:trained]
-                                                 for t in self.heads.heads[c.name].parameters())
+        owners = {self.heads.owner(c.name) for c in self.contexts[:trained]} if self.heads is not None else set()
+        heads = sum(t.numel() * t.element_size() for owner in owners for t in self.heads.heads[owner].parameters())
         return self.strategy.stored_bytes(self.model) + heads
 
 
@@ -257,6 +262,13 @@ def run_sequence(config: SequenceConfig, *, console: Console | None = None, quie
         write_report(result)
         checkpoint.remove(config.output_dir)
     return result
+
+
+def _check_same_labels(task: TaskContext, owner: TaskContext) -> None:
+    """A task sharing `owner`'s head must have its labels, in its order."""
+    if task.splits.label_names != owner.splits.label_names:
+        raise ConfigError(f"task {task.name!r} shares the head of {owner.name!r} (head: {owner.name}) but its labels "
+                          f"{task.splits.label_names} are not {owner.name!r}'s {owner.splits.label_names}")
 
 
 def _partial(result: ContinualResult, wall_seconds: float) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Per-task classification heads on one model: each task of a continual run has its own head
 with its own number of classes (2 for sentiment, 5 for news topics), and switching tasks
-switches heads.
+switches heads. A task may instead share an earlier task's head (`TaskSpec.head`: the same label
+set in a new domain, or the same task again), which it then trains on.
 
 `TaskHeads` replaces the model's head module (`classifier` for BERT-like models, `score` for
 decoders) by one module that holds a linear head per task and computes with the selected one.
@@ -26,6 +27,7 @@ class TaskHeads(nn.Module):
         super().__init__()
         self.in_features, self.bias = template.in_features, template.bias is not None
         self.heads = nn.ModuleDict()
+        self.shared: dict[str, str] = {}  # task -> the earlier task whose head it uses
         self.current: str | None = None
         # moves with the model, so that a head added later lands on the model's device
         self.register_buffer("anchor", torch.empty(0, device=template.weight.device), persistent=False)
@@ -39,6 +41,20 @@ class TaskHeads(nn.Module):
         if head.bias is not None:
             nn.init.zeros_(head.bias)
         self.heads[task] = head.to(self.anchor.device)
+
+    def share(self, task: str, owner: str) -> None:
+        """`task` computes with (and trains) `owner`'s head."""
+        if owner not in self.heads:
+            raise SpliceError(f"task {task!r} shares the head of {owner!r}, which has none; tasks with heads: "
+                              f"{list(self.heads)}")
+        self.shared[task] = owner
+
+    def owner(self, task: str) -> str:
+        """The task whose head `task` uses (itself unless it shares one)."""
+        return self.shared.get(task, task)
+
+    def head(self, task: str) -> nn.Linear:
+        return self.heads[self.owner(task)]
 
     def forward(self, features):
         if self.current is None:
@@ -60,9 +76,9 @@ def install(model: nn.Module) -> tuple[TaskHeads, str]:
 
 def select(model: nn.Module, heads: TaskHeads, task: str) -> None:
     """Compute with `task`'s head, and make the model's loss a cross-entropy over its classes."""
-    if task not in heads.heads:
+    if heads.owner(task) not in heads.heads:
         raise SpliceError(f"no head for task {task!r}; tasks with heads: {list(heads.heads)}")
-    heads.current = task
-    classes = heads.heads[task].out_features
+    heads.current = heads.owner(task)
+    classes = heads.head(task).out_features
     model.num_labels = classes
     model.config.problem_type = "single_label_classification"

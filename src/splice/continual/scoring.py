@@ -2,8 +2,8 @@
 id is given.
 
 Correctness is per row, so the task-agnostic setting can answer each row through the task it
-was routed to: a classification row counts as right only if it went to its own task (another
-task's head answers in another label space) and that head's class is its label; a generated
+was routed to: a classification row counts as right only if it went to a task with its own
+task's head (another head answers in another label space) and that head's class is its label; a generated
 answer counts when it matches, whichever task's view produced it.
 
 Routing by prototype (ConDU's rule, Gao et al. 2026; the default): features are the mean-pooled
@@ -75,7 +75,7 @@ def correct_rows(model: nn.Module, tokenizer, task: TaskContext, rows: list[Row]
     for batch in DataLoader(rows, batch_size=task.config.batch_size, collate_fn=task.collate):
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        hits.append((logits.argmax(-1) == batch["labels"]).cpu() if head == task.name
+        hits.append((logits.argmax(-1) == batch["labels"]).cpu() if heads.owner(head) == heads.owner(task.name)
                     else torch.zeros(len(batch["labels"]), dtype=torch.bool))
     return torch.cat(hits)
 

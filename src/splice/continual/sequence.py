@@ -46,6 +46,9 @@ class TaskSpec:
             may map to one): the same texts as a different task, e.g. business/tech vs the rest.
         as_words: turn a classification data set into prompt -> label-word rows for a causal LM
             (the labels as words, scored by greedy exact match), with `prompt` ({text} is the row's text).
+        head: classification only: the name of an earlier task whose head this task shares and
+            trains on (its labels must be the same): a new domain for the same label set, or
+            the same task again. None: a fresh head of its own.
         max_words: as_words only: keep the first N words of each text, so that a long article
             leaves room for the answer within `max_length` (the end of a longer row is cut).
         max_steps, epochs, max_train_examples, max_eval_examples, lr, eval_every: this task's
@@ -58,6 +61,7 @@ class TaskSpec:
     as_words: bool = False
     prompt: str = "Text: {text}\nLabel:"
     max_words: int | None = None
+    head: str | None = None
     max_steps: int | None = None
     epochs: float | None = None
     max_train_examples: int | None = None
@@ -117,6 +121,9 @@ class SequenceConfig:
             raise _error("tasks", f"task names must differ, got {names}")
         for i, spec in enumerate(self.tasks):
             _check_task(spec, i, self.task)
+            if spec.head is not None and (self.task != "classification" or spec.head not in names[:i]):
+                raise _error("tasks", f"tasks[{i}] ({spec.name!r}): head {spec.head!r} must name an earlier "
+                                      f"classification task of the sequence, one of {names[:i]}")
         for key in self.train:
             if key in OWN_FIELDS or key not in SETTABLE_FIELDS:
                 why = "is set by the sequence itself" if key in OWN_FIELDS else f"is not a training field" \
