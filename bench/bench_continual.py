@@ -15,10 +15,11 @@ Strategies: sequential, separate, olora, loda, condu with the sequence's LoRA; c
 the LoRA), hence a different trainable budget, which the table states.
 
 Forgetting by parametrization (volume 2, §4): the `sequential` strategy on the MiniLM sequence
-with each adapter form at about LoRA r=8's trainable budget on query/value (147,456): LoRA r=8,
-DiaBlo with 24 blocks (384²/24 per layer), TT-LoRA with bond 14 (30r² + 14r per layer), LoRETTA_rep
-(r=8, tensor rank 14) and LoReFT r=8 at the first and last token of every layer's output
-(2 x 12 x (2rd + r)); the table gives the parameters each run actually trained.
+with each adapter form at about LoRA r=8's trainable budget on query/value of MiniLM's 6 layers
+(73,728): LoRA r=8 (the `sequential` strategy's own runs: the sequence's adapter is that LoRA),
+DiaBlo with 24 blocks (384²/24 per module), TT-LoRA with bond 14 (30r² + 14r per module),
+LoRETTA_rep (r=8, tensor rank 14) and LoReFT r=8 at the first and last token of every layer's
+output (2 x 6 x (2rd + r)); the table gives the parameters each run actually trained (head included).
 
 Per run (strategy or form, seed): both accuracy matrices, average final accuracy, BWT, FWT, forgetting,
 trainable parameters, stored bytes, time, and the switch angles paired with the forgetting they
@@ -63,7 +64,6 @@ STRATEGIES = ["sequential", "separate", "olora", "loda", "core", "condu"]
 REFT = {"method": "loreft", "r": 4, "positions": "f1+l1"}
 QV = ["query", "value"]
 FORMS = {
-    "lora": {"method": "lora", "r": 8, "alpha": 16, "targets": QV},
     "diablo": {"method": "diablo", "blocks": 24, "targets": QV},
     "ttlora": {"method": "ttlora", "r": 14, "alpha": 28, "targets": QV},
     "loretta": {"method": "loretta", "r": 8, "alpha": 16, "tensor_rank": 14, "targets": QV},
@@ -132,7 +132,7 @@ def jobs(s: Settings) -> list[tuple[str, int, str]]:
     the forms on the MiniLM sequence."""
     out = []
     for name in s.sequences:
-        for i, seed in enumerate(s.seeds):
+        for i, seed in enumerate(s.seeds if s.strategies else []):
             order = s.strategies[i % len(s.strategies):] + s.strategies[: i % len(s.strategies)]
             out += [(f"{name}:{strategy}", seed, f"[{name} seed {seed}] {strategy}") for strategy in order]
     for i, seed in enumerate(s.seeds):
@@ -164,9 +164,9 @@ def run(s: Settings, out_dir: Path) -> dict[str, Any]:
     return finish(result, phase)
 
 
-def merge(paths: list[Path]) -> dict[str, Any]:
+def merge(paths: list[Path], note: str | None = None) -> dict[str, Any]:
     """Results of processes run side by side as one: every run, the union of their settings, the
-    longest runtime (they overlapped) and each process's environment."""
+    longest runtime (they overlapped), each process's environment, and `note` (how they were made)."""
     parts = [json.loads(p.read_text()) for p in paths]
     settings = dict(parts[0]["settings"])
     for key in ("seeds", "sequences", "strategies", "forms"):
@@ -174,7 +174,7 @@ def merge(paths: list[Path]) -> dict[str, Any]:
     settings["quick"] = any(part["settings"]["quick"] for part in parts)
     return {"environment": parts[0]["environment"], "settings": settings,
             "runs": [run for part in parts for run in part["runs"]],
-            "runtime_s": max(part["runtime_s"] for part in parts),
+            "runtime_s": max(part["runtime_s"] for part in parts), "note": note,
             "merged_from": [{"file": str(p), "settings": part["settings"], "environment": part["environment"],
                              "runtime_s": part["runtime_s"]} for p, part in zip(paths, parts, strict=True)]}
 
@@ -189,6 +189,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     p.add_argument("--eval-examples", type=int, help="cap every task's evaluation rows")
     p.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
                    help="measure nothing: join result files of runs made side by side into --out-dir")
+    p.add_argument("--note", help="with --merge: a sentence on how the parts were made, printed in the report")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--settings-json", help=argparse.SUPPRESS)
@@ -201,7 +202,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
 def main(argv: list[str] | None = None) -> None:
     args, _ = parse_args(argv)
     if args.merge:
-        result = merge(args.merge)
+        result = merge(args.merge, args.note)
         args.out_dir.mkdir(parents=True, exist_ok=True)
         plot_matrices(result, args.out_dir / "continual_matrices.png")
         write_results(args.out_dir, "continual", result, markdown(result))

@@ -16,15 +16,21 @@ from splice.analysis.forgetting import fit_forgetting_law
 
 Run = dict[str, Any]
 TI, TA = "task_incremental", "task_agnostic"
+GENERATORS = {"smollm2"}  # sequences whose tasks are generated answers (an unseen task has a zero-shot score)
+
+
+LORA_FORM = "lora"  # in the forms table: the `sequential` strategy's own runs (the sequence's adapter is that LoRA)
 
 
 def runs_of(result: dict[str, Any], sequence: str, strategy: str, form: str | None = None) -> list[Run]:
     """The successful runs of one strategy (form None: the sequence's own adapter) or one form."""
+    form = None if form == LORA_FORM else form
     return [r for r in result["runs"] if r["sequence"] == sequence and r["strategy"] == strategy
             and r.get("form") == form and "error" not in r]
 
 
 def failed_of(result: dict[str, Any], sequence: str, strategy: str, form: str | None = None) -> list[Run]:
+    form = None if form == LORA_FORM else form
     return [r for r in result["runs"] if r["sequence"] == sequence and r["strategy"] == strategy
             and r.get("form") == form and "error" in r]
 
@@ -36,7 +42,7 @@ def spread(values: list[float], fmt: str = "{:.3f}") -> str:
         return ""
     if len(values) == 1:
         return fmt.format(values[0])
-    return f"{fmt.format(statistics.fmean(values))} ± {fmt.format(statistics.stdev(values))}"
+    return f"{fmt.format(statistics.fmean(values))} ± {fmt.replace('+', '').format(statistics.stdev(values))}"
 
 
 def column(runs: list[Run], value: Callable[[Run], float | None]) -> list[float]:
@@ -93,6 +99,8 @@ def compare(result: dict[str, Any], sequence: str, a: str, b: str, value: Callab
     (ma, sa, na), (mb, sb, nb) = stats(a), stats(b)
     if not na or not nb:
         return f"not measured ({a}: {na} runs, {b}: {nb})"
+    if min(na, nb) < 2:
+        return f"one seed, no noise estimate, no verdict: {a} {ma:.3f} vs {b} {mb:.3f}"
     noise = statistics.fmean([x for x in (sa, sb) if not math.isnan(x)] or [0.0])
     gain = (ma - mb) if better == "higher" else (mb - ma)
     word = "held" if gain > noise else ("refuted" if gain < -noise else "within seed noise")
@@ -104,11 +112,16 @@ def verdicts(result: dict[str, Any], sequence: str) -> list[str]:
            + compare(result, sequence, "loda", "sequential", lambda r: r["scores"][TI]["mean_forgetting"], "lower"),
            "- ConDU beats sequential on task 1 after the last task: "
            + compare(result, sequence, "condu", "sequential", lambda r: r["matrices"][TI][-1][0], "higher")]
-    zero_shot = [(r["matrices"][TI][j - 1][j] - r["before"][j]) for r in runs_of(result, sequence, "condu")
-                 for j in range(1, len(r["tasks"]))]
-    if zero_shot:
+    condu = runs_of(result, sequence, "condu")
+    zero_shot = [(r["matrices"][TI][j - 1][j] - r["before"][j]) for r in condu for j in range(1, len(r["tasks"]))]
+    if zero_shot and sequence in GENERATORS:  # a classifier's unseen task has an untrained head: no zero-shot
         out.append(f"- ConDU keeps zero-shot behaviour (accuracy on the next unseen task minus the base model's, "
                    f"every switch and seed): {spread(zero_shot, '{:+.3f}')}")
+    agnostic = [r["scores"][TA]["average_accuracy"] - r["scores"][TI]["average_accuracy"]
+                for r in condu if TA in r["scores"]]
+    if agnostic:
+        out.append(f"- ConDU without the task id (prototype routing, base model mixed in) minus with it, average "
+                   f"final accuracy: {spread(agnostic, '{:+.3f}')}")
     return out
 
 
@@ -123,7 +136,8 @@ def law(result: dict[str, Any], sequence: str) -> str:
     a, b, r2 = fit.a, fit.b, fit.r2
     angles = [math.degrees(t) for t, _ in points]
     return (f"a = {a:+.3f}, b = {b:+.3f}, R² = {r2:.3f} over {len(points)} switches "
-            f"(θ_min {min(angles):.1f}° to {max(angles):.1f}°, forgetting {min(F):+.3f} to {max(F):+.3f})")
+            f"(θ_min {min(angles):.1f}° to {max(angles):.1f}°, forgetting {min(F):+.3f} to {max(F):+.3f})"
+            + (" — two points: any line fits them exactly" if len(points) == 2 else ""))
 
 
 def markdown(result: dict[str, Any], settings: Any = None) -> str:
@@ -132,6 +146,8 @@ def markdown(result: dict[str, Any], settings: Any = None) -> str:
     out = [*heading("Continual learning on real task sequences: splice.continual's strategies", result["environment"]),
            "", f"{quick}Seeds {s['seeds']}; steps x {s['step_scale']}; runtime {result['runtime_s'] / 60:.0f} min. "
            "Scores with the task id given unless said; mean ± std over seeds.", ""]
+    if result.get("note"):
+        out += [result["note"], ""]
     for part in result.get("merged_from", []):
         p = part["settings"]
         forms = ", ".join(p["forms"]) or "none"
@@ -152,9 +168,9 @@ def markdown(result: dict[str, Any], settings: Any = None) -> str:
                 "Verdicts:", "", *verdicts(result, sequence), f"- Forgetting law, pooled: {law(result, sequence)}", ""]
     if s.get("forms"):
         out += ["## Forgetting by parametrization: `sequential` on the MiniLM sequence, one form each", "",
-                table(["form", *header[1:]], rows_for(result, "minilm", s["forms"], "sequential")), "",
+                table(["form", *header[1:]], rows_for(result, "minilm", [LORA_FORM, *s["forms"]], "sequential")), "",
                 "- Tensor decompositions (LoRETTA) forget less than LoRA at an equal budget: " + compare(
-                    result, "minilm", "loretta", "lora", lambda r: r["scores"][TI]["mean_forgetting"], "lower",
+                    result, "minilm", "loretta", LORA_FORM, lambda r: r["scores"][TI]["mean_forgetting"], "lower",
                     forms=True), ""]
     return "\n".join(out)
 
@@ -167,6 +183,8 @@ def plot_matrices(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     s = result["settings"]
+    if not s["strategies"]:  # only forms were run
+        return
     fig, axes = plt.subplots(len(s["sequences"]), len(s["strategies"]), squeeze=False,
                              figsize=(2.4 * len(s["strategies"]), 2.4 * len(s["sequences"])), layout="constrained")
     for row, sequence in zip(axes, s["sequences"], strict=True):
