@@ -144,7 +144,8 @@ def markdown(result: dict[str, Any], settings: Any = None) -> str:
     s = result["settings"]
     quick = "QUICK smoke run: too few steps and seeds to trust. " if s["quick"] else ""
     out = [*heading("Continual learning on real task sequences: splice.continual's strategies", result["environment"]),
-           "", f"{quick}Seeds {s['seeds']}; steps x {s['step_scale']}; runtime {result['runtime_s'] / 60:.0f} min. "
+           "", f"{quick}Seeds {s['seeds']}; steps x {s['step_scale']}; "
+           f"{'longest process' if 'merged_from' in result else 'runtime'} {result['runtime_s'] / 60:.0f} min. "
            "Scores with the task id given unless said; mean ± std over seeds.", ""]
     if result.get("note"):
         out += [result["note"], ""]
