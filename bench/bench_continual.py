@@ -174,9 +174,12 @@ def merge(paths: list[Path], note: str | None = None) -> dict[str, Any]:
     settings["quick"] = any(part["settings"]["quick"] for part in parts)
     return {"environment": parts[0]["environment"], "settings": settings,
             "runs": [run for part in parts for run in part["runs"]],
-            "runtime_s": max(part["runtime_s"] for part in parts), "note": note,
-            "merged_from": [{"file": str(p), "settings": part["settings"], "environment": part["environment"],
-                             "runtime_s": part["runtime_s"]} for p, part in zip(paths, parts, strict=True)]}
+            "runtime_s": max(part["runtime_s"] for part in parts),
+            "note": " ".join(n for n in [*(part.get("note") for part in parts), note] if n) or None,
+            "merged_from": [entry for p, part in zip(paths, parts, strict=True)  # a merged part keeps its own parts
+                            for entry in part.get("merged_from") or [{
+                                "file": str(p), "settings": part["settings"], "environment": part["environment"],
+                                "runtime_s": part["runtime_s"]}]]}
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
