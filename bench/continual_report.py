@@ -22,17 +22,19 @@ GENERATORS = {"smollm2"}  # sequences whose tasks are generated answers (an unse
 LORA_FORM = "lora"  # in the forms table: the `sequential` strategy's own runs (the sequence's adapter is that LoRA)
 
 
-def runs_of(result: dict[str, Any], sequence: str, strategy: str, form: str | None = None) -> list[Run]:
-    """The successful runs of one strategy (form None: the sequence's own adapter) or one form."""
+def all_runs_of(result: dict[str, Any], sequence: str, strategy: str, form: str | None = None) -> list[Run]:
+    """Every run of one strategy (form None: the sequence's own adapter) or one form."""
     form = None if form == LORA_FORM else form
     return [r for r in result["runs"] if r["sequence"] == sequence and r["strategy"] == strategy
-            and r.get("form") == form and "error" not in r]
+            and r.get("form") == form]
+
+
+def runs_of(result: dict[str, Any], sequence: str, strategy: str, form: str | None = None) -> list[Run]:
+    return [r for r in all_runs_of(result, sequence, strategy, form) if "error" not in r]
 
 
 def failed_of(result: dict[str, Any], sequence: str, strategy: str, form: str | None = None) -> list[Run]:
-    form = None if form == LORA_FORM else form
-    return [r for r in result["runs"] if r["sequence"] == sequence and r["strategy"] == strategy
-            and r.get("form") == form and "error" in r]
+    return [r for r in all_runs_of(result, sequence, strategy, form) if "error" in r]
 
 
 def spread(values: list[float], fmt: str = "{:.3f}") -> str:

@@ -4,21 +4,19 @@ both inits, gradients, files, mixed batches, errors, and training on real weight
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_close, logits, make_bert, randomize
-from rich.console import Console
+from review_fit import fit_reviews
 from torch import nn
 
 import splice
 from splice.core.errors import SpliceError
 from splice.core.tensor_train import train_matrix
 from splice.methods.loretta import LoRETTA, LoRETTAAdapter
-from splice.train import TrainConfig, run
 
 
 def linear_with_loretta(n: int, m: int, dtype: torch.dtype = torch.float32, **config) -> tuple[nn.Sequential,
@@ -117,16 +115,4 @@ def test_bad_settings_and_non_linear_hosts_are_refused():
 
 
 def test_loretta_on_minilm_fits_rotten_tomatoes_reviews(tmp_path, minilm):
-    """30 steps on real MiniLM weights and 64 real reviews; scored on them (as the TT-LoRA test)."""
-    rows = splice.assets.rotten_tomatoes().train[:64]
-    data = tmp_path / "reviews.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    config = TrainConfig(
-        data=str(data), validation=str(data),
-        adapter={"method": "loretta", "r": 8, "alpha": 16, "init": "zero", "layers": [3, 4, 5],
-                 "targets": ["query", "value", "attention.output.dense"]},
-        max_steps=30, eval_every=30, max_length=32, lr=1e-2, output_dir=str(tmp_path / "run"))
-    result = run(config, console=Console(quiet=True))
-    before, after = result.metrics["before"]["validation"], result.metrics["after"]["validation"]
-    assert after["loss"] < before["loss"] - 0.3
-    assert after["accuracy"] > 0.9
+    fit_reviews(tmp_path, minilm, {"method": "loretta", "r": 8, "alpha": 16, "init": "zero"}, LoRETTA)
