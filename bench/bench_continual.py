@@ -183,7 +183,7 @@ def merge(paths: list[Path], note: str | None = None) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
-    p = bench_parser(__doc__, "smoke run (MiniLM sequence, sequential and separate, 10% of the steps, 1 seed)")
+    p = bench_parser(__doc__, "smoke run (MiniLM sequence, sequential and separate, 10%% of the steps, 1 seed)")
     p.add_argument("--seeds", nargs="+", type=int, help="seeds (default 0 1 2)")
     p.add_argument("--sequences", nargs="+", choices=list(SEQUENCES), help="subset of sequences")
     p.add_argument("--strategies", nargs="*", choices=STRATEGIES, help="subset of strategies (none: no strategy runs)")

@@ -156,6 +156,9 @@ METHODS: dict[str, Contract] = {
     # README: merges only at one rank (`delta_weight_at`); needs the whole batch to pick ranks.
     "flexilora": Contract(("linear", "conv1d"), zero_init=True, mergeable=False, route="refused",
                           options={"ranks": [2, 4]}),
+    # README: the router makes it input-dependent (no merge); it routes tokens of any subset of rows.
+    "moelora": Contract(("linear", "conv1d"), zero_init=True, mergeable=False, route="reference",
+                        options={"experts": 3, "top_k": 2, "r": 6, "shared_experts": 1}),
     # README: not a weight change; no mixed batches; pyreft's init is a non-zero edit.
     "loreft": Contract(("block",), zero_init=False, mergeable=False, route="refused",
                        options={"r": 2, "positions": "f1+l1"}),

@@ -21,7 +21,7 @@ from splice.train import TrainConfig, run
 LAYERS_AND_TARGETS = {"layers": [3, 4, 5], "targets": ["query", "value", "attention.output.dense"]}
 
 
-def fit_reviews(tmp_path: Path, minilm: nn.Module, adapter: dict[str, Any], form: type) -> None:
+def fit_reviews(tmp_path: Path, minilm: nn.Module, adapter: dict[str, Any], form: type, lr: float = 1e-2) -> None:
     """30 steps scored on the reviews they train on (a low-rank update needs more steps than this
     to generalise: LoRA ~50 here); the adapter reloaded onto fresh weights must hold the trained
     loss, and switching it off must cost most of what was gained."""
@@ -29,7 +29,7 @@ def fit_reviews(tmp_path: Path, minilm: nn.Module, adapter: dict[str, Any], form
     data = tmp_path / "reviews.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     config = TrainConfig(data=str(data), validation=str(data), adapter={**adapter, **LAYERS_AND_TARGETS},
-                         max_steps=30, eval_every=30, max_length=32, lr=1e-2, output_dir=str(tmp_path / "run"))
+                         max_steps=30, eval_every=30, max_length=32, lr=lr, output_dir=str(tmp_path / "run"))
     result = run(config, console=Console(quiet=True))
     before, after = result.metrics["before"]["validation"], result.metrics["after"]["validation"]
     assert after["loss"] < before["loss"] - 0.3

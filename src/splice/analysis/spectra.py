@@ -161,8 +161,23 @@ def low_rank_bound(adapter: Adapter) -> int | None:
 # -- per module and per adapter ------------------------------------------------------------------
 
 
+class NamedModule:
+    """A per-module report entry's layer index and module type, read from its `name`."""
+
+    name: str
+
+    @property
+    def layer(self) -> int | None:
+        return layer_index(self.name)
+
+    @property
+    def module_type(self) -> str:
+        """The name with its numbers as N: `bert.encoder.layer.N.attention.self.query`."""
+        return module_type(self.name)
+
+
 @dataclass
-class ModuleSpectrum:
+class ModuleSpectrum(NamedModule):
     """The spectrum of one module's delta weight and the ranks read from it.
 
     Attributes:
@@ -191,15 +206,6 @@ class ModuleSpectrum:
     @property
     def spectral_norm(self) -> float:
         return self.singular_values[0].item() if self.singular_values.numel() else 0.0
-
-    @property
-    def layer(self) -> int | None:
-        return layer_index(self.name)
-
-    @property
-    def module_type(self) -> str:
-        """The name with its numbers as N: `bert.encoder.layer.N.attention.self.query`."""
-        return module_type(self.name)
 
     def to_dict(self, top_k: int | None = None) -> dict[str, Any]:
         """JSON-ready; `top_k` keeps only the leading singular values."""

@@ -1,12 +1,15 @@
 """Pictures of adapter spectra (`splice analyze`): normalised singular values per module type,
 and a layers x module types heatmap of the entropy effective rank. The numbers they draw come
-from `splice.analysis.spectra`."""
+from `splice.analysis.spectra`. The heatmap's parts (`layer_type_grid`, `heatmap_figure`,
+`draw_heatmap`) also draw `splice.analysis.routing`'s routing heatmaps."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -55,32 +58,69 @@ def plot_spectra(report: SpectraReport, path: str | Path, top_k: int | None = No
 def plot_effective_ranks(report: SpectraReport, path: str | Path) -> None:
     """A heatmap layers x module types of the entropy effective rank, each cell annotated; the
     colour scale runs from 0 to the adapter's rank r (or the largest value), so colour is absolute."""
-    plt = pyplot()
-    groups = _by_type(report.modules)
-    layer_keys = sorted({m.layer for m in report.modules}, key=lambda v: (v is None, v or 0))
-    grid = torch.full((len(layer_keys), len(groups)), float("nan"))
-    for col, members in enumerate(groups.values()):
-        for m in members:
-            grid[layer_keys.index(m.layer), col] = m.entropy_rank
+    grid = layer_type_grid((m.layer, m.module_type, m.entropy_rank) for m in report.modules)
     ranks = {m.adapter_rank for m in report.modules if m.adapter_rank}
     rank = ranks.pop() if len(ranks) == 1 else None
-    top = rank or max(grid.nan_to_num(0).max().item(), 1.0)
-    labels = _short_labels(list(groups))
-    fig, ax = plt.subplots(figsize=(2.2 + 0.9 * len(groups), 1.4 + 0.3 * len(layer_keys)), layout="constrained")
-    image = ax.imshow(grid.numpy(), aspect="auto", cmap="magma", vmin=0, vmax=top, interpolation="nearest")
-    ax.set_xticks(range(len(groups)), [labels[k] for k in groups], rotation=30, ha="right")
-    ax.set_yticks(range(len(layer_keys)), ["-" if v is None else str(v) for v in layer_keys])
-    ax.set(xlabel="module", ylabel="layer")
-    for row in range(grid.shape[0]):
-        for col in range(grid.shape[1]):
-            value = grid[row, col].item()
-            if not math.isnan(value):
-                ax.text(col, row, f"{value:.1f}", ha="center", va="center", fontsize=7,
-                        color="black" if value > 0.6 * top else "white")
-    ax.set_title("effective rank (entropy)" + (f", r = {rank}" if rank else ""), fontsize=10)
-    fig.colorbar(image, ax=ax)
+    top = rank or max(grid.values.nan_to_num(0).max().item(), 1.0)
+    fig, (ax,) = heatmap_figure(grid)
+    draw_heatmap(fig, ax, grid, vmax=top, digits=1,
+                 title="effective rank (entropy)" + (f", r = {rank}" if rank else ""))
     save_png(fig, path)
 
+
+# -- layers x module types heatmaps --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerTypeGrid:
+    """One number per module on a layers x module types grid.
+
+    Attributes:
+        values: [layers, types]; NaN where a layer has no module of that type.
+        layers: the rows, ascending; None (a module outside the layers, e.g. a pooler) last.
+        types: the columns, module names with their numbers as N, in order of first appearance.
+    """
+
+    values: torch.Tensor
+    layers: list[int | None]
+    types: list[str]
+
+
+def layer_type_grid(cells: Iterable[tuple[int | None, str, float]]) -> LayerTypeGrid:
+    """The grid of (layer, module type, value) cells, e.g. `(m.layer, m.module_type, m.entropy_rank)`."""
+    cells = list(cells)
+    types = list(dict.fromkeys(kind for _, kind, _ in cells))
+    layers = sorted({layer for layer, _, _ in cells}, key=lambda v: (v is None, v or 0))
+    values = torch.full((len(layers), len(types)), float("nan"))
+    for layer, kind, value in cells:
+        values[layers.index(layer), types.index(kind)] = value
+    return LayerTypeGrid(values, layers, types)
+
+
+def heatmap_figure(grid: LayerTypeGrid, panels: int = 1) -> tuple[Any, list[Any]]:
+    """A figure with `panels` heatmaps of `grid`'s shape side by side, and their axes."""
+    fig, axes = pyplot().subplots(1, panels, figsize=(panels * (2.2 + 0.9 * len(grid.types)),
+                                                      1.4 + 0.3 * len(grid.layers)),
+                                  squeeze=False, layout="constrained")
+    return fig, list(axes.flat)
+
+
+def draw_heatmap(fig: Any, ax: Any, grid: LayerTypeGrid, *, vmax: float, title: str, digits: int) -> None:
+    """`grid` on `ax` with its colour bar: colour from 0 to `vmax` (fixed, so that colour is
+    absolute), every cell annotated with `digits` decimals, short module-type labels."""
+    image = ax.imshow(grid.values.numpy(), aspect="auto", cmap="magma", vmin=0, vmax=vmax, interpolation="nearest")
+    labels = _short_labels(grid.types)
+    ax.set_xticks(range(len(grid.types)), [labels[k] for k in grid.types], rotation=30, ha="right")
+    ax.set_yticks(range(len(grid.layers)), ["-" if v is None else str(v) for v in grid.layers])
+    ax.set(xlabel="module", ylabel="layer")
+    for row in range(grid.values.shape[0]):
+        for col in range(grid.values.shape[1]):
+            value = grid.values[row, col].item()
+            if not math.isnan(value):
+                ax.text(col, row, f"{value:.{digits}f}", ha="center", va="center", fontsize=7,
+                        color="black" if value > 0.6 * vmax else "white")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax)
 
 
 def _by_type(modules: list[ModuleSpectrum]) -> dict[str, list[ModuleSpectrum]]:

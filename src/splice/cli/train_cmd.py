@@ -72,6 +72,10 @@ Seed = Annotated[int | None, typer.Option(help="Random seed.")]
 GroupByLength = Annotated[bool | None, typer.Option(
     help="Batch training rows of similar length together (less padding, same results up to seed noise); on "
     "by default, --no-group-by-length for the plain shuffle.")]
+Schedule = Annotated[str | None, typer.Option(
+    help="A schedule that acts on the adapter during the run, with its default options: dmep (prune a MoELoRA's "
+    "under-used experts after 15% of the steps, then train without the balancing loss). Options go in the "
+    "YAML: schedule: {name: dmep, prune_at: 0.15, keep_mass: 0.9}.", show_default=False)]
 OutputDir = Annotated[str | None, typer.Option(help="Run folder (default: runs/<data>-<method>).")]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite a non-empty run folder.")]
 Tenants = Annotated[bool, typer.Option("--tenants", help="Train every config given at once on one shared copy "
@@ -102,7 +106,7 @@ def train(
     batch_size: BatchSize = None, max_train_examples: MaxTrainExamples = None,
     max_eval_examples: MaxEvalExamples = None, eval_every: EvalEvery = None,
     gradient_checkpointing: GradientCheckpointing = None, group_by_length: GroupByLength = None,
-    seed: Seed = None, precision: Precision = None,
+    seed: Seed = None, precision: Precision = None, schedule: Schedule = None,
     output_dir: OutputDir = None, force: Force = False,
     tenants: Tenants = False, join_at: JoinAt = None, max_rows: MaxRows = None, max_padding: MaxPadding = 0.25,
     checkpoint_every: CheckpointEvery = None, on_nonfinite: OnNonfinite = None, resume: Resume = None,
@@ -123,6 +127,8 @@ def train(
         splice train --data reviews.jsonl --text-column review --label-column sentiment --r 16
 
         splice train --method diablo --set blocks=32 --targets all-linear
+
+        splice train --method moelora --set experts=8 --set init=goat --r 16 --schedule dmep
 
         splice train --tenants alice.yaml bob.yaml carol.yaml --max-steps 200
 
@@ -172,6 +178,8 @@ def _configs(flags: dict[str, Any]) -> list[TrainConfig]:
     # --checkpoint-every 0 unsets the field (a None flag would be ignored); --set pairs come after it.
     settings = {"checkpoint_every": None} if flags["checkpoint_every"] == 0 else {}
     settings |= key_values(flags["param"] or [])
+    if flags["schedule"] is not None:
+        settings["schedule"] = {"name": flags["schedule"]}
     return [TrainConfig.from_yaml(path, settings=settings, adapter={k: v for k, v in adapter.items() if v is not None},
                                   **{name: flags[name] for name in CONFIG_FLAGS}) for path in paths or [None]]
 

@@ -17,7 +17,7 @@ from torch import nn
 from splice.core.config import AdapterConfig
 from splice.core.errors import MergeError, SpliceError, TargetError
 from splice.core.heads import add_head, all_head_copies, bind_heads, head_module, release_head, remove_head
-from splice.core.host import Host, add_to_weight, ensure_host, host_of, hosts, remove_host
+from splice.core.host import Host, ensure_host, host_of, hosts, remove_host
 from splice.core.inputs import InputsRecorder, batch_auxiliary_loss
 from splice.core.model_state import AdapterRecord, ModelState, drop_model_state, model_state
 from splice.core.targets import matches, named_base_modules, resolve_targets, site_info
@@ -25,7 +25,8 @@ from splice.core.targets import matches, named_base_modules, resolve_targets, si
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 # Adapters are held by name in a `Host` (an nn.ModuleDict) and in a ModuleDict of head copies,
 # so a name must not be one of their attributes: the host's own, and every nn.Module's.
-RESERVED_NAMES = frozenset({"info", "active", "merged", "enabled", "_merged_deltas", "_hook"} | set(vars(nn.Module())))
+RESERVED_NAMES = frozenset({"info", "active", "merged", "enabled", "_merged_deltas", "_restores", "_hook"}
+                           | set(vars(nn.Module())))
 
 
 class CheckpointInputGrads:
@@ -117,8 +118,10 @@ def attach(
             weight = module.weight if info.kind != "block" else next(module.parameters(), None)
             if weight is not None:
                 adapter.to(device=weight.device, dtype=_adapter_dtype(weight))
-            ensure_host(module, info)[name] = adapter
+            host = ensure_host(module, info)
+            host[name] = adapter
             built.append(module)
+            host.take_initial(module, name)
         for head in heads:
             add_head(model, head, name)
     except Exception:
@@ -328,9 +331,7 @@ def _remove_adapter(base: nn.Module, name: str) -> None:
     if host is None or name not in host:
         return
     host.unmerge(base, name)
-    initial = host[name].initial_delta_weight()
-    if initial is not None:
-        add_to_weight(base, host.info, initial)
+    host.give_initial(base, name)
     del host[name]
     host.active = [n for n in host.active if n != name]
     if not len(host):

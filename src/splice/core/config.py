@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -15,6 +17,26 @@ from splice.core.inputs import BatchInputs, InputsRecorder
 from splice.core.layers import LayerInfo
 from splice.core.lowrank import LowRank
 from splice.core.validation import check_config_fields
+
+# True while `load` builds adapters whose tensors a file is about to fill (`filled_from_file`).
+_FILLED_FROM_FILE: ContextVar[bool] = ContextVar("splice_filled_from_file", default=False)
+
+
+@contextmanager
+def filled_from_file() -> Iterator[None]:
+    """Within the block, adapters are built only to receive a file's tensors: an init that costs
+    (an SVD of the base weight) may leave zeros of the right shapes instead (`will_be_filled`)."""
+    token = _FILLED_FROM_FILE.set(True)
+    try:
+        yield
+    finally:
+        _FILLED_FROM_FILE.reset(token)
+
+
+def will_be_filled() -> bool:
+    """Whether the adapter being built will get its tensors from a file (see `filled_from_file`)."""
+    return _FILLED_FROM_FILE.get()
+
 
 Targets = str | list[str] | None
 Layers = int | list[int] | range | None
@@ -55,6 +77,10 @@ class AdapterConfig:
     reads_inputs: ClassVar[bool] = False
     # True when `placed` needs probe batches (field `probe`); a trainer passes a few of its own.
     needs_probe: ClassVar[bool] = False
+    # True when all an adapter that `reads_inputs` reads is per row (the attention mask of the
+    # rows it is given, `BatchInputs.mask_for`): it then runs on any subset of a batch's rows as
+    # on those rows alone (`route`, multiplexed packed passes).
+    row_local: ClassVar[bool] = False
     targets: Targets = None
     exclude: Targets = None
     layers: Layers = None
@@ -76,6 +102,11 @@ class AdapterConfig:
     def build(self, info: LayerInfo, module_name: str, base: nn.Module) -> Adapter:
         """Create this method's adapter for one base layer."""
         raise NotImplementedError
+
+    def takes_from_base(self) -> bool:
+        """Whether the adapters built take part of the base weight at init (PiSSA, GOAT), which
+        `attach` takes out and `detach` puts back (`Adapter.initial_delta_weight`)."""
+        return False
 
     def placed(self, model: nn.Module) -> AdapterConfig:
         """The config `attach` builds: this one, or for a config that chooses its own sites from
@@ -124,6 +155,8 @@ class Adapter(nn.Module):
     # True when `delta_weight()` reads the base weight (DoRA's norms): after merging, the base
     # weight has changed, so the host keeps the merged delta to take exactly that out again.
     delta_weight_reads_base: ClassVar[bool] = False
+    # Why a form without a weight change cannot be merged, for the refusal's message.
+    merge_refusal: ClassVar[str] = ""
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

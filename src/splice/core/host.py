@@ -12,7 +12,8 @@ LoRA's shape on a Linear host are added into the base output in place instead, f
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -38,6 +39,8 @@ class Host(nn.ModuleDict):
         self.enabled = True
         # merged (delta weight, delta bias) of adapters whose delta depends on the base weight
         self._merged_deltas: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        # what restores the base weight bit for bit when an adapter gives back its initial delta
+        self._restores: dict[str, ExactRestore] = {}
         self._hook = base.register_forward_hook(self.add_to_output, with_kwargs=True)
 
     def add_to_output(
@@ -98,6 +101,27 @@ class Host(nn.ModuleDict):
                 output = output + restore.to(output.dtype)
         return output
 
+    def take_initial(self, base: nn.Module, name: str) -> None:
+        """Take adapter `name`'s initial delta (PiSSA's, GOAT's) out of the base weight, keeping
+        what `give_initial` needs to put the weight back bit for bit."""
+        initial = self[name].initial_delta_weight()
+        if initial is None:
+            return
+        weight = base.weight.detach()
+        change = initial.T if self.info.transposed else initial
+        taken = added(weight, change, -1.0)
+        self._restores[name] = ExactRestore.of(weight, taken, added(taken, change, 1.0))
+        add_to_weight(base, self.info, initial, sign=-1.0, result=taken)
+
+    def give_initial(self, base: nn.Module, name: str) -> None:
+        """Put back what `take_initial` took out for adapter `name`: the weight as it was, bit for
+        bit, where nothing else changed it since (elsewhere, to float rounding)."""
+        restore = self._restores.pop(name, None)
+        if restore is None:
+            return
+        add_to_weight(base, self.info, self[name].initial_delta_weight())
+        restore.apply(base.weight)
+
     def unmerged(self) -> list[str]:
         return [name for name in self if name not in self.merged]
 
@@ -124,7 +148,7 @@ class Host(nn.ModuleDict):
         if not self[name].has_weight_form():
             raise MergeError(
                 f"adapter {name!r} ({type(self[name]).__name__}) has no equivalent weight change "
-                "and cannot be merged"
+                f"and cannot be merged{': ' + self[name].merge_refusal if self[name].merge_refusal else ''}"
             )
         check_mergeable_weight(base)
         with torch.no_grad():
@@ -140,10 +164,42 @@ class Host(nn.ModuleDict):
         self.merged.remove(name)
 
 
+class ExactRestore(NamedTuple):
+    """Where adding an initial delta back to the weight it was taken from does not round to the
+    original value (a few percent of the entries): their flat indices, the value the add-back
+    gives there, and the original value."""
+
+    index: torch.Tensor
+    rounded: torch.Tensor
+    original: torch.Tensor
+
+    @classmethod
+    def of(cls, original: torch.Tensor, taken: torch.Tensor, given_back: torch.Tensor) -> ExactRestore:
+        index = (given_back != original).flatten().nonzero().flatten()
+        index = index.to(torch.int32) if original.numel() < 2**31 else index
+        return cls(index, given_back.flatten()[index].clone(), original.flatten()[index].clone())
+
+    def apply(self, weight: torch.Tensor) -> None:
+        """Set the original value where the weight holds exactly what the add-back gave."""
+        index = self.index.long()
+        with torch.no_grad():
+            flat = weight.view(-1)
+            unchanged = flat[index] == self.rounded
+            flat[index[unchanged]] = self.original[unchanged]
+
+
+def added(target: torch.Tensor, change: torch.Tensor, sign: float) -> torch.Tensor:
+    """target + sign * change in target's dtype, accumulated in fp32 for narrower dtypes."""
+    change = change.detach().to(target.device)
+    if target.dtype in (torch.float32, torch.float64):
+        return target.detach() + sign * change.to(target.dtype)
+    return (target.detach().float() + sign * change.float()).to(target.dtype)
+
+
 def add_to_weight(base: nn.Module, info: LayerInfo, delta: torch.Tensor, sign: float = 1.0,
-                  bias: torch.Tensor | None = None) -> None:
+                  bias: torch.Tensor | None = None, result: torch.Tensor | None = None) -> None:
     """weight += sign * delta (and bias += sign * bias delta), accumulated in fp32 so bf16/fp16
-    weights round only once.
+    weights round only once; `result`, when given, is that new weight already computed (`added`).
 
     Refuses packed quantized weights (4-bit/8-bit), which cannot represent the sum exactly, a
     bias change for a layer without a bias, and a result that is not finite, rather than
@@ -158,11 +214,7 @@ def add_to_weight(base: nn.Module, info: LayerInfo, delta: torch.Tensor, sign: f
     for target, change, what in changes:
         if change.shape != target.shape:
             raise MergeError(f"delta {what} {tuple(change.shape)} does not fit {what} {tuple(target.shape)}")
-        change = change.detach().to(target.device)
-        if target.dtype in (torch.float32, torch.float64):
-            merged = target.detach() + sign * change.to(target.dtype)
-        else:
-            merged = (target.detach().float() + sign * change.float()).to(target.dtype)
+        merged = result if result is not None and what == "weight" else added(target, change, sign)
         if not torch.isfinite(merged).all():
             raise MergeError(f"merging into {type(base).__name__} gives inf/nan in its {what} "
                              f"({target.dtype}); weights unchanged")
@@ -187,6 +239,21 @@ def check_mergeable_weight(base: nn.Module) -> None:
             f"({type(base).__name__}); a quantized weight cannot represent the merged sum. "
             "Dequantize the model first, or keep the adapter unmerged."
         )
+
+
+@contextmanager
+def initial_deltas_given_back(model: nn.Module, name: str) -> Iterator[None]:
+    """Within the block, what adapter `name` took out of the base weights at init is back in
+    them, bit for bit; after it, the adapter's initial deltas (changed in the block, say by
+    loading a file's) are taken out again."""
+    taken = [(base, host) for _, base, host in hosts(model) if name in host._restores]
+    for base, host in taken:
+        host.give_initial(base, name)
+    try:
+        yield
+    finally:
+        for base, host in taken:
+            host.take_initial(base, name)
 
 
 def host_of(module: nn.Module) -> Host | None:

@@ -23,6 +23,8 @@ forward there fixes the prompt's width, and later steps see only those columns a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +34,18 @@ from torch import nn
 
 # The batch of the forward running in this context (thread or asyncio task), and whose it is.
 _CURRENT: ContextVar[tuple[InputsRecorder, BatchInputs] | None] = ContextVar("splice_batch_inputs", default=None)
+# Within `route`, the rows of the batch the adapter being called sees (it runs on those only).
+_ROUTED_ROWS: ContextVar[torch.Tensor | None] = ContextVar("splice_routed_rows", default=None)
+
+
+@contextmanager
+def routed_rows(rows: torch.Tensor) -> Iterator[None]:
+    """Within the block, adapters see only these rows of the batch (`BatchInputs.mask_for`)."""
+    token = _ROUTED_ROWS.set(rows)
+    try:
+        yield
+    finally:
+        _ROUTED_ROWS.reset(token)
 
 
 @dataclass
@@ -52,6 +66,18 @@ class BatchInputs:
             if tensor is not None:
                 return tensor.shape[0]
         return None
+
+    def mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The attention mask [rows, seq] of a layer input x [rows, seq, features]: the batch's,
+        or within `route` that of the rows x holds; None where it does not fit x (a cached
+        decoding step, a layer that reshapes its input)."""
+        mask = self.attention_mask
+        if mask is None or self.decoding or x.dim() != 3:
+            return None
+        rows = _ROUTED_ROWS.get()
+        if rows is not None and rows.shape[0] != mask.shape[0]:
+            mask = mask.index_select(0, rows.to(mask.device))
+        return mask if tuple(mask.shape) == tuple(x.shape[:2]) else None
 
     def prompt_mask(self) -> torch.Tensor | None:
         """[rows, seq] True where a token belongs to the prompt: attended to and, when the

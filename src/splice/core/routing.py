@@ -35,6 +35,7 @@ from splice.core.config import Adapter, adapter_delta
 from splice.core.errors import MergeError, SpliceError
 from splice.core.heads import all_head_copies
 from splice.core.host import hosts
+from splice.core.inputs import routed_rows
 from splice.core.lowrank import LowRank
 from splice.core.model_state import model_state
 from splice.core.route_context import OpenRoute, close_route, open_route
@@ -79,7 +80,8 @@ class Routing:
         for name in used:
             rows = self._row_index(name, repeat, x.device)
             base_rows = base_output.index_select(0, rows) if host[name].uses_base_output else base_output
-            delta = self._own_delta(host[name], x.index_select(0, rows), base_rows)
+            with routed_rows(rows):
+                delta = self._own_delta(host[name], x.index_select(0, rows), base_rows)
             output = output.index_add(0, rows, delta.to(output.dtype))
         return output
 

@@ -16,9 +16,10 @@ from torch import nn
 
 import splice
 from splice.core.api import attaching, model_state
+from splice.core.config import filled_from_file
 from splice.core.errors import AdapterFileError, ShapeMismatchError
 from splice.core.heads import head_tensors
-from splice.core.host import hosts
+from splice.core.host import hosts, initial_deltas_given_back
 from splice.core.registry import config_from_dict
 from splice.core.targets import exact_targets, named_base_modules
 from splice.core.validation import Problem, check_value, describe_type, located, raise_problems, tensor_problem
@@ -96,10 +97,11 @@ def read(model: nn.Module, config: dict[str, Any], tensors: dict[str, torch.Tens
     adapter_config = config_from_dict({**config["config"], "method": inner_method}, source=where).replace(
         targets=exact_targets(model, modules), exclude=None, layers=None, train_also=config.get("train_also") or []
     )
-    with attaching(model, adapter_config, name, trainable=trainable):  # a refused file leaves the model as it was
+    # a refused file leaves the model as it was
+    with filled_from_file(), attaching(model, adapter_config, name, trainable=trainable):
         targets = adapter_tensors(model, name)
         _check_dtypes(targets, tensors, _weights_file(source))
-        with torch.no_grad():
+        with torch.no_grad(), initial_deltas_given_back(model, name):  # the base loses the file's initial deltas
             for target, value in paired_tensors(targets, tensors, "the adapter file"):
                 target.copy_(value)
 

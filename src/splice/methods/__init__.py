@@ -11,7 +11,9 @@ from splice.methods.flexilora import FlexiLoRA
 from splice.methods.lora import LoRA
 from splice.methods.loreft import LoReFT
 from splice.methods.loretta import LoRETTA
+from splice.methods.moelora import MoELoRA
 from splice.methods.rep_conv_adapter import RepConvAdapter
 from splice.methods.ttlora import TTLoRA
 
-__all__ = ["ConvAdapter", "DiaBlo", "DoRA", "FlexiLoRA", "LoRA", "LoReFT", "LoRETTA", "RepConvAdapter", "TTLoRA"]
+__all__ = ["ConvAdapter", "DiaBlo", "DoRA", "FlexiLoRA", "LoRA", "LoReFT", "LoRETTA", "MoELoRA", "RepConvAdapter",
+           "TTLoRA"]

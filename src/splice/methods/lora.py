@@ -22,7 +22,6 @@ from torch import nn
 
 from splice.core.config import Adapter, AdapterConfig
 from splice.core.errors import SpliceError
-from splice.core.host import add_to_weight
 from splice.core.layers import LayerInfo
 from splice.core.lowrank import LowRank, LowRankForward, low_rank_delta
 from splice.core.registry import register_method
@@ -79,6 +78,9 @@ class LoRA(AdapterConfig):
             raise SpliceError(f"LoRA init must be default, gaussian, pissa or zeros, got {self.init!r}")
         if any(v < 1 for v in self.rank_pattern.values()):
             raise SpliceError(f"rank_pattern ranks must be >= 1: {self.rank_pattern}")
+
+    def takes_from_base(self) -> bool:
+        return self.init == "pissa"
 
     def rank_for(self, module_name: str) -> int:
         return pattern_value(self.rank_pattern, module_name, self.r)
@@ -177,8 +179,7 @@ class LoRAAdapter(Adapter, LowRankForward):
             self.lora_B.copy_(U[:, : self.r] * root[None, :])
         # The factors at init are kept to export a plain LoRA for the unmodified base.
         self.register_buffer("pissa_A0", self.lora_A.detach().clone())
-        self.register_buffer("pissa_B0", self.lora_B.detach().clone())
-        add_to_weight(base, self.info, self.initial_delta_weight(), sign=-1.0)
+        self.register_buffer("pissa_B0", self.lora_B.detach().clone())  # attach takes B0 A0 out of the base
 
     def has_pissa(self) -> bool:
         """Whether PiSSA took part of the base weight into this adapter (it keeps `pissa_A0`).

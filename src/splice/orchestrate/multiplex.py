@@ -256,7 +256,20 @@ class Multiplexer:
             loss = summed / counts[name]
             losses[name] += loss.detach()
             total = total + loss / tenant.trainer.config.grad_accum
+        extra = splice.auxiliary_loss(self.shared)  # the tenants' adapters' own (a MoE router's balancing)
+        if extra is not None:
+            total = total + extra / self._common_grad_accum(segments)
         return total
+
+    def _common_grad_accum(self, segments: list[tuple[str, int]]) -> int:
+        """The accumulation of the tenants in a pass that added auxiliary losses; one for all of
+        them, since the sum does not say whose each loss is."""
+        steps = {self.tenants[name].trainer.config.grad_accum for name, _ in segments}
+        if len(steps) > 1:
+            raise SpliceError(f"adapters with auxiliary losses (MoELoRA's balancing, a Flexi-LoRA router's budget) "
+                              f"train multiplexed only when the tenants packed together share grad_accum; got "
+                              f"{sorted(steps)}")
+        return steps.pop()
 
     def _finish(self, tenant: Tenant) -> None:
         """The tenant's trainer ends its run as a lone one (best state restored, evaluated, saved,
@@ -363,9 +376,9 @@ def _refuse_unpackable(name: str, adapter: AdapterConfig, tokenizer: PreTrainedT
     if tokenizer.padding_side != "right":
         raise SpliceError(f"tenant {name}: multiplexing packs right-padded batches; the tokenizer pads "
                           f"{tokenizer.padding_side}")
-    if getattr(adapter, "init", None) == "pissa":
-        raise SpliceError(f"tenant {name}: init='pissa' takes its part out of the base weights, which the "
-                          "tenants share; use another init for multiplexed training")
-    if adapter.reads_inputs:
+    if adapter.takes_from_base():
+        raise SpliceError(f"tenant {name}: init={getattr(adapter, 'init', None)!r} takes its part out of the base "
+                          "weights, which the tenants share; use another init for multiplexed training")
+    if adapter.reads_inputs and not adapter.row_local:
         raise SpliceError(f"tenant {name}: {adapter.method} reads each batch's token positions, which a packed "
                           "pass of several tenants' rows does not give it; train it alone with `splice train`")

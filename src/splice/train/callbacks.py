@@ -2,6 +2,9 @@
 
 A callback is any object with some of these methods (subclass `Callback` to get no-op defaults):
 
+    on_begin(trainer)                once, before the run starts or resumes (before a
+                                     checkpoint loads: a callback that changed the adapter's
+                                     shapes, as DMEP's pruning does, changes them again here)
     on_step_end(trainer, entry)      after each optimizer step (entry: its history record, with
                                      "eval" when the step evaluated)
     on_evaluate(trainer, metrics)    after each evaluation ({split: metrics}; step 0 is the start)
@@ -13,6 +16,8 @@ tenant is a trainer too: `Multiplexer.add(config, callbacks=[...])` hooks into i
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +26,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from splice.core import progress
+from splice.core.errors import SpliceError
 
 if TYPE_CHECKING:
     from splice.train.trainer import Trainer
@@ -28,6 +34,9 @@ if TYPE_CHECKING:
 
 class Callback:
     """No-op hooks; override the ones you need."""
+
+    def on_begin(self, trainer: Trainer) -> None:
+        pass
 
     def on_step_end(self, trainer: Trainer, entry: dict[str, Any]) -> None:
         pass
@@ -37,6 +46,40 @@ class Callback:
 
     def on_save(self, trainer: Trainer, path: Path) -> None:
         pass
+
+
+# Training schedules a config names (`schedule: {name: dmep, ...}`): name -> Callback class,
+# built with the mapping's other keys. Registered by `splice.schedules` on import, which
+# `schedule_callback` does.
+SCHEDULES: dict[str, type[Callback]] = {}
+
+
+def register_schedule(name: str) -> Callable[[type[Callback]], type[Callback]]:
+    """Class decorator: make a schedule callback known to training configs under `name`."""
+    def register(cls: type[Callback]) -> type[Callback]:
+        SCHEDULES[name] = cls
+        return cls
+    return register
+
+
+def schedule_callback(spec: Mapping[str, Any] | None) -> list[Callback]:
+    """The callback a config's `schedule` mapping names (none for None); a clear error for an
+    unknown name or option."""
+    if spec is None:
+        return []
+    import splice.schedules  # noqa: F401  (registers them; not imported with splice itself)
+
+    options = dict(spec)
+    name = options.pop("name", None)
+    if name not in SCHEDULES:
+        raise SpliceError(f"schedule name {name!r} is not known; schedules: {sorted(SCHEDULES)} "
+                          "(e.g. schedule: {name: dmep})")
+    cls = SCHEDULES[name]
+    known = {f.name for f in dataclasses.fields(cls) if f.init} if dataclasses.is_dataclass(cls) else set()
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise SpliceError(f"schedule {name!r} has no option {unknown}; its options: {sorted(known)}")
+    return [cls(**options)]
 
 
 def progress_bar(console: Console, enabled: bool) -> AbstractContextManager[Progress]:

@@ -63,7 +63,7 @@ def comparable(config: TrainConfig) -> dict[str, Any]:
 
 # Fields added to TrainConfig after checkpoints were first written, with the value that does what
 # such a checkpoint's run did: a checkpoint without them resumes under a config that has them so.
-ADDED_FIELDS = {"group_by_length": False, "packing": False}
+ADDED_FIELDS = {"group_by_length": False, "packing": False, "schedule": None}
 
 
 def check_same_config(saved: dict[str, Any] | None, current: dict[str, Any], run_dir: Path) -> None:

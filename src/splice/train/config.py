@@ -23,9 +23,10 @@ from typing import Any, Literal
 import yaml
 
 from splice.core.config import AdapterConfig
-from splice.core.errors import ConfigError
+from splice.core.errors import ConfigError, SpliceError
 from splice.core.registry import config_class, config_from_dict
 from splice.core.validation import check_value, did_you_mean, field_types, init_fields, show
+from splice.train.callbacks import schedule_callback
 
 Task = Literal["classification", "causal_lm"]
 Precision = Literal["no", "bf16", "fp16"]
@@ -110,6 +111,9 @@ class TrainConfig:
             to continue from instead of a fresh `adapter` (for a sequence of tasks): its adapter
             weights are loaded and trained further; the heads it trained are not loaded, the
             task trains its own (a fresh classifier for its labels, as with a new adapter).
+        schedule: a training schedule that acts on the adapter during the run, by name with its
+            options, e.g. `{name: dmep, prune_at: 0.15, keep_mass: 0.9}` (DMEP's expert pruning
+            for MoELoRA; `splice.schedules`).
     """
 
     model: str = "minilm"
@@ -145,6 +149,7 @@ class TrainConfig:
     checkpoint_every: int | None = 100
     on_nonfinite: NonFinite = "stop"
     init_adapter: str | None = None
+    schedule: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # a pathlib.Path where a path string goes is fine
@@ -202,6 +207,10 @@ class TrainConfig:
             self.adapter_config()
         except ConfigError as err:
             raise _error("adapter", f"adapter: {err}") from None
+        try:
+            schedule_callback(self.schedule)
+        except SpliceError as err:
+            raise _error("schedule", str(err)) from None
 
     def adapter_config(self) -> AdapterConfig:
         """The adapter mapping as a splice config object (raises with the method's own message)."""

@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ from splice.core.progress import use as progress_to
 from splice.train import checkpoint, ending, report, tasks
 from splice.train.adapters import adapter_parameters, param_groups, trainable_adapter
 from splice.train.batching import check_packing, rows_in
-from splice.train.callbacks import Callback, progress_bar
+from splice.train.callbacks import Callback, progress_bar, schedule_callback
 from splice.train.config import TrainConfig, describe_data
 from splice.train.data import DatasetSplits, collator, load_splits
 from splice.train.data import train_loader as make_train_loader
@@ -98,7 +98,7 @@ class Trainer:
         self.started = time.perf_counter()
         self.config, self.tokenizer, self.adapter_name, self.tenancy = config, tokenizer, adapter_name, tenancy
         self.console = console or Console()
-        self.callbacks = list(callbacks)
+        self.callbacks = list(callbacks) + schedule_callback(config.schedule)
         self.accelerator = accelerator or make_accelerator(config)
         self.main = self.accelerator.is_main_process
         self.run_dir = Path(config.output_dir)
@@ -188,6 +188,8 @@ class Trainer:
         if self._begun:
             return
         self._begun = True
+        for callback in self.callbacks:
+            callback.on_begin(self)
         if self.main and not self.resuming:  # now, not at the end: `--resume` reads it
             self.run_dir.mkdir(parents=True, exist_ok=True)
             report.write_config(self.run_dir, self.config)
@@ -321,6 +323,33 @@ class Trainer:
             callback.on_save(self, Path(path))
         return save_adapter(self.plain_model, Path(path), self.config.save_format, name=self.adapter_name,
                             tensors=self.trained)
+
+    def replace_parameters(self, moves: Mapping[torch.nn.Parameter, tuple[torch.nn.Parameter, torch.Tensor, int]],
+                           ) -> None:
+        """Follow a change of the adapter's parameters made during the run (DMEP's pruning):
+        `moves` maps each replaced parameter to (its successor, the indices of the old one it
+        kept, the dimension they index). The optimizer gets the successors, their state cut to
+        the kept indices; what is trained, clipped, checkpointed and saved is read again; and the
+        best state kept so far, of the old shapes, is dropped: best keeping restarts on the new
+        model. One process only (DDP registers its parameters once)."""
+        if self.accelerator.num_processes > 1:
+            raise SpliceError("the adapter's parameters cannot change during a multi-process run "
+                              f"({self.accelerator.num_processes} processes: DDP registered them at the start)")
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper, or a plain one
+        for group in optimizer.param_groups:
+            group["params"] = [moves[p][0] if p in moves else p for p in group["params"]]
+        for old, (new, index, dim) in moves.items():
+            state = optimizer.state.pop(old, None)
+            if state is not None:
+                optimizer.state[new] = {key: value.index_select(dim, index.to(value.device))
+                                        if torch.is_tensor(value) and value.shape == old.shape else value
+                                        for key, value in state.items()}
+        trained = adapter_parameters(self.plain_model, self.adapter_name)
+        self.trained.clear()  # in place: the checkpoint hooks hold this mapping
+        self.trained.update(trained)
+        if self.tenancy is None:
+            self.parameters = splice.summary(self.plain_model)
+        self.best.value, self.best.state, self.best.evals_since_best = None, None, 0
 
     def save_checkpoint(self) -> Path | None:
         """A resumable checkpoint of this step in the run folder (see `splice.train.checkpoint`)."""
