@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import randomize, randomize_module, save_tiny_bert
+from helpers import make_llama, randomize, randomize_module, save_tiny_bert
 
 import splice
 from splice.core.errors import SpliceError
@@ -56,3 +56,12 @@ def test_an_adapter_without_a_recorded_model_needs_one(trained, tmp_path):
     with pytest.raises(SpliceError, match="names no base model; pass --model"):
         adapter_base([adapter])
     assert adapter_base([adapter], model=str(trained[1])).model == str(trained[1])
+
+
+def test_a_splice_format_adapter_of_a_causal_lm_names_its_task(tmp_path):
+    """The file records the model class it was saved from, so its base loads with the LM head's
+    module names (`model.layers...`) although no head was trained."""
+    model = make_llama()
+    splice.attach(model, splice.MoELoRA(experts=2, r=2, targets=["q_proj"]))
+    splice.save(model, tmp_path / "moe")
+    assert adapter_base([tmp_path / "moe"], model="smollm2").task == "causal_lm"

@@ -176,3 +176,20 @@ def test_a_mixture_of_experts_tenant_with_its_balancing_loss_trains_as_alone(cla
     alone = _alone(moe, tmp_path / "alone-moe")
     results = multiplex([moe, lora])
     _assert_same_training(alone, Path(results["moe"].paths["run_dir"]))
+
+
+def test_a_mixture_of_experts_tenant_split_over_several_passes_keeps_its_balancing_loss_weight(
+        classification_tenants, tmp_path):
+    """Each pass adds the tenant's balancing loss on its rows at their share of the batch. The
+    loss is a product of two means (f_e P_e), so the parts do not sum to the whole batch's
+    exactly: the losses stay within 1e-4 of the lone run's (at full weight per pass, 1e-3)."""
+    a, b = classification_tenants
+    adapter = {"method": "moelora", "experts": 4, "r": 8, "aux_loss": 0.3, "targets": ["query", "value"]}
+    moe = TrainConfig.from_dict(a.to_dict(), output_dir=str(tmp_path / "moe"), max_steps=3, eval_every=3,
+                                adapter=adapter)
+    lora = TrainConfig.from_dict(b.to_dict(), grad_accum=1, output_dir=str(tmp_path / "lora"))
+    alone = [h["loss"] for h in _history(_alone(moe, tmp_path / "alone-moe"))]
+    mux = Multiplexer(max_rows=2, max_padding=0.99)  # the tenant's 8 rows go through 4+ passes a step
+    mux.run([(0, moe), (0, lora)])
+    assert mux.padding.forwards >= 4 * mux.padding.steps
+    assert [h["loss"] for h in _history(Path(moe.output_dir))] == pytest.approx(alone, rel=1e-4)

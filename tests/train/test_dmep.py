@@ -137,6 +137,27 @@ def test_a_run_resumed_after_the_pruning_ends_as_the_run_that_never_stopped(dmep
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history]
 
 
+def test_a_run_resumed_from_the_checkpoint_of_the_pruning_step_finishes(tiny_classification, tmp_path):
+    """The callbacks run before the step's checkpoint: the checkpoint of the pruning step holds
+    the pruned shapes, which the resumed run prunes to again before loading it."""
+    config = replace(tiny_classification, adapter=MOE, checkpoint_every=4, output_dir=str(tmp_path / "crashed"),
+                     schedule={"name": "dmep", "prune_at": 1 / 3, "keep_mass": 0.5})  # prunes at step 4
+    with pytest.raises(Crash):  # dies at step 5: the newest checkpoint is step 4's
+        Trainer.from_config(config, callbacks=[CrashAt(5)], console=quiet()).fit()
+    assert json.loads((Path(config.output_dir) / "dmep.json").read_text())["step"] == 4
+    assert loop.resume(Path(config.output_dir), console=quiet()).status == "finished"
+
+
+def test_steps_that_evaluate_still_count_their_training_tokens(tiny_classification, tmp_path):
+    config = replace(tiny_classification, adapter=MOE, eval_every=1, checkpoint_every=None, max_steps=4,
+                     output_dir=str(tmp_path / "run"), schedule={"name": "dmep", "prune_at": 0.5, "keep_mass": 0.5})
+    trainer = Trainer.from_config(config, console=quiet())
+    for _ in range(2):
+        trainer.step()
+    record = json.loads((Path(config.output_dir) / "dmep.json").read_text())
+    assert all(sum(shares) == pytest.approx(1.0) for shares in record["usage"].values())  # none empty
+
+
 def test_bad_schedules_are_refused_naming_the_key(tiny_classification):
     with pytest.raises(SpliceError, match="prune_at is a share"):
         DMEP(prune_at=1.5)

@@ -108,6 +108,7 @@ def attach(
         raise SpliceError(f"adapter {name!r} is already attached; detach it or choose another name")
     config = config.placed(model)
     selected = resolve_targets(model, config)
+    _refuse_tied_inits(model, config, selected)
     heads = resolve_heads(model, config.train_also)
     built: list[nn.Module] = []
     try:
@@ -118,6 +119,7 @@ def attach(
             weight = module.weight if info.kind != "block" else next(module.parameters(), None)
             if weight is not None:
                 adapter.to(device=weight.device, dtype=_adapter_dtype(weight))
+            adapter.owner = name
             host = ensure_host(module, info)
             host[name] = adapter
             built.append(module)
@@ -314,11 +316,12 @@ def adapters(model: nn.Module) -> dict[str, AdapterConfig]:
     return {name: record.config for name, record in model_state(model).adapters.items()}
 
 
-def auxiliary_loss(model: nn.Module) -> torch.Tensor | None:
-    """The auxiliary losses (e.g. a rank router's budget penalty) the adapters added during the
-    model's last forward, summed; None when there are none. Add it to the task loss."""
+def auxiliary_loss(model: nn.Module, name: str | None = None) -> torch.Tensor | None:
+    """The auxiliary losses (e.g. a rank router's budget penalty) the adapters (or adapter `name`
+    alone) added during the model's last forward, summed; None when there are none. Add it to
+    the task loss."""
     recorder = model_state(model).inputs_recorder
-    return batch_auxiliary_loss(recorder.last) if recorder is not None else None
+    return batch_auxiliary_loss(recorder.last, name) if recorder is not None else None
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -342,6 +345,20 @@ def _remove_checkpoint_hooks(state: ModelState) -> None:
     if state.checkpoint_inputs is not None:
         state.checkpoint_inputs.remove()
         state.checkpoint_inputs = None
+
+
+def _refuse_tied_inits(model: nn.Module, config: AdapterConfig, selected: list[tuple[str, nn.Module]]) -> None:
+    """An init that takes part of the base weight (PiSSA, GOAT) would change every module that
+    shares that weight; refused, as merging into it is."""
+    if not config.takes_from_base():
+        return
+    tied = _tied_parameters(model)
+    for module_name, module in selected:
+        weight = getattr(module, "weight", None)
+        if weight is not None and id(weight) in tied:
+            others = [n for n in tied[id(weight)] if n != f"{module_name}.weight"]
+            raise SpliceError(f"{module_name}.weight is tied to {others}: an init that takes part of it out of the "
+                              "base would change those modules too; leave the module out or use the default init")
 
 
 def _tied_parameters(model: nn.Module) -> dict[int, list[str]]:

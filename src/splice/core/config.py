@@ -157,6 +157,8 @@ class Adapter(nn.Module):
     delta_weight_reads_base: ClassVar[bool] = False
     # Why a form without a weight change cannot be merged, for the refusal's message.
     merge_refusal: ClassVar[str] = ""
+    # The adapter's name on the model it is attached to (set by `attach`): whose auxiliary losses are whose.
+    owner: str | None = None
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

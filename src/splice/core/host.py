@@ -107,11 +107,13 @@ class Host(nn.ModuleDict):
         initial = self[name].initial_delta_weight()
         if initial is None:
             return
+        check_mergeable_weight(base)  # a packed quantized weight cannot give part of itself
         weight = base.weight.detach()
         change = initial.T if self.info.transposed else initial
         taken = added(weight, change, -1.0)
-        self._restores[name] = ExactRestore.of(weight, taken, added(taken, change, 1.0))
+        restore = ExactRestore.of(weight, added(taken, change, 1.0))
         add_to_weight(base, self.info, initial, sign=-1.0, result=taken)
+        self._restores[name] = restore
 
     def give_initial(self, base: nn.Module, name: str) -> None:
         """Put back what `take_initial` took out for adapter `name`: the weight as it was, bit for
@@ -174,18 +176,21 @@ class ExactRestore(NamedTuple):
     original: torch.Tensor
 
     @classmethod
-    def of(cls, original: torch.Tensor, taken: torch.Tensor, given_back: torch.Tensor) -> ExactRestore:
+    def of(cls, original: torch.Tensor, given_back: torch.Tensor) -> ExactRestore:
         index = (given_back != original).flatten().nonzero().flatten()
         index = index.to(torch.int32) if original.numel() < 2**31 else index
         return cls(index, given_back.flatten()[index].clone(), original.flatten()[index].clone())
 
     def apply(self, weight: torch.Tensor) -> None:
-        """Set the original value where the weight holds exactly what the add-back gave."""
-        index = self.index.long()
+        """Set the original value where the weight holds exactly what the add-back gave; nothing
+        when the weight changed dtype since (`model.to(bfloat16)`: the originals no longer fit)."""
+        if weight.dtype != self.original.dtype:
+            return
+        index = self.index.to(weight.device, torch.long)
         with torch.no_grad():
             flat = weight.view(-1)
-            unchanged = flat[index] == self.rounded
-            flat[index[unchanged]] = self.original[unchanged]
+            unchanged = flat[index] == self.rounded.to(weight.device)
+            flat[index[unchanged]] = self.original.to(weight.device)[unchanged]
 
 
 def added(target: torch.Tensor, change: torch.Tensor, sign: float) -> torch.Tensor:

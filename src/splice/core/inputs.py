@@ -59,6 +59,7 @@ class BatchInputs:
     prompt_width: int | None = None  # inside generate without a cache: the prompt's columns (the rest was generated)
     memo: dict[Any, Any] = field(default_factory=dict)
     aux_losses: list[torch.Tensor] = field(default_factory=list)
+    aux_owners: list[str | None] = field(default_factory=list)  # the adapter that added each loss
 
     @property
     def rows(self) -> int | None:
@@ -66,6 +67,11 @@ class BatchInputs:
             if tensor is not None:
                 return tensor.shape[0]
         return None
+
+    def add_aux_loss(self, loss: torch.Tensor, owner: str | None) -> None:
+        """An auxiliary loss of adapter `owner` (its name), which `auxiliary_loss` adds up."""
+        self.aux_losses.append(loss)
+        self.aux_owners.append(owner)
 
     def mask_for(self, x: torch.Tensor) -> torch.Tensor | None:
         """The attention mask [rows, seq] of a layer input x [rows, seq, features]: the batch's,
@@ -190,11 +196,13 @@ class _Generate:
                 del self.model.generate
 
 
-def batch_auxiliary_loss(inputs: BatchInputs | None) -> torch.Tensor | None:
-    """Sum of the auxiliary losses adapters added during a forward, or None."""
-    if inputs is None or not inputs.aux_losses:
+def batch_auxiliary_loss(inputs: BatchInputs | None, owner: str | None = None) -> torch.Tensor | None:
+    """Sum of the auxiliary losses adapters (or adapter `owner` alone) added during a forward, or None."""
+    if inputs is None:
         return None
-    return torch.stack([loss.reshape(()) for loss in inputs.aux_losses]).sum()
+    losses = [loss.reshape(()) for loss, who in zip(inputs.aux_losses, inputs.aux_owners, strict=True)
+              if owner is None or who == owner]
+    return torch.stack(losses).sum() if losses else None
 
 
 def _new_tokens(ids: torch.Tensor | None, embeds: Any) -> int | None:

@@ -52,6 +52,7 @@ def write(model: nn.Module, path: Path, name: str) -> tuple[dict[str, Any], dict
         "modules": modules,
         "train_also": record.heads,
         "base_model_name_or_path": base_model_name(model),
+        "model_class": type(model).__name__,  # which head the modules' names sit under (analyze, eval)
     }
     write_config(path, config)
     write_weights(path, tensors)

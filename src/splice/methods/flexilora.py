@@ -304,7 +304,7 @@ class FlexiLoRAAdapter(Adapter):
         if torch.is_grad_enabled() and inputs is not None:
             ladder = torch.tensor(self.config.ranks, dtype=logits.dtype, device=logits.device)
             fraction = (logits.softmax(-1) @ ladder).mean() / ladder[-1]
-            inputs.aux_losses.append(self.config.budget_weight * (fraction - self.config.budget).abs())
+            inputs.add_aux_loss(self.config.budget_weight * (fraction - self.config.budget).abs(), self.owner)
         return F.gumbel_softmax(logits, tau=1.0, hard=True)
 
     def delta_weight_at(self, rank: int) -> torch.Tensor:

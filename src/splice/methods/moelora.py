@@ -18,7 +18,10 @@ Initialisations (`init`):
   (the expectation of uniform top-k routing; shared experts are taken out at their own weight
   1/N_g, so they are exact), scale s = √(3 η n / r_e), n = in_features.
 - "gse": the leading r components of `svd_lowrank(W, q=r, niter=2)` in order, shared experts
-  first, each at its scale s_i = √(3 η n / r_i), and W' = W - Σ_i s_i B_i A_i = W - U_r S_r V_rᵀ / ρ.
+  first, each at its scale s_i = √(3 η n / r_i), and W' = W - Σ_i w_i s_i B_i A_i with w_i = 1 for
+  routed experts and 1/N_g, their forward weight, for shared ones; for N_g = 1 that is the
+  released code's W - U_r S_r V_rᵀ / ρ (it takes shared experts out at 1 whatever N_g, so with
+  N_g > 1 its init is not the base even with every expert on; here it is).
   `balance_gradients` rescales the routed experts to s_i = 2 mean_j(tr_j) / tr_i, tr_i = Σ S_{J_i}.
 
 W' is an exact, reversible change of the frozen base: the host keeps what restores W bit for
@@ -143,6 +146,9 @@ class MoELoRA(AdapterConfig):
         if info.kind != "linear":
             raise SpliceError(f"MoELoRA adapts Linear layers; {module_name!r} is a {info.kind} layer")
         adapter = MoELoRAAdapter(info, self, self.routed_for(module_name))
+        if module_name in self.expert_counts and self.init != "default" and not will_be_filled():
+            raise SpliceError(f"MoELoRA expert_counts ({module_name!r}: {self.expert_counts[module_name]}) is what "
+                              f"pruning left of a trained adapter; a fresh init={self.init!r} starts with every expert")
         if self.init == "default":
             adapter.reset()
         elif will_be_filled():  # loading: the file has the factors; no SVD
@@ -171,10 +177,11 @@ class MoELoRAAdapter(Adapter):
         nn.init.kaiming_uniform_(self.router, a=math.sqrt(5))  # nn.Linear's init
         scale = config.expert_scale(info.in_features)
         self.register_buffer("expert_scales", torch.full((self.shared + routed,), scale))
-        self.register_buffer("routed_slots", torch.zeros(routed, dtype=torch.long), persistent=False)
-        self.register_buffer("probability_sums", torch.zeros(routed), persistent=False)
-        self.register_buffer("entropy_sum", torch.zeros(()), persistent=False)
-        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long), persistent=False)
+        # routing statistics (token-weighted sums since the last reset; `training_slots`: of
+        # training forwards only, which DMEP reads and resets itself)
+        for name, shape in (("routed_slots", routed), ("training_slots", routed), ("probability_sums", routed),
+                            ("entropy_sum", ()), ("tokens_seen", ())):
+            self.register_buffer(name, torch.zeros(shape), persistent=False)
 
     # -- initialisation --------------------------------------------------------------------------
 
@@ -199,7 +206,7 @@ class MoELoRAAdapter(Adapter):
             U, S, V = torch.svd_lowrank(weight, q=config.r, niter=2)
             Vh, index = V.T, torch.arange(config.r)
         U, S, Vh = U[:, index], S[index], Vh[index]
-        scales = self.expert_scales.clone()
+        scales = self.expert_scales.to(weight.device).clone()
         if config.balance_gradients:
             traces = S.view(experts, r_e).sum(1)[self.shared:]
             scales[self.shared:] = BALANCED_SCALE * traces.mean() / traces
@@ -209,10 +216,11 @@ class MoELoRAAdapter(Adapter):
         # what is taken out of W per expert: shared at their forward weight 1/N_g; routed at 1/E_r
         # (GOAT: the expectation of uniform top-k routing) or 1 (VLA-GSE's code)
         routed_weight = 1.0 / (experts - self.shared) if config.init == "goat" else 1.0
-        weights = torch.tensor([1.0 / max(self.shared, 1)] * self.shared + [routed_weight] * (experts - self.shared))
+        weights = torch.tensor([1.0 / max(self.shared, 1)] * self.shared + [routed_weight] * (experts - self.shared),
+                               device=weight.device)
         with torch.no_grad():
             self.expert_scales.copy_(scales)
-            kept = torch.cat([torch.arange(self.shared * r_e), self.shared * r_e + torch.arange(self.routed * r_e)])
+            kept = torch.arange((self.shared + self.routed) * r_e, device=weight.device)
             self.lora_A.copy_(A[kept])
             self.lora_B.copy_(B[:, kept])
         self.hold_initial_factors(A.clone(), B.clone(), column_scale * weights.repeat_interleave(r_e))
@@ -229,12 +237,14 @@ class MoELoRAAdapter(Adapter):
     # -- forward ---------------------------------------------------------------------------------
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        gates, top_w, top_i = self.route_tokens(x)
+        top_w, top_i = self.route_tokens(x)
         inputs = x.to(self.lora_A.dtype)
         if self.training and self.config.dropout:
             inputs = F.dropout(inputs, self.config.dropout)
         if self.config.compute == "grouped":
             return self._grouped(inputs, top_w, top_i)
+        gates = torch.zeros(*top_w.shape[:-1], self.routed, dtype=top_w.dtype, device=top_w.device)
+        gates = gates.scatter(-1, top_i, top_w)
         shared = torch.full((*gates.shape[:-1], self.shared), 1.0 / max(self.shared, 1), dtype=gates.dtype,
                             device=gates.device)
         column = torch.cat([shared, gates], -1).repeat_interleave(self.rank, -1) \
@@ -248,7 +258,7 @@ class MoELoRAAdapter(Adapter):
         if self.shared:
             rows = slice(0, self.shared * self.rank)
             column = self.expert_scales[: self.shared].repeat_interleave(self.rank) / self.shared
-            out = out + F.linear(F.linear(flat, self.lora_A[rows]) * column, self.lora_B[:, rows])
+            out = out + F.linear(F.linear(flat, self.lora_A[rows]) * column, self.lora_B[:, rows]).to(out.dtype)
         experts = top_i.reshape(-1)
         order = experts.argsort(stable=True)
         tokens = order // top_i.shape[-1]
@@ -261,7 +271,7 @@ class MoELoRAAdapter(Adapter):
                 picked = tokens[start : start + count]
                 hidden = F.linear(flat.index_select(0, picked), self.lora_A[rows])
                 hidden = hidden * (weights[start : start + count, None] * self.expert_scales[self.shared + expert])
-                out = out.index_add(0, picked, F.linear(hidden, self.lora_B[:, rows]))
+                out = out.index_add(0, picked, F.linear(hidden, self.lora_B[:, rows]).to(out.dtype))
             start += count
         return out.view(*inputs.shape[:-1], self.info.out_features)
 
@@ -272,40 +282,49 @@ class MoELoRAAdapter(Adapter):
         hidden = hidden.unflatten(-1, (-1, self.rank)) * self.expert_scales[:, None]
         return torch.einsum("...er,oer->...eo", hidden, self.lora_B.unflatten(1, (-1, self.rank)))
 
-    def route_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The routed experts' gates [..., E_r] (renormalised top-k, zero elsewhere), the top-k
-        weights and indices [..., k]; adds the balancing loss while training and counts the statistics."""
+    def route_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-k weights (renormalised to sum 1) and indices [..., k] of the routed experts;
+        adds the balancing loss while training and counts the statistics.
+
+        A forward that activation checkpointing re-runs during backward does neither again: its
+        loss is already in the graph, its tokens already counted.
+        """
         logits = F.linear(x.to(self.router.dtype), self.router)
         scores = logits.softmax(-1) if self.config.router == "softmax" else logits.sigmoid()
         top_w, top_i = scores.topk(self.config.top_k, dim=-1)
         top_w = top_w / top_w.sum(-1, keepdim=True)
-        gates = torch.zeros_like(scores).scatter(-1, top_i, top_w)
-        attended = self._attended(x)
+        if torch._C._current_graph_task_id() != -1:  # inside backward: a checkpointed block's recomputation
+            return top_w, top_i
+        weights = self._token_weights(x, top_i)
         probabilities = scores / scores.sum(-1, keepdim=True)
         if self.training and torch.is_grad_enabled() and self.config.aux_loss > 0:
             inputs = self.batch_inputs()
             if inputs is not None:
-                inputs.aux_losses.append(self.config.aux_loss * balance_loss(probabilities, top_i, attended))
-        self._count(probabilities.detach(), top_i, attended)
-        return gates, top_w, top_i
+                inputs.add_aux_loss(self.config.aux_loss * balance_loss(probabilities, top_i, weights), self.owner)
+        self._count(probabilities.detach(), top_i, weights)
+        return top_w, top_i
 
-    def _attended(self, x: torch.Tensor) -> torch.Tensor | None:
-        """[rows, seq] attention mask of this input's rows, where known: padding is not counted."""
+    def _token_weights(self, x: torch.Tensor, top_i: torch.Tensor) -> torch.Tensor:
+        """[tokens] 1 for each attended token of this input's rows, 0 for padding (all 1 where
+        the mask is not known): weights, not a selection, so nothing waits for the device."""
         inputs = self.batch_inputs()
         mask = inputs.mask_for(x) if inputs is not None else None
-        return None if mask is None else mask.bool()
+        if mask is None:
+            return torch.ones(top_i[..., 0].numel(), dtype=self.probability_sums.dtype, device=x.device)
+        return mask.reshape(-1).to(self.probability_sums.dtype)
 
     @torch.no_grad()
-    def _count(self, probabilities: torch.Tensor, top_i: torch.Tensor, attended: torch.Tensor | None) -> None:
-        probabilities = probabilities.reshape(-1, self.routed)
+    def _count(self, probabilities: torch.Tensor, top_i: torch.Tensor, weights: torch.Tensor) -> None:
+        probabilities = probabilities.reshape(-1, self.routed).to(weights.dtype)
         top_i = top_i.reshape(-1, top_i.shape[-1])
-        if attended is not None:
-            keep = attended.reshape(-1)
-            probabilities, top_i = probabilities[keep], top_i[keep]
-        self.routed_slots += torch.bincount(top_i.reshape(-1), minlength=self.routed)
-        self.probability_sums += probabilities.sum(0).to(self.probability_sums.dtype)
-        self.entropy_sum += -(probabilities * probabilities.clamp_min(1e-12).log()).sum().to(self.entropy_sum.dtype)
-        self.tokens_seen += probabilities.shape[0]
+        slots = weights[:, None].expand(top_i.shape).reshape(-1)
+        self.routed_slots.scatter_add_(0, top_i.reshape(-1), slots)
+        if self.training:
+            self.training_slots.scatter_add_(0, top_i.reshape(-1), slots)
+        self.probability_sums += (probabilities * weights[:, None]).sum(0)
+        entropy = -(probabilities * probabilities.clamp_min(1e-12).log()).sum(-1)
+        self.entropy_sum += (entropy * weights).sum()
+        self.tokens_seen += weights.sum()
 
     # -- the base weight -------------------------------------------------------------------------
 
@@ -327,7 +346,7 @@ class MoELoRAAdapter(Adapter):
     def statistics(self) -> dict[str, Any]:
         """Routing since the last reset: each routed expert's share of the routed slots and mean
         probability, the mean per-token routing entropy, and the top expert's share."""
-        tokens = int(self.tokens_seen)
+        tokens = round(float(self.tokens_seen))
         slots = self.routed_slots.double()
         share = (slots / slots.sum()).tolist() if tokens else [float("nan")] * self.routed
         return {
@@ -344,6 +363,12 @@ class MoELoRAAdapter(Adapter):
     def reset_statistics(self) -> None:
         for buffer in (self.routed_slots, self.probability_sums, self.entropy_sum, self.tokens_seen):
             buffer.zero_()
+
+    def take_training_slots(self) -> torch.Tensor:
+        """The routed slots of the training forwards since the last call, per routed expert."""
+        slots = self.training_slots.clone()
+        self.training_slots.zero_()
+        return slots
 
     def prune(self, keep: Iterable[int]) -> dict[nn.Parameter, tuple[nn.Parameter, torch.Tensor, int]]:
         """Keep only the routed experts `keep` (indices among the routed ones), physically: their
@@ -364,24 +389,22 @@ class MoELoRAAdapter(Adapter):
             moves[old] = (new, index, dim)
         self.expert_scales = self.expert_scales[torch.tensor(experts, device=self.expert_scales.device)].clone()
         self.routed = len(keep)
-        for name in ("routed_slots", "probability_sums"):
-            setattr(self, name, getattr(self, name)[routed].clone())
-        self.reset_statistics()  # the counts so far were of the experts before pruning
+        for name in ("routed_slots", "training_slots", "probability_sums"):  # counts of the old experts: restart
+            setattr(self, name, torch.zeros_like(getattr(self, name)[: self.routed]))
+        self.reset_statistics()
         return moves
 
 
-def balance_loss(probabilities: torch.Tensor, top_i: torch.Tensor, attended: torch.Tensor | None) -> torch.Tensor:
-    """E_r Σ_e f_e P_e over the (attended) tokens: f_e the share of tokens whose top-k holds e
-    (Σ f_e = k), P_e the mean probability of e. Exactly k under uniform routing."""
+def balance_loss(probabilities: torch.Tensor, top_i: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """E_r Σ_e f_e P_e over the tokens (weighted: 0 for padding): f_e the share of tokens whose
+    top-k holds e (Σ f_e = k), P_e the mean probability of e. Exactly k under uniform routing."""
     experts = probabilities.shape[-1]
     probabilities = probabilities.reshape(-1, experts)
     hits = torch.zeros_like(probabilities).scatter(-1, top_i.reshape(-1, top_i.shape[-1]), 1.0)
-    if attended is not None:
-        keep = attended.reshape(-1)
-        probabilities, hits = probabilities[keep], hits[keep]
-    if probabilities.shape[0] == 0:
-        return probabilities.sum()
-    return experts * (hits.mean(0) * probabilities.mean(0)).sum()
+    if weights is None:
+        weights = torch.ones(probabilities.shape[0], dtype=probabilities.dtype, device=probabilities.device)
+    weights = weights.to(probabilities.dtype)[:, None] / weights.sum().clamp_min(1)
+    return experts * ((hits * weights).sum(0) * (probabilities * weights).sum(0)).sum()
 
 
 def moe_adapters(model: nn.Module, name: str | None = None) -> tuple[str, dict[str, MoELoRAAdapter]]:

@@ -221,6 +221,7 @@ class Multiplexer:
         # accelerate's gradient sync holds for the whole step (gradient_accumulation_steps is 1), so
         # the tenants' prepared optimizers act whenever their own accumulation is complete.
         with self.accelerator.accumulate():
+            batch_rows = {name: len(batch["labels"]) for name, batch in batches.items()}
             for group in groups:
                 inputs, segments = packing.assemble(batches, group, self.shared.config.pad_token_id)
                 ids = [name for name, n in segments for _ in range(n)]
@@ -228,7 +229,7 @@ class Multiplexer:
                     router.segments = segments
                 # backward inside the routing: activation checkpointing recomputes the forward there
                 with splice.route(self.shared, ids):
-                    self.accelerator.backward(self._group_loss(inputs, segments, counts, losses))
+                    self.accelerator.backward(self._group_loss(inputs, segments, counts, batch_rows, losses))
         self.global_step += 1
         for name in list(self.tenants):
             trainer = self.tenants[name].trainer
@@ -238,9 +239,12 @@ class Multiplexer:
                 self._finish(self.tenants[name])
 
     def _group_loss(self, inputs: dict[str, torch.Tensor], segments: list[tuple[str, int]],
-                    counts: dict[str, float], losses: dict[str, torch.Tensor]) -> torch.Tensor:
+                    counts: dict[str, float], batch_rows: dict[str, int],
+                    losses: dict[str, torch.Tensor]) -> torch.Tensor:
         """What one packed pass backpropagates: each tenant's share of its mean loss, over its
-        accumulation; each tenant's share is added to `losses` (its batch's loss)."""
+        accumulation; each tenant's share is added to `losses` (its batch's loss). A tenant's
+        auxiliary losses (a MoE router's balancing) count at the share of its batch's rows in
+        this pass: whole when the batch is one pass, as alone; split, each part on its own rows."""
         labels = inputs.pop("labels")
         with self.accelerator.autocast():
             logits = self.shared(**inputs).logits
@@ -256,20 +260,10 @@ class Multiplexer:
             loss = summed / counts[name]
             losses[name] += loss.detach()
             total = total + loss / tenant.trainer.config.grad_accum
-        extra = splice.auxiliary_loss(self.shared)  # the tenants' adapters' own (a MoE router's balancing)
-        if extra is not None:
-            total = total + extra / self._common_grad_accum(segments)
+            extra = splice.auxiliary_loss(self.shared, name)
+            if extra is not None:
+                total = total + extra * (n / batch_rows[name]) / tenant.trainer.config.grad_accum
         return total
-
-    def _common_grad_accum(self, segments: list[tuple[str, int]]) -> int:
-        """The accumulation of the tenants in a pass that added auxiliary losses; one for all of
-        them, since the sum does not say whose each loss is."""
-        steps = {self.tenants[name].trainer.config.grad_accum for name, _ in segments}
-        if len(steps) > 1:
-            raise SpliceError(f"adapters with auxiliary losses (MoELoRA's balancing, a Flexi-LoRA router's budget) "
-                              f"train multiplexed only when the tenants packed together share grad_accum; got "
-                              f"{sorted(steps)}")
-        return steps.pop()
 
     def _finish(self, tenant: Tenant) -> None:
         """The tenant's trainer ends its run as a lone one (best state restored, evaluated, saved,

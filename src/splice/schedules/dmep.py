@@ -4,7 +4,7 @@ Three phases on one run of the trainer:
 
 1. Steps 1..T₁ (T₁ = `prune_at` of the run's steps): train with the load-balancing loss while
    counting, per module, how many routed slots of the training tokens each expert got
-   (evaluation forwards are not counted).
+   (training forwards only; `MoELoRAAdapter.take_training_slots`).
 2. At T₁, per module: keep the fewest experts whose share of the slots reaches `keep_mass`
    (at least top_k), remove the others physically (factor rows, router rows; their optimizer
    state goes too, the kept experts keep theirs), and record the counts in the adapter's config,
@@ -31,7 +31,7 @@ import torch
 from splice.core.api import adapters
 from splice.core.errors import SpliceError
 from splice.io.files import write_json
-from splice.methods.moelora import MoELoRA, moe_adapters, prune_experts, reconfigure, reset_routing_stats
+from splice.methods.moelora import MoELoRA, moe_adapters, prune_experts, reconfigure
 from splice.train.callbacks import Callback, register_schedule
 from splice.train.report import checkpoint_steps
 
@@ -75,27 +75,26 @@ class DMEP(Callback):
         if checkpoint is not None and record.exists():
             saved = json.loads(record.read_text())
             if checkpoint >= saved["step"]:  # the checkpoint holds the pruned shapes
-                self._prune(trainer, {m: kept for m, kept in saved["keep"].items()}, saved["step"])
-        reset_routing_stats(trainer.plain_model, trainer.adapter_name)
-
-    def on_evaluate(self, trainer: Trainer, metrics: dict[str, dict[str, float]]) -> None:
-        reset_routing_stats(trainer.plain_model, trainer.adapter_name)  # evaluation routing is not training's
+                self._prune(trainer, saved["keep"], saved["step"])
+        for adapter in moe_adapters(trainer.plain_model, trainer.adapter_name)[1].values():
+            adapter.take_training_slots()  # from this step on
 
     def on_step_end(self, trainer: Trainer, entry: dict[str, Any]) -> None:
         if self.pruned_at is not None:
             return
         _, found = moe_adapters(trainer.plain_model, trainer.adapter_name)
-        for module, adapter in found.items():
-            self.usage[module] = self.usage.get(module, 0) + adapter.routed_slots.double().cpu()
-            adapter.reset_statistics()
+        for module, adapter in found.items():  # on the adapter's device: no wait for it here
+            self.usage[module] = self.usage.get(module, 0) + adapter.take_training_slots().double()
         if entry["step"] >= self.prune_step(trainer):
-            keep = {module: keep_by_mass(self.usage.get(module), adapter.routed, adapter.config.top_k, self.keep_mass)
+            keep = {module: keep_by_mass(self.usage[module].cpu(), adapter.routed, adapter.config.top_k, self.keep_mass)
                     for module, adapter in found.items()}
+            if not any(float(u.sum()) for u in self.usage.values()):
+                trainer.show("[yellow]dmep: no training token was routed before the pruning step; nothing pruned[/]")
             removed = self._prune(trainer, keep, entry["step"])
             if trainer.main:
                 write_json(trainer.run_dir / RECORD, {
                     "step": entry["step"], "keep_mass": self.keep_mass, "keep": keep,
-                    "usage": {m: (u / u.sum().clamp_min(1)).tolist() for m, u in self.usage.items()},
+                    "usage": {m: (u / u.sum().clamp_min(1)).cpu().tolist() for m, u in self.usage.items()},
                     "parameters_removed": removed})
             trainer.show(_summary(removed, entry["step"]))
 

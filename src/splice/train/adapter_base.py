@@ -16,6 +16,7 @@ from torch import nn
 
 from splice.core.errors import SpliceError
 from splice.core.targets import SEQ_CLS_HEAD_NAMES
+from splice.io.adapter_files import read_config
 from splice.io.files import read_adapter
 from splice.io.info import AdapterInfo, inspect_adapter
 from splice.train.tasks import load_pretrained, model_path
@@ -67,8 +68,14 @@ def head_outputs(path: str | Path, heads: list[str]) -> int:
 
 
 def _task_of(found: AdapterInfo) -> str:
-    """PEFT's task_type; splice's own format records trained heads, not a task."""
+    """PEFT's task_type; for splice's own format, the class of the model it was saved from (files
+    since 0.1.0's `model_class`), else its trained heads."""
     if found.format == "peft":
         return task_of_peft(found.config.get("task_type"))
+    model_class = str(read_config(found.path).get("model_class") or "")
+    if model_class.endswith("ForCausalLM"):
+        return "causal_lm"
     heads = {h.rsplit(".", 1)[-1] for h in found.heads}
-    return "classification" if heads & set(SEQ_CLS_HEAD_NAMES) else "base"
+    if model_class.endswith("ForSequenceClassification") or heads & set(SEQ_CLS_HEAD_NAMES):
+        return "classification"
+    return "base"

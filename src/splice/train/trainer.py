@@ -250,7 +250,7 @@ class Trainer:
 
         Unless the loss or gradient norm is not finite, the (clipped) update and the schedule's
         step; then the non-finite policy, the history entry, the periodic evaluation and best
-        keeping, a checkpoint when due and the callbacks' `on_step_end`. None when non-finite
+        keeping, the callbacks' `on_step_end` and a checkpoint when due. None when non-finite
         numbers stopped the run.
         """
         check = self._update()
@@ -260,11 +260,11 @@ class Trainer:
             self.state.train_s += time.perf_counter() - self._step_started
             self._step_started = None
         if entry is not None:
+            for callback in self.callbacks:  # first: what they change (DMEP's pruning) goes in the checkpoint
+                callback.on_step_end(self, entry)
             if self.tenancy is None and not self.done and not self.interrupt_requested \
                     and self.config.checkpoint_every and entry["step"] % self.config.checkpoint_every == 0:
                 self.save_checkpoint()
-            for callback in self.callbacks:
-                callback.on_step_end(self, entry)
         return entry
 
     def evaluate(self, splits: Sequence[str] | None = None, *, generate: bool = True) -> dict[str, Metrics]:
