@@ -163,3 +163,21 @@ def test_a_shared_head_must_be_an_earlier_tasks_with_the_same_labels(tiny_bert_f
                     {"name": "topic", "data": str(task_files["topic"]), "head": "sentiment"}]
     with pytest.raises(ConfigError, match=r"task 'topic' shares the head of 'sentiment' .* labels"):
         run_sequence(sequence(tiny_bert_folder, task_files, tmp_path, tasks=other_labels), console=QUIET, quiet=True)
+
+
+def test_a_form_without_weights_gets_the_next_task_s_head_after_the_switch_angle(tiny_bert_folder, task_files,
+                                                                                 tmp_path):
+    """LoReFT has no weight to take the switch angle at: the angle stops after selecting the
+    previous task's head, and a second task with more classes must still train with its own."""
+    rows = [{"text": f"{w} {w} {w}", "label": label} for label, words in
+            {"animal": ["cat", "dog"], "colour": ["red", "blue"], "number": ["one", "two"]}.items()
+            for w in words] * 20
+    three = tmp_path / "three.jsonl"
+    three.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = sequence(tiny_bert_folder, task_files, tmp_path, tasks=[
+        {"name": "sentiment", "data": str(task_files["sentiment"]), "max_steps": 4},
+        {"name": "three", "data": str(three), "max_steps": 4}], settings=["task_incremental"])
+    config.adapter = {"method": "loreft", "r": 2, "positions": "f1+l1"}
+    result = run_sequence(config, console=QUIET, quiet=True)
+    assert "skipped" in result.switches[0]
+    assert result.matrices["task_incremental"][1][1] is not None

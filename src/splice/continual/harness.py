@@ -177,6 +177,7 @@ class _Run:
         switch = self.switch_angle(task)
         extra = []
         if self.heads is not None:
+            task_heads.select(self.model, self.heads, task.name)  # the angle ran the previous task's head too
             self.heads.head(task.name).requires_grad_(True)
             extra = [f"{self.head_path}.heads.{self.heads.owner(task.name)}"]
         started = time.perf_counter()
