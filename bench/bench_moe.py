@@ -32,9 +32,9 @@ accuracy   `splice.train.run`: MiniLM on Rotten Tomatoes and BBC News (test accu
 Timing on this shared 2-core machine is noisy: compare the paired ratios, not absolute times
 (bench/README.md, "How to read the numbers").
 
-    .venv/bin/python bench/bench_moe.py --sections speed layer dmep memory     # ~15-20 min
-    .venv/bin/python bench/bench_moe.py --sections accuracy --merge            # ~90 min (budget)
-    .venv/bin/python bench/bench_moe.py --quick                                # smoke run, ~5 min
+    .venv/bin/python bench/bench_moe.py --sections speed layer dmep memory     # 10-15 min
+    .venv/bin/python bench/bench_moe.py --sections accuracy --merge            # ~80 min (budget 90)
+    .venv/bin/python bench/bench_moe.py --quick                                # smoke run, 2-5 min
     .venv/bin/python bench/bench_moe.py --render bench/results/moe.json        # redo .md and .png
 
 Results: bench/results/moe.{json,md} and moe.png (`moe_quick.*` for --quick).
@@ -554,7 +554,7 @@ def run(s: Settings, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
-    p = bench_parser(__doc__, "~5 minute smoke run: q,v, rank 16, 2 rounds, Rotten Tomatoes 4 steps (not results)")
+    p = bench_parser(__doc__, "2-5 minute smoke run: q,v, rank 16, 2 rounds, Rotten Tomatoes 4 steps (not results)")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, help="subset of sections")
     p.add_argument("--targets", nargs="+", choices=list(TARGETS), help="target sets of the timed sections")
     p.add_argument("--ranks", nargs="+", type=int, help="total ranks of the speed section (multiples of 8)")

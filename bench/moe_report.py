@@ -36,6 +36,16 @@ def load_range(result: dict[str, Any]) -> tuple[float, float]:
     return min(loads), max(loads)
 
 
+def shared_note(result: dict[str, Any]) -> str:
+    """Which sections ran next to other work (a load average above this benchmark's threads + 0.5)."""
+    threads = result["environment"]["torch_threads"]
+    busy = [k for k, v in result["sections"].items()
+            if max(v["started"]["loadavg"][0], v["ended"]["loadavg"][0]) > threads + 0.5]
+    if not busy:
+        return "no section ran next to other busy processes."
+    return f"other processes (other benchmarks) shared the machine during {', '.join(busy)}."
+
+
 def ratio_of(timing: dict[str, Any], num: str, den: str = BASELINE) -> dict[str, float] | None:
     return timing.get("ratios", {}).get(f"{num}/{den}")
 
@@ -248,7 +258,8 @@ def accuracy_md(acc: dict[str, Any]) -> list[str]:
             ran.setdefault((r["data"], r["variant"]), []).append(r["seed"])
     sources: dict[str, int] = {}
     for r in runs:
-        sources[r.get("source", "not recorded")] = sources.get(r.get("source", "not recorded"), 0) + 1
+        key = r.get("source", "a source not recorded (see the notes)")
+        sources[key] = sources.get(key, 0) + 1
     lines += ["**Splice source of the runs**: " + "; ".join(f"{n} run(s) on {k}" for k, n in sources.items()) + ".",
               ""]
     lines += ["**What ran**: " + "; ".join(
@@ -312,9 +323,10 @@ def markdown(result: dict[str, Any], s: Settings | None = None) -> str:
            f"This invocation ran {result.get('runtime_s', 0) / 60:.1f} min (sections from earlier invocations are"
            f" kept with `--merge`; each says when it ran). "
            f"{'QUICK smoke run: too few steps and rounds to trust. ' if result['settings']['quick'] else ''}"
-           f"**The machine was shared**: other benchmarks ran on its {env['cpu_count']} cores during these"
-           f" measurements (1-minute load averages from {low:.1f} to {high:.1f}, see each section), so absolute"
-           " times are inflated and noisy; the paired, interleaved ratios are what to read.", "",
+           f"**Load**: 1-minute load averages from {low:.1f} to {high:.1f} on {env['cpu_count']} cores (per section"
+           f" below). This benchmark keeps {env['torch_threads']} core(s) busy, so more than that is other work:"
+           f" {shared_note(result)} Paired, interleaved ratios are robust to sharing; absolute times and the"
+           " unpaired training times are not.", "",
            table(["section", "started", "load average at start / end", "splice source (git)"],
                  [[k, *when(v)] for k, v in sec.items()]), ""]
     if result.get("notes"):
