@@ -271,7 +271,7 @@ class MoELoRAAdapter(Adapter):
                 picked = tokens[start : start + count]
                 hidden = F.linear(flat.index_select(0, picked), self.lora_A[rows])
                 hidden = hidden * (weights[start : start + count, None] * self.expert_scales[self.shared + expert])
-                out = out.index_add(0, picked, F.linear(hidden, self.lora_B[:, rows]).to(out.dtype))
+                out.index_add_(0, picked, F.linear(hidden, self.lora_B[:, rows]).to(out.dtype))
             start += count
         return out.view(*inputs.shape[:-1], self.info.out_features)
 
