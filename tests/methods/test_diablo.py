@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_close, assert_differs, logits, make_bert, make_gpt2, randomize
+from review_fit import review_loss
 from rich.console import Console
 from torch import nn
-from transformers import AutoTokenizer
 
 import splice
 from splice.core.errors import SpliceError
@@ -184,17 +184,5 @@ def test_diablo_on_minilm_learns_rotten_tomatoes(tmp_path, minilm):
 
     splice.load(minilm, result.paths["adapter"])
     assert isinstance(splice.adapters(minilm)["default"], DiaBlo)
-    on, off = validation_loss(minilm)
+    on, off = review_loss(minilm, splice.assets.rotten_tomatoes().validation[:64])
     assert on < off - 0.02, (on, off)
-
-
-def validation_loss(model: nn.Module, examples: int = 64) -> tuple[float, float]:
-    """Cross-entropy on the first Rotten Tomatoes validation reviews, adapter on and off."""
-    rows = splice.assets.rotten_tomatoes().validation[:examples]
-    tokenizer = AutoTokenizer.from_pretrained(splice.assets.minilm_path())
-    batch = tokenizer([r["text"] for r in rows], truncation=True, max_length=32, padding=True, return_tensors="pt")
-    labels = torch.tensor([r["label"] for r in rows])
-    on = F.cross_entropy(logits(model, **batch), labels).item()
-    with splice.disabled(model):
-        off = F.cross_entropy(logits(model, **batch), labels).item()
-    return on, off

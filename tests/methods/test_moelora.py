@@ -16,7 +16,7 @@ from torch import nn
 import splice
 from splice.core.errors import MergeError, SpliceError
 from splice.core.host import host_of
-from splice.methods.moelora import MoELoRA, MoELoRAAdapter, balance_loss, routing_stats
+from splice.methods.moelora import MoELoRA, MoELoRAAdapter, balance_loss, reset_routing_stats, routing_stats
 
 
 def linear_with_moe(seed: int = 0, out: int = 64, n: int = 48, dtype: torch.dtype = torch.float32,
@@ -139,7 +139,7 @@ def test_routing_statistics_count_slots_probabilities_and_entropy():
     assert sum(stats["utilisation"]) == pytest.approx(1.0)
     assert stats["utilisation"][1] == pytest.approx(0.5)  # one of the two slots of every token
     assert stats["top_share"] == pytest.approx(0.5) and stats["entropy"] < 0.01
-    routing_stats(model, reset=True)
+    reset_routing_stats(model)
     assert routing_stats(model)["0"]["tokens"] == 0
 
 

@@ -419,14 +419,10 @@ def moe_adapters(model: nn.Module, name: str | None = None) -> tuple[str, dict[s
     return name, {module: host[name] for module, _, host in hosts(model) if name in host}
 
 
-def routing_stats(model: nn.Module, name: str | None = None, *, reset: bool = False) -> dict[str, dict[str, Any]]:
-    """Per targeted module, the routing since the last reset (`MoELoRAAdapter.statistics`)."""
-    _, found = moe_adapters(model, name)
-    stats = {module: adapter.statistics() for module, adapter in found.items()}
-    if reset:
-        for adapter in found.values():
-            adapter.reset_statistics()
-    return stats
+def routing_stats(model: nn.Module, name: str | None = None) -> dict[str, dict[str, Any]]:
+    """Per targeted module, the routing since the last reset (`MoELoRAAdapter.statistics`;
+    `reset_routing_stats` starts a new count)."""
+    return {module: adapter.statistics() for module, adapter in moe_adapters(model, name)[1].items()}
 
 
 def reset_routing_stats(model: nn.Module, name: str | None = None) -> None:
