@@ -76,7 +76,7 @@ class Phases:
 
     def seconds(self) -> dict[str, float]:
         labels = list(self.marks)
-        ends = [self.marks[b] for b in labels[1:]] + [time.perf_counter()]
+        ends = [self.marks[b] for b in labels[1:]] + [time.perf_counter()] * bool(labels)
         return {a: end - self.marks[a] for a, end in zip(labels, ends, strict=True)}
 
     def total(self) -> float:
