@@ -47,7 +47,6 @@ import copy
 import gc
 import json
 import os
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -61,7 +60,6 @@ import torch.nn.functional as F
 from bench_speed import repeated
 from common import (
     HEAD,
-    HERE,
     RSS_FOLLOWS_LIVE,
     Batch,
     Candidate,
@@ -85,6 +83,7 @@ from common import (
     seed_summary,
     settings_from,
     short_error,
+    source_version,
     step_memory,
     trainable,
 )
@@ -237,14 +236,6 @@ def stamp() -> dict[str, Any]:
     """When a section ran, the load average then and the source it ran (sections of one report, and
     the training runs of one section, may come from several invocations while src changes)."""
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "loadavg": os.getloadavg(), "source": source_version()}
-
-
-def source_version() -> str:
-    """The git commit, with "+src changes" when src/ differs from it: what splice code ran."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
-
-    return git("rev-parse", "--short", "HEAD") + (" +src changes" if git("status", "--porcelain", "src") else "")
 
 
 def timed_section(fn: Callable[[Settings, Phases], dict[str, Any]]) -> Callable[[Settings, Phases], dict[str, Any]]:

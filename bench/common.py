@@ -385,6 +385,7 @@ from common_report import (  # noqa: E402, F401
     seed_summary,
     seed_table,
     settings_from,
+    source_version,
     table,
     verdict,
     write_results,

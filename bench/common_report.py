@@ -25,6 +25,20 @@ DATASETS = {"rotten_tomatoes": "Rotten Tomatoes", "bbc_news": "BBC News"}
 # ----------------------------------------------------------------------------------- reporting
 
 
+def git(*args: str) -> str:
+    """A git command's output, run in the repository (empty where git is missing)."""
+    try:
+        return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
+
+
+def source_version() -> str:
+    """The git commit, with "+src changes" when src/ differs from it: what splice code ran."""
+    changed = git("status", "--porcelain", "--", ":/src")
+    return git("rev-parse", "--short", "HEAD") + (" +src changes" if changed else "")
+
+
 def environment(threads: int) -> dict[str, Any]:
     import peft
     import torch
@@ -35,16 +49,10 @@ def environment(threads: int) -> dict[str, Any]:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
 
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
-        except OSError:
-            return ""
-
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__, "splice": splice.__version__,
             "git_commit": git("rev-parse", "--short", "HEAD"),
-            "git_dirty_src": bool(git("status", "--porcelain", "src")),
+            "git_dirty_src": bool(git("status", "--porcelain", "--", ":/src")),  # src from the root, not bench/
             "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": threads,
             "loadavg_start": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 

@@ -57,5 +57,5 @@ def test_every_command_line_parses(line):
 
 
 def test_a_flag_that_does_not_exist_fails_to_parse():  # so that the check above means something
-    with pytest.raises(Exception, match="No such option: --text-colum"):  # typer's own copy of click
+    with pytest.raises(Exception, match="No such option[: ]*.--text-colum"):  # typer's own copy of click
         parse("splice train --text-colum review")

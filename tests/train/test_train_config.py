@@ -120,6 +120,13 @@ def test_every_example_config_is_valid(path):
         make_strategy(sequence.strategy, configs[0].adapter_config(), sequence.options)
         assert all(c.output_dir.startswith(f"runs/continual-{sequence.model}-") for c in configs)
         return
+    if "clients" in yaml.safe_load(path.read_text()):  # a federated run (`splice federate`)
+        from splice.federated import FederatedConfig
+
+        federated = FederatedConfig.from_yaml(path)
+        assert federated.train_config().adapter_config().method == federated.adapter["method"]
+        assert federated.output_dir.startswith("runs/federated-")
+        return
     config = TrainConfig.from_yaml(path)
     adapter = config.adapter_config()
     assert adapter.method == config.adapter["method"]

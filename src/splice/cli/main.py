@@ -14,7 +14,16 @@ app = typer.Typer(
 
 
 def _register_commands() -> None:
-    from splice.cli import adapter_cmds, analysis_cmds, compress_cmd, continual_cmd, hub_cmd, probe_cmd, train_cmd
+    from splice.cli import (
+        adapter_cmds,
+        analysis_cmds,
+        compress_cmd,
+        continual_cmd,
+        federate_cmd,
+        hub_cmd,
+        probe_cmd,
+        train_cmd,
+    )
 
     train_cmd.register(app)
     adapter_cmds.register(app)
@@ -23,6 +32,7 @@ def _register_commands() -> None:
     compress_cmd.register(app)
     hub_cmd.register(app)
     continual_cmd.register(app)
+    federate_cmd.register(app)
 
 
 _register_commands()

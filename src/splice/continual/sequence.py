@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from splice.core.errors import ConfigError
-from splice.core.validation import check_value, did_you_mean, field_types, show
+from splice.core.validation import check_fields, did_you_mean, keyed_error, show
 from splice.train.config import SETTABLE_FIELDS, TrainConfig, default_adapter, read_yaml_mapping
 
 Setting = Literal["task_incremental", "task_agnostic"]
@@ -112,30 +112,30 @@ class SequenceConfig:
 
     def __post_init__(self) -> None:
         self.tasks = [t if isinstance(t, TaskSpec) else _task_spec(t, i) for i, t in enumerate(self.tasks)]
-        _check_fields(SequenceConfig, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+        check_fields(SequenceConfig, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                                        if f.name != "tasks"}, "")
         names = [t.name for t in self.tasks]
         if len(names) < 2:
-            raise _error("tasks", f"a sequence needs at least two tasks, got {len(names)}")
+            raise keyed_error("tasks", f"a sequence needs at least two tasks, got {len(names)}")
         if len(set(names)) != len(names):
-            raise _error("tasks", f"task names must differ, got {names}")
+            raise keyed_error("tasks", f"task names must differ, got {names}")
         for i, spec in enumerate(self.tasks):
             _check_task(spec, i, self.task)
             if spec.head is not None and (self.task != "classification" or spec.head not in names[:i]):
-                raise _error("tasks", f"tasks[{i}] ({spec.name!r}): head {spec.head!r} must name an earlier "
+                raise keyed_error("tasks", f"tasks[{i}] ({spec.name!r}): head {spec.head!r} must name an earlier "
                                       f"classification task of the sequence, one of {names[:i]}")
         for key in self.train:
             if key in OWN_FIELDS or key not in SETTABLE_FIELDS:
                 why = "is set by the sequence itself" if key in OWN_FIELDS else f"is not a training field" \
                       f"{did_you_mean(key, SETTABLE_FIELDS)}"
-                raise _error("train", f"train.{key} {why}")
+                raise keyed_error("train", f"train.{key} {why}")
         if not self.settings or any(s not in SETTINGS for s in self.settings):
-            raise _error("settings", f"settings must list some of {', '.join(SETTINGS)}; got {self.settings!r}")
+            raise keyed_error("settings", f"settings must list some of {', '.join(SETTINGS)}; got {self.settings!r}")
         if self.routing == "confidence" and self.task != "classification":
-            raise _error("routing", "routing: confidence reads a classification head's probabilities; a generator "
+            raise keyed_error("routing", "routing: confidence reads a classification head's probabilities; a generator "
                                     "routes by prototype")
         if self.angle_samples < 0:
-            raise _error("angle_samples", f"angle_samples must be >= 0, got {self.angle_samples}")
+            raise keyed_error("angle_samples", f"angle_samples must be >= 0, got {self.angle_samples}")
         if self.output_dir is None:
             self.output_dir = f"runs/continual-{Path(self.model).name}-{self.strategy}"
         for spec in self.tasks:  # every task's training config is valid before anything loads
@@ -150,7 +150,7 @@ class SequenceConfig:
                                          adapter=dict(self.adapter), seed=self.seed,
                                          output_dir=str(Path(self.output_dir) / "tasks" / spec.name))
         except ConfigError as err:
-            raise _error("train", f"task {spec.name!r}: {err}") from None
+            raise keyed_error("train", f"task {spec.name!r}: {err}") from None
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> SequenceConfig:
@@ -174,38 +174,26 @@ class SequenceConfig:
 
 def _task_spec(data: Any, index: int) -> TaskSpec:
     if not isinstance(data, dict):
-        raise _error("tasks", f"tasks[{index}] must be a mapping (name, data, ...), got {show(data)}")
+        raise keyed_error("tasks", f"tasks[{index}] must be a mapping (name, data, ...), got {show(data)}")
     known = [f.name for f in dataclasses.fields(TaskSpec)]
     for key in data:
         if key not in known:
-            raise _error("tasks", f"tasks[{index}]: unknown key {key!r}{did_you_mean(key, known)}")
+            raise keyed_error("tasks", f"tasks[{index}]: unknown key {key!r}{did_you_mean(key, known)}")
     for key in ("name", "data"):
         if key not in data:
-            raise _error("tasks", f"tasks[{index}] has no {key!r}")
-    _check_fields(TaskSpec, data, f"tasks[{index}].")
+            raise keyed_error("tasks", f"tasks[{index}] has no {key!r}")
+    check_fields(TaskSpec, data, f"tasks[{index}].")
     return TaskSpec(**data)
 
 
 def _check_task(spec: TaskSpec, index: int, task: str) -> None:
     where = f"tasks[{index}] ({spec.name!r})"
     if not _NAME.match(spec.name):
-        raise _error("tasks", f"{where}: a task name is letters, digits, _ and - and starts with a letter")
+        raise keyed_error("tasks", f"{where}: a task name is letters, digits, _ and - and starts with a letter")
     if spec.as_words and task != "causal_lm":
-        raise _error("tasks", f"{where}: as_words makes rows for a causal LM; set task: causal_lm")
+        raise keyed_error("tasks", f"{where}: as_words makes rows for a causal LM; set task: causal_lm")
     if spec.max_words is not None and (not spec.as_words or spec.max_words < 1):
-        raise _error("tasks", f"{where}: max_words is a positive number of words, for as_words tasks only")
+        raise keyed_error("tasks", f"{where}: max_words is a positive number of words, for as_words tasks only")
     if spec.as_words and "{text}" not in spec.prompt:
-        raise _error("tasks", f"{where}: prompt must contain {{text}}, got {spec.prompt!r}")
+        raise keyed_error("tasks", f"{where}: prompt must contain {{text}}, got {spec.prompt!r}")
 
-
-def _check_fields(cls: type, data: dict[str, Any], prefix: str) -> None:
-    types = field_types(cls)
-    for key, value in data.items():
-        if key in types and (expected := check_value(types[key], value)) is not None:
-            raise _error(prefix.split("[")[0] or key, f"{prefix}{key} must be {expected}, got {show(value)}")
-
-
-def _error(key: str, message: str) -> ConfigError:
-    err = ConfigError(message)
-    err.key = key
-    return err

@@ -256,3 +256,20 @@ def nonfinite_problem(tensor: torch.Tensor) -> str | None:
     inf = int((~finite).sum()) - nan
     parts = [f"{nan} NaN" if nan else "", f"{inf} infinite" if inf else ""]
     return f"holds {' and '.join(p for p in parts if p)} values of {tensor.numel()}; weights must be finite"
+
+
+def keyed_error(key: str, message: str) -> ConfigError:
+    """A ConfigError that remembers the config key at fault (the CLI names the flag or YAML key)."""
+    err = ConfigError(message)
+    err.key = key
+    return err
+
+
+def check_fields(cls: type, data: Mapping[str, Any], prefix: str = "") -> None:
+    """Refuse the first value of `data` that does not fit its field of dataclass `cls`; the error's
+    key is the section (`prefix` without its dot and index) or the field."""
+    types = field_types(cls)
+    for key, value in data.items():
+        if key in types and (expected := check_value(types[key], value)) is not None:
+            section = prefix.split("[")[0].rstrip(".") or key
+            raise keyed_error(section, f"{prefix}{key} must be {expected}, got {show(value)}")

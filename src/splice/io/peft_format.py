@@ -94,9 +94,11 @@ def lora_state(model: nn.Module, name: str) -> AdapterState:
         bias = None if adapter.lora_bias is None else adapter.lora_bias.detach()
         modules[module_name] = ModuleUpdate(A, B, adapter.scaling, adapter.info.kind, bias, magnitude)
         transposed |= adapter.info.transposed
+    # SFed-LoRA's scale alpha*sqrt(N/r) is PEFT's rsLoRA scale of lora_alpha = alpha*sqrt(N): the
+    # state's alphas are read off the scales with sqrt(r), so PEFT computes the same scale
     return AdapterState(
-        modules, head_tensors(model, record.heads, name), list(record.heads), rslora=config.rslora,
-        dropout=config.dropout,
+        modules, head_tensors(model, record.heads, name), list(record.heads),
+        rslora=config.scaling_rule != "standard", dropout=config.dropout,
         base_model=base_model_name(model), task_type=task_type(model, record.heads),
         target_modules=target_modules(model, list(modules), record.heads), fan_in_fan_out=transposed,
     )

@@ -35,29 +35,34 @@ def continue_adapter(model: torch.nn.Module, path: str | Path, train_also: Seque
     splice.activate(model, name)
 
 
-def trainable_adapter(model: torch.nn.Module, name: str) -> list[str]:
-    """Make adapter `name` the only active one (so only it trains); the heads it trains."""
+def trainable_adapter(model: torch.nn.Module, name: str, companions: Sequence[str] = ()) -> list[str]:
+    """Make adapter `name` (and `companions`, trained along with it) the only active ones, so only
+    they train; the heads they train."""
     records = model_state(model).adapters
-    if name not in records:
-        raise SpliceError(f"the model has no adapter named {name!r} (attached: {list(records)}); "
-                          "attach one, or load one with trainable=True")
-    if not records[name].trainable:
-        raise SpliceError(f"adapter {name!r} is frozen; load it with splice.load(..., trainable=True) to train it")
-    if splice.active_adapters(model) != [name]:
-        splice.activate(model, name)
-    return list(records[name].heads)
+    names = [name, *companions]
+    for each in names:
+        if each not in records:
+            raise SpliceError(f"the model has no adapter named {each!r} (attached: {list(records)}); "
+                              "attach one, or load one with trainable=True")
+        if not records[each].trainable:
+            raise SpliceError(f"adapter {each!r} is frozen; load it with splice.load(..., trainable=True) to train it")
+    if splice.active_adapters(model) != names:
+        splice.activate(model, names)
+    return [head for each in names for head in records[each].heads]
 
 
-def adapter_parameters(model: torch.nn.Module, name: str) -> dict[str, torch.nn.Parameter]:
-    """What training adapter `name` updates, by name in `model`: the trainable parameters that
-    belong to no other adapter (its own in every host, the modules it trains in full, and any a
-    method keeps outside the hosts).
+def adapter_parameters(model: torch.nn.Module, name: str,
+                       companions: Sequence[str] = ()) -> dict[str, torch.nn.Parameter]:
+    """What training adapter `name` (with `companions`) updates, by name in `model`: the trainable
+    parameters that belong to no other adapter (its own in every host, the modules it trains in
+    full, and any a method keeps outside the hosts).
 
     On a model where `name` is the only active adapter that is all of `splice.trainable_parameters`.
     A multi-tenant view shares its hosts with the other tenants, whose adapters train too: they
     are left out, so snapshots, clipping and saving touch this adapter alone.
     """
-    others = {id(p) for _, _, host in hosts(model) for owner, adapter in host.items() if owner != name
+    own = {name, *companions}
+    others = {id(p) for _, _, host in hosts(model) for owner, adapter in host.items() if owner not in own
               for p in adapter.parameters()}
     return {key: p for key, p in splice.trainable_parameters(model).items() if id(p) not in others}
 

@@ -25,7 +25,7 @@ import yaml
 from splice.core.config import AdapterConfig
 from splice.core.errors import ConfigError, SpliceError
 from splice.core.registry import config_class, config_from_dict
-from splice.core.validation import check_value, did_you_mean, field_types, init_fields, show
+from splice.core.validation import check_value, did_you_mean, field_types, init_fields, keyed_error, show
 from splice.train.callbacks import schedule_callback
 
 Task = Literal["classification", "causal_lm"]
@@ -169,22 +169,22 @@ class TrainConfig:
         _one_of("save_format", self.save_format, SAVE_FORMATS)
         _one_of("on_nonfinite", self.on_nonfinite, NONFINITE_RULES)
         if not isinstance(self.gradient_checkpointing, bool):
-            raise _error("gradient_checkpointing", f"gradient_checkpointing must be true or false, got "
+            raise keyed_error("gradient_checkpointing", f"gradient_checkpointing must be true or false, got "
                                                    f"{show(self.gradient_checkpointing)}")
         if not isinstance(self.adapter, dict) or "method" not in self.adapter:
-            raise _error("adapter", f"adapter must be a mapping with a 'method' key, e.g. "
+            raise keyed_error("adapter", f"adapter must be a mapping with a 'method' key, e.g. "
                                     f"{default_adapter()}; got {self.adapter!r}")
         types = field_types(TrainConfig)
         for name in (f.name for f in dataclasses.fields(self)):
             if name in ("data", "validation") and in_memory(getattr(self, name)):
                 continue
             if name != "adapter" and (expected := check_value(types[name], getattr(self, name))) is not None:
-                raise _error(name, f"{name} must be {expected}, got {show(getattr(self, name))}")
+                raise keyed_error(name, f"{name} must be {expected}, got {show(getattr(self, name))}")
         if self.packing and self.task != "causal_lm":
-            raise _error("packing", "packing applies to task causal_lm only (a classifier reads each row's own "
+            raise keyed_error("packing", "packing applies to task causal_lm only (a classifier reads each row's own "
                                     "first or last token); use group_by_length to cut padding instead")
         if self.task == "causal_lm" and self.model in ENCODER_MODELS:
-            raise _error("task", f"model {self.model!r} is an encoder and cannot be trained as a causal LM; "
+            raise keyed_error("task", f"model {self.model!r} is an encoder and cannot be trained as a causal LM; "
                                  "use --model smollm2 (or a decoder folder), or --task classification")
         for name in ("max_length", "batch_size", "grad_accum"):
             _positive(name, getattr(self, name))
@@ -198,19 +198,19 @@ class TrainConfig:
         if self.max_steps is None:
             _positive("epochs", self.epochs)
         if not 0.0 <= self.warmup_ratio < 1.0:
-            raise _error("warmup_ratio", f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            raise keyed_error("warmup_ratio", f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.weight_decay < 0:
-            raise _error("weight_decay", f"weight_decay must be >= 0, got {self.weight_decay}")
+            raise keyed_error("weight_decay", f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.max_grad_norm is not None:
             _positive("max_grad_norm", self.max_grad_norm)
         try:
             self.adapter_config()
         except ConfigError as err:
-            raise _error("adapter", f"adapter: {err}") from None
+            raise keyed_error("adapter", f"adapter: {err}") from None
         try:
             schedule_callback(self.schedule)
         except SpliceError as err:
-            raise _error("schedule", str(err)) from None
+            raise keyed_error("schedule", str(err)) from None
 
     def adapter_config(self) -> AdapterConfig:
         """The adapter mapping as a splice config object (raises with the method's own message)."""
@@ -262,8 +262,8 @@ class TrainConfig:
             if key in given:  # the override replaced the file's value, except in the adapter mapping
                 if key != "adapter":
                     raise
-                raise _error(key, f"{path} (with the command line's adapter settings): {err}") from None
-            raise _error(key, f"{path}: {err}") from None
+                raise keyed_error(key, f"{path} (with the command line's adapter settings): {err}") from None
+            raise keyed_error(key, f"{path}: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as plain values; rows in memory as their `describe_data` description."""
@@ -345,7 +345,7 @@ def _check_adapter_keys(adapter: dict[str, Any], keys: Iterable[str]) -> None:
         if key not in method_keys:
             close = difflib.get_close_matches(key, [*SETTABLE_FIELDS, *method_keys], n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
-            raise _error("adapter", f"unknown setting {key!r}: {hint}Training config keys: "
+            raise keyed_error("adapter", f"unknown setting {key!r}: {hint}Training config keys: "
                                     f"{', '.join(SETTABLE_FIELDS)}. Keys of the {adapter['method']!r} adapter: "
                                     f"{', '.join(sorted(method_keys))}")
 
@@ -362,14 +362,14 @@ def _coerce_numbers(data: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in data.items():
         if key not in types:
-            raise _error(key, f"unknown training config field {key!r}{did_you_mean(key, types)}")
+            raise keyed_error(key, f"unknown training config field {key!r}{did_you_mean(key, types)}")
         kind = types[key].split(" ")[0]
         if isinstance(value, str) and kind in ("int", "float"):
             try:
                 value = float(value) if kind == "float" else int(value)
             except ValueError:
                 expected = "a number" if kind == "float" else "an integer"
-                raise _error(key, f"{key} must be {expected} ({kind}), got {show(value)}") from None
+                raise keyed_error(key, f"{key} must be {expected} ({kind}), got {show(value)}") from None
         out[key] = value
     return out
 
@@ -382,18 +382,11 @@ def _yaml_number(value: Any) -> Any:
     return float(value) if isinstance(value, str) and _YAML_FLOAT.fullmatch(value.strip()) else value
 
 
-def _error(key: str, message: str) -> ConfigError:
-    """A ConfigError about field `key` (kept on the error, so that `from_yaml` can name the file)."""
-    err = ConfigError(message)
-    err.key = key
-    return err
-
-
 def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise _error(name, f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        raise keyed_error(name, f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 
 
 def _positive(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise _error(name, f"{name} must be a positive number, got {value!r}")
+        raise keyed_error(name, f"{name} must be a positive number, got {value!r}")

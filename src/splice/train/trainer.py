@@ -84,17 +84,25 @@ class Trainer:
     A job that owns more of the model (a continual run's per-task heads, its penalties) gives
     `heads`, paths of modules outside the adapter trained in full at `head_lr` (their parameters
     already require grad), and `penalties`, callables whose scalar is added to each batch's loss.
+    `companions` are other attached adapters trained along with `adapter_name`, active with it
+    (Med-DualLoRA's local adapter beside the global one); what is saved is `adapter_name`.
+    `objective(model, batch)` replaces the model's own loss as the task loss (a federated
+    method's local objective: FedEU's evidential loss, FED-FSTQ's loss on selected tokens).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, config: TrainConfig, *,
                  adapter_name: str = "default", splits: DatasetSplits | None = None,
                  callbacks: Sequence[Callback] = (), console: Console | None = None, resume: bool = False,
                  accelerator: Accelerator | None = None, tenancy: Tenancy | None = None,
-                 heads: Sequence[str] = (), penalties: Sequence[Callable[[], torch.Tensor]] = ()) -> None:
-        if tenancy is not None and (resume or penalties):
-            raise SpliceError("a tenant trainer is not checkpointed and computes no penalties: it cannot "
-                              + ("resume" if resume else "take penalties"))
+                 heads: Sequence[str] = (), penalties: Sequence[Callable[[], torch.Tensor]] = (),
+                 companions: Sequence[str] = (),
+                 objective: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None) -> None:
+        if tenancy is not None and (resume or penalties or objective):
+            raise SpliceError("a tenant trainer is not checkpointed and its orchestrator computes the loss: it "
+                              "cannot " + ("resume" if resume else "take penalties" if penalties else
+                                           "take an objective"))
         self.penalties = list(penalties)
+        self.objective = objective
         self.started = time.perf_counter()
         self.config, self.tokenizer, self.adapter_name, self.tenancy = config, tokenizer, adapter_name, tenancy
         self.console = console or Console()
@@ -107,8 +115,8 @@ class Trainer:
         splits = splits if splits is not None else load_splits(config)
         if not splits.train:
             raise SpliceError(f"no training rows in {describe_data(config.data)}")
-        heads = trainable_adapter(model, adapter_name) + list(heads)
-        self.trained = adapter_parameters(model, adapter_name)  # what snapshots, clipping and saving touch
+        heads = trainable_adapter(model, adapter_name, companions) + list(heads)
+        self.trained = adapter_parameters(model, adapter_name, companions)  # what snapshots, clipping and saving touch
         if config.gradient_checkpointing and tenancy is None:
             enable_gradient_checkpointing(model)
         self.parameters = splice.summary(model) if tenancy is None else tenancy.summary
@@ -376,7 +384,7 @@ class Trainer:
 
     def _forward_backward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's task loss and what was backpropagated (with auxiliary losses, if any)."""
-        loss = self.model(**batch).loss
+        loss = self.model(**batch).loss if self.objective is None else self.objective(self.model, batch)
         extra = splice.auxiliary_loss(self.plain_model)  # e.g. a rank router's budget penalty
         total = loss if extra is None else loss + extra
         for penalty in self.penalties:

@@ -58,7 +58,7 @@ from splice.core.api import attaching
 from splice.core.config import AdapterConfig
 from splice.core.errors import ConfigError
 from splice.core.host import hosts
-from splice.methods.lora import LoRA
+from splice.methods.lora import LoRA, lora_scale
 
 Statistics = dict[str, tuple[torch.Tensor, int]]  # layer -> (Σ x xᵀ [in, in] float64, tokens)
 Forward = Callable[[nn.Module, dict[str, torch.Tensor]], Any]
@@ -205,9 +205,9 @@ class LoDA(Strategy):
     def task_config(self) -> LoRA:
         """The adapter config with rank k_g + k_s, the same scaling s, and zero init (A is set)."""
         a = self.adapter
-        scaling = a.alpha / (a.r ** 0.5 if a.rslora else a.r)
+        scaling = lora_scale(a.scaling_rule, a.alpha, a.r, a.num_clients)
         rank = self.general + self.specific
-        return a.replace(r=rank, alpha=scaling * rank, rslora=False, init="zeros")
+        return a.replace(r=rank, alpha=scaling * rank, rslora=False, scaling=None, num_clients=None, init="zeros")
 
     def begin_task(self, model: nn.Module, task: TaskContext) -> str:
         with attaching(model, self.task_config(), task.name):

@@ -1,0 +1,214 @@
+"""The Flower ClientApp: a client trains the global adapter on its own shard with splice's
+`Trainer` and sends back only the adapter's tensors (and the trained head's).
+
+One process may serve many clients (Flower's simulation engine runs them in a few workers), so
+the model is loaded once per process (`LocalRun`) and each call loads the tensors it is given.
+What a client keeps between rounds (Med-DualLoRA's local adapter) lives in the node's
+`context.state`, which Flower keeps per client. Every call answers the server's layout: the
+Message API's named arrays, or the legacy list layout of a SecAgg+ server.
+
+    app = client_app(config)          # for flwr.simulation.run_simulation
+    splice.federated.apps:client      # for the deployment engine (config from the run config)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.common import Code, EvaluateRes, FitRes, Status
+from flwr.compat.common import recorddict_compat as legacy
+from rich.console import Console
+
+from splice.core import progress
+from splice.core.errors import SpliceError
+from splice.federated import payload
+from splice.federated.config import FederatedConfig
+from splice.federated.methods import make_method
+from splice.federated.shards import Shards, make_shards
+from splice.train import Trainer
+from splice.train.adapters import adapter_parameters
+from splice.train.evaluation import evaluate
+from splice.train.run_setup import load_run
+
+GLOBAL = "global"
+PRIVATE_STATE = "splice.private"  # the key of what a client keeps to itself in its context.state
+CONFIG_KEY = "splice-config"  # the run-config key that carries the config (deployment engine)
+
+
+class LocalRun:
+    """One process's model for a federated config: the global adapter attached (and what the
+    method adds), the data and every client's shard; reused by every client it serves."""
+
+    GLOBAL = GLOBAL
+
+    def __init__(self, config: FederatedConfig) -> None:
+        self.config = config
+        self.method = make_method(config)
+        self.train_config = config.train_config()
+        setup = load_run(self.train_config, GLOBAL)
+        self.model, self.tokenizer, self.splits = setup.model, setup.tokenizer, setup.splits
+        self.shards: Shards = make_shards(config, self.splits)
+        self.method.prepare(self)
+        self.global_state = self.state_of(GLOBAL)
+
+    def state_of(self, adapter: str) -> dict[str, torch.Tensor]:
+        """A CPU copy of what training adapter `adapter` updates (its tensors and its heads')."""
+        return {n: p.detach().to("cpu", copy=True) for n, p in adapter_parameters(self.model, adapter).items()}
+
+    def copy_in(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Put the given tensors into the model's parameters of the same names."""
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in state.items():
+                params[name].copy_(tensor)
+
+    def train(self, client: int, server_round: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """`config.local_steps` steps on client `client`'s shard from the loaded state; the global
+        tensors and the round's metrics. The data order and every random draw are seeded by the
+        run's seed, the round and the client (round 1 of client 0 is the seed itself), so a round
+        gives the same result whichever worker process serves the client."""
+        config = self.config
+        seed = config.seed + (server_round - 1) * config.clients + client
+        output = Path(config.output_dir) / "clients" / f"client-{client}"
+        train_config = dataclasses.replace(self.train_config, seed=seed, output_dir=str(output))
+        set_seed(seed)  # dropout's draws too: a worker's earlier clients must not change this one's
+        trainer = Trainer(self.model, self.tokenizer, train_config, adapter_name=GLOBAL,
+                          splits=self.shards.client(client, self.splits), console=Console(quiet=True),
+                          companions=self.method.companions(), objective=self.method.objective(self, server_round))
+        losses = []
+        while not trainer.done:
+            entry = trainer.step()
+            if entry is None:
+                break
+            losses.append(entry["loss"])
+        if trainer.stop is not None:
+            raise SpliceError(f"client {client}, round {server_round}: {trainer.stop[1]}")
+        metrics = {"train_loss": sum(losses) / len(losses) if losses else float("nan"), "client": client,
+                   "num-examples": len(self.shards.train[client]), **self.method.train_metrics(self, client)}
+        return self.state_of(GLOBAL), metrics
+
+    def evaluate(self, client: int) -> dict[str, float]:
+        """Accuracy (classification) or loss and exact match (causal LM) on the client's test
+        rows with its model, and what the method adds (Med-DualLoRA: the global adapter alone)."""
+        rows = self.shards.test[client]
+        if not rows:
+            return {"num-examples": 0, "client": client}
+        metrics = {key: float(value) for key, value in evaluate(self.model, self.tokenizer, rows,
+                                                                 self.train_config).items()}
+        return {**metrics, **self.method.evaluate_metrics(self, client), "num-examples": len(rows), "client": client}
+
+
+_RUNS: dict[str, LocalRun] = {}
+
+
+def local_run(config: FederatedConfig) -> LocalRun:
+    """The process's `LocalRun` for `config` (built on first use)."""
+    key = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    if key not in _RUNS:
+        _RUNS.clear()  # one run per process at a time: a new config frees the old model
+        _RUNS[key] = LocalRun(config)
+    return _RUNS[key]
+
+
+def client_app(config: FederatedConfig | None = None) -> ClientApp:
+    """A ClientApp for `config`, or (None) for the config each run carries in its run config
+    under `splice-config` (the deployment engine's way). SecAgg+ and client-side clipping are
+    applied as the config asks (Flower's `secaggplus_mod`, `fixedclipping_mod`)."""
+    def config_of(context: Context) -> FederatedConfig:
+        return config if config is not None else config_from_context(context)
+
+    app = ClientApp(mods=[_privacy_mods(config_of)])
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        with progress.use(quiet=True):  # a client's bars would interleave in the server's output
+            return _train(message, context, local_run(config_of(context)))
+
+    @app.evaluate()
+    def evaluate_(message: Message, context: Context) -> Message:
+        with progress.use(quiet=True):
+            return _evaluate(message, context, local_run(config_of(context)))
+
+    return app
+
+
+def _train(message: Message, context: Context, run: LocalRun) -> Message:
+    """Load the broadcast tensors (and what this client keeps), train, reply with the upload."""
+    client = int(context.node_config["partition-id"])
+    old_layout = payload.is_legacy(message)
+    if old_layout:
+        arrays, settings = payload.legacy_fit(message)
+        received = payload.from_list(arrays, run.global_state)
+    else:
+        received = payload.from_record(message.content[payload.ARRAYS], run.global_state)
+        settings = dict(message.content[payload.CONFIG])
+    _load(run, received, context)
+    server_round = int(settings.get("server-round", 1))
+    state, metrics = run.train(client, server_round)
+    private = run.method.private_state(run)
+    if private:
+        context.state.array_records[PRIVATE_STATE] = payload.to_record(private)
+    if server_round == run.config.rounds:
+        run.method.last_round(run, client)
+    if old_layout:
+        fitres = FitRes(Status(Code.OK, "ok"), payload.legacy_parameters(state), metrics["num-examples"], metrics)
+        return Message(legacy.fitres_to_recorddict(fitres, keep_input=True), reply_to=message)
+    content = RecordDict({payload.ARRAYS: run.method.upload(run, state, received),
+                          payload.METRICS: MetricRecord(metrics)})
+    return Message(content, reply_to=message)
+
+
+def _evaluate(message: Message, context: Context, run: LocalRun) -> Message:
+    """Load the broadcast tensors (and this client's local ones), evaluate on the client's rows."""
+    client = int(context.node_config["partition-id"])
+    old_layout = payload.is_legacy(message)
+    if old_layout:
+        state = payload.from_list(payload.legacy_evaluate(message)[0], run.global_state)
+    else:
+        state = payload.from_record(message.content[payload.ARRAYS], run.global_state)
+    _load(run, state, context)
+    metrics = run.evaluate(client)
+    if old_layout:
+        res = EvaluateRes(Status(Code.OK, "ok"), float(metrics.get("loss", 0.0)), int(metrics["num-examples"]), metrics)
+        return Message(legacy.evaluateres_to_recorddict(res), reply_to=message)
+    return Message(RecordDict({payload.METRICS: MetricRecord(metrics)}), reply_to=message)
+
+
+def config_from_context(context: Context) -> FederatedConfig:
+    """The config a deployment run carries in its run config (`splice-config`, the YAML's
+    mapping as JSON)."""
+    text = context.run_config.get(CONFIG_KEY)
+    if not isinstance(text, str):
+        raise SpliceError(f"this Flower run has no {CONFIG_KEY!r} in its run config; start it with "
+                          "`splice federate CONFIG.yaml --superlink ADDRESS`")
+    return FederatedConfig.from_dict(json.loads(text), where=f"run config {CONFIG_KEY!r}")
+
+
+def _privacy_mods(config_of: Callable[[Context], FederatedConfig]):
+    """One mod that applies Flower's SecAgg+ or client-side clipping mod when the config asks."""
+    def mod(message: Message, context: Context, call_next):
+        config = config_of(context)
+        if config.secure is not None:
+            return secaggplus_mod(message, context, call_next)
+        if config.privacy is not None and config.privacy.side == "client":
+            return fixedclipping_mod(message, context, call_next)
+        return call_next(message, context)
+    return mod
+
+
+def _load(run: LocalRun, received: dict[str, torch.Tensor], context: Context) -> None:
+    """The broadcast global tensors and this client's own kept state into the process's model."""
+    run.copy_in(received)
+    record: ArrayRecord | None = context.state.array_records.get(PRIVATE_STATE)
+    run.method.restore_private(run, None if record is None else record.to_torch_state_dict())
+
+

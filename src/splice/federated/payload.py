@@ -1,0 +1,92 @@
+"""What travels between the server and the clients: adapter tensors in Flower records (by name,
+in the Message API; as an ordered list in the legacy layout SecAgg+ speaks), and the exact size
+of every message.
+
+Sizes are those of the message's protobuf serialization (`flwr.common.serde.message_to_proto`:
+metadata and content), the form Flower puts on the wire between SuperLink and SuperNodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Message
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.serde import message_to_proto
+from flwr.compat.common import recorddict_compat as legacy
+
+from splice.core.errors import SpliceError
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+LEGACY_FIT = "fitins.parameters"
+LEGACY_EVALUATE = "evaluateins.parameters"
+
+
+def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """Tensors as an ArrayRecord, in name order (so both sides agree on the legacy list order)."""
+    return ArrayRecord({name: state[name].detach().cpu().contiguous() for name in sorted(state)})
+
+
+def from_record(record: ArrayRecord, expected: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a record; with `expected`, the same names and shapes are required."""
+    state = record.to_torch_state_dict()
+    if expected is not None:
+        check_state(state, expected)
+    return state
+
+
+def to_list(state: Mapping[str, torch.Tensor]) -> list[np.ndarray]:
+    """The legacy layout: arrays in name order, names dropped."""
+    return [state[name].detach().cpu().numpy() for name in sorted(state)]
+
+
+def from_list(arrays: list[np.ndarray], expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Arrays in the legacy layout back under `expected`'s names (name order), shapes checked."""
+    names = sorted(expected)
+    if len(arrays) != len(names):
+        raise SpliceError(f"the message holds {len(arrays)} arrays; this client's adapter has {len(names)} tensors")
+    state = {name: torch.from_numpy(np.array(array, copy=True)).to(expected[name].dtype)
+             for name, array in zip(names, arrays, strict=True)}
+    check_state(state, expected)
+    return state
+
+
+def check_state(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
+    """Refuse tensors that are not the adapter's: missing or unknown names, other shapes."""
+    missing, unknown = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unknown:
+        raise SpliceError(f"the received tensors do not match this adapter: missing {missing[:3]}, "
+                          f"unknown {unknown[:3]} (is every client running the same adapter config?)")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise SpliceError(f"received {name!r} with shape {tuple(tensor.shape)}; the adapter's is "
+                              f"{tuple(expected[name].shape)}")
+
+
+def is_legacy(message: Message) -> bool:
+    """Whether the message is in the legacy layout (a SecAgg+ or DefaultWorkflow server)."""
+    return LEGACY_FIT in message.content.array_records or LEGACY_EVALUATE in message.content.array_records
+
+
+def legacy_fit(message: Message) -> tuple[list[np.ndarray], dict]:
+    fitins = legacy.recorddict_to_fitins(message.content, keep_input=True)
+    return parameters_to_ndarrays(fitins.parameters), dict(fitins.config)
+
+
+def legacy_evaluate(message: Message) -> tuple[list[np.ndarray], dict]:
+    ins = legacy.recorddict_to_evaluateins(message.content, keep_input=True)
+    return parameters_to_ndarrays(ins.parameters), dict(ins.config)
+
+
+def legacy_parameters(state: Mapping[str, torch.Tensor]):
+    """The legacy `Parameters` of a state (name order)."""
+    return ndarrays_to_parameters(to_list(state))
+
+
+def message_bytes(message: Message) -> int:
+    """The exact size of the message as Flower serializes it (protobuf: metadata and content)."""
+    return message_to_proto(message).ByteSize()

@@ -1,0 +1,272 @@
+"""The Flower ServerApp: rounds of broadcast, local training, upload and aggregation of adapter
+tensors, with splice's aggregation rules, every message sized, and the global adapter evaluated
+and saved.
+
+Two paths, one result: the Message API strategy (`AdapterStrategy`, a Flower `FedAvg` whose
+aggregation is `fedavg` or `exact`, optionally wrapped in Flower's differential-privacy
+strategies), and, for SecAgg+, Flower's legacy workflow (`SecAggPlusWorkflow`), the only one
+that speaks that protocol in Flower 1.42; there the server sees only the clients' sum, so the
+rule is FedAvg of every tensor.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAvg,
+    Strategy,
+)
+
+import splice
+from splice.core.progress import use as progress_to
+from splice.federated import aggregation, payload
+from splice.federated.client import GLOBAL, config_from_context
+from splice.federated.config import FederatedConfig
+from splice.federated.history import History
+from splice.federated.methods import make_method
+from splice.federated.report import write_report
+from splice.federated.shards import eval_rows, make_shards
+from splice.train.adapters import adapter_parameters
+from splice.train.evaluation import evaluate
+from splice.train.run_setup import load_run
+
+
+class ServerRun:
+    """The server's side of a run: the model with the global adapter (its initial tensors are the
+    first broadcast), the global evaluation rows, the history, and the final save."""
+
+    def __init__(self, config: FederatedConfig, on_round: Callable[[int, History], None] | None = None) -> None:
+        self.config = config
+        self.method = make_method(config)
+        self.train_config = config.train_config()
+        setup = load_run(self.train_config, GLOBAL)
+        self.model, self.tokenizer = setup.model, setup.tokenizer
+        self.initial = {n: p.detach().to("cpu", copy=True) for n, p in adapter_parameters(self.model, GLOBAL).items()}
+        self.rows = eval_rows(setup.splits, config.eval_examples)
+        self.partition = make_shards(config, setup.splits).description
+        self.history = History()
+        self.on_round = on_round
+        self.started = time.perf_counter()
+        self.final: dict[str, torch.Tensor] | None = None
+
+    def evaluate(self, server_round: int, state: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The global adapter's metrics on the global evaluation rows, recorded for the round."""
+        self.load(state)
+        metrics = {key: float(value) for key, value in evaluate(self.model, self.tokenizer, self.rows,
+                                                                  self.train_config).items()}
+        record = self.history.round(server_round)
+        record.global_metrics = metrics
+        now = time.perf_counter()
+        record.seconds, self.started = now - self.started, now
+        self.final = state
+        if self.on_round is not None:
+            self.on_round(server_round, self.history)
+        return metrics
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        payload.check_state(state, self.initial)
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in state.items():
+                params[name].copy_(tensor)
+
+    def record_client(self, server_round: int, metrics: dict[str, Any], kind: str, node_id: int | None) -> None:
+        """One client's reported metrics (`kind`: train or evaluate)."""
+        client = int(metrics["client"])
+        if node_id is not None:
+            self.history.node_clients[node_id] = client
+        shown = {k: float(v) for k, v in metrics.items() if k != "client"}
+        getattr(self.history.round(server_round), kind)[str(client)] = shown
+
+    def save(self) -> Path:
+        """The final global adapter (HF PEFT's format for LoRA-shaped adapters) in the run folder."""
+        if self.final is not None:
+            self.load(self.final)
+        path = Path(self.config.output_dir) / "global-adapter"
+        splice.save(self.model, path, GLOBAL, overwrite=True)
+        return path
+
+
+class CountingGrid(Grid):
+    """A Grid that sizes every message it carries (`payload.message_bytes`) into the history:
+    downlink by destination, uplink by source, under the round under way."""
+
+    def __init__(self, grid: Grid, history: History, current_round: Callable[[], int]) -> None:
+        self.inner, self.history, self.current_round = grid, history, current_round
+
+    def set_run(self, run: Any) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self.inner.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self.inner.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        self._count(messages, "downlink", lambda m: m.metadata.dst_node_id)
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self.inner.pull_messages(message_ids))
+        self._count(replies, "uplink", lambda m: m.metadata.src_node_id)
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        self._count(messages, "downlink", lambda m: m.metadata.dst_node_id)
+        replies = list(self.inner.send_and_receive(messages, timeout=timeout))
+        self._count(replies, "uplink", lambda m: m.metadata.src_node_id)
+        return replies
+
+    def _count(self, messages: list[Message], direction: str, node: Callable[[Message], int]) -> None:
+        record = self.history.round(self.current_round())
+        for message in messages:
+            record.count(message.metadata.message_type, direction, self.history.client_of(node(message)),
+                         payload.message_bytes(message))
+
+
+class AdapterStrategy(FedAvg):
+    """Flower's FedAvg over adapter tensors, with splice's aggregation rule (`fedavg` or `exact`)
+    and every client's numbers recorded. The separate rule's error against the exact mean of
+    B A (`aggregation.separation_error`) is recorded each round whichever rule runs."""
+
+    def __init__(self, server: ServerRun) -> None:
+        config = server.config
+        super().__init__(fraction_train=config.fraction, fraction_evaluate=1.0, min_train_nodes=config.sampled,
+                         min_evaluate_nodes=config.clients, min_available_nodes=config.clients)
+        self.server, self.rule = server, config.aggregation
+        self.round, self.broadcast = 0, server.initial
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Grid) -> Iterable[Message]:
+        self.round, self.broadcast = server_round, payload.from_record(arrays, self.server.initial)
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
+                                                                                       MetricRecord | None]:
+        valid, _ = self._check_and_log_replies(list(replies), is_train=True)
+        if not valid:
+            return None, None
+        # in client order, not arrival order: a float sum depends on its order, and a run must not
+        valid.sort(key=lambda m: int(m.content[payload.METRICS]["client"]))
+        for message in valid:
+            self.server.record_client(server_round, dict(message.content[payload.METRICS]), "train",
+                                      message.metadata.src_node_id)
+        method = self.server.method
+        states = [method.decode(m.content[payload.ARRAYS], self.broadcast) for m in valid]
+        weights = method.weights([dict(m.content[payload.METRICS]) for m in valid])
+        record = self.server.history.round(server_round)
+        separation = aggregation.separation_error(states, weights)
+        if separation:
+            record.aggregation["separation_error_mean"] = float(np.mean(list(separation.values())))
+            record.aggregation["separation_error_max"] = float(max(separation.values()))
+        if self.rule == "exact":
+            state, errors = aggregation.exact(states, weights)
+            if errors:
+                record.aggregation["refactor_error_max"] = float(max(errors.values()))
+        else:
+            state = aggregation.fedavg(states, weights)
+        metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+        return payload.to_record(state), metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        for message in replies:
+            if not message.has_error():
+                self.server.record_client(server_round, dict(message.content[payload.METRICS]), "evaluate",
+                                          message.metadata.src_node_id)
+        return super().aggregate_evaluate(server_round, [m for m in replies if not m.has_error()
+                                                         and m.content[payload.METRICS]["num-examples"] > 0])
+
+
+def server_app(config: FederatedConfig | None = None,
+               on_round: Callable[[int, History], None] | None = None,
+               done: Callable[[ServerRun], None] | None = None) -> ServerApp:
+    """A ServerApp for `config` (None: the config the run carries, deployment engine). `on_round`
+    is called after each round's global evaluation (a progress display); `done` with the
+    finished `ServerRun` (the runner writes the report there)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_config = config if config is not None else config_from_context(context)
+        server = ServerRun(run_config, on_round)
+        if run_config.secure is not None:
+            _run_secure(grid, context, server)
+        else:
+            _run_rounds(grid, server)
+        server.save()
+        write_report(run_config, server.history, server.partition)
+        if done is not None:
+            done(server)
+
+    return app
+
+
+def _run_rounds(grid: Grid, server: ServerRun) -> None:
+    config = server.config
+    adapter_strategy = AdapterStrategy(server)
+    strategy: Strategy = adapter_strategy
+    if config.privacy is not None:
+        wrapper = (DifferentialPrivacyServerSideFixedClipping if config.privacy.side == "server"
+                   else DifferentialPrivacyClientSideFixedClipping)
+        strategy = wrapper(adapter_strategy, noise_multiplier=config.privacy.noise_multiplier,
+                           clipping_norm=config.privacy.clipping_norm, num_sampled_clients=config.sampled)
+    counting = CountingGrid(grid, server.history, lambda: adapter_strategy.round)
+    with progress_to(None, quiet=True):  # clients' and evaluations' bars stay out of the round display
+        strategy.start(grid=counting, initial_arrays=payload.to_record(server.initial), num_rounds=config.rounds,
+                       evaluate_fn=lambda r, arrays: MetricRecord(server.evaluate(r, payload.from_record(arrays))))
+
+
+def _run_secure(grid: Grid, context: Context, server: ServerRun) -> None:
+    """SecAgg+ through Flower's legacy workflow: FedAvg of the masked sum, the same records."""
+    from flwr.server import LegacyContext, ServerConfig
+    from flwr.server.strategy import FedAvg as LegacyFedAvg
+    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+
+    config, secure = server.config, server.config.secure
+    current = {"round": 0}
+
+    def fit_config(server_round: int) -> dict[str, Any]:
+        current["round"] = server_round
+        return {"server-round": server_round}
+
+    def record(kind: str) -> Callable[[list[tuple[int, dict]]], dict]:
+        def aggregate(results: list[tuple[int, dict]]) -> dict:
+            for _, metrics in results:
+                server.record_client(current["round"], metrics, kind, None)
+            return {}
+        return aggregate
+
+    def evaluate_fn(server_round: int, arrays: list[np.ndarray], _: dict) -> tuple[float, dict]:
+        metrics = server.evaluate(server_round, payload.from_list(arrays, server.initial))
+        return metrics.get("loss", 0.0), metrics
+
+    strategy = LegacyFedAvg(fraction_fit=config.fraction, fraction_evaluate=1.0, min_fit_clients=config.sampled,
+                            min_evaluate_clients=config.clients, min_available_clients=config.clients,
+                            evaluate_fn=evaluate_fn, on_fit_config_fn=fit_config,
+                            on_evaluate_config_fn=fit_config,
+                            initial_parameters=payload.legacy_parameters(server.initial),
+                            fit_metrics_aggregation_fn=record("train"),
+                            evaluate_metrics_aggregation_fn=record("evaluate"))
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=config.rounds), strategy=strategy)
+    workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
+        num_shares=secure.num_shares, reconstruction_threshold=secure.reconstruction_threshold,
+        clipping_range=secure.clipping_range, quantization_range=secure.quantization_range))
+    with progress_to(None, quiet=True):
+        workflow(CountingGrid(grid, server.history, lambda: current["round"]), legacy)
