@@ -198,12 +198,15 @@ def test_clients_of_different_ranks() -> None:
         separation_error(states, weights)
 
 
-def test_rank_above_the_matrix_size_is_padded_with_zeros() -> None:
+def test_rank_above_the_matrix_size_is_padded_with_unused_components() -> None:
+    """The spare component has B's column zero (the product is M) and a unit row of A (not a
+    zero pair, which no gradient would leave)."""
     states = [{"h.splice.a.lora_A": torch.randn(4, 5, dtype=torch.float64),
                "h.splice.a.lora_B": torch.randn(3, 4, dtype=torch.float64)}]
     tensors, errors = exact(states, [1])
     assert tensors["h.splice.a.lora_A"].shape == (4, 5) and tensors["h.splice.a.lora_B"].shape == (3, 4)
-    assert torch.equal(tensors["h.splice.a.lora_A"][3], torch.zeros(5, dtype=torch.float64))
+    assert not tensors["h.splice.a.lora_B"][:, 3].any()
+    assert float(tensors["h.splice.a.lora_A"][3].norm()) == pytest.approx(1.0)
     torch.testing.assert_close(delta(tensors, "h.splice.a"), delta(states[0], "h.splice.a"), rtol=0, atol=1e-10)
     assert errors["h.splice.a"] < 1e-12
 
@@ -211,7 +214,9 @@ def test_rank_above_the_matrix_size_is_padded_with_zeros() -> None:
 def test_zero_updates_have_zero_error() -> None:
     state = {k: torch.zeros_like(v) for k, v in client(0).items()}
     tensors, errors = exact([state, state], [1, 1])
-    assert all(e == 0 for e in errors.values()) and all(not t.any() for t in tensors.values())
+    assert all(e == 0 for e in errors.values())
+    assert all(not t.any() for k, t in tensors.items() if not k.endswith(".lora_A"))  # B (and the rest) zero
+    assert all(not delta(tensors, p).any() for p in lora_pairs(tensors))
     assert all(e == 0 for e in separation_error([state, state], [1, 1]).values())
 
 

@@ -22,8 +22,9 @@ def test_defaults_and_yaml_with_overrides(tmp_path):
 
 def test_sfed_scale_takes_the_clients_of_a_round():
     adapter = {"method": "lora", "r": 16, "alpha": 16, "scaling": "sfed"}
-    assert FederatedConfig(clients=8, fraction=0.5, adapter=adapter).adapter["num_clients"] == 4
-    assert FederatedConfig(clients=8, adapter={**adapter, "num_clients": 3}).adapter["num_clients"] == 3
+    n = [FederatedConfig(clients=8, fraction=0.5, adapter=adapter).train_config().adapter["num_clients"],
+         FederatedConfig(clients=8, adapter={**adapter, "num_clients": 3}).train_config().adapter["num_clients"]]
+    assert n == [4, 3]
     scale = FederatedConfig(clients=8, adapter=adapter).train_config().adapter_config().scaling_for("x")
     assert scale == pytest.approx(16 * (8 / 16) ** 0.5, rel=1e-12)
 
@@ -44,7 +45,7 @@ def test_sfed_scale_takes_the_clients_of_a_round():
     ("method: fedprox\n", "method must be one of fedavg, dual"),
     ("aggregation: exact\nsecure: {}\n", "use aggregation: fedavg with secure"),
     ("secure: {num_shares: 2}\n", "num_shares >= 3"),
-    ("clients: 3\nsecure: {num_shares: 4, reconstruction_threshold: 2}\n", "exceeds the clients (3)"),
+    ("clients: 3\nsecure: {num_shares: 4, reconstruction_threshold: 2}\n", "exceeds the clients sampled per round (3"),
     ("secure: {}\nprivacy: {}\n", "secure and privacy together"),
     ("privacy: {side: both}\n", "privacy.side must be"),
     ("task: causal_lm\nmodel: smollm2\ndata: arithmetic\npartition: {scheme: dirichlet}\n", "has no labels"),

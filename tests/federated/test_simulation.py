@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,9 @@ def plain_training(config, folder: Path) -> tuple[dict[str, torch.Tensor], int]:
 
 def test_one_client_one_round_is_plain_training(make_config, tmp_path):
     config = make_config(clients=1, local_steps=4)
+    handler = signal.getsignal(signal.SIGTERM)
     result = run_federated(config)
+    assert signal.getsignal(signal.SIGTERM) is handler  # Ray's driver handler is not left behind
     federated = adapter_tensors(Path(config.output_dir))
     plain, rows = plain_training(config, tmp_path)
     assert federated.keys() == plain.keys()

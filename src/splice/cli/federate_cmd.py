@@ -27,7 +27,8 @@ def federate(
     rounds: Annotated[int | None, typer.Option(help="Override the number of rounds.")] = None,
     aggregation: Annotated[str | None, typer.Option(help="Override the rule: fedavg (A and B separately) or "
                                                     "exact (the mean of B A, re-factored).")] = None,
-    method: Annotated[str | None, typer.Option(help="Override the method: fedavg or dual (Med-DualLoRA).")] = None,
+    method: Annotated[str | None, typer.Option(help="Override the method: fedavg, dual (Med-DualLoRA), fedeu "
+                                               "(FedEU) or fstq (FED-FSTQ).")] = None,
     seed: Annotated[int | None, typer.Option(help="Override the seed.")] = None,
     output_dir: Annotated[str | None, typer.Option(help="Run folder (default: the file's, else "
                                                    "runs/federated-<data>-<method>-<aggregation>).")] = None,

@@ -72,8 +72,9 @@ def exact(states: Sequence[State], weights: Sequence[float],
 
     Each LoRA pair becomes M = Σ_i w_i B̂_i Â_i re-factored at rank k (see the module docstring):
     `rank` None keeps the clients' rank r (which must agree), "sum" takes Σ_i r_i capped at
-    min(out, in·kernel), exact up to float error; an int k above that cap is padded with zero
-    factors, so the result still loads into a rank-k model. Clients may differ in rank, never in
+    min(out, in·kernel), exact up to float error; an int k above that cap (or above M's rank) is
+    padded with unused components (B's column zero, A's row a unit direction, so that training can
+    still move them), so the result still loads into a rank-k model. Clients may differ in rank, never in
     the other dimensions; every other tensor is FedAvg'ed. Computed in float64 (the SVD too),
     returned in the clients' dtype; the error (0 when M = 0) does not count that last rounding.
     """
@@ -127,6 +128,12 @@ def _refactor(prefix: str, As: list[torch.Tensor], Bs: list[torch.Tensor], w: li
     A = M.new_zeros(k, M.shape[1])
     B[:, :kept] = U[:, :kept] * root
     A[:kept] = root[:, None] * Vh[:kept]
+    # a component the mean does not use keeps a unit direction in A (its column of B is zero, so
+    # B'A' = M still): with both factors zero it would sit at a saddle no gradient leaves
+    spare = torch.eye(M.shape[1], dtype=M.dtype)
+    for j in range(k):
+        if j >= kept or root[j] == 0:
+            A[j] = Vh[j] if j < Vh.shape[0] else spare[j % M.shape[1]]
     total = float(S.square().sum())
     error = math.sqrt(float(S[kept:].square().sum()) / total) if total > 0 else 0.0
     A0, B0 = As[0], Bs[0]

@@ -89,10 +89,14 @@ class LocalRun:
             entry = trainer.step()
             if entry is None:
                 break
-            losses.append(entry["loss"])
+            if entry["loss"] is not None:  # None: a step skipped for non-finite numbers (on_nonfinite: skip)
+                losses.append(entry["loss"])
         if trainer.stop is not None:
             raise SpliceError(f"client {client}, round {server_round}: {trainer.stop[1]}")
-        metrics = {"train_loss": sum(losses) / len(losses) if losses else float("nan"), "client": client,
+        if not losses:
+            raise SpliceError(f"client {client}, round {server_round}: every step was skipped for non-finite "
+                              "numbers; nothing trained")
+        metrics = {"train_loss": sum(losses) / len(losses), "client": client,
                    "num-examples": len(self.shards.train[client]), **self.method.train_metrics(self, client)}
         return self.state_of(GLOBAL), metrics
 
@@ -141,9 +145,19 @@ def client_app(config: FederatedConfig | None = None) -> ClientApp:
     return app
 
 
+def client_of(context: Context, run: LocalRun) -> int:
+    """The node's client (its shard): `partition-id` in its node config, one of 0..clients-1."""
+    value = context.node_config.get("partition-id")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < run.config.clients:
+        raise SpliceError(f"this SuperNode's node config has partition-id {value!r}; it must be one of "
+                          f"0..{run.config.clients - 1} (start it with --node-config 'partition-id=I "
+                          f"num-partitions={run.config.clients}')")
+    return value
+
+
 def _train(message: Message, context: Context, run: LocalRun) -> Message:
     """Load the broadcast tensors (and what this client keeps), train, reply with the upload."""
-    client = int(context.node_config["partition-id"])
+    client = client_of(context, run)
     old_layout = payload.is_legacy(message)
     if old_layout:
         arrays, settings = payload.legacy_fit(message)
@@ -157,8 +171,6 @@ def _train(message: Message, context: Context, run: LocalRun) -> Message:
     private = run.method.private_state(run)
     if private:
         context.state.array_records[PRIVATE_STATE] = payload.to_record(private)
-    if server_round == run.config.rounds:
-        run.method.last_round(run, client)
     if old_layout:
         fitres = FitRes(Status(Code.OK, "ok"), payload.legacy_parameters(state), metrics["num-examples"], metrics)
         return Message(legacy.fitres_to_recorddict(fitres, keep_input=True), reply_to=message)
@@ -168,15 +180,20 @@ def _train(message: Message, context: Context, run: LocalRun) -> Message:
 
 
 def _evaluate(message: Message, context: Context, run: LocalRun) -> Message:
-    """Load the broadcast tensors (and this client's local ones), evaluate on the client's rows."""
-    client = int(context.node_config["partition-id"])
+    """Load the broadcast tensors (and what this client keeps), evaluate on the client's rows; in
+    the last round (every client evaluates, sampled for training or not) save what is its own."""
+    client = client_of(context, run)
     old_layout = payload.is_legacy(message)
     if old_layout:
-        state = payload.from_list(payload.legacy_evaluate(message)[0], run.global_state)
+        arrays, settings = payload.legacy_evaluate(message)
+        state = payload.from_list(arrays, run.global_state)
     else:
         state = payload.from_record(message.content[payload.ARRAYS], run.global_state)
+        settings = dict(message.content[payload.CONFIG])
     _load(run, state, context)
     metrics = run.evaluate(client)
+    if int(settings.get("server-round", 0)) == run.config.rounds:
+        run.method.last_round(run, client)
     if old_layout:
         res = EvaluateRes(Status(Code.OK, "ok"), float(metrics.get("loss", 0.0)), int(metrics["num-examples"]), metrics)
         return Message(legacy.evaluateres_to_recorddict(res), reply_to=message)

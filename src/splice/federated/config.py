@@ -71,7 +71,9 @@ class Secure:
 
 @dataclass
 class Privacy:
-    """Flower's central differential privacy with fixed clipping (Andrew et al. 2019).
+    """Flower's central differential privacy with fixed clipping (Andrew et al. 2019). Its noise
+    (std noise_multiplier x clipping_norm / sampled clients) bounds an unweighted mean: under
+    privacy the server averages the clients' updates with equal weights, not by their rows.
 
     Attributes:
         side: "server" (the server clips each client's update and adds noise) or "client" (each
@@ -160,6 +162,10 @@ class FederatedConfig:
             raise keyed_error("method", f"method must be one of {', '.join(METHODS)}, got {show(self.method)}")
         if self.secure is not None:
             self._check_secure()
+        if self.privacy is not None and self.aggregation == "exact":
+            raise keyed_error("privacy", "privacy needs aggregation: fedavg: Flower's DP noise bounds how far one "
+                                         "client moves a mean of tensors, and exact releases SVD factors of the "
+                                         "mean of B A, which a tiny change of one client can rotate")
         if self.privacy is not None and (self.privacy.noise_multiplier < 0 or self.privacy.clipping_norm <= 0):
             raise keyed_error("privacy", f"privacy.noise_multiplier must be >= 0 and privacy.clipping_norm > 0, got "
                                     f"{self.privacy.noise_multiplier} and {self.privacy.clipping_norm}")
@@ -168,9 +174,6 @@ class FederatedConfig:
                 why = "is set by the federated run itself" if key in OWN_FIELDS else \
                       f"is not a training field{did_you_mean(key, SETTABLE_FIELDS)}"
                 raise keyed_error("train", f"train.{key} {why}")
-        if self.adapter.get("scaling") == "sfed" and self.adapter.get("num_clients") is None:
-            # SFed-LoRA's N: the clients whose updates each round averages
-            self.adapter = {**self.adapter, "num_clients": self.sampled}
         if self.output_dir is None:
             data = Path(self.data).stem.replace("_", "-")
             self.output_dir = f"runs/federated-{data}-{self.method}-{self.aggregation}"
@@ -188,11 +191,16 @@ class FederatedConfig:
         if self.privacy is not None:
             raise keyed_error("secure", "secure and privacy together are not supported here: Flower's DP wrappers "
                                    "need each client's update, which SecAgg+ hides")
-        if not 3 <= secure.num_shares or not 2 <= secure.reconstruction_threshold <= secure.num_shares:
-            raise keyed_error("secure", "secure needs num_shares >= 3 and 2 <= reconstruction_threshold <= "
-                                        f"num_shares, got {secure.num_shares} and {secure.reconstruction_threshold}")
-        if secure.num_shares > self.clients:
-            raise keyed_error("secure", f"secure.num_shares ({secure.num_shares}) exceeds the clients ({self.clients})")
+        if not 3 <= secure.num_shares or not 2 <= secure.reconstruction_threshold < secure.num_shares:
+            raise keyed_error("secure", "secure needs num_shares >= 3 and 2 <= reconstruction_threshold < "
+                                        f"num_shares (Flower's SecAgg+), got {secure.num_shares} and "
+                                        f"{secure.reconstruction_threshold}")
+        if secure.num_shares > self.sampled:
+            raise keyed_error("secure", f"secure.num_shares ({secure.num_shares}) exceeds the clients sampled per "
+                                        f"round ({self.sampled} = clients x fraction): each share needs a client")
+        if secure.clipping_range <= 0 or secure.quantization_range < 2:
+            raise keyed_error("secure", f"secure.clipping_range must be > 0 and secure.quantization_range >= 2, got "
+                                        f"{secure.clipping_range} and {secure.quantization_range}")
 
     @property
     def sampled(self) -> int:
@@ -202,9 +210,12 @@ class FederatedConfig:
     def train_config(self, adapter: dict[str, Any] | None = None) -> TrainConfig:
         """The TrainConfig of one client's local training in one round (no periodic evaluation,
         no checkpoints: a round is short and the server keeps the state)."""
+        adapter = dict(adapter or self.adapter)
+        if adapter.get("scaling") == "sfed" and adapter.get("num_clients") is None:
+            adapter["num_clients"] = self.sampled  # SFed-LoRA's N: the clients each round averages
         try:
             return TrainConfig.from_dict(dict(self.train), model=self.model, task=self.task, data=self.data,
-                                         adapter=dict(adapter or self.adapter), seed=self.seed,
+                                         adapter=adapter, seed=self.seed,
                                          max_steps=self.local_steps, eval_every=None, checkpoint_every=None,
                                          output_dir=str(Path(self.output_dir) / "clients"))
         except ConfigError as err:

@@ -20,6 +20,7 @@ class Round:
     global_metrics: dict[str, float] = field(default_factory=dict)
     traffic: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)  # type -> direction -> client
     aggregation: dict[str, float] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)  # client -> why it is not in the round
     seconds: float = 0.0
 
     def count(self, message_type: str, direction: str, client: str, size: int) -> None:
@@ -54,7 +55,7 @@ class Round:
                 "uplink_bytes": self.uplink, "downlink_bytes": self.downlink,
                 "bytes_by_type": {kind: {d: dict(c) for d, c in directions.items()}
                                   for kind, directions in self.traffic.items()},
-                "aggregation": self.aggregation, "seconds": self.seconds}
+                "aggregation": self.aggregation, "failures": self.failures, "seconds": self.seconds}
 
 
 @dataclass

@@ -27,8 +27,9 @@ LEGACY_EVALUATE = "evaluateins.parameters"
 
 
 def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    """Tensors as an ArrayRecord, in name order (so both sides agree on the legacy list order)."""
-    return ArrayRecord({name: state[name].detach().cpu().contiguous() for name in sorted(state)})
+    """Tensors as an ArrayRecord, in name order (so both sides agree on the legacy list order);
+    bfloat16, which numpy (and so Flower) lacks, travels as float32 (exact; the receiver casts back)."""
+    return ArrayRecord({name: _numpy_able(state[name]) for name in sorted(state)})
 
 
 def from_record(record: ArrayRecord, expected: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -36,12 +37,13 @@ def from_record(record: ArrayRecord, expected: Mapping[str, torch.Tensor] | None
     state = record.to_torch_state_dict()
     if expected is not None:
         check_state(state, expected)
+        state = {name: tensor.to(expected[name].dtype) for name, tensor in state.items()}
     return state
 
 
 def to_list(state: Mapping[str, torch.Tensor]) -> list[np.ndarray]:
     """The legacy layout: arrays in name order, names dropped."""
-    return [state[name].detach().cpu().numpy() for name in sorted(state)]
+    return [_numpy_able(state[name]).numpy() for name in sorted(state)]
 
 
 def from_list(arrays: list[np.ndarray], expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -53,6 +55,11 @@ def from_list(arrays: list[np.ndarray], expected: Mapping[str, torch.Tensor]) ->
              for name, array in zip(names, arrays, strict=True)}
     check_state(state, expected)
     return state
+
+
+def _numpy_able(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.detach().cpu().contiguous()
+    return tensor.float() if tensor.dtype == torch.bfloat16 else tensor
 
 
 def check_state(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:

@@ -15,6 +15,8 @@ import json
 import logging
 import os
 import shutil
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -69,9 +71,10 @@ def run_federated(config: FederatedConfig, *, console: Console | None = None, ov
                 bar.advance()
             console.print(f"round {number}: global {metric} {value:.4f}" if value is not None else f"round {number}")
 
-        run_simulation(server_app(config, on_round, finished.append), client_app(config),
-                       num_supernodes=config.clients, backend_config=backend_config(config, verbose),
-                       verbose_logging=verbose)
+        with signal_handlers_kept():
+            run_simulation(server_app(config, on_round, finished.append), client_app(config),
+                           num_supernodes=config.clients, backend_config=backend_config(config, verbose),
+                           verbose_logging=verbose)
     if not finished:
         raise SpliceError("the federated run ended without a result; run again with --verbose for Flower's log")
     return read_result(config)
@@ -97,6 +100,21 @@ def backend_config(config: FederatedConfig, verbose: bool) -> dict[str, Any]:
     return {"client_resources": {"num_cpus": 1, "num_gpus": gpus},
             "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "log_to_driver": verbose,
                           "logging_level": logging.INFO if verbose else logging.ERROR}}
+
+
+@contextmanager
+def signal_handlers_kept() -> Iterator[None]:
+    """The process's SIGINT and SIGTERM handlers as they were: Ray's driver installs its own (which
+    exit the process) and leaves them, and a later `Trainer` run in the same process must still
+    checkpoint on SIGTERM."""
+    main = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        yield
+    finally:
+        for sig, handler in kept.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 @contextmanager

@@ -11,6 +11,7 @@ rule is FedAvg of every tensor.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -28,6 +29,7 @@ from flwr.serverapp.strategy import (
 )
 
 import splice
+from splice.core.errors import SpliceError
 from splice.core.progress import use as progress_to
 from splice.federated import aggregation, payload
 from splice.federated.client import GLOBAL, config_from_context
@@ -88,6 +90,33 @@ class ServerRun:
         shown = {k: float(v) for k, v in metrics.items() if k != "client"}
         getattr(self.history.round(server_round), kind)[str(client)] = shown
 
+    def record_failures(self, server_round: int, replies: list[Message]) -> None:
+        """Keep the error of every failed client in the round's record (Flower only logs it)."""
+        for message in replies:
+            if message.has_error():
+                who = self.history.client_of(message.metadata.src_node_id)
+                self.history.round(server_round).failures[who] = message.error.reason
+
+    def finite_uploads(self, server_round: int, replies: list[Message],
+                       states: list[dict[str, torch.Tensor]]) -> list[tuple[Message, dict[str, torch.Tensor]]]:
+        """The uploads without a non-finite value; the others are left out of the round and recorded
+        (a diverged client must not poison the global adapter). None left: an error."""
+        kept = []
+        for message, state in zip(replies, states, strict=True):
+            bad = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
+            if bad:
+                client = str(message.content[payload.METRICS]["client"])
+                self.history.round(server_round).failures[client] = (
+                    f"non-finite values in its upload ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); "
+                    "left out of the round")
+            else:
+                kept.append((message, state))
+        if replies and not kept:
+            raise SpliceError(f"round {server_round}: every upload holds non-finite values (clients "
+                              f"{sorted(self.history.round(server_round).failures)}); the global adapter is kept as "
+                              "it was. Lower the learning rate or set train.max_grad_norm")
+        return kept
+
     def save(self) -> Path:
         """The final global adapter (HF PEFT's format for LoRA-shaped adapters) in the run folder."""
         if self.final is not None:
@@ -137,8 +166,20 @@ class CountingGrid(Grid):
     def _count(self, messages: list[Message], direction: str, node: Callable[[Message], int]) -> None:
         record = self.history.round(self.current_round())
         for message in messages:
+            if direction == "uplink" and (client := reported_client(message)) is not None:
+                self.history.node_clients[message.metadata.src_node_id] = client
             record.count(message.metadata.message_type, direction, self.history.client_of(node(message)),
                          payload.message_bytes(message))
+
+
+def reported_client(message: Message) -> int | None:
+    """The partition id a reply reports in its metrics (either layout), if any: how a node's bytes
+    are put under its client even where the strategy sees no node ids (the SecAgg+ workflow)."""
+    if message.has_error():
+        return None
+    records = [*message.content.metric_records.values(), *message.content.config_records.values()]
+    found = next((r["client"] for r in records if "client" in r), None)
+    return int(found) if isinstance(found, (int, float)) else None
 
 
 class AdapterStrategy(FedAvg):
@@ -155,21 +196,34 @@ class AdapterStrategy(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Grid) -> Iterable[Message]:
         self.round, self.broadcast = server_round, payload.from_record(arrays, self.server.initial)
-        return super().configure_train(server_round, arrays, config, grid)
+        # Flower samples with Python's global RNG, which anything else may draw from: the round's
+        # sample is drawn from the run's seed and the round instead
+        state = random.getstate()
+        random.seed(f"{self.server.config.seed}-{server_round}")
+        try:
+            return super().configure_train(server_round, arrays, config, grid)
+        finally:
+            random.setstate(state)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
                                                                                        MetricRecord | None]:
-        valid, _ = self._check_and_log_replies(list(replies), is_train=True)
-        if not valid:
-            return None, None
+        replies = list(replies)
+        self.server.record_failures(server_round, replies)
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
         # in client order, not arrival order: a float sum depends on its order, and a run must not
         valid.sort(key=lambda m: int(m.content[payload.METRICS]["client"]))
+        check_one_node_per_client(valid)
         for message in valid:
             self.server.record_client(server_round, dict(message.content[payload.METRICS]), "train",
                                       message.metadata.src_node_id)
         method = self.server.method
-        states = [method.decode(m.content[payload.ARRAYS], self.broadcast) for m in valid]
-        weights = method.weights([dict(m.content[payload.METRICS]) for m in valid])
+        uploads = self.server.finite_uploads(server_round, valid, [method.decode(m.content[payload.ARRAYS],
+                                                                                 self.broadcast) for m in valid])
+        if not uploads:
+            return None, None
+        messages, states = zip(*uploads, strict=True)
+        weights = ([1.0] * len(states) if self.server.config.privacy is not None  # DP's noise bounds a plain mean
+                   else method.weights([dict(m.content[payload.METRICS]) for m in messages]))
         record = self.server.history.round(server_round)
         separation = aggregation.separation_error(states, weights)
         if separation:
@@ -181,17 +235,29 @@ class AdapterStrategy(FedAvg):
                 record.aggregation["refactor_error_max"] = float(max(errors.values()))
         else:
             state = aggregation.fedavg(states, weights)
-        metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key)
+        metrics = self.train_metrics_aggr_fn([m.content for m in messages], self.weighted_by_key)
         return payload.to_record(state), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
+        self.server.record_failures(server_round, replies)
         for message in replies:
             if not message.has_error():
                 self.server.record_client(server_round, dict(message.content[payload.METRICS]), "evaluate",
                                           message.metadata.src_node_id)
         return super().aggregate_evaluate(server_round, [m for m in replies if not m.has_error()
                                                          and m.content[payload.METRICS]["num-examples"] > 0])
+
+
+def check_one_node_per_client(replies: list[Message]) -> None:
+    """Refuse two nodes that train one client's shard (SuperNodes started with the same partition-id)."""
+    seen: dict[int, int] = {}
+    for message in replies:
+        client, node = int(message.content[payload.METRICS]["client"]), message.metadata.src_node_id
+        if client in seen and seen[client] != node:
+            raise SpliceError(f"nodes {seen[client]} and {node} both train client {client}'s shard: every SuperNode "
+                              "needs its own partition-id (its --node-config)")
+        seen[client] = node
 
 
 def server_app(config: FederatedConfig | None = None,

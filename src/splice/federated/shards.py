@@ -42,7 +42,8 @@ def make_shards(config: FederatedConfig, splits: DatasetSplits) -> Shards:
     scheme, seed, n = config.partition, config.seed, config.clients
     if scheme.scheme == "iid":
         train_parts = partition.iid(len(splits.train), n, seed)
-        test_parts = partition.iid(len(test), n, seed + 1)
+        test_parts = partition.iid(len(test), min(n, len(test)), seed + 1) if test else []
+        test_parts += [[] for _ in range(n - len(test_parts))]  # fewer test rows than clients: some get none
     else:
         labels = [row["label"] for row in splits.train]
         split = partition.dirichlet(labels, n, scheme.alpha, seed, min_size=scheme.min_size)

@@ -371,7 +371,11 @@ def encode_delta(delta: Mapping[str, torch.Tensor], *, levels: Sequence[int] = L
     for level in levels:
         parts.append(pack(torch.cat([empty, *[q.codes[b == level].reshape(-1)
                                               for q, b in zip(quantized, row_bits, strict=True)]]), level))
-    return Encoded(torch.cat(parts), bits, sizes)
+    payload = torch.cat(parts)
+    if budget_bytes is not None and payload.numel() > budget_bytes:
+        raise SpliceError(f"options.budget_bytes {budget_bytes} is below this adapter's smallest upload, "
+                          f"{payload.numel()} bytes (the header and every row at {levels[0]} bits): raise it")
+    return Encoded(payload, bits, sizes)
 
 
 def decode_delta(payload: torch.Tensor, like: Mapping[str, torch.Tensor], *, levels: Sequence[int] = LEVELS,
@@ -397,6 +401,9 @@ def decode_delta(payload: torch.Tensor, like: Mapping[str, torch.Tensor], *, lev
         raise SpliceError(f"the payload has {payload.numel()} bytes; its level map says "
                           f"{payload_bytes(sizes, bits, levels, symmetric)}: it is not an update of this adapter")
     scales = payload[cursor: cursor + 2 * rows].clone().view(torch.float16)
+    if not torch.isfinite(scales).all():
+        raise SpliceError("the payload holds non-finite scales: it is not an update of this adapter "
+                          "(corrupt or forged)")
     cursor += 2 * rows
     zeros = qmax(bits, True).to(torch.uint8) if symmetric else payload[cursor: cursor + rows]
     cursor += 0 if symmetric else rows

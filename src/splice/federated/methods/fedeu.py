@@ -166,6 +166,9 @@ class FedEU(FederatedMethod):
                                          "uncertainty_rows": 256, "temperature": 0.1, "weighting": "exp"}
 
     def check(self, config: FederatedConfig) -> None:
+        if config.privacy is not None:
+            raise ConfigError("FedEU weighs the uploads by uncertainty, and Flower's DP noise bounds an unweighted "
+                              "mean: FedEU with privacy is not supported")
         if config.task != "classification":
             raise ConfigError(f"method fedeu trains an evidential classification head; task {config.task} has "
                               "none: use task: classification")
