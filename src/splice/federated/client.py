@@ -159,13 +159,7 @@ def _train(message: Message, context: Context, run: LocalRun) -> Message:
     """Load the broadcast tensors (and what this client keeps), train, reply with the upload."""
     client = client_of(context, run)
     old_layout = payload.is_legacy(message)
-    if old_layout:
-        arrays, settings = payload.legacy_fit(message)
-        received = payload.from_list(arrays, run.global_state)
-    else:
-        received = payload.from_record(message.content[payload.ARRAYS], run.global_state)
-        settings = dict(message.content[payload.CONFIG])
-    _load(run, received, context)
+    received, settings = _received(message, context, run)
     server_round = int(settings.get("server-round", 1))
     state, metrics = run.train(client, server_round)
     private = run.method.private_state(run)
@@ -184,13 +178,7 @@ def _evaluate(message: Message, context: Context, run: LocalRun) -> Message:
     the last round (every client evaluates, sampled for training or not) save what is its own."""
     client = client_of(context, run)
     old_layout = payload.is_legacy(message)
-    if old_layout:
-        arrays, settings = payload.legacy_evaluate(message)
-        state = payload.from_list(arrays, run.global_state)
-    else:
-        state = payload.from_record(message.content[payload.ARRAYS], run.global_state)
-        settings = dict(message.content[payload.CONFIG])
-    _load(run, state, context)
+    _, settings = _received(message, context, run)
     metrics = run.evaluate(client)
     if int(settings.get("server-round", 0)) == run.config.rounds:
         run.method.last_round(run, client)
@@ -220,6 +208,20 @@ def _privacy_mods(config_of: Callable[[Context], FederatedConfig]):
             return fixedclipping_mod(message, context, call_next)
         return call_next(message, context)
     return mod
+
+
+def _received(message: Message, context: Context, run: LocalRun) -> tuple[dict[str, torch.Tensor], dict]:
+    """The broadcast tensors and settings of a train or evaluate message (either layout), loaded
+    into the process's model with this client's own kept state."""
+    if payload.is_legacy(message):
+        unpack = payload.legacy_fit if message.metadata.message_type == "train" else payload.legacy_evaluate
+        arrays, settings = unpack(message)
+        received = payload.from_list(arrays, run.global_state)
+    else:
+        received = payload.from_record(message.content[payload.ARRAYS], run.global_state)
+        settings = dict(message.content[payload.CONFIG])
+    _load(run, received, context)
+    return received, settings
 
 
 def _load(run: LocalRun, received: dict[str, torch.Tensor], context: Context) -> None:
