@@ -24,6 +24,16 @@ sfed    SFed-LoRA's scale alpha*sqrt(N/r) against alpha/r ("standard") and rsLoR
         clients at Dirichlet alpha 1.0 only (the budget: one data set and alpha; `--sfed-datasets`,
         `--sfed-alphas` add more). With N fixed, SFed is rsLoRA times sqrt(N): the comparison is
         between scale levels as much as between rank rules (the report shows every scale).
+continual  PRISM vs FedAvg-sequential on a federated task sequence (as examples/federated_prism.yaml):
+        Rotten Tomatoes -> BBC News -> BBC re-labelled business-or-tech vs the rest, 5 clients holding a
+        Dirichlet(1.0) shard of every task, 3 rounds per task, MiniLM with MoELoRA (4 experts, top-2,
+        total rank 8):
+          fedavg-seq    one MoELoRA adapter keeps training through the tasks (a head per task)
+          prism         a block per task, A and router projected off shared per-expert bases (0.97)
+          prism-client  the negative control: each client's own bases
+        Per run: the global accuracy matrix (average accuracy, backward transfer, forgetting), PRISM's
+        ‖A_e M_e‖ after each aggregation and the bases' size, bytes (the bases travel with every
+        training message; the query rounds' sketches are uplink), wall time.
 
 Verdicts (paired by seed: the same seed gives the same partition and data order to every
 variant; "yes" only if every seed agrees, "no" if every seed disagrees, else "can't tell"):
@@ -31,8 +41,8 @@ exact beats separate; SFed's spread of accuracy across ranks is smaller than alp
 rsLoRA's, and its r=64 does not collapse; Med-DualLoRA's personalised accuracy >= its global
 adapter alone on label-shifted clients; FED-FSTQ reaches FedAvg's final global accuracy (and
 loss) with >= 3x fewer cumulative uplink bytes (read off the per-round curves: the uplink bytes
-at the first round each variant reaches the target); FedEU vs FedAvg accuracy. PRISM's federated
-continual comparison is not measured here (listed in the report).
+at the first round each variant reaches the target); FedEU vs FedAvg accuracy; PRISM's backward
+transfer above FedAvg-sequential's and above its client-bases control's, and ‖A_e M_e‖ ~ 0 after FedAvg.
 
 Every run is one fresh interpreter (`--run-child`), one at a time (Flower's Ray workers take the
 machine's cores, one torch thread each); the JSON, markdown and PNG are rewritten after every
@@ -60,6 +70,7 @@ budget (240 min) covers seed 0 of everything (~1.5 h idle) and part of seed 1; c
     .venv/bin/python bench/bench_federated.py --sections rules --datasets bbc_news --alphas 0.1 --merge
     .venv/bin/python bench/bench_federated.py --sections sfed --seed-list 0 --merge
     .venv/bin/python bench/bench_federated.py --variants fedavg fstq --merge     # a subset of variants
+    .venv/bin/python bench/bench_federated.py --sections continual --merge      # PRISM's sequence only
     .venv/bin/python bench/bench_federated.py --quick                            # smoke run, 7 min at load 6-8
     .venv/bin/python bench/bench_federated.py --render bench/results/federated.json   # redo .md and .png
 
@@ -81,8 +92,22 @@ from typing import Any
 from common import Phases, bench_main, bench_parser, environment, finish, run_child, settings_from, source_version
 from federated_report import draw, markdown
 
-SECTIONS = ["rules", "sfed"]
+SECTIONS = ["rules", "sfed", "continual"]
 CLIENTS = {"rotten_tomatoes": 8, "bbc_news": 5}
+# the continual section's task sequence (as examples/federated_prism.yaml)
+SEQUENCE_NAME = "rt-bbc-bizTech"
+SEQUENCE = [{"name": "sentiment", "data": "rotten_tomatoes"}, {"name": "topic", "data": "bbc_news"},
+            {"name": "business-tech", "data": "bbc_news",
+             "labels": {"business": "business_or_tech", "tech": "business_or_tech", "entertainment": "other",
+                        "politics": "other", "sports": "other"}}]
+PRISM_OPTIONS = {"threshold": 0.97, "sketch_rank": 32, "basis_rows": 256}
+CONTINUAL = {  # variant -> (method, options, note)
+    "fedavg-seq": ("fedavg", {}, "FedAvg-sequential: one MoELoRA adapter keeps training, a head per task"),
+    "prism": ("prism", PRISM_OPTIONS, "PRISM: a MoELoRA block per task, A and router projected off per-expert "
+                                      "input bases the server builds and all clients share (threshold 0.97)"),
+    "prism-client": ("prism", {**PRISM_OPTIONS, "bases": "client"},
+                     "PRISM's negative control: each client projects off bases of its own rows only"),
+}
 
 
 @dataclass(frozen=True)
@@ -129,6 +154,11 @@ class Settings:
     sfed_ranks: list[int] = field(default_factory=lambda: [4, 16, 64])
     sfed_scalings: list[str] = field(default_factory=lambda: list(SCALINGS))
     sfed_alpha: float = 16.0  # the same LoRA alpha for every scale rule (the spec's comparison)
+    # continual section: MoELoRA (4 experts, top-2, total rank 8) through SEQUENCE
+    continual_variants: list[str] = field(default_factory=lambda: list(CONTINUAL))
+    continual_clients: int = 5
+    continual_alpha: float = 1.0
+    continual_rounds: int = 3
     # every run
     clients: dict[str, int] = field(default_factory=lambda: dict(CLIENTS))
     rounds: int = 5
@@ -144,7 +174,7 @@ class Settings:
     @classmethod
     def quick_run(cls, threads: int = 1) -> Settings:
         return cls(quick=True, threads=threads, seeds=[0], datasets=["rotten_tomatoes"], alphas=[1.0],
-                   sfed_ranks=[4, 16], sfed_scalings=["standard", "sfed"],
+                   sfed_ranks=[4, 16], sfed_scalings=["standard", "sfed"], continual_clients=2, continual_rounds=1,
                    clients={"rotten_tomatoes": 2, "bbc_news": 2}, rounds=2, local_steps=2, batch_size=8,
                    max_length=48, eval_examples=16, max_train_examples=64, budget_min=20.0)
 
@@ -158,8 +188,13 @@ def make_job(s: Settings, section: str, data: str, alpha: float, seed: int, vari
     train = {"batch_size": s.batch_size, "max_length": s.max_length, "lr": s.lr, "head_lr": s.head_lr}
     if s.max_train_examples is not None:
         train["max_train_examples"] = s.max_train_examples
-    clients = s.clients[data]
-    if section == "rules":
+    clients = s.clients.get(data, s.continual_clients)
+    rounds = s.rounds
+    if section == "continual":
+        method, options, _ = CONTINUAL[variant]
+        aggregation, options, clients, rounds = "fedavg", dict(options), s.continual_clients, s.continual_rounds
+        adapter = {"method": "moelora", "experts": 4, "top_k": 2, "r": s.rank, "alpha": s.lora_alpha}
+    elif section == "rules":
         v = VARIANT_BY_NAME[variant]
         method, aggregation, options = v.method, v.aggregation, dict(v.options)
         adapter: dict[str, Any] = {"method": "lora", "r": s.rank, "alpha": s.lora_alpha}
@@ -171,7 +206,7 @@ def make_job(s: Settings, section: str, data: str, alpha: float, seed: int, vari
             adapter["num_clients"] = clients
     return {"section": section, "variant": variant, "data": data, "alpha": alpha, "seed": seed,
             "rank": adapter["r"], "scaling": adapter.get("scaling", "standard"), "clients": clients,
-            "rounds": s.rounds, "local_steps": s.local_steps, "train": train, "eval_examples": s.eval_examples,
+            "rounds": rounds, "local_steps": s.local_steps, "train": train, "eval_examples": s.eval_examples,
             "method": method, "aggregation": aggregation, "options": options, "adapter": adapter,
             "threads": s.threads}
 
@@ -215,6 +250,9 @@ def jobs(s: Settings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
                     for rank in s.sfed_ranks:
                         for scaling in s.sfed_scalings:
                             out.append(make_job(s, "sfed", data, alpha, seed, rank=rank, scaling=scaling))
+        if "continual" in s.sections:
+            for name in s.continual_variants:
+                out.append(make_job(s, "continual", SEQUENCE_NAME, s.continual_alpha, seed, variant=name))
     return out, skipped
 
 
@@ -227,8 +265,8 @@ def kept_runs(previous: list[dict[str, Any]], s: Settings) -> tuple[list[dict[st
             dropped += 1
             continue
         try:
-            if run["section"] == "rules":
-                again = make_job(s, "rules", run["data"], run["alpha"], run["seed"], variant=run["variant"])
+            if run["section"] in ("rules", "continual"):
+                again = make_job(s, run["section"], run["data"], run["alpha"], run["seed"], variant=run["variant"])
             else:
                 again = make_job(s, "sfed", run["data"], run["alpha"], run["seed"], rank=run["rank"],
                                  scaling=run["scaling"])
@@ -280,9 +318,22 @@ def compact(results: dict[str, Any]) -> dict[str, Any]:
         "method_metrics": {key: [client_mean(r, "train", key) for r in rounds] for key in method_keys},
         "clients_final": {c: {k: m[k] for k in ("accuracy", "global_accuracy", "num-examples") if k in m}
                           for c, m in last["evaluate"].items()},
-        "partition": [{"rows": c["rows"], "labels": c["labels"]} for c in results["partition"]["clients"]],
+        "partition": partition_of(results["partition"]),
         "final": results["final"],
+        "accuracy_matrix": results.get("accuracy_matrix"),
+        "prism": {key: [r["aggregation"].get(key) for r in rounds]
+                  for key in sorted({k for r in rounds for k in r["aggregation"] if k.startswith("prism_")})},
+        "tasks": [r.get("task") for r in rounds],
     }
+
+
+def partition_of(partition: dict[str, Any]) -> Any:
+    """Rows and label counts per client (per task, for a sequence)."""
+    def clients(description: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{"rows": c["rows"], "labels": c["labels"]} for c in description["clients"]]
+    if "tasks" in partition:
+        return {task: clients(description) for task, description in partition["tasks"].items()}
+    return clients(partition)
 
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
@@ -297,7 +348,8 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(job["threads"])
     with tempfile.TemporaryDirectory(prefix="federated-bench-") as folder:
-        config = FederatedConfig(model="minilm", task="classification", data=job["data"], adapter=dict(job["adapter"]),
+        source = {"tasks": SEQUENCE} if job["section"] == "continual" else {"data": job["data"]}
+        config = FederatedConfig(model="minilm", task="classification", **source, adapter=dict(job["adapter"]),
                                  train=dict(job["train"]), clients=job["clients"], rounds=job["rounds"],
                                  local_steps=job["local_steps"],
                                  partition={"scheme": "dirichlet", "alpha": job["alpha"]},
@@ -308,8 +360,9 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         ran = time.perf_counter()
         row = compact(result.results)
     adapter = job["adapter"]
-    row.update(scale=lora_scale(adapter.get("scaling", "standard"), adapter["alpha"], adapter["r"],
-                                adapter.get("num_clients")),
+    scale = None if adapter["method"] != "lora" else lora_scale(adapter.get("scaling", "standard"), adapter["alpha"],
+                                                                 adapter["r"], adapter.get("num_clients"))
+    row.update(scale=scale,
                run_s=ran - loaded, child_s=time.perf_counter() - started, source=source_version(),
                date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), loadavg=os.getloadavg())
     return row
@@ -340,7 +393,10 @@ def run(s: Settings, args: argparse.Namespace) -> dict[str, Any]:
     todo, skipped = jobs(s)
     env = environment(s.threads)
     result: dict[str, Any] = {"environment": env, "settings": asdict(s),
-                              "variants": {v.name: asdict(v) for v in VARIANTS}, "runs": list(kept),
+                              "variants": {v.name: asdict(v) for v in VARIANTS},
+                              "continual_variants": {name: {"method": m, "options": o, "note": n}
+                                                     for name, (m, o, n) in CONTINUAL.items()},
+                              "sequence": SEQUENCE, "runs": list(kept),
                               "not_run": [], "skipped": skipped, "notes": previous.get("notes", []),
                               "invocations": [*previous.get("invocations", []),
                                               {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -407,6 +463,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     p.add_argument("--sfed-alphas", nargs="+", type=float, help="sfed section: Dirichlet alphas (default 1.0)")
     p.add_argument("--sfed-ranks", nargs="+", type=int, help="sfed section: LoRA ranks (default 4 16 64)")
     p.add_argument("--sfed-scalings", nargs="+", choices=SCALINGS, help="sfed section: scale rules")
+    p.add_argument("--continual-variants", nargs="+", choices=list(CONTINUAL), help="continual section: variants")
     for name, kind in (("rounds", int), ("local-steps", int), ("eval-examples", int), ("budget-min", float)):
         p.add_argument(f"--{name}", type=kind, help=f"override the setting {name.replace('-', '_')}")
     p.add_argument("--merge", action="store_true",

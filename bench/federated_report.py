@@ -21,6 +21,8 @@ SCALING_NAMES = {"standard": "alpha/r", "rslora": "rsLoRA alpha/sqrt(r)", "sfed"
 SHIFT_TV = 0.2  # a client is label-shifted when its training label mix is this far (total variation) from the pool's
 MARKERS = ["o", "s", "^", "v", "D"]  # one per variant: equal curves stay visible
 FSTQ_GOAL = 3.0  # FED-FSTQ's claim: FedAvg's final quality with >= 3x fewer cumulative uplink bytes
+CONTINUAL_ORDER = ["fedavg-seq", "prism", "prism-client"]
+SEQUENCE_LABEL = "RT -> BBC -> business/tech"
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -246,8 +248,37 @@ def verdict_rows(result: dict[str, Any]) -> list[list[str]]:
         if diffs:
             rows.append(["FedEU beats FedAvg (global accuracy)", cell_name(data, alpha),
                          f"Δ global {per_seed(diffs)}; Δ client mean {per_seed(client)}", claim(diffs)])
-    rows.append(["PRISM: federated continual experts vs FedAvg-sequential", "", "not measured (not part of this "
-                 "bench yet)", "not measured"])
+    rows += continual_verdicts(result)
+    return rows
+
+
+def continual_score(run: Run, key: str) -> float | None:
+    scores = run["final"].get("continual")
+    return None if scores is None else scores[key]
+
+
+def continual_verdicts(result: dict[str, Any]) -> list[list[str]]:
+    """PRISM vs FedAvg-sequential and vs its client-bases negative control, paired by seed."""
+    rows: list[list[str]] = []
+    runs = ok_runs(result, "continual")
+    if not runs:
+        return [["PRISM: forgets less than FedAvg-sequential (backward transfer)", "", "not measured in this result",
+                 "not measured"]]
+    data, alpha = runs[0]["data"], runs[0]["alpha"]
+    for other, what in (("fedavg-seq", "FedAvg-sequential"), ("prism-client", "client-specific bases (the negative "
+                                                                              "control)")):
+        bwt = paired(result, "continual", data, alpha, "prism", other,
+                     lambda r: continual_score(r, "backward_transfer"))
+        acc = paired(result, "continual", data, alpha, "prism", other,
+                     lambda r: continual_score(r, "average_accuracy"))
+        if bwt:
+            rows.append([f"PRISM forgets less than {what} (backward transfer)", SEQUENCE_LABEL,
+                         f"Δ BWT {per_seed(bwt)}; Δ average accuracy {per_seed(acc)}", claim(bwt)])
+    errors = [max(v for v in r["prism"].get("prism_orthogonality_error", []) if v is not None)
+              for r in ok_runs(result, "continual", variant="prism") if r["prism"].get("prism_orthogonality_error")]
+    if errors:
+        rows.append(["PRISM: the FedAvg mean stays off the shared bases (max ‖A_e M_e‖_F over rounds)",
+                     SEQUENCE_LABEL, per_seed(errors, "{:.1e}"), "yes" if max(errors) < 1e-4 else "no"])
     return rows
 
 
@@ -409,6 +440,43 @@ def sfed_drop(runs: list[Run], scaling: str, ranks: list[int]) -> list[float]:
 # ------------------------------------------------------------------------------------ markdown
 
 
+def continual_section(result: dict[str, Any]) -> list[str]:
+    """The federated continual sequence: scores, the accuracy matrix's last row, PRISM's numbers."""
+    runs = ok_runs(result, "continual")
+    variants = order(sorted({r["variant"] for r in runs}), CONTINUAL_ORDER)
+    tasks = len(runs[0]["accuracy_matrix"] or [])
+    rows = []
+    for name in variants:
+        mine = [r for r in runs if r["variant"] == name]
+        last = [[r["accuracy_matrix"][-1][j] for r in mine] for j in range(tasks)]
+        orth = [max((v for v in r["prism"].get("prism_orthogonality_error", []) if v is not None), default=None)
+                for r in mine]
+        dims = [next((v for v in reversed(r["prism"].get("prism_basis_mean_dim", [])) if v is not None), None)
+                for r in mine]
+        rows.append([name, str(len(mine)), spread([continual_score(r, "average_accuracy") for r in mine]),
+                     spread([continual_score(r, "backward_transfer") for r in mine], "{:+.3f}"),
+                     spread([continual_score(r, "mean_forgetting") for r in mine]),
+                     *[spread(values) for values in last],
+                     spread(orth, "{:.1e}"), spread(dims, "{:.1f}"),
+                     spread([r["final"]["uplink_bytes"] / 1e6 for r in mine], "{:.1f}"),
+                     spread([r["final"]["downlink_bytes"] / 1e6 for r in mine], "{:.1f}"),
+                     spread([r["run_s"] for r in mine], "{:.0f}")])
+    names = [t["name"] for t in result.get("sequence", [])] or [f"task {j + 1}" for j in range(tasks)]
+    notes = "; ".join(f"**{n}**: {v['note']}" for n, v in result.get("continual_variants", {}).items()
+                      if n in variants)
+    s = result["settings"]
+    return ["## Federated continual learning: PRISM vs FedAvg-sequential", "",
+            f"{SEQUENCE_LABEL}: MiniLM with MoELoRA (4 experts, top-2, total rank {s['rank']}), "
+            f"{s['continual_clients']} clients, Dirichlet alpha {s['continual_alpha']:g} per task, "
+            f"{s['continual_rounds']} rounds of {s['local_steps']} local steps per task. " + notes + ".", "",
+            "Average accuracy, backward transfer (BWT; negative: forgetting) and mean forgetting from the global "
+            "accuracy matrix (each task on its own evaluation rows and head after each task); final: the accuracy on "
+            "each task after the last; ‖A M‖: the largest ‖A_e M_e‖_F of the aggregated global block over the run; "
+            "basis dim: the bases' mean size at the end (of 384); MB: all messages, all clients.", "",
+            table(["variant", "seeds", "avg acc", "BWT", "forgetting", *[f"final {n}" for n in names],
+                   "max ‖A M‖", "basis dim", "uplink MB", "downlink MB", "run s"], rows), ""]
+
+
 def settings_line(result: dict[str, Any]) -> str:
     s = result["settings"]
     limit = f", {s['max_train_examples']} training rows" if s.get("max_train_examples") else ""
@@ -427,7 +495,7 @@ def markdown(result: dict[str, Any], settings: Any = None) -> str:
     quick = "**QUICK smoke run: too few clients, steps and rows to mean anything.** " if s["quick"] else ""
     runs = result["runs"]
     failed = [r for r in runs if "error" in r]
-    out = ["# Federated LoRA on Flower: aggregation rules, Med-DualLoRA, FED-FSTQ, FedEU, SFed-LoRA", "",
+    out = ["# Federated LoRA on Flower: aggregation rules, Med-DualLoRA, FED-FSTQ, FedEU, SFed-LoRA, PRISM", "",
            environment_line(env), "", quick + settings_line(result), "",
            f"{len(runs) - len(failed)} runs finished, {len(failed)} failed, {len(result.get('not_run', []))} not "
            f"started (budget); this invocation's runtime {result.get('runtime_s', 0) / 60:.0f} min."]
@@ -465,6 +533,8 @@ def markdown(result: dict[str, Any], settings: Any = None) -> str:
                 "accuracy, per seed, then mean ± std.", ""]
         for data, alpha in scells:
             out += sfed_section(result, data, alpha)
+    if ok_runs(result, "continual"):
+        out += continual_section(result)
     skipped = {(r["variant"], r["why"]) for r in result.get("skipped", [])}
     notes = [f"- Variant {v} skipped: {why}." for v, why in sorted(skipped)]
     if result.get("not_run"):
@@ -475,8 +545,6 @@ def markdown(result: dict[str, Any], settings: Any = None) -> str:
     for r in failed:
         notes.append(f"- Failed: {r['section']}/{r['variant']}/{r['data']}/alpha {r['alpha']:g}/seed {r['seed']}: "
                      f"{r['error']}")
-    notes.append("- Not measured: PRISM's federated continual experts vs FedAvg-sequential (issue 17's continual "
-                 "sequence) are not part of this bench.")
     notes += [f"- {n['date']}: {n['text']}" for n in result.get("notes", [])]
     out += ["## Notes", "", *notes]
     return "\n".join(out)

@@ -111,6 +111,13 @@ def test_shipped_examples_load(request):
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parents[2].glob("examples/*.yaml")), ids=lambda p: p.name)
 def test_every_example_config_is_valid(path):
+    if "clients" in yaml.safe_load(path.read_text()):  # a federated run (`splice federate`), tasks or not
+        from splice.federated import FederatedConfig
+
+        federated = FederatedConfig.from_yaml(path)
+        assert federated.train_config().adapter_config().method == federated.adapter["method"]
+        assert federated.output_dir.startswith("runs/federated-")
+        return
     if "tasks" in yaml.safe_load(path.read_text()):  # a continual sequence (`splice continual`)
         from splice.continual import SequenceConfig
         from splice.continual.strategies import make_strategy
@@ -119,13 +126,6 @@ def test_every_example_config_is_valid(path):
         configs = [sequence.train_config(task) for task in sequence.tasks]
         make_strategy(sequence.strategy, configs[0].adapter_config(), sequence.options)
         assert all(c.output_dir.startswith(f"runs/continual-{sequence.model}-") for c in configs)
-        return
-    if "clients" in yaml.safe_load(path.read_text()):  # a federated run (`splice federate`)
-        from splice.federated import FederatedConfig
-
-        federated = FederatedConfig.from_yaml(path)
-        assert federated.train_config().adapter_config().method == federated.adapter["method"]
-        assert federated.output_dir.startswith("runs/federated-")
         return
     config = TrainConfig.from_yaml(path)
     adapter = config.adapter_config()

@@ -111,7 +111,7 @@ class SequenceConfig:
     output_dir: str | None = None
 
     def __post_init__(self) -> None:
-        self.tasks = [t if isinstance(t, TaskSpec) else _task_spec(t, i) for i, t in enumerate(self.tasks)]
+        self.tasks = [t if isinstance(t, TaskSpec) else task_spec(t, i) for i, t in enumerate(self.tasks)]
         check_fields(SequenceConfig, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                                        if f.name != "tasks"}, "")
         names = [t.name for t in self.tasks]
@@ -120,7 +120,7 @@ class SequenceConfig:
         if len(set(names)) != len(names):
             raise keyed_error("tasks", f"task names must differ, got {names}")
         for i, spec in enumerate(self.tasks):
-            _check_task(spec, i, self.task)
+            check_task(spec, i, self.task)
             if spec.head is not None and (self.task != "classification" or spec.head not in names[:i]):
                 raise keyed_error("tasks", f"tasks[{i}] ({spec.name!r}): head {spec.head!r} must name an earlier "
                                       f"classification task of the sequence, one of {names[:i]}")
@@ -172,12 +172,17 @@ class SequenceConfig:
         return dataclasses.asdict(self)
 
 
-def _task_spec(data: Any, index: int) -> TaskSpec:
+def task_spec(data: Any, index: int, keys: tuple[str, ...] | None = None, why_not: str = "") -> TaskSpec:
+    """`tasks[index]` of a config as a TaskSpec, every key checked; `keys`: the only TaskSpec keys
+    this config takes (another TaskSpec key is refused with `why_not`)."""
+    fields = [f.name for f in dataclasses.fields(TaskSpec)]
+    known = list(keys) if keys is not None else fields
     if not isinstance(data, dict):
-        raise keyed_error("tasks", f"tasks[{index}] must be a mapping (name, data, ...), got {show(data)}")
-    known = [f.name for f in dataclasses.fields(TaskSpec)]
+        raise keyed_error("tasks", f"tasks[{index}] must be a mapping ({', '.join(known[:4])}, ...), got {show(data)}")
     for key in data:
         if key not in known:
+            if key in fields:
+                raise keyed_error("tasks", f"tasks[{index}].{key} is {why_not}")
             raise keyed_error("tasks", f"tasks[{index}]: unknown key {key!r}{did_you_mean(key, known)}")
     for key in ("name", "data"):
         if key not in data:
@@ -186,7 +191,7 @@ def _task_spec(data: Any, index: int) -> TaskSpec:
     return TaskSpec(**data)
 
 
-def _check_task(spec: TaskSpec, index: int, task: str) -> None:
+def check_task(spec: TaskSpec, index: int, task: str) -> None:
     where = f"tasks[{index}] ({spec.name!r})"
     if not _NAME.match(spec.name):
         raise keyed_error("tasks", f"{where}: a task name is letters, digits, _ and - and starts with a letter")

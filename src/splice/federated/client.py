@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
@@ -28,19 +28,24 @@ from flwr.common import Code, EvaluateRes, FitRes, Status
 from flwr.compat.common import recorddict_compat as legacy
 from rich.console import Console
 
+from splice.assets import DatasetSplits
 from splice.core import progress
 from splice.core.errors import SpliceError
 from splice.federated import payload
 from splice.federated.config import FederatedConfig
 from splice.federated.methods import make_method
+from splice.federated.sequence import TaskSequence
 from splice.federated.shards import Shards, make_shards
 from splice.train import Trainer
 from splice.train.adapters import adapter_parameters
+from splice.train.config import TrainConfig
 from splice.train.evaluation import evaluate
 from splice.train.run_setup import load_run
 
 GLOBAL = "global"
 PRIVATE_STATE = "splice.private"  # the key of what a client keeps to itself in its context.state
+EXTRAS_STATE = "splice.extras"  # the key of the method's extras a node keeps for the task under way
+EXTRAS_TASK = "splice.extras-task"  # and of the task they are of (one key per record: Flower's RecordDict)
 CONFIG_KEY = "splice-config"  # the run-config key that carries the config (deployment engine)
 
 
@@ -54,11 +59,26 @@ class LocalRun:
         self.config = config
         self.method = make_method(config)
         self.train_config = config.train_config()
-        setup = load_run(self.train_config, GLOBAL)
+        setup = load_run(self.train_config, GLOBAL, head=config.tasks is None)
         self.model, self.tokenizer, self.splits = setup.model, setup.tokenizer, setup.splits
-        self.shards: Shards = make_shards(config, self.splits)
+        self.sequence = TaskSequence(config, self.model) if config.tasks is not None else None
+        self.task = 0
+        self.shards: Shards = make_shards(config, self.splits) if self.sequence is None else self.sequence[0].shards
+        more = self.method.attach_held(self.model)
         self.method.prepare(self)
-        self.global_state = self.state_of(GLOBAL)
+        self.held = held_parameters(self.model, self.sequence, more)
+        self.global_state = self.held_state()
+
+    def held_state(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of everything the server holds and broadcasts (`held_parameters`)."""
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.held.items()}
+
+    def select_task(self, index: int) -> str | None:
+        """Work on task `index` of a sequence (its head, its shards); the head's module path."""
+        if self.sequence is None:
+            return None
+        self.task, self.shards = index, self.sequence[index].shards
+        return self.sequence.select(index)
 
     def state_of(self, adapter: str) -> dict[str, torch.Tensor]:
         """A CPU copy of what training adapter `adapter` updates (its tensors and its heads')."""
@@ -72,18 +92,33 @@ class LocalRun:
                 params[name].copy_(tensor)
 
     def train(self, client: int, server_round: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """`config.local_steps` steps on client `client`'s shard from the loaded state; the global
-        tensors and the round's metrics. The data order and every random draw are seeded by the
-        run's seed, the round and the client (round 1 of client 0 is the seed itself), so a round
-        gives the same result whichever worker process serves the client."""
+        """`config.local_steps` steps on client `client`'s shard (of the selected task) from the
+        loaded state; the tensors it trained and the round's metrics. The data order and every
+        random draw are seeded by the run's seed, the round (counted over a sequence's tasks) and
+        the client (round 1 of client 0 is the seed itself), so a round gives the same result
+        whichever worker process serves the client."""
         config = self.config
         seed = config.seed + (server_round - 1) * config.clients + client
         output = Path(config.output_dir) / "clients" / f"client-{client}"
         train_config = dataclasses.replace(self.train_config, seed=seed, output_dir=str(output))
         set_seed(seed)  # dropout's draws too: a worker's earlier clients must not change this one's
+        splits = self.splits if self.sequence is None else self.sequence[self.task].splits
+        heads = [] if self.sequence is None else [self.sequence.head_of(self.task)]
+        if self.sequence is not None:
+            self.sequence.set_training(self.task, True)
+        try:
+            state, metrics = self._train(client, server_round, train_config, splits, heads)
+        finally:
+            if self.sequence is not None:
+                self.sequence.set_training(self.task, False)
+        return state, metrics
+
+    def _train(self, client: int, server_round: int, train_config: TrainConfig, splits: DatasetSplits,
+               heads: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         trainer = Trainer(self.model, self.tokenizer, train_config, adapter_name=GLOBAL,
-                          splits=self.shards.client(client, self.splits), console=Console(quiet=True),
-                          companions=self.method.companions(), objective=self.method.objective(self, server_round))
+                          splits=self.shards.client(client, splits), console=Console(quiet=True), heads=heads,
+                          companions=self.method.companions(), objective=self.method.objective(self, server_round),
+                          callbacks=self.method.callbacks(self))
         losses = []
         while not trainer.done:
             entry = trainer.step()
@@ -109,6 +144,14 @@ class LocalRun:
         metrics = {key: float(value) for key, value in evaluate(self.model, self.tokenizer, rows,
                                                                  self.train_config).items()}
         return {**metrics, **self.method.evaluate_metrics(self, client), "num-examples": len(rows), "client": client}
+
+
+def held_parameters(model: torch.nn.Module, sequence: TaskSequence | None,
+                    more: dict[str, torch.nn.Parameter]) -> dict[str, torch.nn.Parameter]:
+    """What the server holds and broadcasts, by name: the global adapter's tensors (and the head it
+    trains), a sequence's per-task heads, and what the method adds (PRISM's frozen blocks)."""
+    heads = {} if sequence is None else sequence.head_parameters()
+    return {**adapter_parameters(model, GLOBAL), **heads, **more}
 
 
 _RUNS: dict[str, LocalRun] = {}
@@ -142,6 +185,11 @@ def client_app(config: FederatedConfig | None = None) -> ClientApp:
         with progress.use(quiet=True):
             return _evaluate(message, context, local_run(config_of(context)))
 
+    @app.query()
+    def query(message: Message, context: Context) -> Message:
+        with progress.use(quiet=True):
+            return _query(message, context, local_run(config_of(context)))
+
     return app
 
 
@@ -160,11 +208,8 @@ def _train(message: Message, context: Context, run: LocalRun) -> Message:
     client = client_of(context, run)
     old_layout = payload.is_legacy(message)
     received, settings = _received(message, context, run)
-    server_round = int(settings.get("server-round", 1))
-    state, metrics = run.train(client, server_round)
-    private = run.method.private_state(run)
-    if private:
-        context.state.array_records[PRIVATE_STATE] = payload.to_record(private)
+    state, metrics = run.train(client, int(settings.get("round-offset", 0)) + int(settings.get("server-round", 1)))
+    _keep_private(run, context)
     if old_layout:
         fitres = FitRes(Status(Code.OK, "ok"), payload.legacy_parameters(state), metrics["num-examples"], metrics)
         return Message(legacy.fitres_to_recorddict(fitres, keep_input=True), reply_to=message)
@@ -180,12 +225,24 @@ def _evaluate(message: Message, context: Context, run: LocalRun) -> Message:
     old_layout = payload.is_legacy(message)
     _, settings = _received(message, context, run)
     metrics = run.evaluate(client)
-    if int(settings.get("server-round", 0)) == run.config.rounds:
+    last_task = run.sequence is None or run.task == len(run.sequence) - 1
+    if int(settings.get("server-round", 0)) == run.config.rounds and last_task:
         run.method.last_round(run, client)
     if old_layout:
         res = EvaluateRes(Status(Code.OK, "ok"), float(metrics.get("loss", 0.0)), int(metrics["num-examples"]), metrics)
         return Message(legacy.evaluateres_to_recorddict(res), reply_to=message)
     return Message(RecordDict({payload.METRICS: MetricRecord(metrics)}), reply_to=message)
+
+
+def _query(message: Message, context: Context, run: LocalRun) -> Message:
+    """Load the broadcast tensors and answer the method's question about this client's rows of
+    the selected task (PRISM: sketches of its experts' inputs, between tasks)."""
+    client = client_of(context, run)
+    _received(message, context, run)
+    answer = run.method.answer_query(run, client)
+    _keep_private(run, context)
+    return Message(RecordDict({payload.ARRAYS: answer, payload.METRICS: MetricRecord({"client": client})}),
+                   reply_to=message)
 
 
 def config_from_context(context: Context) -> FederatedConfig:
@@ -218,10 +275,37 @@ def _received(message: Message, context: Context, run: LocalRun) -> tuple[dict[s
         arrays, settings = unpack(message)
         received = payload.from_list(arrays, run.global_state)
     else:
-        received = payload.from_record(message.content[payload.ARRAYS], run.global_state)
+        state, extras = payload.split_extras(message.content[payload.ARRAYS].to_torch_state_dict())
+        received = payload.checked(state, run.global_state)
         settings = dict(message.content[payload.CONFIG])
+        run.method.receive(run, _extras(extras, settings, context))
+    run.select_task(int(settings.get("task", 0)))
     _load(run, received, context)
     return received, settings
+
+
+def _extras(extras: dict[str, torch.Tensor], settings: dict, context: Context) -> dict[str, torch.Tensor]:
+    """The method's extras of this message, kept in the node's state for the task's later
+    messages; or, where the server left them out (`extras-held`), the ones the node kept."""
+    task = int(settings.get("task", 0))
+    if extras:
+        context.state.array_records[EXTRAS_STATE] = payload.to_record(extras)
+        context.state.config_records[EXTRAS_TASK] = ConfigRecord({"task": task})
+        return extras
+    if payload.EXTRAS_HELD not in settings:
+        return {}
+    kept = context.state.config_records.get(EXTRAS_TASK)
+    if kept is None or int(kept["task"]) != int(settings[payload.EXTRAS_HELD]):
+        raise SpliceError(f"the server sent task {settings[payload.EXTRAS_HELD]}'s extras to this node before, but "
+                          "its state does not hold them (was the SuperNode restarted?); start the run again")
+    return context.state.array_records[EXTRAS_STATE].to_torch_state_dict()
+
+
+def _keep_private(run: LocalRun, context: Context) -> None:
+    """What the method keeps at this client, into the node's state."""
+    private = run.method.private_state(run)
+    if private:
+        context.state.array_records[PRIVATE_STATE] = payload.to_record(private)
 
 
 def _load(run: LocalRun, received: dict[str, torch.Tensor], context: Context) -> None:

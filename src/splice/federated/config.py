@@ -15,6 +15,15 @@ every value checked (file, key and value in the message).
     options: {local_adapter: {method: lora, r: 4, alpha: 8}}   # the method's own keys
     secure: {num_shares: 3, reconstruction_threshold: 2}      # SecAgg+ (optional)
     privacy: {side: server, noise_multiplier: 0.5, clipping_norm: 1.0}  # Flower's DP (optional)
+
+A federated continual run gives `tasks` instead of `data`: the clients learn the tasks one after
+the other, `rounds` rounds each, every task with its own classification head and its own
+partition of its rows among the same clients (`splice.federated.sequence`):
+
+    tasks:
+      - {name: sentiment, data: rotten_tomatoes}
+      - {name: topic, data: bbc_news}
+    method: prism             # PRISM: per-expert bases shared by the clients (MoELoRA adapter)
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from splice.continual.sequence import TaskSpec, check_task, task_spec
 from splice.core.errors import ConfigError
 from splice.core.validation import check_fields, did_you_mean, keyed_error, show
 from splice.federated.methods import METHODS
@@ -92,7 +102,10 @@ class FederatedConfig:
     """A federated fine-tuning run on Flower.
 
     Attributes:
-        data: the data set every client takes its shard of (as `TrainConfig.data`).
+        data: the data set every client takes its shard of (as `TrainConfig.data`); default
+            rotten_tomatoes. Not with `tasks`.
+        tasks: a federated continual run: the tasks in order (`TaskSpec` mappings with name, data
+            and optionally labels and head; at least two), `rounds` rounds each; None: one task, `data`.
         model: "minilm", "smollm2" or a local transformers folder.
         task: "classification" or "causal_lm".
         adapter: the (global) adapter, as `TrainConfig.adapter`. SFed-LoRA's scale
@@ -119,7 +132,8 @@ class FederatedConfig:
         output_dir: the run folder (default runs/federated-<data>-<method>-<aggregation>).
     """
 
-    data: str = "rotten_tomatoes"
+    data: str | None = None
+    tasks: list[TaskSpec] | None = None
     model: str = "minilm"
     task: Literal["classification", "causal_lm"] = "classification"
     adapter: dict[str, Any] = field(default_factory=default_adapter)
@@ -143,8 +157,9 @@ class FederatedConfig:
         self.secure = None if self.secure is None else _section(Secure, self.secure, "secure")
         self.privacy = None if self.privacy is None else _section(Privacy, self.privacy, "privacy")
         plain = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                 if f.name not in ("partition", "secure", "privacy")}
+                 if f.name not in ("partition", "secure", "privacy", "tasks")}
         check_fields(FederatedConfig, plain, "")
+        self._check_tasks()
         for name in ("clients", "rounds", "local_steps"):
             if getattr(self, name) < 1:
                 raise keyed_error(name, f"{name} must be >= 1, got {getattr(self, name)}")
@@ -175,13 +190,49 @@ class FederatedConfig:
                       f"is not a training field{did_you_mean(key, SETTABLE_FIELDS)}"
                 raise keyed_error("train", f"train.{key} {why}")
         if self.output_dir is None:
-            data = Path(self.data).stem.replace("_", "-")
+            data = Path(self.data).stem.replace("_", "-") if self.tasks is None else "sequence"
             self.output_dir = f"runs/federated-{data}-{self.method}-{self.aggregation}"
         self.train_config()  # the local training config is valid before anything loads
         try:
             METHODS[self.method](self)  # and so are the method's options
         except ConfigError as err:
             raise keyed_error("options", str(err)) from None
+
+    def _check_tasks(self) -> None:
+        """`tasks` read into TaskSpecs and checked; `data` set where there are none."""
+        if self.tasks is None:
+            self.data = "rotten_tomatoes" if self.data is None else self.data
+            return
+        if self.data is not None:
+            raise keyed_error("data", f"data ({show(self.data)}) and tasks exclude each other: a federated "
+                                      "continual run names each task's data in tasks")
+        if not isinstance(self.tasks, list) or len(self.tasks) < 2:
+            raise keyed_error("tasks", f"tasks must be a list of at least two task mappings, got {show(self.tasks)}")
+        self.tasks = [spec if isinstance(spec, TaskSpec) else _task(spec, i) for i, spec in enumerate(self.tasks)]
+        for index, spec in enumerate(self.tasks):
+            check_task(spec, index, self.task)
+        names = [spec.name for spec in self.tasks]
+        if len(set(names)) != len(names):
+            raise keyed_error("tasks", f"task names must be distinct, got {names}")
+        for index, spec in enumerate(self.tasks):
+            if spec.head is not None and spec.head not in names[:index]:
+                raise keyed_error("tasks", f"tasks[{index}] ({spec.name!r}) shares the head of {spec.head!r}, which "
+                                           f"is not an earlier task ({names[:index]})")
+        if self.task != "classification":
+            raise keyed_error("tasks", "a federated task sequence needs task: classification (each task has its own "
+                                       "head)")
+        for key in ("secure", "privacy"):
+            if getattr(self, key) is not None:
+                raise keyed_error(key, f"{key} is not supported with tasks: a federated continual run runs its "
+                                       "tasks through splice's own strategy only")
+        if self.aggregation == "exact":
+            raise keyed_error("aggregation", "aggregation: exact re-factors B A per round, which mixes a task "
+                                             "sequence's frozen and trained factors: use fedavg with tasks")
+
+    @property
+    def datasets(self) -> list[str]:
+        """The data set of every task (one without `tasks`)."""
+        return [self.data] if self.tasks is None else [spec.data for spec in self.tasks]
 
     def _check_secure(self) -> None:
         secure = self.secure
@@ -207,14 +258,15 @@ class FederatedConfig:
         """Clients sampled per training round."""
         return max(1, int(self.clients * self.fraction))
 
-    def train_config(self, adapter: dict[str, Any] | None = None) -> TrainConfig:
-        """The TrainConfig of one client's local training in one round (no periodic evaluation,
-        no checkpoints: a round is short and the server keeps the state)."""
+    def train_config(self, adapter: dict[str, Any] | None = None, task: int = 0) -> TrainConfig:
+        """The TrainConfig of one client's local training in one round of task `task` (no periodic
+        evaluation, no checkpoints: a round is short and the server keeps the state)."""
         adapter = dict(adapter or self.adapter)
         if adapter.get("scaling") == "sfed" and adapter.get("num_clients") is None:
             adapter["num_clients"] = self.sampled  # SFed-LoRA's N: the clients each round averages
         try:
-            return TrainConfig.from_dict(dict(self.train), model=self.model, task=self.task, data=self.data,
+            return TrainConfig.from_dict(dict(self.train), model=self.model, task=self.task,
+                                         data=self.datasets[task],
                                          adapter=adapter, seed=self.seed,
                                          max_steps=self.local_steps, eval_every=None, checkpoint_every=None,
                                          output_dir=str(Path(self.output_dir) / "clients"))
@@ -240,7 +292,21 @@ class FederatedConfig:
             raise ConfigError(f"{where}: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as `from_dict` reads it back (a task as the keys a federated task takes)."""
+        data = dataclasses.asdict(self)
+        if self.tasks is not None:
+            data["tasks"] = [{key: getattr(spec, key) for key in TASK_KEYS if getattr(spec, key) is not None}
+                             for spec in self.tasks]
+        return data
+
+
+# The TaskSpec keys a federated task takes (its budget is the run's: rounds, local_steps).
+TASK_KEYS = ("name", "data", "labels", "head")
+
+
+def _task(value: Any, index: int) -> TaskSpec:
+    return task_spec(value, index, TASK_KEYS, "a continual sequence's per-task budget or form; a federated task "
+                                              "takes name, data, labels and head (its budget: rounds, local_steps)")
 
 
 def _section(cls: type, value: Any, key: str) -> Any:

@@ -112,12 +112,19 @@ def app_folder(config: FederatedConfig, folder: str | Path) -> Path:
 def portable(config: FederatedConfig) -> FederatedConfig:
     """`config` with its paths absolute (from this process's working directory): the output
     folder always, the data and the model when they name a file or folder, not a bundled one."""
-    changes: dict[str, str] = {"output_dir": str(Path(config.output_dir).absolute())}
-    if config.data not in assets.DATASETS and Path(config.data).exists():
-        changes["data"] = str(Path(config.data).absolute())
+    changes: dict[str, Any] = {"output_dir": str(Path(config.output_dir).absolute())}
+    if config.tasks is None:
+        changes["data"] = _absolute_data(config.data)
+    else:
+        changes["tasks"] = [dataclasses.replace(task, data=_absolute_data(task.data)) for task in config.tasks]
     if assets.bundled_model(config.model) is None and Path(config.model).exists():
         changes["model"] = str(Path(config.model).absolute())
     return dataclasses.replace(config, **changes)
+
+
+def _absolute_data(data: str) -> str:
+    """A data set's name as is; a file or folder's path made absolute."""
+    return str(Path(data).absolute()) if data not in assets.DATASETS and Path(data).exists() else data
 
 
 def run_deployment(config: FederatedConfig, superlink: str, *, timeout: float = 3600.0,

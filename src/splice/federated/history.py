@@ -22,6 +22,7 @@ class Round:
     aggregation: dict[str, float] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)  # client -> why it is not in the round
     seconds: float = 0.0
+    task: str | None = None  # a sequence's task under training
 
     def count(self, message_type: str, direction: str, client: str, size: int) -> None:
         """Add one message's bytes (`direction`: uplink or downlink)."""
@@ -55,7 +56,8 @@ class Round:
                 "uplink_bytes": self.uplink, "downlink_bytes": self.downlink,
                 "bytes_by_type": {kind: {d: dict(c) for d, c in directions.items()}
                                   for kind, directions in self.traffic.items()},
-                "aggregation": self.aggregation, "failures": self.failures, "seconds": self.seconds}
+                "aggregation": self.aggregation, "failures": self.failures, "seconds": self.seconds,
+                **({"task": self.task} if self.task is not None else {})}
 
 
 @dataclass
@@ -64,6 +66,8 @@ class History:
 
     rounds: list[Round] = field(default_factory=list)
     node_clients: dict[int, int] = field(default_factory=dict)  # Flower node id -> partition id
+    # a task sequence: after task t, the global accuracy on each task j <= t (None for j > t)
+    matrix: list[list[float | None]] = field(default_factory=list)
 
     def round(self, number: int) -> Round:
         """Round `number`'s record (created on first use)."""
@@ -99,4 +103,4 @@ class History:
         self.relabel()
         up, down = self.cumulative_bytes()
         return {"rounds": [r.to_dict() for r in self.rounds], "cumulative_uplink_bytes": up,
-                "cumulative_downlink_bytes": down}
+                "cumulative_downlink_bytes": down, **({"accuracy_matrix": self.matrix} if self.matrix else {})}

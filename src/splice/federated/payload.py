@@ -24,6 +24,8 @@ CONFIG = "config"
 METRICS = "metrics"
 LEGACY_FIT = "fitins.parameters"
 LEGACY_EVALUATE = "evaluateins.parameters"
+EXTRA = "extra/"  # names of what a method broadcasts beside the model's tensors (PRISM's bases)
+EXTRAS_HELD = "extras-held"  # a message's config: its extras were left out; the node holds this task's
 
 
 def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -35,10 +37,25 @@ def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
 def from_record(record: ArrayRecord, expected: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a record; with `expected`, the same names and shapes are required."""
     state = record.to_torch_state_dict()
-    if expected is not None:
-        check_state(state, expected)
-        state = {name: tensor.to(expected[name].dtype) for name, tensor in state.items()}
-    return state
+    return state if expected is None else checked(state, expected)
+
+
+def checked(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with `expected`'s names and shapes required, in `expected`'s dtypes."""
+    check_state(state, expected)
+    return {name: tensor.to(expected[name].dtype) for name, tensor in state.items()}
+
+
+def split_extras(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The model's tensors and a method's extras (names under `EXTRA`, the prefix removed)."""
+    model = {name: t for name, t in state.items() if not name.startswith(EXTRA)}
+    extras = {name.removeprefix(EXTRA): t for name, t in state.items() if name.startswith(EXTRA)}
+    return model, extras
+
+
+def with_extras(state: Mapping[str, torch.Tensor], extras: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's tensors and a method's extras in one state (the extras' names prefixed)."""
+    return {**state, **{EXTRA + name: t for name, t in extras.items()}}
 
 
 def to_list(state: Mapping[str, torch.Tensor]) -> list[np.ndarray]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from splice.continual.metrics import scores
 from splice.federated.config import FederatedConfig
 from splice.federated.history import History
 from splice.io.figures import pyplot, save_png
@@ -29,6 +30,8 @@ def as_dict(config: FederatedConfig, history: History, partition: dict[str, Any]
         f"client_mean_{metric}": last.client_mean(metric),
         "uplink_bytes": data["cumulative_uplink_bytes"][-1], "downlink_bytes": data["cumulative_downlink_bytes"][-1],
         "seconds": sum(r.seconds for r in history.rounds)}
+    if history.matrix and len(history.matrix) == len(config.datasets):
+        data["final"]["continual"] = scores(history.matrix).to_dict()
     data.update(partition=partition, config=config.to_dict())
     return data
 
@@ -53,22 +56,39 @@ def markdown(config: FederatedConfig, history: History) -> str:
     """The per-round table: global and mean per-client metric, mean training loss, cumulative MB."""
     metric = main_metric(config)
     up, down = history.cumulative_bytes()
+    subject = config.data if config.tasks is None else "tasks " + " -> ".join(t.name for t in config.tasks)
     lines = [f"# Federated run: {config.method}, {config.aggregation} aggregation, {config.clients} clients, "
-             f"{config.data}", "",
+             f"{subject}", "",
              f"Partition: {config.partition.scheme}" + (f" (alpha {config.partition.alpha})"
                                                         if config.partition.scheme == "dirichlet" else "") +
-             f"; {config.rounds} rounds of {config.local_steps} local steps; "
+             f"; {config.rounds} rounds{' per task' if config.tasks else ''} of {config.local_steps} local steps; "
              f"{'SecAgg+' if config.secure else 'plain'} aggregation"
              + (f"; DP ({config.privacy.side} clipping, noise {config.privacy.noise_multiplier})"
                 if config.privacy else "") + ".", "",
              f"| round | global {metric} | mean client {metric} | train loss | uplink MB (cum.) | "
              "downlink MB (cum.) | separation error | seconds |", "|---" * 8 + "|"]
     for record, u, d in zip(history.rounds, up, down, strict=True):
-        lines.append(f"| {record.round} | {_cell(record.global_metrics.get(metric))} | "
+        label = f"{record.round} ({record.task})" if record.task else f"{record.round}"
+        lines.append(f"| {label} | {_cell(record.global_metrics.get(metric))} | "
                      f"{_cell(record.client_mean(metric))} | {_cell(record.client_mean('train_loss', 'train'))} | "
                      f"{u / 1e6:.3f} | {d / 1e6:.3f} | {_cell(record.aggregation.get('separation_error_mean'))} | "
                      f"{record.seconds:.1f} |")
+    if history.matrix and config.tasks is not None:
+        lines += ["", *matrix_lines(config, history.matrix)]
     return "\n".join(lines) + "\n"
+
+
+def matrix_lines(config: FederatedConfig, matrix: list[list[float | None]]) -> list[str]:
+    """The global accuracy on every task after each task, and the continual scores once all ran."""
+    names = [task.name for task in config.tasks or []]
+    lines = ["## Global accuracy after each task", "", "| after \\ on | " + " | ".join(names) + " |",
+             "|---" * (len(names) + 1) + "|"]
+    lines += [f"| {names[t]} | " + " | ".join(_cell(v) for v in row) + " |" for t, row in enumerate(matrix)]
+    if len(matrix) == len(names):
+        result = scores(matrix)
+        lines += ["", f"Average final accuracy {result.average_accuracy:.3f}, backward transfer "
+                      f"{result.backward_transfer:+.3f}, mean forgetting {result.mean_forgetting:.3f}."]
+    return lines
 
 
 def plot_curves(config: FederatedConfig, history: History, path: Path) -> Path:

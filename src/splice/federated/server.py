@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
@@ -32,12 +32,14 @@ import splice
 from splice.core.errors import SpliceError
 from splice.core.progress import use as progress_to
 from splice.federated import aggregation, payload
-from splice.federated.client import GLOBAL, config_from_context
+from splice.federated.client import GLOBAL, config_from_context, held_parameters
 from splice.federated.config import FederatedConfig
 from splice.federated.history import History
 from splice.federated.methods import make_method
 from splice.federated.report import write_report
+from splice.federated.sequence import TaskSequence
 from splice.federated.shards import eval_rows, make_shards
+from splice.io.files import write_tensors
 from splice.train.adapters import adapter_parameters
 from splice.train.evaluation import evaluate
 from splice.train.run_setup import load_run
@@ -51,29 +53,69 @@ class ServerRun:
         self.config = config
         self.method = make_method(config)
         self.train_config = config.train_config()
-        setup = load_run(self.train_config, GLOBAL)
+        setup = load_run(self.train_config, GLOBAL, head=config.tasks is None)
         self.model, self.tokenizer = setup.model, setup.tokenizer
-        self.initial = {n: p.detach().to("cpu", copy=True) for n, p in adapter_parameters(self.model, GLOBAL).items()}
-        self.rows = eval_rows(setup.splits, config.eval_examples)
-        self.partition = make_shards(config, setup.splits).description
+        self.sequence = TaskSequence(config, self.model) if config.tasks is not None else None
+        self.held = held_parameters(self.model, self.sequence, self.method.attach_held(self.model))
+        self.initial = {n: p.detach().to("cpu", copy=True) for n, p in self.held.items()}
+        self.adapter_names = set(adapter_parameters(self.model, GLOBAL))  # the global adapter's own tensors
+        if self.sequence is None:
+            self.rows = [eval_rows(setup.splits, config.eval_examples)]
+            self.partition = make_shards(config, setup.splits).description
+        else:
+            self.rows = [eval_rows(task.splits, config.eval_examples) for task in self.sequence.tasks]
+            self.partition = {"tasks": {task.name: task.shards.description for task in self.sequence.tasks}}
+        self.task = 0
         self.history = History()
         self.on_round = on_round
         self.started = time.perf_counter()
         self.final: dict[str, torch.Tensor] | None = None
 
+    def select_task(self, index: int) -> None:
+        """Evaluate (and aggregate) task `index` of a sequence from now on."""
+        self.task = index
+        if self.sequence is not None:
+            self.sequence.select(index)
+
+    def trained_names(self) -> list[str]:
+        """What the clients train in the current task, of the held tensors (all, without a sequence)."""
+        if self.sequence is None:
+            return sorted(self.initial)
+        return self.sequence.trained_names(self.task, self.adapter_names)
+
+    def metrics_on(self, task: int) -> dict[str, float]:
+        """The loaded model's metrics on task `task`'s global evaluation rows (with its head)."""
+        if self.sequence is not None:
+            self.sequence.select(task)
+        try:
+            return {key: float(value) for key, value in evaluate(self.model, self.tokenizer, self.rows[task],
+                                                                 self.train_config).items()}
+        finally:
+            if self.sequence is not None:
+                self.sequence.select(self.task)
+
     def evaluate(self, server_round: int, state: dict[str, torch.Tensor]) -> dict[str, float]:
-        """The global adapter's metrics on the global evaluation rows, recorded for the round."""
+        """The global adapter's metrics on the current task's global evaluation rows, recorded for
+        the round (counted over a sequence's tasks)."""
         self.load(state)
-        metrics = {key: float(value) for key, value in evaluate(self.model, self.tokenizer, self.rows,
-                                                                  self.train_config).items()}
+        metrics = self.metrics_on(self.task)
         record = self.history.round(server_round)
         record.global_metrics = metrics
+        if self.sequence is not None:
+            record.task = self.sequence[self.task].name
         now = time.perf_counter()
         record.seconds, self.started = now - self.started, now
         self.final = state
         if self.on_round is not None:
             self.on_round(server_round, self.history)
         return metrics
+
+    def evaluate_seen(self, state: dict[str, torch.Tensor]) -> None:
+        """After a task of a sequence: every task so far on its own rows (the accuracy matrix's row)."""
+        self.load(state)
+        metric = "accuracy"
+        self.history.matrix.append([self.metrics_on(j)[metric] if j <= self.task else None
+                                    for j in range(len(self.rows))])
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
         payload.check_state(state, self.initial)
@@ -118,11 +160,19 @@ class ServerRun:
         return kept
 
     def save(self) -> Path:
-        """The final global adapter (HF PEFT's format for LoRA-shaped adapters) in the run folder."""
+        """The final global adapter (HF PEFT's format for LoRA-shaped adapters) in the run folder;
+        a sequence's per-task heads beside it (`task-heads.safetensors`), and what the method
+        holds besides (PRISM's frozen blocks)."""
         if self.final is not None:
             self.load(self.final)
-        path = Path(self.config.output_dir) / "global-adapter"
+        folder = Path(self.config.output_dir)
+        path = folder / "global-adapter"
         splice.save(self.model, path, GLOBAL, overwrite=True)
+        if self.sequence is not None:
+            heads = {name: p.detach().cpu().contiguous() for name, p in self.sequence.head_parameters().items()}
+            write_tensors(folder / "task-heads.safetensors", heads,
+                          {"tasks": ",".join(task.name for task in self.sequence.tasks)})
+        self.method.save_held(self.model, folder)
         return path
 
 
@@ -185,30 +235,62 @@ def reported_client(message: Message) -> int | None:
 class AdapterStrategy(FedAvg):
     """Flower's FedAvg over adapter tensors, with splice's aggregation rule (`fedavg` or `exact`)
     and every client's numbers recorded. The separate rule's error against the exact mean of
-    B A (`aggregation.separation_error`) is recorded each round whichever rule runs."""
+    B A (`aggregation.separation_error`) is recorded each round whichever rule runs.
+
+    In a task sequence Flower's rounds restart at 1 for every task: `offset` (the rounds of the
+    tasks before) makes them the run's rounds in the history and the clients' seeds. Only what the
+    current task trains is aggregated; every other held tensor is kept as broadcast, bit for bit."""
 
     def __init__(self, server: ServerRun) -> None:
         config = server.config
         super().__init__(fraction_train=config.fraction, fraction_evaluate=1.0, min_train_nodes=config.sampled,
                          min_evaluate_nodes=config.clients, min_available_nodes=config.clients)
         self.server, self.rule = server, config.aggregation
-        self.round, self.broadcast = 0, server.initial
+        self.round, self.offset, self.broadcast = 0, 0, server.initial
+        self.holding: dict[int, int] = {}  # node -> the task whose extras it holds (sent once per task)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Grid) -> Iterable[Message]:
-        self.round, self.broadcast = server_round, payload.from_record(arrays, self.server.initial)
+        self.round = self.offset + server_round
+        self.broadcast = payload.checked(payload.split_extras(arrays.to_torch_state_dict())[0], self.server.initial)
         # Flower samples with Python's global RNG, which anything else may draw from: the round's
         # sample is drawn from the run's seed and the round instead
         state = random.getstate()
-        random.seed(f"{self.server.config.seed}-{server_round}")
+        random.seed(f"{self.server.config.seed}-{self.round}")
         try:
-            return super().configure_train(server_round, arrays, config, grid)
+            messages = list(super().configure_train(server_round, arrays, config, grid))
         finally:
             random.setstate(state)
+        return [self.without_held_extras(message) for message in messages]
+
+    def without_held_extras(self, message: Message) -> Message:
+        """A method's extras (constant within a task) go to each node once per task: a node that
+        holds this task's keeps them in its state, and its message says so (`extras-held`)."""
+        task, node = self.server.task, message.metadata.dst_node_id
+        arrays = message.content[payload.ARRAYS]
+        if not any(name.startswith(payload.EXTRA) for name in arrays.keys()):
+            return message
+        if self.holding.get(node) != task:
+            self.holding[node] = task
+            return message
+        state = payload.split_extras(arrays.to_torch_state_dict())[0]
+        settings = ConfigRecord({**dict(message.content[payload.CONFIG]), payload.EXTRAS_HELD: task})
+        return Message(RecordDict({payload.ARRAYS: payload.to_record(state), payload.CONFIG: settings}),
+                       message_type=message.metadata.message_type, dst_node_id=node)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: Any,
+                           grid: Grid) -> Iterable[Message]:
+        """Evaluation needs the model's tensors only: a method's extras (PRISM's bases) stay home."""
+        state = payload.split_extras(arrays.to_torch_state_dict())[0]
+        return super().configure_evaluate(server_round, payload.to_record(state), config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
                                                                                        MetricRecord | None]:
+        server_round = self.offset + server_round
         replies = list(replies)
         self.server.record_failures(server_round, replies)
+        for message in replies:
+            if message.has_error():  # it may not have kept what it was sent: send it again
+                self.holding.pop(message.metadata.src_node_id, None)
         valid, _ = self._check_and_log_replies(replies, is_train=True)
         # in client order, not arrival order: a float sum depends on its order, and a run must not
         valid.sort(key=lambda m: int(m.content[payload.METRICS]["client"]))
@@ -217,8 +299,9 @@ class AdapterStrategy(FedAvg):
             self.server.record_client(server_round, dict(message.content[payload.METRICS]), "train",
                                       message.metadata.src_node_id)
         method = self.server.method
-        uploads = self.server.finite_uploads(server_round, valid, [method.decode(m.content[payload.ARRAYS],
-                                                                                 self.broadcast) for m in valid])
+        trained = {name: self.broadcast[name] for name in self.server.trained_names()}
+        uploads = self.server.finite_uploads(server_round, valid, [method.decode(m.content[payload.ARRAYS], trained)
+                                                                   for m in valid])
         if not uploads:
             return None, None
         messages, states = zip(*uploads, strict=True)
@@ -235,16 +318,18 @@ class AdapterStrategy(FedAvg):
                 record.aggregation["refactor_error_max"] = float(max(errors.values()))
         else:
             state = aggregation.fedavg(states, weights)
+        state = {**self.broadcast, **state}
+        record.aggregation.update(method.aggregated(self.server, state))
         metrics = self.train_metrics_aggr_fn([m.content for m in messages], self.weighted_by_key)
-        return payload.to_record(state), metrics
+        return payload.to_record(payload.with_extras(state, method.extras())), metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
-        self.server.record_failures(server_round, replies)
+        self.server.record_failures(self.offset + server_round, replies)
         for message in replies:
             if not message.has_error():
-                self.server.record_client(server_round, dict(message.content[payload.METRICS]), "evaluate",
-                                          message.metadata.src_node_id)
+                self.server.record_client(self.offset + server_round, dict(message.content[payload.METRICS]),
+                                          "evaluate", message.metadata.src_node_id)
         return super().aggregate_evaluate(server_round, [m for m in replies if not m.has_error()
                                                          and m.content[payload.METRICS]["num-examples"] > 0])
 
@@ -285,7 +370,10 @@ def server_app(config: FederatedConfig | None = None,
 
 
 def _run_rounds(grid: Grid, server: ServerRun) -> None:
-    config = server.config
+    """Every task's rounds (one task without a sequence) through the strategy, the DP wrapper
+    around it where asked; between a sequence's tasks, every seen task evaluated and the method's
+    end-of-task step (PRISM's query round)."""
+    config, method = server.config, server.method
     adapter_strategy = AdapterStrategy(server)
     strategy: Strategy = adapter_strategy
     if config.privacy is not None:
@@ -294,9 +382,30 @@ def _run_rounds(grid: Grid, server: ServerRun) -> None:
         strategy = wrapper(adapter_strategy, noise_multiplier=config.privacy.noise_multiplier,
                            clipping_norm=config.privacy.clipping_norm, num_sampled_clients=config.sampled)
     counting = CountingGrid(grid, server.history, lambda: adapter_strategy.round)
-    with progress_to(None, quiet=True):  # clients' and evaluations' bars stay out of the round display
-        strategy.start(grid=counting, initial_arrays=payload.to_record(server.initial), num_rounds=config.rounds,
-                       evaluate_fn=lambda r, arrays: MetricRecord(server.evaluate(r, payload.from_record(arrays))))
+    state = server.initial
+    tasks = 1 if server.sequence is None else len(server.sequence)
+    for index in range(tasks):
+        offset = index * config.rounds
+        adapter_strategy.offset = adapter_strategy.round = offset
+        server.select_task(index)
+        state = method.begin_task(server, index, state)
+
+        def evaluate_fn(server_round: int, arrays: ArrayRecord, offset: int = offset) -> MetricRecord | None:
+            if server_round == 0 and offset > 0:  # the previous task's last round evaluated this state
+                return None
+            model_state = payload.split_extras(arrays.to_torch_state_dict())[0]
+            return MetricRecord(server.evaluate(offset + server_round, model_state))
+
+        settings = ConfigRecord({"task": index, "round-offset": offset})
+        with progress_to(None, quiet=True):  # clients' and evaluations' bars stay out of the round display
+            initial = payload.to_record(payload.with_extras(state, method.extras()))
+            strategy.start(grid=counting, initial_arrays=initial, num_rounds=config.rounds, train_config=settings,
+                           evaluate_config=ConfigRecord(dict(settings)), evaluate_fn=evaluate_fn)
+        state = server.final if server.final is not None else state
+        if server.sequence is not None:
+            with progress_to(None, quiet=True):
+                server.evaluate_seen(state)
+                method.end_task(server, counting, index, state)
 
 
 def _run_secure(grid: Grid, context: Context, server: ServerRun) -> None:

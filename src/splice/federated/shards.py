@@ -33,13 +33,15 @@ def eval_rows(splits: DatasetSplits, limit: int | None) -> list[Row]:
     return rows[:limit] if limit is not None else rows
 
 
-def make_shards(config: FederatedConfig, splits: DatasetSplits) -> Shards:
-    """Split `splits` among `config.clients` as `config.partition` says. A client's test rows:
+def make_shards(config: FederatedConfig, splits: DatasetSplits, seed: int | None = None) -> Shards:
+    """Split `splits` among `config.clients` as `config.partition` says, drawn with `seed`
+    (default: the run's; a task sequence draws each task's split apart). A client's test rows:
     an IID share of the evaluation rows, or, non-IID, the evaluation rows split with the same
     per-label proportions as the training rows (each client is tested on its own label mix);
     at most `config.eval_examples` per client."""
     test = eval_rows(splits, None)
-    scheme, seed, n = config.partition, config.seed, config.clients
+    scheme, n = config.partition, config.clients
+    seed = config.seed if seed is None else seed
     if scheme.scheme == "iid":
         train_parts = partition.iid(len(splits.train), n, seed)
         test_parts = partition.iid(len(test), min(n, len(test)), seed + 1) if test else []

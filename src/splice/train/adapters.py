@@ -36,8 +36,9 @@ def continue_adapter(model: torch.nn.Module, path: str | Path, train_also: Seque
 
 
 def trainable_adapter(model: torch.nn.Module, name: str, companions: Sequence[str] = ()) -> list[str]:
-    """Make adapter `name` (and `companions`, trained along with it) the only active ones, so only
-    they train; the heads they train."""
+    """Make adapter `name` (and `companions`, trained along with it) the only active trainable
+    ones, so only they train; frozen adapters that are active stay active (the trained one
+    learns on top of them); the heads they train."""
     records = model_state(model).adapters
     names = [name, *companions]
     for each in names:
@@ -46,8 +47,9 @@ def trainable_adapter(model: torch.nn.Module, name: str, companions: Sequence[st
                               "attach one, or load one with trainable=True")
         if not records[each].trainable:
             raise SpliceError(f"adapter {each!r} is frozen; load it with splice.load(..., trainable=True) to train it")
-    if splice.active_adapters(model) != names:
-        splice.activate(model, names)
+    frozen = [each for each in splice.active_adapters(model) if each not in names and not records[each].trainable]
+    if set(splice.active_adapters(model)) != set(names + frozen):
+        splice.activate(model, names + frozen)
     return [head for each in names for head in records[each].heads]
 
 

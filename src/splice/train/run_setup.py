@@ -33,17 +33,19 @@ class RunSetup:
 
 
 def load_run(config: TrainConfig, adapter_name: str = "default",
-             check: Callable[[AdapterConfig, Any], None] | None = None) -> RunSetup:
+             check: Callable[[AdapterConfig, Any], None] | None = None, head: bool = True) -> RunSetup:
     """Seed, load the data and `config.model`, and attach `config.adapter` as `adapter_name`
     (or continue `config.init_adapter`, trainable). `check(adapter config, tokenizer)` runs just
-    before the attach: where a job that cannot train some adapters refuses them."""
+    before the attach: where a job that cannot train some adapters refuses them. `head=False`:
+    the adapter does not train the classification head (a run that keeps heads of its own)."""
     set_seed(config.seed)
     splits = load_splits(config)
     if not splits.train:
         raise SpliceError(f"no training rows in {describe_data(config.data)}")
     model, tokenizer = tasks.load_model(config, splits.label_names)
     collate = collator(config.task, tokenizer, config.max_length)
-    adapter = with_probe(tasks.adapter_config(config, model), splits.train, config, collate)
+    adapter = with_probe(tasks.adapter_config(config, model) if head else config.adapter_config(), splits.train,
+                         config, collate)
     if check is not None:
         check(adapter, tokenizer)
     if config.init_adapter is None:

@@ -9,11 +9,13 @@ from splice.federated.methods.base import FederatedMethod
 from splice.federated.methods.dual import DualLoRA
 from splice.federated.methods.fedeu import FedEU
 from splice.federated.methods.fstq import FedFSTQ
+from splice.federated.methods.prism import PRISM
 
 if TYPE_CHECKING:
     from splice.federated.config import FederatedConfig
 
-METHODS: dict[str, type[FederatedMethod]] = {cls.name: cls for cls in (FederatedMethod, DualLoRA, FedEU, FedFSTQ)}
+METHODS: dict[str, type[FederatedMethod]] = {cls.name: cls for cls in (FederatedMethod, DualLoRA, FedEU, FedFSTQ,
+                                                                        PRISM)}
 
 
 def make_method(config: FederatedConfig) -> FederatedMethod:
@@ -21,4 +23,4 @@ def make_method(config: FederatedConfig) -> FederatedMethod:
     return METHODS[config.method](config)
 
 
-__all__ = ["METHODS", "DualLoRA", "FedEU", "FedFSTQ", "FederatedMethod", "make_method"]
+__all__ = ["METHODS", "DualLoRA", "FedEU", "FedFSTQ", "FederatedMethod", "PRISM", "make_method"]

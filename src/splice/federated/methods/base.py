@@ -10,18 +10,23 @@ holds no state that must travel except what its hooks put in messages.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from flwr.app import ArrayRecord
 
-from splice.core.errors import ConfigError
+from splice.core.errors import ConfigError, SpliceError
 from splice.core.validation import did_you_mean
 from splice.federated import payload
 
 if TYPE_CHECKING:
+    from flwr.serverapp import Grid
+
     from splice.federated.client import LocalRun
     from splice.federated.config import FederatedConfig
+    from splice.federated.server import ServerRun
+    from splice.train.callbacks import Callback
 
 Objective = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
@@ -36,6 +41,7 @@ class FederatedMethod:
 
     name: ClassVar[str] = "fedavg"
     OPTIONS: ClassVar[dict[str, Any]] = {}
+    sequences: ClassVar[bool] = True  # runs a task sequence (`FederatedConfig.tasks`)
 
     def __init__(self, config: FederatedConfig) -> None:
         self.config = config
@@ -44,6 +50,9 @@ class FederatedMethod:
             hint = did_you_mean(unknown[0], self.OPTIONS) if self.OPTIONS else f"; method {self.name} takes none"
             raise ConfigError(f"options: unknown key {unknown[0]!r} for method {self.name}{hint}")
         self.options = {**self.OPTIONS, **config.options}
+        if config.tasks is not None and not self.sequences:
+            raise ConfigError(f"method {self.name} trains one task; with tasks use fedavg (FedAvg, sequentially) "
+                              "or prism")
         self.check(config)
 
     def check(self, config: FederatedConfig) -> None:
@@ -53,6 +62,26 @@ class FederatedMethod:
 
     def prepare(self, run: LocalRun) -> None:
         """Change the client process's model once, after the global adapter is attached."""
+
+    def attach_held(self, model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+        """Attach to a client's or the server's model what the server holds beyond the global
+        adapter (and a sequence's heads) and no client trains (PRISM's frozen blocks); their
+        parameters by name."""
+        return {}
+
+    def save_held(self, model: torch.nn.Module, folder: Path) -> None:
+        """Save, in the run folder, what `attach_held` attached (with the final values loaded)."""
+
+    def receive(self, run: LocalRun, extras: Mapping[str, torch.Tensor]) -> None:
+        """Take what the server broadcast beside the model's tensors (`payload.EXTRA`)."""
+
+    def callbacks(self, run: LocalRun) -> list[Callback]:
+        """Trainer callbacks of a client's local training (PRISM's projection after each step)."""
+        return []
+
+    def answer_query(self, run: LocalRun, client: int) -> ArrayRecord:
+        """A client's answer to the server's query between tasks (only methods that ask)."""
+        raise SpliceError(f"method {self.name} asks its clients nothing between tasks")
 
     def companions(self) -> list[str]:
         """Other adapters trained along with the global one (never uploaded)."""
@@ -85,6 +114,21 @@ class FederatedMethod:
         """After the client's last round of training: save what is its own."""
 
     # -- at the server -------------------------------------------------------------------------
+
+    def begin_task(self, server: ServerRun, index: int, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The held state task `index` of a sequence starts from (the state the last task left)."""
+        return state
+
+    def extras(self) -> dict[str, torch.Tensor]:
+        """What the server broadcasts beside the model's tensors with every message."""
+        return {}
+
+    def end_task(self, server: ServerRun, grid: Grid, index: int, state: dict[str, torch.Tensor]) -> None:
+        """After task `index`'s last round (PRISM: the query round that extends the bases)."""
+
+    def aggregated(self, server: ServerRun, state: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Diagnostics of an aggregated state, recorded with the round's aggregation numbers."""
+        return {}
 
     def decode(self, record: ArrayRecord, broadcast: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A client's upload as the global tensors it trained (`broadcast`: what it was sent)."""

@@ -38,6 +38,7 @@ class DualLoRA(FederatedMethod):
 
     name: ClassVar[str] = "dual"
     OPTIONS: ClassVar[dict[str, Any]] = {"local_adapter": None}
+    sequences: ClassVar[bool] = False
 
     def check(self, config: FederatedConfig) -> None:
         local = self.options["local_adapter"]

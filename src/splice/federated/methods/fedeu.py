@@ -164,6 +164,7 @@ class FedEU(FederatedMethod):
     name: ClassVar[str] = "fedeu"
     OPTIONS: ClassVar[dict[str, Any]] = {"kl_weight": 1.0, "anneal_rounds": 10, "top_k": 0.2,
                                          "uncertainty_rows": 256, "temperature": 0.1, "weighting": "exp"}
+    sequences: ClassVar[bool] = False
 
     def check(self, config: FederatedConfig) -> None:
         if config.privacy is not None:

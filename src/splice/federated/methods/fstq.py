@@ -81,6 +81,7 @@ class FedFSTQ(FederatedMethod):
     name: ClassVar[str] = "fstq"
     OPTIONS: ClassVar[dict[str, Any]] = {"keep_ratio": 0.3, "beta": 0.9, "mean_bits": 4.0, "budget_bytes": None,
                                          "levels": [2, 4, 8], "quantizer": "symmetric"}
+    sequences: ClassVar[bool] = False
 
     def check(self, config: FederatedConfig) -> None:
         options = self.options
