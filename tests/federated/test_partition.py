@@ -70,7 +70,7 @@ def test_dirichlet_min_size_is_honoured_or_refused() -> None:
     split = partition.dirichlet(LABELS, 5, alpha=0.5, seed=2, min_size=40)
     assert min(len(s) for s in split.shards) >= 40
     assert split == partition.dirichlet(LABELS, 5, alpha=0.5, seed=2, min_size=40)
-    with pytest.raises(SpliceError, match=r"10 Dirichlet draws .* min_size=39"):
+    with pytest.raises(SpliceError, match=rf"{partition.MAX_TRIES} Dirichlet draws .* min_size=39"):
         partition.dirichlet(LABELS, 10, alpha=0.05, seed=0, min_size=39)
     with pytest.raises(SpliceError, match="need 500 rows, but there are 400"):
         partition.dirichlet(LABELS, 10, alpha=1.0, seed=0, min_size=50)

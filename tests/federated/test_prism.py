@@ -140,6 +140,7 @@ def test_prism_saves_each_tasks_block_the_heads_and_the_report(prism_run):
     table = (run_dir / "report" / "results.md").read_text()
     assert "Global accuracy after each task" in table and "backward transfer" in table
     assert "continual" in result.final
+    assert all(result.paths[key].exists() for key in ("forgetting", "task_heads", "blocks", "curves"))
 
 
 def test_adamw_takes_a_projected_gradient_off_the_subspace_and_the_reprojection_brings_it_back():
@@ -181,3 +182,19 @@ def test_adamw_takes_a_projected_gradient_off_the_subspace_and_the_reprojection_
 def test_prism_refuses_what_it_cannot_run(tiny_bert, task_files, tmp_path, changes, message):
     with pytest.raises(ConfigError, match=message):
         prism_config(tiny_bert, task_files, tmp_path, **changes)
+
+
+def test_the_cli_tables_show_each_rounds_task_and_the_accuracy_matrix(prism_run):
+    from rich.console import Console
+
+    from splice.cli.federate_cmd import matrix_table, rounds_table
+
+    _, result = prism_run
+    console = Console(record=True, width=160)
+    console.print(rounds_table(result))
+    console.print(matrix_table(result))
+    text = " ".join(console.export_text().split())  # captions wrap to the table's width
+    assert "one -> two -> three" in text and "3 (two)" in text
+    assert "global accuracy after each task" in text and "backward transfer" in text
+    scores = result.final["continual"]
+    assert f"{scores['average_accuracy']:.3f}" in text

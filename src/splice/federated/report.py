@@ -1,7 +1,8 @@
 """What a federated run leaves in `<output_dir>/report/` (written whole, `atomic_directory`):
 results.json (every round, every client, every message size, the partition), results.md (the
 per-round table), curves.png (global and mean per-client metric and training loss per round)
-and bytes.png (cumulative uplink and downlink bytes), and federate.yaml (the config)."""
+and bytes.png (cumulative uplink and downlink bytes), forgetting.png for a task sequence (each
+task's accuracy after every later task), and federate.yaml (the config)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ def write_report(config: FederatedConfig, history: History, partition: dict[str,
         write_text(tmp / "federate.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
         plot_curves(config, history, tmp / "curves.png")
         plot_bytes(history, tmp / "bytes.png")
+        if config.tasks is not None and history.matrix:
+            plot_forgetting(config, history.matrix, tmp / "forgetting.png")
     return folder
 
 
@@ -115,5 +118,20 @@ def plot_bytes(history: History, path: Path) -> Path:
     ax.plot(rounds, [b / 1e6 for b in down], marker="s", label="downlink")
     ax.set(xlabel="round", ylabel="MB, cumulative", title="communication")
     ax.legend()
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
+def plot_forgetting(config: FederatedConfig, matrix: list[list[float | None]], path: Path) -> Path:
+    """A task sequence's forgetting curves: each task's global accuracy after every task from its own on."""
+    plt = pyplot()
+    names = [task.name for task in config.tasks or []]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for j, name in enumerate(names):
+        after = [(t, row[j]) for t, row in enumerate(matrix) if t >= j and row[j] is not None]
+        if after:
+            ax.plot([names[t] for t, _ in after], [v for _, v in after], marker="o", label=name)
+    ax.set(xlabel="after training", ylabel="global accuracy", title=f"{config.method}: accuracy on each task")
+    ax.legend(title="on task")
     fig.tight_layout()
     return save_png(fig, path)

@@ -90,6 +90,11 @@ def read_result(config: FederatedConfig) -> FederatedResult:
              "curves": report / "curves.png", "bytes": report / "bytes.png"}
     if config.method == "dual":
         paths["clients"] = folder / "clients"
+    if config.tasks is not None:
+        paths["forgetting"] = report / "forgetting.png"
+        paths["task_heads"] = folder / "task-heads.safetensors"
+    if config.method == "prism":
+        paths["blocks"] = folder / "blocks"
     return FederatedResult(config, results, paths)
 
 
