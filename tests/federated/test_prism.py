@@ -135,6 +135,9 @@ def test_prism_saves_each_tasks_block_the_heads_and_the_report(prism_run):
     config, result = prism_run
     run_dir = Path(config.output_dir)
     assert sorted(p.name for p in (run_dir / "blocks").iterdir()) == ["prism-0", "prism-1"]
+    bases = load_file(run_dir / "prism-bases.safetensors")
+    assert bases and all(b.shape[0] == 32 and torch.allclose(b.T @ b, torch.eye(b.shape[1]), atol=1e-5)
+                         for b in bases.values())
     assert set(load_file(run_dir / "task-heads.safetensors")) == {
         f"classifier.heads.{t}.{p}" for t in ("one", "two", "three") for p in ("weight", "bias")}
     table = (run_dir / "report" / "results.md").read_text()

@@ -40,7 +40,7 @@ from splice.continual.sequence import SequenceConfig
 from splice.continual.strategies import make_strategy
 from splice.continual.strategies.base import Strategy, TaskContext
 from splice.core import progress
-from splice.core.errors import ConfigError, SpliceError
+from splice.core.errors import SpliceError
 from splice.io.output_dirs import check_output_dir
 from splice.train import Trainer
 from splice.train import tasks as train_tasks
@@ -95,7 +95,8 @@ class _Run:
                     self.heads.add(context.name, len(context.splits.label_names))
                 else:
                     owner = next(c for c in self.contexts if c.name == context.spec.head)
-                    _check_same_labels(context, owner)
+                    task_heads.check_same_labels(context.name, context.splits.label_names, owner.name,
+                                                 owner.splits.label_names)
                     self.heads.share(context.name, context.spec.head)
         adapter = configs[0].adapter_config()  # no head in train_also: the heads are the run's
         self.strategy: Strategy = make_strategy(config.strategy, adapter, config.options)
@@ -262,13 +263,6 @@ def run_sequence(config: SequenceConfig, *, console: Console | None = None, quie
         write_report(result)
         checkpoint.remove(config.output_dir)
     return result
-
-
-def _check_same_labels(task: TaskContext, owner: TaskContext) -> None:
-    """A task sharing `owner`'s head must have its labels, in its order."""
-    if task.splits.label_names != owner.splits.label_names:
-        raise ConfigError(f"task {task.name!r} shares the head of {owner.name!r} (head: {owner.name}) but its labels "
-                          f"{task.splits.label_names} are not {owner.name!r}'s {owner.splits.label_names}")
 
 
 def _partial(result: ContinualResult, wall_seconds: float) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from splice.core.errors import SpliceError
+from splice.core.errors import ConfigError, SpliceError
 from splice.train.tasks import head_name
 
 
@@ -60,6 +60,13 @@ class TaskHeads(nn.Module):
         if self.current is None:
             raise SpliceError("no task head selected (TaskHeads.select)")
         return self.heads[self.current](features)
+
+
+def check_same_labels(task: str, labels: tuple[str, ...], owner: str, owner_labels: tuple[str, ...]) -> None:
+    """A task sharing `owner`'s head must have its labels, in its order."""
+    if labels != owner_labels:
+        raise ConfigError(f"task {task!r} shares the head of {owner!r} (head: {owner}) but its labels {labels} are "
+                          f"not {owner!r}'s {owner_labels}")
 
 
 def install(model: nn.Module) -> tuple[TaskHeads, str]:

@@ -19,6 +19,9 @@ import torch
 
 from splice.core.errors import SpliceError
 
+# Energy below this share of a representation's is round-off (of float32 bases, say), not a direction.
+NOISE = 1e-10
+
 
 def project_out(rows: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
     """`rows` [..., d] with their components in span(basis) removed (basis: [d, k], orthonormal)."""
@@ -38,16 +41,19 @@ def orthonormal(columns: torch.Tensor, tolerance: float = 1e-6) -> torch.Tensor:
     return U[:, keep].to(columns.dtype)
 
 
-def sketch(covariance: torch.Tensor, energy: float = 0.999, max_rank: int | None = None) -> torch.Tensor:
+def sketch(covariance: torch.Tensor, energy: float = 0.999, max_rank: int | None = None,
+           floor: float = 0.0) -> torch.Tensor:
     """[d, k]: V_k √λ_k, the leading eigenpairs of a PSD `covariance` holding `energy` of its
-    trace (at most `max_rank` of them): a low-rank R with R Rᵀ ≈ covariance, to send instead."""
+    trace (at most `max_rank` of them, none at or below `floor`, round-off): a low-rank R with
+    R Rᵀ ≈ covariance, to send instead."""
     values, vectors = torch.linalg.eigh(covariance.double())
     values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
     total = float(values.sum())
-    if total <= 0:
+    significant = int((values > max(floor, NOISE * total)).sum())
+    if total <= 0 or significant == 0:
         return covariance.new_zeros(covariance.shape[0], 0)
     k = int((values.cumsum(0) < energy * total).sum()) + 1
-    k = min(k, max_rank or k, int((values > 0).sum()))
+    k = min(k, max_rank or k, significant)
     return (vectors[:, :k] * values[:k].sqrt()).to(covariance.dtype)
 
 
@@ -68,12 +74,17 @@ def extend_basis(basis: torch.Tensor | None, representation: torch.Tensor, thres
     total = float(R.pow(2).sum()) if total_energy is None else float(total_energy)
     if total <= 0:
         return old
-    held = total - (float(residual.pow(2).sum()) if residual_energy is None else float(residual_energy))
-    if held >= threshold * total:
+    unheld = float(residual.pow(2).sum()) if residual_energy is None else float(residual_energy)
+    if unheld <= NOISE * total:  # round-off, not an unheld direction
+        unheld = 0.0
+    if total - unheld >= threshold * total or old.shape[1] >= d:
         return old
     U, S, _ = torch.linalg.svd(residual, full_matrices=False)
-    gained = held + (S**2).cumsum(0)
-    k = min(int((gained < threshold * total).sum()) + 1, int((S > 0).sum()))
+    gained = total - unheld + (S**2).cumsum(0)
+    significant = int((S**2 > NOISE * total).sum())
+    k = min(int((gained < threshold * total).sum()) + 1, significant, d - old.shape[1])
+    if k <= 0:
+        return old
     new = project_out(U[:, :k].T, old.double()).T  # once more against the old basis: round-off
-    new = orthonormal(new)
+    new = orthonormal(new)[:, : d - old.shape[1]]
     return torch.cat([old.double(), new], 1).to(representation.dtype)

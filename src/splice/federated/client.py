@@ -77,6 +77,8 @@ class LocalRun:
         """Work on task `index` of a sequence (its head, its shards); the head's module path."""
         if self.sequence is None:
             return None
+        if index != self.task:
+            self.method.task_selected(self.model, index)
         self.task, self.shards = index, self.sequence[index].shards
         return self.sequence.select(index)
 

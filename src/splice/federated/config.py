@@ -208,7 +208,8 @@ class FederatedConfig:
                                       "continual run names each task's data in tasks")
         if not isinstance(self.tasks, list) or len(self.tasks) < 2:
             raise keyed_error("tasks", f"tasks must be a list of at least two task mappings, got {show(self.tasks)}")
-        self.tasks = [spec if isinstance(spec, TaskSpec) else _task(spec, i) for i, spec in enumerate(self.tasks)]
+        self.tasks = [_task(_given(spec) if isinstance(spec, TaskSpec) else spec, i)
+                      for i, spec in enumerate(self.tasks)]
         for index, spec in enumerate(self.tasks):
             check_task(spec, index, self.task)
         names = [spec.name for spec in self.tasks]
@@ -302,6 +303,12 @@ class FederatedConfig:
 
 # The TaskSpec keys a federated task takes (its budget is the run's: rounds, local_steps).
 TASK_KEYS = ("name", "data", "labels", "head")
+
+
+def _given(spec: TaskSpec) -> dict[str, Any]:
+    """A TaskSpec's keys that differ from their defaults (name and data always): what it asks for."""
+    return {f.name: getattr(spec, f.name) for f in dataclasses.fields(TaskSpec)
+            if f.name in ("name", "data") or getattr(spec, f.name) != f.default}
 
 
 def _task(value: Any, index: int) -> TaskSpec:

@@ -54,6 +54,8 @@ class TaskSequence:
             if task.spec.head is None:
                 self.heads.add(task.name, len(task.splits.label_names))
             else:
+                owner = next(t for t in self.tasks if t.name == task.spec.head)
+                task_heads.check_same_labels(task.name, task.splits.label_names, owner.name, owner.splits.label_names)
                 self.heads.share(task.name, task.spec.head)
         self.heads.requires_grad_(False)
         self.model = model

@@ -75,6 +75,7 @@ class ServerRun:
         """Evaluate (and aggregate) task `index` of a sequence from now on."""
         self.task = index
         if self.sequence is not None:
+            self.method.task_selected(self.model, index)
             self.sequence.select(index)
 
     def trained_names(self) -> list[str]:

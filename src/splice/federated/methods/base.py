@@ -69,6 +69,9 @@ class FederatedMethod:
         parameters by name."""
         return {}
 
+    def task_selected(self, model: torch.nn.Module, index: int) -> None:
+        """A client's or the server's model turns to task `index` of a sequence."""
+
     def save_held(self, model: torch.nn.Module, folder: Path) -> None:
         """Save, in the run folder, what `attach_held` attached (with the final values loaded)."""
 

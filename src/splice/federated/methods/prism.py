@@ -46,12 +46,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from torch import nn
 
 import splice
-from splice.continual.projection import extend_basis, orthonormal, project_out, sketch
+from splice.continual.projection import NOISE, extend_basis, orthonormal, project_out, sketch
 from splice.core.api import model_state
 from splice.core.errors import ConfigError, SpliceError
 from splice.core.host import hosts
 from splice.federated import payload
 from splice.federated.methods.base import FederatedMethod
+from splice.io.files import write_tensors
 from splice.methods.moelora import MoELoRAAdapter
 from splice.train.callbacks import Callback
 
@@ -97,13 +98,17 @@ class PRISM(FederatedMethod):
         for key in ("sketch_rank", "basis_rows"):
             if isinstance(options[key], bool) or not isinstance(options[key], int) or options[key] < 1:
                 raise ConfigError(f"options.{key} must be a positive integer, got {options[key]!r}")
+        shared = [spec.name for spec in config.tasks if spec.head is not None]
+        if shared:
+            raise ConfigError(f"method prism gives every task its own head; {shared} share an earlier task's head, "
+                              "which training them would change (the earlier task's outputs with it)")
         if options["bases"] not in ("shared", "client"):
             raise ConfigError(f"options.bases must be 'shared' or 'client', got {options['bases']!r}")
 
     # -- both sides ------------------------------------------------------------------------------
 
     def attach_held(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        """A frozen block per task but the last (each starts at zero output), active with `global`."""
+        """A frozen block per task but the last (each zero until its task ends; active from then on)."""
         config = model_state(model).adapters[GLOBAL].config
         frozen = dataclasses.replace(config, aux_loss=0.0)  # a frozen router's balance is nothing to learn
         blocks = [block_name(t) for t in range(len(self.config.tasks or []) - 1)]
@@ -112,10 +117,14 @@ class PRISM(FederatedMethod):
             with torch.no_grad():
                 for adapter in adapters_of(model, name).values():
                     adapter.lora_B.zero_()
-        splice.activate(model, [GLOBAL, *blocks])
+        self.task_selected(model, 0)
         owned = {id(p) for name in blocks for adapter in adapters_of(model, name).values()
                  for p in adapter.parameters()}
         return {n: p for n, p in model.named_parameters() if id(p) in owned}
+
+    def task_selected(self, model: nn.Module, index: int) -> None:
+        """The global block and the blocks of the tasks before `index` active (later ones are zero)."""
+        splice.activate(model, [GLOBAL, *(block_name(t) for t in range(index))])
 
     # -- at a client -----------------------------------------------------------------------------
 
@@ -163,7 +172,8 @@ class PRISM(FederatedMethod):
                 basis = (self.bases.get(layer) or [None] * len(per_expert))[e]
                 residual = residual_covariance(covariance, basis)
                 answer[f"sketch/{layer}/{e}"] = sketch(residual, energy=self.options["threshold"],
-                                                      max_rank=self.options["sketch_rank"])
+                                                      max_rank=self.options["sketch_rank"],
+                                                      floor=NOISE * float(covariance.trace()))
                 answer[f"energy/{layer}/{e}"] = torch.tensor([float(covariance.trace()), float(residual.trace())])
         if self.options["bases"] == "client":
             self.set_bases(merge_sketches(self.bases, [answer], self.options["threshold"]))
@@ -228,8 +238,13 @@ class PRISM(FederatedMethod):
                 "prism_full_experts": float(full)}
 
     def save_held(self, model: nn.Module, folder: Path) -> None:
+        """Every task's frozen block (`blocks/prism-<t>`) and the shared bases (`prism-bases.safetensors`,
+        `basis/<layer>/<expert>`: what a later task would have to stay off)."""
         for t in range(len(self.config.tasks or []) - 1):
             splice.save(model, folder / "blocks" / block_name(t), block_name(t), overwrite=True)
+        if self.bases:
+            write_tensors(folder / "prism-bases.safetensors", encode_bases(self.bases),
+                          {"threshold": str(self.options["threshold"])})
 
 
 class Reprojection(Callback):
@@ -290,7 +305,9 @@ def routed_covariances(model: nn.Module, tokenizer: Any, rows: list, config: Any
         def record(module: nn.Module, args: tuple) -> None:
             x = args[0].double()
             top_w, top_i = adapter.route_tokens(args[0])
-            attended = mask["attention"].to(x.device, torch.float64)[..., None]
+            attention = mask["attention"]  # [rows, seq]; a layer whose input is not per token counts every row
+            attended = (attention.to(x.device, torch.float64)[..., None] if x.shape[:-1] == attention.shape
+                        else torch.ones(*x.shape[:-1], 1, dtype=torch.float64, device=x.device))
             gates = torch.zeros(*top_w.shape[:-1], adapter.routed, dtype=torch.float64, device=x.device)
             gates = gates.scatter(-1, top_i, top_w.double())
             weights = torch.cat([torch.ones_like(gates[..., :1]).expand(*gates.shape[:-1], adapter.shared), gates], -1)
