@@ -126,9 +126,12 @@ def test_prism_bases_are_shared_orthonormal_and_the_fedavg_mean_stays_off_them(p
         return record["bytes_by_type"][kind]["downlink"]["0"]
 
     first, task_start, task_end = rounds[1], later[0], later[1]
-    assert down(task_start, "train") > down(first, "train") + 1000  # the bases, with a task's first message ...
-    assert abs(down(task_end, "train") - down(first, "train")) < 100  # ... not again (a flag and the round's keys)
-    assert abs(down(task_end, "evaluate") - down(task_start, "evaluate")) < 100
+    # a task's first message to a node carries the bases and the frozen blocks ...
+    assert down(task_start, "train") > down(first, "train") + 1000
+    # ... later ones the trained block and head only (a flag and the round's keys aside)
+    trained = down(task_end, "train")
+    assert trained < down(first, "train") < down(task_start, "train")
+    assert abs(down(task_end, "evaluate") - trained) < 100 and abs(down(task_start, "evaluate") - trained) < 100
 
 
 def test_prism_saves_each_tasks_block_the_heads_and_the_report(prism_run):

@@ -44,8 +44,8 @@ from splice.train.run_setup import load_run
 
 GLOBAL = "global"
 PRIVATE_STATE = "splice.private"  # the key of what a client keeps to itself in its context.state
-EXTRAS_STATE = "splice.extras"  # the key of the method's extras a node keeps for the task under way
-EXTRAS_TASK = "splice.extras-task"  # and of the task they are of (one key per record: Flower's RecordDict)
+KEPT_STATE = "splice.kept"  # what a node keeps of the task under way (constant tensors, extras)
+KEPT_TASK = "splice.kept-task"  # and the task it is of (one key per record: Flower's RecordDict)
 CONFIG_KEY = "splice-config"  # the run-config key that carries the config (deployment engine)
 
 
@@ -277,30 +277,30 @@ def _received(message: Message, context: Context, run: LocalRun) -> tuple[dict[s
         arrays, settings = unpack(message)
         received = payload.from_list(arrays, run.global_state)
     else:
-        state, extras = payload.split_extras(message.content[payload.ARRAYS].to_torch_state_dict())
-        received = payload.checked(state, run.global_state)
         settings = dict(message.content[payload.CONFIG])
-        run.method.receive(run, _extras(extras, settings, context))
+        state, extras = _with_kept(message.content[payload.ARRAYS].to_torch_state_dict(), settings, context)
+        received = payload.checked(state, run.global_state)
+        run.method.receive(run, extras)
     run.select_task(int(settings.get("task", 0)))
     _load(run, received, context)
     return received, settings
 
 
-def _extras(extras: dict[str, torch.Tensor], settings: dict, context: Context) -> dict[str, torch.Tensor]:
-    """The method's extras of this message, kept in the node's state for the task's later
-    messages; or, where the server left them out (`extras-held`), the ones the node kept."""
-    task = int(settings.get("task", 0))
-    if extras:
-        context.state.array_records[EXTRAS_STATE] = payload.to_record(extras)
-        context.state.config_records[EXTRAS_TASK] = ConfigRecord({"task": task})
-        return extras
-    if payload.EXTRAS_HELD not in settings:
-        return {}
-    kept = context.state.config_records.get(EXTRAS_TASK)
-    if kept is None or int(kept["task"]) != int(settings[payload.EXTRAS_HELD]):
-        raise SpliceError(f"the server sent task {settings[payload.EXTRAS_HELD]}'s extras to this node before, but "
-                          "its state does not hold them (was the SuperNode restarted?); start the run again")
-    return context.state.array_records[EXTRAS_STATE].to_torch_state_dict()
+def _with_kept(arrays: dict[str, torch.Tensor], settings: dict,
+               context: Context) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The model's tensors and the method's extras of a message: kept in the node's state where
+    the server asks (`keep-for-task`), completed from what the node kept where it left the
+    constant part out (`held-for-task`)."""
+    if payload.KEEP in settings:
+        context.state.array_records[KEPT_STATE] = payload.to_record(arrays)
+        context.state.config_records[KEPT_TASK] = ConfigRecord({"task": int(settings[payload.KEEP])})
+    elif payload.HELD in settings:
+        kept = context.state.config_records.get(KEPT_TASK)
+        if kept is None or int(kept["task"]) != int(settings[payload.HELD]):
+            raise SpliceError(f"the server sent this node task {settings[payload.HELD]}'s constant tensors before, but "
+                              "its state does not hold them (was the SuperNode restarted?); start the run again")
+        arrays = {**context.state.array_records[KEPT_STATE].to_torch_state_dict(), **arrays}
+    return payload.split_extras(arrays)
 
 
 def _keep_private(run: LocalRun, context: Context) -> None:

@@ -25,7 +25,8 @@ METRICS = "metrics"
 LEGACY_FIT = "fitins.parameters"
 LEGACY_EVALUATE = "evaluateins.parameters"
 EXTRA = "extra/"  # names of what a method broadcasts beside the model's tensors (PRISM's bases)
-EXTRAS_HELD = "extras-held"  # a message's config: its extras were left out; the node holds this task's
+KEEP = "keep-for-task"  # a message's config: keep what it carries that is constant within this task
+HELD = "held-for-task"  # a message's config: what is constant within this task was left out (kept at the node)
 
 
 def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:

@@ -261,37 +261,39 @@ class AdapterStrategy(FedAvg):
             messages = list(super().configure_train(server_round, arrays, config, grid))
         finally:
             random.setstate(state)
-        return [self.without_held_extras(message) for message in messages]
+        return [self.trimmed(message) for message in messages]
 
-    def without_held_extras(self, message: Message) -> Message:
-        """A method's extras (constant within a task) go to each node once per task: a node that
-        holds this task's keeps them in its state, and its message says so (`extras-held`)."""
+    def trimmed(self, message: Message) -> Message:
+        """What does not change within a task (a method's extras, PRISM's bases; the held tensors
+        the task does not train: frozen blocks, other tasks' heads) goes to each node once per
+        task: that first message asks the node to keep it (`keep-for-task`), later ones leave it
+        out and say so (`held-for-task`)."""
         task, node = self.server.task, message.metadata.dst_node_id
-        arrays = message.content[payload.ARRAYS]
-        if not any(name.startswith(payload.EXTRA) for name in arrays.keys()):
+        state, extras = payload.split_extras(message.content[payload.ARRAYS].to_torch_state_dict())
+        constant = sorted(set(state) - set(self.server.trained_names()))
+        if not constant and not extras:
             return message
-        if self.holding.get(node) != task:
+        if self.holding.get(node) == task:
+            state = {name: tensor for name, tensor in state.items() if name not in constant}
+            flag = {payload.HELD: task}
+        else:
             self.holding[node] = task
-            return message
-        state = payload.split_extras(arrays.to_torch_state_dict())[0]
-        settings = ConfigRecord({**dict(message.content[payload.CONFIG]), payload.EXTRAS_HELD: task})
+            state = payload.with_extras(state, extras)
+            flag = {payload.KEEP: task}
+        settings = ConfigRecord({**dict(message.content[payload.CONFIG]), **flag})
         return Message(RecordDict({payload.ARRAYS: payload.to_record(state), payload.CONFIG: settings}),
                        message_type=message.metadata.message_type, dst_node_id=node)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: Any,
                            grid: Grid) -> Iterable[Message]:
-        """Evaluation needs the model's tensors only: a method's extras (PRISM's bases) stay home."""
-        state = payload.split_extras(arrays.to_torch_state_dict())[0]
-        return super().configure_evaluate(server_round, payload.to_record(state), config, grid)
+        return [self.trimmed(message) for message in super().configure_evaluate(server_round, arrays, config, grid)]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
                                                                                        MetricRecord | None]:
         server_round = self.offset + server_round
         replies = list(replies)
         self.server.record_failures(server_round, replies)
-        for message in replies:
-            if message.has_error():  # it may not have kept what it was sent: send it again
-                self.holding.pop(message.metadata.src_node_id, None)
+        self.forget_failed(replies)
         valid, _ = self._check_and_log_replies(replies, is_train=True)
         # in client order, not arrival order: a float sum depends on its order, and a run must not
         valid.sort(key=lambda m: int(m.content[payload.METRICS]["client"]))
@@ -324,8 +326,15 @@ class AdapterStrategy(FedAvg):
         metrics = self.train_metrics_aggr_fn([m.content for m in messages], self.weighted_by_key)
         return payload.to_record(payload.with_extras(state, method.extras())), metrics
 
+    def forget_failed(self, replies: list[Message]) -> None:
+        """A node whose reply failed may not have kept what it was sent: send it all again."""
+        for message in replies:
+            if message.has_error():
+                self.holding.pop(message.metadata.src_node_id, None)
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
+        self.forget_failed(replies)
         self.server.record_failures(self.offset + server_round, replies)
         for message in replies:
             if not message.has_error():
