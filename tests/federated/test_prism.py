@@ -70,7 +70,8 @@ def saved_model(tiny_bert: Path, run_dir: Path, config: FederatedConfig):
     tensors = load_file(run_dir / "task-heads.safetensors")
     for spec in config.tasks:
         heads.add(spec.name, tensors[f"classifier.heads.{spec.name}.weight"].shape[0])
-    model.load_state_dict({k: v for k, v in tensors.items()}, strict=False)
+    result = model.load_state_dict(tensors, strict=False)  # the heads only: the base is the folder's
+    assert not result.unexpected_keys and not set(tensors) & set(result.missing_keys)
     blocks = [block_name(t) for t in range(len(config.tasks) - 1)]
     for name in blocks:
         splice.load(model, run_dir / "blocks" / name, name)

@@ -109,14 +109,14 @@ class LocalRun:
         if self.sequence is not None:
             self.sequence.set_training(self.task, True)
         try:
-            state, metrics = self._train(client, server_round, train_config, splits, heads)
+            state, metrics = self._run_trainer(client, server_round, train_config, splits, heads)
         finally:
             if self.sequence is not None:
                 self.sequence.set_training(self.task, False)
         return state, metrics
 
-    def _train(self, client: int, server_round: int, train_config: TrainConfig, splits: DatasetSplits,
-               heads: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def _run_trainer(self, client: int, server_round: int, train_config: TrainConfig, splits: DatasetSplits,
+                     heads: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         trainer = Trainer(self.model, self.tokenizer, train_config, adapter_name=GLOBAL,
                           splits=self.shards.client(client, splits), console=Console(quiet=True), heads=heads,
                           companions=self.method.companions(), objective=self.method.objective(self, server_round),

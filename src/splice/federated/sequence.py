@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from splice.assets import DatasetSplits
@@ -89,7 +88,3 @@ class TaskSequence:
         """Make task `index`'s head trainable (or frozen again)."""
         self.heads.head(self.tasks[index].name).requires_grad_(on)
 
-
-def head_state(sequence: TaskSequence) -> dict[str, torch.Tensor]:
-    """A CPU copy of every head's tensors."""
-    return {n: p.detach().to("cpu", copy=True) for n, p in sequence.head_parameters().items()}

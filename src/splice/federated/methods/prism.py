@@ -55,6 +55,7 @@ from splice.federated.methods.base import FederatedMethod
 from splice.io.files import write_tensors
 from splice.methods.moelora import MoELoRAAdapter
 from splice.train.callbacks import Callback
+from splice.train.data import collator, probe_loader
 
 if TYPE_CHECKING:
     from flwr.serverapp import Grid
@@ -274,10 +275,10 @@ def adapters_of(model: nn.Module, name: str) -> dict[str, MoELoRAAdapter]:
 
 
 def fresh_A(adapter: MoELoRAAdapter, generator: torch.Generator) -> torch.Tensor:
-    """A new [r, d] A with LoRA's Kaiming-uniform draw (bound 1/√d), from `generator`."""
-    bound = 1.0 / math.sqrt(adapter.info.in_features)
-    shape = tuple(adapter.lora_A.shape)
-    return (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+    """A new [r, d] A drawn as `MoELoRAAdapter.reset` draws it (Kaiming-uniform, a=√5: every
+    expert's rows have fan-in d), from `generator`."""
+    return nn.init.kaiming_uniform_(torch.empty(adapter.lora_A.shape, dtype=torch.float64), a=math.sqrt(5),
+                                    generator=generator)
 
 
 def residual_covariance(covariance: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
@@ -289,14 +290,13 @@ def residual_covariance(covariance: torch.Tensor, basis: torch.Tensor | None) ->
 
 
 @torch.no_grad()
-def routed_covariances(model: nn.Module, tokenizer: Any, rows: list, config: Any) -> dict[str, list[torch.Tensor]]:
-    """Per layer of the global block, per expert e: Σ g_e(x) x xᵀ over the attended tokens of
-    `rows` (g_e: the router's renormalised top-k weight of e, 0 where e is not picked)."""
-    from splice.train.data import collator, probe_loader
-
+def routed_covariances(model: nn.Module, tokenizer: Any, rows: list, config: Any) -> dict[str, torch.Tensor]:
+    """Per layer of the global block, [E, d, d]: for each expert e, Σ g_e(x) x xᵀ over the attended
+    tokens of `rows` (g_e: the router's renormalised top-k weight of e, 0 where e is not picked;
+    1 for shared experts)."""
     adapters = adapters_of(model, GLOBAL)
     modules = dict(model.named_modules())
-    sums: dict[str, list[torch.Tensor]] = {}
+    sums: dict[str, torch.Tensor] = {}
     mask: dict[str, torch.Tensor] = {}
 
     def hook(layer: str):
@@ -311,12 +311,10 @@ def routed_covariances(model: nn.Module, tokenizer: Any, rows: list, config: Any
             gates = torch.zeros(*top_w.shape[:-1], adapter.routed, dtype=torch.float64, device=x.device)
             gates = gates.scatter(-1, top_i, top_w.double())
             weights = torch.cat([torch.ones_like(gates[..., :1]).expand(*gates.shape[:-1], adapter.shared), gates], -1)
-            weights = (weights * attended).reshape(-1, weights.shape[-1]).cpu()  # shared experts: every token
-            flat = x.reshape(-1, x.shape[-1]).cpu()
-            per_expert = sums.setdefault(layer, [torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64)
-                                                 for _ in range(weights.shape[-1])])
-            for e, total in enumerate(per_expert):
-                total += (flat * weights[:, e, None]).T @ flat
+            weights = (weights * attended).reshape(-1, weights.shape[-1])  # [n, E]
+            flat = x.reshape(-1, x.shape[-1])  # [n, d]
+            weighted = weights.T[:, :, None] * flat[None]  # [E, n, d]
+            sums[layer] = sums.get(layer, 0) + weighted.transpose(1, 2) @ flat
         return record
 
     handles = [modules[layer].register_forward_pre_hook(hook(layer)) for layer in adapters]
@@ -334,7 +332,7 @@ def routed_covariances(model: nn.Module, tokenizer: Any, rows: list, config: Any
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    return sums
+    return {layer: total.cpu() for layer, total in sums.items()}
 
 
 def merge_sketches(bases: dict[str, list[torch.Tensor]], answers: list[Mapping[str, torch.Tensor]],
