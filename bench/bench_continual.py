@@ -55,7 +55,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import Phases, bench_main, bench_parser, environment, finish, run_child, settings_from, write_results
+from common import Phases, bench_main, bench_parser, environment, finish, parse_settings, run_child, write_results
 from continual_report import markdown, plot_matrices
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -196,10 +196,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--settings-json", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.settings_json:
-        return args, Settings(**json.loads(args.settings_json))
-    return args, settings_from(args, Settings)
+    return parse_settings(p, argv, Settings)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -67,7 +67,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import Phases, bench_main, bench_parser, environment, finish, run_child, settings_from, short_error
+from common import Phases, bench_main, bench_parser, environment, finish, parse_settings, run_child, short_error
 from time_to_accuracy_report import markdown
 
 CANDIDATES = {
@@ -324,10 +324,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     p.add_argument("--child", choices=list(CANDIDATES), help=argparse.SUPPRESS)
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--settings-json", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.settings_json:
-        return args, Settings(**json.loads(args.settings_json))
-    return args, settings_from(args, Settings)
+    return parse_settings(p, argv, Settings)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -381,6 +381,7 @@ from common_report import (  # noqa: E402, F401
     fmt_s,
     heading,
     mean_std,
+    parse_settings,
     rerender,
     seed_summary,
     seed_table,

@@ -226,10 +226,10 @@ def saved_for_backward(exclude: set[int] | None = None) -> Iterator[dict[str, in
     out = {"bytes": 0, "tensors": 0}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        key = storage.data_ptr()
-        if key not in skip and key not in seen:
-            seen[key] = storage.nbytes()
+        for storage in storages(t):
+            key = storage.data_ptr()
+            if key not in skip and key not in seen:
+                seen[key] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -237,8 +237,16 @@ def saved_for_backward(exclude: set[int] | None = None) -> Iterator[dict[str, in
     out["bytes"], out["tensors"] = sum(seen.values()), len(seen)
 
 
+def storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
+    """The storages holding a tensor's data: its own, or a wrapper subclass's inner tensors' (a torchao
+    NF4 weight has no storage of its own, only its codes and scales)."""
+    if hasattr(t, "__tensor_flatten__"):
+        return [s for name in t.__tensor_flatten__()[0] for s in storages(getattr(t, name))]
+    return [t.untyped_storage()]
+
+
 def parameter_storages(model: nn.Module) -> set[int]:
-    return {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    return {s.data_ptr() for t in [*model.parameters(), *model.buffers()] for s in storages(t)}
 
 
 def step_memory(model: nn.Module, batch: dict[str, torch.Tensor], step: Callable[[], object],

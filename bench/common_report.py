@@ -144,6 +144,16 @@ def settings_from(args: argparse.Namespace, settings_cls: Any, overrides: tuple[
     return settings
 
 
+def parse_settings(p: argparse.ArgumentParser, argv: list[str] | None,
+                   settings_cls: Any) -> tuple[argparse.Namespace, Any]:
+    """Parse; a child's settings come whole from its (hidden) --settings-json, a parent's from
+    its options (`settings_from`)."""
+    args = p.parse_args(argv)
+    if getattr(args, "settings_json", None):
+        return args, settings_cls(**json.loads(args.settings_json))
+    return args, settings_from(args, settings_cls)
+
+
 def rerender(path: Path, settings_cls: Any, markdown: Callable[[dict[str, Any], Any], str]) -> None:
     """--render: rewrite `path`'s markdown from its JSON, measuring nothing."""
     result = json.loads(path.read_text())

@@ -6,7 +6,7 @@
     splice.save(model, "my-adapter")          # loads in HF PEFT as well
 """
 
-from splice import assets, compression, merging, placement
+from splice import _library_logs, assets, compression, merging, placement  # noqa: F401  (_library_logs first: its docstring)
 from splice.compression import compress
 from splice.core import *  # noqa: F403
 from splice.core import __all__ as _core_all

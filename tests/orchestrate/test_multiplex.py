@@ -116,6 +116,32 @@ def test_causal_lm_tenants_with_their_own_lm_heads(llama_dir, tmp_path):
     assert any(k.endswith("lm_head.weight") for k in _adapter_tensors(Path(results["b"].paths["run_dir"])))
 
 
+def test_tenants_on_a_4bit_base_train_as_they_would_alone(llama_dir, tmp_path):
+    """QLoRA tenants: the shared backbone's Linear layers are NF4 (torchao), each tenant's LoRA on top."""
+    rows = splice.assets.arithmetic_problems(48, seed=4)
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = dict(model=str(llama_dir), task="causal_lm", data=str(data), max_length=48, batch_size=8, lr=1e-2,
+                  max_eval_examples=8, quantize="nf4")
+    a = TrainConfig(**common, max_steps=3, seed=1, output_dir=str(tmp_path / "a"),
+                    adapter={"method": "lora", "r": 4, "alpha": 8, "targets": "all-linear"})
+    b = TrainConfig(**common, max_steps=4, seed=2, output_dir=str(tmp_path / "b"),
+                    adapter={"method": "lora", "r": 2, "alpha": 2, "targets": ["q_proj", "v_proj"]})
+    alone = {"a": _alone(a, tmp_path / "alone-a"), "b": _alone(b, tmp_path / "alone-b")}
+    mux = Multiplexer()
+    for config in (a, b):
+        mux.add(config)
+    assert splice.quantized_layers(mux.shared)  # the shared backbone is the 4-bit one
+    results = mux.run()
+    for name in ("a", "b"):
+        _assert_same_training(alone[name], Path(results[name].paths["run_dir"]))
+    dense = {k: v for k, v in b.to_dict().items() if k != "quantize"} | {"output_dir": str(tmp_path / "d")}
+    refusing = Multiplexer()
+    refusing.add(TrainConfig.from_dict(a.to_dict(), output_dir=str(tmp_path / "c")))
+    with pytest.raises(splice.SpliceError, match="tenants must share quantize: None vs 'nf4'"):
+        refusing.add(TrainConfig.from_dict(dense))
+
+
 def test_tenants_share_one_backbone(classification_tenants):
     a, b = classification_tenants
     mux = Multiplexer()

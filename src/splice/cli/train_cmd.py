@@ -76,6 +76,10 @@ Schedule = Annotated[str | None, typer.Option(
     help="A schedule that acts on the adapter during the run, with its default options: dmep (prune a MoELoRA's "
     "under-used experts after 15% of the steps, then train without the balancing loss). Options go in the "
     "YAML: schedule: {name: dmep, prune_at: 0.15, keep_mass: 0.9}.", show_default=False)]
+Quantize = Annotated[str | None, typer.Option(
+    help="A 4-bit base (QLoRA): nf4 puts the base's Linear layers in NF4 (torchao; bitsandbytes on CUDA) before "
+    "the adapter is attached. Options go in the YAML: quantize: {scheme: nf4, compute_dtype: bfloat16, "
+    "backend: torchao}.", show_default=False)]
 OutputDir = Annotated[str | None, typer.Option(help="Run folder (default: runs/<data>-<method>).")]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite a non-empty run folder.")]
 Tenants = Annotated[bool, typer.Option("--tenants", help="Train every config given at once on one shared copy "
@@ -106,7 +110,7 @@ def train(
     batch_size: BatchSize = None, max_train_examples: MaxTrainExamples = None,
     max_eval_examples: MaxEvalExamples = None, eval_every: EvalEvery = None,
     gradient_checkpointing: GradientCheckpointing = None, group_by_length: GroupByLength = None,
-    seed: Seed = None, precision: Precision = None, schedule: Schedule = None,
+    seed: Seed = None, precision: Precision = None, quantize: Quantize = None, schedule: Schedule = None,
     output_dir: OutputDir = None, force: Force = False,
     tenants: Tenants = False, join_at: JoinAt = None, max_rows: MaxRows = None, max_padding: MaxPadding = 0.25,
     checkpoint_every: CheckpointEvery = None, on_nonfinite: OnNonfinite = None, resume: Resume = None,
@@ -123,6 +127,8 @@ def train(
         splice train --force
 
         splice train examples/smollm2_arithmetic.yaml --max-steps 20
+
+        splice train examples/smollm2_arithmetic_qlora.yaml     # LoRA on a 4-bit NF4 base
 
         splice train --data reviews.jsonl --text-column review --label-column sentiment --r 16
 
@@ -156,7 +162,7 @@ def train(
 CONFIG_FLAGS = ("model", "task", "data", "text_column", "label_column", "prompt_column", "completion_column",
                 "init_adapter", "lr", "head_lr", "epochs", "max_steps", "batch_size", "max_train_examples",
                 "max_eval_examples", "eval_every", "gradient_checkpointing", "group_by_length", "seed", "precision",
-                "output_dir",
+                "quantize", "output_dir",
                 "checkpoint_every", "on_nonfinite")
 
 
@@ -276,13 +282,21 @@ def evaluate(
     batch_size: BatchSize = 32,
     max_length: Annotated[int, typer.Option(help="Tokens per example.")] = 64,
     precision: Precision = "no",
+    quantize: Quantize = None,
     quiet: Quiet = False,
 ) -> None:
     """Evaluate a saved adapter on a data set: accuracy, or loss/perplexity/exact match.
 
+    An adapter trained on a 4-bit base (QLoRA) gives its training numbers on that base: pass
+    --quantize nf4 (the default options; a run's config.yaml says which it used). Without it the
+    adapter runs on the full-precision base, whose outputs differ by the quantization's error.
+
     Example:
 
         splice eval --model minilm --adapter runs/rotten-tomatoes-lora/adapter --data rotten_tomatoes
+
+        splice eval --model smollm2 --task causal_lm --data arithmetic --quantize nf4 \\
+            --adapter runs/smollm2-arithmetic-qlora/adapter
     """
     from splice.train import TrainConfig, evaluate_adapter
 
@@ -290,7 +304,7 @@ def evaluate(
         settings = TrainConfig.from_dict(model=model, task=task, data=data, text_column=text_column,
                                          label_column=label_column, prompt_column=prompt_column,
                                          completion_column=completion_column, batch_size=batch_size,
-                                         max_length=max_length, precision=precision)
+                                         max_length=max_length, precision=precision, quantize=quantize)
         metrics = evaluate_adapter(settings, adapter, split)
     title = f"{data} ({split})" if data in DATASETS else data
     table = Table(title=title, caption=f"adapter: {adapter}")

@@ -27,6 +27,7 @@ from splice.core.errors import (
     TargetError,
 )
 from splice.core.lowrank import LowRank
+from splice.core.quantize import base_bytes, dequantize, quantize, quantized_layers
 from splice.core.registry import config_from_dict, method_names, register_method
 from splice.core.routing import route
 from splice.core.summary import Summary, summary
@@ -36,7 +37,8 @@ __all__ = [
     "Adapter", "AdapterConfig", "AdapterFileError", "ConfigError", "DataError", "IncompatibleAdaptersError",
     "MergeError", "OutputExistsError",
     "ShapeMismatchError", "SpliceError", "Summary", "TargetError", "activate", "active_adapters", "auxiliary_loss",
-    "LowRank", "adapters", "attach", "config_from_dict", "deactivate", "detach", "disabled", "merge",
+    "LowRank", "adapters", "attach", "base_bytes", "config_from_dict", "deactivate", "dequantize", "detach", "disabled",
+    "merge", "quantize", "quantized_layers",
     "method_names", "register_method", "resolve_targets", "route", "summary", "trainable_parameters",
     "unload", "unmerge",
 ]

@@ -8,12 +8,14 @@ config, whether it is trainable, which modules it trains in full) lives in `mode
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from splice.core import quantize as quantization
 from splice.core.config import AdapterConfig
 from splice.core.errors import MergeError, SpliceError, TargetError
 from splice.core.heads import add_head, all_head_copies, bind_heads, head_module, release_head, remove_head
@@ -288,12 +290,31 @@ def detach(model: nn.Module, name: str) -> nn.Module:
     return model
 
 
-def unload(model: nn.Module) -> nn.Module:
+def unload(model: nn.Module, dequantize: bool = False, requantize: bool = False,
+           dtype: torch.dtype | None = None) -> nn.Module:
     """Merge every active adapter, drop all adapters, and return the plain model.
 
-    Modules trained in full (`train_also`) keep the active adapter's trained weights.
+    Modules trained in full (`train_also`) keep the active adapter's trained weights. A 4-bit base
+    (QLoRA, `splice.quantize`) cannot take the merge: `dequantize=True` first turns its layers into
+    dense layers holding exactly the weights the 4-bit layers computed with (in `dtype`, by default
+    the dtype each had before it was quantized: fp32 for a model loaded in fp32; Conv1D layers
+    become Conv1D again), merges there (accumulated in fp32, rounded once) and returns a
+    full-precision model. `requantize=True` then quantizes the layers the merge changed again with
+    their settings, gives the others their very 4-bit layers back, and warns how much of the
+    merged change the rounding moved. On a refused merge the model is left as it was, 4-bit
+    layers included.
     """
-    merge(model)
+    if requantize and not dequantize:
+        raise SpliceError("unload: requantize=True needs dequantize=True (a 4-bit weight cannot take a merge)")
+    old: dict[str, nn.Module] = {}
+    before: dict[str, torch.Tensor] = {}
+    if dequantize:
+        with quantization.dequantized(model, dtype) as found:
+            old = found if requantize else {}
+            before = {name: quantization.canonical_weight(model.get_submodule(name)).clone() for name in old}
+            merge(model)
+    else:
+        merge(model)
     for copies in list(all_head_copies(model)):
         release_head(model, copies.path, None)
     for _, base, host in list(hosts(model)):
@@ -308,6 +329,10 @@ def unload(model: nn.Module) -> nn.Module:
     if state.inputs_recorder is not None:
         state.inputs_recorder.remove()
     drop_model_state(model)
+    if dequantize:
+        quantization.restore_conv1d(model)
+    if old:
+        warnings.warn(quantization.describe_requantize(quantization.requantize(model, old, before)), stacklevel=2)
     return model
 
 

@@ -186,6 +186,10 @@ class Adapter(nn.Module):
     def initial_delta(self, x: torch.Tensor) -> torch.Tensor | None:
         return None
 
+    def rebase(self, base: nn.Module) -> None:
+        """The host's base layer was replaced by an equivalent one (dequantized, or quantized
+        again): an adapter that keeps a reference to the base layer follows it here."""
+
     def low_rank_factors(self) -> LowRank | None:
         """On a Linear host, `delta(x) - initial_delta(x)` as `s * B A dropout(x)`, if the form
         has that shape. Such adapters share one grouped matmul in mixed batches (`route`)."""

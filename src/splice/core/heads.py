@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from splice.core.errors import SpliceError
+from splice.core.nf4_layers import is_4bit_layer
 from splice.core.route_context import routing_of
 from splice.core.targets import HEADS_ATTRIBUTE, HOST_ATTRIBUTE, named_base_modules
 
@@ -129,6 +130,11 @@ def add_head(model: nn.Module, path: str, name: str) -> None:
         if hosted:
             raise SpliceError(f"{path!r} cannot be trained in full by adapter {name!r}: it holds adapters "
                               f"(in {[f'{path}.{n}'.rstrip('.') for n in hosted]}); detach them first")
+        packed = [n for n, m in named_base_modules(module) if is_4bit_layer(m)]
+        if packed:
+            raise SpliceError(f"{path!r} cannot be trained in full by adapter {name!r}: it holds 4-bit layers "
+                              f"({[f'{path}.{n}'.rstrip('.') for n in packed]}) that take no gradient; keep it dense "
+                              "(splice.quantize(..., skip=[...]), or keep_heads=True for output heads)")
         copies = HeadCopies(module, path)
         _store(model, create=True)[_key(path)] = copies
     copies.add(name)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from splice.core.config import adapter_delta
-from splice.core.errors import MergeError
+from splice.core.errors import MergeError, SpliceError
 from splice.core.layers import LayerInfo, is_plain_float_weight
 from splice.core.lowrank import LowRankForward, add_low_rank_
 from splice.core.route_context import routing_of
@@ -107,7 +107,10 @@ class Host(nn.ModuleDict):
         initial = self[name].initial_delta_weight()
         if initial is None:
             return
-        check_mergeable_weight(base)  # a packed quantized weight cannot give part of itself
+        if not is_plain_float_weight(base.weight):
+            raise SpliceError(f"adapter {name!r} ({type(self[name]).__name__}) starts from part of the base weight "
+                              f"(PiSSA, GOAT and other spectrum inits), which a quantized {type(base.weight).__name__} "
+                              "cannot give up exactly: use the default init on a quantized base")
         weight = base.weight.detach()
         change = initial.T if self.info.transposed else initial
         taken = added(weight, change, -1.0)
@@ -129,6 +132,16 @@ class Host(nn.ModuleDict):
 
     def remove_hook(self) -> None:
         self._hook.remove()
+
+    def move_to(self, old: nn.Module, new: nn.Module) -> None:
+        """Serve `new` instead of `old` (a base layer replaced by its dequantized or quantized copy,
+        of the same shape): the hook and the `splice` child go along, adapters untouched."""
+        self.remove_hook()
+        delattr(old, HOST_ATTRIBUTE)
+        setattr(new, HOST_ATTRIBUTE, self)
+        self._hook = new.register_forward_hook(self.add_to_output, with_kwargs=True)
+        for adapter in self.values():
+            adapter.rebase(new)
 
     # -- merging -----------------------------------------------------------------------------
 
@@ -241,8 +254,9 @@ def check_mergeable_weight(base: nn.Module) -> None:
     if not is_plain_float_weight(weight):
         raise MergeError(
             f"cannot merge into a {type(weight).__name__} weight of dtype {weight.dtype} "
-            f"({type(base).__name__}); a quantized weight cannot represent the merged sum. "
-            "Dequantize the model first, or keep the adapter unmerged."
+            f"({type(base).__name__}); a quantized weight cannot represent the merged sum. Use "
+            "splice.unload(model, dequantize=True) (merges exactly into a full-precision copy of the base), "
+            "or keep the adapter unmerged."
         )
 
 

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from splice.core.nf4_layers import dense_4bit, is_4bit_layer
+
 LayerKind = Literal["linear", "conv", "embedding", "block"]
 
 
@@ -93,17 +95,15 @@ def is_plain_float_weight(weight: torch.Tensor) -> bool:
 def dense_weight(module: nn.Module, info: LayerInfo) -> torch.Tensor:
     """The base layer's weight as a float tensor in the canonical [out, in, ...] layout.
 
-    Packed bitsandbytes weights (4-bit `Params4bit`, 8-bit `Int8Params` with their scales) are
-    dequantized with bitsandbytes' own functions; forms that depend on the weight itself (DoRA's
-    column norms) use this instead of `module.weight`.
+    4-bit weights (torchao NF4, bitsandbytes `Params4bit`) and bitsandbytes' 8-bit `Int8Params`
+    with their scales are dequantized with their libraries' own functions; forms that depend on
+    the weight itself (DoRA's column norms) use this instead of `module.weight`.
     """
     weight = module.weight
     if is_plain_float_weight(weight):
         dense = weight.detach()
-    elif getattr(weight, "quant_state", None) is not None:  # bitsandbytes 4-bit
-        import bitsandbytes.functional as bnb_functional
-
-        dense = bnb_functional.dequantize_4bit(weight.data, weight.quant_state)
+    elif is_4bit_layer(module):  # torchao NF4 or bitsandbytes 4-bit
+        dense = dense_4bit(weight)
     elif getattr(weight, "SCB", None) is not None:  # bitsandbytes 8-bit: int8 rows times their scales / 127
         dense = weight.data.float() * (weight.SCB.float()[:, None] / 127.0)
     else:

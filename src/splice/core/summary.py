@@ -10,6 +10,8 @@ from torch import nn
 from splice.core.api import model_state
 from splice.core.heads import head_module
 from splice.core.host import hosts
+from splice.core.nf4_layers import weight_count
+from splice.core.quantize import base_bytes, quantized_layers
 
 
 @dataclass
@@ -33,6 +35,7 @@ class Summary:
     heads: dict[str, int]  # per module trained in full: the adapters' copies of it together
     adapters: list[AdapterCount]
     heads_trainable: dict[str, int] = field(default_factory=dict)
+    base_detail: str = ""  # a 4-bit base's layers and bytes (QLoRA)
 
     @property
     def trainable_percent(self) -> float:
@@ -40,7 +43,7 @@ class Summary:
 
     def rows(self) -> list[tuple[str, str, str, str]]:
         """(what, parameters, trainable, detail) rows, shared by `str()` and the CLI's table."""
-        rows = [("base model (frozen)", f"{self.base:,}", "0", "")]
+        rows = [("base model (frozen)", f"{self.base:,}", "0", self.base_detail)]
         for a in self.adapters:
             types = ", ".join(f"{t}: {n:,}" for t, n in sorted(a.by_module_type.items()))
             state = "active" if a.active else "inactive"
@@ -89,7 +92,19 @@ def summary(model: nn.Module) -> Summary:
             heads[head] += sum(p.numel() for p in params)
             heads_trainable[head] += sum(p.numel() for p in params if p.requires_grad)
             head_ids.update(id(p) for p in params)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(weight_count(p) for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    base = sum(p.numel() for p in model.parameters() if id(p) not in adapter_ids | head_ids)
-    return Summary(total, trainable, base, dict(heads), list(counts.values()), dict(heads_trainable))
+    base = sum(weight_count(p) for p in model.parameters() if id(p) not in adapter_ids | head_ids)
+    return Summary(total, trainable, base, dict(heads), list(counts.values()), dict(heads_trainable),
+                   _four_bit_detail(model))
+
+
+def _four_bit_detail(model: nn.Module) -> str:
+    """"N Linear layers in 4-bit (library): X MiB, r x bf16", or "" for a base without them."""
+    layers = quantized_layers(model)
+    if not layers:
+        return ""
+    sizes = base_bytes(model)
+    libraries = ", ".join(sorted({s.backend for s in layers.values() if s is not None})) or "bitsandbytes"
+    return (f"{len(layers)} Linear layers in 4-bit ({libraries}): {sizes['quantized_bytes'] / 2**20:.1f} MiB, "
+            f"{sizes['quantized_bytes'] / sizes['quantized_as_bf16_bytes']:.2f}x their bf16 size")

@@ -80,6 +80,11 @@ class DoRAAdapter(LoRAAdapter):
             with torch.no_grad():
                 self.lora_magnitude_vector.copy_(self.row_norms())
 
+    def rebase(self, base: nn.Module) -> None:
+        self._base = (base,)
+        self._row_norms_sq = None
+        self._eval_ratio = None
+
     # -- the norms ---------------------------------------------------------------------------
 
     def _base_weight(self) -> torch.Tensor:

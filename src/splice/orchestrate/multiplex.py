@@ -27,7 +27,8 @@ only its rows and parameters. With a dropout-free backbone the adapters match th
 to floating-point summation order. Dropout in the backbone draws its masks for the packed batch,
 so with dropout the runs agree in distribution, not bit for bit.
 
-Requirements: the tenants share the model, the task and the precision ("no" or "bf16"); the
+Requirements: the tenants share the model, the task, the precision ("no" or "bf16") and the
+base's quantization (`quantize`, QLoRA's 4-bit base); the
 first tenant's `gradient_checkpointing` holds for the shared model.
 
 Run folders: each tenant claims its output folder with the lock a lone run takes (refused at
@@ -46,7 +47,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
@@ -60,6 +61,7 @@ from splice.core import progress
 from splice.core.api import model_state
 from splice.core.config import AdapterConfig
 from splice.core.errors import SpliceError
+from splice.core.quantize import quantize_options
 from splice.orchestrate import packing
 from splice.orchestrate.views import TenantModules, join
 from splice.train import Callback, RunResult, TrainConfig, Trainer, report, tasks
@@ -170,8 +172,8 @@ class Multiplexer:
         first = self.first
         if first is None:
             return
-        for key in ("model", "task", "precision"):
-            if getattr(config, key) != getattr(first, key):
+        for key in ("model", "task", "precision", "quantize"):
+            if _setting(config, key) != _setting(first, key):
                 raise SpliceError(f"tenants must share {key}: {getattr(config, key)!r} vs {getattr(first, key)!r}")
 
     def _adopt(self, model: nn.Module, config: TrainConfig) -> None:
@@ -346,6 +348,12 @@ def multiplex(configs: Sequence[TrainConfig], *, join_at: Sequence[int] | None =
                               f"{configs[i].output_dir!r} are the same folder ({folder})")
     mux = Multiplexer(max_rows=max_rows, max_padding=max_padding, force=force, console=console)
     return mux.run(list(zip(join_at, configs, strict=True)))
+
+
+def _setting(config: TrainConfig, key: str) -> Any:
+    """A config field as the shared model sees it ("nf4" and {scheme: nf4} are one quantization)."""
+    value = getattr(config, key)
+    return quantize_options(value) if key == "quantize" and value is not None else value
 
 
 def _tenant_name(config: TrainConfig, taken: list[str]) -> str:

@@ -24,6 +24,7 @@ import yaml
 
 from splice.core.config import AdapterConfig
 from splice.core.errors import ConfigError, SpliceError
+from splice.core.quantize import quantize_options
 from splice.core.registry import config_class, config_from_dict
 from splice.core.validation import check_value, did_you_mean, field_types, init_fields, keyed_error, show
 from splice.train.callbacks import schedule_callback
@@ -96,6 +97,11 @@ class TrainConfig:
             sequences or big models on a small GPU.
         seed: seeds Python, NumPy and torch (adapter init, dropout, shuffling).
         precision: mixed precision through accelerate: "no", "bf16" or "fp16".
+        quantize: a 4-bit base (QLoRA): "nf4", or a mapping of `splice.quantize`'s options
+            ({scheme: nf4, backend: torchao, compute_dtype: bfloat16, double_quant: true, skip:
+            [...], keep_heads: true, block_size: 64}). The base's Linear layers are quantized
+            after loading and before the adapter is attached; the adapter trains in fp32 as
+            usual. None: the base stays in full precision.
         output_dir: the run folder (adapter, metrics.json, curves.png, config.yaml); None:
             runs/<data>-<method>, e.g. runs/rotten-tomatoes-lora.
         save_format: "auto" (HF PEFT's format for LoRA-shaped adapters), "peft" or "splice".
@@ -144,6 +150,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     seed: int = 42
     precision: Precision = "no"
+    quantize: str | dict[str, Any] | None = None
     output_dir: str | None = None
     save_format: SaveFormat = "auto"
     checkpoint_every: int | None = 100
@@ -207,6 +214,11 @@ class TrainConfig:
             self.adapter_config()
         except ConfigError as err:
             raise keyed_error("adapter", f"adapter: {err}") from None
+        if self.quantize is not None:
+            try:
+                quantize_options(self.quantize)
+            except SpliceError as err:
+                raise keyed_error("quantize", str(err)) from None
         try:
             schedule_callback(self.schedule)
         except SpliceError as err:

@@ -38,6 +38,7 @@ from splice import assets
 from splice.assets import Row
 from splice.core.config import AdapterConfig
 from splice.core.errors import SpliceError
+from splice.core.quantize import quantize, quantize_options
 from splice.core.targets import SEQ_CLS_HEAD_NAMES
 from splice.train.config import TrainConfig
 from splice.train.data import IGNORE_INDEX
@@ -123,7 +124,8 @@ def default_task(name: str) -> str:
 def load_model(
     config: TrainConfig, label_names: tuple[str, ...] = ()
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Model and tokenizer for `config.task`, in fp32 (accelerate's autocast does mixed precision).
+    """Model and tokenizer for `config.task`, in fp32 (accelerate's autocast does mixed precision),
+    its Linear layers in 4-bit when `config.quantize` says so.
 
     A tokenizer without a pad token (most decoders) pads with its eos token.
     """
@@ -132,6 +134,8 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     model = load_pretrained(config.model, config.task, label_names)
     model.config.pad_token_id = tokenizer.pad_token_id
+    if config.quantize is not None:
+        quantize(model, **quantize_options(config.quantize))
     return model, tokenizer
 
 
