@@ -252,3 +252,20 @@ def test_lora_on_a_linear_host_takes_the_lean_path():
     assert nbytes(saved) == nbytes([x, adapter.lora_A, adapter.lora_B]) + 3 * R * 4  # + the [3, r] hidden
     base = F.linear(x, model[0].weight, model[0].bias)
     assert torch.allclose(logits(model, x), base + out, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [8, 128])  # both orientations of the thin product
+def test_in_place_add_under_bf16_autocast_into_an_fp32_output(rows):
+    """A 4-bit layer returns the input's dtype (fp32) under bf16 autocast, while the thin product
+    x Aᵀ comes out in bf16: the in-place add must still add the delta (it crashed on the dtypes)."""
+    from splice.core.lowrank import add_low_rank_
+
+    torch.manual_seed(0)
+    x, A, B = torch.randn(rows, 32), torch.randn(4, 32), torch.randn(16, 4)
+    output = torch.randn(rows, 16)
+    expected = output + 0.5 * (x @ A.T) @ B.T
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        add_low_rank_(output, x, LowRank(A, B, 0.5))
+    assert output.dtype == torch.float32
+    torch.testing.assert_close(output, expected, rtol=0.05, atol=0.3)
+    assert not torch.allclose(output, expected - 0.5 * (x @ A.T) @ B.T, atol=1.0)  # the delta is there

@@ -58,3 +58,10 @@ def test_cli_flag_quantizes_the_base(tiny_causal, tmp_path):
     assert "NF4Linear" in result.output  # the summary names the 4-bit layers the adapter sits on
     metrics = json.loads((out / "metrics.json").read_text())
     assert torch.isfinite(torch.tensor(metrics["after"]["validation"]["loss"]))
+
+
+def test_bf16_autocast_on_a_4bit_base_trains_and_evaluates(tiny_causal):
+    config = TrainConfig.from_dict(tiny_causal.to_dict(), quantize="nf4", precision="bf16", max_steps=3, eval_every=3)
+    result = run(config)
+    assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in result.history)
+    assert torch.isfinite(torch.tensor(result.metrics["after"]["validation"]["loss"]))

@@ -89,7 +89,8 @@ def add_low_rank_(output: torch.Tensor, x: torch.Tensor, factors: LowRank) -> to
 
     For inference: x Aᵀ is one thin GEMM, and `addmm_` adds its product with Bᵀ, times the
     scaling, straight into the base output. An output of another dtype than the factors (a
-    bf16 base with fp32 adapters) gets the delta cast to its dtype and added in place.
+    bf16 base with fp32 adapters, or a 4-bit layer that returns fp32 under bf16 autocast, where
+    the thin product comes out in bf16) gets the delta cast to its dtype and added in place.
     """
     A, B, scaling, _ = factors
     flat = x.reshape(-1, x.shape[-1])
@@ -101,7 +102,7 @@ def add_low_rank_(output: torch.Tensor, x: torch.Tensor, factors: LowRank) -> to
     # tests' tolerance with it (1.7e-5 vs 2.1e-6 relative after a merge/unmerge round trip).
     hidden = torch.mm(A, flat.t()).t() if flat.shape[0] >= TRANSPOSED_FROM_ROWS else F.linear(flat, A)
     target = output.view(-1, output.shape[-1])
-    if target.dtype == B.dtype:
+    if target.dtype == B.dtype == hidden.dtype:  # under autocast `hidden` may come out in bf16
         target.addmm_(hidden, B.t(), alpha=scaling)
     else:
         target.add_((F.linear(hidden, B) * scaling).to(target.dtype))
