@@ -2,8 +2,9 @@
 
 memory  One LoRA r=16 all-linear training setup of SmolLM2-135M-Instruct per base, each in a fresh
         interpreter (`--mem-child BASE`, glibc returning freed buffers to the OS so RSS follows live
-        memory): fp32; bf16 (`model.to(bfloat16)`); NF4 through torchao with fp32 and with bf16
-        compute; NF4 through bitsandbytes' CPU backend (fp32 compute). Per base: the bytes of the
+        memory): fp32; bf16 (`model.to(bfloat16)`); NF4 through torchao in an fp32 model with fp32
+        compute (the CPU choice) and in a bf16 model with bf16 compute (QLoRA's recipe); NF4
+        through bitsandbytes' CPU backend (fp32 model and compute). Per base: the bytes of the
         frozen Linear weights as stored (4-bit codes with every scale) against bf16 and fp32, the
         whole model's bytes, the peak RSS while training steps run (after the loading peak is reset),
         the activation bytes saved for backward, and the median step time (forward, backward, AdamW)
@@ -55,12 +56,12 @@ from common import (
 )
 
 SCRIPT = Path(__file__).resolve()
-BASES = {  # name: (how the base is held, splice.quantize options or None)
+BASES = {  # name: (how the rest of the model is held, splice.quantize options or None)
     "fp32": ("fp32", None),
     "bf16": ("bf16", None),
-    "nf4-torchao": ("nf4", {"backend": "torchao", "compute_dtype": "float32"}),
-    "nf4-torchao-bf16": ("nf4", {"backend": "torchao", "compute_dtype": "bfloat16"}),
-    "nf4-bitsandbytes": ("nf4", {"backend": "bitsandbytes", "compute_dtype": "float32"}),
+    "nf4-torchao": ("fp32", {"backend": "torchao", "compute_dtype": "float32"}),
+    "nf4-torchao-bf16": ("bf16", {"backend": "torchao", "compute_dtype": "bfloat16"}),  # QLoRA's recipe
+    "nf4-bitsandbytes": ("fp32", {"backend": "bitsandbytes", "compute_dtype": "float32"}),
 }
 TASKS = ("arithmetic", "reviews")
 VARIANTS = {"lora": None, "qlora": {"scheme": "nf4", "backend": "torchao", "compute_dtype": "float32"}}
@@ -109,7 +110,7 @@ def memory_child(base: str, s: Settings) -> dict[str, Any]:
     held, options = BASES[base]
     if held == "bf16":
         model.to(torch.bfloat16)
-    elif held == "nf4":
+    if options is not None:
         splice.quantize(model, "nf4", **options)
     with torch.no_grad():  # what holding the base this way does to its outputs (before any adapter)
         logits = model(**inputs).logits.float()
@@ -118,10 +119,7 @@ def memory_child(base: str, s: Settings) -> dict[str, Any]:
              "top1_agreement": (logits.argmax(-1) == reference.argmax(-1))[mask].float().mean().item()}
     del reference, logits
     sizes = splice.base_bytes(model)
-    if held != "nf4":  # what the Linear weights take in this dtype, for the table
-        sizes["linear_bytes"] = sizes["dense_linear_bytes"]
-    else:
-        sizes["linear_bytes"] = sizes["quantized_bytes"] + sizes["dense_linear_bytes"]
+    sizes["linear_bytes"] = sizes["quantized_bytes"] + sizes["dense_linear_bytes"]
     splice.attach(model, splice.LoRA(r=s.rank, alpha=2 * s.rank, targets="all-linear"))
     optimizer = torch.optim.AdamW(splice.trainable_parameters(model).values(), lr=1e-4)
     model.train()
@@ -230,11 +228,18 @@ def run(s: Settings, args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"environment": environment(s.threads), "settings": asdict(s), "memory": [],
                               "study": []}
     flags = ["--settings-json", json.dumps(asdict(s))]
+    partial = args.out_dir / "qlora_partial.json"  # every finished row so far, for --merge if stopped
+
+    def keep() -> None:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(result, indent=2, default=str) + "\n")
+
     if "memory" in s.sections:
         for base in s.bases:
             phase(f"[memory] {base}")
             result["memory"].append(_child_row(["--mem-child", base, *flags], {"base": base}, RSS_FOLLOWS_LIVE))
             print(f"  {json.dumps(result['memory'][-1])}", flush=True)
+            keep()
     if "study" in s.sections:
         for seed in s.seeds:
             for task in s.tasks:
@@ -244,6 +249,7 @@ def run(s: Settings, args: argparse.Namespace) -> dict[str, Any]:
                                      {"task": task, "variant": variant, "seed": seed})
                     result["study"].append(row)
                     print(f"  {json.dumps(row)[:400]}", flush=True)
+                    keep()
     return finish(result, phase)
 
 
@@ -285,9 +291,10 @@ def memory_table(rows: list[dict[str, Any]]) -> list[str]:
              "Logits vs fp32: the base alone (no adapter) on the batch's real tokens, relative error and top-1 "
              "agreement with the fp32 base: the output shift an adapter trained on this base sees when moved to the "
              "fp32 base. "
-             "Training peak: the highest RSS while training steps run, after the loading peak was reset.", ""]
+             "Training peak: the highest RSS while training steps run, after the loading peak was reset; above "
+             "imports: less the RSS after importing torch, transformers and splice (the ratios are of this part).", ""]
     header = ["base", "Linear weights MB", "x bf16", "bits/weight", "model MB", "logits vs fp32 (rel. error, top-1 "
-              "agreement)", "training peak MB", "x bf16 peak", "x fp32 peak", "saved for backward MB",
+              "agreement)", "training peak MB", "above imports MB", "x bf16", "x fp32", "saved for backward MB",
               "step s (median)", "x bf16 step", "x fp32 step"]
     body = []
     for r in rows:
@@ -300,21 +307,30 @@ def memory_table(rows: list[dict[str, Any]]) -> list[str]:
                        else r["dense_linear_bytes"] / (2 * r["dense_linear_weights"]))
         body.append([r["base"], f"{r['linear_bytes'] / 2**20:.1f}", f"{ratio_bytes:.3f}", bits,
                      f"{r['model_bytes'] / 2**20:.1f}", f"{r['logit_shift']:.4f}, {r['top1_agreement']:.1%}",
-                     f"{r['train_peak_mb']:.0f}",
-                     _ratio(r["train_peak_mb"], bf16, "train_peak_mb"),
-                     _ratio(r["train_peak_mb"], fp32, "train_peak_mb"),
+                     f"{r['train_peak_mb']:.0f}", f"{_above(r):.0f}",
+                     f"{_above(r) / _above(bf16):.2f}" if bf16 else "",
+                     f"{_above(r) / _above(fp32):.2f}" if fp32 else "",
                      f"{r['saved_mb']:.0f}", f"{r['step_s']:.2f}", _ratio(r["step_s"], bf16, "step_s"),
                      _ratio(r["step_s"], fp32, "step_s")])
     lines += [table(header, body), ""]
     nf4 = by.get("nf4-torchao")
     if nf4 and bf16 and fp32:
         goal = nf4["quantized_bytes"] / nf4["quantized_as_bf16_bytes"]
-        peak, step = nf4["train_peak_mb"], nf4["step_s"]
+        step = nf4["step_s"]
+        recipe = by.get("nf4-torchao-bf16")
         lines += [f"Goal, NF4 Linear bytes <= 0.3x bf16: {'yes' if goal <= 0.3 else 'no'} ({goal:.3f}x). Training peak "
-                  f"NF4 (torchao, fp32 compute) / bf16: {peak / bf16['train_peak_mb']:.2f}x, / fp32: "
-                  f"{peak / fp32['train_peak_mb']:.2f}x. Step time NF4/bf16: {step / bf16['step_s']:.2f}x, "
-                  f"NF4/fp32: {step / fp32['step_s']:.2f}x.", ""]
+                  f"above imports, NF4 in an fp32 model / bf16 model: {_above(nf4) / _above(bf16):.2f}x, / fp32: "
+                  f"{_above(nf4) / _above(fp32):.2f}x"
+                  + (f"; NF4 in a bf16 model (QLoRA's recipe) / bf16: {_above(recipe) / _above(bf16):.2f}x"
+                     if recipe else "")
+                  + f". Step time NF4 (fp32 compute)/bf16: {step / bf16['step_s']:.2f}x, /fp32: "
+                  f"{step / fp32['step_s']:.2f}x.", ""]
     return lines
+
+
+def _above(row: dict[str, Any]) -> float:
+    """Training peak above the interpreter's own memory after its imports (torch, transformers, splice)."""
+    return row["train_peak_mb"] - row["after_import_mb"]
 
 
 def _ratio(value: float, reference: dict[str, Any] | None, key: str) -> str:

@@ -52,10 +52,6 @@ class NF4Settings:
     double_quant: bool = True
     compute_dtype: torch.dtype = torch.float32
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"backend": self.backend, "block_size": self.block_size, "double_quant": self.double_quant,
-                "compute_dtype": str(self.compute_dtype).removeprefix("torch.")}
-
 
 class QuantizationSkip(SpliceError):
     """One layer the chosen library cannot quantize (its shape), with the reason."""

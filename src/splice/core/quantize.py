@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from splice.core import progress
 from splice.core.errors import SpliceError, TargetError
 from splice.core.host import host_of
 from splice.core.nf4_layers import (
@@ -204,7 +205,7 @@ def _replace(model: nn.Module, settings: dict[str, NF4Settings]) -> dict[str, st
     """Swap each named layer for its 4-bit copy; the layers left dense, with why."""
     left: dict[str, str] = {}
     with torch.no_grad():
-        for name, layer_settings in settings.items():
+        for name, layer_settings in progress.track(list(settings.items()), "quantize"):
             module = model.get_submodule(name)
             try:
                 new = quantize_layer(module, layer_settings)
