@@ -274,6 +274,12 @@ def markdown(result: dict[str, Any], s: Settings | None = None) -> str:
            f"splice {env['splice']} ({env['git_commit']}), torch {env['torch']}, transformers {env['transformers']}, "
            f"{env['cpu']} x{env['cpu_count']}, {env['torch_threads']} thread(s); {env['date']}. Rank "
            f"{result['settings']['rank']}, LoRA on every Linear layer of SmolLM2-135M-Instruct.", ""]
+    if result.get("note"):
+        out += [result["note"], ""]
+    if result.get("merged_from"):
+        out += ["Joined from " + "; ".join(f"`{m['file']}` (started {m['environment']['date']})"
+                                            for m in result["merged_from"]) + ": a base or run measured twice "
+                "keeps its later reading.", ""]
     if result["memory"]:
         out += memory_table(result["memory"])
     if result["study"]:
@@ -353,15 +359,16 @@ def study_table(rows: list[dict[str, Any]]) -> list[str]:
             loss = [r["after"]["test"]["loss"] for r in ok]
             ppl = [r["after"]["test"]["perplexity"] for r in ok]
             em = [r["after"]["test"].get("exact_match") for r in ok]
-            means[variant] = (statistics.mean(loss), statistics.stdev(loss) if len(loss) > 1 else 0.0)
+            means[variant] = (statistics.mean(loss), statistics.stdev(loss) if len(loss) > 1 else 0.0, len(loss))
             body.append([task, variant, f"{len(ok)}{f' ({len(failed)} failed)' if failed else ''}",
                          _mean_sd(loss, 4), _mean_sd(ppl, 3), _mean_sd(em, 3) if task == "arithmetic" else "-",
                          f"{statistics.mean(r['train_s'] for r in ok):.0f}"])
         if len(means) == 2:
-            (lora, lora_sd), (qlora, qlora_sd) = means["lora"], means["qlora"]
+            (lora, lora_sd, lora_n), (qlora, qlora_sd, qlora_n) = means["lora"], means["qlora"]
             spread = lora_sd + qlora_sd
             ratio = qlora / lora
-            says = verdict((qlora - spread) / lora, (qlora + spread) / lora, LOSS_GOAL)
+            says = (verdict((qlora - spread) / lora, (qlora + spread) / lora, LOSS_GOAL) if min(lora_n, qlora_n) > 1
+                    else "one seed, no verdict")
             verdicts.append(f"- {task}: QLoRA test loss / LoRA's = {ratio:.3f} (± the seeds' spread "
                             f"{spread / lora:.3f}); within {LOSS_GOAL - 1:.0%}: {says}.")
     lines += [table(header, body), "", "Verdict (QLoRA's mean test loss within 3% of LoRA's, the spread of both "
@@ -387,13 +394,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     p.add_argument("--steps", type=int, help="study: optimizer steps per run (default 40)")
     p.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
                    help="measure nothing: join result files (later files win for the same base or run) into --out-dir")
+    p.add_argument("--note", help="with --merge: a sentence on how the parts were made, printed in the report")
     p.add_argument("--mem-child", help=argparse.SUPPRESS)
     p.add_argument("--run-child", help=argparse.SUPPRESS)
     p.add_argument("--settings-json", help=argparse.SUPPRESS)
     return parse_settings(p, argv, Settings)
 
 
-def merge(paths: list[Path]) -> dict[str, Any]:
+def merge(paths: list[Path], note: str | None = None) -> dict[str, Any]:
     """Result files of several invocations (say, seed 0, then seeds 1 and 2) as one; a memory base
     or a study run measured twice keeps its later reading. Each part's environment is kept."""
     parts = [json.loads(p.read_text()) for p in paths]
@@ -401,7 +409,8 @@ def merge(paths: list[Path]) -> dict[str, Any]:
     study = {(row["task"], row["variant"], row["seed"]): row for part in parts for row in part["study"]}
     settings = dict(parts[-1]["settings"])
     settings["seeds"] = sorted({row["seed"] for row in study.values()})
-    return {"environment": parts[-1]["environment"], "settings": settings, "memory": list(memory.values()),
+    return {"environment": parts[-1]["environment"], "settings": settings, "note": note,
+            "memory": list(memory.values()),
             "study": sorted(study.values(), key=lambda r: (r["seed"], r["task"], r["variant"])),
             "merged_from": [{"file": str(p), "environment": part["environment"], "runtime_s": part.get("runtime_s")}
                             for p, part in zip(paths, parts, strict=True)]}
@@ -411,7 +420,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     args, _ = parse_args(argv)
     if args.merge:
-        result = merge(args.merge)
+        result = merge(args.merge, args.note)
         write_results(args.out_dir, "qlora", result, markdown(result))
         return
     bench_main(argv, parse_args, Settings, run, markdown, "qlora", child=child)
