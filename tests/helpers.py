@@ -20,6 +20,7 @@ from transformers import (
     LlamaForCausalLM,
 )
 
+import splice
 from splice import assets
 from splice.core.host import hosts
 
@@ -112,6 +113,19 @@ def randomize_module(module: nn.Module, scale: float = 0.3, seed: int = 0) -> No
     with torch.no_grad():
         for param in module.parameters():
             param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def lm_training_losses(model: nn.Module, ids: torch.Tensor, steps: int, lr: float = 1e-2) -> list[float]:
+    """AdamW on the model's trainable parameters, language modelling on `ids`; the loss of each step."""
+    optimizer = torch.optim.AdamW(splice.trainable_parameters(model).values(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
 
 
 def fresh(model: nn.Module) -> nn.Module:

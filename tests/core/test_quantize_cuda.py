@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, make_llama, randomize
+from helpers import assert_close, lm_training_losses, make_llama, randomize
 from peft import PeftModel
 
 import splice
@@ -22,15 +22,7 @@ def test_auto_picks_bitsandbytes_on_cuda_and_trains(ids):
     model = cuda_4bit_llama()
     assert {s.backend for s in splice.quantized_layers(model).values()} == {"bitsandbytes"}
     splice.attach(model, splice.LoRA(r=4, targets="all-linear"))
-    ids = ids.cuda()
-    optimizer = torch.optim.AdamW(splice.trainable_parameters(model).values(), lr=1e-2)
-    losses = []
-    for _ in range(10):
-        loss = model(input_ids=ids, labels=ids).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = lm_training_losses(model, ids.cuda(), steps=10)
     assert losses[-1] < losses[0]
 
 

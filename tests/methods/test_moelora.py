@@ -312,7 +312,7 @@ def test_an_svd_init_refused_on_a_quantized_weight_leaves_nothing_behind():
     weight.SCB = torch.ones(32)
     model[1].weight = weight
     original = model[0].weight.detach().clone()
-    with pytest.raises(SpliceError, match="quantized Int8Params cannot give up exactly: use the default init"):
+    with pytest.raises(SpliceError, match="quantized Int8Params of '1' cannot give up exactly: use the default init"):
         splice.attach(model, MoELoRA(experts=4, r=8, init="goat", targets=["0", "1"]))
     assert host_of(model[0]) is None and host_of(model[1]) is None and not splice.adapters(model)
     assert torch.equal(model[0].weight, original)

@@ -78,8 +78,8 @@ Schedule = Annotated[str | None, typer.Option(
     "YAML: schedule: {name: dmep, prune_at: 0.15, keep_mass: 0.9}.", show_default=False)]
 Quantize = Annotated[str | None, typer.Option(
     help="A 4-bit base (QLoRA): nf4 puts the base's Linear layers in NF4 (torchao; bitsandbytes on CUDA) before "
-    "the adapter is attached. Options go in the YAML: quantize: {scheme: nf4, compute_dtype: bfloat16, "
-    "backend: torchao}.", show_default=False)]
+    "the adapter is attached. Other options go in a training YAML: quantize: {scheme: nf4, compute_dtype: "
+    "bfloat16, backend: torchao}.", show_default=False)]
 OutputDir = Annotated[str | None, typer.Option(help="Run folder (default: runs/<data>-<method>).")]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite a non-empty run folder.")]
 Tenants = Annotated[bool, typer.Option("--tenants", help="Train every config given at once on one shared copy "

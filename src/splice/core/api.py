@@ -21,8 +21,9 @@ from splice.core.errors import MergeError, SpliceError, TargetError
 from splice.core.heads import add_head, all_head_copies, bind_heads, head_module, release_head, remove_head
 from splice.core.host import Host, ensure_host, host_of, hosts, remove_host
 from splice.core.inputs import InputsRecorder, batch_auxiliary_loss
+from splice.core.layers import is_plain_float_weight
 from splice.core.model_state import AdapterRecord, ModelState, drop_model_state, model_state
-from splice.core.targets import matches, named_base_modules, resolve_targets, site_info
+from splice.core.targets import matches, named_base_modules, resolve_targets, site_info, tied_parameters
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 # Adapters are held by name in a `Host` (an nn.ModuleDict) and in a ModuleDict of head copies,
@@ -110,7 +111,7 @@ def attach(
         raise SpliceError(f"adapter {name!r} is already attached; detach it or choose another name")
     config = config.placed(model)
     selected = resolve_targets(model, config)
-    _refuse_tied_inits(model, config, selected)
+    _refuse_inits_from_base(model, config, selected)
     heads = resolve_heads(model, config.train_also)
     built: list[nn.Module] = []
     try:
@@ -240,7 +241,7 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
     _require_known(model, names)
     pending = [(module_name, base, host, n) for module_name, base, host in hosts(model)
                for n in names if n in host and n not in host.merged]
-    tied = _tied_parameters(model)
+    tied = tied_parameters(model)
     for module_name, base, host, adapter_name in pending:  # refuse before any weight changes
         host.check_merge(base, adapter_name)
         if id(base.weight) in tied:
@@ -307,11 +308,9 @@ def unload(model: nn.Module, dequantize: bool = False, requantize: bool = False,
     if requantize and not dequantize:
         raise SpliceError("unload: requantize=True needs dequantize=True (a 4-bit weight cannot take a merge)")
     old: dict[str, nn.Module] = {}
-    before: dict[str, torch.Tensor] = {}
     if dequantize:
         with quantization.dequantized(model, dtype) as found:
             old = found if requantize else {}
-            before = {name: quantization.canonical_weight(model.get_submodule(name)).clone() for name in old}
             merge(model)
     else:
         merge(model)
@@ -332,7 +331,7 @@ def unload(model: nn.Module, dequantize: bool = False, requantize: bool = False,
     if dequantize:
         quantization.restore_conv1d(model)
     if old:
-        warnings.warn(quantization.describe_requantize(quantization.requantize(model, old, before)), stacklevel=2)
+        warnings.warn(quantization.describe_requantize(quantization.requantize(model, old)), stacklevel=2)
     return model
 
 
@@ -372,27 +371,25 @@ def _remove_checkpoint_hooks(state: ModelState) -> None:
         state.checkpoint_inputs = None
 
 
-def _refuse_tied_inits(model: nn.Module, config: AdapterConfig, selected: list[tuple[str, nn.Module]]) -> None:
+def _refuse_inits_from_base(model: nn.Module, config: AdapterConfig,
+                            selected: list[tuple[str, nn.Module]]) -> None:
     """An init that takes part of the base weight (PiSSA, GOAT) would change every module that
-    shares that weight; refused, as merging into it is."""
+    shares that weight, and a quantized weight cannot give part of itself up exactly; both are
+    refused before anything is built, as merging into them is."""
     if not config.takes_from_base():
         return
-    tied = _tied_parameters(model)
+    tied = tied_parameters(model)
     for module_name, module in selected:
         weight = getattr(module, "weight", None)
+        if weight is not None and not is_plain_float_weight(weight):
+            raise SpliceError(f"{config.method} init {getattr(config, 'init', '')!r} starts from part of the base "
+                              f"weight (PiSSA, GOAT and other spectrum inits), which the quantized "
+                              f"{type(weight).__name__} of {module_name!r} cannot give up exactly: use the "
+                              "default init on a quantized base")
         if weight is not None and id(weight) in tied:
             others = [n for n in tied[id(weight)] if n != f"{module_name}.weight"]
             raise SpliceError(f"{module_name}.weight is tied to {others}: an init that takes part of it out of the "
                               "base would change those modules too; leave the module out or use the default init")
-
-
-def _tied_parameters(model: nn.Module) -> dict[int, list[str]]:
-    """Parameters held by more than one module (tied embeddings), by id, with their names."""
-    holders: dict[int, list[str]] = {}
-    for module_name, module in named_base_modules(model):
-        for param_name, param in module.named_parameters(recurse=False):
-            holders.setdefault(id(param), []).append(f"{module_name}.{param_name}".lstrip("."))
-    return {key: names for key, names in holders.items() if len(names) > 1}
 
 
 def _require_known(model: nn.Module, names: list[str]) -> None:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from splice.core.config import adapter_delta
-from splice.core.errors import MergeError, SpliceError
+from splice.core.errors import MergeError
 from splice.core.layers import LayerInfo, is_plain_float_weight
 from splice.core.lowrank import LowRankForward, add_low_rank_
 from splice.core.route_context import routing_of
@@ -107,10 +107,7 @@ class Host(nn.ModuleDict):
         initial = self[name].initial_delta_weight()
         if initial is None:
             return
-        if not is_plain_float_weight(base.weight):
-            raise SpliceError(f"adapter {name!r} ({type(self[name]).__name__}) starts from part of the base weight "
-                              f"(PiSSA, GOAT and other spectrum inits), which a quantized {type(base.weight).__name__} "
-                              "cannot give up exactly: use the default init on a quantized base")
+        check_mergeable_weight(base)  # `attach` refuses this earlier with the init's reason
         weight = base.weight.detach()
         change = initial.T if self.info.transposed else initial
         taken = added(weight, change, -1.0)

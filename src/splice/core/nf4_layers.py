@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import copy
 import importlib
-import logging
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Literal
@@ -57,37 +55,21 @@ class QuantizationSkip(SpliceError):
     """One layer the chosen library cannot quantize (its shape), with the reason."""
 
 
-@contextmanager
-def _quiet_import_logs():
-    """torchao logs a warning for each compiled CUDA extension it cannot load on a CPU machine,
-    and torch a deprecation for an enum torchao registers; neither matters for NF4."""
-    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
 def torchao_nf4() -> ModuleType:
-    """torchao's NF4 tensor module, or a SpliceError saying how to install it."""
-    with _quiet_import_logs():
-        for name in TORCHAO_NF4_MODULES:
-            try:
-                return importlib.import_module(name)
-            except ImportError:
-                continue
+    """torchao's NF4 tensor module, or a SpliceError saying how to install it (the harmless messages
+    its import logs are filtered by `splice._library_logs`)."""
+    for name in TORCHAO_NF4_MODULES:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
     raise SpliceError(f"NF4 on the torchao backend needs torchao (>= 0.18): {INSTALL_HINT}")
 
 
 def bitsandbytes() -> ModuleType:
     """bitsandbytes, or a SpliceError saying how to install it."""
     try:
-        with _quiet_import_logs():
-            return importlib.import_module("bitsandbytes")
+        return importlib.import_module("bitsandbytes")
     except ImportError:
         raise SpliceError(f"NF4 on the bitsandbytes backend needs bitsandbytes (>= 0.49): {INSTALL_HINT}") from None
 
@@ -138,10 +120,15 @@ def is_nf4_tensor(weight: torch.Tensor) -> bool:
     return callable(getattr(weight, "get_original_weight", None)) and hasattr(weight, "quantized_scalers")
 
 
+def is_4bit_tensor(tensor: torch.Tensor) -> bool:
+    """True for a torchao NF4 tensor or a bitsandbytes Params4bit (with its quant state)."""
+    return is_nf4_tensor(tensor) or getattr(tensor, "quant_state", None) is not None
+
+
 def is_4bit_layer(module: nn.Module) -> bool:
-    """True for a layer whose weight is 4-bit (torchao NF4 or bitsandbytes Params4bit)."""
+    """True for a layer whose weight is 4-bit."""
     weight = getattr(module, "weight", None)
-    return weight is not None and (is_nf4_tensor(weight) or getattr(weight, "quant_state", None) is not None)
+    return weight is not None and is_4bit_tensor(weight)
 
 
 def settings_of(module: nn.Module) -> NF4Settings | None:
@@ -173,10 +160,9 @@ def dense_4bit(weight: torch.Tensor) -> torch.Tensor:
     return bitsandbytes().functional.dequantize_4bit(weight.data, weight.quant_state)
 
 
-def storage_bytes(module: nn.Module) -> int:
-    """Bytes that hold a layer's weight: the 4-bit codes plus every scale and code book of a 4-bit
-    weight (double quantization included), or the dense weight's bytes."""
-    weight = module.weight
+def storage_bytes(weight: torch.Tensor) -> int:
+    """Bytes that hold a tensor: the 4-bit codes plus every scale and code book of a 4-bit weight
+    (double quantization included), or a dense tensor's bytes."""
     if is_nf4_tensor(weight):
         names, _ = weight.__tensor_flatten__()
         return sum(_tensor_bytes(getattr(weight, name)) for name in names)
@@ -247,15 +233,23 @@ def dense_linear(module: nn.Module, dtype: torch.dtype, as_conv1d: bool = False)
     out_features, in_features = weight.shape
     bias = getattr(module, "bias", None)
     if as_conv1d:
-        with torch.device("meta"):
-            layer = Conv1D(out_features, in_features)
-        layer.weight = nn.Parameter(weight.T.contiguous(), requires_grad=False)
+        layer = conv1d_layer(weight, bias)
     else:
         layer = nn.Linear(in_features, out_features, bias=bias is not None, device="meta", dtype=dtype)
         layer.weight = nn.Parameter(weight, requires_grad=False)
-    if bias is not None:
-        layer.bias = nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False)
     setattr(layer, DENSE_DTYPE, dtype)
     setattr(layer, FROM_CONV1D, getattr(module, FROM_CONV1D, False))
     return layer
 
+
+def conv1d_layer(weight: torch.Tensor, bias: torch.Tensor | None) -> Conv1D:
+    """A frozen transformers Conv1D computing `x weightᵀ + bias` (`weight` [out, in]), in weight's dtype."""
+    out_features, in_features = weight.shape
+    with torch.device("meta"):
+        layer = Conv1D(out_features, in_features)
+    layer.weight = nn.Parameter(weight.detach().T.contiguous(), requires_grad=False)
+    layer.bias = nn.Parameter(torch.zeros(out_features, dtype=weight.dtype, device=weight.device)
+                              if bias is None else bias.detach().to(weight.dtype).clone(), requires_grad=False)
+    return layer

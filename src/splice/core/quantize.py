@@ -31,17 +31,18 @@ from splice.core.nf4_layers import (
     FROM_CONV1D,
     NF4Settings,
     QuantizationSkip,
+    conv1d_layer,
     dense_4bit,
     dense_dtype,
     dense_linear,
     is_4bit_layer,
-    is_nf4_tensor,
+    is_4bit_tensor,
     quantize_layer,
     settings_of,
     storage_bytes,
     weight_count,
 )
-from splice.core.targets import Targets, matches, named_base_modules, output_head_names
+from splice.core.targets import Targets, matches, named_base_modules, output_head_names, tied_parameters
 
 SCHEMES = ("nf4",)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -106,8 +107,7 @@ def _own_storage(model: nn.Module) -> None:
     torchao NF4): 869 MB resident after quantizing without this copy, 572 MB with it."""
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
-            four_bit = is_nf4_tensor(tensor) or getattr(tensor, "quant_state", None) is not None
-            if tensor.device.type == "cpu" and not four_bit:
+            if tensor.device.type == "cpu" and not is_4bit_tensor(tensor):
                 tensor.data = tensor.data.clone()
 
 
@@ -172,15 +172,15 @@ def _linear_layer_names(model: nn.Module) -> list[str]:
 
 def _pick(model: nn.Module, skip: Targets, keep_heads: bool) -> dict[str, nn.Module]:
     """The dense Linear layers to quantize, by name."""
-    names = _linear_layer_names(model)
+    names = set(_linear_layer_names(model))
     if isinstance(skip, list):
         unmatched = [entry for entry in skip if not any(matches([entry], n) for n in names)]
         if unmatched:
             near = {e: difflib.get_close_matches(e, {n.rsplit(".", 1)[-1] for n in names}, n=3) for e in unmatched}
             raise TargetError(f"quantize: skip entries {unmatched} match no Linear layer (close: {near}); "
-                              f"Linear layers here: {', '.join(names[:12])}")
+                              f"Linear layers here: {', '.join(_linear_layer_names(model)[:12])}")
     heads = output_head_names(model) if keep_heads else set()
-    shared = _shared_weights(model)
+    shared = tied_parameters(model)
     return {name: module for name, module in named_base_modules(model)
             if name in names and not is_4bit_layer(module) and not matches(skip, name) and not _under(heads, name)
             and id(module.weight) not in shared and module.weight.dtype.is_floating_point}
@@ -189,16 +189,6 @@ def _pick(model: nn.Module, skip: Targets, keep_heads: bool) -> dict[str, nn.Mod
 def _under(heads: set[str], name: str) -> bool:
     """Whether module `name` is one of `heads` or inside one (RoBERTa's classifier holds two Linears)."""
     return any(name == head or name.startswith(head + ".") for head in heads)
-
-
-def _shared_weights(model: nn.Module) -> set[int]:
-    """ids of weights that more than one module holds (tied embeddings and LM heads)."""
-    seen: dict[int, int] = {}
-    for _, module in named_base_modules(model):
-        weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor):
-            seen[id(weight)] = seen.get(id(weight), 0) + 1
-    return {key for key, count in seen.items() if count > 1}
 
 
 def _replace(model: nn.Module, settings: dict[str, NF4Settings]) -> dict[str, str]:
@@ -254,10 +244,8 @@ def restore_conv1d(model: nn.Module) -> None:
     with torch.no_grad():
         for name, module in list(named_base_modules(model)):
             if type(module) is nn.Linear and getattr(module, FROM_CONV1D, False) and host_of(module) is None:
-                conv = Conv1D(module.out_features, module.in_features).to(module.weight.device, module.weight.dtype)
-                conv.weight.copy_(module.weight.T)
-                conv.bias.copy_(module.bias)
-                conv.requires_grad_(False)
+                conv = conv1d_layer(module.weight, module.bias)
+                setattr(conv, FROM_CONV1D, True)
                 _swap(model, name, module, conv)
 
 
@@ -281,16 +269,19 @@ def put_back(model: nn.Module, layers: dict[str, nn.Module]) -> None:
         _swap(model, name, model.get_submodule(name), module)
 
 
-def describe_requantize(errors: dict[str, RequantizeError]) -> str:
-    """One sentence on what quantizing merged layers again cost."""
+def describe_requantize(errors: dict[str, RequantizeError | None]) -> str:
+    """One sentence on what quantizing merged layers again cost (None: a layer left dense)."""
+    dense = [name for name, error in errors.items() if error is None]
+    kept = f"; {len(dense)} merged layer(s) not in NF4 (bitsandbytes FP4) stay dense: {dense[:3]}" if dense else ""
+    errors = {name: error for name, error in errors.items() if error is not None}
     if not errors:
-        return "requantize: no merged layer changed, every 4-bit layer is the one it was"
+        return "requantize: no merged layer changed, every 4-bit layer is the one it was" + kept
     of_change = sorted(e.of_change for e in errors.values())
     of_weight = max(e.of_weight for e in errors.values())
     return (f"requantize: {len(errors)} merged layer(s) back in 4-bit; the rounding moves the weights by up to "
             f"{of_weight:.1%} of their norm, which is {of_change[len(of_change) // 2]:.0%} (median; worst "
             f"{of_change[-1]:.0%}) of the merged adapter's change: keep the dequantized model, or the adapter "
-            "unmerged, where that matters")
+            f"unmerged, where that matters{kept}")
 
 
 @dataclass(frozen=True)
@@ -302,27 +293,29 @@ class RequantizeError:
     of_change: float
 
 
-def requantize(model: nn.Module, old: dict[str, nn.Module],
-               before_merge: dict[str, torch.Tensor]) -> dict[str, RequantizeError]:
-    """Quantize again, with the settings of their 4-bit layers in `old`, the named dense layers
-    whose weight changed since `before_merge`, and measure the error against their dense weights
-    now and against that change; the unchanged ones get their very 4-bit layers back (NF4 does not
-    reproduce itself exactly from its dequantized weights)."""
-    errors: dict[str, RequantizeError] = {}
-    unchanged = {name: layer for name, layer in old.items()
-                 if torch.equal(canonical_weight(model.get_submodule(name)), before_merge[name])}
-    put_back(model, unchanged)
+def requantize(model: nn.Module, old: dict[str, nn.Module]) -> dict[str, RequantizeError | None]:
+    """Quantize again, with the settings of their 4-bit layers in `old`, the named dense layers whose
+    weight changed since they were dequantized from those layers, and measure the error against their
+    dense weights now and against that change (None: a changed layer not in NF4, left dense); the
+    unchanged ones get their very 4-bit layers back (NF4 does not reproduce itself exactly from its
+    dequantized weights)."""
+    errors: dict[str, RequantizeError | None] = {}
     with torch.no_grad():
-        for name in [n for n in old if n not in unchanged]:
-            layer_settings = settings_of(old[name])
-            if layer_settings is None:  # a bitsandbytes FP4 layer: stays dense, said in the report
-                continue
+        for name, layer in old.items():
             module = model.get_submodule(name)
-            dense = canonical_weight(module).float()
+            dense = canonical_weight(module)
+            before = dense_4bit(layer.weight).to(dense.dtype)
+            if torch.equal(dense, before):
+                put_back(model, {name: layer})
+                continue
+            layer_settings = settings_of(layer)
+            if layer_settings is None:
+                errors[name] = None
+                continue
             new = quantize_layer(module, layer_settings)
+            dense, before = dense.float(), before.float()
             rounded = dense_4bit(new.weight).float() - dense
-            change = dense - before_merge[name].float()
-            errors[name] = RequantizeError(_ratio(rounded, dense), _ratio(rounded, change))
+            errors[name] = RequantizeError(_ratio(rounded, dense), _ratio(rounded, dense - before))
             _swap(model, name, module, new)
     return errors
 
@@ -348,32 +341,17 @@ def base_bytes(model: nn.Module) -> dict[str, Any]:
             continue
         counted.add(id(module.weight))
         if is_4bit_layer(module):
-            quantized += storage_bytes(module)
-            weights += weight_count(module.weight) if not is_nf4_tensor(module.weight) else module.weight.numel()
+            quantized += storage_bytes(module.weight)
+            weights += weight_count(module.weight)
         else:
             dense_weights += module.weight.numel()
-            dense_bytes += storage_bytes(module)
+            dense_bytes += storage_bytes(module.weight)
     total = 0
     seen: set[int] = set()
     for tensor in [*model.parameters(), *model.buffers()]:
         if id(tensor) not in seen:
             seen.add(id(tensor))
-            total += _tensor_storage(tensor)
+            total += storage_bytes(tensor)
     return {"quantized_weights": weights, "quantized_bytes": quantized, "quantized_as_bf16_bytes": 2 * weights,
             "quantized_as_fp32_bytes": 4 * weights, "bits_per_weight": 8 * quantized / weights if weights else 0.0,
             "dense_linear_weights": dense_weights, "dense_linear_bytes": dense_bytes, "model_bytes": total}
-
-
-def _tensor_storage(tensor: torch.Tensor) -> int:
-    """Bytes a parameter or buffer holds, the scales of a 4-bit one included."""
-    if is_nf4_tensor(tensor) or getattr(tensor, "quant_state", None) is not None:
-        return storage_bytes(_Holder(tensor))
-    return tensor.numel() * tensor.element_size()
-
-
-class _Holder(nn.Module):
-    """A tensor seen as a layer's weight, to count a 4-bit tensor's storage."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__()
-        self.__dict__["weight"] = weight

@@ -62,6 +62,15 @@ def named_base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     yield from walk(model, "")
 
 
+def tied_parameters(model: nn.Module) -> dict[int, list[str]]:
+    """Parameters held by more than one module (tied embeddings), by id, with their names."""
+    holders: dict[int, list[str]] = {}
+    for module_name, module in named_base_modules(model):
+        for param_name, param in module.named_parameters(recurse=False):
+            holders.setdefault(id(param), []).append(f"{module_name}.{param_name}".lstrip("."))
+    return {key: names for key, names in holders.items() if len(names) > 1}
+
+
 def is_splice_child(name: str, child: nn.Module) -> bool:
     """Whether a child module is one splice added (a host of adapters, copies of a trained head):
     those classes say so with a `splice_internal` class attribute."""

@@ -24,7 +24,7 @@ from torch import nn
 from splice.core.config import Adapter, AdapterConfig
 from splice.core.errors import MergeError, SpliceError
 from splice.core.host import hosts
-from splice.core.layers import LayerInfo, is_plain_float_weight
+from splice.core.layers import LayerInfo
 from splice.core.lowrank import LowRank, LowRankForward, low_rank_delta
 from splice.core.model_state import model_state
 from splice.core.registry import register_method
@@ -302,10 +302,6 @@ class LoRAAdapter(Adapter, LowRankForward):
         """Principal singular triplets into A and B, and out of the base weight (PiSSA)."""
         if self.info.kind != "linear":
             raise SpliceError(f"PiSSA init needs a Linear host; {module_name!r} is {self.info.kind}")
-        if not is_plain_float_weight(base.weight):
-            raise SpliceError(f"PiSSA init moves the weight's top singular part into the adapter, but {module_name!r} "
-                              f"holds a quantized {type(base.weight).__name__} that cannot give it up exactly; use "
-                              "init 'default' on a quantized base")
         weight = base.weight.detach().float()
         weight = weight.T if self.info.transposed else weight
         U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
