@@ -76,6 +76,14 @@ Schedule = Annotated[str | None, typer.Option(
     help="A schedule that acts on the adapter during the run, with its default options: dmep (prune a MoELoRA's "
     "under-used experts after 15% of the steps, then train without the balancing loss). Options go in the "
     "YAML: schedule: {name: dmep, prune_at: 0.15, keep_mass: 0.9}.", show_default=False)]
+Optimizer = Annotated[str | None, typer.Option(
+    help="adamw (default); loraplus: B at 16x A's learning rate (HF PEFT's LoRA+ groups); loft: AdamW steps of "
+    "W projected onto the LoRA factors, one factor per step (behaves like full fine-tuning of the adapted "
+    "layers). Options go in the YAML: optimizer: {name: loraplus, lr_ratio: 8}.", show_default=False)]
+Selection = Annotated[str | None, typer.Option(
+    help="A gradient rule with its default options: gast (per layer, update with the samples whose gradients "
+    "agree with the batch's, and only the layers where they agree most). Options go in the YAML: "
+    "selection: {name: gast, keep: 0.5}.", show_default=False)]
 Quantize = Annotated[str | None, typer.Option(
     help="A 4-bit base (QLoRA): nf4 puts the base's Linear layers in NF4 (torchao; bitsandbytes on CUDA) before "
     "the adapter is attached. Other options go in a training YAML: quantize: {scheme: nf4, compute_dtype: "
@@ -111,7 +119,7 @@ def train(
     max_eval_examples: MaxEvalExamples = None, eval_every: EvalEvery = None,
     gradient_checkpointing: GradientCheckpointing = None, group_by_length: GroupByLength = None,
     seed: Seed = None, precision: Precision = None, quantize: Quantize = None, schedule: Schedule = None,
-    output_dir: OutputDir = None, force: Force = False,
+    optimizer: Optimizer = None, selection: Selection = None, output_dir: OutputDir = None, force: Force = False,
     tenants: Tenants = False, join_at: JoinAt = None, max_rows: MaxRows = None, max_padding: MaxPadding = 0.25,
     checkpoint_every: CheckpointEvery = None, on_nonfinite: OnNonfinite = None, resume: Resume = None,
     quiet: Quiet = False,
@@ -135,6 +143,8 @@ def train(
         splice train --method diablo --set blocks=32 --targets all-linear
 
         splice train --method moelora --set experts=8 --set init=goat --r 16 --schedule dmep
+
+        splice train --optimizer loft --lr 1e-3
 
         splice train --tenants alice.yaml bob.yaml carol.yaml --max-steps 200
 
@@ -162,7 +172,7 @@ def train(
 CONFIG_FLAGS = ("model", "task", "data", "text_column", "label_column", "prompt_column", "completion_column",
                 "init_adapter", "lr", "head_lr", "epochs", "max_steps", "batch_size", "max_train_examples",
                 "max_eval_examples", "eval_every", "gradient_checkpointing", "group_by_length", "seed", "precision",
-                "quantize", "output_dir",
+                "quantize", "optimizer", "output_dir",
                 "checkpoint_every", "on_nonfinite")
 
 
@@ -186,6 +196,8 @@ def _configs(flags: dict[str, Any]) -> list[TrainConfig]:
     settings |= key_values(flags["param"] or [])
     if flags["schedule"] is not None:
         settings["schedule"] = {"name": flags["schedule"]}
+    if flags["selection"] is not None:
+        settings["selection"] = {"name": flags["selection"]}
     return [TrainConfig.from_yaml(path, settings=settings, adapter={k: v for k, v in adapter.items() if v is not None},
                                   **{name: flags[name] for name in CONFIG_FLAGS}) for path in paths or [None]]
 

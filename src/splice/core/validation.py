@@ -273,3 +273,23 @@ def check_fields(cls: type, data: Mapping[str, Any], prefix: str = "") -> None:
         if key in types and (expected := check_value(types[key], value)) is not None:
             section = prefix.split("[")[0].rstrip(".") or key
             raise keyed_error(section, f"{prefix}{key} must be {expected}, got {show(value)}")
+
+
+def build_named(registry: Mapping[str, type], spec: Mapping[str, Any], what: str, example: str) -> Any:
+    """The registered class that `spec["name"]` names, built with the spec's other keys (its
+    dataclass fields); an unknown name, option or value is refused naming `what` (a config key:
+    "schedule", "selection") and the choices, e.g. `example` "{name: dmep}"."""
+    options = dict(spec)
+    name = options.pop("name", None)
+    if name not in registry:
+        raise SpliceError(f"{what} name {name!r} is not known; {what}s: {sorted(registry)} (e.g. {what}: {example})")
+    cls = registry[name]
+    known = set(init_fields(cls)) if dataclasses.is_dataclass(cls) else set()
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise SpliceError(f"{what} {name!r} has no option {unknown}; its options: {sorted(known)}")
+    try:
+        return cls(**options)
+    except (TypeError, ValueError) as err:
+        raise SpliceError(f"{what} {name!r}: {err}") from None
+

@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
 import torch
 
 import splice
@@ -67,14 +65,3 @@ def adapter_parameters(model: torch.nn.Module, name: str,
     others = {id(p) for _, _, host in hosts(model) for owner, adapter in host.items() if owner not in own
               for p in adapter.parameters()}
     return {key: p for key, p in splice.trainable_parameters(model).items() if id(p) not in others}
-
-
-def param_groups(parameters: dict[str, torch.nn.Parameter], heads: list[str],
-                 config: TrainConfig) -> list[dict[str, Any]]:
-    """Adapter parameters at `lr`; parameters of modules trained in full (under `heads`) at `head_lr`."""
-    prefixes = tuple(f"{name}." for name in heads)
-    groups: dict[bool, list[torch.nn.Parameter]] = {False: [], True: []}
-    for name, p in parameters.items():
-        groups[name.startswith(prefixes)].append(p)
-    lrs = {False: config.lr, True: config.head_lr or config.lr}
-    return [{"params": ps, "lr": lrs[is_head]} for is_head, ps in groups.items() if ps]

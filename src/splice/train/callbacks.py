@@ -16,7 +16,6 @@ tenant is a trainer too: `Multiplexer.add(config, callbacks=[...])` hooks into i
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -26,7 +25,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from splice.core import progress
-from splice.core.errors import SpliceError
+from splice.core.validation import build_named
 
 if TYPE_CHECKING:
     from splice.train.trainer import Trainer
@@ -69,17 +68,7 @@ def schedule_callback(spec: Mapping[str, Any] | None) -> list[Callback]:
         return []
     import splice.schedules  # noqa: F401  (registers them; not imported with splice itself)
 
-    options = dict(spec)
-    name = options.pop("name", None)
-    if name not in SCHEDULES:
-        raise SpliceError(f"schedule name {name!r} is not known; schedules: {sorted(SCHEDULES)} "
-                          "(e.g. schedule: {name: dmep})")
-    cls = SCHEDULES[name]
-    known = {f.name for f in dataclasses.fields(cls) if f.init} if dataclasses.is_dataclass(cls) else set()
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise SpliceError(f"schedule {name!r} has no option {unknown}; its options: {sorted(known)}")
-    return [cls(**options)]
+    return [build_named(SCHEDULES, spec, "schedule", "{name: dmep}")]
 
 
 def progress_bar(console: Console, enabled: bool) -> AbstractContextManager[Progress]:

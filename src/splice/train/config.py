@@ -28,6 +28,8 @@ from splice.core.quantize import quantize_options
 from splice.core.registry import config_class, config_from_dict
 from splice.core.validation import check_value, did_you_mean, field_types, init_fields, keyed_error, show
 from splice.train.callbacks import schedule_callback
+from splice.train.gradients import gradient_rule
+from splice.train.optimizers import optimizer_options
 
 Task = Literal["classification", "causal_lm"]
 Precision = Literal["no", "bf16", "fp16"]
@@ -117,6 +119,13 @@ class TrainConfig:
             to continue from instead of a fresh `adapter` (for a sequence of tasks): its adapter
             weights are loaded and trained further; the heads it trained are not loaded, the
             task trains its own (a fresh classifier for its labels, as with a new adapter).
+        optimizer: "adamw" (torch's AdamW), "loraplus" (AdamW with B at `lr_ratio` times A's
+            rate, HF PEFT's LoRA+ groups) or "loft" (LoFT: AdamW steps of W projected onto the
+            LoRA factors, one factor per step; it clips in W's space itself), or a mapping with
+            the name and options: `{name: loraplus, lr_ratio: 16, lr_embedding: 1e-6}`,
+            `{name: loft, damping: 1e-8}`; all take `betas` and `eps` (`splice.train.optimizers`).
+        selection: a gradient rule that chooses which samples update which layers, by name with
+            its options, e.g. `{name: gast, keep: 0.5, layers: 2}` (`splice.selection`).
         schedule: a training schedule that acts on the adapter during the run, by name with its
             options, e.g. `{name: dmep, prune_at: 0.15, keep_mass: 0.9}` (DMEP's expert pruning
             for MoELoRA; `splice.schedules`).
@@ -156,6 +165,8 @@ class TrainConfig:
     checkpoint_every: int | None = 100
     on_nonfinite: NonFinite = "stop"
     init_adapter: str | None = None
+    optimizer: str | dict[str, Any] = "adamw"
+    selection: dict[str, Any] | None = None
     schedule: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -219,6 +230,14 @@ class TrainConfig:
                 quantize_options(self.quantize)
             except SpliceError as err:
                 raise keyed_error("quantize", str(err)) from None
+        try:
+            optimizer_options(self.optimizer)
+        except SpliceError as err:
+            raise keyed_error("optimizer", str(err)) from None
+        try:
+            gradient_rule(self.selection)
+        except SpliceError as err:
+            raise keyed_error("selection", str(err)) from None
         try:
             schedule_callback(self.schedule)
         except SpliceError as err:

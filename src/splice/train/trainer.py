@@ -51,7 +51,7 @@ import splice
 from splice.core.errors import SpliceError
 from splice.core.progress import use as progress_to
 from splice.train import checkpoint, ending, report, tasks
-from splice.train.adapters import adapter_parameters, param_groups, trainable_adapter
+from splice.train.adapters import adapter_parameters, trainable_adapter
 from splice.train.batching import check_packing, rows_in
 from splice.train.callbacks import Callback, progress_bar, schedule_callback
 from splice.train.config import TrainConfig, describe_data
@@ -59,6 +59,8 @@ from splice.train.data import DatasetSplits, collator, load_splits
 from splice.train.data import train_loader as make_train_loader
 from splice.train.ending import Tenancy
 from splice.train.evaluation import Metrics, enable_gradient_checkpointing, evaluate_loader, make_accelerator
+from splice.train.gradients import gradient_rule
+from splice.train.optimizers import make_optimizer
 from splice.train.results import (
     MAX_SKIPS_IN_A_ROW,
     BestKeeper,
@@ -101,6 +103,10 @@ class Trainer:
             raise SpliceError("a tenant trainer is not checkpointed and its orchestrator computes the loss: it "
                               "cannot " + ("resume" if resume else "take penalties" if penalties else
                                            "take an objective"))
+        self.gradient_rule = gradient_rule(config.selection)
+        if self.gradient_rule is not None and (tenancy is not None or penalties or objective):
+            raise SpliceError(f"selection {config.selection['name']!r} computes each batch's gradients itself: it "
+                              "cannot run in a multiplexed tenant, nor with penalties or an objective")
         self.penalties = list(penalties)
         self.objective = objective
         self.started = time.perf_counter()
@@ -159,7 +165,9 @@ class Trainer:
         self.eval_rows = {n: rows for n, rows in (("validation", splits.validation), ("test", splits.test)) if rows}
         eval_loaders = [DataLoader(rows, batch_size=config.batch_size, collate_fn=collate)
                         for rows in self.eval_rows.values()]
-        optimizer = torch.optim.AdamW(param_groups(self.trained, heads, config), weight_decay=config.weight_decay)
+        optimizer = make_optimizer(config.optimizer, model, self.trained, heads, lr=config.lr, head_lr=config.head_lr,
+                                   weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm)
+        self.clipped_by_optimizer = getattr(optimizer, "clips_gradients", False)  # LoFT clips in W's space
         self.plain_model = model  # accelerate may wrap it (DDP); splice's state lives on the model itself
         self.model, self.optimizer, self.train_loader, *eval_loaders = accelerator.prepare(
             model, optimizer, train_loader, *eval_loaders)
@@ -383,7 +391,10 @@ class Trainer:
     # -- inside a step ------------------------------------------------------------------------
 
     def _forward_backward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's task loss and what was backpropagated (with auxiliary losses, if any)."""
+        """The batch's task loss and what was backpropagated (with auxiliary losses, if any);
+        a gradient rule (`selection`) makes the gradients its own way."""
+        if self.gradient_rule is not None:
+            return self.gradient_rule.backward(self, batch)
         loss = self.model(**batch).loss if self.objective is None else self.objective(self.model, batch)
         extra = splice.auxiliary_loss(self.plain_model)  # e.g. a rank router's budget penalty
         total = loss if extra is None else loss + extra
@@ -398,7 +409,8 @@ class Trainer:
         accelerator, optimizer, config = self.accelerator, self.optimizer, self.config
         received = self._signals is not None and self._signals.received is not None
         check = check_step(accelerator, self._micro_losses, self._micro_totals, list(self.trained.values()),
-                           config.max_grad_norm, config.precision != "fp16", received)
+                           None if self.clipped_by_optimizer else config.max_grad_norm,
+                           config.precision != "fp16", received)
         self._micro_losses, self._micro_totals = [], []
         if check.problem is None:
             optimizer.step()

@@ -1,0 +1,84 @@
+"""The optimizer a training config names: `optimizer: adamw | loft | loraplus`, or a mapping
+with options, e.g. `{name: loraplus, lr_ratio: 16}` or `{name: loft, betas: [0.9, 0.999]}`.
+
+The learning rates, weight decay and clipping threshold are the config's own (`lr`, `head_lr`,
+`weight_decay`, `max_grad_norm`) whatever the optimizer; modules trained in full (heads) keep
+`head_lr` and take AdamW steps under all three.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from splice.core.errors import SpliceError
+from splice.optim import LoFT, factor_pairs, loraplus_groups
+
+# name -> {option: default}; the options a config may give each optimizer
+OPTIONS: dict[str, dict[str, Any]] = {
+    "adamw": {"betas": (0.9, 0.999), "eps": 1e-8},
+    "loft": {"betas": (0.9, 0.999), "eps": 1e-8, "damping": 1e-8},
+    "loraplus": {"betas": (0.9, 0.999), "eps": 1e-8, "lr_ratio": 16.0, "lr_embedding": 1e-6},
+}
+
+
+def optimizer_options(spec: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(name, options with defaults filled in) of a config's `optimizer`; a clear error for an
+    unknown name, option or value."""
+    options = {"name": spec} if isinstance(spec, str) else dict(spec)
+    name = options.pop("name", None)
+    if name not in OPTIONS:
+        raise SpliceError(f"optimizer {name!r} is not known; optimizers: {', '.join(OPTIONS)} "
+                          "(or a mapping such as {name: loraplus, lr_ratio: 16})")
+    unknown = sorted(set(options) - set(OPTIONS[name]))
+    if unknown:
+        raise SpliceError(f"optimizer {name!r} has no option {unknown}; its options: {sorted(OPTIONS[name])}")
+    chosen = {**OPTIONS[name], **options}
+    betas = chosen["betas"]
+    if (not isinstance(betas, (list, tuple)) or len(betas) != 2
+            or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+        raise SpliceError(f"optimizer {name!r}: betas must be two numbers in [0, 1), got {betas!r}")
+    chosen["betas"] = tuple(float(b) for b in betas)
+    for key in ("eps", "damping", "lr_embedding"):
+        if key in chosen and not _number(chosen[key], minimum=0.0):
+            raise SpliceError(f"optimizer {name!r}: {key} must be a number >= 0, got {chosen[key]!r}")
+    if "lr_ratio" in chosen and not _number(chosen["lr_ratio"], minimum=0.0, strict=True):
+        raise SpliceError(f"optimizer {name!r}: lr_ratio must be a positive number, got {chosen['lr_ratio']!r}")
+    return name, chosen
+
+
+def make_optimizer(spec: str | Mapping[str, Any], model: nn.Module, trained: Mapping[str, nn.Parameter],
+                   heads: list[str], *, lr: float, head_lr: float | None, weight_decay: float,
+                   max_grad_norm: float | None) -> torch.optim.Optimizer:
+    """The optimizer over `trained` (name in `model` -> parameter): the adapter's parameters at
+    `lr`, those under the `heads` module paths at `head_lr` (or `lr`)."""
+    name, options = optimizer_options(spec)
+    prefixes = tuple(f"{head}." for head in heads)
+    adapter = {key: p for key, p in trained.items() if not key.startswith(prefixes)}
+    in_heads = [p for key, p in trained.items() if key.startswith(prefixes)]
+    head_group = [{"params": in_heads, "lr": head_lr or lr, "weight_decay": weight_decay}] if in_heads else []
+    betas, eps = options["betas"], options["eps"]
+    if name == "loraplus":
+        groups = loraplus_groups(model, adapter, lr=lr, lr_ratio=options["lr_ratio"],
+                                 lr_embedding=options["lr_embedding"], weight_decay=weight_decay)
+        return torch.optim.AdamW(groups + head_group, betas=betas, eps=eps)
+    adapter_groups = [{"params": list(adapter.values()), "lr": lr, "weight_decay": weight_decay}] if adapter else []
+    if name == "adamw":
+        return torch.optim.AdamW(adapter_groups + head_group, betas=betas, eps=eps)
+    pairs = factor_pairs(model, adapter.values())
+    if not pairs:
+        raise SpliceError("optimizer loft needs a LoRA-shaped adapter (trainable A and B on Linear layers: lora, "
+                          "dora, ...); this adapter has none. Use optimizer adamw or loraplus")
+    paired = {id(p) for pair in pairs for p in (pair.A, pair.B)}
+    rest = [p for p in adapter.values() if id(p) not in paired]
+    groups = LoFT.groups(pairs, rest, lr=lr, weight_decay=weight_decay) + head_group
+    return LoFT(groups, betas=betas, eps=eps, damping=options["damping"], max_grad_norm=max_grad_norm)
+
+
+def _number(value: Any, minimum: float, strict: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return value > minimum if strict else value >= minimum
