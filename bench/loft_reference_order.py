@@ -5,17 +5,18 @@ The spec (volume-2 §5) found with a numpy emulation that the reference's update
 processed first, so B's gradient is rescaled with the freshly updated A) and its RᵀVR
 conjugation match AdamW only for betas (0, 0). This runs the reference code itself, unmodified,
 from a local copy (`--reference DIR`, the folder that holds `loft_optim/`; it is not a
-dependency of splice and is never downloaded here), in float64:
+dependency of splice and is never downloaded here):
 
     git --git-dir=<mirror of tnurbek/loft> archive HEAD loft_optim | tar -x -C /tmp/loftref
     .venv/bin/python bench/loft_reference_order.py --reference /tmp/loftref
 
 W = B A (m = n = r, no frozen base, scale 1 as the reference assumes, no weight decay: the
 reference's decay omits the learning rate), a tanh regression loss, 30 steps, lr 0.005, eps
-1e-8 and 1e-2 (the reference's own sanity check uses 1e-2: with a tiny eps and beta2 = 0, AdamW
-divides by the current |G|, which float32 rounding near G_ij = 0 turns into noise); splice in float64 and float32, the reference in float32 (it keeps its second moments in
-float32 whatever the parameters' dtype, and fails on float64 ones). The number is the largest relative gap of W from AdamW's W over the steps. Writes
-bench/results/loft_reference_order.{json,md}.
+1e-8 and 1e-2 (the reference's own sanity check uses 1e-2: with a tiny eps and beta2 = 0,
+AdamW divides by the current |G|, which float32 rounding near G_ij = 0 turns into noise).
+splice runs in float64 and float32, the reference in float32 (it keeps its second moments in
+float32 whatever the parameters' dtype, and fails on float64 ones). The number is the largest
+relative gap of W from AdamW's W over the steps. Writes bench/results/loft_reference_order.{json,md}.
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ def main() -> None:
         "",
         *lines,
     ])
-    write_results(args.out_dir, "loft_reference_order", {"rows": rows, "steps": STEPS, "lr": LR, "size": SIZE}, markdown)
+    result = {"rows": rows, "steps": STEPS, "lr": LR, "size": SIZE}
+    write_results(args.out_dir, "loft_reference_order", result, markdown)
     print(markdown)
 
 

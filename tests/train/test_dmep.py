@@ -14,9 +14,8 @@ import pytest
 import torch
 from helpers import assert_close
 from rich.console import Console
-from safetensors.torch import load_file
-from test_group_by_length_runs import Crash, CrashAt
 from torch import nn
+from train_helpers import Crash, CrashAt, assert_resumes_as_whole
 
 import splice
 from splice.core.errors import SpliceError
@@ -125,16 +124,7 @@ def _fresh(config: TrainConfig) -> nn.Module:
 
 
 def test_a_run_resumed_after_the_pruning_ends_as_the_run_that_never_stopped(dmep_config, tmp_path):
-    whole = loop.run(replace(dmep_config, output_dir=str(tmp_path / "whole")), console=quiet())
-    crashed = replace(dmep_config, output_dir=str(tmp_path / "crashed"))
-    with pytest.raises(Crash):  # the checkpoint of step 8 holds the pruned shapes
-        Trainer.from_config(crashed, callbacks=[CrashAt(8)], console=quiet()).fit()
-    resumed = loop.resume(Path(crashed.output_dir), console=quiet())
-    assert resumed.status == "finished"
-    want = load_file(Path(whole.paths["adapter"]) / "adapter_model.safetensors")
-    have = load_file(Path(resumed.paths["adapter"]) / "adapter_model.safetensors")
-    assert want.keys() == have.keys() and all(torch.equal(want[k], have[k]) for k in want)
-    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history]
+    assert_resumes_as_whole(dmep_config, tmp_path, crash_at=8)  # the checkpoint of step 8 holds the pruned shapes
 
 
 def test_a_run_resumed_from_the_checkpoint_of_the_pruning_step_finishes(tiny_classification, tmp_path):

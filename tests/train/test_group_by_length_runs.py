@@ -15,12 +15,12 @@ import typer
 import yaml
 from rich.console import Console
 from safetensors.torch import load_file
-from train_helpers import write_jsonl
+from train_helpers import Crash, CrashAt, write_jsonl
 from typer.testing import CliRunner
 
 from splice.cli import train_cmd
 from splice.core.errors import ConfigError, SpliceError
-from splice.train import Callback, TrainConfig, Trainer, checkpoint, loop
+from splice.train import TrainConfig, Trainer, checkpoint, loop
 
 WORDS = {0: ["bad", "awful", "poor", "dull"], 1: ["good", "great", "fine", "superb"]}
 
@@ -51,19 +51,6 @@ def config(model: Path, data: tuple[Path, Path], out: Path, **fields) -> TrainCo
     base = dict(model=str(model), data=str(train), validation=str(val), batch_size=8, max_steps=20, eval_every=4,
                 lr=5e-2, head_lr=0.2, checkpoint_every=4, output_dir=str(out), group_by_length=True)
     return TrainConfig(**{**base, **fields})
-
-
-class Crash(Exception):
-    """The process dying right after the checkpoint of step `at`."""
-
-
-class CrashAt(Callback):
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_step_end(self, trainer, entry) -> None:
-        if entry["step"] == self.at:
-            raise Crash
 
 
 def outcome(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -6,33 +6,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
-import torch
 from rich.console import Console
-from safetensors.torch import load_file
+from train_helpers import assert_resumes_as_whole
 
 from splice.core.errors import ConfigError, SpliceError
 from splice.optim import LoFT
-from splice.train import Callback, TrainConfig, Trainer, loop
+from splice.train import TrainConfig, Trainer
 
 
 def quiet() -> Console:
     return Console(quiet=True)
-
-
-class Crash(Exception):
-    pass
-
-
-class CrashAt(Callback):
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_step_end(self, trainer, entry) -> None:
-        if entry["step"] == self.at:
-            raise Crash
 
 
 def plain(optimizer):
@@ -63,17 +48,9 @@ def test_loft_run_learns_and_clips_in_w_space(tiny_classification):
 
 
 def test_loft_run_resumed_ends_as_the_run_that_never_stopped(tiny_classification, tmp_path):
+    """Dies after step 7, resumes from step 5's checkpoint: LoFT's moments and partner copies come back."""
     config = replace(tiny_classification, optimizer="loft", max_steps=10, eval_every=5, checkpoint_every=5, lr=5e-3)
-    whole = loop.run(replace(config, output_dir=str(tmp_path / "whole")), console=quiet())
-    crashed = replace(config, output_dir=str(tmp_path / "crashed"))
-    with pytest.raises(Crash):  # after the checkpoint of step 5: LoFT's moments and partner copies come back
-        Trainer.from_config(crashed, callbacks=[CrashAt(7)], console=quiet()).fit()
-    resumed = loop.resume(Path(crashed.output_dir), console=quiet())
-    assert resumed.status == "finished"
-    want = load_file(Path(whole.paths["adapter"]) / "adapter_model.safetensors")
-    have = load_file(Path(resumed.paths["adapter"]) / "adapter_model.safetensors")
-    assert want.keys() == have.keys() and all(torch.equal(want[k], have[k]) for k in want)
-    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in whole.history]
+    assert_resumes_as_whole(config, tmp_path, crash_at=7)
 
 
 def test_loft_refuses_an_adapter_without_factors(tiny_classification):
