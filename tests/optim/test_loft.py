@@ -1,6 +1,7 @@
-"""LoFT: at full rank its trajectory of W = W0 + s B A is AdamW's on W (the spec's exactness test),
-for any betas, with weight decay, a scale and clipping; at low rank each step is AdamW's step of the projected gradient, projected; its state checkpoints
-and resumes exactly; it finds the pairs of a real adapter."""
+"""LoFT: at full rank its trajectory of W = W0 + s B A is AdamW's on W (the spec's exactness
+test), for any betas, with weight decay, a scale and clipping; at low rank each step is AdamW's
+step of the projected gradient, projected; its state checkpoints and resumes exactly; it finds
+the pairs of a real adapter."""
 
 from __future__ import annotations
 
