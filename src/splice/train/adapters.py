@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+
 import torch
 
 import splice
@@ -14,7 +15,6 @@ from splice.core.api import model_state, resolve_heads
 from splice.core.errors import SpliceError
 from splice.core.heads import add_head
 from splice.core.host import hosts
-from splice.train.config import TrainConfig
 
 
 def continue_adapter(model: torch.nn.Module, path: str | Path, train_also: Sequence[str] = (),
