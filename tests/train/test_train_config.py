@@ -127,6 +127,12 @@ def test_every_example_config_is_valid(path):
         make_strategy(sequence.strategy, configs[0].adapter_config(), sequence.options)
         assert all(c.output_dir.startswith(f"runs/continual-{sequence.model}-") for c in configs)
         return
+    if "sea_peft" in yaml.safe_load(path.read_text()):  # an adapter search (`splice autoconfig`)
+        from splice.selection.autoconfig import read_autoconfig
+
+        train, space = read_autoconfig(path)
+        assert space.budget > 0 and train.output_dir.startswith("runs/")
+        return
     config = TrainConfig.from_yaml(path)
     adapter = config.adapter_config()
     assert adapter.method == config.adapter["method"]

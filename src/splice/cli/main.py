@@ -22,6 +22,7 @@ def _register_commands() -> None:
         federate_cmd,
         hub_cmd,
         probe_cmd,
+        select_cmd,
         train_cmd,
     )
 
@@ -33,6 +34,7 @@ def _register_commands() -> None:
     hub_cmd.register(app)
     continual_cmd.register(app)
     federate_cmd.register(app)
+    select_cmd.register(app)
 
 
 _register_commands()

@@ -62,12 +62,17 @@ def low_rank_delta(x: torch.Tensor, factors: LowRank, training: bool) -> torch.T
     intermediate of the adapter but a one-byte dropout mask (`dropout_mask`); without, it is
     plain kernels and `F.dropout`. Both draw their masks from the global RNG (so activation
     checkpointing replays them), but not the same mask for the same RNG state: the mask of the
-    training path is drawn the faster way (`dropout_mask`), 2% of a MiniLM LoRA step.
+    training path is drawn the faster way (`dropout_mask`), 2% of a MiniLM LoRA step. Inside a
+    `torch.func` transform (vmap, grad) the plain kernels run: torch.func differentiates them.
     """
     A, B, scaling, p = factors
     p = p if training else 0.0
-    if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
+    if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad) \
+            and not torch._C._are_functorch_transforms_active():
         return _LeanLowRank.apply(x, A, B, scaling, p, dropout_mask(x, p) if p > 0 else None)
+    # Plain ops: no gradients, or inside a torch.func transform (per-sample gradients with
+    # vmap(grad(...)), as GAST takes them), which differentiates these itself; the custom
+    # backward above is written for autograd only (no setup_context / vmap rule).
     x = x.to(A.dtype)
     if p > 0:
         x = F.dropout(x, p, training=True)

@@ -238,6 +238,10 @@ class TrainConfig:
             gradient_rule(self.selection)
         except SpliceError as err:
             raise keyed_error("selection", str(err)) from None
+        if self.selection is not None and (self.packing or self.gradient_checkpointing):
+            option = "packing" if self.packing else "gradient_checkpointing"
+            raise keyed_error("selection", f"selection {self.selection.get('name')!r} takes per-sample gradients, "
+                                           f"which {option}: true does not allow; set {option}: false")
         try:
             schedule_callback(self.schedule)
         except SpliceError as err:

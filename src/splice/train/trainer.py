@@ -113,6 +113,8 @@ class Trainer:
         self.config, self.tokenizer, self.adapter_name, self.tenancy = config, tokenizer, adapter_name, tenancy
         self.console = console or Console()
         self.callbacks = list(callbacks) + schedule_callback(config.schedule)
+        if isinstance(self.gradient_rule, Callback):  # a rule that adds to the history entries (GAST)
+            self.callbacks.append(self.gradient_rule)
         self.accelerator = accelerator or make_accelerator(config)
         self.main = self.accelerator.is_main_process
         self.run_dir = Path(config.output_dir)
