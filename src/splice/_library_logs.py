@@ -3,8 +3,9 @@ installed (splice's `quantize` extra): torchao's "Failed to load <compiled CUDA 
 machine without CUDA (NF4 does not use them) and torch's deprecation of an enum registration that
 torchao makes; and, on a CPU with AVX512-BF16, bitsandbytes' notice that it cannot fetch its
 optional hub kernel (offline; it uses its built-in CPU kernel instead) with the `kernels`
-package's note that it skipped the hub's trust check. Any other message of those loggers still shows. Importing this module installs
-them, so `splice/__init__.py` imports it before anything that imports transformers."""
+package's note that it skipped the hub's trust check. Any other message of those loggers still
+shows. Importing this module installs them, so `splice/__init__.py` imports it before anything
+that imports transformers."""
 
 from __future__ import annotations
 
