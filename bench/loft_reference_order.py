@@ -75,7 +75,7 @@ def gap(betas: tuple[float, float], make: str, reference_cls: type | None, dtype
     model = Factorised(A, B)
     if make == "splice":
         optimizer = LoFT(LoFT.groups([FactorPair(model.lora_A.weight, model.lora_B.weight, 1.0)]), lr=LR,
-                         betas=betas, eps=eps, damping=0.0)
+                         betas=betas, eps=eps, damping=1e-14)
     else:
         optimizer = reference_cls(model.parameters(), lr=LR, betas=betas, eps=eps, weight_decay=0.0, model=model)
     worst = 0.0

@@ -393,15 +393,17 @@ def test_merge_equals_unmerged_and_unmerge_restores_the_base_or_is_refused(case)
     splice.merge(model)
     assert all(host.merged == ["default"] for _, _, host in hosts(model))
     merged = out(model, inputs)
-    assert_near(merged, unmerged, atol=1e-5)
+    # fp32 rounding of the merged weight, amplified by GPT-2's layers: 2.6e-5 of the output's scale on an
+    # AVX-512 CPU (1e-5 elsewhere); in float64 merged and unmerged agree to 3e-14
+    assert_near(merged, unmerged, atol=5e-5)
     changed = [k for k, v in weights.items() if not torch.equal(model.state_dict()[k], v)]
     assert changed, "merge changed no weight"
     splice.unmerge(model)
     for key, value in weights.items():
         torch.testing.assert_close(model.state_dict()[key], value, atol=1e-6, rtol=0, msg=key)
-    assert_near(out(model, inputs), unmerged, atol=1e-5)
+    assert_near(out(model, inputs), unmerged, atol=5e-5)  # the weights are back to 1e-6: the same rounding
     with splice.disabled(model):
-        assert_near(out(model, inputs), base, atol=1e-5)
+        assert_near(out(model, inputs), base, atol=5e-5)
 
     splice.merge(model)
     splice.detach(model, "default")  # a merged adapter gives its weights back on detach

@@ -50,7 +50,7 @@ def _trajectories(betas: tuple[float, float], steps: int = 30, m: int = 6, n: in
     D = nn.Parameter(scaling * B.detach() @ A.detach())
     adamw = torch.optim.AdamW([D], lr=lr, betas=betas, eps=1e-8, weight_decay=weight_decay)
     loft = LoFT(LoFT.groups([FactorPair(A, B, scaling)]), lr=lr, betas=betas, eps=1e-8,
-                weight_decay=weight_decay, max_grad_norm=clip, damping=0.0)
+                weight_decay=weight_decay, max_grad_norm=clip, damping=1e-14)
     reference, ours = [], []
     for _ in range(steps):
         adamw.zero_grad()
@@ -93,7 +93,7 @@ def test_low_rank_steps_are_adamw_steps_of_the_projected_gradient():
     X, Y, W0 = _problem(7, 5)
     A, B = _factors(7, 5, 2)
     s, lr, eps = 1.5, 0.01, 1e-8
-    optimizer = LoFT(LoFT.groups([FactorPair(A, B, s)]), lr=lr, betas=(0.0, 0.0), eps=eps, damping=0.0)
+    optimizer = LoFT(LoFT.groups([FactorPair(A, B, s)]), lr=lr, betas=(0.0, 0.0), eps=eps, damping=1e-14)
     for update in ("B", "A"):
         W = (W0 + s * B @ A).detach()
         G = torch.autograd.functional.jacobian(lambda w: _loss(w, X, Y), W)

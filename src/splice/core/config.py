@@ -195,6 +195,13 @@ class Adapter(nn.Module):
         has that shape. Such adapters share one grouped matmul in mixed batches (`route`)."""
         return None
 
+    def trained_factors(self) -> LowRank | None:
+        """The trained parameters A [r, in] and B [out, r] of a form whose output depends on them
+        only through `scaling * B A` on a Linear host (beside what it keeps fixed or trains
+        otherwise: PiSSA's offset, a bias, DoRA's magnitude), so that dL/dA = s Bᵀ G for the
+        gradient G of that product: what LoFT steps. Default: the low-rank form."""
+        return self.low_rank_factors()
+
 
 def adapter_delta(adapter: Adapter, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
     """`adapter.delta` called the way the adapter asks for (with the base output or without)."""

@@ -362,6 +362,11 @@ class LoRAAdapter(Adapter, LowRankForward):
         return LowRank(torch.cat([self.lora_A, self.pissa_A0]), torch.cat([self.lora_B, -self.pissa_B0], dim=1),
                        self.scaling)
 
+    def trained_factors(self) -> LowRank | None:
+        """lora_A and lora_B on a Linear host, whatever else the form adds (PiSSA's offset, a
+        bias, DoRA's magnitude)."""
+        return LowRank(self.lora_A, self.lora_B, self.scaling, self.p) if self.info.kind == "linear" else None
+
     def delta_weight(self) -> torch.Tensor:
         return self._product(self.lora_A, self.lora_B)
 

@@ -60,14 +60,14 @@ class FactorPair:
 
 def factor_pairs(model: nn.Module, parameters: Iterable[nn.Parameter] | None = None) -> list[FactorPair]:
     """The (A, B) pairs of the model's low-rank adapters whose factors are both trainable
-    parameters (among `parameters`, if given): every adapter with `low_rank_factors()` on a
-    Linear host (LoRA, rsLoRA, DoRA's direction, ...). Forms whose factors are computed
-    (tensor-train cores, PiSSA's rank-2r form) are not pairs: their parameters take AdamW steps."""
+    parameters (among `parameters`, if given): every adapter with `trained_factors()` on a
+    Linear host (LoRA, rsLoRA, PiSSA, LoRA with a bias, DoRA's direction, ...). Forms whose
+    factors are computed (tensor-train cores) are not pairs: their parameters take AdamW steps."""
     allowed = None if parameters is None else {id(p) for p in parameters}
     pairs = []
     for module_name, _, host in hosts(model):
         for adapter_name, adapter in host.items():
-            factors = adapter.low_rank_factors()
+            factors = adapter.trained_factors()
             if factors is None:
                 continue
             A, B = factors.A, factors.B
@@ -98,11 +98,14 @@ class LoFT(torch.optim.Optimizer):
             raise SpliceError(f"LoFT: lr must be >= 0, got {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise SpliceError(f"LoFT: betas must be in [0, 1), got {tuple(betas)}")
-        if not eps >= 0 or not weight_decay >= 0 or not damping >= 0:
-            raise SpliceError(f"LoFT: eps, weight_decay and damping must be >= 0, got {eps}, {weight_decay}, {damping}")
+        if not eps >= 0 or not weight_decay >= 0:
+            raise SpliceError(f"LoFT: eps and weight_decay must be >= 0, got {eps}, {weight_decay}")
+        if not damping > 0:
+            raise SpliceError(f"LoFT: damping must be > 0 (B starts at zero: B^T B is singular at the first step), "
+                              f"got {damping}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise SpliceError(f"LoFT: max_grad_norm must be positive or None, got {max_grad_norm}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, pair=False, scaling=1.0)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, pair=False, scaling=1.0, name="")
         super().__init__(params, defaults)
         self.max_grad_norm, self.damping = max_grad_norm, damping
         for group in self.param_groups:
@@ -115,7 +118,8 @@ class LoFT(torch.optim.Optimizer):
     def groups(pairs: Sequence[FactorPair], others: Sequence[nn.Parameter] = (),
                **options: Any) -> list[dict[str, Any]]:
         """Param groups: one per pair, one for the `others`; `options` (lr, weight_decay) on each."""
-        groups = [{"params": [pair.A, pair.B], "pair": True, "scaling": pair.scaling, **options} for pair in pairs]
+        groups = [{"params": [pair.A, pair.B], "pair": True, "scaling": pair.scaling, "name": pair.name, **options}
+                  for pair in pairs]
         return groups + ([{"params": list(others), **options}] if others else [])
 
     @classmethod
@@ -154,7 +158,8 @@ class LoFT(torch.optim.Optimizer):
         A, B = group["params"]
         if A.grad is None or B.grad is None:
             if A.grad is not None or B.grad is not None:
-                raise SpliceError("LoFT: only one factor of a pair has a gradient; both are needed (is one frozen?)")
+                raise SpliceError(f"LoFT: only one factor of the pair {group.get('name') or ''} has a gradient; both "
+                                  "are needed (is one frozen?)")
             return None
         state_A, state_B = self.state[A], self.state[B]
         if not state_A:
@@ -184,7 +189,7 @@ class LoFT(torch.optim.Optimizer):
         if self.max_grad_norm is None:
             return 1.0
         squares = [each["norm_sq"] for each in pairs] + [g.float().pow(2).sum() for g in grads]
-        norm = float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+        norm = float(torch.stack([t.to(squares[0].device) for t in squares]).sum().sqrt()) if squares else 0.0
         return min(1.0, self.max_grad_norm / (norm + 1e-6)) if math.isfinite(norm) else 1.0
 
     def _step_pair(self, each: dict[str, Any], clip: float) -> None:

@@ -63,7 +63,8 @@ def comparable(config: TrainConfig) -> dict[str, Any]:
 
 # Fields added to TrainConfig after checkpoints were first written, with the value that does what
 # such a checkpoint's run did: a checkpoint without them resumes under a config that has them so.
-ADDED_FIELDS = {"group_by_length": False, "packing": False, "schedule": None}
+ADDED_FIELDS = {"group_by_length": False, "packing": False, "schedule": None, "quantize": None, "optimizer": "adamw",
+                "selection": None}
 
 
 def check_same_config(saved: dict[str, Any] | None, current: dict[str, Any], run_dir: Path) -> None:

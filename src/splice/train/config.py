@@ -41,6 +41,8 @@ SAVE_FORMATS = ("auto", "peft", "splice")
 NONFINITE_RULES = ("stop", "skip")
 PATH_FIELDS = ("model", "data", "validation", "output_dir", "init_adapter")
 ENCODER_MODELS = ("minilm",)
+# Fields that may be a mapping of options ({name: ..., option: value}).
+OPTION_MAPPINGS = ("optimizer", "selection", "schedule", "quantize")
 # Keys of an adapter mapping that say where it goes; they survive a change of method.
 PLACEMENT_KEYS = ("targets", "exclude", "layers", "train_also")
 
@@ -173,6 +175,9 @@ class TrainConfig:
         for f in dataclasses.fields(self):  # a pathlib.Path where a path string goes is fine
             if isinstance(getattr(self, f.name), os.PathLike) and f.name in PATH_FIELDS:
                 setattr(self, f.name, os.fspath(getattr(self, f.name)))
+        for name in OPTION_MAPPINGS:  # tuples as the lists config.yaml gives back, so that a resume compares equal
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, {k: list(v) if isinstance(v, tuple) else v for k, v in getattr(self, name).items()})
         self.validate()
         if self.output_dir is None:
             name = "dataset" if in_memory(self.data) else Path(self.data).stem if Path(self.data).suffix else self.data
@@ -238,10 +243,12 @@ class TrainConfig:
             gradient_rule(self.selection)
         except SpliceError as err:
             raise keyed_error("selection", str(err)) from None
-        if self.selection is not None and (self.packing or self.gradient_checkpointing):
-            option = "packing" if self.packing else "gradient_checkpointing"
+        if self.selection is not None and (self.packing or self.gradient_checkpointing or self.quantize):
+            option = next(name for name in ("packing", "gradient_checkpointing", "quantize") if getattr(self, name))
+            fix = "remove quantize (torch.func cannot differentiate a 4-bit layer)" if option == "quantize" else \
+                f"set {option}: false"
             raise keyed_error("selection", f"selection {self.selection.get('name')!r} takes per-sample gradients, "
-                                           f"which {option}: true does not allow; set {option}: false")
+                                           f"which {option}: {show(getattr(self, option))} does not allow; {fix}")
         try:
             schedule_callback(self.schedule)
         except SpliceError as err:
@@ -271,8 +278,9 @@ class TrainConfig:
         if adapter_override:
             merged["adapter"] = _merge_adapter(merged.get("adapter", default_adapter()), adapter_override)
             _check_adapter_keys(merged["adapter"], adapter_settings)
-        if isinstance(merged.get("adapter"), dict):
-            merged["adapter"] = {k: _yaml_number(v) for k, v in merged["adapter"].items()}
+        for key in ("adapter", *OPTION_MAPPINGS):  # numbers PyYAML left as strings, e.g. lr_embedding: 1e-6
+            if isinstance(merged.get(key), dict):
+                merged[key] = {k: _yaml_number(v) for k, v in merged[key].items()}
         return cls(**merged)
 
     @classmethod

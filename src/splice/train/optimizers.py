@@ -42,11 +42,12 @@ def optimizer_options(spec: str | Mapping[str, Any]) -> tuple[str, dict[str, Any
             or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
         raise SpliceError(f"optimizer {name!r}: betas must be two numbers in [0, 1), got {betas!r}")
     chosen["betas"] = tuple(float(b) for b in betas)
-    for key in ("eps", "damping", "lr_embedding"):
+    for key in ("eps", "lr_embedding"):
         if key in chosen and not _number(chosen[key], minimum=0.0):
             raise SpliceError(f"optimizer {name!r}: {key} must be a number >= 0, got {chosen[key]!r}")
-    if "lr_ratio" in chosen and not _number(chosen["lr_ratio"], minimum=0.0, strict=True):
-        raise SpliceError(f"optimizer {name!r}: lr_ratio must be a positive number, got {chosen['lr_ratio']!r}")
+    for key in ("lr_ratio", "damping"):  # damping: B starts at zero, so BᵀB alone is singular at first
+        if key in chosen and not _number(chosen[key], minimum=0.0, strict=True):
+            raise SpliceError(f"optimizer {name!r}: {key} must be a positive number, got {chosen[key]!r}")
     return name, chosen
 
 

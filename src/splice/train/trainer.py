@@ -136,6 +136,8 @@ class Trainer:
         self.state = RunState(config=checkpoint.comparable(config), best=self.best)
         if tenancy is None:
             self.accelerator.register_for_checkpointing(self.state)
+            if hasattr(self.gradient_rule, "state_dict"):  # a rule with state of its own resumes with the run
+                self.accelerator.register_for_checkpointing(self.gradient_rule)
             checkpoint.checkpoint_trainable_only(self.accelerator, self.trained)
         self.timings: dict[str, float] = {}  # what the report gives under "timings"; callers may add theirs
         self.stop: tuple[str, str] | None = None  # (status, message) of a run that ends before its last step
@@ -416,7 +418,7 @@ class Trainer:
         self._micro_losses, self._micro_totals = [], []
         if check.problem is None:
             optimizer.step()
-        elif accelerator.scaler is not None and config.max_grad_norm:
+        elif accelerator.scaler is not None and config.max_grad_norm and not self.clipped_by_optimizer:
             accelerator.scaler.update()  # clipping unscaled the gradients: close the scaler's step
         if check.problem is None or config.on_nonfinite == "skip":
             self.scheduler.step()
