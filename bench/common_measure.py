@@ -294,6 +294,69 @@ def run_child(script: Path, args: list[str], env: dict[str, str] | None = None) 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+# --------------------------------------------------------- continuable runs (--merge, --budget-min)
+
+
+def keep_finished(previous: list[dict[str, Any]], rebuild: Callable[[dict[str, Any]], dict[str, Any]],
+                  key: Callable[[dict[str, Any]], str]) -> tuple[list[dict[str, Any]], int]:
+    """--merge: the finished runs of an earlier result that this invocation would run again with the
+    same settings, and how many were dropped (failed, or other settings). `rebuild(run)` is the job
+    this invocation makes for that run's identity (KeyError or ValueError: it makes none); `key(job)`
+    is what makes two runs the same run (every setting, not the outcome)."""
+    kept, dropped = [], 0
+    for run in previous:
+        try:
+            same = "error" not in run and key(rebuild(run)) == key(run)
+        except (KeyError, ValueError):
+            same = False
+        if same:
+            kept.append(run)
+        else:
+            dropped += 1
+    return kept, dropped
+
+
+def budgeted_children(script: Path, jobs: Iterable[dict[str, Any]], runs: list[dict[str, Any]], *,
+                      key: Callable[[dict[str, Any]], str], group: Callable[[dict[str, Any]], Any],
+                      budget_min: float, phase: Callable[[str], None], label: Callable[[dict[str, Any]], str],
+                      save: Callable[[], None], env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Run every job not yet in `runs` (by `key`), one at a time, each in a fresh interpreter
+    (`script --run-child JOB-as-JSON`, whose last stdout line is its row); each row (the job, what the
+    child printed or the "error" it died with, and "process_s") is appended to `runs` and `save()`
+    called, so a stopped bench keeps what it finished. `jobs` may be a generator that looks at `runs`
+    as they grow (a job that depends on earlier results).
+
+    A job expected to end more than `budget_min` minutes after this call started is not started:
+    returned, in order, with the others not run. Expected: the mean process time of the finished runs
+    of its `group(job)`, else of any finished run (0 before the first)."""
+    started = time.perf_counter()
+    done = {key(run) for run in runs}
+    not_run = []
+    for job in jobs:
+        if key(job) in done:
+            continue
+        times = [r["process_s"] for r in runs if "process_s" in r and "error" not in r and group(r) == group(job)]
+        times = times or [r["process_s"] for r in runs if "process_s" in r and "error" not in r]
+        expected = sum(times) / len(times) / 60 if times else 0.0
+        if (time.perf_counter() - started) / 60 + expected > budget_min:
+            not_run.append(job)
+            continue
+        phase(label(job))
+        row = dict(job)
+        tick = time.perf_counter()
+        try:
+            row = {**run_child(script, ["--run-child", json.dumps(job)], env=env), **job}  # the identity stays
+        except RuntimeError as err:
+            lines = [x for x in str(err).strip().splitlines() if x.strip()]
+            row["error"] = lines[-1][:300] if lines else "child failed"
+        row["process_s"] = time.perf_counter() - tick
+        runs.append(row)
+        done.add(key(job))
+        print(f"  failed: {row['error']}" if "error" in row else f"  done in {row['process_s']:.0f} s", flush=True)
+        save()
+    return not_run
+
+
 
 
 def memory_children(script: Path, kinds: dict[str, list[str]], env: dict[str, str], phase: Callable[[str], None],

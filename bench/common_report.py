@@ -130,6 +130,19 @@ def bench_parser(doc: str, quick_help: str) -> argparse.ArgumentParser:
     return p
 
 
+def continuable(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of a benchmark that runs each job in a child (`common_measure.budgeted_children`):
+    --merge (keep the finished runs of the result in --out-dir whose settings equal this invocation's,
+    `common_measure.keep_finished`), --budget-min (a settings field: start no job expected to end past
+    it), and the hidden --run-child JOB."""
+    p.add_argument("--merge", action="store_true",
+                   help="keep the finished runs (same settings) of the result already in --out-dir")
+    p.add_argument("--budget-min", type=float,
+                   help="minutes after which no new run starts (per invocation; those left are listed 'not run')")
+    p.add_argument("--run-child", help=argparse.SUPPRESS)
+    return p
+
+
 def settings_from(args: argparse.Namespace, settings_cls: Any, overrides: tuple[str, ...] | None = None) -> Any:
     """The benchmark's settings (quick or full) with every override given on the command line:
     `overrides`, or by default every settings field that is also an option and was given."""

@@ -118,6 +118,12 @@ def test_every_example_config_is_valid(path):
         assert federated.train_config().adapter_config().method == federated.adapter["method"]
         assert federated.output_dir.startswith("runs/federated-")
         return
+    if "mixing" in yaml.safe_load(path.read_text()):  # a task mixture (`splice multitask`)
+        from splice.multitask import MultitaskConfig
+
+        mixture = MultitaskConfig.from_yaml(path)
+        assert len(mixture.tasks) >= 2 and str(mixture.output_dir).startswith("runs/multitask-")
+        return
     if "tasks" in yaml.safe_load(path.read_text()):  # a continual sequence (`splice continual`)
         from splice.continual import SequenceConfig
         from splice.continual.strategies import make_strategy

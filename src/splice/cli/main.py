@@ -21,6 +21,7 @@ def _register_commands() -> None:
         continual_cmd,
         federate_cmd,
         hub_cmd,
+        multitask_cmd,
         probe_cmd,
         select_cmd,
         train_cmd,
@@ -35,6 +36,7 @@ def _register_commands() -> None:
     continual_cmd.register(app)
     federate_cmd.register(app)
     select_cmd.register(app)
+    multitask_cmd.register(app)
 
 
 _register_commands()

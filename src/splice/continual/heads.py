@@ -88,4 +88,5 @@ def select(model: nn.Module, heads: TaskHeads, task: str) -> None:
     heads.current = heads.owner(task)
     classes = heads.head(task).out_features
     model.num_labels = classes
+    model.config.num_labels = classes  # some models' loss reads it there (Llama's, in transformers 5)
     model.config.problem_type = "single_label_classification"

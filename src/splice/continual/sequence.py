@@ -115,20 +115,13 @@ class SequenceConfig:
         check_fields(SequenceConfig, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                                        if f.name != "tasks"}, "")
         names = [t.name for t in self.tasks]
-        if len(names) < 2:
-            raise keyed_error("tasks", f"a sequence needs at least two tasks, got {len(names)}")
-        if len(set(names)) != len(names):
-            raise keyed_error("tasks", f"task names must differ, got {names}")
+        check_task_names(names, "a sequence")
         for i, spec in enumerate(self.tasks):
             check_task(spec, i, self.task)
             if spec.head is not None and (self.task != "classification" or spec.head not in names[:i]):
                 raise keyed_error("tasks", f"tasks[{i}] ({spec.name!r}): head {spec.head!r} must name an earlier "
                                       f"classification task of the sequence, one of {names[:i]}")
-        for key in self.train:
-            if key in OWN_FIELDS or key not in SETTABLE_FIELDS:
-                why = "is set by the sequence itself" if key in OWN_FIELDS else f"is not a training field" \
-                      f"{did_you_mean(key, SETTABLE_FIELDS)}"
-                raise keyed_error("train", f"train.{key} {why}")
+        check_train_keys(self.train, OWN_FIELDS, "the sequence")
         if not self.settings or any(s not in SETTINGS for s in self.settings):
             raise keyed_error("settings", f"settings must list some of {', '.join(SETTINGS)}; got {self.settings!r}")
         if self.routing == "confidence" and self.task != "classification":
@@ -156,13 +149,7 @@ class SequenceConfig:
     def from_yaml(cls, path: str | Path, **overrides: Any) -> SequenceConfig:
         """Read a sequence file; keyword overrides (the CLI's flags; None: not given) win."""
         path = Path(path)
-        data = read_yaml_mapping(path, "sequence file", "sequence keys (tasks, strategy, ...)")
-        known = [f.name for f in dataclasses.fields(cls)]
-        for key in data:
-            if key not in known:
-                raise ConfigError(f"{path}: unknown key {key!r}{did_you_mean(key, known)}")
-        if "tasks" not in data:
-            raise ConfigError(f"{path}: no 'tasks' list")
+        data = read_task_file(cls, path, "sequence file", "sequence keys (tasks, strategy, ...)")
         try:
             return cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
         except ConfigError as err:
@@ -172,10 +159,43 @@ class SequenceConfig:
         return dataclasses.asdict(self)
 
 
-def task_spec(data: Any, index: int, keys: tuple[str, ...] | None = None, why_not: str = "") -> TaskSpec:
-    """`tasks[index]` of a config as a TaskSpec, every key checked; `keys`: the only TaskSpec keys
-    this config takes (another TaskSpec key is refused with `why_not`)."""
-    fields = [f.name for f in dataclasses.fields(TaskSpec)]
+def read_task_file(cls: type, path: Path, what: str, holds: str) -> dict[str, Any]:
+    """The mapping of a file that lists tasks (a sequence, a mixture): every key one of config
+    class `cls`'s fields, and a 'tasks' list (`what`, `holds`: as `read_yaml_mapping`)."""
+    data = read_yaml_mapping(path, what, holds)
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{path}: unknown key {key!r}{did_you_mean(key, known)}")
+    if "tasks" not in data:
+        raise ConfigError(f"{path}: no 'tasks' list (each task a mapping with name and data)")
+    return data
+
+
+def check_task_names(names: list[str], what: str) -> None:
+    """At least two tasks, with distinct names (`what`: "a sequence", "a mixture")."""
+    if len(names) < 2:
+        raise keyed_error("tasks", f"{what} needs at least two tasks, got {len(names)}")
+    if len(set(names)) != len(names):
+        raise keyed_error("tasks", f"task names must differ, got {names}")
+
+
+def check_train_keys(train: dict[str, Any], own: tuple[str, ...], who: str) -> None:
+    """Every key of a config's `train` mapping is a training field that `who` (the job) leaves
+    to it, not one of `own`, which the job sets itself."""
+    for key in train:
+        if key in own or key not in SETTABLE_FIELDS:
+            why = f"is set by {who} itself" if key in own else f"is not a training field" \
+                  f"{did_you_mean(key, SETTABLE_FIELDS)}"
+            raise keyed_error("train", f"train.{key} {why}")
+
+
+def task_spec(data: Any, index: int, keys: tuple[str, ...] | None = None, why_not: str = "",
+              cls: type = TaskSpec) -> Any:
+    """`tasks[index]` of a config as a TaskSpec (or another task dataclass `cls` with `name` and
+    `data`), every key checked; `keys`: the only keys this config takes (another field of `cls`
+    is refused with `why_not`)."""
+    fields = [f.name for f in dataclasses.fields(cls)]
     known = list(keys) if keys is not None else fields
     if not isinstance(data, dict):
         raise keyed_error("tasks", f"tasks[{index}] must be a mapping ({', '.join(known[:4])}, ...), got {show(data)}")
@@ -187,14 +207,19 @@ def task_spec(data: Any, index: int, keys: tuple[str, ...] | None = None, why_no
     for key in ("name", "data"):
         if key not in data:
             raise keyed_error("tasks", f"tasks[{index}] has no {key!r}")
-    check_fields(TaskSpec, data, f"tasks[{index}].")
-    return TaskSpec(**data)
+    check_fields(cls, data, f"tasks[{index}].")
+    return cls(**data)
+
+
+def check_name(name: str, where: str) -> None:
+    """A task name is letters, digits, _ and - (its adapter, head and folder are named after it)."""
+    if not _NAME.match(name):
+        raise keyed_error("tasks", f"{where}: a task name is letters, digits, _ and - and starts with a letter")
 
 
 def check_task(spec: TaskSpec, index: int, task: str) -> None:
     where = f"tasks[{index}] ({spec.name!r})"
-    if not _NAME.match(spec.name):
-        raise keyed_error("tasks", f"{where}: a task name is letters, digits, _ and - and starts with a letter")
+    check_name(spec.name, where)
     if spec.as_words and task != "causal_lm":
         raise keyed_error("tasks", f"{where}: as_words makes rows for a causal LM; set task: causal_lm")
     if spec.max_words is not None and (not spec.as_words or spec.max_words < 1):

@@ -29,9 +29,9 @@ means in W's space, `B̃ Ĝ_A` or `Ĝ_B̃ A`, over the factors that step (and th
 raw gradients); a trainer must not clip the raw factor gradients as well (`clips_gradients`).
 Parameters outside a pair (a classifier head, DoRA's magnitudes) take plain AdamW steps.
 
-Memory: besides AdamW's first moments, V_A holds an r x r matrix per column of A (r times A's
-size) and V_B one per row of B, plus a copy of each factor: for r = 8, 9.25x the factors' size
-where AdamW keeps 2x.
+Memory: first moments, an r x r second-moment matrix per column of A and per row of B (r times
+the factors' size) and a copy of each factor: (r + 2) times the factors' size where AdamW keeps
+2x, so 5x AdamW's state at r = 8 (measured: 2.95 MB against 0.59 MB for MiniLM's q, v).
 """
 
 from __future__ import annotations
