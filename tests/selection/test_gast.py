@@ -171,6 +171,17 @@ def test_layer_blocks():
     assert block_of("transformer.h.7.attn.c_attn.splice.default.lora_A") == "transformer.h.7"
 
 
+def test_without_numbered_blocks_each_adapter_host_is_a_block():
+    """Layers as attributes (fc1, fc2) or a top-level nn.Sequential (0., 1.): one block per
+    adapter host module; a head trained in full stays outside."""
+    names = ["fc1.splice.default.lora_A", "fc1.splice.default.lora_B", "fc2.splice.default.lora_A",
+             "classifier.weight"]
+    assert layer_blocks(names) == ({"fc1": names[:2], "fc2": names[2:3]}, ["classifier.weight"])
+    sequential = ["0.splice.default.lora_A", "2.splice.default.lora_A", "4.weight"]
+    assert layer_blocks(sequential) == ({"0": sequential[:1], "2": sequential[1:2]}, ["4.weight"])
+    assert layer_blocks(["classifier.weight"]) == ({}, ["classifier.weight"])
+
+
 # ---------------------------------------------------------------------------- the trainer
 
 
@@ -250,6 +261,49 @@ def test_a_causal_lm_trains_with_gast(tmp_path_factory, tmp_path):
     entry = trainer.step()
     assert entry["loss"] is not None and entry["selection"]["layers"] == [0, 1]
     assert entry["selection"]["kept"] == [0.5, 0.5]
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
+def test_a_batch_without_labelled_tokens_is_a_non_finite_step_as_in_plain_training(tmp_path_factory, tmp_path):
+    """Prompts longer than max_length leave no labelled token: plain training's loss is NaN and
+    the non-finite policy applies; GAST does the same (not a silent zero step)."""
+    model_dir = save_tiny_llama(tmp_path_factory.mktemp("gast-llama-unlabelled"))
+    rows = [{"prompt": "one two three four five six seven eight nine ten", "completion": "yes"}] * 4
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for selection in (None, {"name": "gast"}):
+        config = TrainConfig(model=str(model_dir), task="causal_lm", data=str(data), max_length=6, batch_size=2,
+                             max_steps=2, lr=1e-2, on_nonfinite="skip", output_dir=str(tmp_path / f"{selection}"),
+                             adapter={"method": "lora", "r": 4, "targets": "all-linear"}, selection=selection)
+        trainer = Trainer.from_config(config, console=Console(quiet=True))
+        before = trainer.snapshot()
+        entry = trainer.step()
+        assert entry["loss"] is None and entry["skipped"] == "loss nan", selection
+        after = trainer.snapshot()
+        assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_resume_keeps_the_chosen_block_between_refreshes(tiny_bert_dir, tmp_path):
+    """refresh_every 4, checkpoint at step 2: the resumed run keeps the block chosen at step 0
+    and the validation reference taken then, and ends where the whole run ends."""
+    selection = {"name": "gast", "layers": 1, "refresh_every": 4, "reference": "validation"}
+
+    def config(out: str) -> TrainConfig:
+        return tiny_config(tiny_bert_dir, tmp_path, output_dir=str(tmp_path / out), max_steps=6, eval_every=100,
+                           checkpoint_every=2, selection=selection)
+
+    whole = Trainer.from_config(config("whole"), console=Console(quiet=True))
+    whole_entries = [whole.step() for _ in range(6)]
+    first = Trainer.from_config(config("split"), console=Console(quiet=True))
+    for _ in range(2):
+        first.step()
+    del first
+    resumed = Trainer.from_config(config("split"), console=Console(quiet=True), resume=True)
+    resumed_entries = [resumed.step() for _ in range(4)]
+    assert [e["selection"] for e in resumed_entries] == [e["selection"] for e in whole_entries[2:]]
+    assert resumed.gradient_rule.steps == whole.gradient_rule.steps
+    expected, got = whole.snapshot(), resumed.snapshot()
+    assert all(torch.equal(expected[n], got[n]) for n in expected)
 
 
 @pytest.mark.parametrize("option", [{"packing": True, "task": "causal_lm"}, {"gradient_checkpointing": True}])

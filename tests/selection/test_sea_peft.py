@@ -225,6 +225,9 @@ def test_export_is_one_lora_mapping_with_a_rank_pattern_and_one_per_other_form(t
     ({"budget": 10, "families": [{"method": "lora", "r": []}]}, "lists no candidates"),
     ({"budget": 10, "families": [{"method": "lora", "r": [0, 4]}]}, "rank r must be >= 1"),
     ({"budget": 10, "audits": 0}, "audits must be"),
+    ({"budget": 10, "seed": -1}, "seed must be an integer >= 0, got -1"),
+    ({"budget": 10, "ema": True}, "ema must be in .*got True"),
+    ({"budget": 10, "add_above": "0.1"}, "add_above must be a number"),
 ])
 def test_bad_settings_are_refused_with_the_key_at_fault(fields, match):
     with pytest.raises(ConfigError, match=match):
@@ -275,11 +278,58 @@ def test_splice_autoconfig_searches_exports_and_fine_tunes(tiny_bert_dir, tmp_pa
     assert len(report["units"]) == 2 * 2 * 2
     selected = TrainConfig.from_yaml(out / "selected.yaml")  # what `splice train` would run
     assert selected.adapter == yaml.safe_load((out / "selected_adapters.yaml").read_text())["lora"]
+    assert selected.output_dir == str(out / "retrain")  # not the fine-tuning run's folder
     assert json.loads((out / "finetune" / "metrics.json").read_text())["status"] == "finished"
-    assert "chose" in result.output and "fine-tuned" in result.output
+    assert "chose" in result.output and "fine-tuned" in result.output and "selected.yaml" in result.output
+    assert not (out / ".splice-run.lock").exists()  # the folder's lock is given back
 
     again = runner.invoke(app, ["autoconfig", str(path), "--output-dir", str(out)], env={"COLUMNS": "300"})
     assert again.exit_code == 1 and "already exists and is not empty" in again.output
     path.write_text(yaml.safe_dump({**job, "adapter": {"method": "lora"}}))
     refused = runner.invoke(app, ["autoconfig", str(path), "--output-dir", str(tmp_path / "o2")])
     assert refused.exit_code == 1 and "remove adapter" in refused.output
+
+
+def test_autoconfig_refuses_a_gradient_rule_and_reads_exponent_numbers(tmp_path):
+    """`selection:` (GAST) is refused naming the file and the key: the search's probes freeze and
+    switch units, which a rule making the gradients itself does not expect; `5e-1` is a number."""
+    from splice.selection.autoconfig import read_autoconfig
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in sentiment_rows(8, 1)))
+    path = tmp_path / "job.yaml"
+    path.write_text(f"model: toy\ndata: {data}\nselection: {{name: gast}}\nsea_peft:\n  budget: 100\n")
+    with pytest.raises(ConfigError, match=f"{path}: remove selection") as err:
+        read_autoconfig(path)
+    assert err.value.key == "selection"
+    path.write_text(f"model: toy\ndata: {data}\nsea_peft:\n  budget: 100\n  uncertainty_weight: 5e-1\n")
+    assert read_autoconfig(path)[1].uncertainty_weight == 0.5
+
+
+def test_autoconfig_force_empties_the_folder_it_holds(tmp_path, monkeypatch):
+    """--force empties an old output folder (a finished run inside it included) and holds it
+    locked while it works; what it wrote before the search is gone."""
+    import splice.selection.autoconfig as autoconfig_module
+    from splice.train.report import claim_run_dir
+
+    seen = {}
+
+    def search(*args, **kwargs):
+        seen["files"] = sorted(p.name for p in out.iterdir())
+        with pytest.raises(splice.SpliceError, match="in use by another training run"):
+            claim_run_dir(out)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(autoconfig_module, "search", search)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in sentiment_rows(8, 1)))
+    path = tmp_path / "job.yaml"
+    path.write_text(f"model: toy\ndata: {data}\nsea_peft:\n  budget: 1000\n")
+    out = tmp_path / "out"
+    with claim_run_dir(out / "finetune"):  # a finished run: its lock given back below
+        (out / "finetune" / "metrics.json").write_text("{}")
+    (out / "sea_peft.json").write_text("{}")
+    with pytest.raises(RuntimeError, match="stop here"):
+        autoconfig_module.autoconfig(path, output_dir=out, force=True, console=Console(quiet=True))
+    assert seen["files"] == [".splice-run.lock", "search"]
+    assert sorted(p.name for p in out.iterdir()) == ["search"]  # the lock is given back

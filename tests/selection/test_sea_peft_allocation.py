@@ -148,5 +148,7 @@ def test_one_unit_per_site_and_family_by_value_then_greedy_under_the_budget():
     # per group the best: q8 (lora at L0.q), qd (dora at L0.q), v8; by value q8, v8 fit 16; qd does not
     assert allocate(units, values, active=set(), budget=16) == {"q8", "v8"}
     assert allocate(units, values, active=set(), budget=30) == {"q8", "v8", "qd"}
-    # the best of a group that does not fit is not replaced by a smaller sibling (the paper's rule)
-    assert allocate(units, {"q16": 1.0, "q4": 0.5}, active=set(), budget=10) == set()
+    # the best of a group that does not fit gives way to the group's next allowed unit that fits
+    # (the paper's rule would leave the group empty and the budget unused)
+    assert allocate(units, {"q16": 1.0, "q4": 0.5}, active=set(), budget=10) == {"q4"}
+    assert allocate(units, {"q16": 1.0, "q4": -0.5}, active=set(), budget=10) == set()  # q4 not allowed

@@ -32,7 +32,8 @@ def autoconfig(
                                                     "runs/<data>-sea-peft).")] = None,
     finetune: Annotated[bool, typer.Option("--finetune/--no-finetune", help="Fine-tune the chosen configuration "
                                            "from a fresh model after the search.")] = True,
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder (not one a live "
+                                        "run holds).")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Attach every candidate unit (sites x forms x ranks), train them under a parameter budget
@@ -42,7 +43,9 @@ def autoconfig(
 
     Writes <out>/sea_peft.json (every audit, every unit's score, the choice),
     <out>/selected_adapters.yaml (the chosen adapters by name), <out>/selected.yaml (a config
-    `splice train` runs, when the choice is one adapter) and the fine-tuning run <out>/finetune/.
+    `splice train` runs, when the choice is one adapter; it trains into <out>/retrain/) and the
+    fine-tuning run <out>/finetune/. The output folder is locked while the command runs; one
+    that another live run holds is refused, even with --force.
 
     Examples:
 
@@ -63,6 +66,8 @@ def autoconfig(
         scores = ", ".join(f"{split} {metric} {value:.4f}" for split, m in after.items()
                            for metric, value in m.items() if metric in ("accuracy", "loss"))
         line += f"; fine-tuned in {out / 'finetune'}: {scores}"
+    if (out / "selected.yaml").is_file():
+        line += f"; train the choice again with `splice train {out / 'selected.yaml'}` (into {out / 'retrain'})"
     console.print(line)
 
 

@@ -65,6 +65,7 @@ from splice.selection.sea_peft_allocation import (
     audit_size,
     initial_fill,
 )
+from splice.train.config import _yaml_number
 
 Metric = Literal["loss", "accuracy"]
 # Keys that say where an adapter goes: the search sets them, a family may not.
@@ -161,13 +162,15 @@ class SeaPeftConfig:
         for name in ("eval_examples", "reference_params"):
             if getattr(self, name) is not None:
                 positive_int(name, getattr(self, name))
-        if not isinstance(self.audit_fraction, (int, float)) or not 0 < self.audit_fraction <= 1:
+        if self.seed is not None:
+            positive_int("seed", self.seed, zero=True)
+        if not _number(self.audit_fraction) or not 0 < self.audit_fraction <= 1:
             raise _error("audit_fraction", f"audit_fraction must be in (0, 1], got {show(self.audit_fraction)}")
-        if not isinstance(self.ema, (int, float)) or not 0 <= self.ema < 1:
+        if not _number(self.ema) or not 0 <= self.ema < 1:
             raise _error("ema", f"ema must be in [0, 1), got {show(self.ema)}")
         for name in ("iqr_weight", "uncertainty_weight", "add_above", "drop_below"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if not _number(value) or not math.isfinite(value):
                 raise _error(name, f"{name} must be a number, got {show(value)}")
         if self.drop_below > self.add_above:
             raise _error("drop_below", f"drop_below ({self.drop_below}) must not be above add_above "
@@ -191,20 +194,36 @@ class SeaPeftConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], **overrides: Any) -> SeaPeftConfig:
-        """From a YAML mapping (`sea_peft:` of a config file); None-valued overrides are ignored."""
+        """From a YAML mapping (`sea_peft:` of a config file); None-valued overrides are ignored.
+        Numbers in exponent notation that PyYAML leaves strings (`-2e-2`) are read as numbers,
+        as TrainConfig reads them."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"sea_peft must be a mapping of settings, got {show(data)}")
         known = [f.name for f in dataclasses.fields(cls)]
         for key in data:
             if key not in known:
                 raise _error(key, f"unknown sea_peft setting {key!r}{did_you_mean(key, known)}")
-        merged = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+        merged = {k: _yaml_number(v) for k, v in {**data, **{k: v for k, v in overrides.items()
+                                                             if v is not None}}.items()}
         if "budget" not in merged:
             raise _error("budget", "sea_peft needs a parameter budget: budget: N (or --budget N)")
         return cls(**merged)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _selection_refused() -> ConfigError:
+    err = ConfigError("selection: SEA-PEFT's search cannot run with a gradient rule (selection: {name: ...}): its "
+                      "probes freeze and switch adapters on and off, which a rule that makes the gradients itself "
+                      "(per-sample, over every trained parameter) does not expect; remove selection")
+    err.key = "selection"
+    return err
+
+
+def _number(value: Any) -> bool:
+    """An int or float, not a bool (True would pass as 1)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _error(key: str, message: str) -> ConfigError:
@@ -416,6 +435,9 @@ class Search:
 
     `heads`: modules trained in full along with the units (default: the classification head of
     a classification task, none for a causal LM). `on_audit(entry)` is called after each audit.
+    A config with a gradient rule (`selection`, e.g. GAST) is refused: the probes freeze and
+    switch units, and inactive units must get no gradient at all, which such a rule does not
+    know.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, config: Any, space: SeaPeftConfig, *, splits: Any,
@@ -423,6 +445,8 @@ class Search:
                  on_audit: Callable[[dict[str, Any]], None] | None = None) -> None:
         from splice.train import Trainer, tasks
 
+        if getattr(config, "selection", None) is not None:
+            raise _selection_refused()
         if space.metric == "accuracy" and config.task != "classification":
             raise _error("metric", f"metric 'accuracy' needs a classification task; {config.task} has loss only")
         if not splits.validation:
@@ -616,12 +640,16 @@ def finetune(config: Any, adapters: Mapping[str, Mapping[str, Any]], *, console:
     One mapping is an ordinary run (`splice.train.run`, what `splice train` does with the
     exported YAML). Several (mixed forms) are attached under their names and trained together
     by one `Trainer` (the first with the classification head, the others as its companions):
-    the first is saved to <run>/adapter as usual, each other one to <run>/adapter-<name>.
+    the first is saved to <run>/adapter as usual, each other one to <run>/adapter-<name>. Either
+    way the run folder is claimed (locked) first and held for the whole fine-tune: a folder
+    another live run holds is refused even with `force`, a non-empty one without it.
     """
-    from accelerate.utils import set_seed
+    from accelerate.state import PartialState
+    from accelerate.utils import parse_flag_from_env, set_seed
 
     from splice.io.output_dirs import check_output_dir
     from splice.train import Trainer, run, tasks
+    from splice.train.checkpoint import claim
     from splice.train.data import load_splits
 
     if not adapters:
@@ -632,16 +660,22 @@ def finetune(config: Any, adapters: Mapping[str, Mapping[str, Any]], *, console:
     if len(names) == 1:
         return run(first, console=console, force=force)
     check_output_dir(first.output_dir, force)
-    set_seed(first.seed)
-    splits = load_splits(first)
-    model, tokenizer = tasks.load_model(first, splits.label_names)
-    splice.attach(model, tasks.adapter_config(first, model), names[0])
-    for name in names[1:]:
-        splice.attach(model, config_from_dict(dict(adapters[name]), error=ConfigError), name)
-    splice.activate(model, names)
-    trainer = Trainer(model, tokenizer, first, adapter_name=names[0], companions=names[1:], splits=splits,
-                      console=console)
-    result = trainer.fit()
-    for name in names[1:]:
-        splice.save(model, Path(first.output_dir) / f"adapter-{name}", name, overwrite=True)
-    return result
+    # As `splice.train.run` does: the process state as the Accelerator would make it.
+    folder = claim(PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")), first.output_dir, force, False)
+    try:
+        set_seed(first.seed)
+        splits = load_splits(first)
+        model, tokenizer = tasks.load_model(first, splits.label_names)
+        splice.attach(model, tasks.adapter_config(first, model), names[0])
+        for name in names[1:]:
+            splice.attach(model, config_from_dict(dict(adapters[name]), error=ConfigError), name)
+        splice.activate(model, names)
+        trainer = Trainer(model, tokenizer, first, adapter_name=names[0], companions=names[1:], splits=splits,
+                          console=console)
+        result = trainer.fit()
+        for name in names[1:]:
+            splice.save(model, Path(first.output_dir) / f"adapter-{name}", name, overwrite=True)
+        return result
+    finally:
+        if folder is not None:
+            folder.release()

@@ -9,10 +9,12 @@ A unit's measurement is its validation change per parameter (its density); each 
     uncertainty = |ema - robust|
     value    = robust + 0.5 * uncertainty            what the allocation ranks by
 
-and the allocation keeps, per (site, family), the unit of highest value among those allowed
-(an inactive unit needs value > 0 to come in, an active one stays while value >= -0.02: the gap
-is the hysteresis), sorts these by value and adds them greedily while the parameter budget
-holds. A unit switched on or off keeps its state for the next `guard` audits.
+and the allocation sorts the allowed units by value (an inactive unit needs value > 0 to come
+in, an active one stays while value >= -0.02: the gap is the hysteresis) and adds them greedily,
+at most one per (site, family), while the parameter budget holds: a group gets its best allowed
+unit that fits (the paper keeps the group's best and drops the group when that one does not fit;
+here a unit that fits is not dropped for one that does not). A unit switched on or off keeps
+its state for the next `guard` audits.
 """
 
 from __future__ import annotations
@@ -159,11 +161,13 @@ def allocate(units: Sequence[Unit], values: Mapping[str, float | None], active: 
     Guarded units keep their state: the active ones stay (their parameters are counted first),
     the inactive ones stay out. Of the others, an active unit is allowed while its value is at
     least `drop_below` (a unit never audited counts as value 0), an inactive one once its value
-    is above `add_above`. Per (site, family) the allowed unit of highest value is kept (ties: the
-    active one, then the smaller, then the name), those are sorted by value and added while the
-    sum of parameters stays within `budget`. A group that a guarded active unit holds takes no
-    other unit. The result never exceeds the budget when the guarded active units fit it, which
-    they do whenever `active` came from this function (or fits the budget itself).
+    is above `add_above`. The allowed units are sorted by value (ties: the active one, then the
+    smaller, then the name) and added greedily, at most one per (site, family), while the sum of
+    parameters stays within `budget`: a group keeps its best allowed unit that fits, so when its
+    best one does not fit, its next allowed one (an active unit that fits is not dropped for a
+    better one that does not). A group that a guarded active unit holds takes no other unit. The
+    result never exceeds the budget when the guarded active units fit it, which they do whenever
+    `active` came from this function (or fits the budget itself).
     """
     by_name = {u.name: u for u in units}
     unknown = sorted(set(active) - set(by_name))
@@ -174,7 +178,7 @@ def allocate(units: Sequence[Unit], values: Mapping[str, float | None], active: 
     if used > budget:
         raise SpliceError(f"the guarded active units hold {used:,} parameters, over the budget of {budget:,}")
     held = {u.group for u in kept}
-    best: dict[tuple[str, str], tuple[tuple[float, bool, int, str], Unit]] = {}
+    allowed: list[tuple[tuple[float, bool, int, str], Unit]] = []
     for u in units:
         if u.name in guarded or u.group in held:
             continue
@@ -186,19 +190,14 @@ def allocate(units: Sequence[Unit], values: Mapping[str, float | None], active: 
                 continue
         elif value is None or value <= add_above:
             continue
-        key = (value, on, -u.params, u.name)
-        if u.group not in best or _better(key, best[u.group][0]):
-            best[u.group] = (key, u)
+        allowed.append(((value, on, -u.params, u.name), u))
     chosen = [u.name for u in kept]
-    for _key, u in sorted(best.values(), key=lambda item: _order(item[0])):
-        if used + u.params <= budget:
+    for _key, u in sorted(allowed, key=lambda item: _order(item[0])):
+        if u.group not in held and used + u.params <= budget:
             chosen.append(u.name)
+            held.add(u.group)
             used += u.params
     return set(chosen)
-
-
-def _better(a: tuple[float, bool, int, str], b: tuple[float, bool, int, str]) -> bool:
-    return _order(a) < _order(b)
 
 
 def _order(key: tuple[float, bool, int, str]) -> tuple[float, bool, int, str]:
