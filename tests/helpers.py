@@ -38,13 +38,19 @@ def make_bert(seed: int = 0, hidden: int = HIDDEN) -> BertForSequenceClassificat
     return BertForSequenceClassification(config).eval()
 
 
-def make_llama(seed: int = 0) -> LlamaForCausalLM:
+def make_llama(seed: int = 0, hidden: int = HIDDEN, intermediate: int = INTERMEDIATE) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=2,
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def llama_for(backend: str, seed: int = 0) -> LlamaForCausalLM:
+    """The tiny Llama for a 4-bit backend: 64 wide for bitsandbytes, whose CPU kernels need every
+    layer's inputs in whole 64-weight blocks (splice leaves narrower layers dense there)."""
+    return make_llama(seed, hidden=64, intermediate=128) if backend == "bitsandbytes" else make_llama(seed)
 
 
 def make_gpt2(seed: int = 0) -> GPT2LMHeadModel:

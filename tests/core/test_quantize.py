@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_close, lm_training_losses, make_gpt2, make_llama, randomize
+from helpers import assert_close, llama_for, lm_training_losses, make_gpt2, make_llama, randomize
 from torch import nn
 
 import splice
@@ -26,7 +26,7 @@ def backend(request) -> str:
 
 
 def quantized_llama(backend: str, seed: int = 0, **options) -> nn.Module:
-    return splice.quantize(make_llama(seed), "nf4", backend=backend, **options)
+    return splice.quantize(llama_for(backend, seed), "nf4", backend=backend, **options)
 
 
 def linear_names(model: nn.Module) -> set[str]:
@@ -34,7 +34,7 @@ def linear_names(model: nn.Module) -> set[str]:
 
 
 def test_every_linear_but_the_head_becomes_4bit_and_outputs_stay_close(backend, ids):
-    model = make_llama()
+    model = llama_for(backend)
     with torch.no_grad():
         dense = model(ids).logits
     splice.quantize(model, "nf4", backend=backend)
@@ -158,9 +158,10 @@ def test_unload_requantizes_on_request_and_reports_the_error(backend, ids):
     with pytest.warns(UserWarning, match=message):
         again = splice.unload(model, dequantize=True, requantize=True)
     assert set(splice.quantized_layers(again)) == linear_names(again) - {"lm_head"}
-    with torch.no_grad():
-        error = ((again(ids).logits - exact(ids).logits).norm() / exact(ids).logits.norm()).item()
-    assert 0 < error < 0.5  # 4-bit rounding of large random deltas; a wrong layer or layout gives ~1
+    for name in splice.quantized_layers(again):  # each weight: NF4's rounding (~9%); a wrong layer or layout ~140%
+        dense = exact.get_submodule(name).weight
+        error = ((dense_4bit(again.get_submodule(name).weight).float() - dense).norm() / dense.norm()).item()
+        assert 0 < error < 0.2, name
     with pytest.raises(SpliceError, match="requantize=True needs dequantize=True"):
         splice.unload(quantized_llama(backend), requantize=True)
 
@@ -287,7 +288,7 @@ def test_pissa_and_training_a_4bit_module_in_full_are_refused():
 
 
 def test_base_bytes_counts_codes_and_scales(backend):
-    model = make_llama()
+    model = llama_for(backend)
     dense = splice.base_bytes(model)
     assert dense["quantized_weights"] == 0 and dense["dense_linear_bytes"] == 4 * dense["dense_linear_weights"]
     splice.quantize(model, backend=backend)
@@ -299,7 +300,7 @@ def test_base_bytes_counts_codes_and_scales(backend):
     assert 4 < packed["bits_per_weight"] < 16  # codes plus scales and code books, large on 512-weight layers
     assert packed["model_bytes"] < dense["model_bytes"]
     assert "14 Linear layers in 4-bit" in str(splice.summary(model))
-    assert splice.summary(model).base == splice.summary(make_llama()).base  # weights, not packed bytes
+    assert splice.summary(model).base == splice.summary(llama_for(backend)).base  # weights, not packed bytes
 
 
 def test_a_backend_that_takes_no_layer_is_an_error():

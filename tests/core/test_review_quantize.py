@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import make_gpt2, make_llama, randomize
+from helpers import llama_for, make_gpt2, make_llama, randomize
 from transformers import RobertaConfig, RobertaForSequenceClassification
 
 import splice
@@ -35,7 +35,7 @@ def test_unload_dequantize_on_a_bf16_model_still_runs(backend, ids):
     """On a bf16 model, `unload(dequantize=True)` always dequantizes to fp32 (no dtype option) while
     the rest of the model (embeddings, norms, the LM head) stays bf16: the returned model crashes on
     its first forward ("expected m1 and m2 to have the same dtype")."""
-    model = splice.quantize(make_llama().to(torch.bfloat16), backend=backend)
+    model = splice.quantize(llama_for(backend).to(torch.bfloat16), backend=backend)
     splice.attach(model, splice.LoRA(r=2, targets="all-linear"))
     with torch.no_grad():
         model(ids)
@@ -49,7 +49,7 @@ def test_requantize_keeps_layers_without_a_merged_adapter_bit_for_bit(backend):
     also those that held no adapter and so did not change: NF4 is not idempotent on its own
     dequantized weights (the scales are quantized again), so untouched layers lose precision for
     nothing. They should keep their original 4-bit codes."""
-    model = splice.quantize(make_llama(), backend=backend)
+    model = splice.quantize(llama_for(backend), backend=backend)
     before = {n: dense_4bit(m.weight).clone() for n, m in model.named_modules() if is_4bit_layer(m)}
     splice.attach(model, splice.LoRA(r=2, targets=["q_proj"]))
     randomize(model)

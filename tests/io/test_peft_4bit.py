@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, make_llama, randomize
+from helpers import assert_close, llama_for, randomize
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import splice
@@ -14,7 +14,7 @@ pytest.importorskip("bitsandbytes")
 
 
 def bnb_llama() -> torch.nn.Module:
-    return splice.quantize(make_llama(), "nf4", backend="bitsandbytes")
+    return splice.quantize(llama_for("bitsandbytes"), "nf4", backend="bitsandbytes")
 
 
 def test_splice_adapter_on_a_bitsandbytes_base_loads_in_peft_on_the_same_base(ids, tmp_path):
@@ -39,10 +39,10 @@ def test_peft_adapter_trained_on_a_4bit_base_loads_into_splice_on_either_base(id
     peft_model.save_pretrained(str(tmp_path / "peft"))
     with torch.no_grad():
         on_4bit = peft_model(input_ids=ids).logits
-        peft_dense = PeftModel.from_pretrained(make_llama(), str(tmp_path / "peft"))(input_ids=ids).logits
+        peft_dense = PeftModel.from_pretrained(llama_for("bitsandbytes"), str(tmp_path / "peft"))(input_ids=ids).logits
         splice_4bit = splice.load(bnb_llama(), tmp_path / "peft")(ids).logits
-        splice_dense = splice.load(make_llama(), tmp_path / "peft")(ids).logits
-        base_shift = (bnb_llama()(ids).logits - make_llama()(ids).logits).norm()
+        splice_dense = splice.load(llama_for("bitsandbytes"), tmp_path / "peft")(ids).logits
+        base_shift = (bnb_llama()(ids).logits - llama_for("bitsandbytes")(ids).logits).norm()
     assert_close(splice_4bit, on_4bit, rel=1e-5)
     assert_close(splice_dense, peft_dense, rel=1e-5)
     shift = (splice_dense - splice_4bit).norm()

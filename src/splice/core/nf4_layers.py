@@ -207,12 +207,22 @@ def _torchao_layer(weight: torch.Tensor, bias: torch.Tensor | None, settings: NF
 def _bitsandbytes_layer(weight: torch.Tensor, bias: torch.Tensor | None, settings: NF4Settings) -> nn.Module:
     bnb = bitsandbytes()
     out_features, in_features = weight.shape
+    if weight.device.type == "cpu" and in_features % settings.block_size:
+        # bitsandbytes 0.50's CPU kernels (AVX-512 path) dequantize such a layer wrongly: a 32 x 32
+        # weight comes back with 37% error where its own generic code gives 9%
+        raise QuantizationSkip(f"bitsandbytes on CPU computes a layer whose {in_features} inputs are not a multiple "
+                               f"of the block size {settings.block_size} wrongly (use backend torchao)")
     layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=settings.compute_dtype,
                               compress_statistics=settings.double_quant, quant_type="nf4", device="meta")
     layer.weight = bnb.nn.Params4bit(weight.contiguous().clone(), requires_grad=False, blocksize=settings.block_size,
                                      compress_statistics=settings.double_quant, quant_type="nf4")
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    # On a CPU with AVX512-BF16, bitsandbytes repacks the weight in place at the first no-grad
+    # forward in eval mode (block scales to bf16, another layout; it fails outright on a layer
+    # narrower than a block): what the layer computes would no longer be the codes splice reads
+    # back (dequantize, merge, save). Off: the layer keeps its format and computes the same on every CPU.
+    layer.support_avx512bf16_for_cpu = False
     return layer.to(weight.device)  # bitsandbytes quantizes on the move to a device
 
 
