@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import random
 from collections.abc import Callable
 from pathlib import Path
 
@@ -176,3 +177,19 @@ def save_tiny_llama(path: Path) -> Path:
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+POSITIVE = ["good", "great", "fine", "superb", "lovely", "wonderful"]
+NEGATIVE = ["bad", "awful", "poor", "dull", "boring", "terrible"]
+
+
+def sentiment_rows(n: int, seed: int) -> list[dict]:
+    """Three-word "reviews" whose label is which word list they come from: learnable fast."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        words = POSITIVE if label else NEGATIVE
+        rows.append({"text": " ".join(rng.choice(words) for _ in range(3)), "label": label})
+    return rows
+

@@ -5,17 +5,14 @@ the live branch can fit the labels; the head is frozen (the search trains no hea
 
 from __future__ import annotations
 
-import random
-
 import torch
 import torch.nn.functional as F
+from helpers import sentiment_rows  # noqa: F401  (the toy tasks' rows; imported from here by the tests)
 from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from splice.train import TrainConfig
 
-POSITIVE = ["good", "great", "fine", "superb", "lovely", "wonderful"]
-NEGATIVE = ["bad", "awful", "poor", "dull", "boring", "terrible"]
 BUCKETS = 97  # token ids are hashed into a small embedding table
 
 
@@ -38,14 +35,6 @@ class Gated(nn.Module):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
-def sentiment_rows(n: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        label = rng.randint(0, 1)
-        words = POSITIVE if label else NEGATIVE
-        rows.append({"text": " ".join(rng.choice(words) for _ in range(3)), "label": label})
-    return rows
 
 
 def toy_config(tmp_path, **overrides) -> TrainConfig:

@@ -7,18 +7,14 @@ causal LM, so completions end with it as they would with a decoder's own eos.
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
-from helpers import minilm_tokenizer, save_tiny_bert, save_tiny_llama
+from helpers import minilm_tokenizer, save_tiny_bert, save_tiny_llama, sentiment_rows
 from train_helpers import write_jsonl
 
 from splice import assets
 from splice.train import TrainConfig
-
-POSITIVE = ["good", "great", "fine", "superb", "lovely", "wonderful"]
-NEGATIVE = ["bad", "awful", "poor", "dull", "boring", "terrible"]
 
 
 @pytest.fixture(scope="session")
@@ -39,15 +35,6 @@ def tokenizer():
     return tokenizer
 
 
-def sentiment_rows(n: int, seed: int) -> list[dict]:
-    """Three-word "reviews" whose label is which word list they come from: learnable fast."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        label = rng.randint(0, 1)
-        words = POSITIVE if label else NEGATIVE
-        rows.append({"text": " ".join(rng.choice(words) for _ in range(3)), "label": label})
-    return rows
 
 
 @pytest.fixture

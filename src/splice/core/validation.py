@@ -293,3 +293,11 @@ def build_named(registry: Mapping[str, type], spec: Mapping[str, Any], what: str
     except (TypeError, ValueError) as err:
         raise SpliceError(f"{what} {name!r}: {err}") from None
 
+
+_YAML_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def yaml_number(value: Any) -> Any:
+    """`1e-3` as the number YAML 1.2 reads (PyYAML, YAML 1.1, leaves it a string); else `value`."""
+    return float(value) if isinstance(value, str) and _YAML_FLOAT.fullmatch(value.strip()) else value
+

@@ -172,9 +172,11 @@ class LoFT(torch.optim.Optimizer):
         hat_B = _solve(gram_A, (B.grad / s).T).T                 # ∇B̃ (AAᵀ)⁻¹
         step = state_A["step"] + 1
         update_A = step % 2 == 0  # B steps first: it starts at zero
-        in_w = Bs @ hat_A if update_A else hat_B @ A            # what the stepping factor's gradient means in W
+        norm_sq = None
+        if self.max_grad_norm is not None:  # what the stepping factor's gradient means in W, for clipping
+            norm_sq = (Bs @ hat_A if update_A else hat_B @ A).float().pow(2).sum()
         return dict(group=group, A=A, B=B, Bs=Bs, gram_A=gram_A, gram_B=gram_B, hat_A=hat_A, hat_B=hat_B,
-                    step=step, update_A=update_A, norm_sq=in_w.float().pow(2).sum())
+                    step=step, update_A=update_A, norm_sq=norm_sq)
 
     @staticmethod
     def _init_pair(A: torch.Tensor, B: torch.Tensor, state_A: dict[str, Any], state_B: dict[str, Any]) -> None:

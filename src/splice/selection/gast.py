@@ -420,11 +420,6 @@ class GAST(GradientRule, Callback):
     steps: list[dict[str, Any]] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.keep, str):  # YAML 1.1 reads 5e-1 as a string
-            try:
-                self.keep = float(self.keep)
-            except ValueError:
-                pass
         if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0.0 < self.keep <= 1.0:
             raise SpliceError(f"gast option keep is the share of a batch's samples each layer keeps, in (0, 1]; "
                               f"got {self.keep!r}")

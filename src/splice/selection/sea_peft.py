@@ -56,7 +56,7 @@ from splice.core.errors import ConfigError, SpliceError
 from splice.core.host import hosts
 from splice.core.registry import config_class, config_from_dict
 from splice.core.targets import named_base_modules, resolve_targets
-from splice.core.validation import did_you_mean, show
+from splice.core.validation import did_you_mean, show, yaml_number
 from splice.selection.sea_peft_allocation import (
     Scores,
     Unit,
@@ -65,7 +65,6 @@ from splice.selection.sea_peft_allocation import (
     audit_size,
     initial_fill,
 )
-from splice.train.config import _yaml_number
 
 Metric = Literal["loss", "accuracy"]
 # Keys that say where an adapter goes: the search sets them, a family may not.
@@ -203,7 +202,7 @@ class SeaPeftConfig:
         for key in data:
             if key not in known:
                 raise _error(key, f"unknown sea_peft setting {key!r}{did_you_mean(key, known)}")
-        merged = {k: _yaml_number(v) for k, v in {**data, **{k: v for k, v in overrides.items()
+        merged = {k: yaml_number(v) for k, v in {**data, **{k: v for k, v in overrides.items()
                                                              if v is not None}}.items()}
         if "budget" not in merged:
             raise _error("budget", "sea_peft needs a parameter budget: budget: N (or --budget N)")

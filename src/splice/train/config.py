@@ -14,7 +14,6 @@ import copy
 import dataclasses
 import difflib
 import os
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,15 @@ from splice.core.config import AdapterConfig
 from splice.core.errors import ConfigError, SpliceError
 from splice.core.quantize import quantize_options
 from splice.core.registry import config_class, config_from_dict
-from splice.core.validation import check_value, did_you_mean, field_types, init_fields, keyed_error, show
+from splice.core.validation import (
+    check_value,
+    did_you_mean,
+    field_types,
+    init_fields,
+    keyed_error,
+    show,
+    yaml_number,
+)
 from splice.train.callbacks import schedule_callback
 from splice.train.gradients import gradient_rule
 from splice.train.optimizers import optimizer_options
@@ -175,9 +182,10 @@ class TrainConfig:
         for f in dataclasses.fields(self):  # a pathlib.Path where a path string goes is fine
             if isinstance(getattr(self, f.name), os.PathLike) and f.name in PATH_FIELDS:
                 setattr(self, f.name, os.fspath(getattr(self, f.name)))
-        for name in OPTION_MAPPINGS:  # tuples as the lists config.yaml gives back, so that a resume compares equal
-            if isinstance(getattr(self, name), dict):
-                setattr(self, name, {k: list(v) if isinstance(v, tuple) else v for k, v in getattr(self, name).items()})
+        for name in OPTION_MAPPINGS:  # numbers PyYAML left as strings (lr_embedding: 1e-6); tuples as the lists
+            if isinstance(getattr(self, name), dict):  # config.yaml gives back, so that a resume compares equal
+                setattr(self, name, {k: list(v) if isinstance(v, tuple) else yaml_number(v)
+                                     for k, v in getattr(self, name).items()})
         self.validate()
         if self.output_dir is None:
             name = "dataset" if in_memory(self.data) else Path(self.data).stem if Path(self.data).suffix else self.data
@@ -278,9 +286,8 @@ class TrainConfig:
         if adapter_override:
             merged["adapter"] = _merge_adapter(merged.get("adapter", default_adapter()), adapter_override)
             _check_adapter_keys(merged["adapter"], adapter_settings)
-        for key in ("adapter", *OPTION_MAPPINGS):  # numbers PyYAML left as strings, e.g. lr_embedding: 1e-6
-            if isinstance(merged.get(key), dict):
-                merged[key] = {k: _yaml_number(v) for k, v in merged[key].items()}
+        if isinstance(merged.get("adapter"), dict):
+            merged["adapter"] = {k: yaml_number(v) for k, v in merged["adapter"].items()}
         return cls(**merged)
 
     @classmethod
@@ -415,14 +422,6 @@ def _coerce_numbers(data: dict[str, Any]) -> dict[str, Any]:
                 raise keyed_error(key, f"{key} must be {expected} ({kind}), got {show(value)}") from None
         out[key] = value
     return out
-
-
-_YAML_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-def _yaml_number(value: Any) -> Any:
-    """`1e-3` as the number YAML 1.2 reads (PyYAML, YAML 1.1, leaves it a string); else `value`."""
-    return float(value) if isinstance(value, str) and _YAML_FLOAT.fullmatch(value.strip()) else value
 
 
 def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
