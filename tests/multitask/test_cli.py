@@ -35,7 +35,8 @@ def write(tmp_path, files, model, **extra):
 def test_help_explains_the_job():
     result = runner.invoke(app, ["multitask", "--help"])
     assert result.exit_code == 0, result.output
-    for words in ("transfer", "--force", "--seed", "--max-steps", "--mixing", "--no-compare", "one adapter per task"):
+    for words in ("transfer", "--force", "--resume", "--seed", "--max-steps", "--mixing", "--no-compare",
+                  "one adapter per task"):
         assert words in result.output
 
 
@@ -66,3 +67,14 @@ def test_mistakes_are_messages_not_tracebacks(tmp_path, files, tiny_llama):
     assert result.exit_code == 1 and "grad_accum" in result.output
     result = runner.invoke(app, ["multitask", str(tmp_path / "nope.yaml")])
     assert result.exit_code == 1 and "does not exist" in result.output
+
+
+def test_resume_continues_the_job_in_its_folder_and_refuses_other_flags(tmp_path, files, tiny_llama):
+    config = write(tmp_path, files, tiny_llama)
+    first = runner.invoke(app, ["multitask", str(config), "--max-steps", "2"])
+    assert first.exit_code == 0, first.output
+    resumed = runner.invoke(app, ["multitask", str(config), "--max-steps", "2", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert resumed.output.count("finished before") == 3 and "wrote " in resumed.output
+    other = runner.invoke(app, ["multitask", str(config), "--max-steps", "3", "--resume"])
+    assert other.exit_code == 1 and "another config" in other.output and "'max_steps': 2" in other.output

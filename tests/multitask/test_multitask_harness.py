@@ -11,7 +11,7 @@ from multitask_helpers import task
 from rich.console import Console
 from safetensors.torch import load_file
 
-from splice.core.errors import OutputExistsError
+from splice.core.errors import OutputExistsError, SpliceError
 from splice.multitask import load_tasks, plan, run_multitask, train_run, transfer_matrix
 from splice.multitask.run import Base, load_base
 from splice.multitask.transfer import pair_key
@@ -84,3 +84,55 @@ def test_a_job_compares_reports_and_reproduces_its_transfer_matrix_exactly(mixtu
         "colour.weight", "animal.weight"}
     with pytest.raises(OutputExistsError, match="already exists"):
         run_multitask(config, console=QUIET, quiet=True)
+
+
+def test_a_stopped_job_resumes_at_its_first_unfinished_run_and_ends_as_the_uninterrupted_one(mixture, tmp_path,
+                                                                                              monkeypatch):
+    from splice.multitask import harness
+
+    whole = run_multitask(mixture(output_dir=str(tmp_path / "whole"), train={"max_steps": 4}), console=QUIET,
+                          quiet=True)
+    config = mixture(output_dir=str(tmp_path / "stopped"), train={"max_steps": 4})
+    trained, real_train_run = [], harness.train_run
+
+    def stop_at_the_third(config, members, seed, name, folder, *args, **kwargs):
+        trained.append(name)
+        if len(trained) == 3:  # killed part-way: the run's folder holds a config, no run.json
+            folder.mkdir(parents=True)
+            (folder / "config.yaml").write_text("partial\n")
+            raise KeyboardInterrupt
+        return real_train_run(config, members, seed, name, folder, *args, **kwargs)
+
+    monkeypatch.setattr(harness, "train_run", stop_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_multitask(config, console=QUIET, quiet=True)
+    assert trained == ["joint", "single-colour", "single-animal"]
+    with pytest.raises(OutputExistsError, match="already exists"):  # not without resume
+        run_multitask(config, console=QUIET, quiet=True)
+    trained.clear()
+    resumed = run_multitask(config, console=QUIET, quiet=True, resume=True)
+    assert trained == ["single-animal"]  # the two finished runs were read back, the stopped one trained again
+    assert [r.to_dict() | {"folder": "", "train_seconds": 0, "eval_seconds": 0} for r in resumed.runs] == [
+        r.to_dict() | {"folder": "", "train_seconds": 0, "eval_seconds": 0} for r in whole.runs]
+    assert resumed.summary == whole.summary | {"costs": resumed.summary["costs"]}
+    saved = json.loads((resumed.output_dir / "report" / "results.json").read_text())
+    assert [r["name"] for r in saved["runs"]] == ["joint", "single-colour", "single-animal"]
+    trained.clear()
+    run_multitask(config, console=QUIET, quiet=True, resume=True)  # a finished job: nothing trains again
+    assert trained == []
+
+
+def test_a_resume_is_refused_without_a_job_under_another_config_or_with_overwrite(mixture, tmp_path):
+    config = mixture(train={"max_steps": 2}, compare=False)
+    with pytest.raises(SpliceError, match="no job.json"):
+        run_multitask(config, console=QUIET, quiet=True, resume=True)
+    run_multitask(config, console=QUIET, quiet=True)
+    changed = mixture(train={"max_steps": 2}, compare=False, seeds=[0, 1])
+    with pytest.raises(SpliceError, match=r"another config \(seeds: \[0\] -> \[0, 1\]\)"):
+        run_multitask(changed, console=QUIET, quiet=True, resume=True)
+    with pytest.raises(SpliceError, match="pass one of them"):
+        run_multitask(config, console=QUIET, quiet=True, resume=True, overwrite=True)
+    (run_json := tmp_path / "job" / "runs" / "seed0" / "joint" / "run.json").write_text("{not json")
+    with pytest.raises(SpliceError, match=r"run.json is unreadable .*remove the folder"):
+        run_multitask(config, console=QUIET, quiet=True, resume=True)
+    assert run_json.read_text() == "{not json"

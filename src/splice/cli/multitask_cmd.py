@@ -48,6 +48,9 @@ def multitask(
     output_dir: Annotated[str | None, typer.Option(help="Job folder (default: the file's, else "
                                                    "runs/multitask-<model>).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty job folder.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a stopped job in its folder: the runs it "
+                                         "finished are kept, the others trained (the same config and flags, "
+                                         "refused otherwise).")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Train one adapter on a mixture of tasks (each batch from one task, drawn with probability
@@ -63,6 +66,7 @@ def multitask(
         splice multitask examples/multitask_minilm.yaml
         splice multitask examples/multitask_smollm2.yaml --seed 1 --max-steps 20 --max-eval-examples 50
         splice multitask examples/multitask_minilm.yaml --mixing temperature --temperature 3 --no-transfer --force
+        splice multitask examples/multitask_minilm.yaml --resume      # after Ctrl-C: the unfinished runs
     """
     from splice.cli.train_cmd import key_values
     from splice.multitask import MultitaskConfig, run_multitask
@@ -75,10 +79,10 @@ def multitask(
             budget=budget, output_dir=output_dir, compare=compare,
             transfer=False if compare is False and transfer is None else transfer)  # --no-compare: no pairs
         try:
-            result = run_multitask(config, console=tables, quiet=quiet, overwrite=force)
+            result = run_multitask(config, console=tables, quiet=quiet, overwrite=force, resume=resume)
         except KeyboardInterrupt:
-            console.print(f"[yellow]stopped.[/] The runs finished so far are in {config.output_dir}/runs (a "
-                          "multi-task job does not resume: run it again with --force)")
+            console.print(f"[yellow]stopped.[/] The runs finished so far are in {config.output_dir}/runs; the "
+                          "same command with --resume trains the rest")
             raise typer.Exit(130) from None
     print_tables(result, tables)
     console.print(f"wrote {result.output_dir / 'report'} ({result.wall_seconds:.0f} s): " + closing(result),

@@ -30,6 +30,7 @@ from torch import nn
 import splice
 from splice.continual.strategies.base import Strategy
 from splice.core.errors import SpliceError
+from splice.core.validation import config_changes
 from splice.io.files import atomic_directory, write_json
 
 FOLDER = "progress"
@@ -67,9 +68,7 @@ def load(output_dir: str | Path, config: dict[str, Any]) -> tuple[dict[str, Any]
     except Exception as err:  # a truncated or foreign file: say which and why
         raise SpliceError(f"cannot resume {output_dir}: {folder} is unreadable ({type(err).__name__}: {err})") from err
     if result.get("config") != config:
-        saved = result.get("config") or {}
-        changed = [f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(saved) | set(config))
-                   if saved.get(k) != config.get(k)]
+        changed = config_changes(result.get("config") or {}, config)
         raise SpliceError(f"cannot resume {output_dir}: it was started with another sequence config "
                           f"({'; '.join(changed)}); a resumed run continues the same config")
     if state.get("done") != result.get("done"):

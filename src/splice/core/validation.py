@@ -61,6 +61,13 @@ def located(where: str | Path | None, message: str) -> str:
     return f"{where}: {message}" if where else message
 
 
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Every key whose value differs between a saved config and the current one, as
+    "key: saved -> current", in key order (for a refused resume)."""
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
+            if saved.get(k) != current.get(k)]
+
+
 def raise_problems(problems: list[Problem], error: type[SpliceError], where: str | Path | None = None,
                    prefix: str = "") -> None:
     """Raise `error` listing every problem (nothing when there are none)."""

@@ -41,7 +41,8 @@ REFUSED_FIELDS = {
     "packing": (False, "a multi-task batch is padded (packing is for a lone causal-LM run)"),
     "eval_every": (None, "a multi-task run has no periodic validation: every task is evaluated once, at the end"),
     "early_stopping_patience": (None, "a multi-task run has no periodic validation to stop on"),
-    "checkpoint_every": (None, "multi-task runs are not checkpointed (rerun a stopped job with --force)"),
+    "checkpoint_every": (None, "a multi-task run is not checkpointed part-way (a stopped job continues with "
+                           "--resume at its first unfinished run)"),
     "init_adapter": (None, "every run of a multi-task job starts from a fresh adapter, so that runs compare"),
 }
 # What the trainer of every run is given for them (settings: None is a value there).

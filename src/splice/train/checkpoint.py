@@ -28,6 +28,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from splice.core.errors import OutputExistsError, SpliceError
+from splice.core.validation import config_changes
 from splice.io.files import atomic_directory
 from splice.train import report
 from splice.train.config import TrainConfig
@@ -74,10 +75,8 @@ def check_same_config(saved: dict[str, Any] | None, current: dict[str, Any], run
     saved = {**ADDED_FIELDS, **saved}
     if saved == current:
         return
-    changed = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
-               if saved.get(k) != current.get(k)]
     raise SpliceError(f"{run_dir / 'config.yaml'} is not the config its checkpoint was written with "
-                      f"({'; '.join(changed)}); a resumed run continues the same config")
+                      f"({'; '.join(config_changes(saved, current))}); a resumed run continues the same config")
 
 
 def batches(loader: DataLoader, epochs: int, state: RunState,
