@@ -150,6 +150,9 @@ METHODS: dict[str, Contract] = {
                        options={"blocks": 4}),
     "ttlora": Contract(("linear", "conv1d"), zero_init=True, mergeable=True, route="grouped",
                        options={"r": 2, "alpha": 4}),
+    # Frozen singular slice and random basis; only v trains (starts at zero).
+    "tinylora": Contract(("linear", "conv1d"), zero_init=True, mergeable=True, route="grouped",
+                         options={"r": 2, "u": 3}),
     # As released, every core starts Gaussian: a small non-zero edit at init (`init="zero"` starts at 0).
     "loretta": Contract(("linear", "conv1d"), zero_init=False, mergeable=True, route="grouped",
                         options={"r": 2, "tensor_rank": 2, "alpha": 4}, scale=0.6),

@@ -17,6 +17,7 @@ def _register_commands() -> None:
     from splice.cli import (
         adapter_cmds,
         analysis_cmds,
+        boost_cmd,
         compress_cmd,
         continual_cmd,
         federate_cmd,
@@ -37,6 +38,7 @@ def _register_commands() -> None:
     federate_cmd.register(app)
     select_cmd.register(app)
     multitask_cmd.register(app)
+    boost_cmd.register(app)
 
 
 _register_commands()

@@ -9,6 +9,7 @@ from splice.core.api import (
     deactivate,
     detach,
     disabled,
+    freeze,
     merge,
     trainable_parameters,
     unload,
@@ -38,7 +39,7 @@ __all__ = [
     "MergeError", "OutputExistsError",
     "ShapeMismatchError", "SpliceError", "Summary", "TargetError", "activate", "active_adapters", "auxiliary_loss",
     "LowRank", "adapters", "attach", "base_bytes", "config_from_dict", "deactivate", "dequantize", "detach", "disabled",
-    "merge", "quantize", "quantized_layers",
+    "freeze", "merge", "quantize", "quantized_layers",
     "method_names", "register_method", "resolve_targets", "route", "summary", "trainable_parameters",
     "unload", "unmerge",
 ]

@@ -335,6 +335,16 @@ def unload(model: nn.Module, dequantize: bool = False, requantize: bool = False,
     return model
 
 
+def freeze(model: nn.Module, name: str) -> nn.Module:
+    """Make adapter `name` frozen: it no longer trains, active or not (as one loaded with
+    `trainable=False`); for jobs that train adapters one after another on top of the earlier
+    ones (boosting rounds)."""
+    _require_known(model, [name])
+    model_state(model).adapters[name].trainable = False
+    _apply_trainability(model, active_adapters(model))
+    return model
+
+
 def adapters(model: nn.Module) -> dict[str, AdapterConfig]:
     """The attached adapters' configs, by name."""
     return {name: record.config for name, record in model_state(model).adapters.items()}

@@ -13,7 +13,8 @@ from splice.methods.loreft import LoReFT
 from splice.methods.loretta import LoRETTA
 from splice.methods.moelora import MoELoRA
 from splice.methods.rep_conv_adapter import RepConvAdapter
+from splice.methods.tinylora import TinyLoRA
 from splice.methods.ttlora import TTLoRA
 
 __all__ = ["ConvAdapter", "DiaBlo", "DoRA", "FlexiLoRA", "LoRA", "LoReFT", "LoRETTA", "MoELoRA", "RepConvAdapter",
-           "TTLoRA"]
+           "TTLoRA", "TinyLoRA"]

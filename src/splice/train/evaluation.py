@@ -17,7 +17,7 @@ from splice.assets import Row
 from splice.core import progress
 from splice.train import tasks
 from splice.train.config import TrainConfig
-from splice.train.data import collator, load_eval_rows
+from splice.train.data import IGNORE_INDEX, collator, load_eval_rows
 
 Metrics = dict[str, float]
 
@@ -94,6 +94,28 @@ def evaluate(
     model = accelerator.prepare_model(model, evaluation_mode=True)
     return evaluate_loader(model, accelerator.prepare(loader), config.task, accelerator, tokenizer, data,
                            config.batch_size)
+
+
+@torch.no_grad()
+def correct_rows(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, rows: list[Row],
+                 config: TrainConfig) -> torch.Tensor:
+    """Per row, whether the model answers it right (bool, on the CPU): the class of largest logit
+    is the label; for causal LM, every completion token is the most likely next token given the
+    text before it (teacher forcing: one forward per batch, where greedy exact match generates;
+    the two agree except that this does not ask the generation to stop after the completion)."""
+    model.eval()
+    device = next(model.parameters()).device
+    collate = collator(config.task, tokenizer, config.max_length)
+    hits = []
+    for start in progress.track(range(0, len(rows), config.batch_size), "score rows"):
+        batch = {k: v.to(device) for k, v in collate(rows[start : start + config.batch_size]).items()}
+        logits, labels = model(**{k: v for k, v in batch.items() if k != "labels"}).logits, batch["labels"]
+        if config.task == "classification":
+            hits.append((logits.argmax(-1) == labels).cpu())
+        else:
+            predicted, targets = logits[:, :-1].argmax(-1), labels[:, 1:]
+            hits.append(((predicted == targets) | (targets == IGNORE_INDEX)).all(-1).cpu())
+    return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
 
 
 def evaluate_adapter(config: TrainConfig, adapter: str | Path, split: str = "test") -> Metrics:

@@ -1,0 +1,84 @@
+"""`splice boostlora`: rounds of TinyLoRA trained on what the model still gets wrong, each merged
+into the base weights in a fresh slice of their singular basis (BoostLoRA)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from splice.cli.errors import user_errors
+from splice.cli.output import Quiet, command, quieted
+
+console = Console()
+
+
+def register(app: typer.Typer) -> None:
+    command(app, "boostlora", boostlora)
+
+
+def boostlora(
+    config_file: Annotated[Path, typer.Argument(metavar="CONFIG", help="Training YAML (model, task, data, lr, "
+                                                "max_steps, ...; the adapter's targets say where) with an optional "
+                                                "boost: section (rounds, r, u, mine, mix_correct, rotate, "
+                                                "steps_per_round, patience, first_round_all).", show_default=False)],
+    rounds: Annotated[int | None, typer.Option(help="Most rounds K; the merged change has rank up to K r "
+                                               "(default: 8).", show_default=False)] = None,
+    r: Annotated[int | None, typer.Option("--r", help="Width of each round's singular slice (default: 1).",
+                                          show_default=False)] = None,
+    u: Annotated[int | None, typer.Option("--u", help="Trainable numbers per module and round (default: 4).",
+                                          show_default=False)] = None,
+    mine: Annotated[str | None, typer.Option(help="errors: train each round on the rows still wrong; all: on every "
+                                             "row (default: errors).", show_default=False)] = None,
+    mix_correct: Annotated[float | None, typer.Option(help="Share of a mined round's rows drawn from rows already "
+                                                      "right (default: 0.1).", show_default=False)] = None,
+    rotate: Annotated[bool | None, typer.Option("--rotate/--no-rotate", help="A fresh singular slice each kept "
+                                                "round (--no-rotate reuses the top one: rank stays r).",
+                                                show_default=False)] = None,
+    steps_per_round: Annotated[int | None, typer.Option(help="Optimizer steps a round (default: the config's "
+                                                        "budget / rounds).", show_default=False)] = None,
+    patience: Annotated[int | None, typer.Option(help="Rounds without a validation gain before stopping "
+                                                 "(default: 1).", show_default=False)] = None,
+    param: Annotated[list[str] | None, typer.Option(
+        "--set", help="A training field as KEY=VALUE (YAML value), repeatable: --set lr=3e-2.",
+        show_default=False)] = None,
+    output_dir: Annotated[str | None, typer.Option(help="Run folder (default: the file's output_dir).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty run folder.")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Boost TinyLoRA rounds (BoostLoRA, arXiv 2604.27308): each round trains a few numbers per
+    module in the next slice of the pretrained weights' singular basis, on the training rows the
+    model still gets wrong (round 0 on all of them), keeps the round only if validation improves,
+    merges it into the weights and discards it. Rank grows by r per kept round; inference costs
+    nothing extra.
+
+    Writes <out>/rounds/round-<k>/ (each round's run), <out>/adapter/ (the whole change as a PEFT
+    LoRA of rank K r for the untouched base, with the head) and <out>/report/ (boost.json,
+    boost.md, boost.png: scores, training error and rank of W - W0 per round).
+
+    Examples:
+
+        splice boostlora examples/rotten_tomatoes_boostlora.yaml
+        splice boostlora examples/rotten_tomatoes_boostlora.yaml --rounds 4 --r 2 --u 8 --force
+        splice boostlora examples/rotten_tomatoes_boostlora.yaml --no-rotate --output-dir runs/fixed-slice
+    """
+    from splice.boost.boostlora import boostlora as run_boost
+    from splice.boost.boostlora import read_boost_config
+    from splice.cli.train_cmd import key_values
+
+    with user_errors(), quieted(console, quiet) as tables:
+        settings = key_values(param or []) | ({"output_dir": output_dir} if output_dir else {})
+        config, boost = read_boost_config(config_file, settings=settings, rounds=rounds, r=r, u=u, mine=mine,
+                                          mix_correct=mix_correct, rotate=rotate, steps_per_round=steps_per_round,
+                                          patience=patience)
+        result = run_boost(config, **asdict(boost), console=tables, overwrite=force)
+    scores = ", ".join(f"{split} {name} {value:.4f}" for split in ("validation", "test")
+                       for name, value in getattr(result, split).items())
+    kept_rank = max((r.rank["max"] for r in result.rounds if r.kept), default=0)
+    console.print(f"{result.kept} of {len(result.rounds)} round(s) kept (stopped: "
+                  f"{result.to_dict()['stop_reason']}); rank of W - W0 up to {kept_rank:.0f}; {scores or 'no scores'}"
+                  f" ({result.wall_seconds:.0f} s). Wrote {Path(config.output_dir) / 'report'}"
+                  + (f" and the LoRA {result.adapter}" if result.adapter else ""), highlight=False)
