@@ -7,7 +7,7 @@ import json
 
 import datasets
 import pytest
-from conftest import sentiment_rows
+from helpers import sentiment_rows
 
 from splice.core.errors import DataError
 from splice.train import TrainConfig, run

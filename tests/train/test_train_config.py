@@ -133,6 +133,12 @@ def test_every_example_config_is_valid(path):
         make_strategy(sequence.strategy, configs[0].adapter_config(), sequence.options)
         assert all(c.output_dir.startswith(f"runs/continual-{sequence.model}-") for c in configs)
         return
+    if "boost" in yaml.safe_load(path.read_text()):  # boosting rounds (`splice boostlora`)
+        from splice.boost.boostlora import read_boost_config
+
+        train, boost = read_boost_config(path)
+        assert boost.rounds >= 1 and train.output_dir.startswith("runs/")
+        return
     if "sea_peft" in yaml.safe_load(path.read_text()):  # an adapter search (`splice autoconfig`)
         from splice.selection.autoconfig import read_autoconfig
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,11 +40,13 @@ from splice.core.validation import check_config_fields, did_you_mean, show, yaml
 from splice.io.adapter_states import save_state
 from splice.io.output_dirs import check_output_dir
 from splice.train import Trainer, tasks
-from splice.train.config import TrainConfig, read_yaml_mapping
+from splice.train.config import TrainConfig, read_yaml_mapping, split_settings
 from splice.train.data import load_splits
 from splice.train.evaluation import correct_rows, evaluate
+from splice.train.results import TrainingInterrupted
 
 Mine = Literal["errors", "all"]
+PLACE_KEYS = ("targets", "exclude", "layers", "layers_pattern", "train_also")  # what the config's adapter gives
 STOPS = {
     "solved": "no training row left wrong",
     "no_gain": "validation stopped improving",
@@ -85,7 +88,8 @@ class BoostSettings:
         check_config_fields(self, SpliceError)
         problems = [f"{name} must be >= 1, got {value}" for name, value in
                     (("rounds", self.rounds), ("r", self.r), ("u", self.u), ("patience", self.patience),
-                     ("steps_per_round", self.steps_per_round or 1)) if value < 1]
+                     ("steps_per_round", 1 if self.steps_per_round is None else self.steps_per_round))
+                    if value < 1]
         if not 0.0 <= self.mix_correct < 1.0:
             problems.append(f"mix_correct must be in [0, 1), got {self.mix_correct}")
         if problems:
@@ -112,9 +116,19 @@ class BoostSettings:
 def read_boost_config(path: str | Path, *, settings: dict[str, Any] | None = None,
                       **overrides: Any) -> tuple[TrainConfig, BoostSettings]:
     """The training fields (`settings`: `--set KEY=VALUE`) and the `boost:` section (`overrides`:
-    flags) of a BoostLoRA YAML. The adapter, if given, says where (targets, exclude, layers)."""
+    flags) of a BoostLoRA YAML. The adapter, if given, says only where (targets, exclude, layers,
+    layers_pattern, train_also): a rank or any other adapter key there, in the file or in
+    `settings`, is refused, pointing at the boost settings (each round is a TinyLoRA of r, u)."""
     fields = read_yaml_mapping(path, "config file", "config fields")
-    boost = BoostSettings.from_dict(fields.pop("boost", None) or {}, where=path, **overrides)
+    section = fields.pop("boost", None)
+    boost = BoostSettings.from_dict({} if section is None else section, where=path, **overrides)
+    given = [*(fields.get("adapter") or {}), *split_settings(settings or {})[1]]
+    other = [key for key in given if key not in (*PLACE_KEYS, "method")]
+    if other:
+        raise ConfigError(f"{path}: the adapter of a BoostLoRA config says only where ({', '.join(PLACE_KEYS)}); "
+                          f"{', '.join(repr(k) for k in other)} cannot be used: each round is a TinyLoRA set by "
+                          f"boost: ({', '.join(f.name for f in dataclasses.fields(BoostSettings))}) or the "
+                          "flags --r, --u, --rounds, ...")
     try:
         return TrainConfig.from_dict(fields, settings=settings), boost
     except ConfigError as err:
@@ -188,8 +202,15 @@ def boostlora(trainer_or_config: Trainer | TrainConfig, rounds: int = 8, r: int 
                           steps_per_round=steps_per_round, patience=patience, first_round_all=first_round_all)
     console = console or Console()
     started = time.perf_counter()
+    config = trainer_or_config.config if isinstance(trainer_or_config, Trainer) else trainer_or_config
+    _check_config(config)
+    out = check_output_dir(config.output_dir, overwrite)  # before a trainer's adapter is taken off
     model, tokenizer, config, splits, places = _setup(trainer_or_config)
-    out = check_output_dir(config.output_dir, overwrite)
+    if out.exists() and overwrite:  # replaced as a whole: no round or adapter of an earlier run is left
+        shutil.rmtree(out)
+    if not splits.validation:
+        console.print("[yellow]no validation rows: every round is kept; only an empty failing set or the round "
+                      "limit stops the boosting[/]")
     steps = steps_per_round or max(1, _total_steps(config, len(splits.train)) // rounds)
     engine = BoostRounds(model, r, u, rotate=rotate, max_rounds=rounds, seed=config.seed, **places)
     settings = asdict(boost) | {"steps_per_round": steps}
@@ -199,8 +220,8 @@ def boostlora(trainer_or_config: Trainer | TrainConfig, rounds: int = 8, r: int 
     misses = 0
     while True:
         correct = correct_rows(model, tokenizer, splits.train, config)
-        round_mine = "all" if first_round_all and engine.started == 0 else mine
-        if round_mine == "errors" and bool(correct.all()):
+        round_mine = "all" if first_round_all and engine.kept == 0 else mine  # until a round is kept: F_0
+        if mine == "errors" and bool(correct.all()):
             result.stop = "solved"
             break
         if not engine.slices_left():
@@ -246,7 +267,12 @@ def _round(engine: BoostRounds, model: torch.nn.Module, tokenizer: Any, config: 
     set_seed(round_config.seed)
     trainer = Trainer(model, tokenizer, round_config, adapter_name=ROUND_ADAPTER, console=console,
                       splits=DatasetSplits(rows, splits.validation, [], config.task, splits.label_names))
-    run = trainer.fit()
+    try:
+        run = trainer.fit()
+    except TrainingInterrupted as err:
+        engine.end(keep=False)
+        raise SpliceError(f"BoostLoRA stopped in round {k} (signal {err.signal_number}); the {engine.kept} round(s) kept so far were merged in memory only and are not saved "
+                          f"(boostlora does not resume): run it again with --force") from None
     metric = tasks.MAIN_METRIC[config.task][0]
     before, after = run.metrics["before"].get("validation"), run.metrics["after"].get("validation")
     return BoostRound(
@@ -288,9 +314,23 @@ def _setup(source: Trainer | TrainConfig) -> tuple[torch.nn.Module, Any, TrainCo
     return model, tokenizer, source, splits, _places(tasks.adapter_config(source, model))
 
 
+def _check_config(config: TrainConfig) -> None:
+    """Refuse, before any work, what the rounds cannot honour."""
+    if config.init_adapter is not None:
+        raise SpliceError(f"init_adapter: {config.init_adapter!r}: BoostLoRA boosts the base weights; to boost on "
+                          "top of an adapter, merge it into the model first (splice.unload) and pass the model's "
+                          "trainer")
+    if config.save_format == "peft":
+        raise SpliceError("save_format: 'peft': each round's TinyLoRA is saved in splice's format (PEFT has no "
+                          "such method); the whole change is written as a PEFT LoRA (<output_dir>/adapter) anyway")
+    if config.quantize is not None:
+        raise SpliceError(f"quantize: {config.quantize!r}: every kept round is merged into the base weights, which "
+                          "a 4-bit weight cannot hold; boost a full-precision model")
+
+
 def _places(template: Any) -> dict[str, Any]:
     return {"targets": template.targets, "exclude": template.exclude, "layers": template.layers,
-            "train_also": list(template.train_also)}
+            "layers_pattern": template.layers_pattern, "train_also": list(template.train_also)}
 
 
 def _total_steps(config: TrainConfig, rows: int) -> int:

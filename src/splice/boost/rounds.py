@@ -24,6 +24,7 @@ from torch import nn
 
 import splice
 from splice.core.adapter_state import AdapterState, ModuleUpdate
+from splice.core.api import check_merge
 from splice.core.config import filled_from_file
 from splice.core.errors import SpliceError
 from splice.core.host import hosts
@@ -47,7 +48,8 @@ class BoostRounds:
 
     def __init__(self, model: nn.Module, r: int, u: int, *, targets: str | list[str] | None = "all-linear",
                  exclude: str | list[str] | None = None, layers: int | list[int] | None = None,
-                 train_also: Sequence[str] = (), rotate: bool = True, max_rounds: int = 8, seed: int = 0) -> None:
+                 layers_pattern: str | list[str] | None = None, train_also: Sequence[str] = (), rotate: bool = True,
+                 max_rounds: int = 8, seed: int = 0) -> None:
         if splice.adapters(model):
             raise SpliceError(f"BoostLoRA merges every round into the base weights, so the model must carry no "
                               f"adapter; attached: {sorted(splice.adapters(model))}")
@@ -55,9 +57,13 @@ class BoostRounds:
             raise SpliceError(f"BoostLoRA needs at least one round, got max_rounds={max_rounds}")
         self.model, self.r, self.rotate, self.max_rounds = model, r, rotate, max_rounds
         self.template = TinyLoRA(r=r, u=u, targets=targets, exclude=exclude, layers=layers,
-                                 train_also=list(train_also), seed=seed)
+                                 layers_pattern=layers_pattern, train_also=list(train_also), seed=seed)
+        self.seed = seed
         self.basis: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # W0's top slices
         self.updates: dict[str, list[ModuleUpdate]] = {}  # the kept rounds' factors, per module
+        # W0 of the modules whose weights are not fp32/fp64 (bf16, fp16): a kept round sets them to
+        # W0 + the whole change rounded once, not each round's change rounded into the last weight
+        self.low_precision: dict[str, tuple[torch.Tensor, bool]] = {}  # W0 as stored, and whether [in, out]
         self.head_tensors: dict[str, torch.Tensor] = {}
         self.heads: list[str] = []
         self.base_model: str | None = None
@@ -85,24 +91,37 @@ class BoostRounds:
         if not self.slices_left():
             raise SpliceError(f"no BoostLoRA round left ({self.started} of {self.max_rounds} begun, slice at "
                               f"{self.offset} of width {self.r})")
-        config = self.template.replace(offset=self.offset)
+        # a new random basis P each round (seed + round), in the next slice
+        config = self.template.replace(offset=self.offset, seed=self.seed + self.started)
         with filled_from_file():  # the slices come from W0's SVD below, not from the current weight
             splice.attach(self.model, config, ROUND_ADAPTER)
+        try:
+            check_merge(self.model, [ROUND_ADAPTER])  # every kept round is merged: refuse before training
+            adapters = self._set_slices()
+        except Exception:
+            splice.detach(self.model, ROUND_ADAPTER)
+            raise
+        self.started += 1
+        self.open = True
+        return adapters
+
+    def _set_slices(self) -> dict[str, nn.Module]:
+        """Give the open round's adapters their slice of W0's basis (taken at the first round)."""
         adapters = {}
         for module_name, base, host in hosts(self.model):
             if ROUND_ADAPTER not in host:
                 continue
             adapter = host[ROUND_ADAPTER]
             if module_name not in self.basis:
-                self.basis[module_name] = top_singular(dense_weight(base, adapter.info),
-                                                       self.r * (self.max_rounds if self.rotate else 1))
+                weight = dense_weight(base, adapter.info)
+                self.basis[module_name] = top_singular(weight, self.r * (self.max_rounds if self.rotate else 1))
+                if base.weight.dtype not in (torch.float32, torch.float64):
+                    self.low_precision[module_name] = (base.weight.detach().clone(), adapter.info.transposed)
             U, S, Vh = self.basis[module_name]
             J = slice(self.offset, self.offset + self.r)
             adapter.set_basis(U[:, J], S[J], Vh[J])
             adapters[module_name] = adapter
             self.transposed |= adapter.info.transposed
-        self.started += 1
-        self.open = True
         return adapters
 
     def end(self, keep: bool) -> None:
@@ -112,16 +131,28 @@ class BoostRounds:
             raise SpliceError("no BoostLoRA round is open")
         if keep:
             state = adapter_state(self.model, ROUND_ADAPTER)
-            for module_name, update in state.modules.items():
+            splice.unload(self.model)  # merges exactly (fp32 accumulation), drops the adapter, keeps the heads
+            for module_name, update in state.modules.items():  # recorded once the merge went through
                 self.updates.setdefault(module_name, []).append(
                     ModuleUpdate(update.A.detach().clone(), update.B.detach().clone(), update.scaling))
             self.head_tensors = {k: v.detach().clone() for k, v in state.head_tensors.items()}
             self.heads, self.base_model = list(state.heads), state.base_model
-            splice.unload(self.model)  # merges exactly (fp32 accumulation), drops the adapter, keeps the heads
+            self._round_once()
             self.kept += 1
         else:
             splice.detach(self.model, ROUND_ADAPTER)
         self.open = False
+
+    @torch.no_grad()
+    def _round_once(self) -> None:
+        """Low-precision weights become W0 + the whole change, rounded once (each round's merge
+        rounded a change of a few numbers into bf16, where it may vanish)."""
+        modules = dict(self.model.named_modules())
+        for module_name, (original, transposed) in self.low_precision.items():
+            B, A = self.factors(module_name)
+            change = (B.double() @ A.double()).float()
+            weight = modules[module_name].weight
+            weight.copy_((original.float() + (change.T if transposed else change)).to(weight.dtype))
 
     def factors(self, module_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """B [out, K r] and A [K r, in] with B A = the module's merged change W_K - W0."""

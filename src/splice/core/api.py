@@ -238,18 +238,7 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
     is skipped by the forward pass, so outputs do not change; `unmerge` takes it out again.
     """
     names = [name] if name else active_adapters(model)
-    _require_known(model, names)
-    pending = [(module_name, base, host, n) for module_name, base, host in hosts(model)
-               for n in names if n in host and n not in host.merged]
-    tied = tied_parameters(model)
-    for module_name, base, host, adapter_name in pending:  # refuse before any weight changes
-        host.check_merge(base, adapter_name)
-        if id(base.weight) in tied:
-            others = [n for n in tied[id(base.weight)] if n != f"{module_name}.weight"]
-            raise MergeError(
-                f"{module_name}.weight is tied to {others}: merging {adapter_name!r} would change "
-                "those modules too. Keep the adapter unmerged, or untie the weights first."
-            )
+    pending = check_merge(model, names)  # refuse before any weight changes
     done: list[tuple[nn.Module, Host, str]] = []
     try:  # only a non-finite result can still fail here
         for _, base, host, adapter_name in pending:
@@ -260,6 +249,25 @@ def merge(model: nn.Module, name: str | None = None) -> nn.Module:
             host.unmerge(base, adapter_name)
         raise
     return model
+
+
+def check_merge(model: nn.Module, names: list[str]) -> list[tuple[str, nn.Module, Host, str]]:
+    """Raise the MergeError that merging adapters `names` would raise (no weight form, a quantized
+    or tied weight, a bias the base lacks), changing nothing; else the (module, base, host,
+    adapter) to merge. For jobs that merge what they train (boosting) to refuse before training."""
+    _require_known(model, names)
+    pending = [(module_name, base, host, n) for module_name, base, host in hosts(model)
+               for n in names if n in host and n not in host.merged]
+    tied = tied_parameters(model)
+    for module_name, base, host, adapter_name in pending:
+        host.check_merge(base, adapter_name)
+        if id(base.weight) in tied:
+            others = [n for n in tied[id(base.weight)] if n != f"{module_name}.weight"]
+            raise MergeError(
+                f"{module_name}.weight is tied to {others}: merging {adapter_name!r} would change "
+                "those modules too. Keep the adapter unmerged, or untie the weights first."
+            )
+    return pending
 
 
 def unmerge(model: nn.Module, name: str | None = None) -> nn.Module:

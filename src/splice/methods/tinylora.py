@@ -112,7 +112,8 @@ class TinyLoRAAdapter(Adapter, LowRankForward):
         return LowRank(self.Vh, (self.U * self.S) @ self.mixing(), 1.0)
 
     def trained_factors(self) -> None:
-        """v, not A and B, is trained: LoFT's factor pairs do not apply (it steps v as AdamW)."""
+        """v, not A and B, is trained: there is no factor pair for LoFT (which refuses a model
+        whose adapters have none)."""
         return None
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:

@@ -102,7 +102,8 @@ def correct_rows(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, row
     """Per row, whether the model answers it right (bool, on the CPU): the class of largest logit
     is the label; for causal LM, every completion token is the most likely next token given the
     text before it (teacher forcing: one forward per batch, where greedy exact match generates;
-    the two agree except that this does not ask the generation to stop after the completion)."""
+    the two agree except that this does not ask the generation to stop after the completion:
+    the end-of-sequence label after it is not checked)."""
     model.eval()
     device = next(model.parameters()).device
     collate = collator(config.task, tokenizer, config.max_length)
@@ -114,7 +115,8 @@ def correct_rows(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, row
             hits.append((logits.argmax(-1) == labels).cpu())
         else:
             predicted, targets = logits[:, :-1].argmax(-1), labels[:, 1:]
-            hits.append(((predicted == targets) | (targets == IGNORE_INDEX)).all(-1).cpu())
+            unchecked = (targets == IGNORE_INDEX) | (targets == tokenizer.eos_token_id)
+            hits.append(((predicted == targets) | unchecked).all(-1).cpu())
     return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
 
 
