@@ -271,8 +271,9 @@ def _round(engine: BoostRounds, model: torch.nn.Module, tokenizer: Any, config: 
         run = trainer.fit()
     except TrainingInterrupted as err:
         engine.end(keep=False)
-        raise SpliceError(f"BoostLoRA stopped in round {k} (signal {err.signal_number}); the {engine.kept} round(s) kept so far were merged in memory only and are not saved "
-                          f"(boostlora does not resume): run it again with --force") from None
+        raise SpliceError(f"BoostLoRA stopped in round {k} (signal {err.signal_number}); the {engine.kept} "
+                          "round(s) kept so far were merged in memory only and are not saved (boostlora does not "
+                          "resume): run it again with --force") from None
     metric = tasks.MAIN_METRIC[config.task][0]
     before, after = run.metrics["before"].get("validation"), run.metrics["after"].get("validation")
     return BoostRound(
