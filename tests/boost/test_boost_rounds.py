@@ -170,3 +170,28 @@ def test_refusals_name_the_problem():
         engine.begin()
     with pytest.raises(SpliceError, match="no BoostLoRA round is open"):
         engine.end(keep=True)
+
+
+def test_a_restored_engine_on_a_fresh_model_equals_the_one_that_ran_bit_for_bit():
+    """state() after kept and undone rounds, restore() on a fresh copy of the pretrained model:
+    the same weights (the merges replayed with the merge's arithmetic), factors, slices to come."""
+    torch.manual_seed(0)
+    pretrained = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 6))
+    model = copy.deepcopy(pretrained)
+    engine = BoostRounds(model, r=2, u=3, targets="all-linear", max_rounds=4)
+    for keep in (True, False, True):
+        with torch.no_grad():
+            for adapter in engine.begin().values():
+                adapter.v.normal_()
+        engine.end(keep=keep)
+    tensors, meta = engine.state()
+    again = BoostRounds(copy.deepcopy(pretrained), r=2, u=3, targets="all-linear", max_rounds=4)
+    again.restore(tensors, meta)
+    assert all(torch.equal(a, b) for a, b in zip(again.model.state_dict().values(), model.state_dict().values(),
+                                                 strict=True))
+    assert (again.kept, again.started, again.offset) == (2, 3, 4) and again.ranks() == engine.ranks()
+    next_one, expected = again.begin(), engine.begin()
+    assert all(torch.equal(next_one[m].U, expected[m].U) and torch.equal(next_one[m].P, expected[m].P)
+               for m in expected)
+    with pytest.raises(SpliceError, match="fresh BoostRounds"):
+        again.restore(tensors, meta)

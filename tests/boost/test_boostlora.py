@@ -4,7 +4,9 @@ and the report says what happened."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -68,3 +70,30 @@ def test_bad_settings_are_refused_before_any_work(sentiment_config, tmp_path):
     with pytest.raises(SpliceError, match="key 'mine' has value 'wrong' .*expected one of 'errors', 'all'"):
         boostlora(sentiment_config, mine="wrong", console=QUIET)
     assert not (tmp_path / "boost").exists()
+
+
+def test_a_stopped_run_resumes_from_its_progress_and_ends_as_the_run_that_never_stopped(sentiment_config,
+                                                                                        monkeypatch, tmp_path):
+    whole = boostlora(dataclasses.replace(sentiment_config, output_dir=str(tmp_path / "whole")), rounds=3,
+                      patience=3, steps_per_round=2, console=QUIET)
+    stopped = dataclasses.replace(sentiment_config, output_dir=str(tmp_path / "stopped"))
+    real_fit = Trainer.fit
+
+    def stop_in_round_2(self):
+        if self.config.output_dir.endswith("round-2"):
+            monkeypatch.setattr(Trainer, "interrupt_requested", property(lambda trainer: trainer.state.step >= 1))
+        return real_fit(self)
+
+    monkeypatch.setattr(Trainer, "fit", stop_in_round_2)
+    with pytest.raises(SpliceError, match=r"stopped in round 2 .*--resume"):
+        boostlora(stopped, rounds=3, patience=3, steps_per_round=2, console=QUIET)
+    monkeypatch.undo()
+    with pytest.raises(SpliceError, match=r"another boost \(patience: 3 -> 2\)"):
+        boostlora(stopped, rounds=3, patience=2, steps_per_round=2, console=QUIET, resume=True)
+    resumed = boostlora(stopped, rounds=3, patience=3, steps_per_round=2, console=QUIET, resume=True)
+    plain = [{**asdict(r), "seconds": 0} for r in resumed.rounds]
+    assert plain == [{**asdict(r), "seconds": 0} for r in whole.rounds] and len(plain) == 3
+    assert resumed.validation == whole.validation and resumed.stop == whole.stop
+    assert not (tmp_path / "stopped" / "progress").exists()  # the run ended
+    with pytest.raises(SpliceError, match="no progress/progress.json"):
+        boostlora(stopped, rounds=3, patience=3, steps_per_round=2, console=QUIET, resume=True)

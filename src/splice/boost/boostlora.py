@@ -21,6 +21,7 @@ changed weights. The whole change is also saved as a LoRA of rank K r for the or
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import shutil
 import time
@@ -31,13 +32,16 @@ from typing import Any, Literal
 import torch
 from accelerate.utils import set_seed
 from rich.console import Console
+from safetensors.torch import load_file
 
 import splice
 from splice.assets import DatasetSplits, Row
 from splice.boost.rounds import ROUND_ADAPTER, BoostRounds
 from splice.core.errors import ConfigError, SpliceError
-from splice.core.validation import check_config_fields, did_you_mean, show, yaml_number
+from splice.core.validation import check_config_fields, config_changes, did_you_mean, show, yaml_number
+from splice.io.adapter_files import WEIGHTS_NAME
 from splice.io.adapter_states import save_state
+from splice.io.files import atomic_directory, write_json, write_weights
 from splice.io.output_dirs import check_output_dir
 from splice.train import Trainer, tasks
 from splice.train.config import TrainConfig, read_yaml_mapping, split_settings
@@ -46,6 +50,7 @@ from splice.train.evaluation import correct_rows, evaluate
 from splice.train.results import TrainingInterrupted
 
 Mine = Literal["errors", "all"]
+PROGRESS = "progress"  # <output_dir>/progress/: a stopped run's state, for resume
 PLACE_KEYS = ("targets", "exclude", "layers", "layers_pattern", "train_also")  # what the config's adapter gives
 STOPS = {
     "solved": "no training row left wrong",
@@ -184,7 +189,7 @@ class BoostResult:
 def boostlora(trainer_or_config: Trainer | TrainConfig, rounds: int = 8, r: int = 1, u: int = 4,
               mine: Mine = "errors", mix_correct: float = 0.1, *, rotate: bool = True,
               steps_per_round: int | None = None, patience: int = 1, first_round_all: bool = True,
-              console: Console | None = None, overwrite: bool = False) -> BoostResult:
+              console: Console | None = None, overwrite: bool = False, resume: bool = False) -> BoostResult:
     """Boost TinyLoRA rounds on the model and data of `trainer_or_config`; the result (its
     `model` the boosted one: the base architecture with merged weights), with the rounds' runs
     under `<output_dir>/rounds/`, the whole change as a LoRA in `<output_dir>/adapter` and the
@@ -195,6 +200,11 @@ def boostlora(trainer_or_config: Trainer | TrainConfig, rounds: int = 8, r: int 
     trains is removed, keeping its places), data and config. Steps per round default to the
     config's whole budget split evenly over `rounds`, so that boosting and one adapter train
     the same number of steps.
+
+    After every round the kept rounds' factors, the heads and the records are written to
+    `<output_dir>/progress/` (removed when the run ends); `resume=True` continues a stopped run
+    there from a fresh model, under the same config and settings, and ends as the run that never
+    stopped (the rounds are replayed with the merge's own arithmetic).
     """
     from splice.boost.report import write_report
 
@@ -204,7 +214,10 @@ def boostlora(trainer_or_config: Trainer | TrainConfig, rounds: int = 8, r: int 
     started = time.perf_counter()
     config = trainer_or_config.config if isinstance(trainer_or_config, Trainer) else trainer_or_config
     _check_config(config)
-    out = check_output_dir(config.output_dir, overwrite)  # before a trainer's adapter is taken off
+    if resume and overwrite:
+        raise SpliceError("resume continues a run and overwrite replaces it: pass one of them")
+    out = Path(config.output_dir) if resume else check_output_dir(config.output_dir, overwrite)
+    saved = read_progress(out, config, boost) if resume else None  # before a trainer's adapter is taken off
     model, tokenizer, config, splits, places = _setup(trainer_or_config)
     if out.exists() and overwrite:  # replaced as a whole: no round or adapter of an earlier run is left
         shutil.rmtree(out)
@@ -218,6 +231,11 @@ def boostlora(trainer_or_config: Trainer | TrainConfig, rounds: int = 8, r: int 
                          model=model, tokenizer=tokenizer)
     higher = tasks.MAIN_METRIC[config.task][1]
     misses = 0
+    if saved is not None:
+        tensors, progress = saved
+        engine.restore(tensors, progress["engine"])
+        result.rounds, misses = [BoostRound(**r) for r in progress["rounds"]], progress["misses"]
+        console.print(f"resumed {out}: {len(result.rounds)} round(s) done, {engine.kept} kept")
     while True:
         correct = correct_rows(model, tokenizer, splits.train, config)
         round_mine = "all" if first_round_all and engine.kept == 0 else mine  # until a round is kept: F_0
@@ -238,6 +256,7 @@ def boostlora(trainer_or_config: Trainer | TrainConfig, rounds: int = 8, r: int 
         record.rank = _rank_summary(engine)
         console.print(_round_line(record, result.metric))
         misses = 0 if improved else misses + 1
+        write_progress(out, engine, result, misses, boost)
         if misses >= patience:
             result.stop = "no_gain"
             break
@@ -249,7 +268,39 @@ def boostlora(trainer_or_config: Trainer | TrainConfig, rounds: int = 8, r: int 
         result.adapter = str(save_state(engine.adapter_state(), out / "adapter", overwrite=True))
     result.wall_seconds = time.perf_counter() - started
     write_report(result, out / "report")
+    shutil.rmtree(out / PROGRESS, ignore_errors=True)  # the run ended: nothing to resume
     return result
+
+
+def write_progress(out: Path, engine: BoostRounds, result: BoostResult, misses: int, boost: BoostSettings) -> None:
+    """The run after its last round, whole or not at all: what `read_progress` gives back."""
+    tensors, meta = engine.state()
+    with atomic_directory(out / PROGRESS, overwrite=True) as tmp:
+        write_weights(tmp, tensors)
+        write_json(tmp / "progress.json", {"config": result.config, "boost": asdict(boost), "engine": meta,
+                                           "misses": misses, "rounds": [asdict(r) for r in result.rounds]})
+
+
+def read_progress(out: Path, config: TrainConfig, boost: BoostSettings) -> tuple[dict[str, torch.Tensor],
+                                                                               dict[str, Any]]:
+    """The saved state of the stopped run in `out`, refused with the reason where there is none,
+    it is unreadable, or it ran under another config or other settings (naming what changed)."""
+    folder = out / PROGRESS
+    if not (folder / "progress.json").is_file():
+        raise SpliceError(f"cannot resume {out}: it has no {PROGRESS}/progress.json (no round of a boostlora run "
+                          "finished there, or the run ended); start it without --resume")
+    try:
+        progress = json.loads((folder / "progress.json").read_text())
+        tensors = load_file(folder / WEIGHTS_NAME) if (folder / WEIGHTS_NAME).is_file() else {}
+    except Exception as err:  # a truncated or foreign file: say which and why
+        raise SpliceError(f"cannot resume {out}: {folder} is unreadable ({type(err).__name__}: {err})") from err
+    current = {"config": json.loads(json.dumps(config.to_dict(), default=str)), "boost": asdict(boost)}
+    for key, value in current.items():
+        if progress.get(key) != value:
+            raise SpliceError(f"cannot resume {out}: it was started with another {key} "
+                              f"({'; '.join(config_changes(progress.get(key) or {}, value))}); a resumed run "
+                              "continues the same one")
+    return tensors, progress
 
 
 def _round(engine: BoostRounds, model: torch.nn.Module, tokenizer: Any, config: TrainConfig, splits: DatasetSplits,
@@ -264,6 +315,7 @@ def _round(engine: BoostRounds, model: torch.nn.Module, tokenizer: Any, config: 
     round_config = dataclasses.replace(
         config, max_steps=steps, seed=config.seed + k, output_dir=str(out / "rounds" / f"round-{k}"),
         adapter=engine.template.replace(offset=offset).to_dict() | {"targets": sorted(adapters)}, init_adapter=None)
+    shutil.rmtree(round_config.output_dir, ignore_errors=True)  # a stopped run's unfinished round starts again
     set_seed(round_config.seed)
     trainer = Trainer(model, tokenizer, round_config, adapter_name=ROUND_ADAPTER, console=console,
                       splits=DatasetSplits(rows, splits.validation, [], config.task, splits.label_names))
@@ -272,8 +324,8 @@ def _round(engine: BoostRounds, model: torch.nn.Module, tokenizer: Any, config: 
     except TrainingInterrupted as err:
         engine.end(keep=False)
         raise SpliceError(f"BoostLoRA stopped in round {k} (signal {err.signal_number}); the {engine.kept} "
-                          "round(s) kept so far were merged in memory only and are not saved (boostlora does not "
-                          "resume): run it again with --force") from None
+                          f"round(s) kept before it are saved in {out / PROGRESS}: continue with the same command "
+                          "and --resume") from None
     metric = tasks.MAIN_METRIC[config.task][0]
     before, after = run.metrics["before"].get("validation"), run.metrics["after"].get("validation")
     return BoostRound(

@@ -18,6 +18,7 @@ Training, mining the failing rows and deciding whether a round is kept belong to
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,7 +28,7 @@ from splice.core.adapter_state import AdapterState, ModuleUpdate
 from splice.core.api import check_merge
 from splice.core.config import filled_from_file
 from splice.core.errors import SpliceError
-from splice.core.host import hosts
+from splice.core.host import add_to_weight, hosts
 from splice.core.layers import dense_weight
 from splice.core.svd import product_svd
 from splice.io.adapter_states import adapter_state
@@ -68,6 +69,7 @@ class BoostRounds:
         self.heads: list[str] = []
         self.base_model: str | None = None
         self.transposed = False  # Conv1D hosts (GPT-2): PEFT records fan_in_fan_out
+        self._infos: dict[str, Any] = {}  # each adapted module's LayerInfo
         self.kept = 0  # rounds merged
         self.started = 0  # rounds begun
         self.open = False
@@ -121,6 +123,7 @@ class BoostRounds:
             J = slice(self.offset, self.offset + self.r)
             adapter.set_basis(U[:, J], S[J], Vh[J])
             adapters[module_name] = adapter
+            self._infos[module_name] = adapter.info
             self.transposed |= adapter.info.transposed
         return adapters
 
@@ -153,6 +156,50 @@ class BoostRounds:
             change = (B.double() @ A.double()).float()
             weight = modules[module_name].weight
             weight.copy_((original.float() + (change.T if transposed else change)).to(weight.dtype))
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """What `restore` needs to put a fresh copy of the model where this one is: the kept
+        rounds' factors and the heads (tensors), the counts and names (plain values)."""
+        tensors = {f"head.{key}": value for key, value in self.head_tensors.items()}
+        for module_name, updates in self.updates.items():
+            for k, update in enumerate(updates):
+                tensors[f"round.{k}.{module_name}.A"] = update.A.contiguous()
+                tensors[f"round.{k}.{module_name}.B"] = (update.B * update.scaling).contiguous()
+        meta = {"kept": self.kept, "started": self.started, "modules": list(self.updates), "heads": self.heads,
+                "base_model": self.base_model}
+        return tensors, meta
+
+    @torch.no_grad()
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Bring a fresh engine on the pretrained model to the saved state: W0's basis taken, the
+        kept rounds merged in their order with the merge's own arithmetic (so the weights equal
+        the uninterrupted run's bit for bit), the heads as the last kept round left them."""
+        if self.started or self.open:
+            raise SpliceError("restore() needs a fresh BoostRounds on the pretrained model")
+        config = self.template.replace(offset=0)
+        with filled_from_file():
+            splice.attach(self.model, config, ROUND_ADAPTER)
+        try:
+            self._set_slices()  # W0's basis (and low-precision copies), from the untouched weights
+        finally:
+            splice.detach(self.model, ROUND_ADAPTER)
+        modules = dict(self.model.named_modules())
+        for k in range(meta["kept"]):
+            for module_name in meta["modules"]:
+                A, B = tensors[f"round.{k}.{module_name}.A"], tensors[f"round.{k}.{module_name}.B"]
+                self.updates.setdefault(module_name, []).append(ModuleUpdate(A, B, 1.0))
+                if module_name not in self.low_precision:
+                    add_to_weight(modules[module_name], self._infos[module_name], B @ A)
+        self.kept, self.started = meta["kept"], meta["started"]
+        self.heads, self.base_model = list(meta["heads"]), meta["base_model"]
+        self.head_tensors = {key[len("head."):]: value for key, value in tensors.items() if key.startswith("head.")}
+        if self.head_tensors:
+            missing = [key for key in self.head_tensors if key not in self.model.state_dict()]
+            if missing:
+                raise SpliceError(f"the saved heads do not fit the model: {missing[:5]}")
+            self.model.load_state_dict(self.head_tensors, strict=False)
+        if self.kept:
+            self._round_once()
 
     def factors(self, module_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """B [out, K r] and A [K r, in] with B A = the module's merged change W_K - W0."""

@@ -49,6 +49,8 @@ def boostlora(
         show_default=False)] = None,
     output_dir: Annotated[str | None, typer.Option(help="Run folder (default: the file's output_dir).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty run folder.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a stopped run in its folder (the same config "
+                                         "and flags): the kept rounds are replayed, the rest trained.")] = False,
     quiet: Quiet = False,
 ) -> None:
     """Boost TinyLoRA rounds (BoostLoRA, arXiv 2604.27308): each round trains a few numbers per
@@ -66,6 +68,7 @@ def boostlora(
         splice boostlora examples/rotten_tomatoes_boostlora.yaml
         splice boostlora examples/rotten_tomatoes_boostlora.yaml --rounds 4 --r 2 --u 8 --force
         splice boostlora examples/rotten_tomatoes_boostlora.yaml --no-rotate --output-dir runs/fixed-slice
+        splice boostlora examples/rotten_tomatoes_boostlora.yaml --resume      # after Ctrl-C
     """
     from splice.boost.boostlora import boostlora as run_boost
     from splice.boost.boostlora import read_boost_config
@@ -76,7 +79,7 @@ def boostlora(
         config, boost = read_boost_config(config_file, settings=settings, rounds=rounds, r=r, u=u, mine=mine,
                                           mix_correct=mix_correct, rotate=rotate, steps_per_round=steps_per_round,
                                           patience=patience)
-        result = run_boost(config, **asdict(boost), console=tables, overwrite=force)
+        result = run_boost(config, **asdict(boost), console=tables, overwrite=force, resume=resume)
     scores = ", ".join(f"{split} {name} {value:.4f}" for split in ("validation", "test")
                        for name, value in getattr(result, split).items())
     kept_rank = max((r.rank["max"] for r in result.rounds if r.kept), default=0)
