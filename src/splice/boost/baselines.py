@@ -34,8 +34,9 @@ def fit_baselines(table: Table, split: Split, test: list[int], seed: int,
         except ImportError as err:
             out[name] = {"error": f"not installed ({err.name}); pip install 'splice[tabular]'"}
             continue
-        model.fit(features[shots], labels[shots])
-        probabilities = _all_classes(model.predict_proba(features[test]), model.classes_, len(table.classes))
+        seen = np.unique(labels[shots])  # XGBoost wants classes 0..k-1: the shots may miss one
+        model.fit(features[shots], np.searchsorted(seen, labels[shots]))
+        probabilities = _all_classes(model.predict_proba(features[test]), seen[model.classes_], len(table.classes))
         out[name] = scores(probabilities, labels[test])
     return out
 

@@ -82,6 +82,10 @@ class BoostLLMSettings:
                      ("eval_every", self.eval_every)) if value < 1]
         if not 0.0 < self.shrinkage <= 1.0:
             problems.append(f"shrinkage must be in (0, 1], got {self.shrinkage}")
+        problems += [f"{name} must be >= 0, got {value}" for name, value in (("lr", self.lr), ("head_lr", self.head_lr))
+                     if not value >= 0]
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            problems.append(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
         if problems:
             raise SpliceError("boostllm: " + "; ".join(problems))
 
@@ -191,9 +195,35 @@ class BoostLLM:
         lora = list(splice.trainable_parameters(self.model).values())
         optimizer = torch.optim.AdamW([{"params": lora, "lr": s.lr}, {"params": head.parameters(), "lr": s.head_lr}],
                                       weight_decay=0.0)
-        schedule = get_cosine_schedule_with_warmup(optimizer, max(1, s.steps // 10), s.steps)
+        # the trainer's warmup share; a round of a few steps gets none (a warmup starts at lr 0)
+        schedule = get_cosine_schedule_with_warmup(optimizer, int(0.06 * s.steps), s.steps)
         trained = [*lora, *head.parameters()]
-        best = (self._validation_loss(validation, logits["validation"], m), 0, _snapshot(trained))
+        try:
+            best = (self._validation_loss(validation, logits["validation"], m), 0, _snapshot(trained))
+            best = self._train_round(train, validation, logits, m, optimizer, schedule, trained, best)
+        except Exception:  # a failed round leaves no half-trained adapter or head behind
+            splice.detach(self.model, name)
+            del self.heads[m]
+            raise
+        _restore(trained, best[2])
+        splice.freeze(self.model, name)
+        head.requires_grad_(False)
+        for split, rows in (("train", train), ("validation", validation)):
+            if rows:
+                logits[split] += s.shrinkage * self._round_logits_no_grad(rows, m).cpu()
+        accuracy = None
+        if validation:
+            accuracy = float((logits["validation"].argmax(-1) == self.labels[validation]).float().mean())
+        return LLMRound(m, s.steps, best[1], self._loss(logits["train"], train),
+                        self._loss(logits["validation"], validation) if validation else None, accuracy,
+                        time.perf_counter() - started)
+
+    def _train_round(self, train: list[int], validation: list[int], logits: dict[str, torch.Tensor], m: int,
+                     optimizer: torch.optim.Optimizer, schedule: Any, trained: list[nn.Parameter],
+                     best: tuple[float | None, int, list[torch.Tensor]]) -> tuple[float | None, int,
+                                                                                 list[torch.Tensor]]:
+        """Round m's steps; the kept state (lowest validation log-loss, else the last)."""
+        s = self.settings
         order = _row_order(train, s.batch_size, s.steps, s.seed * 1_000 + m)
         position = {row: k for k, row in enumerate(train)}
         for step, rows in enumerate(order, start=1):
@@ -218,18 +248,7 @@ class BoostLLM:
                     best = (value, step, _snapshot(trained))
         if not validation:  # nothing to choose on: the last state
             best = (None, s.steps, _snapshot(trained))
-        _restore(trained, best[2])
-        splice.freeze(self.model, name)
-        head.requires_grad_(False)
-        for split, rows in (("train", train), ("validation", validation)):
-            if rows:
-                logits[split] += s.shrinkage * self._round_logits_no_grad(rows, m).cpu()
-        accuracy = None
-        if validation:
-            accuracy = float((logits["validation"].argmax(-1) == self.labels[validation]).float().mean())
-        return LLMRound(m, s.steps, best[1], self._loss(logits["train"], train),
-                        self._loss(logits["validation"], validation) if validation else None, accuracy,
-                        time.perf_counter() - started)
+        return best
 
     def _validation_loss(self, rows: list[int], prior: torch.Tensor, m: int) -> float | None:
         if not rows:

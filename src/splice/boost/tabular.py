@@ -161,13 +161,18 @@ def _bundled(name: str) -> Table:
 
 
 def _read_csv(path: Path, label_column: str | None) -> Table:
-    with path.open(newline="", encoding="utf-8-sig") as file:
-        reader = csv.reader(file)
-        header = next(reader, None)
-        lines: list[tuple[int, list[str]]] = []
-        for cells in reader:
-            if cells:  # a blank line
-                lines.append((reader.line_num, cells))
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as file:
+            reader = csv.reader(file, skipinitialspace=True)  # "1, 2.5": cells after ", " are numbers too
+            header = next(reader, None)
+            lines: list[tuple[int, list[str]]] = []
+            for cells in reader:
+                if cells:  # a blank line
+                    lines.append((reader.line_num, [cell.strip() for cell in cells]))
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8 (a Latin-1 "
+                        "export can be converted with `iconv -f latin1 -t utf-8`)") from None
+    header = [name.strip() for name in header] if header else header
     if not header or not lines:
         raise DataError(f"{path}: a CSV table needs a header line and at least one row")
     if len(set(header)) != len(header):
@@ -183,6 +188,8 @@ def _read_csv(path: Path, label_column: str | None) -> Table:
                 raise DataError(f"{path}, line {line}: column {name!r} is empty; fill or drop the row")
     columns = [name for name in header if name != label]
     by_column = {name: [cells[j] for _, cells in lines] for j, name in enumerate(header)}
+    for name in columns:
+        _refuse_missing_markers(path, name, by_column[name], [line for line, _ in lines])
     values = [_parse_cells(by_column[name]) for name in columns]
     names = sorted(set(by_column[label]), key=int if all(_CSV_INT.fullmatch(c) for c in by_column[label]) else str)
     if len(names) < 2:
@@ -191,6 +198,21 @@ def _read_csv(path: Path, label_column: str | None) -> Table:
     index = {name: c for c, name in enumerate(names)}
     return Table(name=path.stem, columns=columns, rows=[list(row) for row in zip(*values, strict=True)],
                  labels=[index[cell] for cell in by_column[label]], classes=names)
+
+
+MISSING_MARKERS = {"nan", "na", "n/a", "null", "none", "?", "-", "inf", "-inf", "+inf", "infinity"}
+
+
+def _refuse_missing_markers(path: Path, column: str, cells: list[str], lines: list[int]) -> None:
+    """A column of numbers with a missing-value marker ("nan", "NA", "?", ...) in some cells would
+    silently become a column of string categories, each number one of them: refused, naming the
+    first such cell."""
+    markers = [k for k, cell in enumerate(cells) if cell.lower() in MISSING_MARKERS]
+    numbers = sum(1 for cell in cells if _CSV_NUMBER.fullmatch(cell))
+    if markers and numbers + len(markers) == len(cells) and numbers:
+        k = markers[0]
+        raise DataError(f"{path}, line {lines[k]}: column {column!r} holds numbers and the missing-value marker "
+                        f"{cells[k]!r} ({len(markers)} cell(s)); fill or drop those rows")
 
 
 def _parse_cells(cells: list[str]) -> list[Value]:
@@ -225,6 +247,8 @@ def draw_shots(table: Table, shots: int, seed: int, validation: float | int = 0.
     class without a training row.
     """
     k = len(table.classes)
+    if seed < 0:
+        raise SpliceError(f"seed must be >= 0, got {seed}")
     if shots < k:
         raise SpliceError(f"{shots} shots cannot hold a row of each of the {k} classes of {table.name} "
                           f"({', '.join(table.classes)}); ask for at least {k}")

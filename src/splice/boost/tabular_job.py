@@ -4,6 +4,7 @@ and their mean and spread (<output_dir>/results.json, results.md)."""
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -14,10 +15,12 @@ from rich.console import Console
 from splice.boost.baselines import BASELINES, fit_baselines
 from splice.boost.tabular import draw_shots, load_table
 from splice.boost.tabular_llm import boostllm, scored_rows
+from splice.core.errors import OutputExistsError, SpliceError
 from splice.io.files import atomic_directory, write_json, write_text
 from splice.io.output_dirs import check_output_dir
 
 METRICS = ("accuracy", "auc", "log_loss")
+CLAIM = "job.json"  # written first: the folder belongs to the run under way
 
 
 @dataclass
@@ -33,11 +36,21 @@ class TabularJob:
     shrinkage: float = 0.5
     tree_depth: int = 3
     views: tuple[str, ...] = ("features", "path")
-    max_length: int = 256
+    max_length: int = 512
     test_rows: int | None = None
     baselines: tuple[str, ...] = BASELINES
     output_dir: str = "runs/boost-tabular"
     settings: dict[str, Any] = field(default_factory=dict)  # BoostLLMSettings' other fields
+
+    def __post_init__(self) -> None:
+        own = {"seed", "rounds", "shrinkage"} & set(self.settings)
+        if own:
+            raise SpliceError(f"settings {sorted(own)} are the job's own fields (seeds, rounds, shrinkage): set them "
+                              "there, so that BoostLLM and the baselines share each draw")
+        if self.test_rows is not None and self.test_rows < 1:
+            raise SpliceError(f"test_rows must be >= 1 (None scores every test row), got {self.test_rows}")
+        if any(seed < 0 for seed in self.seeds) or len(set(self.seeds)) != len(self.seeds):
+            raise SpliceError(f"seeds must be distinct numbers >= 0, got {self.seeds}")
 
 
 def run_tabular_job(job: TabularJob, *, console: Console | None = None, overwrite: bool = False) -> dict[str, Any]:
@@ -47,6 +60,10 @@ def run_tabular_job(job: TabularJob, *, console: Console | None = None, overwrit
     started = time.perf_counter()
     folder = check_output_dir(job.output_dir, overwrite)
     table = load_table(job.data, job.label_column)
+    if folder.exists() and overwrite:
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / CLAIM, {"job": _plain(job)})  # the folder is this run's: another one is refused
     draws = []
     for seed in job.seeds:
         split = draw_shots(table, job.shots, seed)
@@ -60,14 +77,22 @@ def run_tabular_job(job: TabularJob, *, console: Console | None = None, overwrit
                 "baselines": fit_baselines(table, split, test, seed, job.baselines)}
         console.print("  " + "; ".join(f"{name} {_line(s)}" for name, s in _methods(draw).items()))
         draws.append(draw)
-    report = {"job": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(job).items()},
+    report = {"job": _plain(job),
               "table": {"name": table.name, "rows": len(table), "columns": len(table.columns),
                         "classes": table.classes},
               "draws": draws, "summary": summarize(draws), "wall_seconds": time.perf_counter() - started}
+    others = sorted(p.name for p in folder.iterdir() if p.name != CLAIM)
+    if others:
+        raise OutputExistsError(f"{folder} was written by something else during this run ({', '.join(others)}); "
+                                "results not written over it (pass overwrite / --force, or another output folder)")
     with atomic_directory(folder, overwrite=True) as tmp:
         write_json(tmp / "results.json", report)
         write_text(tmp / "results.md", markdown(report))
     return report
+
+
+def _plain(job: TabularJob) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(job).items()}
 
 
 def _methods(draw: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -75,7 +100,9 @@ def _methods(draw: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _line(s: dict[str, Any]) -> str:
-    return s["error"] if "error" in s else f"accuracy {s['accuracy']:.3f}, AUC {s['auc']:.3f}"
+    if "error" in s:
+        return s["error"]
+    return f"accuracy {s['accuracy']:.3f}, AUC " + ("-" if s["auc"] is None else f"{s['auc']:.3f}")
 
 
 def summarize(draws: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
@@ -84,9 +111,11 @@ def summarize(draws: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, floa
     for name in _methods(draws[0]) if draws else []:
         runs = [_methods(d)[name] for d in draws if "error" not in _methods(d)[name]]
         if runs:
-            out[name] = {m: {"mean": statistics.fmean(r[m] for r in runs),
-                             "std": statistics.stdev(r[m] for r in runs) if len(runs) > 1 else 0.0}
-                         for m in METRICS}
+            out[name] = {}
+            for m in METRICS:
+                values = [r[m] for r in runs if r[m] is not None]  # AUC is None on a one-class test set
+                out[name][m] = {"mean": statistics.fmean(values) if values else None,
+                                "std": statistics.stdev(values) if len(values) > 1 else 0.0}
     return out
 
 
@@ -98,7 +127,8 @@ def markdown(report: dict[str, Any]) -> str:
              f"{len(table['classes'])} classes. Mean ± std over the draws.", "",
              "| method | accuracy | AUC | log-loss |", "|---|---:|---:|---:|"]
     for name, metrics in report["summary"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{metrics[m]['mean']:.3f} ± {metrics[m]['std']:.3f}"
+        lines.append(f"| {name} | " + " | ".join("-" if metrics[m]["mean"] is None else
+                                                f"{metrics[m]['mean']:.3f} ± {metrics[m]['std']:.3f}"
                                                 for m in METRICS) + " |")
     missing = {n: s["error"] for d in report["draws"] for n, s in d["baselines"].items() if "error" in s}
     lines += ["", *[f"- {name}: {error}" for name, error in missing.items()], ""]

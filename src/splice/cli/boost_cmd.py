@@ -108,7 +108,7 @@ def boost_tabular(
     steps: Annotated[int, typer.Option(help="Optimizer steps per round.")] = 40,
     lr: Annotated[float, typer.Option(help="Learning rate of each round's LoRA.")] = 1e-3,
     head_lr: Annotated[float, typer.Option(help="Learning rate of each round's head.")] = 1e-2,
-    max_length: Annotated[int, typer.Option(help="Tokens a view is cut at.")] = 256,
+    max_length: Annotated[int, typer.Option(help="Tokens a view is cut at (a warning counts the rows cut).")] = 512,
     test_rows: Annotated[int | None, typer.Option(help="Score a seeded sample of N test rows (default: all).",
                                                   show_default=False)] = None,
     baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="Also fit logistic regression, "
@@ -142,7 +142,8 @@ def boost_tabular(
                          output_dir=output_dir or f"runs/boost-{Path(data).stem}-{shots}",
                          settings={"steps": steps, "lr": lr, "head_lr": head_lr})
         report = run_tabular_job(job, console=tables, overwrite=force)
-    summary = "; ".join(f"{name} accuracy {m['accuracy']['mean']:.3f}, AUC {m['auc']['mean']:.3f}"
+    summary = "; ".join(f"{name} accuracy {m['accuracy']['mean']:.3f}, AUC "
+                        + ("-" if m["auc"]["mean"] is None else f"{m['auc']['mean']:.3f}")
                         for name, m in report["summary"].items())
     console.print(f"{summary} ({report['wall_seconds']:.0f} s). Wrote {Path(job.output_dir) / 'results.md'}",
                   highlight=False)
