@@ -35,7 +35,7 @@ def test_a_round_is_kept_only_on_a_validation_gain_and_an_undone_one_leaves_the_
     """The tiny random BERT learns nothing in a TinyLoRA round (its singular directions carry no
     meaning, unlike a pretrained model's: tests/boost/test_boostlora_minilm.py), so every round
     is undone: the model must come back exactly the pretrained one."""
-    result = boostlora(sentiment_config, rounds=3, r=1, u=4, patience=2, console=QUIET)
+    result = boostlora(sentiment_config, rounds=3, r=2, u=4, patience=2, console=QUIET)
     assert [r.round for r in result.rounds] == [0, 1] and result.stop == "no_gain"
     for record in result.rounds:
         assert record.kept == (record.validation_after > record.validation_before)
@@ -59,7 +59,7 @@ def test_a_round_is_kept_only_on_a_validation_gain_and_an_undone_one_leaves_the_
 
 def test_a_trainer_gives_its_model_data_and_places(sentiment_config):
     trainer = Trainer.from_config(sentiment_config, console=QUIET)
-    result = boostlora(trainer, rounds=2, r=1, u=2, steps_per_round=3, console=QUIET)
+    result = boostlora(trainer, rounds=2, r=2, u=2, steps_per_round=3, console=QUIET)
     assert result.rounds[0].adapter_parameters == 2 * 4 and result.rounds[0].steps == 3
     assert not splice.adapters(trainer.plain_model)  # its LoRA was taken off, the rounds merged
 

@@ -19,12 +19,12 @@ def test_boostlora_on_minilm_keeps_gaining_rounds_and_its_lora_file_is_the_boost
     config = TrainConfig.from_yaml("examples/rotten_tomatoes_lora.yaml", max_train_examples=128,
                                    max_eval_examples=64, max_length=48, max_steps=32, eval_every=8, lr=3e-2,
                                    output_dir=str(tmp_path / "boost"))
-    result = boostlora(config, rounds=2, r=1, u=4, console=Console(quiet=True))
+    result = boostlora(config, rounds=2, r=2, u=4, console=Console(quiet=True))
     first = result.rounds[0]
     assert first.kept and first.validation_after > first.validation_before  # 0.47 -> 0.56 on 64 reviews here
     assert first.adapter_parameters == 4 * 12  # u x query, value of 6 layers
     kept = [r for r in result.rounds if r.kept]
-    assert kept[-1].rank == {"mean": len(kept), "min": len(kept), "max": len(kept)}  # r = 1 a round
+    assert kept[-1].rank == {"mean": 2 * len(kept), "min": 2 * len(kept), "max": 2 * len(kept)}  # r = 2 a round
     assert result.validation["accuracy"] == pytest.approx(kept[-1].validation_after, abs=1e-6)
     splits = load_splits(config)
     model, tokenizer = tasks.load_model(config, splits.label_names)

@@ -148,7 +148,7 @@ def test_a_tied_target_is_refused_before_the_round_trains():
     engine should refuse the target up front (or merge it)."""
     model = make_gpt2()
     try:
-        engine = BoostRounds(model, r=1, u=2, targets=["lm_head"], max_rounds=2)
+        engine = BoostRounds(model, r=2, u=2, targets=["lm_head"], max_rounds=2)
         adapters = engine.begin()
     except SpliceError:
         return
@@ -164,7 +164,7 @@ def test_a_4bit_base_is_refused_by_the_engine_before_the_round_trains():
 
     model = splice.quantize(make_llama(), "nf4", backend="torchao")
     try:
-        engine = BoostRounds(model, r=1, u=2, targets=["q_proj"], max_rounds=2)
+        engine = BoostRounds(model, r=2, u=2, targets=["q_proj"], max_rounds=2)
         adapters = engine.begin()
     except SpliceError:
         return
@@ -241,7 +241,7 @@ def test_round_0_on_every_row_holds_until_a_round_is_kept(config):
     are noise, often a whole class, and training on them alone teaches the head that class'
     (boostlora.py:7-9). But boostlora.py:202 tests `engine.started == 0`: when round 0 is undone,
     round 1 trains on exactly those mistakes of the fresh-head model."""
-    result = boostlora(config, rounds=2, r=1, u=4, patience=2, console=QUIET)
+    result = boostlora(config, rounds=2, r=2, u=4, patience=2, console=QUIET)
     first, second = result.rounds
     assert not first.kept  # the model is still the one with the fresh head
     assert second.trained_rows == 96, f"round 1 trained on {second.trained_rows} mined rows of the fresh-head model"

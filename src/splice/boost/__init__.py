@@ -2,7 +2,7 @@
 cost does not), and BoostLLM's rounds of LoRA + head over a table read as text.
 
     from splice.boost import boostlora, boostllm
-    result = boostlora(TrainConfig.from_yaml("examples/rotten_tomatoes_boostlora.yaml"), rounds=8, r=1, u=4)
+    result = boostlora(TrainConfig.from_yaml("examples/rotten_tomatoes_boostlora.yaml"), rounds=8, r=2, u=4)
     table = load_table("breast_cancer")
     scores = boostllm("smollm2", table, draw_shots(table, shots=16, seed=0), rounds=3).test
 """

@@ -310,8 +310,18 @@ def _chunks(rows: list[int], size: int) -> list[list[int]]:
 
 
 def _take(view: Inputs, rows: Sequence[int], device: torch.device) -> Inputs:
+    """`rows` of a view, on `device`; right-padded sequences cut to the longest of these rows (the
+    view is padded to the table's longest row: a batch of short rows would compute its padding)."""
     index = torch.as_tensor(list(rows), dtype=torch.long)
-    return {key: value[index].to(device) for key, value in view.items()}
+    taken = {key: value[index] for key, value in view.items()}
+    mask = taken.get("attention_mask")
+    if mask is not None and mask.dim() == 2 and len(mask):
+        width = max(1, int(mask.sum(1).max()))
+        if bool(mask[:, width:].any()):  # not right-padded: keep every column
+            width = mask.shape[1]
+        taken = {key: value[:, :width] if value.dim() >= 2 and value.shape[1] == mask.shape[1] else value
+                 for key, value in taken.items()}
+    return {key: value.to(device) for key, value in taken.items()}
 
 
 def _concat(parts: list[Inputs]) -> Inputs:

@@ -67,7 +67,8 @@ class BoostSettings:
     Attributes:
         rounds: the most rounds (K); the merged change has rank up to K r.
         r: width of each round's singular slice (TinyLoRA's r; BoostLoRA uses 1-4).
-        u: trainable numbers per module and round (TinyLoRA's u).
+        u: trainable numbers per module and round (TinyLoRA's u; at most r², the entries of its
+            r x r core: more add nothing).
         mine: "errors" (train each round on the rows still wrong) or "all" (every row: rounds
             that rotate without boosting, the ablation).
         mix_correct: the share of a mined round's rows drawn from rows already right, against
@@ -80,7 +81,7 @@ class BoostSettings:
     """
 
     rounds: int = 8
-    r: int = 1
+    r: int = 2
     u: int = 4
     mine: Mine = "errors"
     mix_correct: float = 0.1
@@ -186,7 +187,7 @@ class BoostResult:
         return asdict(BoostResult(**plain)) | {"kept": self.kept, "stop_reason": STOPS[self.stop]}
 
 
-def boostlora(trainer_or_config: Trainer | TrainConfig, rounds: int = 8, r: int = 1, u: int = 4,
+def boostlora(trainer_or_config: Trainer | TrainConfig, rounds: int = 8, r: int = 2, u: int = 4,
               mine: Mine = "errors", mix_correct: float = 0.1, *, rotate: bool = True,
               steps_per_round: int | None = None, patience: int = 1, first_round_all: bool = True,
               console: Console | None = None, overwrite: bool = False, resume: bool = False) -> BoostResult:

@@ -29,9 +29,10 @@ def boostlora(
                                                 "steps_per_round, patience, first_round_all).", show_default=False)],
     rounds: Annotated[int | None, typer.Option(help="Most rounds K; the merged change has rank up to K r "
                                                "(default: 8).", show_default=False)] = None,
-    r: Annotated[int | None, typer.Option("--r", help="Width of each round's singular slice (default: 1).",
+    r: Annotated[int | None, typer.Option("--r", help="Width of each round's singular slice (default: 2).",
                                           show_default=False)] = None,
-    u: Annotated[int | None, typer.Option("--u", help="Trainable numbers per module and round (default: 4).",
+    u: Annotated[int | None, typer.Option("--u", help="Trainable numbers per module and round, at most r² "
+                                          "(default: 4).",
                                           show_default=False)] = None,
     mine: Annotated[str | None, typer.Option(help="errors: train each round on the rows still wrong; all: on every "
                                              "row (default: errors).", show_default=False)] = None,

@@ -18,6 +18,8 @@ the weight they came from.
 
 from __future__ import annotations
 
+import math
+import warnings
 import zlib
 from dataclasses import dataclass
 from typing import ClassVar
@@ -57,6 +59,10 @@ class TinyLoRA(AdapterConfig):
         for name, value, least in (("r", self.r, 1), ("u", self.u, 1), ("offset", self.offset, 0)):
             if value < least:
                 raise SpliceError(f"TinyLoRA {name} must be >= {least}, got {value}")
+        if self.u > self.r * self.r:
+            warnings.warn(f"TinyLoRA u={self.u} > r²={self.r * self.r}: R = Σ v_i P_i has only {self.r * self.r} "
+                          f"independent entries, so {self.u - self.r * self.r} of the u numbers per layer add nothing; "
+                          f"use u <= r² (or r >= {math.ceil(math.sqrt(self.u))})", stacklevel=3)
 
     def build(self, info: LayerInfo, module_name: str, base: nn.Module) -> TinyLoRAAdapter:
         if info.kind != "linear":
