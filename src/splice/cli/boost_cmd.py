@@ -67,7 +67,7 @@ def boostlora(
     Examples:
 
         splice boostlora examples/rotten_tomatoes_boostlora.yaml
-        splice boostlora examples/rotten_tomatoes_boostlora.yaml --rounds 4 --r 2 --u 8 --force
+        splice boostlora examples/rotten_tomatoes_boostlora.yaml --rounds 4 --r 4 --u 8 --force
         splice boostlora examples/rotten_tomatoes_boostlora.yaml --no-rotate --output-dir runs/fixed-slice
         splice boostlora examples/rotten_tomatoes_boostlora.yaml --resume      # after Ctrl-C
     """
