@@ -127,7 +127,6 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,11 +137,9 @@ from common import (
     bench_parser,
     budgeted_children,
     continuable,
-    environment,
+    continued_result,
     environment_line,
-    finish,
-    keep_finished,
-    run_child,
+    result_saver,
     settings_from,
     source_version,
     table,
@@ -624,87 +621,18 @@ def child_run(job: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ the loop
 
 
-def pooled_children(jobs: Iterator[dict[str, Any]], runs: list[Run], *, workers: int, budget_min: float,
-                    phase: Callable[[str], None], save: Callable[[], None],
-                    env: dict[str, str]) -> list[dict[str, Any]]:
-    """`common.budgeted_children` with `workers` children at a time (threads that wait on subprocesses):
-    each job not yet in `runs` in a fresh interpreter, its row appended and `save()` called as it ends;
-    a job expected (mean time of its group's finished runs) to end past `budget_min` is not started."""
-    if workers <= 1:
-        return budgeted_children(SCRIPT, jobs, runs, key=job_key, group=group, budget_min=budget_min, phase=phase,
-                                 label=describe, save=save, env=env)
-    started = time.perf_counter()
-    done = {job_key(run) for run in runs}
-    not_run: list[dict[str, Any]] = []
-
-    def one(job: dict[str, Any]) -> Run:
-        tick = time.perf_counter()
-        try:
-            row = {**run_child(SCRIPT, ["--run-child", json.dumps(job)], env=env), **job}
-        except RuntimeError as err:
-            lines = [x for x in str(err).strip().splitlines() if x.strip()]
-            row = {**job, "error": lines[-1][:300] if lines else "child failed"}
-        row["process_s"] = time.perf_counter() - tick
-        return row
-
-    def collect(finished: set[Any]) -> None:
-        for future in finished:
-            row = future.result()
-            runs.append(row)
-            print(f"  {describe(row)}: " + (f"failed: {row['error']}" if "error" in row
-                                            else f"done in {row['process_s']:.0f} s"), flush=True)
-            save()
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: set[Any] = set()
-        for job in jobs:
-            if job_key(job) in done:
-                continue
-            while len(pending) >= workers:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                collect(finished)
-            times = [r["process_s"] for r in runs if "process_s" in r and "error" not in r and group(r) == group(job)]
-            times = times or [r["process_s"] for r in runs if "process_s" in r and "error" not in r]
-            expected = sum(times) / len(times) / 60 if times else 0.0
-            if (time.perf_counter() - started) / 60 + expected > budget_min:
-                not_run.append(job)
-                continue
-            phase(describe(job))
-            done.add(job_key(job))
-            pending.add(pool.submit(one, job))
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            collect(finished)
-    return not_run
-
-
 def run(s: Settings, args: argparse.Namespace) -> dict[str, Any]:
     """Every job in a fresh interpreter (`s.jobs` at a time), the results rewritten after each; with
     `--merge`, the finished runs of the result in `--out-dir` with the same settings are kept."""
     phase = Phases()
     target = args.out_dir / f"boosting{'_quick' if s.quick else ''}.json"
-    previous: dict[str, Any] = json.loads(target.read_text()) if args.merge and target.exists() else {}
-    kept, dropped = keep_finished(previous.get("runs", []), lambda r: rebuild(s, r), job_key)
-    if dropped:
-        print(f"--merge: {dropped} earlier run(s) dropped (other settings, or failed)", flush=True)
-    result: dict[str, Any] = {
-        "environment": environment(s.threads), "settings": asdict(s),
-        "tasks": {name: asdict(t) for name, t in TASKS.items()}, "runs": kept, "not_run": [],
-        "invocations": [*previous.get("invocations", []),
-                        {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "source": source_version(),
-                         "loadavg": os.getloadavg(), "merge": bool(args.merge), "kept": len(kept),
-                         "dropped": dropped, "jobs": s.jobs}]}
+    result = continued_result(target, bool(args.merge), s, lambda r: rebuild(s, r), job_key,
+                              {"tasks": {name: asdict(t) for name, t in TASKS.items()}}, jobs=s.jobs)
+    save = result_saver(result, target, phase, lambda r: markdown(r, s), draw)
 
-    def save() -> None:
-        finish(result, phase)
-        result["invocations"][-1]["runtime_s"] = result["runtime_s"]
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        target.with_suffix(".md").write_text(markdown(result, s) + "\n")
-        draw(result, target.with_suffix(".png"))
-
-    skipped = pooled_children(plan(s), result["runs"], workers=s.jobs, budget_min=s.budget_min, phase=phase,
-                              save=save, env={"OMP_NUM_THREADS": str(s.threads)})
+    skipped = budgeted_children(SCRIPT, plan(s), result["runs"], key=job_key, group=group, budget_min=s.budget_min,
+                                phase=phase, label=describe, save=save, env={"OMP_NUM_THREADS": str(s.threads)},
+                                workers=s.jobs)
     result["not_run"] = [{k: j.get(k) for k in ("section", "task", "table", "shots", "arm", "seed")} | {"why": "budget"}
                          for j in skipped] + skipped_combinations(s)
     save()

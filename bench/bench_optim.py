@@ -115,9 +115,8 @@ from common import (
     bench_parser,
     budgeted_children,
     continuable,
-    environment,
-    finish,
-    keep_finished,
+    continued_result,
+    result_saver,
     settings_from,
     source_version,
     versus_baseline,
@@ -474,25 +473,9 @@ def run(s: Settings, args: argparse.Namespace) -> dict[str, Any]:
     `--merge`, the finished runs of the result in `--out-dir` with the same settings are kept."""
     phase = Phases()
     target = args.out_dir / f"optim{'_quick' if s.quick else ''}.json"
-    previous: dict[str, Any] = json.loads(target.read_text()) if args.merge and target.exists() else {}
-    kept, dropped = keep_finished(previous.get("runs", []), lambda r: rebuild(s, r), job_key)
-    if dropped:
-        print(f"--merge: {dropped} earlier run(s) dropped (other settings, or failed)", flush=True)
-    result: dict[str, Any] = {
-        "environment": environment(s.threads), "settings": asdict(s),
-        "tasks": {name: asdict(t) for name, t in TASKS.items()}, "runs": kept, "not_run": [],
-        "invocations": [*previous.get("invocations", []),
-                        {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "source": source_version(),
-                         "loadavg": os.getloadavg(), "merge": bool(args.merge), "kept": len(kept),
-                         "dropped": dropped}]}
-
-    def save() -> None:
-        finish(result, phase)
-        result["invocations"][-1]["runtime_s"] = result["runtime_s"]
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        target.with_suffix(".md").write_text(markdown(result, s) + "\n")
-        draw(result, target.with_suffix(".png"))
+    result = continued_result(target, bool(args.merge), s, lambda r: rebuild(s, r), job_key,
+                              {"tasks": {name: asdict(t) for name, t in TASKS.items()}})
+    save = result_saver(result, target, phase, lambda r: markdown(r, s), draw)
 
     pending: list[dict[str, Any]] = []
     skipped = budgeted_children(SCRIPT, plan(s, result["runs"], pending), result["runs"], key=job_key,

@@ -14,7 +14,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, as_completed, wait
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -319,42 +319,75 @@ def keep_finished(previous: list[dict[str, Any]], rebuild: Callable[[dict[str, A
 def budgeted_children(script: Path, jobs: Iterable[dict[str, Any]], runs: list[dict[str, Any]], *,
                       key: Callable[[dict[str, Any]], str], group: Callable[[dict[str, Any]], Any],
                       budget_min: float, phase: Callable[[str], None], label: Callable[[dict[str, Any]], str],
-                      save: Callable[[], None], env: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """Run every job not yet in `runs` (by `key`), one at a time, each in a fresh interpreter
-    (`script --run-child JOB-as-JSON`, whose last stdout line is its row); each row (the job, what the
-    child printed or the "error" it died with, and "process_s") is appended to `runs` and `save()`
-    called, so a stopped bench keeps what it finished. `jobs` may be a generator that looks at `runs`
-    as they grow (a job that depends on earlier results).
+                      save: Callable[[], None], env: dict[str, str] | None = None,
+                      workers: int = 1) -> list[dict[str, Any]]:
+    """Run every job not yet in `runs` (by `key`), each in a fresh interpreter (`script --run-child
+    JOB-as-JSON`, whose last stdout line is its row), `workers` at a time (threads that wait on the
+    children); each row (the job, what the child printed or the "error" it died with, and
+    "process_s") is appended to `runs` and `save()` called as it ends, so a stopped bench keeps what
+    it finished. `jobs` may be a generator that looks at `runs` as they grow (a job that depends on
+    earlier results; with several workers, on those finished when it is drawn).
 
     A job expected to end more than `budget_min` minutes after this call started is not started:
     returned, in order, with the others not run. Expected: the mean process time of the finished runs
     of its `group(job)`, else of any finished run (0 before the first)."""
     started = time.perf_counter()
     done = {key(run) for run in runs}
-    not_run = []
-    for job in jobs:
-        if key(job) in done:
-            continue
-        times = [r["process_s"] for r in runs if "process_s" in r and "error" not in r and group(r) == group(job)]
-        times = times or [r["process_s"] for r in runs if "process_s" in r and "error" not in r]
-        expected = sum(times) / len(times) / 60 if times else 0.0
-        if (time.perf_counter() - started) / 60 + expected > budget_min:
-            not_run.append(job)
-            continue
-        phase(label(job))
-        row = dict(job)
-        tick = time.perf_counter()
-        try:
-            row = {**run_child(script, ["--run-child", json.dumps(job)], env=env), **job}  # the identity stays
-        except RuntimeError as err:
-            lines = [x for x in str(err).strip().splitlines() if x.strip()]
-            row["error"] = lines[-1][:300] if lines else "child failed"
-        row["process_s"] = time.perf_counter() - tick
+    not_run: list[dict[str, Any]] = []
+
+    def ended(row: dict[str, Any]) -> None:
         runs.append(row)
-        done.add(key(job))
-        print(f"  failed: {row['error']}" if "error" in row else f"  done in {row['process_s']:.0f} s", flush=True)
+        who = f"  {label(row)}:" if workers > 1 else " "  # out of order: say which run it was
+        print(f"{who} failed: {row['error']}" if "error" in row else f"{who} done in {row['process_s']:.0f} s",
+              flush=True)
         save()
+
+    def startable(job: dict[str, Any]) -> bool:
+        if key(job) in done:
+            return False
+        if (time.perf_counter() - started) / 60 + _expected_minutes(runs, job, group) > budget_min:
+            not_run.append(job)
+            return False
+        phase(label(job))
+        done.add(key(job))
+        return True
+
+    if workers <= 1:
+        for job in jobs:
+            if startable(job):
+                ended(_child_row(script, job, env))
+        return not_run
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: set[Any] = set()
+        for job in jobs:
+            while len(pending) >= workers:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    ended(future.result())
+            if startable(job):
+                pending.add(pool.submit(_child_row, script, job, env))
+        for future in as_completed(pending):
+            ended(future.result())
     return not_run
+
+
+def _child_row(script: Path, job: dict[str, Any], env: dict[str, str] | None) -> dict[str, Any]:
+    """`job` run in a fresh interpreter: its row (the identity stays the job's), or the error."""
+    tick = time.perf_counter()
+    try:
+        row = {**run_child(script, ["--run-child", json.dumps(job)], env=env), **job}
+    except RuntimeError as err:
+        lines = [x for x in str(err).strip().splitlines() if x.strip()]
+        row = {**job, "error": lines[-1][:300] if lines else "child failed"}
+    row["process_s"] = time.perf_counter() - tick
+    return row
+
+
+def _expected_minutes(runs: list[dict[str, Any]], job: dict[str, Any], group: Callable[[dict[str, Any]], Any]) -> float:
+    """Mean process minutes of the finished runs of `job`'s group, else of any finished run."""
+    times = [r["process_s"] for r in runs if "process_s" in r and "error" not in r and group(r) == group(job)]
+    times = times or [r["process_s"] for r in runs if "process_s" in r and "error" not in r]
+    return sum(times) / len(times) / 60 if times else 0.0
 
 
 

@@ -143,6 +143,43 @@ def continuable(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def continued_result(target: Path, merge: bool, settings: Any, rebuild: Callable[[dict[str, Any]], dict[str, Any]],
+                     key: Callable[[dict[str, Any]], str], extra: dict[str, Any], **invocation: Any) -> dict[str, Any]:
+    """A child-per-run benchmark's result at its start: with `merge`, the finished runs of the result in
+    `target` whose settings this invocation shares (`common_measure.keep_finished`) and its earlier
+    invocations; `extra` (the tasks, ...) and this invocation's record (`invocation` added) on top."""
+    import dataclasses
+
+    from common_measure import keep_finished
+
+    previous: dict[str, Any] = json.loads(target.read_text()) if merge and target.exists() else {}
+    kept, dropped = keep_finished(previous.get("runs", []), rebuild, key)
+    if dropped:
+        print(f"--merge: {dropped} earlier run(s) dropped (other settings, or failed)", flush=True)
+    return {"environment": environment(settings.threads), "settings": dataclasses.asdict(settings), **extra,
+            "runs": kept, "not_run": [],
+            "invocations": [*previous.get("invocations", []),
+                            {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "source": source_version(),
+                             "loadavg": os.getloadavg(), "merge": merge, "kept": len(kept), "dropped": dropped,
+                             **invocation}]}
+
+
+def result_saver(result: dict[str, Any], target: Path, phase: Any, markdown: Callable[[dict[str, Any]], str],
+                 draw: Callable[[dict[str, Any], Path], Any]) -> Callable[[], None]:
+    """`save()` for `continued_result`'s result: its phases and runtime, then the JSON, markdown and PNG
+    rewritten (after every run: a stopped bench keeps what it finished)."""
+
+    def save() -> None:
+        finish(result, phase)
+        result["invocations"][-1]["runtime_s"] = result["runtime_s"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        target.with_suffix(".md").write_text(markdown(result) + "\n")
+        draw(result, target.with_suffix(".png"))
+
+    return save
+
+
 def settings_from(args: argparse.Namespace, settings_cls: Any, overrides: tuple[str, ...] | None = None) -> Any:
     """The benchmark's settings (quick or full) with every override given on the command line:
     `overrides`, or by default every settings field that is also an option and was given."""
