@@ -5,8 +5,8 @@ on arithmetic, 3 seeds; accuracy, loss curves, step time, optimizer memory and a
 Arms, each run through `splice.train.Trainer` in a fresh interpreter, one torch thread:
 
     adamw     LoRA r=8, alpha=16 on the task's targets, torch's AdamW at the repo's LoRA rate
-    loraplus  the same LoRA, `optimizer: loraplus` (HF PEFT's LoRA+ groups, B at 16x A's rate, the
-              task's LoRA rate for A, as PEFT's `create_loraplus_optimizer(lr=...)` takes it)
+    loraplus  the same LoRA, `optimizer: loraplus` (HF PEFT's LoRA+ groups, B at 16x A's rate), A's rate
+              swept like LoFT's (the task's LoRA rate is in the grid: at it, B's 16x did not train RT)
     loft      the same LoRA, `optimizer: loft` (AdamW steps of W projected onto the factors, one
               factor per step, W-space clipping) at the rate the sweep picks
     full      the Linear weights the LoRA targets (MiniLM query/value, SmolLM2 q_proj/v_proj; weights,
@@ -84,8 +84,8 @@ Tomatoes training step 0.49 s (AdamW LoRA), 0.67 s (LoFT), 0.53 s (full FT), 0.4
 start (imports) ~20 s; a SmolLM2 arithmetic step ~5.5 s wall (2 s CPU) and a 48-row generation pass
 ~20 s in smoke runs. Extrapolated (BBC rows fill all 64 tokens, ~1.7x RT's grouped batches; evaluation
 ~15% of a MiniLM run, ~45% of a SmolLM2 run): a run ~4 min (RT; LoFT ~5), ~6 min (BBC), ~7.5 min
-(arithmetic); 16 runs per task (6 sweep, 2 more at seed 0, 8 at seeds 1-2) + 12 alpha runs + timing
-(~8 min) = 60 children, ~5.7 h at this load, ~2.5 h on an idle core. The default budget (480 min)
+(arithmetic); 20 runs per task (10 sweep: LoFT 3, full 3, LoRA+ 4; 1 more at seed 0, 9 at seeds 1-2)
++ 12 alpha runs + timing (~8 min): ~70 children, ~6.5 h at this load, ~3 h on an idle core. The default budget (480 min)
 should cover it; otherwise continue with --merge.
 
 Results: bench/results/optim.{json,md} and optim.png (loss curves); `optim_quick.*` for --quick
@@ -121,7 +121,7 @@ from common import (
     source_version,
     versus_baseline,
 )
-from optim_report import ARMS, chosen_lrs, draw, markdown
+from optim_report import ARMS, SWEPT, chosen_lrs, draw, markdown
 
 SCRIPT = Path(__file__).resolve()
 SECTIONS = ["timing", "runs"]
@@ -166,6 +166,7 @@ class Settings:
     arms: list[str] = field(default_factory=lambda: list(ARMS))
     rank: int = 8
     loraplus_ratio: float = 16.0
+    loraplus_lrs: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3, 2e-3])  # A's rate
     loft_lrs: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3])  # swept at sweep_seed
     full_lrs: list[float] = field(default_factory=lambda: [3e-5, 1e-4, 3e-4])
     sweep_seed: int = 0
@@ -186,7 +187,8 @@ class Settings:
     @classmethod
     def quick_run(cls, threads: int = 1) -> Settings:
         return cls(quick=True, threads=threads, seeds=[0], tasks=["rotten_tomatoes"], loft_lrs=[1e-4, 1e-3],
-                   full_lrs=[1e-4], alpha_tasks=[], minilm_steps=8, minilm_eval_every=4, minilm_eval_examples=16,
+                   loraplus_lrs=[2e-3], full_lrs=[1e-4], alpha_tasks=[], minilm_steps=8, minilm_eval_every=4,
+                   minilm_eval_examples=16,
                    timing_models=["minilm"], timing_rounds=3, timing_warmup=1, budget_min=15.0)
 
 
@@ -210,7 +212,7 @@ def make_job(s: Settings, task: str, arm: str, seed: int, lr: float | None = Non
     t = TASKS[task]
     if arm not in ARMS:
         raise KeyError(arm)
-    if lr is None and arm in ("loft", "full"):
+    if lr is None and arm in SWEPT:
         raise ValueError(f"{arm} needs a learning rate")
     steps, eval_every, eval_examples = model_budget(s, t.model)
     return {"section": "train", "task": task, "arm": arm, "seed": seed,
@@ -242,7 +244,7 @@ def rebuild(s: Settings, run: dict[str, Any]) -> dict[str, Any]:
     """The job this invocation would make for an earlier run's identity (--merge)."""
     if run["section"] == "timing":
         return make_timing_job(s, run["model"])
-    lr = run["lr"] if run["arm"] in ("loft", "full") else None
+    lr = run["lr"] if run["arm"] in SWEPT else None
     return make_job(s, run["task"], run["arm"], run["seed"], lr=lr, alpha=run["alpha"])
 
 
@@ -255,7 +257,7 @@ def plan(s: Settings, runs: list[dict[str, Any]], pending: list[dict[str, Any]])
             yield make_timing_job(s, model)
     if "runs" not in s.sections:
         return
-    sweeps = {"loft": s.loft_lrs, "full": s.full_lrs}
+    sweeps = {arm: getattr(s, key) for arm, key in SWEPT.items()}
     for i, seed in enumerate(s.seeds):
         for task in s.tasks:
             if i == 0:

@@ -20,7 +20,8 @@ ARMS = {
     "loft": "LoFT",
     "full": "full fine-tuning of the same layers (AdamW)",
 }
-SWEPT = {"loft": "loft_lrs", "full": "full_lrs"}  # arm -> the settings' list of rates it is swept over
+# arm -> the settings' list of rates it is swept over (an older result without a list: not swept)
+SWEPT = {"loft": "loft_lrs", "full": "full_lrs", "loraplus": "loraplus_lrs"}
 TASK_NAMES = {**DATASETS, "arithmetic": "SmolLM2 arithmetic"}
 
 
@@ -47,7 +48,7 @@ def chosen_lrs(runs: list[Run], settings: dict[str, Any], task: str) -> dict[str
     validation `score`; None while a listed rate has no run yet or every sweep run failed."""
     out: dict[str, float | None] = {}
     for arm, key in SWEPT.items():
-        lrs = settings[key]
+        lrs = settings.get(key) or [None]
         if len(lrs) == 1:
             out[arm] = lrs[0]
             continue
@@ -233,13 +234,15 @@ def rates(result: dict[str, Any], tasks: list[str]) -> list[str]:
     for task in tasks:
         chosen = chosen_lrs(result["runs"], s, task)
         base = result["tasks"][task]["lr"]
-        rows.append([TASK_NAMES[task], f"{base:g}", f"{base:g} (B {base * s['loraplus_ratio']:g})",
+        plus = chosen["loraplus"] if chosen["loraplus"] is not None else base
+        rows.append([TASK_NAMES[task], f"{base:g}",
+                     f"{_rate(plus, s.get('loraplus_lrs') or [base])} (B {plus * s['loraplus_ratio']:g})",
                      _rate(chosen["loft"], s["loft_lrs"]), _rate(chosen["full"], s["full_lrs"])])
     return ["## Learning rates", "",
-            "AdamW LoRA and LoRA+ at the repo's LoRA rate for the task; LoFT and full fine-tuning at the rate "
-            f"their sweep (seed {s['sweep_seed']}, best validation) picked; seed {s['sweep_seed']}'s main run of "
-            "those two *is* the winning sweep run, so they had a choice of rates on validation the LoRA arms did "
-            "not (it favours them, on validation more than on test).", "",
+            "AdamW LoRA at the repo's LoRA rate for the task; LoRA+ (A's rate), LoFT and full fine-tuning at the "
+            f"rate their sweep (seed {s['sweep_seed']}, best validation) picked; seed {s['sweep_seed']}'s main run of "
+            "those *is* the winning sweep run, so they had a choice of rates on validation AdamW LoRA did not (it "
+            "favours them, on validation more than on test).", "",
             table(["task", "AdamW LoRA", "LoRA+", "LoFT", "full FT"], rows), ""] if rows else []
 
 
@@ -437,7 +440,7 @@ def sweep_table(result: dict[str, Any], tasks: list[str]) -> list[str]:
         chosen = chosen_lrs(result["runs"], s, task)
         m = metrics(result, task)
         for arm in SWEPT:
-            if len(s[SWEPT[arm]]) < 2:
+            if len(s.get(SWEPT[arm]) or []) < 2:
                 continue
             for r in sorted(sweep_runs(result["runs"], s, task, arm), key=lambda r: r["lr"]):
                 if "error" in r:
