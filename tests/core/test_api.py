@@ -162,6 +162,9 @@ def test_deactivate_and_disabled_give_base_outputs(bert, ids):
     with splice.disabled(bert) as same:
         assert same is bert
         assert torch.equal(logits(bert, input_ids=ids), base)
+        with splice.disabled(bert):  # blocks nest: leaving the inner one keeps the outer one's base
+            pass
+        assert torch.equal(logits(bert, input_ids=ids), base)
     assert torch.equal(logits(bert, input_ids=ids), adapted)
     splice.deactivate(bert)
     assert splice.active_adapters(bert) == []

@@ -208,7 +208,7 @@ def test_save_pushes_a_complete_folder_peft_loads(tmp_path):
                                                           ("upload_folder", "me/bert-lora")]
     assert hub.calls[0][1]["private"] is True and hub.calls[0][1]["exist_ok"] is True
     assert sorted(p.name for p in (tmp_path / "remote").iterdir()) == [
-        "README.md", "adapter_config.json", "adapter_model.safetensors"]
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "splice_manifest.json"]
     peft_model = PeftModel.from_pretrained(make_bert(), str(tmp_path / "remote")).eval()
     assert_close(logits(peft_model, input_ids=IDS), logits(model, input_ids=IDS))
 
@@ -230,7 +230,8 @@ def test_push_creates_the_branch_and_leaves_hidden_entries_out(tmp_path):
     assert upload["revision"] == "dev" and upload["commit_message"] == "two adapters"
     assert sorted(p.relative_to(tmp_path / "remote").as_posix() for p in (tmp_path / "remote").rglob("*")
                   if p.is_file()) == [f"{sub}{name}" for sub in ("", "a/", "b/") for name in (
-                      "README.md", "adapter_config.json", "adapter_model.safetensors") if sub or name == "README.md"]
+                      "README.md", "adapter_config.json", "adapter_model.safetensors", "splice_manifest.json")
+                      if sub or name == "README.md"]
 
 
 def test_push_refuses_before_any_call(tmp_path):

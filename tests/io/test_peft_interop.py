@@ -271,7 +271,7 @@ def test_written_config_is_minimal_and_complete(case, tmp_path):
     with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
         assert f.metadata() == {"format": "pt"}
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "README.md", "adapter_config.json", "adapter_model.safetensors"]
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "splice_manifest.json"]
 
 
 def test_config_values(tmp_path):

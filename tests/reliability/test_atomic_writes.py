@@ -31,6 +31,7 @@ from splice.compression import compress
 from splice.compression.factorized import FactorizedLinear, load_factorized, save_factorized
 from splice.core.errors import OutputExistsError, SpliceError
 from splice.io import files
+from splice.io.manifest import MANIFEST_NAME
 from splice.io.adapter_states import adapter_state, save_state
 from splice.merging import load_unified, merge_adapters, unify_adapters
 
@@ -94,7 +95,7 @@ def test_overwrite_replaces_the_folder_whole_and_keeps_its_permissions(old, ids)
     new = lora_model(r=3, alpha=8, seed=1)
     assert splice.save(new, folder, overwrite=True) == folder
     replaced = sorted(p.name for p in folder.iterdir())
-    assert replaced == ["README.md", files.CONFIG_NAME, files.WEIGHTS_NAME]  # replaced whole (card included)
+    assert replaced == ["README.md", files.CONFIG_NAME, files.WEIGHTS_NAME, MANIFEST_NAME]  # replaced whole
     assert json.loads((folder / files.CONFIG_NAME).read_text())["r"] == 3
     assert torch.equal(loaded_logits(folder, ids), logits(new, input_ids=ids))
     assert (folder.stat().st_mode & 0o777) == 0o750
@@ -217,7 +218,8 @@ def test_a_writer_given_the_temporary_folder_fills_it_in_place(tmp_path, ids, mo
     with files.atomic_directory(run) as temporary:
         splice.save(model, temporary, overwrite=True)
         (temporary / "metrics.json").write_text("{}")
-    assert sorted(os.listdir(run)) == sorted(["README.md", files.CONFIG_NAME, files.WEIGHTS_NAME, "metrics.json"])
+    assert sorted(os.listdir(run)) == sorted(["README.md", files.CONFIG_NAME, files.WEIGHTS_NAME, MANIFEST_NAME,
+                                              "metrics.json"])
     assert torch.equal(loaded_logits(run, ids), logits(model, input_ids=ids))
     assert os.listdir(tmp_path) == ["run"]
     with pytest.raises(OutputExistsError), files.atomic_directory(run, overwrite=True) as temporary:

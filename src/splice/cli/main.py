@@ -17,6 +17,7 @@ def _register_commands() -> None:
     from splice.cli import (
         adapter_cmds,
         analysis_cmds,
+        audit_cmd,
         boost_cmd,
         compress_cmd,
         continual_cmd,
@@ -39,6 +40,7 @@ def _register_commands() -> None:
     select_cmd.register(app)
     multitask_cmd.register(app)
     boost_cmd.register(app)
+    audit_cmd.register(app)
 
 
 _register_commands()

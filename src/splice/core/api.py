@@ -216,17 +216,17 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     merged = {n for _, _, host in hosts(model) for n in host.merged}
     if merged:
         raise MergeError(f"adapters {sorted(merged)} are merged into the weights; unmerge them first")
-    all_hosts = [host for _, _, host in hosts(model)]
+    all_hosts = [(host, host.enabled) for _, _, host in hosts(model)]  # as they were: blocks nest
     heads = [(copies, copies.live) for copies in all_head_copies(model)]
-    for host in all_hosts:
+    for host, _ in all_hosts:
         host.enabled = False
     for copies, _ in heads:
         copies.bind(None)
     try:
         yield model
     finally:
-        for host in all_hosts:
-            host.enabled = True
+        for host, enabled in all_hosts:
+            host.enabled = enabled
         for copies, live in heads:
             copies.bind(live)
 

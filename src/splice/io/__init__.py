@@ -18,7 +18,10 @@ from splice.io.adapter_states import adapter_state, pick_adapter, save_state
 from splice.io.files import atomic_directory
 from splice.io.hub import push_folder
 from splice.io.layout import Selection
+from splice.io.manifest import write_manifest
 from splice.io.model_card import card_entry, write_cards
+from splice.io.provenance import Policy, base_mismatch, check_files, check_policy
+from splice.io.signing import sign_folder
 
 __all__ = ["adapter_state", "load", "push_folder", "save", "save_state"]
 
@@ -38,6 +41,8 @@ def save(
     push_to_hub: str | None = None,
     private: bool = False,
     hub_api: Any = None,
+    manifest: bool = True,
+    sign_with: str | Path | None = None,
 ) -> Path:
     """Write adapter `name` (default: the only one, or the only active one) to directory `path`,
     or several (`adapters=[...]` or "all") in PEFT's layout: "default" at the root, every other
@@ -55,7 +60,14 @@ def save(
     `push_to_hub="owner/name"` then uploads the folder to that Hub repo (created if missing,
     `private` on creation; `hub_api`: an `huggingface_hub.HfApi` to use instead of the default);
     a failed upload leaves the folder written.
+
+    Every adapter folder gets a provenance manifest, `splice_manifest.json` (`io.manifest`: hashes
+    of its files and tensors, of the base weights it targets, its method, rank and alpha), which
+    `load` and `splice audit` verify; `manifest=False` leaves it out. `sign_with=` a PEM Ed25519
+    private key also signs it (`io.signing`; `splice keygen` makes a key pair).
     """
+    if sign_with is not None and not manifest:
+        raise SpliceError("sign_with= signs the manifest; it needs manifest=True")
     if adapters is not None and name is not None:
         raise SpliceError("pass name= (one adapter) or adapters= (several), not both")
     if push_to_hub is not None:
@@ -71,6 +83,10 @@ def save(
                 config, tensors = peft_format.write(model, where, adapter, portable=portable)
             else:
                 config, tensors = native.write(model, where, adapter)
+            if manifest:
+                write_manifest(where, model, adapter)
+                if sign_with is not None:
+                    sign_folder(where, sign_with)
             entries.append(card_entry(adapter, sub, where, config, tensors))
         write_cards(folder, entries, metrics=metrics, replacing=Path(path))
     if push_to_hub is not None:
@@ -103,7 +119,8 @@ def _format(model: nn.Module, name: str, format: Format, portable: bool) -> str:
 
 def load(model: nn.Module, path: str | Path, name: str = "default", *, trainable: bool = False,
          heads: bool = True, adapters: Selection | None = None, revision: str | None = None,
-         subfolder: str | None = None) -> nn.Module:
+         subfolder: str | None = None, provenance: Policy = "warn",
+         public_key: str | Path | None = None) -> nn.Module:
     """Attach the adapter stored in `path` (splice's or HF PEFT's format) as `name`.
 
     `path` is a local folder, or a Hub repo id ("owner/name", `revision=` a branch, tag or
@@ -117,17 +134,23 @@ def load(model: nn.Module, path: str | Path, name: str = "default", *, trainable
     a shape that does not fit, a corrupt file or an unknown method is refused with the reason,
     and nothing is attached (with several, none of them). Loaded adapters are frozen unless
     `trainable=True`.
+
+    The folder's provenance manifest, when it has one, is verified (`io.provenance`): files that
+    differ from it, or base weights other than the ones it was made for, give a
+    `ProvenanceWarning` (`provenance="warn"`) or refuse the load ("strict", which also refuses a
+    folder without a manifest); `public_key=` a PEM Ed25519 public key requires a valid signature.
     """
+    check_policy(provenance)
     folder = hub.resolve(path, revision=revision, subfolder=subfolder, several=adapters is not None)
     if adapters is None:
-        _load_one(model, folder, name, trainable, heads)
+        _load_one(model, folder, name, trainable, heads, provenance, public_key)
         return model
     if name != "default":
         raise SpliceError("name= names the one adapter loaded; with adapters= each keeps its own name")
     loaded: list[str] = []
     try:
         for adapter, where in layout.adapter_folders(folder, adapters).items():
-            _load_one(model, where, adapter, trainable, heads)
+            _load_one(model, where, adapter, trainable, heads, provenance, public_key)
             loaded.append(adapter)
     except BaseException:
         for adapter in loaded:
@@ -136,7 +159,9 @@ def load(model: nn.Module, path: str | Path, name: str = "default", *, trainable
     return model
 
 
-def _load_one(model: nn.Module, folder: Path, name: str, trainable: bool, heads: bool) -> None:
+def _load_one(model: nn.Module, folder: Path, name: str, trainable: bool, heads: bool, provenance: Policy,
+              public_key: str | Path | None) -> None:
+    check_files(folder, provenance, public_key)
     config, tensors = read_adapter(folder)
     if config.get("format") == native.FORMAT:
         native.read(model, config, tensors, name, trainable, source=folder, heads=heads)
@@ -146,3 +171,7 @@ def _load_one(model: nn.Module, folder: Path, name: str, trainable: bool, heads:
         raise AdapterFileError(
             f"{folder} is neither a splice nor an HF PEFT adapter (config keys: {sorted(config)[:8]})"
         )
+    refusal = base_mismatch(folder, model, name, provenance)
+    if refusal is not None and provenance == "strict":
+        detach(model, name)
+        raise AdapterFileError(refusal)

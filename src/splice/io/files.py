@@ -334,9 +334,10 @@ def write_text(file: Path, text: str) -> None:
     _write_new(Path(file), text.encode("utf-8", "surrogateescape"))
 
 
-def write_bytes(file: Path, data: bytes) -> None:
-    """`data` in a new file (an existing entry, a link included, is replaced)."""
-    _write_new(Path(file), data)
+def write_bytes(file: Path, data: bytes, mode: int = 0o666) -> None:
+    """`data` in a new file (an existing entry, a link included, is replaced); `mode` before the
+    umask (0o600: a secret, never readable by others, not even for a moment)."""
+    _write_new(Path(file), data, mode)
 
 
 def write_tensors(file: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -371,8 +372,8 @@ def _unlink(file: Path) -> None:
         os.unlink(file)
 
 
-def _write_new(file: Path, data: bytes) -> None:
+def _write_new(file: Path, data: bytes, mode: int = 0o666) -> None:
     _unlink(file)
-    fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW | CLOEXEC, 0o666)
+    fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW | CLOEXEC, mode)
     with open(fd, "wb") as f:
         f.write(data)

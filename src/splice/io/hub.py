@@ -1,7 +1,8 @@
 """Adapters on the Hugging Face Hub: `splice.load(model, "user/repo")` and pushing a folder.
 
 Loading: a string that is not an existing local path and has the form "owner/name" is a Hub
-repo id. Only the adapter files are fetched (`adapter_config.json` and the weights, at the root
+repo id. Only the adapter files are fetched (`adapter_config.json`, the weights and the
+provenance manifest and its signature when there are some (`io.manifest`), at the root
 or in `subfolder`, and in the subfolders of a folder of several adapters) with
 `huggingface_hub.snapshot_download`, into the Hugging Face cache (`HF_HUB_CACHE`, or `HF_HOME`/hub),
 laid out as every HF library lays it out, so files PEFT or transformers downloaded are reused.
@@ -26,6 +27,10 @@ from splice.core.errors import AdapterFileError, SpliceError
 from splice.io.adapter_files import ADAPTER_FILES, read_adapter
 from splice.io.base_names import is_repo_id
 from splice.io.layout import saved_adapters
+from splice.io.manifest import MANIFEST_NAME, SIGNATURE_NAME
+
+# what `load` fetches of an adapter folder: its files, and its manifest and signature to verify them
+FETCHED = (*ADAPTER_FILES, MANIFEST_NAME, SIGNATURE_NAME)
 
 
 def resolve(source: str | Path, *, revision: str | None = None, subfolder: str | None = None,
@@ -43,8 +48,8 @@ def resolve(source: str | Path, *, revision: str | None = None, subfolder: str |
 def adapter_patterns(subfolder: str | None, several: bool) -> list[str]:
     """The files of one adapter folder (and, with `several`, of its subfolders) as download patterns."""
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-    patterns = [f"{prefix}{name}" for name in ADAPTER_FILES]
-    return patterns + [f"{prefix}*/{name}" for name in ADAPTER_FILES] if several else patterns
+    patterns = [f"{prefix}{name}" for name in FETCHED]
+    return patterns + [f"{prefix}*/{name}" for name in FETCHED] if several else patterns
 
 
 def offline() -> bool:
