@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from helpers import make_llama, randomize
+from helpers import make_gpt2, make_llama, randomize
 
 import splice
 from splice.audit.contamination import (
@@ -201,6 +201,31 @@ def test_scoring_restores_active_adapters_grad_flags_and_mode():
     splice.deactivate(model)
     item_scores(model, TOKENIZER, [("1+2=", "3")], adapter="a", cdd_samples=2)
     assert splice.active_adapters(model) == []
+
+
+def test_refuses_a_disabled_model_and_items_longer_than_its_positions_by_name():
+    model = make_gpt2()  # 64 positions
+    splice.attach(model, splice.LoRA(r=4, targets=["c_attn"]))
+    with splice.disabled(model), pytest.raises(SpliceError, match=r"item_scores called inside splice.disabled"):
+        item_scores(model, TOKENIZER, [("1+2=", "3")], cdd_samples=2)
+    with pytest.raises(SpliceError, match=r"items\[1\] \(prompt 5 tokens\) continued by new_tokens=60 needs 65 "
+                                          r"positions, but the model has 64"):
+        item_scores(model, TOKENIZER, [("1=", "3"), ("1+2=", "3")], cdd_samples=2, new_tokens=60)
+
+
+def test_a_long_prompt_and_a_long_answer_that_fit_apart_but_not_together_are_continued_apart():
+    """52 + 2 tokens and 3 + 40 fit GPT-2's 64 positions; one batch continuing both prompts by 40
+    tokens would need 92: the batch's CDD continuations are made item by item, as alone."""
+    model = make_gpt2()
+    splice.attach(model, splice.LoRA(r=4, targets=["c_attn"]))
+    randomize(model, scale=0.3)
+    items = [("1" * 50 + "=", "12"), ("1=", "2" * 40)]
+    settings = dict(cdd_samples=3, cdd_temperature=2.0, cdd_alpha=0.5, seed=1)
+    together = item_scores(model, TOKENIZER, items, batch_size=2, **settings)
+    alone = [item_scores(model, TOKENIZER, [item], batch_size=1, **settings)[0] for item in items]
+    for both, single in zip(together, alone, strict=True):
+        assert both.cdd == single.cdd
+        assert both.calibrated == pytest.approx(single.calibrated, rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.parametrize(("suspect", "message"), [

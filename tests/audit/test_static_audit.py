@@ -13,6 +13,7 @@ from torch import nn
 
 import splice
 from splice.audit.static import ModuleProfile, StaticAudit, WeightProfile, static_audit, weight_profile
+from splice.core.heads import head_module
 from splice.core.host import hosts
 
 TARGETS = ["q_proj", "v_proj"]
@@ -85,6 +86,33 @@ def test_relative_norm_is_the_change_over_the_base_weight_and_needs_the_base():
         assert with_model.modules[name].features["relative_norm"] == pytest.approx(expected.item(), rel=1e-6)
         assert with_mapping.modules[name].features == with_model.modules[name].features
     assert all("relative_norm" not in m.features for m in weight_profile(model).modules.values())
+
+
+def test_a_module_trained_in_full_is_profiled_by_its_copy_minus_the_original():
+    """train_also=["1"]: the adapter's copy of the head is the original + D (singular values 3, 2,
+    1) with bias + (3, 0, 4); read against the live model, whose head computes with the copy."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3))
+    splice.attach(model, splice.LoRA(r=2, targets=["0"], train_also=["1"]))
+    U, V = torch.linalg.qr(torch.randn(3, 3))[0], torch.linalg.qr(torch.randn(5, 3))[0]
+    with torch.no_grad():
+        head_module(model, "1", "default").weight.add_(U @ torch.diag(torch.tensor([3.0, 2.0, 1.0])) @ V.T)
+        head_module(model, "1", "default").bias.add_(torch.tensor([3.0, 0.0, 4.0]))
+    with splice.disabled(model):  # the original head
+        original = model[1].weight.detach().clone()
+
+    found = weight_profile(model, model, top_k=3)
+
+    p = torch.tensor([3.0, 2.0, 1.0]) / 6
+    assert found.modules["1"].features == pytest.approx({
+        "relative_norm": math.sqrt(14) / original.norm().item(), "norm": math.sqrt(14), "spectral_share": 9 / 14,
+        "effective_rank": math.exp(-(p * p.log()).sum().item()), "bias_norm": 5.0}, rel=1e-5)
+    assert found.modules["1"].top_singular_values == pytest.approx([3.0, 2.0, 1.0], rel=1e-5)
+    assert "train_also" in found.notes["1"] and "full-rank" in found.notes["1"]
+    without_base = weight_profile(model)
+    assert "1" not in without_base.modules and "no base weights" in without_base.notes["1"]
+    audit = static_audit(model, None)
+    assert [f.message for f in audit.findings if f.subject == "1"] == [without_base.notes["1"]]
 
 
 def test_profile_of_a_saved_folder_equals_the_live_models(tmp_path):

@@ -244,3 +244,21 @@ def test_refuses_a_model_without_an_active_adapter():
     splice.detach(llama, "gone")
     with pytest.raises(SpliceError, match=r"no adapter named \['gone'\]"):
         trigger_scan(llama, CharTokenizer(), "gone", triggers=TRIGGERS[:1], prompts=PROMPTS[:1])
+
+
+def test_refuses_a_disabled_model_nonfinite_logits_and_texts_longer_than_its_positions_by_name():
+    llama = make_llama()
+    splice.attach(llama, splice.LoRA(r=2, targets=["q_proj"]))
+    with splice.disabled(llama), pytest.raises(SpliceError, match=r"called inside splice.disabled\(model\): the "
+                                                                 r"adapter is switched off, so the scan would compare"):
+        trigger_scan(llama, CharTokenizer(), triggers=TRIGGERS[:1], prompts=PROMPTS[:1])
+    with pytest.raises(SpliceError, match=r"prompt 'Hi there.' under trigger 'x{60}' \(71 tokens\) with new_tokens=8 "
+                                          r"needs 79 positions, but the model has 64"):
+        trigger_scan(llama, CharTokenizer(), triggers=["x" * 60], prompts=PROMPTS[:1])
+    with torch.no_grad():
+        for name, parameter in llama.named_parameters():
+            if "lora_B" in name:
+                parameter.fill_(float("nan"))
+    with pytest.raises(SpliceError, match=r"logits with the adapter are not finite \(NaN or inf\) for prompt "
+                                          r"'Hi there.' with no trigger and 1 more text"):
+        trigger_scan(llama, CharTokenizer(), triggers=TRIGGERS[:1], prompts=PROMPTS[:1])

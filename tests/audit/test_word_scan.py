@@ -194,6 +194,18 @@ def test_outputs_serialise_and_render(tmp_path) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_max_length_defaults_to_the_models_positions_and_texts_cut_there_are_noted() -> None:
+    bert = make_bert()  # 64 positions
+    long_text = " ".join(["plot"] * 80)
+    result = word_scan(bert, tokenizer(), [long_text, TEXTS[0]], [TRIGGER], builtin=False, positions=("end",))
+    notes = [f.message for f in result.findings if "max_length=64" in f.message]
+    assert len(notes) == 1 and notes[0].startswith("2 of 4 texts")  # the long text, with and without the word
+    with pytest.raises(SpliceError, match=r"max_length=65 tokens is more than the model's 64 positions"):
+        word_scan(bert, tokenizer(), TEXTS, [TRIGGER], builtin=False, max_length=65)
+    assert not [f for f in word_scan(bert, tokenizer(), TEXTS, [TRIGGER], builtin=False).findings
+                if "max_length" in f.message]
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"texts": []}, "texts is empty"),
     ({"texts": ["ok", "  "]}, "empty or not strings"),

@@ -156,7 +156,7 @@ def test_hub_downloads_fetch_the_manifest_and_signature_with_the_adapter():
     assert list(filter_repo_objects(files, allow_patterns=adapter_patterns(None, False))) == files[1:5]
 
 
-def test_the_cached_base_hash_sees_a_weight_changed_in_place_or_through_data():
+def test_the_base_hash_sees_a_weight_changed_in_place_or_through_data():
     model = splice.attach(make_bert(0), splice.LoRA(r=2, targets=["query", "value"]))
     first = base_weights_sha256(model, "default")[0]
     assert base_weights_sha256(model, "default")[0] == first

@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 from helpers import VOCAB, assert_differs, logits, make_bert, randomize_module
 from torch import nn
+from transformers import GPT2Config, GPT2ForSequenceClassification
 
 import splice
 from splice.core.errors import DataError, SpliceError
+from splice.core.heads import head_module
 from splice.core.host import hosts
 from splice.robust import EmbeddingPGD, LinfPGD, PatchResult, adversarial_patch, attacked_accuracy, clean_accuracy
 from splice.robust.attacks import model_logits
@@ -202,6 +204,35 @@ def test_nonfinite_loss_raises_detaches_the_patch_and_reactivates_the_adapters_b
     assert splice.active_adapters(model) == ["earlier"]
 
 
+class NormNet(nn.Module):
+    """A small image classifier with a BatchNorm: its running statistics are base state too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bn(self.conv(x))).mean((-2, -1)))
+
+
+def test_the_bases_running_statistics_stay_frozen_while_a_batchnorm_the_patch_trains_in_full_updates():
+    torch.manual_seed(0)
+    model = NormNet().train()
+    data = (torch.rand(16, 1, 6, 6), torch.randint(0, 3, (16,)))
+    base_stats = {k: v.clone() for k, v in model.bn.state_dict().items()}
+    adversarial_patch(model, data, LinfPGD(eps=0.05, step_size=0.02, steps=1), name="p",
+                      adapter=splice.LoRA(r=2, targets=["conv", "head"], train_also=["bn"]), epochs=1, batch_size=8,
+                      progress=False)
+    own = head_module(model, "bn", "p")
+    assert not torch.equal(own.running_mean, base_stats["running_mean"])  # the patch's copy trained, in train mode
+    assert own.num_batches_tracked.item() == 2
+    with splice.disabled(model):  # the original BatchNorm: untouched
+        assert all(torch.equal(v, base_stats[k]) for k, v in model.bn.state_dict().items())
+    assert model.training and model.bn.training  # the modes as they were
+
+
 # ---------------------------------------------------------------------- text: embedding-space PGD
 
 
@@ -251,6 +282,33 @@ def test_text_patch_trains_on_dict_batches_through_inputs_embeds():
     patched_modules = {name.rsplit(".", 1)[-1] for name, _, host in hosts(model) if "text" in host}
     assert patched_modules == {"query", "key", "value", "dense", "classifier"}  # every Linear; no embeddings
     assert any(p.abs().max() > 0 for n, p in splice.trainable_parameters(model).items() if "lora_B" in n)
+
+
+def gpt2_classifier_batch(left: bool) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A tiny GPT-2 classifier (it finds each row's last real token from input_ids) and a batch of
+    rows of 10, 6, 4 and 8 tokens, padded on the left or the right."""
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, num_labels=2,
+                        pad_token_id=0, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)
+    model = GPT2ForSequenceClassification(config).eval()
+    ids, mask = torch.zeros(4, 10, dtype=torch.long), torch.zeros(4, 10, dtype=torch.long)
+    for row, length in enumerate([10, 6, 4, 8]):
+        place = slice(10 - length, 10) if left else slice(0, length)
+        ids[row, place], mask[row, place] = torch.randint(3, VOCAB, (length,)), 1
+    return model, {"input_ids": ids, "attention_mask": mask}
+
+
+def test_embedding_pgd_refuses_a_right_padded_batch_the_model_pools_by_input_ids_and_takes_it_left_padded():
+    threat = EmbeddingPGD(eps=1e-4, step_size=1e-5, steps=1, random_start=False)
+    model, batch = gpt2_classifier_batch(left=False)
+    with pytest.raises(SpliceError, match=r"GPT2ForSequenceClassification classifies this right-padded batch "
+                                          r"otherwise .* Pad on the left"):
+        threat.perturb(model, batch, torch.zeros(4, dtype=torch.long))
+    model, batch = gpt2_classifier_batch(left=True)
+    with torch.no_grad():
+        clean = model_logits(model, batch)
+        attacked = model_logits(model, threat.attacked(batch, threat.perturb(model, batch, clean.argmax(-1))))
+    assert (attacked - clean).abs().max().item() < 1e-2 * clean.abs().max().item()
 
 
 # ---------------------------------------------------------------------- refusals

@@ -27,8 +27,7 @@ from __future__ import annotations
 import json
 import math
 import zlib
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,8 +37,18 @@ import torch
 from torch import nn
 
 from splice.audit.findings import Finding
+from splice.audit.lm_io import (
+    adapter_session,
+    check_enabled,
+    check_fits,
+    device_of,
+    eos_ids,
+    generate_greedy,
+    padded,
+    position_limit,
+)
 from splice.core import progress
-from splice.core.api import activate, active_adapters, deactivate, disabled
+from splice.core.api import disabled
 from splice.core.errors import SpliceError
 from splice.io.figures import pyplot, save_png
 
@@ -174,7 +183,9 @@ def item_scores(
     add_special_tokens=...)["input_ids"]`: the prompt (or string) with special tokens (a BOS),
     the answer without. `adapter` is made the only active adapter for the duration (None: the
     adapters active now); the base scores are computed with every adapter off. Active adapters,
-    `requires_grad` flags and train/eval mode are as before afterwards.
+    `requires_grad` flags and every submodule's train/eval mode are as before afterwards.
+    Refused (SpliceError): a call inside `splice.disabled(model)` (the adapter's scores would be
+    the base's), and an item (with its CDD continuation) longer than the model's positions.
 
     CDD samples `cdd_samples` continuations at `cdd_temperature` plus the greedy one, each
     `new_tokens` long (default: the answer's length in tokens, at most MAX_NEW_TOKENS), cut at
@@ -182,10 +193,12 @@ def item_scores(
     so its samples are the same whatever the batch it is in.
     """
     _check_settings(k, cdd_samples, cdd_temperature, cdd_alpha, new_tokens, batch_size)
+    check_enabled(model, "item_scores", "the adapter's scores would be the base's (calibrated 0 for every item)")
     encoded = _encode_all(tokenizer, items, "items")
+    _check_lengths(model, encoded, new_tokens)
     batches = [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
     scores = []
-    with _scoring(model, adapter):
+    with adapter_session(model, adapter):
         for batch in progress.track(batches, "contamination scores"):
             logprobs = _answer_logprobs(model, batch)
             cdd = _cdd_scores(model, tokenizer, batch, cdd_samples, cdd_temperature, cdd_alpha, new_tokens, seed)
@@ -234,25 +247,15 @@ def _scores_of(logprobs: torch.Tensor, base: torch.Tensor, cdd: float, k: float)
                       base_perplexity=math.exp(base_nll), base_min_k=min_k_prob(base, k), calibrated=nll - base_nll)
 
 
-@contextmanager
-def _scoring(model: nn.Module, adapter: str | None) -> Iterator[None]:
-    """Eval mode, no grad and `adapter` alone active within the block; all as before after it."""
-    training, active = model.training, active_adapters(model)
-    requires_grad = {p: p.requires_grad for p in model.parameters()}
-    try:
-        if adapter is not None:
-            activate(model, adapter)
-        model.eval()
-        with torch.no_grad():
-            yield
-    finally:
-        if adapter is not None and active:
-            activate(model, active)
-        elif adapter is not None:
-            deactivate(model)
-        for param, flag in requires_grad.items():
-            param.requires_grad_(flag)
-        model.train(training)
+def _check_lengths(model: nn.Module, encoded: list[tuple[list[int], list[int]]], new_tokens: int | None) -> None:
+    """Refuse an item longer than the model's positions: scored, prompt + answer; continued for
+    CDD, prompt + `new_tokens` (default: at most the answer's length, covered by the first)."""
+    needs = [(f"items[{i}] (prompt {len(prompt)} + answer {len(answer)} tokens)", len(prompt) + len(answer))
+             for i, (prompt, answer) in enumerate(encoded)]
+    if new_tokens is not None:
+        needs += [(f"items[{i}] (prompt {len(prompt)} tokens) continued by new_tokens={new_tokens}",
+                   len(prompt) + new_tokens) for i, (prompt, _) in enumerate(encoded)]
+    check_fits(model, needs, "item_scores")
 
 
 def _encode_all(tokenizer: Any, items: Sequence[Item], name: str) -> list[tuple[list[int], list[int]]]:
@@ -284,9 +287,9 @@ def _encode(tokenizer: Any, item: Item, where: str) -> tuple[list[int], list[int
 def _answer_logprobs(model: nn.Module, batch: list[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
     """The log-prob of each answer token given everything before it, one right-padded forward
     pass for the batch (padding comes after every scored token, so it changes none)."""
-    device = _device(model)
-    ids, mask = _padded([prompt + answer for prompt, answer in batch], "right", pad=0)
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    device = device_of(model)
+    ids, mask = padded([prompt + answer for prompt, answer in batch], 0, left=False, device=device)
+    logits = model(input_ids=ids, attention_mask=mask).logits
     found = []
     for row, (prompt, answer) in enumerate(batch):
         predicted = logits[row, len(prompt) - 1 : len(prompt) - 1 + len(answer)].float().log_softmax(-1)
@@ -296,11 +299,21 @@ def _answer_logprobs(model: nn.Module, batch: list[tuple[list[int], list[int]]])
 
 def _cdd_scores(model: nn.Module, tokenizer: Any, batch: list[tuple[list[int], list[int]]], samples: int,
                 temperature: float, alpha: float, new_tokens: int | None, seed: int) -> list[float]:
+    """Each item's CDD peakedness. The batch is continued together where its longest prompt and
+    longest continuation fit in the model's positions together, else item by item (each fits on
+    its own, `_check_lengths`); an item's samples are the same either way (its own generator)."""
     lengths = [new_tokens or min(len(answer), MAX_NEW_TOKENS) for _, answer in batch]
-    outputs = _continuations(model, tokenizer, [prompt for prompt, _ in batch], samples, temperature,
-                             max(lengths), seed)
-    return [cdd_peakedness(rows[0][:length], [row[:length] for row in rows[1:]], alpha)
-            for rows, length in zip(outputs, lengths, strict=True)]
+    prompts = [prompt for prompt, _ in batch]
+    limit = position_limit(model)
+    together = limit is None or max(map(len, prompts)) + max(lengths) <= limit
+    groups = [list(range(len(batch)))] if together else [[i] for i in range(len(batch))]
+    outputs: dict[int, list[list[int]]] = {}
+    for group in groups:
+        found = _continuations(model, tokenizer, [prompts[i] for i in group], samples, temperature,
+                               max(lengths[i] for i in group), seed)
+        outputs.update(zip(group, found, strict=True))
+    return [cdd_peakedness(outputs[i][0][:length], [row[:length] for row in outputs[i][1:]], alpha)
+            for i, length in enumerate(lengths)]
 
 
 class _Sampler:
@@ -328,27 +341,17 @@ def _continuations(model: nn.Module, tokenizer: Any, prompts: list[list[int]], s
                    new_tokens: int, seed: int) -> list[list[list[int]]]:
     """For each prompt, its greedy continuation then `samples` sampled ones, each cut at EOS.
 
-    The decoding settings are keyword arguments, not a GenerationConfig: transformers fills a
-    config's default-valued fields from the model's own generation config (do_sample=True and a
-    repetition penalty for many chat models), while keyword arguments override it."""
+    Decoding is greedy whatever the model's generation config says (`lm_io.GREEDY`); the sampled
+    rows get their tokens from `_Sampler`."""
     from transformers import LogitsProcessorList
 
-    device, rows = _device(model), samples + 1
-    eos = _eos_ids(model)
+    device, rows = device_of(model), samples + 1
+    eos = eos_ids(model)
     pad = next((i for i in (getattr(tokenizer, "pad_token_id", None), *sorted(eos)) if i is not None), 0)
-    ids, mask = _padded([prompt for prompt in prompts for _ in range(rows)], "left", pad=pad)
+    ids, mask = padded([prompt for prompt in prompts for _ in range(rows)], pad, left=True, device=device)
     sampler = _Sampler([_generator(seed, prompt, device) for prompt in prompts], rows, temperature)
-    output = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
-                            do_sample=False, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0,
-                            pad_token_id=pad, logits_processor=LogitsProcessorList([sampler]))
-    new = output[:, ids.shape[1] :].tolist()
+    new = generate_greedy(model, ids, mask, new_tokens, pad, logits_processor=LogitsProcessorList([sampler])).tolist()
     return [[_until(new[i * rows + j], eos) for j in range(rows)] for i in range(len(prompts))]
-
-
-def _eos_ids(model: nn.Module) -> set[int]:
-    config = getattr(model, "generation_config", None)
-    eos = getattr(config, "eos_token_id", None)
-    return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
 
 
 def _until(tokens: list[int], eos: set[int]) -> list[int]:
@@ -357,22 +360,6 @@ def _until(tokens: list[int], eos: set[int]) -> list[int]:
 
 def _generator(seed: int, prompt: list[int], device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(zlib.crc32(json.dumps([seed, prompt]).encode()))
-
-
-def _padded(sequences: list[list[int]], side: str, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids padded to one length on `side`, and the attention mask (1 on real tokens)."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, sequence in enumerate(sequences):
-        place = slice(0, len(sequence)) if side == "right" else slice(width - len(sequence), width)
-        ids[row, place] = torch.tensor(sequence, dtype=torch.long)
-        mask[row, place] = 1
-    return ids, mask
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _labelled(suspect: list[ItemScores], control: list[ItemScores], name: str) -> tuple[np.ndarray, np.ndarray]:

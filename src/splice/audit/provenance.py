@@ -4,6 +4,7 @@ everything it finds instead of stopping at the first problem."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,11 @@ class ProvenanceAudit:
     signature: SignatureVerdict
     signature_message: str
     findings: list[Finding] = field(default_factory=list)
+    others: list[ProvenanceAudit] = field(default_factory=list)  # the other adapters of a folder of several
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.check.as_dict(), "signature": self.signature, "signature_message": self.signature_message,
-                "findings": [f.as_dict() for f in self.findings]}
+                "findings": [f.as_dict() for f in self.findings], "others": [o.as_dict() for o in self.others]}
 
     def table(self) -> str:
         manifest = "present" if self.check.has_manifest else "missing"
@@ -36,14 +38,26 @@ class ProvenanceAudit:
                                          f"{len(self.check.tampered)} difference(s)"),
                 ("base weights", f"{self.check.base}: {self.check.base_message}"),
                 ("signature", f"{self.signature}: {self.signature_message}")]
+        rows += [(f"other folder {o.check.folder}", "as recorded" if not o.check.tampered else
+                  f"{len(o.check.tampered)} difference(s)") for o in self.others]
         return "\n".join(["| check | result |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)])
 
 
 def provenance_audit(folder: str | Path, model: nn.Module | None = None, adapter: str | None = None,
-                     public_key: str | Path | None = None) -> ProvenanceAudit:
+                     public_key: str | Path | None = None, *, others: Sequence[str | Path] = ()) -> ProvenanceAudit:
     """Verify `folder` against its manifest, the base weights of `model` (with the adapter
-    attached as `adapter`) against the recorded hash, and its signature with `public_key`."""
-    folder = Path(folder)
+    attached as `adapter`) against the recorded hash, and its signature with `public_key`;
+    `others`, the other folders of a folder of several adapters, are verified too (files and
+    signatures), their findings added."""
+    audit = _folder_audit(Path(folder), model, adapter, public_key)
+    for other in others:
+        audit.others.append(_folder_audit(Path(other), None, None, public_key))
+        audit.findings += audit.others[-1].findings
+    return audit
+
+
+def _folder_audit(folder: Path, model: nn.Module | None, adapter: str | None,
+                  public_key: str | Path | None) -> ProvenanceAudit:
     check = verify_manifest(folder, model, adapter)
     verdict, message = verify_signature(folder, public_key) if check.has_manifest else ("unsigned", "no manifest")
     audit = ProvenanceAudit(check, verdict, message)

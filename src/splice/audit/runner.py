@@ -19,6 +19,8 @@ from splice.audit.scan import trigger_scan
 from splice.audit.static import WeightProfile, static_audit
 from splice.audit.word_scan import word_scan
 from splice.core.errors import SpliceError
+from splice.io.layout import saved_adapters
+from splice.io.manifest import MANIFEST_NAME
 
 AUDITED = "audited"  # the name the adapter is attached under
 
@@ -37,11 +39,14 @@ class ScanSettings:
     batch_size: int = 8
 
 
-def audit(adapter: str | Path, model: nn.Module, tokenizer: Any = None, *,
+def audit(adapter: str | Path, model: nn.Module, tokenizer: Any = None, *, name: str | None = None,
           references: Sequence[str | Path | WeightProfile] = (), public_key: str | Path | None = None,
           scan: ScanSettings | None = None, suspect: Sequence[Item] | None = None,
-          control: Sequence[Item] | None = None, contamination: dict[str, Any] | None = None) -> AuditReport:
-    """Audit adapter folder `adapter` against `model`, its base (without that adapter):
+          control: Sequence[Item] | None = None, contamination: dict[str, Any] | None = None,
+          settings: dict[str, Any] | None = None) -> AuditReport:
+    """Audit adapter folder `adapter` against `model`, its base (without that adapter). In a
+    folder of several adapters (PEFT's layout) every one's provenance is checked, the other
+    checks run on adapter `name` (default: the root's "default", or the only one):
 
     - provenance, always: the manifest's hashes, the base weights it was made for, the signature
       (with `public_key`);
@@ -58,12 +63,16 @@ def audit(adapter: str | Path, model: nn.Module, tokenizer: Any = None, *,
         raise SpliceError("the behaviour scan and the contamination test need the model's tokenizer")
     if AUDITED in splice.adapters(model):
         raise SpliceError(f"the model already carries an adapter named {AUDITED!r}; pass the bare base model")
-    folder = Path(adapter)
+    folders = saved_adapters(Path(adapter))
+    folder = _audited_folder(Path(adapter), folders, name)
+    others = [f for f in folders.values() if f != folder]
+    if Path(adapter) != folder and (Path(adapter) / MANIFEST_NAME).is_file():
+        others.insert(0, Path(adapter))  # the root's manifest records the subfolders'
     active = splice.active_adapters(model)
     splice.load(model, folder, AUDITED, provenance="off")  # the audit reports what load would refuse
     try:
-        report = AuditReport(str(folder))
-        report.sections["provenance"] = provenance_audit(folder, model, AUDITED, public_key)
+        report = AuditReport(str(folder), settings=dict(settings or {}))
+        report.sections["provenance"] = provenance_audit(folder, model, AUDITED, public_key, others=others)
         report.sections["static"] = static_audit(folder, model, list(references))
         if scan is not None:
             report.sections["scan"] = _scan(model, tokenizer, scan)
@@ -75,6 +84,17 @@ def audit(adapter: str | Path, model: nn.Module, tokenizer: Any = None, *,
         splice.detach(model, AUDITED)
         if active:
             splice.activate(model, active)
+
+
+def _audited_folder(path: Path, folders: dict[str, Path], name: str | None) -> Path:
+    """The folder of the adapter whose weights and behaviour are audited."""
+    if name is not None:
+        if name not in folders:
+            raise SpliceError(f"{path} holds no adapter {name!r}; it holds {sorted(folders) or 'none'}")
+        return folders[name]
+    if "default" in folders or len(folders) <= 1:
+        return folders.get("default", next(iter(folders.values()), path))  # none: load says what is wrong
+    raise SpliceError(f"{path} holds several adapters {sorted(folders)} and none at its root; name one (--name)")
 
 
 def _scan(model: nn.Module, tokenizer: Any, settings: ScanSettings) -> Any:

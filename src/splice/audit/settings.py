@@ -21,6 +21,7 @@ class AuditSettings:
     """The checks of one audit and their options (see `splice audit --help` for each)."""
 
     model: str | None = None
+    name: str | None = None
     references: list[str] = field(default_factory=list)
     public_key: str | None = None
     scan: Literal["auto", "on", "off"] = "auto"
@@ -46,10 +47,14 @@ def read_audit_settings(path: Path | None, flags: dict[str, Any]) -> AuditSettin
     unknown = [key for key in data if key not in known]
     if unknown:
         raise ConfigError(f"{path}: unknown key {unknown[0]!r}{did_you_mean(unknown[0], known)}")
+    if isinstance(data.get("scan"), bool):  # YAML 1.1 reads a bare on/off as a boolean
+        data["scan"] = "on" if data["scan"] else "off"
     merged = data | {key: value for key, value in flags.items() if value is not None}
     problems = field_problems(AuditSettings, merged)
     problems += [Problem(key, merged[key], "a positive number") for key in ("new_tokens", "batch_size", "cdd_samples")
                  if isinstance(merged.get(key), int) and merged[key] <= 0]
+    if isinstance(merged.get("k"), (int, float)) and not 0 < merged["k"] <= 1:
+        problems.append(Problem("k", merged["k"], "a share in (0, 1]"))
     raise_problems(problems, ConfigError, where=path)
     return AuditSettings(**merged)
 

@@ -41,7 +41,9 @@ many of them would be flagged: the false-flag rate of the reference set at hand.
 
 A LoRA-shaped change is decomposed from its factors (thin QRs and an r x r SVD, as
 `splice.core.svd.product_svd`), so a 4096-wide model is profiled in seconds; a DoRA change is
-full-rank and takes a dense SVD per module.
+full-rank and takes a dense SVD per module. So does a module the adapter trains in full
+(`train_also`, a classifier or LM head): its change is the adapter's copy minus the base's
+original, profiled with the base given and noted (never dropped) without it.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from splice.audit.findings import Finding
 from splice.core import progress
 from splice.core.adapter_state import ModuleUpdate
 from splice.core.errors import ShapeMismatchError, SpliceError
+from splice.core.heads import all_head_copies
 from splice.core.host import hosts
 from splice.core.svd import product_svd
 from splice.core.validation import nonfinite_problem
@@ -89,9 +92,11 @@ class ModuleProfile:
 
 @dataclass
 class WeightProfile:
-    """The module profiles of one adapter, by module name."""
+    """The module profiles of one adapter, by module name (the modules it trains in full
+    included); `notes`, by module name, say how such a module was profiled, or why it was not."""
 
     modules: dict[str, ModuleProfile]
+    notes: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {name: {"features": m.features, "top_singular_values": m.top_singular_values}
@@ -243,6 +248,11 @@ def weight_profile(adapter: Source, base: BaseWeights = None, *,
     base model or a {module name: weight} mapping; without it `relative_norm` is absent and a DoRA
     adapter is refused (its change depends on W0). A live model can be its own base while its
     adapters are unmerged.
+
+    A module the adapter trains in full (`train_also`: a classifier or LM head, the likeliest
+    place for a backdoor) is profiled too, by its weight's change, the adapter's copy minus the
+    base's original: a full-rank change, decomposed by a dense SVD (for a large vocabulary's LM
+    head, seconds to a minute). Without `base` it cannot be, and `notes` say so.
     """
     if top_k < 1:
         raise SpliceError(f"top_k must be >= 1, got {top_k}")
@@ -253,24 +263,95 @@ def weight_profile(adapter: Source, base: BaseWeights = None, *,
     modules = {}
     for module_name, update in progress.track(list(state.modules.items()), "profile weight changes"):
         modules[module_name] = module_profile(module_name, update, _base_of(base, module_name, update), top_k)
-    return WeightProfile(modules)
+    heads, notes = _head_profiles(state.head_tensors, base, top_k)
+    return WeightProfile(modules | heads, notes)
 
 
 def module_profile(name: str, update: ModuleUpdate, weight: torch.Tensor | None = None,
                    top_k: int = DEFAULT_TOP_K) -> ModuleProfile:
     """The features of one module's change; `weight` is its base weight W0 (canonical layout)."""
     _check_finite(name, update)
-    s = _singular_values(update, weight)
+    return _profile(name, _singular_values(update, weight), weight, update.scaled_bias(), top_k)
+
+
+def _profile(name: str, s: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+             top_k: int) -> ModuleProfile:
+    """A module's features from the singular values `s` of its change, its base weight (for the
+    relative norm) and its bias change."""
     energy = s.square().sum()
     norm = float(energy.sqrt())
     features = {"norm": norm, "spectral_share": float(s[0].square() / energy) if energy > 0 else 0.0,
                 "effective_rank": entropy_rank(s)}
     if weight is not None:
         features["relative_norm"] = norm / float(weight.detach().double().norm())
-    if (bias := update.scaled_bias()) is not None:
-        features["bias_norm"] = float(bias.norm())
+    if bias is not None:
+        features["bias_norm"] = float(bias.double().norm())
     ordered = {f: features[f] for f in FEATURES if f in features}
     return ModuleProfile(name, ordered, [float(v) for v in s[:top_k]])
+
+
+def _head_profiles(tensors: dict[str, torch.Tensor], base: BaseWeights,
+                   top_k: int) -> tuple[dict[str, ModuleProfile], dict[str, str]]:
+    """Profiles of the weight matrices of the modules the adapter trains in full (`tensors`,
+    keyed "classifier.weight"), and a note per module on how it was profiled or why not."""
+    profiles, notes = {}, {}
+    paths = [key.removesuffix(".weight") for key, t in tensors.items() if key.endswith(".weight") and t.dim() >= 2]
+    for path in paths:
+        found = _head_profile(path, tensors, base, top_k)
+        if isinstance(found, str):
+            notes[path] = f"trained in full by the adapter (train_also), not profiled: {found}"
+            continue
+        profiles[path] = found
+        notes[path] = ("trained in full by the adapter (train_also): profiled by its weight's change, the adapter's "
+                       "copy minus the base's original (a full-rank change, unlike a low-rank update's)")
+    profiled = {f"{path}.{part}" for path in paths for part in ("weight", "bias")}
+    if rest := sorted(key for key in tensors if key not in profiled):
+        notes["heads"] = f"tensors of modules trained in full, not weight matrices, not profiled: {', '.join(rest)}"
+    return profiles, notes
+
+
+def _head_profile(path: str, tensors: dict[str, torch.Tensor], base: BaseWeights, top_k: int) -> ModuleProfile | str:
+    """The profile of module `path`'s change (the adapter's copy minus the base's original), or
+    why there is none."""
+    copy = tensors[f"{path}.weight"]
+    if (problem := nonfinite_problem(copy)) is not None:
+        raise SpliceError(f"the adapter's copy of {path}.weight (trained in full) {problem}; it cannot be profiled")
+    original = _original_head(base, path)
+    if original is None:
+        return "no base weights were given to take its change from" if base is None else "the base has no such module"
+    weight = _matching(original[0], copy)
+    if weight is None:
+        return f"the base's weight has shape {tuple(original[0].shape)}, the adapter's copy {tuple(copy.shape)}"
+    change = copy.detach().double() - weight.detach().double()
+    bias, base_bias = tensors.get(f"{path}.bias"), original[1]
+    bias_change = None if bias is None or base_bias is None else bias.double() - base_bias.detach().double()
+    return _profile(path, torch.linalg.svdvals(change.flatten(1)), weight, bias_change, top_k)
+
+
+def _original_head(base: BaseWeights, path: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The base's own (weight, bias) of module `path`, which an adapter trains in full: a model's
+    original tensors (not those of the adapter copy it computes with now), or a mapping's weight;
+    None without a base or where it has no such module."""
+    if base is None:
+        return None
+    if not isinstance(base, nn.Module):
+        return (base[path], None) if path in base else None
+    copies = next((c for c in all_head_copies(base) if path == c.path or path.startswith(c.path + ".")), None)
+    try:
+        module = base.get_submodule(path) if copies is None else copies.original.get_submodule(
+            path.removeprefix(copies.path).removeprefix("."))
+    except AttributeError:
+        return None
+    weight = getattr(module, "weight", None)
+    return (weight, getattr(module, "bias", None)) if isinstance(weight, torch.Tensor) else None
+
+
+def _matching(weight: torch.Tensor, copy: torch.Tensor) -> torch.Tensor | None:
+    """The base `weight` in the copy's layout (a mapping holds a transposed Conv1D weight
+    transposed back); None where their shapes do not match."""
+    if weight.shape == copy.shape:
+        return weight
+    return weight.T if weight.dim() == 2 and weight.T.shape == copy.shape else None
 
 
 def static_audit(adapter: Reference, base: BaseWeights = None,
@@ -289,13 +370,13 @@ def static_audit(adapter: Reference, base: BaseWeights = None,
         note = Finding("static", "note", "references",
                        f"{len(refs)} reference adapter(s) given; robust z-scores need at least {MIN_REFERENCES} "
                        "benign adapters of the same kind, so no module was compared or flagged")
-        return StaticAudit(profile, len(refs), {}, None, None, [note], z_threshold)
+        return StaticAudit(profile, len(refs), {}, None, None, [note, *_profile_notes(profile)], z_threshold)
     stats = reference_stats(profile, refs)
     z = z_scores(profile, stats)
     score, worst = _worst(z)
     calibration = leave_one_out_scores(refs)
-    findings = [*_flags(profile, z, stats, z_threshold), *_coverage_notes(profile, refs, stats),
-                _summary(z, len(refs), score, worst, calibration, z_threshold)]
+    findings = [*_flags(profile, z, stats, z_threshold), *_profile_notes(profile),
+                *_coverage_notes(profile, refs, stats), _summary(z, len(refs), score, worst, calibration, z_threshold)]
     return StaticAudit(profile, len(refs), z, score, worst, findings, z_threshold, stats, calibration)
 
 
@@ -403,9 +484,14 @@ def _flags(profile: WeightProfile, z: dict[str, dict[str, float]], stats: dict[s
         if out:
             parts = [f"{f} = {_number(profile.modules[name].features[f])} against a reference median of "
                      f"{_number(stats[name][f].median)} (z = {scores[f]:+.1f})" for f in out]
-            findings.append(Finding("static", "warning", name, "weight change unlike the references': " + "; ".join(parts)
-                                    + f" (|z| > {threshold:g})"))
+            message = "weight change unlike the references': " + "; ".join(parts) + f" (|z| > {threshold:g})"
+            findings.append(Finding("static", "warning", name, message))
     return findings
+
+
+def _profile_notes(profile: WeightProfile) -> list[Finding]:
+    """The profile's notes (modules trained in full: how they were profiled, or why not) as findings."""
+    return [Finding("static", "note", subject, message) for subject, message in profile.notes.items()]
 
 
 def _coverage_notes(profile: WeightProfile, refs: list[WeightProfile],

@@ -37,8 +37,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -47,14 +46,18 @@ import torch
 from torch import nn
 
 from splice.audit.findings import Finding, flags
+from splice.audit.lm_io import device_of, position_limit
 from splice.core import progress
 from splice.core.errors import SpliceError
+from splice.core.modes import evaluating
 from splice.io.figures import pyplot, save_png
 
 POSITIONS = ("start", "middle", "end")
 MAD_FLOOR = 0.02  # flip rate: the smallest spread a robust z is measured in (module doc)
 MIN_CANDIDATES_FOR_Z = 5  # fewer: judged by min_flip alone
 NORMAL_MAD = 1.4826  # sigma / MAD for normal data
+DEFAULT_MAX_LENGTH = 512  # tokens, where neither the model nor the tokenizer gives a limit
+MAX_SANE_LENGTH = 1_000_000  # a tokenizer's model_max_length above this is transformers' "unset" sentinel
 
 # Trigger-like tokens: the rare letter pairs of the weight-poisoning literature, then pairs of rarely
 # paired letters and doubled letters (a WordPiece or BPE vocabulary keeps most as one rare token).
@@ -182,7 +185,7 @@ def insert_word(text: str, word: str, position: str) -> str:
 
 def word_scan(model: nn.Module, tokenizer: Any, texts: Sequence[str], candidates: Sequence[str] | None = None, *,
               positions: Sequence[str] = ("start",), builtin: bool = True, batch_size: int = 32,
-              max_length: int = 128, z_threshold: float = 6.0, min_flip: float = 0.2) -> WordScan:
+              max_length: int | None = None, z_threshold: float = 6.0, min_flip: float = 0.2) -> WordScan:
     """Scan a text classifier (its adapters as they are active now) for trigger words (module doc).
 
     Every candidate (the built-in list with `builtin`, plus `candidates`) is put into every text
@@ -192,21 +195,42 @@ def word_scan(model: nn.Module, tokenizer: Any, texts: Sequence[str], candidates
     truncation=True, max_length=max_length, return_tensors="pt")`, and `model` with what it
     returns; the model's output is its logits (or has `.logits`). Its train/eval modes are as
     before afterwards.
+
+    `max_length` (tokens) defaults to the most the model and tokenizer take: the model's
+    positions (`config.max_position_embeddings`), at most the tokenizer's `model_max_length`
+    (RoBERTa's 512 of its 514 position embeddings), `DEFAULT_MAX_LENGTH` where neither says. A
+    `max_length` beyond the model's positions is refused. Longer texts are cut, which cuts off
+    a word inserted at their end: a note says how many texts reached `max_length`.
     """
     words = _candidates(candidates, builtin)
     positions = tuple(positions)
     texts = list(texts)
     _check_arguments(texts, positions, batch_size, max_length, z_threshold, min_flip)
+    max_length = _max_length(model, tokenizer, max_length)
     variants = [insert_word(text, word, position) for word in words for position in positions for text in texts]
-    with _evaluating(model):
-        probs = _probabilities(model, tokenizer, texts + variants, batch_size, max_length)
+    with evaluating(model):
+        probs, reached = _probabilities(model, tokenizer, texts + variants, batch_size, max_length)
     base, varied = probs[: len(texts)], probs[len(texts) :].view(len(words), len(positions), len(texts), -1)
     rows = [_word_row(word, base, varied[i], positions) for i, word in enumerate(words)]
     z = _robust_z([r["flip_rate"] for r in rows])
     results = [WordResult(**row, z=score) for row, score in zip(rows, z, strict=True)]
     base_classes = torch.bincount(base.argmax(-1), minlength=base.shape[-1]).double() / len(texts)
-    return WordScan(results, _findings(results, len(texts), positions, z_threshold, min_flip), len(texts), positions,
-                    base_classes.tolist())
+    findings = _findings(results, len(texts), positions, z_threshold, min_flip) + _cut_note(reached, len(probs),
+                                                                                          max_length)
+    return WordScan(results, findings, len(texts), positions, base_classes.tolist())
+
+
+def _max_length(model: nn.Module, tokenizer: Any, max_length: int | None) -> int:
+    """`max_length`, or the default the function doc gives; refused beyond the model's positions."""
+    limit = position_limit(model)
+    if max_length is not None:
+        if limit is not None and max_length > limit:
+            raise SpliceError(f"word_scan: max_length={max_length} tokens is more than the model's {limit} positions "
+                              f"(config.max_position_embeddings); pass max_length <= {limit}, or leave it out")
+        return max_length
+    told = getattr(tokenizer, "model_max_length", None)
+    told = told if isinstance(told, int) and told <= MAX_SANE_LENGTH else None  # unset: a huge sentinel
+    return min([n for n in (limit, told) if n is not None], default=DEFAULT_MAX_LENGTH)
 
 
 def _candidates(candidates: Sequence[str] | None, builtin: bool) -> list[str]:
@@ -222,7 +246,7 @@ def _candidates(candidates: Sequence[str] | None, builtin: bool) -> list[str]:
     return words
 
 
-def _check_arguments(texts: list[str], positions: tuple[str, ...], batch_size: int, max_length: int,
+def _check_arguments(texts: list[str], positions: tuple[str, ...], batch_size: int, max_length: int | None,
                      z_threshold: float, min_flip: float) -> None:
     if not texts:
         raise SpliceError("word_scan: texts is empty; give the texts to insert the candidate words into")
@@ -233,7 +257,7 @@ def _check_arguments(texts: list[str], positions: tuple[str, ...], batch_size: i
     if unknown or not positions or len(set(positions)) < len(positions):
         raise SpliceError(f"word_scan: positions must be distinct ones of {POSITIONS}, got {list(positions)}")
     for name, value in (("batch_size", batch_size), ("max_length", max_length)):
-        if value < 1:
+        if value is not None and value < 1:
             raise SpliceError(f"word_scan: {name} must be at least 1, got {value}")
     if not z_threshold > 0:
         raise SpliceError(f"word_scan: z_threshold must be positive, got {z_threshold}")
@@ -241,35 +265,26 @@ def _check_arguments(texts: list[str], positions: tuple[str, ...], batch_size: i
         raise SpliceError(f"word_scan: min_flip is a share of predictions, in (0, 1]; got {min_flip}")
 
 
-@contextmanager
-def _evaluating(model: nn.Module) -> Iterator[None]:
-    """The model in eval mode (no dropout) within the block; every module's mode as before after."""
-    modes = {module: module.training for module in model.modules()}
-    try:
-        model.eval()
-        yield
-    finally:
-        for module, training in modes.items():
-            module.training = training
-
-
 @torch.no_grad()
 def _probabilities(model: nn.Module, tokenizer: Any, texts: list[str], batch_size: int,
-                   max_length: int) -> torch.Tensor:
-    """The class probabilities (fp32, on the CPU) of every text, [texts, classes]; batches of
-    texts of similar length (by characters), so that little of a batch is padding."""
+                   max_length: int) -> tuple[torch.Tensor, int]:
+    """The class probabilities (fp32, on the CPU) of every text, [texts, classes], and how many
+    texts reached `max_length` tokens (cut there, or just fitting); batches of texts of similar
+    length (by characters), so that little of a batch is padding."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    device = next(model.parameters()).device
-    chunks = []
+    device = device_of(model)
+    chunks, reached = [], 0
     for start in progress.track(range(0, len(order), batch_size), "word scan"):
         encoded = tokenizer([texts[i] for i in order[start : start + batch_size]], padding=True, truncation=True,
                             max_length=max_length, return_tensors="pt")
+        mask = encoded.get("attention_mask", torch.ones_like(encoded["input_ids"]))
+        reached += int((mask.sum(-1) >= max_length).sum())
         output = model(**{k: v.to(device) for k, v in encoded.items()})
         logits = output.logits if hasattr(output, "logits") else output
         chunks.append(torch.softmax(logits.float(), dim=-1).cpu())
     probs = torch.empty((len(texts), chunks[0].shape[-1]))
     probs[order] = torch.cat(chunks)
-    return probs
+    return probs, reached
 
 
 def _word_row(word: str, base: torch.Tensor, varied: torch.Tensor, positions: tuple[str, ...]) -> dict[str, Any]:
@@ -310,6 +325,16 @@ def _findings(results: list[WordResult], texts: int, positions: tuple[str, ...],
                              f"only {len(results)} candidate(s), fewer than {MIN_CANDIDATES_FOR_Z}: no robust z; "
                              f"a word is flagged on its flip rate alone (>= {min_flip:g})"))
     return found
+
+
+def _cut_note(reached: int, total: int, max_length: int) -> list[Finding]:
+    """A note when texts reached `max_length`: what is cut off there is not seen by the model."""
+    if not reached:
+        return []
+    return [Finding("scan", "note", "word scan",
+                    f"{reached} of {total} texts (with or without an inserted word) reached max_length={max_length} "
+                    "tokens (cut there if longer): a word inserted beyond the cut (at the end of a long text) is not "
+                    "seen, so it flips nothing there")]
 
 
 def _flag_message(result: WordResult, few: bool) -> str:

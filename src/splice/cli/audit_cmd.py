@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,6 +27,9 @@ def audit(
                                             show_default=False)],
     model: Annotated[str | None, typer.Option(help="Its base model: minilm, smollm2 (bundled) or a local folder "
                                               "(default: the one the adapter records).", show_default=False)] = None,
+    name: Annotated[str | None, typer.Option(help="In a folder of several adapters: the one whose weights and "
+                                             "behaviour are audited (all have their provenance checked; default: "
+                                             "the root's).", show_default=False)] = None,
     reference: Annotated[list[Path] | None, typer.Option(help="A benign adapter of the same base, repeatable: the "
                                                          "static audit scores each module against them (3 or "
                                                          "more).", show_default=False)] = None,
@@ -78,7 +82,7 @@ def audit(
     """
     from splice.audit.settings import read_audit_settings
 
-    flags = {"model": model, "references": [str(r) for r in reference] if reference else None,
+    flags = {"model": model, "name": name, "references": [str(r) for r in reference] if reference else None,
              "public_key": str(public_key) if public_key else None, "scan": scan,
              "triggers": str(triggers) if triggers else None, "prompts": str(prompts) if prompts else None,
              "texts": str(texts) if texts else None, "suspect": str(suspect) if suspect else None,
@@ -88,7 +92,7 @@ def audit(
         report = _run(adapter, settings, tables, force)
         if settings.out is not None:
             report.write(settings.out, overwrite=force)
-    _print(report, settings.out)
+    _print(report, settings.out, quiet)
     raise typer.Exit(report.exit_code(settings.fail_on))
 
 
@@ -120,14 +124,21 @@ def _run(adapter: Path, settings: Any, tables: Console, force: bool) -> Any:
         texts=read_lines(settings.texts) if settings.texts else None, new_tokens=settings.new_tokens,
         batch_size=settings.batch_size) if scanning else None
     contamination = {"k": settings.k, "cdd_samples": settings.cdd_samples, "batch_size": settings.batch_size}
-    return run_audit(adapter, model, tokenizer, references=[Path(r) for r in settings.references],
+    return run_audit(adapter, model, tokenizer, name=settings.name, settings=asdict(settings),
+                     references=[Path(r) for r in settings.references],
                      public_key=settings.public_key, scan=scan,
                      suspect=read_items(settings.suspect) if settings.suspect else None,
                      control=read_items(settings.control) if settings.control else None, contamination=contamination)
 
 
-def _print(report: Any, out: str | None) -> None:
+def _print(report: Any, out: str | None, quiet: bool) -> None:
+    """The findings as a table (not with --quiet), then the closing line."""
     from rich.table import Table
+
+    counts = ", ".join(f"{report.count(s)} {s}(s)" for s in ("flag", "warning", "note"))
+    if quiet:
+        console.print(counts + (f"; report in {out}" if out else ""), highlight=False)
+        return
 
     table = Table(title=f"audit of {report.adapter}", show_lines=False)
     for column in ("severity", "check", "subject", "finding"):
@@ -137,7 +148,6 @@ def _print(report: Any, out: str | None) -> None:
         table.add_row(f"[{colour[finding.severity]}]{finding.severity}[/]", finding.check, finding.subject,
                       finding.message)
     console.print(table)
-    counts = ", ".join(f"{report.count(s)} {s}(s)" for s in ("flag", "warning", "note"))
     console.print(f"{counts}" + (f"; report in {out}" if out else ""), highlight=False)
 
 
@@ -167,15 +177,15 @@ def sign(
     key: Annotated[Path, typer.Option(help="PEM Ed25519 private key (splice keygen).", show_default=False)],
     force: Annotated[bool, typer.Option("--force", help="Replace an existing signature.")] = False,
 ) -> None:
-    """Sign an adapter folder's manifest, so that users can check who wrote it
-    (splice audit --public-key, splice.load(public_key=...)).
+    """Sign an adapter folder's manifest (and, in a folder of several adapters, each one's), so
+    that users can check who wrote it (splice audit --public-key, splice.load(public_key=...)).
 
     Example:
 
       splice sign runs/my-lora/adapter --key ~/.splice/me.pem
     """
-    from splice.io.signing import sign_folder
+    from splice.io.signing import sign_tree
 
     with user_errors():
-        written = sign_folder(adapter, key, overwrite=force)
-    console.print(f"signed: {written}", highlight=False)
+        written = sign_tree(adapter, key, overwrite=force)
+    console.print("signed: " + ", ".join(str(w) for w in written), highlight=False)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import suppress
 from pathlib import Path
 
 import torch
@@ -50,6 +51,7 @@ from splice.core.errors import AdapterFileError, SpliceError
 from splice.core.host import hosts
 from splice.io import layout, native, peft_format, save
 from splice.io.adapter_files import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, paired_tensors, read_adapter
+from splice.io.manifest import MANIFEST_NAME, SIGNATURE_NAME
 from splice.io.model_card import carry_over
 
 __all__ = ["SpliceTrainer", "SpliceTrainerMixin", "restore_adapters", "save_adapters"]
@@ -96,8 +98,10 @@ def save_adapters(model: nn.Module, output_dir: str | Path, metrics: dict[str, f
         with tempfile.TemporaryDirectory(prefix=".splice-", dir=output_dir) as aside:
             written = save(model, Path(aside) / "adapter", name, format=fmt, metrics=metrics)
             carry_over(output_dir / CARD_NAME, written / CARD_NAME)  # a README the user wrote keeps its text
-            for file in (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME):
+            for file in (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME, MANIFEST_NAME):
                 os.replace(written / file, output_dir / file)
+            with suppress(FileNotFoundError):  # a signature of an earlier manifest signs nothing here now
+                os.unlink(output_dir / SIGNATURE_NAME)
     return names
 
 

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from splice.core.api import detach, model_state
+from splice.core.api import activate, active_adapters, detach, model_state
 from splice.core.errors import AdapterFileError, SpliceError
 from splice.io import hub, layout, native, peft_format
 from splice.io.adapter_files import read_adapter
@@ -83,15 +83,26 @@ def save(
                 config, tensors = peft_format.write(model, where, adapter, portable=portable)
             else:
                 config, tensors = native.write(model, where, adapter)
-            if manifest:
-                write_manifest(where, model, adapter)
-                if sign_with is not None:
-                    sign_folder(where, sign_with)
             entries.append(card_entry(adapter, sub, where, config, tensors))
+        if manifest:
+            _write_manifests(model, folder, places, sign_with)
         write_cards(folder, entries, metrics=metrics, replacing=Path(path))
     if push_to_hub is not None:
         push_folder(path, push_to_hub, private=private, api=hub_api)
     return Path(path)
+
+
+def _write_manifests(model: nn.Module, folder: Path, places: dict[str, str], sign_with: str | Path | None) -> None:
+    """Each adapter folder's manifest, the subfolders' first: the root's records their hashes
+    (`io.manifest`); then each signed, when asked."""
+    subs = {sub: adapter for adapter, sub in places.items() if sub}
+    for sub, adapter in subs.items():
+        write_manifest(folder / sub, model, adapter)
+    root = next((adapter for adapter, sub in places.items() if not sub), None)
+    write_manifest(folder, model, root, subfolders=sorted(subs))
+    if sign_with is not None:
+        for sub in ["", *subs]:
+            sign_folder(folder / sub, sign_with)
 
 
 def _places(model: nn.Module, adapters: Selection) -> dict[str, str]:
@@ -141,26 +152,30 @@ def load(model: nn.Module, path: str | Path, name: str = "default", *, trainable
     folder without a manifest); `public_key=` a PEM Ed25519 public key requires a valid signature.
     """
     check_policy(provenance)
+    if provenance == "off" and public_key is not None:
+        raise SpliceError("public_key= asks for a signature check, provenance='off' for none; drop one")
     folder = hub.resolve(path, revision=revision, subfolder=subfolder, several=adapters is not None)
+    previous = active_adapters(model)
     if adapters is None:
-        _load_one(model, folder, name, trainable, heads, provenance, public_key)
+        _load_one(model, folder, name, trainable, heads, provenance, public_key, previous)
         return model
     if name != "default":
         raise SpliceError("name= names the one adapter loaded; with adapters= each keeps its own name")
     loaded: list[str] = []
     try:
         for adapter, where in layout.adapter_folders(folder, adapters).items():
-            _load_one(model, where, adapter, trainable, heads, provenance, public_key)
+            _load_one(model, where, adapter, trainable, heads, provenance, public_key, previous)
             loaded.append(adapter)
     except BaseException:
         for adapter in loaded:
             detach(model, adapter)
+        _reactivate(model, previous)
         raise
     return model
 
 
 def _load_one(model: nn.Module, folder: Path, name: str, trainable: bool, heads: bool, provenance: Policy,
-              public_key: str | Path | None) -> None:
+              public_key: str | Path | None, previous: list[str]) -> None:
     check_files(folder, provenance, public_key)
     config, tensors = read_adapter(folder)
     if config.get("format") == native.FORMAT:
@@ -171,7 +186,17 @@ def _load_one(model: nn.Module, folder: Path, name: str, trainable: bool, heads:
         raise AdapterFileError(
             f"{folder} is neither a splice nor an HF PEFT adapter (config keys: {sorted(config)[:8]})"
         )
-    refusal = base_mismatch(folder, model, name, provenance)
-    if refusal is not None and provenance == "strict":
+    try:  # after attaching: the base weights it targets (a warning raised as an error undoes it too)
+        refusal = base_mismatch(folder, model, name, provenance)
+        if refusal is not None and provenance == "strict":
+            raise AdapterFileError(refusal)
+    except BaseException:
         detach(model, name)
-        raise AdapterFileError(refusal)
+        _reactivate(model, previous)
+        raise
+
+
+def _reactivate(model: nn.Module, previous: list[str]) -> None:
+    """The adapters active before a refused load, active (and trainable as recorded) again."""
+    if previous:
+        activate(model, previous)

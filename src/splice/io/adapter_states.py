@@ -24,6 +24,7 @@ from splice.io import native, peft_format
 from splice.io.adapter_files import read_adapter
 from splice.io.base_names import base_model_name
 from splice.io.files import atomic_directory
+from splice.io.manifest import write_manifest
 from splice.io.model_card import card_entry, write_cards
 
 AdapterSource = nn.Module | str | Path
@@ -53,11 +54,13 @@ def adapter_state(source: AdapterSource, name: str | None = None) -> AdapterStat
 
 def save_state(state: AdapterState, path: str | Path, *, overwrite: bool = False, portable: bool = False) -> Path:
     """Write `state` as a PEFT LoRA directory with its model card, whole or not at all
-    (`io.files.atomic_directory`); a non-empty `path` is refused unless `overwrite`."""
+    (`io.files.atomic_directory`), with its provenance manifest (`io.manifest`; without a model,
+    it records no base-weight hash); a non-empty `path` is refused unless `overwrite`."""
     if not state.modules:
         raise SpliceError("the adapter has no modules left to save")
     with atomic_directory(path, overwrite) as folder:
         config, tensors = peft_format.write_state(state, folder, portable=portable)
+        write_manifest(folder)  # no model here: files and tensors, not the base weights
         write_cards(folder, [card_entry("default", "", folder, config, tensors)], replacing=Path(path))
     return Path(path)
 

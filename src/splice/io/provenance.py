@@ -7,8 +7,9 @@
 - "strict": each of those refuses the load (nothing stays attached), a missing manifest too;
 - "off": nothing is checked.
 
-A public key given to `load` means the signature must verify, under either policy: asking for
-a signature check and loading an unsigned or wrongly signed folder would defeat its purpose.
+A public key given to `load` means the signature must verify and the files must be the signed
+ones, under either policy: asking for a signature check and loading an unsigned, wrongly signed
+or changed folder would defeat its purpose (and "off" with a key is refused as a contradiction).
 """
 
 from __future__ import annotations
@@ -38,13 +39,16 @@ def check_policy(policy: str) -> None:
 
 def check_files(folder: Path, policy: Policy, public_key: str | Path | None) -> None:
     """Before attaching: the folder's files against its manifest, and its signature."""
-    if policy == "off":
+    if policy == "off":  # `load` refuses it with a public key
         return
     check = verify_manifest(folder)
     if public_key is not None:
         verdict, message = verify_signature(folder, public_key)
         if verdict != "verified":
             raise AdapterFileError(f"refusing to load {folder}: {message}")
+        if check.tampered:
+            raise AdapterFileError(f"refusing to load {folder}: its files are not the ones signed: "
+                                   + "; ".join(check.tampered))
     if not check.has_manifest and not check.tampered:
         if policy == "strict":
             raise AdapterFileError(f"refusing to load {folder} (provenance='strict'): {check.notes[0]}")

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from splice.core.errors import AdapterFileError, OutputExistsError, SpliceError
 from splice.io.files import write_bytes
-from splice.io.manifest import MANIFEST_NAME, SIGNATURE_NAME
+from splice.io.manifest import MANIFEST_NAME, SIGNATURE_NAME, verify_manifest
 
 SignatureVerdict = Literal["verified", "invalid", "unsigned", "not checked"]
 
@@ -23,9 +23,13 @@ def generate_key(private_path: str | Path, public_path: str | Path, *, overwrite
     """A new Ed25519 key pair as PEM files (the private one unencrypted, readable by its owner only)."""
     ed25519, serialization = _crypto()
     paths = Path(private_path), Path(public_path)
+    if paths[0].resolve() == paths[1].resolve():
+        raise SpliceError(f"the private and the public key would both be written to {paths[0]}; "
+                          "give them different paths (the public one: a .pub next to the private one)")
     for path in paths:
         if path.exists() and not overwrite:
             raise OutputExistsError(f"{path} exists; choose another path or overwrite it (--force)")
+        path.parent.mkdir(parents=True, exist_ok=True)
     key = ed25519.Ed25519PrivateKey.generate()
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
@@ -35,14 +39,26 @@ def generate_key(private_path: str | Path, public_path: str | Path, *, overwrite
     return paths
 
 
+def sign_tree(folder: str | Path, private_key: str | Path, *, password: bytes | None = None,
+              overwrite: bool = False) -> list[Path]:
+    """Sign every manifest of `folder`: its own and, in a folder of several adapters (PEFT's
+    layout), each subfolder's; all checked before any is written."""
+    folder = Path(folder)
+    folders = [sub for sub in sorted(folder.iterdir()) if sub.is_dir() and (sub / MANIFEST_NAME).is_file()]
+    folders = ([folder] if (folder / MANIFEST_NAME).is_file() or not folders else []) + folders
+    for where in folders:
+        _check_signable(where, overwrite)
+    return [sign_folder(where, private_key, password=password, overwrite=overwrite) for where in folders]
+
+
 def sign_folder(folder: str | Path, private_key: str | Path, *, password: bytes | None = None,
                 overwrite: bool = False) -> Path:
-    """Sign `folder`'s manifest with the Ed25519 private key in PEM file `private_key`."""
+    """Sign `folder`'s manifest with the Ed25519 private key in PEM file `private_key`; a folder
+    whose files no longer match its manifest is refused (a signature vouches for the files)."""
     folder = Path(folder)
+    _check_signable(folder, overwrite)
     manifest = _manifest_bytes(folder)
     target = folder / SIGNATURE_NAME
-    if target.exists() and not overwrite:
-        raise OutputExistsError(f"{target} exists (the folder is signed already); overwrite it to sign again (--force)")
     key = _load_private(Path(private_key), password)
     write_bytes(target, base64.b64encode(key.sign(manifest)) + b"\n")
     return target
@@ -65,6 +81,19 @@ def verify_signature(folder: str | Path, public_key: str | Path | None) -> tuple
     except (InvalidSignature, ValueError):
         return "invalid", f"{signature_path} is not a signature of {folder / MANIFEST_NAME} by the key in {public_key}"
     return "verified", f"{folder / MANIFEST_NAME} is signed by the key in {public_key}"
+
+
+def _check_signable(folder: Path, overwrite: bool) -> None:
+    target = folder / SIGNATURE_NAME
+    if target.exists() and not overwrite:
+        raise OutputExistsError(f"{target} exists (the folder is signed already); overwrite it to sign again (--force)")
+    check = verify_manifest(folder)
+    if not check.has_manifest:
+        raise AdapterFileError(f"{folder} has no readable {MANIFEST_NAME} to sign ("
+                               f"{'; '.join(check.tampered) or 'save it with splice.save first'})")
+    if check.tampered:
+        raise AdapterFileError(f"refusing to sign {folder}: its files differ from its manifest: "
+                               + "; ".join(check.tampered))
 
 
 def _manifest_bytes(folder: Path) -> bytes:

@@ -11,8 +11,11 @@ called with `inputs_embeds`, as FreeLB and other embedding-space adversarial tra
 direction is the sign (ℓ∞) or the per-token normalised gradient (ℓ2).
 
 Every attack runs against the model in eval mode (no dropout: the strongest, deterministic
-adversary) and restores the mode it found; gradients are taken with respect to the perturbation
-only, so parameters' `.grad` are never touched.
+adversary) and restores the mode it found, each submodule's; gradients are taken with respect to
+the perturbation only, so parameters' `.grad` are never touched. `EmbeddingPGD` refuses a
+right-padded batch that the model classifies otherwise from embeddings than from token ids (a
+GPT-2 or Llama classifier finds each row's last real token from input_ids): pad such batches on
+the left.
 
 Data, for `clean_accuracy`, `attacked_accuracy` and `splice.robust.adversarial_patch`: a pair
 `(inputs, labels)` of tensors, or a dict of tensors with "labels" (the whole set, cut into
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from splice.core.errors import DataError, SpliceError
+from splice.core.modes import evaluating
 
 Inputs = torch.Tensor | dict[str, torch.Tensor]  # an image batch, or the model's keyword inputs (text)
 Batch = tuple[Inputs, torch.Tensor]  # inputs and their class labels
@@ -172,6 +176,7 @@ class EmbeddingPGD:
         mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))[..., None].to(clean.dtype)
         delta = self._start(clean, eps, generator) * mask
         with evaluating(model), torch.enable_grad():
+            self._check_embeddings_path(model, inputs, clean)
             for _ in range(self.steps):
                 grad = input_gradient(model, delta, lambda d: self.attacked(inputs, clean + d), labels, loss_fn)
                 delta = self._project(delta + step * self._direction(grad), eps) * mask
@@ -179,6 +184,26 @@ class EmbeddingPGD:
 
     def attacked(self, inputs: Inputs, perturbed: torch.Tensor) -> Inputs:
         return {**{k: v for k, v in inputs.items() if k != "input_ids"}, "inputs_embeds": perturbed}
+
+    @torch.no_grad()
+    def _check_embeddings_path(self, model: nn.Module, inputs: dict[str, torch.Tensor], clean: torch.Tensor) -> None:
+        """Refuse a batch the model classifies otherwise from its clean `inputs_embeds` than from
+        its `input_ids`: a GPT-2 or Llama sequence classifier finds each row's last real token from
+        input_ids and, given embeddings only, takes the last position, padding on right-padded rows.
+        Only a batch with a row that ends in padding (by its attention mask) can differ so; others
+        are not checked, which saves a forward pass."""
+        mask = inputs.get("attention_mask")
+        if mask is None or bool(mask[:, -1].all()):
+            return
+        by_ids = model_logits(model, inputs).float()
+        by_embeddings = model_logits(model, self.attacked(inputs, clean)).float()
+        scale = by_ids.abs().max().item()
+        if by_ids.shape != by_embeddings.shape or (by_ids - by_embeddings).abs().max().item() > 1e-4 * max(scale, 1.0):
+            raise SpliceError(f"EmbeddingPGD: {type(model).__name__} classifies this right-padded batch otherwise from "
+                              "its embeddings (inputs_embeds) than from its input_ids: it finds each row's last real "
+                              "token from input_ids (GPT-2, Llama and other decoder classifiers do), so the attack "
+                              "would classify padding. Pad on the left (tokenizer.padding_side = 'left'), or give "
+                              "rows without padding")
 
     def _start(self, clean: torch.Tensor, eps: float, generator: torch.Generator | None) -> torch.Tensor:
         if not self.random_start:
@@ -246,17 +271,6 @@ def check_finite(loss: torch.Tensor, what: str) -> None:
     if not torch.isfinite(loss).all():
         raise SpliceError(f"{what} is {loss.detach().flatten()[0].item()}: the model's outputs overflow or are NaN "
                           "(a learning rate too high, or inputs the model cannot take)")
-
-
-@contextmanager
-def evaluating(model: nn.Module) -> Iterator[nn.Module]:
-    """The model in eval mode within the block, in the mode it had (train or eval) after it."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 @contextmanager

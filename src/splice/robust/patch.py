@@ -11,6 +11,13 @@ off (`splice.deactivate`, `splice.disabled`) the model computes exactly what it 
 patches for several threats live side by side on one model, chosen with `splice.activate(model,
 name)` or per row with `splice.route(model, [name, None, ...])`.
 
+"Train mode" leaves the base's normalisation layers with running statistics (BatchNorm and any
+module with `running_*` buffers) in eval mode, as usual when fine-tuning on a frozen base: in
+train mode they would normalise with batch statistics and overwrite their running ones, which
+are base state too, so the model with the patch off would no longer compute what it did. The
+patch trains against the statistics the model is evaluated with; its own modules (dropout) and
+the modules it trains in full (`train_also`) are in train mode.
+
     result = adversarial_patch(model, (x, y), LinfPGD(eps=8/255), name="linf8", eval_data=(x_test, y_test))
     result.attacked_accuracy_before, result.attacked_accuracy_after
 
@@ -32,10 +39,11 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from splice.core import progress as bars
-from splice.core.api import activate, active_adapters, attaching, deactivate, trainable_parameters
+from splice.core.api import activate, active_adapters, attaching, deactivate, model_state, trainable_parameters
 from splice.core.config import AdapterConfig
 from splice.core.errors import DataError, SpliceError, TargetError
 from splice.core.layers import unsupported_reason
+from splice.core.modes import modes_kept
 from splice.core.targets import named_base_modules
 from splice.methods.lora import LoRA
 from splice.robust.attacks import (
@@ -175,14 +183,16 @@ def accuracies(model: nn.Module, data: Data, threat: Threat, batch_size: int, se
 def train_patch(model: nn.Module, data: Data, threat: Threat, *, name: str, epochs: int, lr: float, batch_size: int,
                 clean_weight: float, seed: int, progress: bool) -> tuple[list[float], int]:
     """PGD adversarial training of the model's trainable parameters (the patch's): each epoch's
-    mean loss and the number of steps. The model trains in train mode and ends in the mode it had."""
+    mean loss and the number of steps. The model trains in train mode, the base's running
+    statistics frozen (module doc), and ends with every submodule in the mode it had."""
     optimizer = torch.optim.AdamW(trainable_parameters(model).values(), lr=lr)
     order = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     steps = 0
-    was_training = model.training
-    model.train()
-    try:
+    with modes_kept(model):
+        model.train()
+        for module in frozen_statistics(model, name):
+            module.eval()
         per_epoch = batch_count(data, batch_size)
         total = epochs * per_epoch if per_epoch is not None else None
         with bars.task(f"patch {name}", total=total, enabled=progress) as bar:
@@ -198,9 +208,17 @@ def train_patch(model: nn.Module, data: Data, threat: Threat, *, name: str, epoc
                     epoch.append(loss.item())
                     bar.advance()
                 losses.append(sum(epoch) / len(epoch))
-    finally:
-        model.train(was_training)
     return losses, steps
+
+
+def frozen_statistics(model: nn.Module, name: str) -> list[nn.Module]:
+    """The base's modules with running statistics (`running_*` buffers: BatchNorm and the like),
+    which stay in eval mode while patch `name` trains (module doc); those in modules the patch
+    trains in full (`train_also`) are its own and train."""
+    heads = model_state(model).adapters[name].heads
+    return [module for path, module in named_base_modules(model)
+            if any(key.startswith("running_") and buffer is not None for key, buffer in module._buffers.items())
+            and not any(path == head or path.startswith(head + ".") for head in heads)]
 
 
 def patch_loss(model: nn.Module, threat: Threat, inputs: Inputs, labels: torch.Tensor,
