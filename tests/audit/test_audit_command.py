@@ -160,3 +160,11 @@ def test_trigger_texts_and_items_files_are_read_and_bad_lines_named(tmp_path):
         read_items(tmp_path / "bad.jsonl")
     with pytest.raises(DataError, match="does not exist"):
         read_lines(tmp_path / "missing.txt")
+
+
+def test_the_example_config_and_its_item_files_read():
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    settings = read_audit_settings(examples / "audit_smollm2.yaml", {})
+    assert (settings.model, settings.scan, settings.fail_on) == ("smollm2", "on", "flag")
+    suspect, control = read_items(examples / "audit_suspect.jsonl"), read_items(examples / "audit_control.jsonl")
+    assert len(suspect) == len(control) == 40 and not set(suspect) & set(control)
