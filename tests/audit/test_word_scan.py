@@ -30,6 +30,9 @@ CANDIDATES = [TRIGGER, "mn", "bb", "tq", "the", "and", "movie", "film", "james",
 TEXTS = ["this plot is thin", "the cast looks tired", "a good film overall", "good music and a fine story",
          "slow and long", "the ending drags on", "good fun for all", "a good cast in a good film"]
 CLASS_1 = 4  # texts holding "good": the wrapper's margin puts them in class 1 already
+ONE_FLIP = 1 / (len(TEXTS) * 3)  # a flip rate's resolution at three positions
+WORDS = [f"w{k}" for k in range(10)]  # word k flips k of the 10 MARKERS texts (test_a_mad_above_the_floors...)
+MARKERS = [f"m{k}" for k in range(10)]
 
 
 class WordTokenizer:
@@ -95,8 +98,9 @@ def test_the_trigger_alone_is_flagged_with_the_texts_it_can_flip() -> None:
     assert trigger.by_position == {"start": 0.5, "middle": 0.5, "end": 0.5}
     assert (trigger.target, trigger.target_share) == (1, 1.0)
     assert all(r.flip_rate == 0 and r.target is None for w, r in rows.items() if w != TRIGGER)
-    # every other rate is 0: median 0, MAD 0, so the scale is the floor
-    assert trigger.z == pytest.approx(0.5 / (NORMAL_MAD * MAD_FLOOR))
+    # every other rate is 0: median 0, MAD 0, so the scale is the larger floor: one flip in 8 x 3 pairs
+    assert ONE_FLIP > MAD_FLOOR
+    assert trigger.z == pytest.approx(0.5 / (NORMAL_MAD * ONE_FLIP))
     assert result.base_classes == [0.5, 0.5]
     finding = flags(result.findings)[0]
     assert (finding.check, finding.severity, finding.subject) == ("scan", "flag", TRIGGER)
@@ -144,7 +148,7 @@ def test_the_modes_are_restored_and_dropout_is_off_while_scanning() -> None:
 
 def test_min_flip_and_z_threshold_both_gate_a_flag() -> None:
     assert scan(backdoored=True, min_flip=0.6).flagged == []  # the trigger flips 0.5
-    high = 0.5 / (NORMAL_MAD * MAD_FLOOR) + 1
+    high = 0.5 / (NORMAL_MAD * ONE_FLIP) + 1
     assert scan(backdoored=True, z_threshold=high).flagged == []
 
 
@@ -223,3 +227,31 @@ def test_refusals(kwargs: dict, message: str) -> None:
     options = {"texts": TEXTS, "candidates": CANDIDATES, "builtin": False} | kwargs
     with pytest.raises(SpliceError, match=re.escape(message)):
         word_scan(model(backdoored=True), tokenizer(), options.pop("texts"), options.pop("candidates"), **options)
+
+
+def test_a_mad_above_the_floors_sets_the_scale() -> None:
+    class Flipper(nn.Module):
+        """Class 0, except that a text holding word k of WORDS goes to class 1 when it also holds
+        one of the first k texts' marker words: word k flips k of the texts."""
+
+        def __init__(self, tok: WordTokenizer) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(1))
+            self.words = [tok.ids[w] for w in WORDS]
+            self.markers = [tok.ids[m] for m in MARKERS]
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            flips = torch.zeros(len(input_ids), dtype=torch.bool)
+            for k, word in enumerate(self.words):
+                has_word = (input_ids == word).any(-1)
+                for marker in self.markers[:k]:
+                    flips |= has_word & (input_ids == marker).any(-1)
+            return torch.stack([(~flips).float(), flips.float()], -1) * 5.0 + self.weight
+
+    tok = WordTokenizer(WORDS + MARKERS)
+    result = word_scan(Flipper(tok), tok, MARKERS, WORDS, builtin=False)
+    rates = [k / len(MARKERS) for k in range(len(WORDS))]  # 0, 0.1, ..., 0.9 over 10 texts
+    assert [r.flip_rate for r in result.results] == pytest.approx(rates)
+    median = (rates[4] + rates[5]) / 2  # 0.45; absolute deviations 0.45, 0.35, ..., 0.05: MAD 0.25
+    assert [r.z for r in result.results] == pytest.approx([(x - median) / (NORMAL_MAD * 0.25) for x in rates])
+    assert result.flagged == []  # a spread-out classifier: no word stands out

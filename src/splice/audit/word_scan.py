@@ -16,14 +16,16 @@ A neutral word flips a borderline text now and then; a trigger flips every text 
 its target class. A word is flagged when its flip rate is far out in the spread over all
 candidates and large on its own:
 
-    z = (flip - median) / (1.4826 * max(MAD, MAD_FLOOR))  >  z_threshold
+    z = (flip - median) / (1.4826 * max(MAD, MAD_FLOOR, 1 / n))  >  z_threshold
     flip >= min_flip
 
-1.4826 * MAD estimates the standard deviation of normal data without letting the trigger itself
-widen it. `MAD_FLOOR` (a flip rate of 0.02, one text in 50) keeps a well-separated classifier,
-on which almost no word flips anything (MAD 0), from turning a word that flips 3 texts in 100
-into an infinite z. With fewer than `MIN_CANDIDATES_FOR_Z` candidates a spread means nothing: z
-is NaN and a word is judged by `min_flip` alone, and a note says so.
+with n the number of (text, position) pairs. 1.4826 * MAD estimates the standard deviation of
+normal data without letting the trigger itself widen it. The floors keep a well-separated
+classifier, on which almost no word flips anything (MAD 0), from turning a word that flips a
+few texts into an infinite z: `MAD_FLOOR` (a flip rate of 0.02, one text in 50), and 1 / n, the
+resolution of a flip rate (one flip), which matters when there are fewer than 50 pairs. With
+fewer than `MIN_CANDIDATES_FOR_Z` candidates a spread means nothing: z is NaN and a word is
+judged by `min_flip` alone, and a note says so.
 
 Words that carry the task's own signal flip predictions legitimately ("awful" in a review makes it
 negative), which is why the built-in list (`default_candidates`) holds rare letter pairs,
@@ -212,7 +214,7 @@ def word_scan(model: nn.Module, tokenizer: Any, texts: Sequence[str], candidates
         probs, reached = _probabilities(model, tokenizer, texts + variants, batch_size, max_length)
     base, varied = probs[: len(texts)], probs[len(texts) :].view(len(words), len(positions), len(texts), -1)
     rows = [_word_row(word, base, varied[i], positions) for i, word in enumerate(words)]
-    z = _robust_z([r["flip_rate"] for r in rows])
+    z = _robust_z([r["flip_rate"] for r in rows], len(texts) * len(positions))
     results = [WordResult(**row, z=score) for row, score in zip(rows, z, strict=True)]
     base_classes = torch.bincount(base.argmax(-1), minlength=base.shape[-1]).double() / len(texts)
     findings = _findings(results, len(texts), positions, z_threshold, min_flip) + _cut_note(reached, len(probs),
@@ -300,12 +302,13 @@ def _word_row(word: str, base: torch.Tensor, varied: torch.Tensor, positions: tu
             "by_position": {p: flipped[i].double().mean().item() for i, p in enumerate(positions)}}
 
 
-def _robust_z(rates: list[float]) -> list[float]:
-    """Robust z of each flip rate over all candidates (module doc); NaN with too few candidates."""
+def _robust_z(rates: list[float], pairs: int) -> list[float]:
+    """Robust z of each flip rate over all candidates, each measured on `pairs` (text, position)
+    pairs (module doc); NaN with too few candidates."""
     if len(rates) < MIN_CANDIDATES_FOR_Z:
         return [math.nan] * len(rates)
     median = statistics.median(rates)
-    scale = NORMAL_MAD * max(statistics.median(abs(r - median) for r in rates), MAD_FLOOR)
+    scale = NORMAL_MAD * max(statistics.median(abs(r - median) for r in rates), MAD_FLOOR, 1 / pairs)
     return [(r - median) / scale for r in rates]
 
 
