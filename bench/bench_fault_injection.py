@@ -65,6 +65,7 @@ WRITERS = ("before", "after")
 VERSIONS = {"A": (16.0, 1), "B": (32.0, 2)}  # alpha, seed of the random factors
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 CARD = "README.md"  # the model card splice.save writes beside them
+MANIFEST = "splice_manifest.json"  # and its provenance manifest
 SERVER = Path(__file__).resolve().with_name("fault_injection_server.py")
 
 
@@ -107,10 +108,12 @@ def head3_save(config: dict[str, Any], tensors: dict[str, torch.Tensor], path: P
 
 
 def leftovers(folder: Path) -> list[str]:
-    """Temporaries next to the folder and files in it other than the adapter's two and its card."""
+    """Temporaries next to the folder and files in it other than the adapter's two, its card and
+    its manifest."""
     found = [p.name for p in folder.parent.glob(f".{folder.name}.*")]
     if folder.is_dir():
-        found += [f"{folder.name}/{p.name}" for p in folder.iterdir() if p.name not in (CONFIG, WEIGHTS, CARD)]
+        found += [f"{folder.name}/{p.name}" for p in folder.iterdir()
+                  if p.name not in (CONFIG, WEIGHTS, CARD, MANIFEST)]
     return sorted(found)
 
 

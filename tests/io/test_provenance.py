@@ -166,3 +166,15 @@ def test_the_base_hash_sees_a_weight_changed_in_place_or_through_data():
     second = base_weights_sha256(model, "default")[0]
     query.data.mul_(0.5)  # bypasses the version counter
     assert len({first, second}) == 2 and base_weights_sha256(model, "default")[0] == first
+
+
+def test_a_file_load_never_reads_is_reported_apart_not_as_tampering(tmp_path):
+    folder = saved(tmp_path)
+    (folder / "metrics.json").write_text("{}")  # a run's or a trainer's file beside the adapter
+    quiet_load(make_bert(0), folder, provenance="strict")
+    check = verify_manifest(folder)
+    assert check.tampered == [] and len(check.extra) == 1 and "splice.load does not read it" in check.extra[0]
+    from splice.audit.provenance import provenance_audit
+
+    warned = [f for f in provenance_audit(folder).findings if f.severity == "warning"]
+    assert [f.message for f in warned] == check.extra

@@ -20,7 +20,8 @@ from splice.io.signing import SignatureVerdict, verify_signature
 class ProvenanceAudit:
     """The manifest check, the signature verdict and what they mean as findings: files or
     tensors that differ from the manifest and a bad or missing (when a key was given) signature
-    are flags; a missing manifest and another base than recorded are warnings."""
+    are flags; a missing manifest, files added that `load` never reads and another base than
+    recorded are warnings."""
 
     check: ManifestCheck
     signature: SignatureVerdict
@@ -63,6 +64,7 @@ def _folder_audit(folder: Path, model: nn.Module | None, adapter: str | None,
     audit = ProvenanceAudit(check, verdict, message)
     subject = str(folder)
     audit.findings += [Finding("provenance", "flag", subject, item) for item in check.tampered]
+    audit.findings += [Finding("provenance", "warning", subject, item) for item in check.extra]
     if not check.has_manifest and not check.tampered:
         audit.findings.append(Finding("provenance", "warning", subject, check.notes[0]))
     if check.base == "mismatch":

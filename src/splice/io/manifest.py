@@ -7,7 +7,8 @@ the base model at hand. `splice_manifest.json` records
 
 - the hash of every file of the folder (the model card `README.md` aside: users edit it) and of
   every tensor in `adapter_model.safetensors`, so a changed, added or removed file is found and
-  a changed tensor is named;
+  a changed tensor is named (a file added that `load` never reads, a run's metrics or a
+  trainer's state, is reported apart: worth a look, not a change of what loads);
 - the base model's name, a SHA-256 of the base weights the adapter targets (as stored: exact), in
   module order, names left out (a classifier and its bare encoder name the same layers
   differently), their storage (float32, bfloat16, 4bit, ...), and 32 values sampled from each:
@@ -40,7 +41,7 @@ from splice.core.host import hosts, initial_deltas_given_back
 from splice.core.layers import dense_weight, is_plain_float_weight
 from splice.core.nf4_layers import is_4bit_layer
 from splice.core.targets import HOST_ATTRIBUTE
-from splice.io.adapter_files import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
+from splice.io.adapter_files import ADAPTER_FILES, CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
 from splice.io.base_names import base_model_name
 from splice.io.files import write_bytes
 
@@ -129,7 +130,9 @@ class ManifestCheck:
     """What verifying a folder against its manifest found.
 
     `tampered`: files, tensors or subfolder manifests that differ from the manifest (changed,
-    added, removed) or a manifest that cannot be read; `base`: whether the model's targeted
+    added, removed) or a manifest that cannot be read; `extra`: files added beside the adapter
+    that `load` never reads (a run's metrics, a trainer's state: worth a look, not tampering with
+    what loads); `base`: whether the model's targeted
     weights are the recorded ones ("unknown" without a model or a recorded hash, `base_message`
     says why); `notes`: context.
     """
@@ -137,6 +140,7 @@ class ManifestCheck:
     folder: Path
     manifest: dict[str, Any] | None
     tampered: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
     base: BaseVerdict = "unknown"
     base_message: str = ""
     notes: list[str] = field(default_factory=list)
@@ -147,7 +151,7 @@ class ManifestCheck:
 
     def as_dict(self) -> dict[str, Any]:
         return {"folder": str(self.folder), "manifest": self.has_manifest, "tampered": self.tampered,
-                "base": self.base, "base_message": self.base_message, "notes": self.notes}
+                "extra": self.extra, "base": self.base, "base_message": self.base_message, "notes": self.notes}
 
 
 def verify_manifest(folder: str | Path, model: nn.Module | None = None, adapter: str | None = None) -> ManifestCheck:
@@ -173,8 +177,8 @@ def verify_manifest(folder: str | Path, model: nn.Module | None = None, adapter:
     except (ValueError, KeyError, TypeError) as err:
         return ManifestCheck(folder, None, tampered=[f"{path}: unreadable manifest ({err})"])
     check = ManifestCheck(folder, manifest)
-    check.tampered = (_file_differences(folder, files) + _tensor_differences(folder, tensors, files)
-                      + _subfolder_differences(folder, subfolders))
+    changed, check.extra = _file_differences(folder, files)
+    check.tampered = changed + _tensor_differences(folder, tensors, files) + _subfolder_differences(folder, subfolders)
     if bound is not None and bound != file_sha256(path):
         check.tampered.append(f"{path}: differs from the hash {folder.parent / MANIFEST_NAME} records of it "
                               "(rewritten after it was written)")
@@ -197,14 +201,18 @@ def _parent_record(folder: Path) -> str | None:
     return listed.get(folder.name) if isinstance(listed, dict) else None
 
 
-def _file_differences(folder: Path, recorded: dict[str, str]) -> list[str]:
+def _file_differences(folder: Path, recorded: dict[str, str]) -> tuple[list[str], list[str]]:
+    """(differences that change what `load` reads, files added beside it that it never reads)."""
     present = {path.name: path for path in _hashed_files(folder)}
+    added = sorted(set(present) - set(recorded))
     found = [f"{folder / name}: listed in the manifest but missing" for name in sorted(set(recorded) - set(present))]
-    found += [f"{folder / name}: not in the manifest (added after it was written)"
-              for name in sorted(set(present) - set(recorded))]
+    found += [f"{folder / name}: not in the manifest (added after it was written)" for name in added
+              if name in ADAPTER_FILES]
+    extra = [f"{folder / name}: not in the manifest (added after it was written; splice.load does not read it)"
+             for name in added if name not in ADAPTER_FILES]
     found += [f"{folder / name}: its SHA-256 differs from the manifest's (changed after it was written)"
               for name in sorted(set(present) & set(recorded)) if file_sha256(present[name]) != recorded[name]]
-    return found
+    return found, extra
 
 
 def _subfolder_differences(folder: Path, recorded: dict[str, str]) -> list[str]:
