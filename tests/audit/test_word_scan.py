@@ -14,9 +14,9 @@ from helpers import make_bert
 from torch import nn
 
 from splice.audit.findings import flags
+from splice.audit.robust_z import NORMAL_MAD
 from splice.audit.word_scan import (
     MAD_FLOOR,
-    NORMAL_MAD,
     WordScan,
     default_candidates,
     insert_word,

@@ -50,6 +50,7 @@ from torch import nn
 
 from splice.audit.findings import Finding, flags
 from splice.audit.lm_io import adapter_session, check_enabled, check_fits, device_of, eos_ids, generate_greedy, padded
+from splice.audit.robust_z import robust_z
 from splice.core import progress
 from splice.core.api import active_adapters, adapters, disabled
 from splice.core.errors import SpliceError
@@ -58,7 +59,6 @@ from splice.io.figures import pyplot, save_png
 KL_FLOOR = 0.01  # nats/token: the least MAD and median the scores divide by (module doc)
 MAD_RELATIVE_FLOOR = 0.05  # of the median: a uniform shift has MAD ~ 0, yet is no spike anywhere
 MIN_TRIGGERS_FOR_Z = 5  # fewer triggers: judged against the control alone
-NORMAL_MAD = 1.4826  # sigma / MAD for normal data
 CONTROL = "(no trigger)"
 
 DEFAULT_PROMPTS: list[str] = [
@@ -316,9 +316,7 @@ def spike_scores(means: list[float]) -> tuple[list[float], list[float]]:
     if len(means) - 1 < MIN_TRIGGERS_FOR_Z:
         return [math.nan] * len(means), [m / max(means[0], KL_FLOOR) for m in means]
     median = statistics.median(means)
-    mad = statistics.median(abs(m - median) for m in means)
-    scale = NORMAL_MAD * max(mad, MAD_RELATIVE_FLOOR * median, KL_FLOOR)
-    return [(m - median) / scale for m in means], [m / max(median, KL_FLOOR) for m in means]
+    return robust_z(means, max(MAD_RELATIVE_FLOOR * median, KL_FLOOR)), [m / max(median, KL_FLOOR) for m in means]
 
 
 def _result(trigger: str, rows: list[_Row], z: float, ratio: float) -> TriggerResult:

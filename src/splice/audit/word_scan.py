@@ -49,6 +49,7 @@ from torch import nn
 
 from splice.audit.findings import Finding, flags
 from splice.audit.lm_io import device_of, position_limit
+from splice.audit.robust_z import robust_z
 from splice.core import progress
 from splice.core.errors import SpliceError
 from splice.core.modes import evaluating
@@ -57,7 +58,6 @@ from splice.io.figures import pyplot, save_png
 POSITIONS = ("start", "middle", "end")
 MAD_FLOOR = 0.02  # flip rate: the smallest spread a robust z is measured in (module doc)
 MIN_CANDIDATES_FOR_Z = 5  # fewer: judged by min_flip alone
-NORMAL_MAD = 1.4826  # sigma / MAD for normal data
 DEFAULT_MAX_LENGTH = 512  # tokens, where neither the model nor the tokenizer gives a limit
 MAX_SANE_LENGTH = 1_000_000  # a tokenizer's model_max_length above this is transformers' "unset" sentinel
 
@@ -307,9 +307,7 @@ def _robust_z(rates: list[float], pairs: int) -> list[float]:
     pairs (module doc); NaN with too few candidates."""
     if len(rates) < MIN_CANDIDATES_FOR_Z:
         return [math.nan] * len(rates)
-    median = statistics.median(rates)
-    scale = NORMAL_MAD * max(statistics.median(abs(r - median) for r in rates), MAD_FLOOR, 1 / pairs)
-    return [(r - median) / scale for r in rates]
+    return robust_z(rates, max(MAD_FLOOR, 1 / pairs))
 
 
 def _findings(results: list[WordResult], texts: int, positions: tuple[str, ...], z_threshold: float,
