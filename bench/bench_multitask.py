@@ -19,8 +19,14 @@ machine in one run), the transfer matrix Δ_ij = acc_i(i+j) - acc_i(i) with its 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_multitask.py --setups minilm
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_multitask.py --quick           # smoke run (~4 min)
 
-Each (setup, seed) is a child interpreter (`--child`). Results: bench/results/multitask.{json,md}
-and multitask_<setup>_transfer.png (`_quick` for --quick, git-ignored).
+Each (setup, seed) is a fresh interpreter, and the results are rewritten after each:
+`--merge` keeps the finished seeds of the result in --out-dir whose settings equal this
+invocation's, `--budget-min` starts none expected to end past it, so a long run continues:
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_multitask.py --setups smollm2 --merge --budget-min 120
+
+Results: bench/results/multitask.{json,md} and multitask_<setup>_transfer.png (`_quick` for
+--quick, git-ignored).
 """
 
 from __future__ import annotations
@@ -28,12 +34,20 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import Phases, bench_main, bench_parser, environment, finish, parse_settings, run_child
+from common import (
+    Phases,
+    bench_main,
+    bench_parser,
+    budgeted_children,
+    continuable,
+    continued_result,
+    result_saver,
+    settings_from,
+)
 from multitask_report import markdown, merged, plot
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -51,6 +65,7 @@ class Settings:
     eval_examples: int | None = None  # cap on each task's evaluation rows (None: the file's)
     max_length: int | None = None  # None: the file's
     transfer: list[str] = field(default_factory=lambda: list(SETUPS))  # setups that train the pairs
+    budget_min: float = 600.0  # no (setup, seed) starts that is expected to end later
 
     @classmethod
     def quick_run(cls, threads: int = 1) -> Settings:
@@ -70,9 +85,25 @@ def config_for(setup: str, seed: int, s: Settings, folder: str) -> Any:
                                      transfer=setup in s.transfer)
 
 
+JOB_KEYS = ("setup", "seed", "step_scale", "train_examples", "eval_examples", "max_length", "transfer", "threads")
+
+
+def make_job(s: Settings, setup: str, seed: int) -> dict[str, Any]:
+    """One (setup, seed): everything that makes two runs the same run."""
+    if setup not in SETUPS:
+        raise ValueError(f"unknown setup {setup!r}")
+    return {"setup": setup, "seed": seed, "step_scale": s.step_scale, "train_examples": s.train_examples,
+            "eval_examples": s.eval_examples, "max_length": s.max_length, "transfer": setup in s.transfer,
+            "threads": s.threads}
+
+
+def job_key(job: dict[str, Any]) -> str:
+    return json.dumps({k: job.get(k) for k in JOB_KEYS}, sort_keys=True)
+
+
 def child(args: argparse.Namespace, s: Settings) -> bool:
-    """--child SETUP --seed S: the job for one seed, printed as one JSON line."""
-    if not args.child:
+    """--run-child JOB: one (setup, seed), printed as one JSON line."""
+    if not args.run_child:
         return False
     import torch
     from rich.console import Console
@@ -80,38 +111,43 @@ def child(args: argparse.Namespace, s: Settings) -> bool:
     from splice.multitask import run_multitask
     from splice.multitask.report import as_dict
 
-    torch.set_num_threads(s.threads)
+    job = json.loads(args.run_child)
+    torch.set_num_threads(job["threads"])
+    settings = Settings(threads=job["threads"], step_scale=job["step_scale"], train_examples=job["train_examples"],
+                        eval_examples=job["eval_examples"], max_length=job["max_length"],
+                        transfer=[job["setup"]] if job["transfer"] else [])
     with tempfile.TemporaryDirectory(prefix="multitask-") as folder:
-        config = config_for(args.child, args.seed, s, folder)
+        config = config_for(job["setup"], job["seed"], settings, folder)
         result = run_multitask(config, console=Console(quiet=True), quiet=True)
-        print(json.dumps({"setup": args.child, "seed": args.seed, **as_dict(result)}))
+        print(json.dumps(as_dict(result)))
     return True
 
 
-def run(s: Settings, out_dir: Path) -> dict[str, Any]:
-    """Every setup and seed, one child at a time; the transfer heatmaps drawn into `out_dir`."""
-    phase = Phases()
-    result: dict[str, Any] = {"environment": environment(s.threads), "settings": asdict(s), "jobs": []}
-    flags = ["--threads", str(s.threads), "--settings-json", json.dumps(asdict(s))]
-    for setup in s.setups:
-        for seed in s.seeds:
-            phase(f"[{setup}] seed {seed}")
-            started = time.perf_counter()
-            try:
-                job = run_child(Path(__file__).resolve(), ["--child", setup, "--seed", str(seed), *flags])
-            except RuntimeError as err:
-                job = {"setup": setup, "seed": seed, "error": str(err).strip().splitlines()[-1][:300]}
-            job["process_s"] = time.perf_counter() - started
-            result["jobs"].append(job)
-            print(f"  {setup} seed {seed}: " + (job["error"] if "error" in job else ", ".join(
-                f"{r['name']} {json.dumps({k: round(v, 3) for k, v in r['scores'].items()})}" for r in job["runs"])),
-                flush=True)
-    result["setups"] = {setup: merged(result, setup) for setup in s.setups}
-    out_dir.mkdir(parents=True, exist_ok=True)
+def draw(result: dict[str, Any], target: Path) -> None:
+    """Every setup's merged seeds and transfer heatmap (multitask[_quick]_<setup>_transfer.png)."""
+    result["setups"] = {setup: merged(result, setup) for setup in SETUPS
+                        if any(run["setup"] == setup for run in result["runs"])}
     for setup, data in result["setups"].items():
         if data and data.get("transfer"):
-            plot(data, out_dir / f"multitask{'_quick' if s.quick else ''}_{setup}_transfer.png")
-    return finish(result, phase)
+            plot(data, target.with_name(f"{target.stem}_{setup}_transfer.png"))
+
+
+def run(s: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """Every (setup, seed) not yet in the result, one child at a time, the results rewritten after
+    each; with `--merge`, the finished seeds of the result in `--out-dir` with the same settings are
+    kept."""
+    phase = Phases()
+    target = args.out_dir / f"multitask{'_quick' if s.quick else ''}.json"
+    result = continued_result(target, bool(args.merge), s, lambda r: make_job(s, r["setup"], r["seed"]), job_key, {})
+    save = result_saver(result, target, phase, markdown, draw)
+    jobs = (make_job(s, setup, seed) for setup in s.setups for seed in s.seeds)
+    skipped = budgeted_children(Path(__file__).resolve(), jobs, result["runs"], key=job_key,
+                                group=lambda j: j["setup"], budget_min=s.budget_min, phase=phase,
+                                label=lambda j: f"[{j['setup']}] seed {j['seed']}", save=save,
+                                env={"OMP_NUM_THREADS": str(s.threads)})
+    result["not_run"] = [{"setup": j["setup"], "seed": j["seed"], "why": "budget"} for j in skipped]
+    save()
+    return result
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
@@ -124,14 +160,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     p.add_argument("--eval-examples", type=int, help="cap every task's evaluation rows")
     p.add_argument("--max-length", type=int, help="tokens per example (default: the file's)")
     p.add_argument("--transfer", nargs="*", choices=list(SETUPS), help="setups that train every pair (default all)")
-    p.add_argument("--child", help=argparse.SUPPRESS)
-    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--settings-json", help=argparse.SUPPRESS)
-    return parse_settings(p, argv, Settings)
+    args = continuable(p).parse_args(argv)
+    return args, settings_from(args, Settings)
 
 
 def main(argv: list[str] | None = None) -> None:
-    bench_main(argv, parse_args, Settings, lambda s, args: run(s, args.out_dir), markdown, "multitask", child=child)
+    bench_main(argv, parse_args, Settings, run, markdown, "multitask", child=child)
 
 
 if __name__ == "__main__":

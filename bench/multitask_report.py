@@ -19,7 +19,7 @@ from splice.multitask.summary import summarize, transfer_over_seeds
 def merged(result: dict[str, Any], setup: str) -> dict[str, Any] | None:
     """The setup's seeds as one job's data (`splice.multitask.report.as_dict`'s shape); None when
     no seed ran. Failed seeds are listed under "failed"."""
-    jobs = [j for j in result["jobs"] if j["setup"] == setup]
+    jobs = [j for j in result["runs"] if j["setup"] == setup]
     ok = [j for j in jobs if "error" not in j]
     if not ok:
         return None
@@ -68,13 +68,13 @@ def verdicts(data: dict[str, Any]) -> list[str]:
 def markdown(result: dict[str, Any], settings: Any = None) -> str:
     lines = heading("Multi-task PEFT: one shared adapter vs one adapter per task", result["environment"])
     s = result["settings"]
-    lines += ["", f"Settings: seeds {s['seeds']}, steps x{s['step_scale']:g}, training rows per task "
+    lines += ["", f"Settings: steps x{s['step_scale']:g}, training rows per task "
               f"{s['train_examples'] or 'all'}, evaluation rows per task {s['eval_examples'] or 'as the file'}, "
               f"max_length {s['max_length'] or 'as the file'}" + (" (quick: far too small to trust)" if s["quick"]
                                                                    else "") + "."]
     for setup, data in result.get("setups", {}).items():
         if data is None:
-            errors = [j["error"] for j in result["jobs"] if j["setup"] == setup]
+            errors = [j["error"] for j in result["runs"] if j["setup"] == setup]
             lines += ["", f"## {setup}: failed", "", *errors]
             continue
         lines += ["", f"## {setup}", "", *verdicts(data), ""]
@@ -83,6 +83,7 @@ def markdown(result: dict[str, Any], settings: Any = None) -> str:
         if data["transfer"]:
             lines.append(f"![transfer](multitask{'_quick' if s['quick'] else ''}_{setup}_transfer.png)")
         lines += [f"Failed: {f}" for f in data["failed"]]
+    lines += [f"Not run (budget): {j['setup']} seed {j['seed']}" for j in result.get("not_run", [])]
     lines += ["", f"Runtime {result['runtime_s']:.0f} s."]
     return "\n".join(lines)
 
