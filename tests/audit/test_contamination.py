@@ -228,6 +228,18 @@ def test_a_long_prompt_and_a_long_answer_that_fit_apart_but_not_together_are_con
         assert both.calibrated == pytest.approx(single.calibrated, rel=1e-5, abs=1e-6)
 
 
+def test_a_nan_adapter_is_refused_naming_the_set_and_item():
+    """A NaN in the adapter makes every score of an item NaN; sklearn's AUROC would fail on it
+    without saying why, and a silently dropped item would bias the test."""
+    model = make_llama()
+    splice.attach(model, splice.LoRA(r=4, targets=TARGETS))
+    with torch.no_grad():
+        model.lm_head.splice.default.lora_B.fill_(float("nan"))
+    with pytest.raises(SpliceError, match=r"answer log-probs with the adapter are not finite \(NaN or inf\) for "
+                                          r"suspect\[0\] and 1 more item\(s\)"):
+        contamination_test(model, TOKENIZER, [("1+1=", "2"), ("1+2=", "3")], [("1+3=", "4")], cdd_samples=2)
+
+
 @pytest.mark.parametrize(("suspect", "message"), [
     ([], r"suspect is empty"),
     ("12+7=19", r"suspect must be a list of items .* got str"),

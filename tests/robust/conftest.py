@@ -1,19 +1,14 @@
 """Digits as images in [0, 1] for the robustness-patch tests: the method tests' small CNN
-(`tests/methods/digits_helpers.py`), trained here on all ten classes, and a held-out split."""
+(`tests/digits_helpers.py`), trained here on all ten classes, and a held-out split."""
 
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from sklearn.datasets import load_digits
+from digits_helpers import DigitsCNN, fit, shuffled_digits
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "methods"))
-from digits_helpers import DigitsCNN, fit  # noqa: E402
 
 TRAIN_ROWS = 1200  # of 1797; the other 597 are held out
 
@@ -22,11 +17,7 @@ TRAIN_ROWS = 1200  # of 1797; the other 597 are held out
 def trained_digits() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """A CNN trained on 1200 digits (about 0.9 held-out accuracy), the training and the held-out
     (inputs, labels). Never modify the model: tests take a copy through `digits_cnn`."""
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    x, y = x[order], y[order]
+    x, y = shuffled_digits()
     torch.manual_seed(0)
     model = DigitsCNN(classes=10)
     fit(model, list(model.parameters()), x[:TRAIN_ROWS], y[:TRAIN_ROWS], epochs=15)

@@ -192,18 +192,30 @@ def item_scores(
     the model's EOS. Each item draws from its own generator, seeded from `seed` and its prompt,
     so its samples are the same whatever the batch it is in.
     """
+    return _item_scores(model, tokenizer, items, "items", adapter=adapter, k=k, cdd_samples=cdd_samples,
+                        cdd_temperature=cdd_temperature, cdd_alpha=cdd_alpha, new_tokens=new_tokens,
+                        batch_size=batch_size, seed=seed)
+
+
+def _item_scores(
+    model: nn.Module, tokenizer: Any, items: Sequence[Item], name: str, *, adapter: str | None, k: float,
+    cdd_samples: int, cdd_temperature: float, cdd_alpha: float, new_tokens: int | None, batch_size: int, seed: int,
+) -> list[ItemScores]:
+    """`item_scores`, its errors naming the items as `name` (the caller's argument)."""
     _check_settings(k, cdd_samples, cdd_temperature, cdd_alpha, new_tokens, batch_size)
     check_enabled(model, "item_scores", "the adapter's scores would be the base's (calibrated 0 for every item)")
-    encoded = _encode_all(tokenizer, items, "items")
-    _check_lengths(model, encoded, new_tokens)
+    encoded = _encode_all(tokenizer, items, name)
+    _check_lengths(model, encoded, name, new_tokens)
     batches = [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
-    scores = []
+    scores: list[ItemScores] = []
     with adapter_session(model, adapter):
         for batch in progress.track(batches, "contamination scores"):
             logprobs = _answer_logprobs(model, batch)
-            cdd = _cdd_scores(model, tokenizer, batch, cdd_samples, cdd_temperature, cdd_alpha, new_tokens, seed)
+            _check_finite(logprobs, name, len(scores), "with the adapter")
             with disabled(model):
                 base = _answer_logprobs(model, batch)
+            _check_finite(base, name, len(scores), "of the base model (every adapter off)")
+            cdd = _cdd_scores(model, tokenizer, batch, cdd_samples, cdd_temperature, cdd_alpha, new_tokens, seed)
             scores += [_scores_of(*scored, k) for scored in zip(logprobs, base, cdd, strict=True)]
     return scores
 
@@ -230,8 +242,8 @@ def contamination_test(
         _encode_all(tokenizer, items, name)  # refuse a bad item before any scoring
     settings = dict(adapter=adapter, k=k, cdd_samples=cdd_samples, cdd_temperature=cdd_temperature,
                     cdd_alpha=cdd_alpha, new_tokens=new_tokens, batch_size=batch_size, seed=seed)
-    seen = item_scores(model, tokenizer, suspect, **settings)
-    unseen = item_scores(model, tokenizer, control, **settings)
+    seen = _item_scores(model, tokenizer, suspect, "suspect", **settings)
+    unseen = _item_scores(model, tokenizer, control, "control", **settings)
     auroc, interval = {}, {}
     for name in SCORES:
         labels, values = _labelled(seen, unseen, name)
@@ -247,13 +259,25 @@ def _scores_of(logprobs: torch.Tensor, base: torch.Tensor, cdd: float, k: float)
                       base_perplexity=math.exp(base_nll), base_min_k=min_k_prob(base, k), calibrated=nll - base_nll)
 
 
-def _check_lengths(model: nn.Module, encoded: list[tuple[list[int], list[int]]], new_tokens: int | None) -> None:
+def _check_finite(logprobs: list[torch.Tensor], name: str, first: int, which: str) -> None:
+    """Refuse a NaN or infinite answer log-prob: every score of the item would be NaN or inf, and
+    the AUROC over them meaningless."""
+    bad = [first + i for i, row in enumerate(logprobs) if not torch.isfinite(row).all()]
+    if bad:
+        raise SpliceError(f"item_scores: the answer log-probs {which} are not finite (NaN or inf) for {name}[{bad[0]}]"
+                          + (f" and {len(bad) - 1} more item(s)" if len(bad) > 1 else "")
+                          + ": the adapter or the model overflows or holds NaN (a corrupted file?); nothing can be "
+                          "scored")
+
+
+def _check_lengths(model: nn.Module, encoded: list[tuple[list[int], list[int]]], name: str,
+                   new_tokens: int | None) -> None:
     """Refuse an item longer than the model's positions: scored, prompt + answer; continued for
     CDD, prompt + `new_tokens` (default: at most the answer's length, covered by the first)."""
-    needs = [(f"items[{i}] (prompt {len(prompt)} + answer {len(answer)} tokens)", len(prompt) + len(answer))
+    needs = [(f"{name}[{i}] (prompt {len(prompt)} + answer {len(answer)} tokens)", len(prompt) + len(answer))
              for i, (prompt, answer) in enumerate(encoded)]
     if new_tokens is not None:
-        needs += [(f"items[{i}] (prompt {len(prompt)} tokens) continued by new_tokens={new_tokens}",
+        needs += [(f"{name}[{i}] (prompt {len(prompt)} tokens) continued by new_tokens={new_tokens}",
                    len(prompt) + new_tokens) for i, (prompt, _) in enumerate(encoded)]
     check_fits(model, needs, "item_scores")
 

@@ -62,15 +62,18 @@ def audit(
     """Audit an adapter before you use it: exit status 0 when nothing is flagged, 3 when
     something is (--fail-on), 1 on an error.
 
-    - provenance: the SHA-256 manifest splice.save writes (files, tensors, the targeted base
-      weights) and, with --public-key, its signature;
-    - static weight audit: per module, the weight change's norm relative to the base, top singular
-      values and effective rank; outliers against --reference adapters (robust z-scores);
-    - behaviour scan: base vs base+adapter over trigger sweeps (years and dates in a prefix,
-      deployment strings): token-level KL and changed greedy continuations, spikes flagged with
-      their trigger; for a classifier, words whose insertion flips predictions;
-    - contamination (--suspect and --control): perplexity, Min-K% Prob and CDD of both sets,
-      AUROC; CDD is unreliable after PEFT fine-tuning, the report says so.
+    - Provenance: the SHA-256 manifest splice.save writes (files, tensors, the targeted base
+    weights) and, with --public-key, its signature.
+
+    - Static weight audit: per module, the weight change's norm relative to the base, top singular
+    values and effective rank; outliers against --reference adapters (robust z-scores).
+
+    - Behaviour scan: base vs base+adapter over trigger sweeps (years and dates in a prefix,
+    deployment strings): token-level KL and changed greedy continuations, spikes flagged with
+    their trigger; for a classifier, words whose insertion flips predictions.
+
+    - Contamination (--suspect and --control): perplexity, Min-K% Prob and CDD of both sets,
+    AUROC; CDD is unreliable after PEFT fine-tuning, the report says so.
 
     Examples:
 

@@ -1,4 +1,5 @@
-"""Digits as images for the conv adapter tests: a small CNN trained on 0-4, and 5-9 to adapt to."""
+"""Digits as images in [0, 1] and a small CNN: the conv adapter tests (a CNN trained on 0-4, and
+5-9 to adapt to) and the robustness-patch tests (all ten classes) share them."""
 
 from __future__ import annotations
 
@@ -40,14 +41,20 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return (logits(model, x).argmax(-1) == y).float().mean().item()
 
 
-@pytest.fixture(scope="session")
-def digits():
-    """A CNN trained on digits 0-4, and digits 5-9 (relabelled 0-4) split into train and test."""
+def shuffled_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """sklearn's 1797 8x8 digits as (N, 1, 8, 8) images in [0, 1] and their labels, in one fixed
+    shuffled order."""
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(data.target)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    x, y = x[order], y[order]
+    return x[order], y[order]
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """A CNN trained on digits 0-4, and digits 5-9 (relabelled 0-4) split into train and test."""
+    x, y = shuffled_digits()
     torch.manual_seed(0)
     backbone = DigitsCNN()
     fit(backbone, list(backbone.parameters()), x[y < 5], y[y < 5], epochs=15)
