@@ -98,6 +98,7 @@ from common import (
     budgeted_children,
     continuable,
     continued_result,
+    json_child,
     result_saver,
     settings_from,
     source_version,
@@ -596,20 +597,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     return args, settings_from(args, Settings)
 
 
-def child(args: argparse.Namespace, s: Settings) -> bool:
-    """Answer a run child call (one JSON line on stdout); False when this is none."""
-    if not args.run_child:
-        return False
-    print(json.dumps(child_run(json.loads(args.run_child)), default=str))
-    return True
-
-
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    args, _ = parse_args(argv)
-    bench_main(argv, parse_args, Settings, run, markdown, "audit", child=child)
-    if args.render:
-        draw(json.loads(args.render.read_text()), args.render.with_suffix(".png"))
+    bench_main(argv, parse_args, Settings, run, markdown, "audit", child=json_child(child_run), draw=draw)
 
 
 if __name__ == "__main__":

@@ -91,7 +91,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common import Phases, bench_main, bench_parser, environment, finish, run_child, settings_from, source_version
+from common import (
+    Phases,
+    bench_main,
+    bench_parser,
+    environment,
+    finish,
+    json_child,
+    run_child,
+    settings_from,
+    source_version,
+)
 from federated_report import draw, markdown
 
 SECTIONS = ["rules", "sfed", "continual"]
@@ -479,19 +489,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     return args, s
 
 
-def child(args: argparse.Namespace, s: Settings) -> bool:
-    """Answer a run child call (one JSON line on stdout); False when this is none."""
-    if not args.run_child:
-        return False
-    print(json.dumps(run_one(json.loads(args.run_child)), default=str))
-    return True
-
-
 def main(argv: list[str] | None = None) -> None:
-    args, _ = parse_args(argv)
-    bench_main(argv, parse_args, Settings, run, markdown, "federated", child=child)
-    if args.render:
-        draw(json.loads(args.render.read_text()), args.render.with_suffix(".png"))
+    bench_main(argv, parse_args, Settings, run, markdown, "federated", child=json_child(run_one), draw=draw)
 
 
 if __name__ == "__main__":

@@ -581,10 +581,7 @@ def child(args: argparse.Namespace, s: Settings) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, _ = parse_args(argv)
-    bench_main(argv, parse_args, Settings, run, markdown, "moe", child=child)
-    if args.render:
-        draw(json.loads(args.render.read_text()), args.render.with_suffix(".png"))
+    bench_main(argv, parse_args, Settings, run, markdown, "moe", child=child, draw=draw)
 
 
 if __name__ == "__main__":

@@ -165,7 +165,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
 
 
 def main(argv: list[str] | None = None) -> None:
-    bench_main(argv, parse_args, Settings, run, markdown, "multitask", child=child)
+    bench_main(argv, parse_args, Settings, run, markdown, "multitask", child=child, draw=draw)
 
 
 if __name__ == "__main__":

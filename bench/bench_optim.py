@@ -116,6 +116,7 @@ from common import (
     budgeted_children,
     continuable,
     continued_result,
+    json_child,
     result_saver,
     settings_from,
     source_version,
@@ -512,22 +513,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Setti
     return args, settings_from(args, Settings)
 
 
-def child(args: argparse.Namespace, s: Settings) -> bool:
-    """Answer a run child call (one JSON line on stdout); False when this is none."""
-    if not args.run_child:
-        return False
-    job = json.loads(args.run_child)
-    row = timing_child(job) if job["section"] == "timing" else train_child(job)
-    print(json.dumps(row, default=str))
-    return True
+def child_run(job: dict[str, Any]) -> dict[str, Any]:
+    """One run child's row: a timing job or a training run."""
+    return timing_child(job) if job["section"] == "timing" else train_child(job)
 
 
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    args, _ = parse_args(argv)
-    bench_main(argv, parse_args, Settings, run, markdown, "optim", child=child)
-    if args.render:
-        draw(json.loads(args.render.read_text()), args.render.with_suffix(".png"))
+    bench_main(argv, parse_args, Settings, run, markdown, "optim", child=json_child(child_run), draw=draw)
 
 
 if __name__ == "__main__":

@@ -384,6 +384,7 @@ from common_report import (  # noqa: E402, F401
     fmt_ratio,
     fmt_s,
     heading,
+    json_child,
     mean_std,
     parse_settings,
     rerender,

@@ -271,18 +271,35 @@ def finish(result: dict[str, Any], phase: Any, keys: tuple[str, str] = ("phase_s
 def bench_main(argv: list[str] | None, parse_args: Callable[[list[str] | None], tuple[argparse.Namespace, Any]],
                settings_cls: Any, run: Callable[[Any, argparse.Namespace], dict[str, Any]],
                markdown: Callable[[dict[str, Any], Any], str], stem: str,
-               child: Callable[[argparse.Namespace, Any], bool] | None = None) -> dict[str, Any] | None:
+               child: Callable[[argparse.Namespace, Any], bool] | None = None,
+               draw: Callable[[dict[str, Any], Path], Any] | None = None) -> dict[str, Any] | None:
     """The `main` of a benchmark: parse, answer a child call (`child` returns True when it did),
-    or re-render (`--render`), or run and write `stem`(`_quick`).{json,md}; returns the result."""
+    or re-render (`--render`: the markdown, and with `draw` the PNG beside the JSON), or run and
+    write `stem`(`_quick`).{json,md}; returns the result."""
     args, settings = parse_args(argv)
     if child is not None and child(args, settings):
         return None
     if args.render:
         rerender(args.render, settings_cls, markdown)
+        if draw is not None:
+            draw(json.loads(args.render.read_text()), args.render.with_suffix(".png"))
         return None
     result = run(settings, args)
     write_results(args.out_dir, f"{stem}_quick" if settings.quick else stem, result, markdown(result, settings))
     return result
+
+
+def json_child(run_one: Callable[[dict[str, Any]], dict[str, Any]]) -> Callable[[argparse.Namespace, Any], bool]:
+    """`bench_main`'s `child` for a benchmark run by `common_measure.budgeted_children`: the hidden
+    --run-child JOB answered with `run_one(JOB)` as one JSON line on stdout."""
+
+    def child(args: argparse.Namespace, settings: Any) -> bool:
+        if not args.run_child:
+            return False
+        print(json.dumps(run_one(json.loads(args.run_child)), default=str))
+        return True
+
+    return child
 
 
 def verdict(low: float, high: float, limit: float, lower_is_better: bool = True) -> str:
