@@ -31,11 +31,12 @@ minutes, over half of it the word scan, and the budget holds 10 + 10 of them onl
 sections).
 
 Section `static`: no run of its own; `splice.audit.static.static_audit` on the backdoor section's
-adapters (profiles computed in the runs, base weights included): each backdoored adapter against every
-clean adapter of its family as references, each clean adapter leave-one-out against the other clean
-ones. AUROC (sklearn) of the outlier score (largest |robust z|) at separating backdoored from clean, with
-a bootstrap 95% interval, per family, and how many of each have a module the audit reports as a weight
-outlier (|z| > 3.5: a warning, not a flag; the static audit claims no backdoor detection).
+adapters (profiles computed in the runs, base weights included): each adapter against the clean
+adapters of its family from the other seeds (its own clean twin, or itself, left out: every adapter
+gets as many references, and a robust z from fewer references runs larger). AUROC (sklearn) of the
+outlier score (largest |robust z|) at separating backdoored from clean, with a bootstrap 95%
+interval, per family, and how many of each have a module the audit reports as a weight outlier (|z|
+> 3.5: a warning, not a flag; the static audit claims no backdoor detection).
 
 Section `contamination`: a generated benchmark of 200 held-out items (100 arithmetic problems with
 their answer, 100 short reviews with their sentiment), each a (prompt, answer) pair cut after the
@@ -484,8 +485,10 @@ def child_run(job: Job) -> dict[str, Any]:
 
 
 def static_section(runs: list[Job]) -> dict[str, Any]:
-    """Per family: each backdoored adapter's static outlier score against all clean ones, each clean
-    one's leave-one-out against the others; the AUROC of the score with a bootstrap interval."""
+    """Per family: each adapter's static outlier score against the clean adapters of the other
+    seeds (every adapter gets as many references, so the scores share a scale: a robust z from
+    fewer references runs larger), the backdoored one's clean twin left out like the clean one
+    itself; the AUROC of the score with a bootstrap interval."""
     out = {}
     for family in FAMILIES:
         fixtures_done = [r for r in runs if r["section"] == "backdoor" and r["family"] == family and "error" not in r]
@@ -506,7 +509,7 @@ def static_family(backdoored: list[Job], clean: list[Job]) -> dict[str, Any]:
     profiles = {id(r): profile_of(r) for r in backdoored + clean}
     scored = []
     for run in backdoored + clean:
-        references = [profiles[id(c)] for c in clean if c is not run]
+        references = [profiles[id(c)] for c in clean if c["seed"] != run["seed"]]
         audit = static_audit(profiles[id(run)], references=references)
         scored.append({"kind": run["kind"], "seed": run["seed"], "rate": run["rate"], "score": audit.score,
                        "worst": list(audit.worst) if audit.worst else None, "references": audit.references,
