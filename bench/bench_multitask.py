@@ -79,8 +79,8 @@ def config_for(setup: str, seed: int, s: Settings, folder: str) -> Any:
 
     base = MultitaskConfig.from_yaml(SETUPS[setup])
     steps = max(1, round(base.train["max_steps"] * s.step_scale))
-    train = {"max_steps": steps, "max_train_examples": s.train_examples, "max_eval_examples": s.eval_examples,
-             "max_length": s.max_length}
+    given = {"max_train_examples": s.train_examples, "max_eval_examples": s.eval_examples, "max_length": s.max_length}
+    train = {"max_steps": steps, **{k: v for k, v in given.items() if v is not None}}  # None: the file's
     return MultitaskConfig.from_yaml(SETUPS[setup], seeds=[seed], output_dir=folder, train=train,
                                      transfer=setup in s.transfer)
 

@@ -22,7 +22,7 @@ def write(tmp_path, **data):
     ({"mixin": "temperature"}, r"mix.yaml: unknown key 'mixin'; did you mean 'mixing'\?"),
     ({"mixing": "uniform"}, r"mix.yaml: mixing must be one of 'proportional', 'temperature', got 'uniform'"),
     ({"mixing": "temperature", "temperature": -2}, r"mix.yaml: temperature must be a positive number, got -2"),
-    ({"temperature": "hot"}, r"temperature must be a number, got 'hot' \(a string\)"),
+    ({"mixing": "temperature", "temperature": "hot"}, r"temperature must be a number, got 'hot' \(a string\)"),
     ({"budget": "half"}, r"budget must be one of 'per_task', 'total', got 'half'"),
     ({"seeds": []}, r"seeds must be a non-empty list of distinct integers"),
     ({"seeds": [1, 1]}, r"seeds must be a non-empty list of distinct integers, got \[1, 1\]"),
@@ -63,7 +63,8 @@ def test_defaults_and_overrides(tmp_path):
     config = MultitaskConfig.from_yaml(path, seeds=[7], mixing="temperature", compare=False,
                                        train={"max_steps": 5, "max_eval_examples": None})
     assert config.seeds == [7] and config.mixing == "temperature" and config.transfer is False  # follows compare
-    assert config.train == {"max_steps": 5, "lr": 1e-3}  # YAML 1.1's string "1e-3" read as the number
+    assert config.train == {"max_steps": 5, "lr": 1e-3,  # YAML 1.1's string "1e-3" read as the number
+                            "max_eval_examples": None}  # a None in train unsets the field (--set KEY=null)
     (tmp_path / "no-tasks.yaml").write_text("model: minilm\n")
     with pytest.raises(ConfigError, match="no-tasks.yaml: no 'tasks' list"):
         MultitaskConfig.from_yaml(tmp_path / "no-tasks.yaml")

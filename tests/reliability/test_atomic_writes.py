@@ -31,8 +31,8 @@ from splice.compression import compress
 from splice.compression.factorized import FactorizedLinear, load_factorized, save_factorized
 from splice.core.errors import OutputExistsError, SpliceError
 from splice.io import files
-from splice.io.manifest import MANIFEST_NAME
 from splice.io.adapter_states import adapter_state, save_state
+from splice.io.manifest import MANIFEST_NAME
 from splice.merging import load_unified, merge_adapters, unify_adapters
 
 pytestmark = pytest.mark.guards("lost")  # the old folder (or a file outside it) lost or mixed; overridden below

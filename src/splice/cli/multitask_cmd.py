@@ -72,8 +72,9 @@ def multitask(
     from splice.multitask import MultitaskConfig, run_multitask
 
     with user_errors(), quieted(console, quiet) as tables:
-        train = {"max_steps": max_steps, "max_train_examples": max_train_examples,
-                 "max_eval_examples": max_eval_examples, **key_values(param or [])}
+        flags = {"max_steps": max_steps, "max_train_examples": max_train_examples,
+                 "max_eval_examples": max_eval_examples}
+        train = {**{k: v for k, v in flags.items() if v is not None}, **key_values(param or [])}
         config = MultitaskConfig.from_yaml(
             config_file, train=train, seeds=None if seed is None else [seed], mixing=mixing, temperature=temperature,
             budget=budget, output_dir=output_dir, compare=compare,
@@ -87,6 +88,17 @@ def multitask(
     print_tables(result, tables)
     console.print(f"wrote {result.output_dir / 'report'} ({result.wall_seconds:.0f} s): " + closing(result),
                   highlight=False)
+    _exit_if_diverged(result)
+
+
+def _exit_if_diverged(result: MultitaskResult) -> None:
+    """Runs stopped by non-finite numbers: their scores are in the tables but are no results; say
+    which on stderr (whatever --quiet) and exit 1, as `splice train` does."""
+    diverged = result.summary.get("diverged", [])
+    for line in diverged:
+        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] run {line}", highlight=False)
+    if diverged:
+        raise typer.Exit(1)
 
 
 def print_tables(result: MultitaskResult, out: Console) -> None:

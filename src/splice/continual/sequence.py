@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from torch import nn
+
+from splice.core.api import adapter_name_problem
 from splice.core.errors import ConfigError
 from splice.core.validation import check_fields, did_you_mean, keyed_error, show
 from splice.train.config import SETTABLE_FIELDS, TrainConfig, default_adapter, read_yaml_mapping
@@ -212,9 +216,15 @@ def task_spec(data: Any, index: int, keys: tuple[str, ...] | None = None, why_no
 
 
 def check_name(name: str, where: str) -> None:
-    """A task name is letters, digits, _ and - (its adapter, head and folder are named after it)."""
+    """A task name is letters, digits, _ and - (its adapter, head and folder are named after it),
+    and not a name torch or splice keeps for itself (adapters and heads are modules stored under
+    their names: "train", "type", "keys", ... are attributes there)."""
     if not _NAME.match(name):
         raise keyed_error("tasks", f"{where}: a task name is letters, digits, _ and - and starts with a letter")
+    if adapter_name_problem(name) is not None or hasattr(nn.ModuleDict, name):
+        raise keyed_error("tasks", f"{where}: {name!r} cannot name a task: its adapter and head are modules stored "
+                                   "under its name, and torch's modules already have an attribute of that name; "
+                                   f"choose another (e.g. {name + '_task'!r})")
 
 
 def check_task(spec: TaskSpec, index: int, task: str) -> None:
@@ -224,6 +234,21 @@ def check_task(spec: TaskSpec, index: int, task: str) -> None:
         raise keyed_error("tasks", f"{where}: as_words makes rows for a causal LM; set task: causal_lm")
     if spec.max_words is not None and (not spec.as_words or spec.max_words < 1):
         raise keyed_error("tasks", f"{where}: max_words is a positive number of words, for as_words tasks only")
-    if spec.as_words and "{text}" not in spec.prompt:
-        raise keyed_error("tasks", f"{where}: prompt must contain {{text}}, got {spec.prompt!r}")
+    if spec.as_words:
+        check_prompt(spec.prompt, where)
+
+
+def check_prompt(prompt: str, where: str) -> None:
+    """A label-word prompt is filled with `prompt.format(text=...)`: {text} once or more, no other
+    field, and literal braces doubled ({{ and }})."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(prompt) if name is not None]
+    except ValueError as err:
+        raise keyed_error("tasks", f"{where}: prompt {prompt!r} is not a format string ({err}); write a literal "
+                                   "brace as {{ or }}") from None
+    if "text" not in fields or set(fields) != {"text"}:
+        others = sorted({f"{{{name}}}" for name in fields if name != "text"})
+        raise keyed_error("tasks", f"{where}: prompt must contain {{text}} and no other field"
+                                   + (f" (found {', '.join(others)}; write a literal brace as {{{{ or }}}})"
+                                      if others else "") + f", got {prompt!r}")
 

@@ -92,6 +92,16 @@ class CheckpointInputGrads:
             handle.remove()
 
 
+def adapter_name_problem(name: str) -> str | None:
+    """Why `name` cannot name an adapter (None: it can): it must be an identifier, and not an
+    attribute of splice's host layer (the adapters are modules stored under their names)."""
+    if not _NAME.match(name):
+        return f"adapter name {name!r} must be an identifier (letters, digits, _ or -)"
+    if hasattr(Host, name) or name in RESERVED_NAMES:
+        return f"adapter name {name!r} is reserved (an attribute of splice's host layer); choose another"
+    return None
+
+
 def attach(
     model: nn.Module, config: AdapterConfig, name: str = "default", *, trainable: bool = True
 ) -> nn.Module:
@@ -102,10 +112,8 @@ def attach(
     module, as PEFT's `modules_to_save`). Several named adapters may live on one model; see
     `activate`.
     """
-    if not _NAME.match(name):
-        raise SpliceError(f"adapter name {name!r} must be an identifier (letters, digits, _ or -)")
-    if hasattr(Host, name) or name in RESERVED_NAMES:
-        raise SpliceError(f"adapter name {name!r} is reserved (an attribute of splice's host layer); choose another")
+    if (problem := adapter_name_problem(name)) is not None:
+        raise SpliceError(problem)
     state = model_state(model)
     if name in state.adapters:
         raise SpliceError(f"adapter {name!r} is already attached; detach it or choose another name")

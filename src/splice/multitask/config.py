@@ -23,7 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from splice.continual.sequence import check_name, check_task_names, check_train_keys, read_task_file, task_spec
+from splice.continual.sequence import (
+    check_name,
+    check_prompt,
+    check_task_names,
+    check_train_keys,
+    read_task_file,
+    task_spec,
+)
 from splice.core.errors import ConfigError
 from splice.core.validation import check_fields, keyed_error, show
 from splice.train.config import TrainConfig, default_adapter
@@ -44,6 +51,8 @@ REFUSED_FIELDS = {
     "checkpoint_every": (None, "a multi-task run is not checkpointed part-way (a stopped job continues with "
                            "--resume at its first unfinished run)"),
     "init_adapter": (None, "every run of a multi-task job starts from a fresh adapter, so that runs compare"),
+    "selection": (None, "a multi-task step takes one task's batch through that task's head; a gradient rule "
+                        "(GAST) is for a lone run (splice train)"),
 }
 # What the trainer of every run is given for them (settings: None is a value there).
 RUN_SETTINGS = {"eval_every": None, "checkpoint_every": None, "early_stopping_patience": None,
@@ -137,6 +146,9 @@ class MultitaskConfig:
     output_dir: str | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.tasks, list):
+            raise keyed_error("tasks", "tasks must be a list of tasks (mappings with name and data), got "
+                                       f"{show(self.tasks)}")
         self.tasks = [t if isinstance(t, TaskSpec) else task_spec(t, i, cls=TaskSpec)
                       for i, t in enumerate(self.tasks)]
         check_fields(MultitaskConfig, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -154,6 +166,8 @@ class MultitaskConfig:
             raise keyed_error("temperature", f"temperature must be a positive number, got {show(self.temperature)}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise keyed_error("seeds", f"seeds must be a non-empty list of distinct integers, got {self.seeds!r}")
+        if bad := [s for s in self.seeds if not 0 <= s < 2**32]:
+            raise keyed_error("seeds", f"a seed must be in [0, 2**32 - 1] (what numpy and torch take), got {bad[0]}")
         if self.transfer is None:
             self.transfer = self.compare
         if self.transfer and not self.compare:
@@ -199,7 +213,10 @@ class MultitaskConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, *, train: dict[str, Any] | None = None, **overrides: Any) -> MultitaskConfig:
         """Read a multi-task file; keyword overrides (the CLI's flags; None: not given) win, and
-        `train` entries are set over the file's `train` mapping."""
+        `train` entries are set over the file's `train` mapping (None too: `--set KEY=null` unsets
+        a field) and over every task's own max_train_examples / max_eval_examples. A temperature
+        without temperature mixing (a flag's, or the file's under the file's mixing) is refused: it
+        would do nothing."""
         path = Path(path)
         data = read_task_file(cls, path, "multi-task file", "multi-task keys (tasks, model, mixing, ...)")
         merged = {**data, **{k: v for k, v in overrides.items() if v is not None}}
@@ -207,7 +224,17 @@ class MultitaskConfig:
             if not isinstance(merged.get("train", {}), dict):
                 raise ConfigError(f"{path}: key 'train' must be a mapping of training fields, got "
                                   f"{show(merged['train'])}")
-            merged["train"] = {**merged.get("train", {}), **{k: v for k, v in train.items() if v is not None}}
+            merged["train"] = {**merged.get("train", {}), **train}
+            limits = [key for key in ("max_train_examples", "max_eval_examples") if key in train]
+            if limits and isinstance(merged.get("tasks"), list):
+                merged["tasks"] = [{k: v for k, v in spec.items() if k not in limits} if isinstance(spec, dict)
+                                   else spec for spec in merged["tasks"]]
+        flagged = {k for k, v in overrides.items() if v is not None}
+        said = "temperature" in flagged or ("temperature" in data and "mixing" not in flagged)  # a flag's mixing wins
+        if said and merged.get("mixing", "proportional") != "temperature":
+            raise ConfigError(f"{path}: temperature {show(merged['temperature'])} does nothing with mixing "
+                              f"{show(merged.get('mixing', 'proportional'))}; set mixing: temperature (--mixing "
+                              "temperature), or drop the temperature")
         try:
             return cls(**merged)
         except (ConfigError, TypeError) as err:
@@ -223,8 +250,9 @@ def check_task(spec: TaskSpec, index: int, task: str, names: list[str]) -> None:
     if task == "classification" and spec.kind == "causal_lm":
         raise keyed_error("tasks", f"{where}: kind causal_lm needs a generator; set task: causal_lm (and a "
                                    "decoder model such as smollm2)")
-    if "{text}" not in spec.prompt:
-        raise keyed_error("tasks", f"{where}: prompt must contain {{text}}, got {spec.prompt!r}")
+    check_prompt(spec.prompt, where)
+    if task == "classification" and (problem := words_settings_problem(spec)) is not None:
+        raise keyed_error("tasks", f"{where}: a classifier's task gets a head, not a prompt, so {problem}")
     if spec.max_words is not None and spec.max_words < 1:
         raise keyed_error("tasks", f"{where}: max_words must be a positive number of words, got {spec.max_words}")
     for key in ("max_train_examples", "max_eval_examples"):
@@ -237,3 +265,13 @@ def check_task(spec: TaskSpec, index: int, task: str, names: list[str]) -> None:
         if spec.head == spec.name or spec.head not in names:
             raise keyed_error("tasks", f"{where}: head {spec.head!r} must name another task of the mixture, one "
                                        f"of {[n for n in names if n != spec.name]}")
+
+
+def words_settings_problem(spec: TaskSpec) -> str | None:
+    """What is wrong with `prompt` and `max_words` on a task whose rows are not turned into label
+    words (a classifier's task, or prompt/completion rows): they would do nothing. None: unset."""
+    given = [key for key, unset in (("prompt", TaskSpec.prompt), ("max_words", None)) if getattr(spec, key) != unset]
+    if not given:
+        return None
+    return (f"{' and '.join(given)} would do nothing (they turn classification rows into label-word prompts "
+            f"for a generator, task: causal_lm); drop {'them' if len(given) > 1 else 'it'}")

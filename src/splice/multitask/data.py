@@ -19,7 +19,7 @@ from splice.assets import DatasetSplits, Row
 from splice.continual.data import task_splits
 from splice.continual.sequence import TaskSpec as ContinualTask
 from splice.core.errors import ConfigError
-from splice.multitask.config import MultitaskConfig, TaskSpec
+from splice.multitask.config import MultitaskConfig, TaskSpec, words_settings_problem
 from splice.train.config import TrainConfig
 from splice.train.data import read_numbered_rows
 
@@ -72,6 +72,8 @@ def load_task(config: MultitaskConfig, spec: TaskSpec, key: int) -> TaskData:
         raise ConfigError(f"task {spec.name!r}: {spec.data!r} holds prompt/completion rows, which a classifier "
                           "cannot learn; set task: causal_lm (a generator such as smollm2), or drop the task")
     as_words = kind == "classification" and config.task == "causal_lm"
+    if not as_words and (problem := words_settings_problem(spec)) is not None:
+        raise ConfigError(f"task {spec.name!r}: {spec.data!r} holds {kind} rows, so {problem}")
     continual_spec = ContinualTask(name=spec.name, data=spec.data, labels=spec.labels, as_words=as_words,
                                    prompt=spec.prompt, max_words=spec.max_words)
     splits = task_splits(continual_spec, config.data_config(spec, kind))
