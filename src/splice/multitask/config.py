@@ -119,8 +119,10 @@ class MultitaskConfig:
         mixing: which task each batch comes from: "proportional" (p_t ∝ n_t, the task's training
             rows) or "temperature" (p_t ∝ n_t^(1/T): T > 1 lifts small tasks, T -> inf is uniform).
         temperature: T of temperature mixing.
-        budget: "per_task": a run on k tasks takes the sum of their single-task budgets (each task
-            gets about its own budget under proportional mixing: what training on the union does);
+        budget: "per_task": a run on k tasks takes the sum of their single-task budgets (under
+            proportional mixing each task gets batches in proportion to its rows, what training on
+            the union does: about its own budget with `epochs` budgets, but with `max_steps` a
+            task smaller than the others gets fewer batches than alone);
             "total": every run takes the mean single-task budget of its tasks (compute held fixed).
         compare: also train one adapter per task (the baseline: accuracy, stored parameters, compute).
         transfer: also train every pair of tasks, for Δ_ij = acc_i(i+j) - acc_i(i) (it needs the
