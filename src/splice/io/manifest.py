@@ -293,9 +293,10 @@ def _base_tensors(base: nn.Module, host: Any) -> list[tuple[str, torch.Tensor]]:
     return [("4bit" if is_4bit_layer(base) else "8bit", dense_weight(base, host.info))]
 
 
-def _bytes(tensor: torch.Tensor) -> bytes:
+def _bytes(tensor: torch.Tensor) -> memoryview | bytes:
+    """The tensor's bytes as hashlib reads them, without a copy when it is on the CPU already."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else b""
 
 
 def _sample(tensor: torch.Tensor) -> list[float]:
