@@ -301,8 +301,8 @@ def gpt2_classifier_batch(left: bool) -> tuple[nn.Module, dict[str, torch.Tensor
 def test_embedding_pgd_refuses_a_right_padded_batch_the_model_pools_by_input_ids_and_takes_it_left_padded():
     threat = EmbeddingPGD(eps=1e-4, step_size=1e-5, steps=1, random_start=False)
     model, batch = gpt2_classifier_batch(left=False)
-    with pytest.raises(SpliceError, match=r"GPT2ForSequenceClassification classifies this right-padded batch "
-                                          r"otherwise .* Pad on the left"):
+    with pytest.raises(SpliceError, match=r"GPT2ForSequenceClassification classifies this padded batch "
+                                          r"otherwise .* decoder classifiers \(GPT-2, Llama\) .*pad them on the left"):
         threat.perturb(model, batch, torch.zeros(4, dtype=torch.long))
     model, batch = gpt2_classifier_batch(left=True)
     with torch.no_grad():

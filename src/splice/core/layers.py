@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from transformers.pytorch_utils import Conv1D
 
 from splice.core.nf4_layers import dense_4bit, is_4bit_layer
@@ -77,6 +78,9 @@ def unsupported_reason(module: nn.Module) -> str | None:
     """Why a module of a hostable type still cannot host an adapter, or None if it can."""
     if isinstance(module, nn.Embedding) and module.max_norm is not None:
         return "embeddings with max_norm renormalise their weight in place"
+    if isinstance(module, NonDynamicallyQuantizableLinear):
+        return ("the out_proj of nn.MultiheadAttention: the attention reads its weight directly and never calls it, "
+                "so an adapter there would never act")
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         if module.groups != 1:
             return f"grouped convolutions (groups={module.groups}) are not supported"

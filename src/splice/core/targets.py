@@ -140,8 +140,9 @@ def resolve_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, 
     for name, module in named_base_modules(model):
         if not name or matches(config.exclude, name) or _inside(config.train_also, name):
             continue
-        if targets == ALL_LINEAR:
-            hit = isinstance(module, (nn.Linear, Conv1D)) and not _inside(list(heads), name)
+        if targets == ALL_LINEAR:  # every Linear that can host one (an explicit target that cannot is refused)
+            hit = (isinstance(module, (nn.Linear, Conv1D)) and not _inside(list(heads), name)
+                   and unsupported_reason(module) is None)
         else:
             hit = matches(targets, name)
         if hit and config.layers is not None:

@@ -13,9 +13,9 @@ direction is the sign (ℓ∞) or the per-token normalised gradient (ℓ2).
 Every attack runs against the model in eval mode (no dropout: the strongest, deterministic
 adversary) and restores the mode it found, each submodule's; gradients are taken with respect to
 the perturbation only, so parameters' `.grad` are never touched. `EmbeddingPGD` refuses a
-right-padded batch that the model classifies otherwise from embeddings than from token ids (a
-GPT-2 or Llama classifier finds each row's last real token from input_ids): pad such batches on
-the left.
+padded batch that the model classifies otherwise from embeddings than from token ids: a GPT-2 or
+Llama classifier finds each row's last real token from input_ids (pad such batches on the left),
+a RoBERTa-like encoder numbers positions from them (pad those on the right).
 
 Data, for `clean_accuracy`, `attacked_accuracy` and `splice.robust.adversarial_patch`: a pair
 `(inputs, labels)` of tensors, or a dict of tensors with "labels" (the whole set, cut into
@@ -38,7 +38,7 @@ from torch import nn
 from splice.core.errors import DataError, SpliceError
 from splice.core.modes import evaluating
 
-Inputs = torch.Tensor | dict[str, torch.Tensor]  # an image batch, or the model's keyword inputs (text)
+Inputs = torch.Tensor | Mapping[str, torch.Tensor]  # an image batch, or the model's keyword inputs (text)
 Batch = tuple[Inputs, torch.Tensor]  # inputs and their class labels
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Data = tuple[torch.Tensor, torch.Tensor] | Mapping[str, torch.Tensor] | Iterable[Any]
@@ -147,8 +147,8 @@ class EmbeddingPGD:
             raise SpliceError(f"EmbeddingPGD norm must be 'linf' or 'l2', got {self.norm!r}")
 
     def check(self, inputs: Inputs) -> None:
-        if not isinstance(inputs, dict) or "input_ids" not in inputs:
-            raise DataError("EmbeddingPGD perturbs the embeddings of text batches: dicts with 'input_ids' (and "
+        if not isinstance(inputs, Mapping) or "input_ids" not in inputs:
+            raise DataError("EmbeddingPGD perturbs the embeddings of text batches: mappings with 'input_ids' (and "
                             f"'attention_mask'); got {describe_batch(inputs)} (LinfPGD perturbs image tensors)")
         ids = inputs["input_ids"]
         if ids.dim() != 2 or ids.is_floating_point():
@@ -180,30 +180,48 @@ class EmbeddingPGD:
             for _ in range(self.steps):
                 grad = input_gradient(model, delta, lambda d: self.attacked(inputs, clean + d), labels, loss_fn)
                 delta = self._project(delta + step * self._direction(grad), eps) * mask
-        return clean + delta
+        # the embeddings again, in the caller's grad mode: a loss on the result reaches the
+        # embedding layer (a patch that adapts it trains), the perturbation is a constant
+        return embeddings_of(model)(inputs["input_ids"]) + delta.detach()
 
     def attacked(self, inputs: Inputs, perturbed: torch.Tensor) -> Inputs:
+        assert isinstance(inputs, Mapping), "check() refuses other inputs"
         return {**{k: v for k, v in inputs.items() if k != "input_ids"}, "inputs_embeds": perturbed}
 
     @torch.no_grad()
-    def _check_embeddings_path(self, model: nn.Module, inputs: dict[str, torch.Tensor], clean: torch.Tensor) -> None:
+    def _check_embeddings_path(self, model: nn.Module, inputs: Mapping[str, torch.Tensor], clean: torch.Tensor) -> None:
         """Refuse a batch the model classifies otherwise from its clean `inputs_embeds` than from
-        its `input_ids`: a GPT-2 or Llama sequence classifier finds each row's last real token from
-        input_ids and, given embeddings only, takes the last position, padding on right-padded rows.
-        Only a batch with a row that ends in padding (by its attention mask) can differ so; others
-        are not checked, which saves a forward pass."""
-        mask = inputs.get("attention_mask")
-        if mask is None or bool(mask[:, -1].all()):
+        its `input_ids`. Given embeddings only, a GPT-2 or Llama sequence classifier takes the last
+        position (from ids: each row's last token that is not padding), and RoBERTa-like encoders
+        number the positions from the start (from ids: counting real tokens only). Only a batch
+        with padding can differ so (a masked position, or the pad token id at a row's end); others
+        are not checked, nor a padding side a model of the same class has passed with (the two
+        paths differ by architecture, not weights), which saves two forward passes a batch."""
+        side = self._padding_side(model, inputs)
+        if side is None or (type(model), side) in _PASSED_EMBEDDINGS_PATH:
             return
         by_ids = model_logits(model, inputs).float()
         by_embeddings = model_logits(model, self.attacked(inputs, clean)).float()
         scale = by_ids.abs().max().item()
         if by_ids.shape != by_embeddings.shape or (by_ids - by_embeddings).abs().max().item() > 1e-4 * max(scale, 1.0):
-            raise SpliceError(f"EmbeddingPGD: {type(model).__name__} classifies this right-padded batch otherwise from "
-                              "its embeddings (inputs_embeds) than from its input_ids: it finds each row's last real "
-                              "token from input_ids (GPT-2, Llama and other decoder classifiers do), so the attack "
-                              "would classify padding. Pad on the left (tokenizer.padding_side = 'left'), or give "
-                              "rows without padding")
+            raise SpliceError(f"EmbeddingPGD: {type(model).__name__} classifies this padded batch otherwise from its "
+                              "embeddings (inputs_embeds) than from its input_ids, so the attack would perturb another "
+                              "input than the one classified: decoder classifiers (GPT-2, Llama) find each row's last "
+                              "real token from input_ids (pad them on the left), RoBERTa-like encoders number "
+                              "positions from input_ids (pad them on the right); or give rows without padding")
+        if side != "mixed":
+            _PASSED_EMBEDDINGS_PATH.add((type(model), side))
+
+    @staticmethod
+    def _padding_side(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> str | None:
+        """Where the batch is padded: "left", "right", "mixed" (both, or inside rows), "pad id" (no
+        mask, the pad token at a row's end); None: nowhere."""
+        mask = inputs.get("attention_mask")
+        if mask is not None and not bool(mask.all()):
+            first, last = bool(mask[:, 0].all()), bool(mask[:, -1].all())
+            return "right" if first and not last else "left" if last and not first else "mixed"
+        pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+        return "pad id" if isinstance(pad, int) and bool((inputs["input_ids"][:, -1] == pad).any()) else None
 
     def _start(self, clean: torch.Tensor, eps: float, generator: torch.Generator | None) -> torch.Tensor:
         if not self.random_start:
@@ -224,6 +242,10 @@ class EmbeddingPGD:
             return delta.clamp(-eps, eps)
         norms = delta.norm(dim=-1, keepdim=True)
         return delta * (eps / norms.clamp_min(eps))
+
+
+# (model class, padding side) whose classification from inputs_embeds matched the one from input_ids
+_PASSED_EMBEDDINGS_PATH: set[tuple[type, str]] = set()
 
 
 def check_budget(threat: object, eps: float, step_size: float, steps: int) -> None:
@@ -253,7 +275,7 @@ def embeddings_of(model: nn.Module) -> nn.Module:
 
 def model_logits(model: nn.Module, inputs: Inputs) -> torch.Tensor:
     """The model's class scores: a dict batch is passed as keyword arguments; HF outputs give `.logits`."""
-    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    out = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
     return out.logits if hasattr(out, "logits") else out
 
 
@@ -267,10 +289,12 @@ def input_gradient(model: nn.Module, leaf: torch.Tensor, feed: Callable[[torch.T
     return grad
 
 
-def check_finite(loss: torch.Tensor, what: str) -> None:
-    if not torch.isfinite(loss).all():
-        raise SpliceError(f"{what} is {loss.detach().flatten()[0].item()}: the model's outputs overflow or are NaN "
-                          "(a learning rate too high, or inputs the model cannot take)")
+def check_finite(values: torch.Tensor, what: str) -> None:
+    """Refuse NaN or infinite values (a loss, or outputs): every measurement after would be meaningless."""
+    if not torch.isfinite(values).all():
+        bad = values.detach().flatten()[~torch.isfinite(values.detach().flatten())][0].item()
+        raise SpliceError(f"{what} {'is' if values.numel() == 1 else 'hold'} {bad}: the model's outputs overflow or "
+                          "are NaN (a learning rate too high, or inputs the model cannot take)")
 
 
 @contextmanager
@@ -342,10 +366,13 @@ def check_labels(inputs: Any, labels: Any) -> None:
             raise DataError(f"inputs have {len(tensor)} rows but labels {len(labels)}")
     if not len(labels):
         raise DataError("a batch has no rows")
+    if bool((labels < 0).any()):
+        raise DataError(f"labels must be class indices >= 0, got {int(labels.min())} (an 'ignore' label such as -100 "
+                        "would drop its row from the attack and the loss but count it as wrong): drop such rows")
 
 
 def take_rows(inputs: Inputs, index: torch.Tensor) -> Inputs:
-    if isinstance(inputs, dict):
+    if isinstance(inputs, Mapping):
         return {k: v[index.to(v.device)] for k, v in inputs.items()}
     return inputs[index.to(inputs.device)]
 
@@ -363,7 +390,9 @@ def clean_accuracy(model: nn.Module, data: Data, *, batch_size: int = 64) -> flo
     correct = total = 0
     with evaluating(model), torch.no_grad():
         for inputs, labels in batches(data, batch_size):
-            correct += int((model_logits(model, inputs).argmax(-1) == labels).sum())
+            logits = model_logits(model, inputs)
+            check_finite(logits, "clean_accuracy: the model's outputs")
+            correct += int((logits.argmax(-1) == labels).sum())
             total += len(labels)
     return correct / total
 
@@ -376,7 +405,9 @@ def attacked_accuracy(model: nn.Module, data: Data, threat: Threat, *, batch_siz
         for inputs, labels in batches(data, batch_size):
             perturbed = threat.perturb(model, inputs, labels)
             with torch.no_grad():
-                predicted = model_logits(model, threat.attacked(inputs, perturbed)).argmax(-1)
+                logits = model_logits(model, threat.attacked(inputs, perturbed))
+            check_finite(logits, "attacked_accuracy: the model's outputs on the attacked batch")
+            predicted = logits.argmax(-1)
             correct += int((predicted == labels).sum())
             total += len(labels)
     return correct / total

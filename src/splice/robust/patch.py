@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -129,12 +131,13 @@ def adversarial_patch(model: nn.Module, data: Data, threat: Threat, *, name: str
     active again).
     """
     check_settings(epochs, lr, clean_weight)
-    check_data("data", data, threat, batch_size)
-    if eval_data is not None:
-        check_data("eval_data", eval_data, threat, batch_size)
-    eval_data = data if eval_data is None else eval_data
     previous = active_adapters(model)
-    with seeded(seed, parameter_device(model)):
+    flags = {p: p.requires_grad for p in model.parameters()}
+    with seeded(seed, parameter_device(model)):  # the checks read the data too (a shuffling loader draws)
+        check_data("data", data, threat, batch_size)
+        if eval_data is not None:
+            check_data("eval_data", eval_data, threat, batch_size)
+        eval_data = data if eval_data is None else eval_data
         try:
             with attaching(model, adapter if adapter is not None else LoRA(r=8, targets=patch_targets(model)), name):
                 deactivate(model)
@@ -144,11 +147,13 @@ def adversarial_patch(model: nn.Module, data: Data, threat: Threat, *, name: str
                 losses, steps = train_patch(model, data, threat, name=name, epochs=epochs, lr=lr,
                                             batch_size=batch_size, clean_weight=clean_weight, seed=seed,
                                             progress=progress)
+                after = accuracies(model, eval_data, threat, batch_size, seed)
         except BaseException:
             if previous:
                 activate(model, previous)
+            for parameter, flag in flags.items():  # activate re-derives them; the user's own flags return
+                parameter.requires_grad_(flag)
             raise
-        after = accuracies(model, eval_data, threat, batch_size, seed)
     return PatchResult(name=name, threat=repr(threat), clean_accuracy_before=before[0], clean_accuracy_after=after[0],
                        attacked_accuracy_before=before[1], attacked_accuracy_after=after[1], steps=steps,
                        losses=losses, trainable_parameters=trained)
@@ -189,7 +194,7 @@ def train_patch(model: nn.Module, data: Data, threat: Threat, *, name: str, epoc
     order = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     steps = 0
-    with modes_kept(model):
+    with modes_kept(model), base_buffers_kept(model, name):
         model.train()
         for module in frozen_statistics(model, name):
             module.eval()
@@ -209,6 +214,23 @@ def train_patch(model: nn.Module, data: Data, threat: Threat, *, name: str, epoc
                     bar.advance()
                 losses.append(sum(epoch) / len(epoch))
     return losses, steps
+
+
+@contextmanager
+def base_buffers_kept(model: nn.Module, name: str) -> Iterator[None]:
+    """After the block every buffer of the base (outside the modules patch `name` trains in full)
+    holds what it held before: base modules run in train mode while the patch trains, and some
+    rewrite buffers there (a spectral norm's power iteration), which would change the base."""
+    heads = model_state(model).adapters[name].heads
+    kept = [(buffer, buffer.detach().clone()) for path, module in named_base_modules(model)
+            if not any(path == head or path.startswith(head + ".") for head in heads)
+            for buffer in module._buffers.values() if buffer is not None]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in kept:
+                buffer.copy_(value)
 
 
 def frozen_statistics(model: nn.Module, name: str) -> list[nn.Module]:
