@@ -48,7 +48,7 @@ from common import (
     result_saver,
     settings_from,
 )
-from multitask_report import markdown, merged, plot
+from multitask_report import markdown, plot, setups_of
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SETUPS = {"minilm": EXAMPLES / "multitask_minilm.yaml", "smollm2": EXAMPLES / "multitask_smollm2.yaml"}
@@ -124,10 +124,8 @@ def child(args: argparse.Namespace, s: Settings) -> bool:
 
 
 def draw(result: dict[str, Any], target: Path) -> None:
-    """Every setup's merged seeds and transfer heatmap (multitask[_quick]_<setup>_transfer.png)."""
-    result["setups"] = {setup: merged(result, setup) for setup in SETUPS
-                        if any(run["setup"] == setup for run in result["runs"])}
-    for setup, data in result["setups"].items():
+    """Every setup's transfer heatmap (multitask[_quick]_<setup>_transfer.png), its seeds merged."""
+    for setup, data in setups_of(result).items():
         if data and data.get("transfer"):
             plot(data, target.with_name(f"{target.stem}_{setup}_transfer.png"))
 

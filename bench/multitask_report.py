@@ -34,6 +34,12 @@ def merged(result: dict[str, Any], setup: str) -> dict[str, Any] | None:
             "failed": [f"seed {j['seed']}: {j['error']}" for j in jobs if "error" in j]}
 
 
+def setups_of(result: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
+    """Every setup with a run in the result, its seeds merged (`merged`), in the runs' order."""
+    names = dict.fromkeys(run["setup"] for run in result["runs"])
+    return {setup: merged(result, setup) for setup in names}
+
+
 def verdicts(data: dict[str, Any]) -> list[str]:
     """The paper's claims (abstract), read on this setup: close to single-task accuracy, storage
     divided by the number of tasks, less compute."""
@@ -72,7 +78,7 @@ def markdown(result: dict[str, Any], settings: Any = None) -> str:
               f"{s['train_examples'] or 'all'}, evaluation rows per task {s['eval_examples'] or 'as the file'}, "
               f"max_length {s['max_length'] or 'as the file'}" + (" (quick: far too small to trust)" if s["quick"]
                                                                    else "") + "."]
-    for setup, data in result.get("setups", {}).items():
+    for setup, data in setups_of(result).items():
         if data is None:
             errors = [j["error"] for j in result["runs"] if j["setup"] == setup]
             lines += ["", f"## {setup}: failed", "", *errors]
