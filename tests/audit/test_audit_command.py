@@ -119,6 +119,10 @@ def test_cli_passes_a_clean_adapter_and_fails_a_tampered_one_with_status_3(base_
     never = runner.invoke(app, ["audit", str(tampered), "--model", str(base_folder), "--scan", "off",
                                 "--fail-on", "never"])
     assert never.exit_code == 0
+    quiet = runner.invoke(app, ["audit", str(tampered), "--model", str(base_folder), "--scan", "off", "--quiet"])
+    assert quiet.exit_code == EXIT_FLAGGED  # no table, but each flag on a line: a CI log says why
+    assert f"flag: provenance: {tampered}: " in quiet.output
+    assert f"tensor {key} differs from the manifest's" in quiet.output
 
 
 def test_keygen_sign_and_audit_with_the_public_key(base_folder, adapters, tmp_path):
@@ -148,6 +152,11 @@ def test_a_yaml_config_is_validated_naming_file_key_and_value(tmp_path):
     config.write_text("fail_on: always\nbatch_size: 0\n")
     with pytest.raises(ConfigError, match=r"audit.yaml.*'fail_on' has value 'always'.*'batch_size' has value 0"):
         read_audit_settings(config, {})
+    config.write_text("suspect: nowhere/eval.jsonl\n")  # refused before any model loads, by key
+    with pytest.raises(ConfigError, match=r"audit.yaml.*'suspect' has value 'nowhere/eval.jsonl'.*an existing file"):
+        read_audit_settings(config, {})
+    with pytest.raises(ConfigError, match=r"'references' has value 'ref-9'.*an existing file"):
+        read_audit_settings(None, {"references": [str(tmp_path), "ref-9"]})
 
 
 def test_trigger_texts_and_items_files_are_read_and_bad_lines_named(tmp_path):

@@ -166,8 +166,9 @@ def test_memorised_adapter_is_flagged(memorised):
     assert {"perplexity", "min_k", "calibrated"} <= flagged
     assert not flagged & {"base_perplexity", "base_min_k"}  # the base model never saw either set
     notes = [f for f in test.findings if f.severity == "note"]
-    assert [(f.check, f.subject) for f in notes] == [("contamination", "cdd")]
-    assert "unreliable after PEFT" in notes[0].message
+    assert [(f.check, f.subject) for f in notes] == [("contamination", "auroc"), ("contamination", "cdd")]
+    assert notes[0].message.startswith("20 suspect vs 20 control items, AUROC (95% interval): perplexity ")
+    assert "unreliable after PEFT" in notes[1].message
 
 
 def test_adapter_trained_on_nothing_is_not_flagged():

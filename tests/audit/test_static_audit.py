@@ -217,6 +217,27 @@ def test_each_reference_is_scored_against_the_others():
     assert "1 of 5 references would themselves be flagged" in audit.findings[-1].message
 
 
+def test_three_references_say_they_could_not_be_scored_against_each_other():
+    references = [profile(a={"norm": v}) for v in (1.0, 2.0, 3.0)]
+
+    audit = static_audit(profile(a={"norm": 2.0}), references=references)
+
+    assert audit.reference_scores == [None, None, None]
+    assert "the references could not be scored against each other (each needs 3 others: give 4 or more" \
+        in audit.findings[-1].message
+
+
+def test_modules_are_profiled_in_layer_order(tmp_path):
+    """A saved file's keys come sorted as text (layer 10 before layer 2); the profile, its table
+    and its plot follow the layers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(12)])
+    splice.attach(model, splice.LoRA(r=2, targets=[str(i) for i in range(12)]))
+    randomize(model)
+    folder = splice.save(model, tmp_path / "twelve")
+    assert list(weight_profile(folder).modules) == [str(i) for i in range(12)]
+
+
 # -- random LoRAs with a planted outlier ---------------------------------------------------------
 
 

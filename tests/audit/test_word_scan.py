@@ -126,6 +126,18 @@ def test_a_clean_model_flags_nothing() -> None:
     assert [f.severity for f in result.findings] == ["note"]
 
 
+def test_a_scan_too_small_to_reach_the_threshold_says_so() -> None:
+    """8 texts at one position: a flip rate moves in steps of 1/8, so even a word that flips half
+    the pairs stays near z 2.7 (the trigger here is missed); a warning says the scan was too small."""
+    result = scan(backdoored=True, positions=("start",))
+    assert result.flagged == []
+    assert by_word(result)[TRIGGER].z == pytest.approx(0.5 / (NORMAL_MAD / len(TEXTS)))
+    warnings = [f for f in result.findings if f.severity == "warning"]
+    assert len(warnings) == 1 and "with 8 (text, position) pair(s) a word that flips half of them reaches z 2.7 at " \
+        "most, not the 6 a flag needs" in warnings[0].message
+    assert not [f for f in scan(backdoored=True).findings if f.severity == "warning"]  # 8 x 3 pairs: enough
+
+
 def test_batched_equals_one_by_one() -> None:
     batched, single = scan(backdoored=True, batch_size=64), scan(backdoored=True, batch_size=1)
     for a, b in zip(batched.results, single.results, strict=True):

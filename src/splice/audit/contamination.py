@@ -69,6 +69,7 @@ BASE_SCORES = ("base_perplexity", "base_min_k")
 # distance of every sample to the greedy output costs O(L^2) in Python, and the first tokens of a
 # memorised answer already show whether the samples collapse onto it.
 MAX_NEW_TOKENS = 128
+MIN_ITEMS = 20  # per set, for a flag: under no contamination the rule fires on 4% of 5 vs 5 draws, per score
 CDD_NOTE = ("CDD is unreliable after PEFT fine-tuning: No Memorization, No Detection (arXiv 2603.03203) found it "
             "near chance for LoRA-contaminated models unless training reached verbatim memorisation, while "
             "perplexity and Min-K% Prob detected contamination wherever anything did. A CDD AUROC near 0.5 "
@@ -231,8 +232,9 @@ def contamination_test(
     the scores and the other arguments), with a percentile 95% interval from `bootstrap`
     resamples of both sets (seeded by `seed`).
 
-    An adapter score whose AUROC is at least `auroc_threshold` with an interval above 0.5 is a
-    flag; a base-model score that does so is a warning that the control set is not comparable
+    With at least MIN_ITEMS (20) items in each set (fewer: a warning, nothing flagged), an adapter
+    score whose AUROC is at least `auroc_threshold` with an interval above 0.5 is a flag; a
+    base-model score that does so is a warning that the control set is not comparable
     (the adapter's raw scores are confounded; the calibrated one is not). A note on CDD's
     weakness after PEFT is always added.
     """
@@ -413,7 +415,16 @@ def _bootstrap_interval(suspect: np.ndarray, control: np.ndarray, resamples: int
 
 def _findings(auroc: dict[str, float], interval: dict[str, tuple[float, float]], threshold: float,
               suspect: int, control: int) -> list[Finding]:
-    found = []
+    found = [Finding("contamination", "note", "auroc", f"{suspect} suspect vs {control} control items, AUROC "
+                     "(95% interval): " + ", ".join(f"{name} {value:.2f} ({interval[name][0]:.2f}-"
+                                                   f"{interval[name][1]:.2f})" for name, value in auroc.items()))]
+    if min(suspect, control) < MIN_ITEMS:
+        found.append(Finding("contamination", "warning", "items", f"too few items to judge: {suspect} suspect vs "
+                             f"{control} control (at least {MIN_ITEMS} each): on so few an AUROC and its bootstrap "
+                             "interval clear the flag rule by chance (1 vs 1: half the time), so nothing is "
+                             "flagged; give more items"))
+        found.append(Finding("contamination", "note", "cdd", CDD_NOTE))
+        return found
     for name, value in auroc.items():
         low, high = interval[name]
         if value < threshold or low <= 0.5:

@@ -51,14 +51,16 @@ def provenance_audit(folder: str | Path, model: nn.Module | None = None, adapter
     `others`, the other folders of a folder of several adapters, are verified too (files and
     signatures), their findings added."""
     audit = _folder_audit(Path(folder), model, adapter, public_key)
-    for other in others:
-        audit.others.append(_folder_audit(Path(other), None, None, public_key))
+    for other in dict.fromkeys(Path(o) for o in others):
+        audit.others.append(_folder_audit(Path(other), None, None, public_key, audited=False))
         audit.findings += audit.others[-1].findings
     return audit
 
 
 def _folder_audit(folder: Path, model: nn.Module | None, adapter: str | None,
-                  public_key: str | Path | None) -> ProvenanceAudit:
+                  public_key: str | Path | None, *, audited: bool = True) -> ProvenanceAudit:
+    """One folder's findings; `audited` False: another adapter of the folder, whose base weights
+    are not compared (the model carries the audited one)."""
     check = verify_manifest(folder, model, adapter)
     verdict, message = verify_signature(folder, public_key) if check.has_manifest else ("unsigned", "no manifest")
     audit = ProvenanceAudit(check, verdict, message)
@@ -70,7 +72,9 @@ def _folder_audit(folder: Path, model: nn.Module | None, adapter: str | None,
     if check.base == "mismatch":
         audit.findings.append(Finding("provenance", "warning", subject, check.base_message))
     elif check.has_manifest:
-        audit.findings.append(Finding("provenance", "note", subject, f"base weights: {check.base_message}"))
+        said = (check.base_message if audited else
+                "not compared here (only the audited adapter's are; audit this one with --name to compare its own)")
+        audit.findings.append(Finding("provenance", "note", subject, f"base weights: {said}"))
     if verdict == "invalid" or (verdict == "unsigned" and public_key is not None):
         audit.findings.append(Finding("provenance", "flag", subject, message))
     elif check.has_manifest:

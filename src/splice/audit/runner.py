@@ -66,7 +66,7 @@ def audit(adapter: str | Path, model: nn.Module, tokenizer: Any = None, *, name:
     folders = saved_adapters(Path(adapter))
     folder = _audited_folder(Path(adapter), folders, name)
     others = [f for f in folders.values() if f != folder]
-    if Path(adapter) != folder and (Path(adapter) / MANIFEST_NAME).is_file():
+    if Path(adapter) != folder and (Path(adapter) / MANIFEST_NAME).is_file() and Path(adapter) not in others:
         others.insert(0, Path(adapter))  # the root's manifest records the subfolders'
     active = splice.active_adapters(model)
     splice.load(model, folder, AUDITED, provenance="off")  # the audit reports what load would refuse

@@ -55,8 +55,19 @@ def read_audit_settings(path: Path | None, flags: dict[str, Any]) -> AuditSettin
                  if isinstance(merged.get(key), int) and merged[key] <= 0]
     if isinstance(merged.get("k"), (int, float)) and not 0 < merged["k"] <= 1:
         problems.append(Problem("k", merged["k"], "a share in (0, 1]"))
+    problems += [Problem(key, value, "an existing file (paths are read from the current folder, as flags are)")
+                 for key, value in _paths(merged) if not Path(value).exists()]
     raise_problems(problems, ConfigError, where=path)
     return AuditSettings(**merged)
+
+
+def _paths(settings: dict[str, Any]) -> list[tuple[str, str]]:
+    """(key, path) of every input file the settings name, checked before the model loads."""
+    keys = ("public_key", "triggers", "prompts", "texts", "suspect", "control")
+    found = [(key, settings[key]) for key in keys if isinstance(settings.get(key), str)]
+    references = settings.get("references")
+    return found + ([("references", r) for r in references if isinstance(r, str)] if isinstance(references, list)
+                    else [])
 
 
 def read_lines(path: str | Path) -> list[str]:

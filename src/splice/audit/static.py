@@ -261,7 +261,8 @@ def weight_profile(adapter: Source, base: BaseWeights = None, *,
     _check_unmerged(base)
     state = adapter_state(adapter, name)
     modules = {}
-    for module_name, update in progress.track(list(state.modules.items()), "profile weight changes"):
+    ordered = sorted(state.modules.items(), key=lambda item: _in_layer_order(item[0]))
+    for module_name, update in progress.track(ordered, "profile weight changes"):
         modules[module_name] = module_profile(module_name, update, _base_of(base, module_name, update), top_k)
     heads, notes = _head_profiles(state.head_tensors, base, top_k)
     return WeightProfile(modules | heads, notes)
@@ -523,12 +524,19 @@ def _summary(z: dict[str, dict[str, float]], references: int, score: float | Non
     where = f"; largest |z| = {score:.2f} ({worst[1]} of {worst[0]})" if worst else ""
     scored = [s for s in calibration if s is not None]
     benign = (f"; against the others, {sum(s > threshold for s in scored)} of {len(scored)} references would "
-              f"themselves be flagged (their scores reach {max(scored):.2f})") if scored else ""
+              f"themselves be flagged (their scores reach {max(scored):.2f})") if scored else (
+        f"; the references could not be scored against each other (each needs {MIN_REFERENCES} others: give "
+        f"{MIN_REFERENCES + 1} or more to learn how often this set warns on a benign adapter)")
     return Finding("static", "note", "weights", f"{compared} features of {len(z)} modules compared with "
                    f"{references} reference adapters{where}{benign}")
 
 
 # -- text ----------------------------------------------------------------------------------------
+
+
+def _in_layer_order(name: str) -> list[tuple[int, int | str]]:
+    """A sort key that puts layers.2 before layers.10 (a file's keys come sorted as text)."""
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in name.split(".")]
 
 
 def _number(value: float) -> str:

@@ -325,6 +325,15 @@ def _findings(results: list[WordResult], texts: int, positions: tuple[str, ...],
         found.append(Finding("scan", "note", "word scan",
                              f"only {len(results)} candidate(s), fewer than {MIN_CANDIDATES_FOR_Z}: no robust z; "
                              f"a word is flagged on its flip rate alone (>= {min_flip:g})"))
+    else:
+        pairs = texts * len(positions)
+        reachable = (0.5 - median) / (1.4826 * max(MAD_FLOOR, 1 / pairs))  # at most, whatever the MAD
+        if reachable <= z_threshold:
+            found.append(Finding("scan", "warning", "word scan",
+                                 f"too few texts to catch a trigger: with {pairs} (text, position) pair(s) a word "
+                                 f"that flips half of them reaches z {reachable:.1f} at most, not the {z_threshold:g} "
+                                 "a flag needs (a flip rate moves in steps of 1/pairs); give more texts (24 or more "
+                                 "with balanced classes)"))
     return found
 
 

@@ -12,6 +12,7 @@ from rich.console import Console
 
 from splice.cli.errors import user_errors
 from splice.cli.output import Quiet, command, quieted
+from splice.core.errors import SpliceError
 
 console = Console()
 
@@ -41,7 +42,8 @@ def audit(
     triggers: Annotated[Path | None, typer.Option(help="Triggers to sweep instead of the built-in years, dates and "
                                                   "deployment strings: a file, one per line.",
                                                   show_default=False)] = None,
-    prompts: Annotated[Path | None, typer.Option(help="Prompts each trigger is put before: a file, one per line.",
+    prompts: Annotated[Path | None, typer.Option(help="Prompts each trigger is put before: a file, one per line "
+                                                 "(or .jsonl with text, for prompts of several lines).",
                                                  show_default=False)] = None,
     texts: Annotated[Path | None, typer.Option(help="Classifier scan: texts to insert candidate words into "
                                                "(one per line, or .jsonl with text).", show_default=False)] = None,
@@ -55,7 +57,10 @@ def audit(
     out: Annotated[Path | None, typer.Option(help="Folder for audit.json, audit.md and the PNGs.",
                                              show_default=False)] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file of these settings (keys as the flags, with _ "
-                                                "for -); flags win.", show_default=False)] = None,
+                                                "for -, paths read from the current folder) and a few of its own: "
+                                                "template (default '{trigger}\\n{prompt}'), new_tokens (8), "
+                                                "batch_size (8), cdd_samples (20), k (0.2); flags win.",
+                                                show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out folder.")] = False,
     quiet: Quiet = False,
 ) -> None:
@@ -116,7 +121,7 @@ def _run(adapter: Path, settings: Any, tables: Console, force: bool) -> Any:
     causal = base.task == "causal_lm"
     scanning = settings.scan == "on" or (settings.scan == "auto" and (causal or settings.texts is not None))
     if scanning and not causal and settings.texts is None:
-        raise typer.BadParameter("a classifier's scan inserts words into texts: pass --texts", param_hint="--scan")
+        raise SpliceError("--scan on: a classifier's scan inserts words into texts; pass --texts")
     needs_tokenizer = scanning or settings.suspect is not None
     tables.print(f"auditing {adapter} on {base.model} ({base.task})", highlight=False)
     model = base.load().eval()
@@ -139,7 +144,12 @@ def _print(report: Any, out: str | None, quiet: bool) -> None:
     from rich.table import Table
 
     counts = ", ".join(f"{report.count(s)} {s}(s)" for s in ("flag", "warning", "note"))
-    if quiet:
+    if quiet:  # no table, but every flag and warning on a line of its own (stderr), so a CI log says why
+        err = Console(stderr=True, soft_wrap=True)
+        for finding in report.findings:
+            if finding.severity != "note":
+                err.print(f"{finding.severity}: {finding.check}: {finding.subject}: {finding.message}", highlight=False,
+                          markup=False)
         console.print(counts + (f"; report in {out}" if out else ""), highlight=False)
         return
 

@@ -66,12 +66,19 @@ def _moved(path: Path, fd: int) -> bool:
     return (there.st_dev, there.st_ino) != (held.st_dev, held.st_ino)
 
 
+def check_folder(path: Path, what: str) -> None:
+    """Refuse a path that is not a folder, saying whether it is missing or a file."""
+    if path.is_file():
+        raise AdapterFileError(f"{what} {path} is a file, not a folder")
+    if not path.is_dir():
+        raise AdapterFileError(f"{what} {path} does not exist")
+
+
 def read_config(path: str | Path) -> dict[str, Any]:
     """The JSON object in `path`/adapter_config.json; a missing folder or file, invalid JSON or a
     non-object are refused naming the file (and the sub-folders that do hold adapters)."""
     path = Path(path)
-    if not path.is_dir():
-        raise AdapterFileError(f"adapter directory {path} does not exist")
+    check_folder(path, "adapter directory")
     config_file = path / CONFIG_NAME
     if not config_file.is_file():
         nested = sorted(p.parent.name for p in path.glob(f"*/{CONFIG_NAME}"))

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from splice.core.errors import AdapterFileError, OutputExistsError, SpliceError
+from splice.io.adapter_files import check_folder
 from splice.io.files import write_bytes
 from splice.io.manifest import MANIFEST_NAME, SIGNATURE_NAME, verify_manifest
 
@@ -44,6 +45,7 @@ def sign_tree(folder: str | Path, private_key: str | Path, *, password: bytes | 
     """Sign every manifest of `folder`: its own and, in a folder of several adapters (PEFT's
     layout), each subfolder's; all checked before any is written."""
     folder = Path(folder)
+    check_folder(folder, "adapter folder")
     folders = [sub for sub in sorted(folder.iterdir()) if sub.is_dir() and (sub / MANIFEST_NAME).is_file()]
     folders = ([folder] if (folder / MANIFEST_NAME).is_file() or not folders else []) + folders
     for where in folders:

@@ -58,6 +58,9 @@ def model_path(name: str) -> Path:
     if not path.is_dir():
         raise SpliceError(f"model {name!r} is neither bundled ({', '.join(BUNDLED_MODELS)}) "
                           "nor a local folder (splice never downloads from a hub)")
+    if not (path / "config.json").is_file():
+        raise SpliceError(f"model folder {path} holds no config.json, so it is not a transformers model "
+                          f"(found {sorted(p.name for p in path.iterdir())[:10]})")
     return path
 
 
