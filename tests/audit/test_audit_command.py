@@ -125,6 +125,31 @@ def test_cli_passes_a_clean_adapter_and_fails_a_tampered_one_with_status_3(base_
     assert f"tensor {key} differs from the manifest's" in quiet.output
 
 
+def test_a_truncated_adapter_file_is_a_provenance_flag_not_a_tool_error(base_folder, adapters, tmp_path):
+    """A file cut short cannot be loaded; its manifest shows it changed, so the audit flags that
+    (exit 3, a report written) instead of stopping with an error (exit 1, no report)."""
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    for file in adapters[0].iterdir():
+        (cut / file.name).write_bytes(file.read_bytes())
+    weights = cut / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    result = runner.invoke(app, ["audit", str(cut), "--model", str(base_folder), "--scan", "off",
+                                 "--out", str(tmp_path / "report")])
+    assert result.exit_code == EXIT_FLAGGED, result.output
+    flags = [f["message"] for f in json.loads((tmp_path / "report" / "audit.json").read_text())["findings"]
+             if f["severity"] == "flag"]
+    assert any("adapter_model.safetensors" in m and "differs" in m for m in flags), flags
+    assert any(m.startswith("the adapter cannot be loaded (") for m in flags), flags
+    unsigned = tmp_path / "no-manifest"  # without a manifest nothing shows tampering: the load error stands
+    unsigned.mkdir()
+    for file in cut.iterdir():
+        if file.name != "splice_manifest.json":
+            (unsigned / file.name).write_bytes(file.read_bytes())
+    plain = runner.invoke(app, ["audit", str(unsigned), "--model", str(base_folder), "--scan", "off"])
+    assert plain.exit_code == 1 and "is corrupt or unreadable" in plain.output
+
+
 def test_keygen_sign_and_audit_with_the_public_key(base_folder, adapters, tmp_path):
     assert runner.invoke(app, ["keygen", str(tmp_path / "me.pem")]).exit_code == 0
     assert runner.invoke(app, ["keygen", str(tmp_path / "them.pem")]).exit_code == 0

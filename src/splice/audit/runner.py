@@ -13,12 +13,13 @@ from torch import nn
 
 import splice
 from splice.audit.contamination import Item, contamination_test
+from splice.audit.findings import Finding
 from splice.audit.provenance import provenance_audit
 from splice.audit.report import AuditReport
 from splice.audit.scan import trigger_scan
 from splice.audit.static import WeightProfile, static_audit
 from splice.audit.word_scan import word_scan
-from splice.core.errors import SpliceError
+from splice.core.errors import AdapterFileError, SpliceError
 from splice.io.layout import saved_adapters
 from splice.io.manifest import MANIFEST_NAME
 
@@ -63,13 +64,12 @@ def audit(adapter: str | Path, model: nn.Module, tokenizer: Any = None, *, name:
         raise SpliceError("the behaviour scan and the contamination test need the model's tokenizer")
     if AUDITED in splice.adapters(model):
         raise SpliceError(f"the model already carries an adapter named {AUDITED!r}; pass the bare base model")
-    folders = saved_adapters(Path(adapter))
-    folder = _audited_folder(Path(adapter), folders, name)
-    others = [f for f in folders.values() if f != folder]
-    if Path(adapter) != folder and (Path(adapter) / MANIFEST_NAME).is_file() and Path(adapter) not in others:
-        others.insert(0, Path(adapter))  # the root's manifest records the subfolders'
+    folder, others = _folders(Path(adapter), name)
     active = splice.active_adapters(model)
-    splice.load(model, folder, AUDITED, provenance="off")  # the audit reports what load would refuse
+    try:
+        splice.load(model, folder, AUDITED, provenance="off")  # the audit reports what load would refuse
+    except AdapterFileError as err:
+        return unloadable_audit(adapter, err, name=name, public_key=public_key, settings=settings)
     try:
         report = AuditReport(str(folder), settings=dict(settings or {}))
         report.sections["provenance"] = provenance_audit(folder, model, AUDITED, public_key, others=others)
@@ -84,6 +84,33 @@ def audit(adapter: str | Path, model: nn.Module, tokenizer: Any = None, *, name:
         splice.detach(model, AUDITED)
         if active:
             splice.activate(model, active)
+
+
+def _folders(adapter: Path, name: str | None) -> tuple[Path, list[Path]]:
+    """The audited adapter's folder and the others whose provenance is checked with it."""
+    folders = saved_adapters(adapter)
+    folder = _audited_folder(adapter, folders, name)
+    others = [f for f in folders.values() if f != folder]
+    if adapter != folder and (adapter / MANIFEST_NAME).is_file() and adapter not in others:
+        others.insert(0, adapter)  # the root's manifest records the subfolders'
+    return folder, others
+
+
+def unloadable_audit(adapter: str | Path, err: AdapterFileError, *, name: str | None = None,
+                     public_key: str | Path | None = None, settings: dict[str, Any] | None = None) -> AuditReport:
+    """The audit of a folder that cannot be read (`err`: a corrupt or truncated file): when its
+    manifest shows it was changed after it was written, that is the finding (a flag, and a
+    report), not a tool error; otherwise `err` is raised."""
+    folder, others = _folders(Path(adapter), name)
+    provenance = provenance_audit(folder, None, None, public_key, others=others)
+    if not any(f.severity == "flag" for f in provenance.findings):
+        raise err
+    report = AuditReport(str(folder), settings=dict(settings or {}))
+    provenance.findings.append(Finding("provenance", "flag", str(folder), f"the adapter cannot be loaded ({err}); "
+                                       "its files were changed after the manifest was written, so no other check "
+                                       "ran"))
+    report.sections["provenance"] = provenance
+    return report
 
 
 def _audited_folder(path: Path, folders: dict[str, Path], name: str | None) -> Path:

@@ -12,7 +12,7 @@ from rich.console import Console
 
 from splice.cli.errors import user_errors
 from splice.cli.output import Quiet, command, quieted
-from splice.core.errors import SpliceError
+from splice.core.errors import AdapterFileError, SpliceError
 
 console = Console()
 
@@ -108,7 +108,7 @@ def _run(adapter: Path, settings: Any, tables: Console, force: bool) -> Any:
     """Load the base and what the settings name, then audit."""
     from transformers import AutoTokenizer
 
-    from splice.audit.runner import ScanSettings
+    from splice.audit.runner import ScanSettings, unloadable_audit
     from splice.audit.runner import audit as run_audit
     from splice.audit.settings import read_items, read_lines
     from splice.io.files import check_output_dir
@@ -117,7 +117,11 @@ def _run(adapter: Path, settings: Any, tables: Console, force: bool) -> Any:
 
     if settings.out is not None:
         check_output_dir(Path(settings.out), overwrite=force)  # refused before the work
-    base = adapter_base([adapter], settings.model)
+    try:
+        base = adapter_base([adapter], settings.model)
+    except AdapterFileError as err:  # unreadable: tampering when the manifest shows it, else the error
+        return unloadable_audit(adapter, err, name=settings.name, public_key=settings.public_key,
+                                settings=asdict(settings))
     causal = base.task == "causal_lm"
     scanning = settings.scan == "on" or (settings.scan == "auto" and (causal or settings.texts is not None))
     if scanning and not causal and settings.texts is None:
