@@ -178,3 +178,8 @@ def test_a_file_load_never_reads_is_reported_apart_not_as_tampering(tmp_path):
 
     warned = [f for f in provenance_audit(folder).findings if f.severity == "warning"]
     assert [f.message for f in warned] == check.extra
+    (folder / "sub").mkdir()  # a folder of anything but an adapter: reported the same way
+    (folder / "sub" / "evil.py").write_text("print('hi')\n")
+    check = verify_manifest(folder)
+    assert check.tampered == [] and check.extra[-1] == (f"{folder / 'sub'}: a folder not in the manifest (added "
+                                                        "after it was written; splice.load does not read it)")

@@ -178,6 +178,7 @@ def verify_manifest(folder: str | Path, model: nn.Module | None = None, adapter:
         return ManifestCheck(folder, None, tampered=[f"{path}: unreadable manifest ({err})"])
     check = ManifestCheck(folder, manifest)
     changed, check.extra = _file_differences(folder, files)
+    check.extra += _added_folders(folder, subfolders)
     check.tampered = changed + _tensor_differences(folder, tensors, files) + _subfolder_differences(folder, subfolders)
     if bound is not None and bound != file_sha256(path):
         check.tampered.append(f"{path}: differs from the hash {folder.parent / MANIFEST_NAME} records of it "
@@ -213,6 +214,14 @@ def _file_differences(folder: Path, recorded: dict[str, str]) -> tuple[list[str]
     found += [f"{folder / name}: its SHA-256 differs from the manifest's (changed after it was written)"
               for name in sorted(set(present) & set(recorded)) if file_sha256(present[name]) != recorded[name]]
     return found, extra
+
+
+def _added_folders(folder: Path, recorded: dict[str, str]) -> list[str]:
+    """Folders beside the adapter that are neither listed subfolders nor adapters (those are
+    checked as such): added after the manifest was written, never read by `load`."""
+    return [f"{path}: a folder not in the manifest (added after it was written; splice.load does not read it)"
+            for path in sorted(folder.iterdir()) if path.is_dir() and path.name not in recorded
+            and not (path / CONFIG_NAME).is_file() and path.name != "__pycache__"]
 
 
 def _subfolder_differences(folder: Path, recorded: dict[str, str]) -> list[str]:
