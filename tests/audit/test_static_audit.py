@@ -8,11 +8,12 @@ import math
 
 import pytest
 import torch
-from helpers import make_llama, randomize
+from helpers import make_bert, make_llama, randomize
 from torch import nn
 
 import splice
 from splice.audit.static import ModuleProfile, StaticAudit, WeightProfile, static_audit, weight_profile
+from splice.core.errors import SpliceError
 from splice.core.heads import head_module
 from splice.core.host import hosts
 
@@ -225,6 +226,16 @@ def test_three_references_say_they_could_not_be_scored_against_each_other():
     assert audit.reference_scores == [None, None, None]
     assert "the references could not be scored against each other (each needs 3 others: give 4 or more" \
         in audit.findings[-1].message
+
+
+def test_a_reference_of_another_base_is_named_in_the_error(tmp_path):
+    llama, bert = make_llama(), make_bert()
+    splice.attach(llama, splice.LoRA(r=2, targets=["q_proj"]))
+    splice.attach(bert, splice.LoRA(r=2, targets=["query"]))
+    other = splice.save(bert, tmp_path / "bert-lora")
+    with pytest.raises(SpliceError, match=rf"reference {other}: the base model has no module .*query.*a reference "
+                                          r"must adapt the same base model"):
+        static_audit(llama, base=make_llama(), references=[other, other, other])
 
 
 def test_modules_are_profiled_in_layer_order(tmp_path):

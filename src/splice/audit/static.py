@@ -366,7 +366,7 @@ def static_audit(adapter: Reference, base: BaseWeights = None,
     if not z_threshold > 0:
         raise SpliceError(f"z_threshold must be > 0, got {z_threshold}")
     profile = _profile_of(adapter, base, name, top_k)
-    refs = [_profile_of(r, base, None, top_k) for r in progress.track(list(references), "profile references")]
+    refs = [_reference_profile(r, base, top_k) for r in progress.track(list(references), "profile references")]
     if len(refs) < MIN_REFERENCES:
         note = Finding("static", "note", "references",
                        f"{len(refs)} reference adapter(s) given; robust z-scores need at least {MIN_REFERENCES} "
@@ -412,6 +412,15 @@ def leave_one_out_scores(references: list[WeightProfile]) -> list[float | None]:
 
 
 # -- profiles ------------------------------------------------------------------------------------
+
+
+def _reference_profile(source: Reference, base: BaseWeights, top_k: int) -> WeightProfile:
+    """A reference's profile; its errors say which reference (one of another base, say)."""
+    try:
+        return _profile_of(source, base, None, top_k)
+    except SpliceError as err:
+        label = source if isinstance(source, (str, Path)) else type(source).__name__
+        raise type(err)(f"reference {label}: {err} (a reference must adapt the same base model)") from None
 
 
 def _profile_of(source: Reference, base: BaseWeights, name: str | None, top_k: int) -> WeightProfile:

@@ -112,6 +112,7 @@ def _run(adapter: Path, settings: Any, tables: Console, force: bool) -> Any:
     from splice.audit.runner import audit as run_audit
     from splice.audit.settings import read_items, read_lines
     from splice.io.files import check_output_dir
+    from splice.io.info import inspect_adapter
     from splice.train.adapter_base import adapter_base
     from splice.train.tasks import model_path
 
@@ -127,7 +128,9 @@ def _run(adapter: Path, settings: Any, tables: Console, force: bool) -> Any:
     if scanning and not causal and settings.texts is None:
         raise SpliceError("--scan on: a classifier's scan inserts words into texts; pass --texts")
     needs_tokenizer = scanning or settings.suspect is not None
-    tables.print(f"auditing {adapter} on {base.model} ({base.task})", highlight=False)
+    recorded = inspect_adapter(adapter).base_model if settings.model is not None else None
+    other = f"; the adapter records {recorded}" if recorded and not _same_model(recorded, base.model) else ""
+    tables.print(f"auditing {adapter} on {base.model} ({base.task}){other}", highlight=False)
     model = base.load().eval()
     tokenizer = AutoTokenizer.from_pretrained(model_path(base.model)) if needs_tokenizer else None
     scan = ScanSettings(
@@ -141,6 +144,16 @@ def _run(adapter: Path, settings: Any, tables: Console, force: bool) -> Any:
                      public_key=settings.public_key, scan=scan,
                      suspect=read_items(settings.suspect) if settings.suspect else None,
                      control=read_items(settings.control) if settings.control else None, contamination=contamination)
+
+
+def _same_model(recorded: str, given: str) -> bool:
+    """Whether the base an adapter records is the one given (a Hub id and its bundled copy are)."""
+    from splice.train.tasks import model_path
+
+    try:
+        return model_path(recorded) == model_path(given)
+    except SpliceError:  # a base neither bundled nor here
+        return recorded == given
 
 
 def _print(report: Any, out: str | None, quiet: bool) -> None:
