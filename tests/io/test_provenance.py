@@ -145,6 +145,10 @@ def test_signing_refuses_to_overwrite_keys_and_signatures_and_a_key_of_the_wrong
     (tmp_path / "ec.pem").write_bytes(ec_key)
     with pytest.raises(SpliceError, match="ECPrivateKey; splice signs with Ed25519"):
         sign_folder(folder, tmp_path / "ec.pem", overwrite=True)
+    with pytest.raises(SpliceError, match=r"private key file .*nokey.pem does not exist"):
+        sign_folder(folder, tmp_path / "nokey.pem", overwrite=True)
+    with pytest.raises(SpliceError, match=r"public key file .*nokey.pub does not exist"):
+        verify_signature(folder, tmp_path / "nokey.pub")
     with pytest.raises(SpliceError, match="needs manifest=True"):
         saved(tmp_path, seed=1, manifest=False, sign_with=private)
 

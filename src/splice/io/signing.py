@@ -105,8 +105,15 @@ def _manifest_bytes(folder: Path) -> bytes:
     return path.read_bytes()
 
 
+def _check_key_file(path: Path, kind: str) -> None:
+    if not path.is_file():
+        raise SpliceError(f"{kind} key file {path} does not exist" if not path.exists() else
+                          f"{kind} key {path} is not a file")
+
+
 def _load_private(path: Path, password: bytes | None) -> Any:
     ed25519, serialization = _crypto()
+    _check_key_file(path, "private")
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=password)
     except (OSError, ValueError, TypeError) as err:
@@ -118,6 +125,7 @@ def _load_private(path: Path, password: bytes | None) -> Any:
 
 def _load_public(path: Path) -> Any:
     ed25519, serialization = _crypto()
+    _check_key_file(path, "public")
     try:
         key = serialization.load_pem_public_key(path.read_bytes())
     except (OSError, ValueError) as err:
