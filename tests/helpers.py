@@ -193,3 +193,12 @@ def sentiment_rows(n: int, seed: int) -> list[dict]:
         rows.append({"text": " ".join(rng.choice(words) for _ in range(3)), "label": label})
     return rows
 
+
+def text_batch(rows: int = 4, length: int = 9) -> dict[str, torch.Tensor]:
+    """Token ids of the tiny models' vocabulary with labels; row 1 right-padded by 3 (mask 0, id 0)."""
+    generator = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, VOCAB, (rows, length), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0
+    ids[1, -3:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (rows,), generator=generator)}

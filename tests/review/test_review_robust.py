@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import VOCAB, make_bert, randomize_module
+from helpers import VOCAB, make_bert, randomize_module, text_batch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import (
@@ -33,15 +33,6 @@ def small_set(rows: int = 16, width: int = 4, classes: int = 3, seed: int = 0) -
 def mlp(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
-
-
-def text_batch(rows: int = 4, length: int = 9) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(5)
-    ids = torch.randint(1, VOCAB, (rows, length), generator=generator)
-    mask = torch.ones_like(ids)
-    mask[1, -3:] = 0
-    ids[1, -3:] = 0
-    return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (rows,), generator=generator)}
 
 
 def base_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import VOCAB, assert_differs, logits, make_bert, randomize_module
+from helpers import VOCAB, assert_differs, logits, make_bert, randomize_module, text_batch
 from torch import nn
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
@@ -234,15 +234,6 @@ def test_the_bases_running_statistics_stay_frozen_while_a_batchnorm_the_patch_tr
 
 
 # ---------------------------------------------------------------------- text: embedding-space PGD
-
-
-def text_batch(rows: int = 4, length: int = 9) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(5)
-    ids = torch.randint(1, VOCAB, (rows, length), generator=generator)
-    mask = torch.ones_like(ids)
-    mask[1, -3:] = 0
-    ids[1, -3:] = 0
-    return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (rows,), generator=generator)}
 
 
 @pytest.mark.parametrize("norm", ["l2", "linf"])
