@@ -49,7 +49,7 @@ from torch import nn
 
 from splice.audit.findings import Finding, flags
 from splice.audit.lm_io import device_of, position_limit
-from splice.audit.robust_z import robust_z
+from splice.audit.robust_z import NORMAL_MAD, robust_z
 from splice.core import progress
 from splice.core.errors import SpliceError
 from splice.core.modes import evaluating
@@ -327,7 +327,7 @@ def _findings(results: list[WordResult], texts: int, positions: tuple[str, ...],
                              f"a word is flagged on its flip rate alone (>= {min_flip:g})"))
     else:
         pairs = texts * len(positions)
-        reachable = (0.5 - median) / (1.4826 * max(MAD_FLOOR, 1 / pairs))  # at most, whatever the MAD
+        reachable = (0.5 - median) / (NORMAL_MAD * max(MAD_FLOOR, 1 / pairs))  # at most, whatever the MAD
         if reachable <= z_threshold:
             found.append(Finding("scan", "warning", "word scan",
                                  f"too few texts to catch a trigger: with {pairs} (text, position) pair(s) a word "

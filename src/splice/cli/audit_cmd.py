@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from splice.cli.errors import user_errors
-from splice.cli.output import Quiet, command, quieted
+from splice.cli.output import Quiet, command, quieted, to_stderr
 from splice.core.errors import AdapterFileError, SpliceError
 
 console = Console()
@@ -162,11 +162,9 @@ def _print(report: Any, out: str | None, quiet: bool) -> None:
 
     counts = ", ".join(f"{report.count(s)} {s}(s)" for s in ("flag", "warning", "note"))
     if quiet:  # no table, but every flag and warning on a line of its own (stderr), so a CI log says why
-        err = Console(stderr=True, soft_wrap=True)
         for finding in report.findings:
             if finding.severity != "note":
-                err.print(f"{finding.severity}: {finding.check}: {finding.subject}: {finding.message}", highlight=False,
-                          markup=False)
+                to_stderr(f"{finding.severity}: {finding.check}: {finding.subject}: {finding.message}", markup=False)
         console.print(counts + (f"; report in {out}" if out else ""), highlight=False)
         return
 

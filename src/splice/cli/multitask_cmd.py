@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from splice.cli.errors import user_errors
-from splice.cli.output import Quiet, command, quieted
+from splice.cli.output import Quiet, command, quieted, to_stderr
 
 if TYPE_CHECKING:
     from splice.multitask import MultitaskResult
@@ -96,7 +97,7 @@ def _exit_if_diverged(result: MultitaskResult) -> None:
     which on stderr (whatever --quiet) and exit 1, as `splice train` does."""
     diverged = result.summary.get("diverged", [])
     for line in diverged:
-        Console(stderr=True, soft_wrap=True).print(f"[red]error:[/] run {line}", highlight=False)
+        to_stderr(f"[red]error:[/] run {escape(line)}")
     if diverged:
         raise typer.Exit(1)
 

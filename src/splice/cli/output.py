@@ -25,6 +25,11 @@ Quiet = Annotated[bool, typer.Option(
     "was written, with its headline numbers).")]
 
 
+def to_stderr(message: str, markup: bool = True) -> None:
+    """A message that no --quiet silences (whole lines: a path in it is not broken)."""
+    Console(stderr=True, soft_wrap=True).print(message, highlight=False, markup=markup)
+
+
 @contextmanager
 def quieted(console: Console, quiet: bool) -> Iterator[Console]:
     """The body of a command: its progress bars go to `console`, or nowhere under `--quiet`;

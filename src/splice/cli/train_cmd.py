@@ -26,7 +26,7 @@ from splice.cli.options import (
     Task,
     TextColumn,
 )
-from splice.cli.output import Quiet, command, quieted
+from splice.cli.output import Quiet, command, quieted, to_stderr
 from splice.core.errors import SpliceError
 from splice.core.registry import method_names
 
@@ -236,13 +236,8 @@ def _interruptions(kind: type[Exception]) -> Iterator[None]:
     try:
         yield
     except kind as err:
-        _to_stderr(f"[yellow]interrupted:[/] {err}")
+        to_stderr(f"[yellow]interrupted:[/] {err}")
         raise typer.Exit(err.exit_code) from None
-
-
-def _to_stderr(message: str) -> None:
-    """A message that no --quiet silences (whole lines: a path in it is not broken)."""
-    Console(stderr=True, soft_wrap=True).print(message, highlight=False)
 
 
 def _closing_lines(results: list[RunResult]) -> None:
@@ -253,7 +248,7 @@ def _closing_lines(results: list[RunResult]) -> None:
     for result in results:
         if result.status == "finished":
             if result.message:
-                _to_stderr(f"[bold yellow]warning:[/] {escape(result.message)}")
+                to_stderr(f"[bold yellow]warning:[/] {escape(result.message)}")
             label = f"saved to {escape(str(result.paths['run_dir']))}"
             console.print(metrics_line(label, result.metrics["after"]), highlight=False)
 
@@ -262,7 +257,7 @@ def _exit_if_diverged(results: list) -> None:
     """A run that stopped on non-finite numbers saved its best finite adapter; say so and exit 1."""
     diverged = [r for r in results if r.status != "finished"]
     for result in diverged:
-        _to_stderr(f"[red]error:[/] {result.paths['run_dir']}: {result.message}")
+        to_stderr(f"[red]error:[/] {result.paths['run_dir']}: {result.message}")
     if diverged:
         raise typer.Exit(1)
 

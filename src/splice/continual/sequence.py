@@ -246,7 +246,7 @@ def check_prompt(prompt: str, where: str) -> None:
     except ValueError as err:
         raise keyed_error("tasks", f"{where}: prompt {prompt!r} is not a format string ({err}); write a literal "
                                    "brace as {{ or }}") from None
-    if "text" not in fields or set(fields) != {"text"}:
+    if set(fields) != {"text"}:
         others = sorted({f"{{{name}}}" for name in fields if name != "text"})
         raise keyed_error("tasks", f"{where}: prompt must contain {{text}} and no other field"
                                    + (f" (found {', '.join(others)}; write a literal brace as {{{{ or }}}})"
