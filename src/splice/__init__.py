@@ -4,19 +4,49 @@
     splice.attach(model, splice.LoRA(r=8, targets=["query", "value"]))
     ...train...
     splice.save(model, "my-adapter")          # loads in HF PEFT as well
+
+The public names load on first use (PEP 562): `import splice` and the light modules the `splice`
+command's `--help` needs do not import torch and transformers; the first `splice.<name>` imports
+them all, as `import splice` used to.
 """
 
-from splice import _library_logs, assets, audit, compression, merging, placement, robust  # noqa: F401  (_library_logs first: its docstring)
-from splice.compression import compress
-from splice.core import *  # noqa: F403
-from splice.core import __all__ as _core_all
-from splice.io import load, save
-from splice.methods import *  # noqa: F403  (every method's config class: splice.LoRA, splice.DoRA, ...)
-from splice.methods import __all__ as _methods_all
-from splice.placement import DomLoRA
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Any
+
+from splice import _library_logs  # noqa: F401  (its filters must be installed before transformers loads)
 
 __version__ = "0.1.0"
-__all__ = [
-    *_core_all, *_methods_all, "DomLoRA", "assets", "audit", "compress", "compression", "load", "merging", "placement",
-    "robust", "save",
-]
+
+
+def _public_names() -> dict[str, Any]:
+    """`splice.<name>` for every public name: the core's verbs, every method's config class, and the
+    packages and functions users reach from the top."""
+    from splice import assets, audit, compression, core, merging, methods, placement, robust
+    from splice.io import load, save
+
+    return {
+        **{name: getattr(core, name) for name in core.__all__},
+        **{name: getattr(methods, name) for name in methods.__all__},
+        "DomLoRA": placement.DomLoRA, "assets": assets, "audit": audit, "compress": compression.compress,
+        "compression": compression, "load": load, "merging": merging, "placement": placement, "robust": robust,
+        "save": save,
+    }
+
+
+def __getattr__(name: str) -> Any:
+    if name.startswith("__") and name != "__all__":
+        raise AttributeError(f"module 'splice' has no attribute {name!r}")
+    if name != "__all__" and importlib.util.find_spec(f"splice.{name}") is not None:
+        return importlib.import_module(f"splice.{name}")  # a subpackage, alone: `splice.train`, ...
+    names = _public_names()
+    globals().update(names, __all__=sorted(names))
+    if name not in globals():
+        raise AttributeError(f"module 'splice' has no attribute {name!r}")
+    return globals()[name]
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__getattr__("__all__")})

@@ -12,7 +12,7 @@ from transformers import RobertaConfig, RobertaForSequenceClassification
 import splice
 from splice.core.errors import MergeError, SpliceError
 from splice.core.nf4_layers import dense_4bit, is_4bit_layer
-from splice.core.quantize import quantize_options
+from splice.core.quantization import quantize_options
 
 
 def test_unload_dequantize_gives_gpt2_back_its_conv1d_layout(ids):

@@ -13,8 +13,7 @@ Names are imported on first use, so that `import splice` does not pay for what t
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from splice._lazy import lazy_exports
 
 _EXPORTS = {
     "Finding": "findings",
@@ -37,9 +36,4 @@ _EXPORTS = {
     "ContaminationTest": "contamination",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'splice.audit' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"splice.audit.{_EXPORTS[name]}"), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

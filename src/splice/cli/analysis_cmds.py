@@ -13,15 +13,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from splice.analysis.routing import DEFAULT_ROWS
 from splice.cli.errors import user_errors
 from splice.cli.options import ForceOut
 from splice.cli.output import Quiet, command, name_column, quieted
 from splice.core.errors import SpliceError
-from splice.core.inventory import shared_prefix
-from splice.methods.moelora import MoELoRA
 
 console = Console()
+# Texts a MoELoRA's routing is measured on unless --rows says otherwise (the command's own default:
+# importing the library's would load torch for `--help`).
+ROUTED_ROWS = 200
 
 BaseModel = Annotated[
     str | None,
@@ -53,7 +53,7 @@ def analyze(
                                              "columns. Default: rotten_tomatoes for a classifier or an encoder, "
                                              "arithmetic for a causal LM or a decoder.", show_default=False)] = None,
     rows: Annotated[int | None, typer.Option(min=1, help=f"MoELoRA only: route the first N rows of --data "
-                                             f"(default: {DEFAULT_ROWS}).", show_default=False)] = None,
+                                             f"(default: {ROUTED_ROWS}).", show_default=False)] = None,
     task: Task = "auto",
     force: ForceOut = False,
     quiet: Quiet = False,
@@ -76,6 +76,7 @@ def analyze(
     Example: splice analyze runs/arithmetic-moelora/adapter --data arithmetic --rows 100
     """
     from splice.io.info import inspect_adapter
+    from splice.methods.moelora import MoELoRA
 
     with user_errors():
         routed = inspect_adapter(adapter).method == MoELoRA.method
@@ -84,7 +85,7 @@ def analyze(
                               "is not a MoELoRA and is analysed from its weights alone: leave them out")
     if routed:
         _analyze_routing(adapter, model, task, out or adapter.parent / f"{adapter.name}-routing", data,
-                         rows or DEFAULT_ROWS, force, quiet)
+                         rows or ROUTED_ROWS, force, quiet)
     else:
         _analyze_spectra(adapter, model, task, out or adapter.parent / f"{adapter.name}-spectra", top_k, force,
                          quiet)
@@ -94,6 +95,7 @@ def _analyze_spectra(adapter: Path, model: str | None, task: str, out: Path, top
                      quiet: bool) -> None:
     """`splice analyze` of an adapter with weight changes: compute, print and write the spectra."""
     from splice.analysis.spectra import ENERGY_FRACTIONS, adapter_dir_spectra, plot_effective_ranks, plot_spectra
+    from splice.core.inventory import shared_prefix
     from splice.io.files import atomic_directory, check_output_dir
     from splice.train.adapter_base import adapter_base
 
@@ -130,6 +132,7 @@ def _analyze_routing(adapter: Path, model: str | None, task: str, out: Path, dat
     from transformers import AutoTokenizer
 
     from splice.analysis.routing import adapter_dir_routing, default_data, load_texts, plot_routing
+    from splice.core.inventory import shared_prefix
     from splice.io.files import atomic_directory, check_output_dir
     from splice.train.adapter_base import adapter_base
     from splice.train.tasks import model_path
@@ -181,6 +184,7 @@ def compare(
     Example: splice compare runs/a/adapter runs/b/adapter --model minilm --out a-vs-b
     """
     from splice.analysis.compare import compare_adapter_dirs
+    from splice.core.inventory import shared_prefix
     from splice.io.files import atomic_directory, check_output_dir
     from splice.train.adapter_base import adapter_base
 

@@ -1,45 +1,22 @@
-"""The only code every method depends on: targets, hosts, the registry and the verbs."""
+"""The only code every method depends on: targets, hosts, the registry and the verbs.
 
-from splice.core.api import (
-    activate,
-    active_adapters,
-    adapters,
-    attach,
-    auxiliary_loss,
-    deactivate,
-    detach,
-    disabled,
-    freeze,
-    merge,
-    trainable_parameters,
-    unload,
-    unmerge,
-)
-from splice.core.config import Adapter, AdapterConfig
-from splice.core.errors import (
-    AdapterFileError,
-    ConfigError,
-    DataError,
-    IncompatibleAdaptersError,
-    MergeError,
-    OutputExistsError,
-    ShapeMismatchError,
-    SpliceError,
-    TargetError,
-)
-from splice.core.lowrank import LowRank
-from splice.core.quantize import base_bytes, dequantize, quantize, quantized_layers
-from splice.core.registry import config_from_dict, method_names, register_method
-from splice.core.routing import route
-from splice.core.summary import Summary, summary
-from splice.core.targets import resolve_targets
+Names are imported on first use (`splice._lazy`): the CLI's light modules import
+`splice.core.errors` without loading torch."""
 
-__all__ = [
-    "Adapter", "AdapterConfig", "AdapterFileError", "ConfigError", "DataError", "IncompatibleAdaptersError",
-    "MergeError", "OutputExistsError",
-    "ShapeMismatchError", "SpliceError", "Summary", "TargetError", "activate", "active_adapters", "auxiliary_loss",
-    "LowRank", "adapters", "attach", "base_bytes", "config_from_dict", "deactivate", "dequantize", "detach", "disabled",
-    "freeze", "merge", "quantize", "quantized_layers",
-    "method_names", "register_method", "resolve_targets", "route", "summary", "trainable_parameters",
-    "unload", "unmerge",
-]
+from splice._lazy import lazy_exports
+
+_EXPORTS = {
+    **dict.fromkeys(["activate", "active_adapters", "adapters", "attach", "auxiliary_loss", "deactivate", "detach",
+                     "disabled", "freeze", "merge", "trainable_parameters", "unload", "unmerge"], "api"),
+    **dict.fromkeys(["Adapter", "AdapterConfig"], "config"),
+    **dict.fromkeys(["AdapterFileError", "ConfigError", "DataError", "IncompatibleAdaptersError", "MergeError",
+                     "OutputExistsError", "ShapeMismatchError", "SpliceError", "TargetError"], "errors"),
+    "LowRank": "lowrank",
+    **dict.fromkeys(["base_bytes", "dequantize", "quantize", "quantized_layers"], "quantization"),
+    **dict.fromkeys(["config_from_dict", "method_names", "register_method"], "registry"),
+    "route": "routing",
+    **dict.fromkeys(["Summary", "summary"], "summaries"),
+    "resolve_targets": "targets",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from splice.core import quantize as quantization
+from splice.core import quantization
 from splice.core.config import AdapterConfig
 from splice.core.errors import MergeError, SpliceError, TargetError
 from splice.core.heads import add_head, all_head_copies, bind_heads, head_module, release_head, remove_head

@@ -1,9 +1,12 @@
-"""Method name -> config class. Methods register themselves; the core never imports them."""
+"""Method name -> config class. Methods register themselves; the core never imports them by
+name: a lookup first imports the packages that hold the built-in ones (`BUILTIN_METHOD_PACKAGES`),
+since `import splice` no longer does it up front."""
 
 from __future__ import annotations
 
 import difflib
 import functools
+import importlib
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,6 +17,8 @@ from splice.core.errors import AdapterFileError, ConfigError, SpliceError
 from splice.core.validation import did_you_mean, field_problems, init_fields, located, raise_problems, show
 
 _METHODS: dict[str, type[AdapterConfig]] = {}
+# Importing these registers splice's own forms (every method file, and DomLoRA's placement).
+BUILTIN_METHOD_PACKAGES = ("splice.methods", "splice.placement")
 
 C = TypeVar("C", bound=type[AdapterConfig])
 
@@ -47,8 +52,15 @@ def _name_unknown_keywords(config_cls: type[AdapterConfig]) -> None:
     config_cls.__init__ = checked_init
 
 
+def _registered() -> dict[str, type[AdapterConfig]]:
+    """Every registered method, the built-in ones included whatever has been imported so far."""
+    for package in BUILTIN_METHOD_PACKAGES:
+        importlib.import_module(package)
+    return _METHODS
+
+
 def method_names() -> list[str]:
-    return sorted(_METHODS)
+    return sorted(_registered())
 
 
 def config_class(method: str, error: type[SpliceError] = AdapterFileError) -> type[AdapterConfig]:
@@ -56,7 +68,7 @@ def config_class(method: str, error: type[SpliceError] = AdapterFileError) -> ty
         raise error(f"the adapter method must be a string naming one of {', '.join(method_names())}; "
                     f"got {show(method)}")
     try:
-        return _METHODS[method.lower()]
+        return _registered()[method.lower()]
     except KeyError:
         close = difflib.get_close_matches(method.lower(), method_names(), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""

@@ -61,7 +61,7 @@ from splice.core import progress
 from splice.core.api import model_state
 from splice.core.config import AdapterConfig
 from splice.core.errors import SpliceError
-from splice.core.quantize import quantize_options
+from splice.core.quantization import quantize_options
 from splice.orchestrate import packing
 from splice.orchestrate.views import TenantModules, join
 from splice.train import Callback, RunResult, TrainConfig, Trainer, report, tasks

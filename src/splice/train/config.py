@@ -23,7 +23,7 @@ import yaml
 
 from splice.core.config import AdapterConfig
 from splice.core.errors import ConfigError, SpliceError
-from splice.core.quantize import quantize_options
+from splice.core.quantization import quantize_options
 from splice.core.registry import config_class, config_from_dict
 from splice.core.validation import (
     check_value,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from rich.markup import escape
 
 from splice.core.errors import SpliceError
-from splice.core.summary import Summary
+from splice.core.summaries import Summary
 from splice.train import checkpoint, report
 from splice.train.results import RunResult, TrainingInterrupted, nonfinite_tensors
 

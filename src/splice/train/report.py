@@ -30,7 +30,7 @@ from rich.table import Table
 
 import splice
 from splice.core.errors import OutputExistsError, SpliceError
-from splice.core.summary import Summary
+from splice.core.summaries import Summary
 from splice.io.figures import pyplot, save_png
 from splice.train.config import TrainConfig
 

@@ -38,7 +38,7 @@ from splice import assets
 from splice.assets import Row
 from splice.core.config import AdapterConfig
 from splice.core.errors import SpliceError
-from splice.core.quantize import quantize, quantize_options
+from splice.core.quantization import quantize, quantize_options
 from splice.core.targets import SEQ_CLS_HEAD_NAMES
 from splice.train.config import TrainConfig
 from splice.train.data import IGNORE_INDEX

@@ -11,7 +11,7 @@ from splice.core.api import model_state
 from splice.core.heads import head_module
 from splice.core.host import hosts
 from splice.core.nf4_layers import weight_count
-from splice.core.quantize import base_bytes, quantized_layers
+from splice.core.quantization import base_bytes, quantized_layers
 
 
 @dataclass
