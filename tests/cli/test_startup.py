@@ -44,3 +44,12 @@ def test_a_command_that_needs_a_model_still_loads_torch():
 def test_the_help_of_method_names_every_registered_method():
     builtin = [name for name in method_names() if config_class(name).__module__.startswith("splice.")]  # not tests'
     assert list(METHOD_NAMES) == builtin
+
+
+def test_version_names_splice_and_the_libraries_without_importing_them():
+    code = ("from typer.testing import CliRunner\nfrom splice.cli.main import app\nimport splice\n"
+            "from importlib import metadata\n"
+            "result = CliRunner().invoke(app, ['--version'])\nassert result.exit_code == 0, result.output\n"
+            "assert result.output.startswith(f'splice {splice.__version__} (torch '), result.output\n"
+            "assert f\"transformers {metadata.version('transformers')}\" in result.output, result.output")
+    assert imported_heavy_modules(code) == []

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from importlib import metadata
+from typing import Annotated
+
 import typer
+
+import splice
 
 app = typer.Typer(
     name="splice",
@@ -11,6 +16,28 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
+
+
+def _print_version(value: bool) -> None:
+    """`splice --version`: splice's version and those of the libraries results depend on, read from
+    the installed packages' metadata (importing them would take seconds)."""
+    if not value:
+        return
+    others = []
+    for package in ("torch", "transformers", "peft", "safetensors"):
+        try:
+            others.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            others.append(f"{package} not installed")
+    typer.echo(f"splice {splice.__version__} ({', '.join(others)})")
+    raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                   help="Print the versions of splice, torch, transformers, "
+                                                        "peft and safetensors, and exit.")] = False) -> None:
+    """The options before any command (`--version`); the app's help text is the one given to typer.Typer."""
 
 
 def _register_commands() -> None:
