@@ -10,7 +10,8 @@ Sequences (the example files, run as they are but for the strategy, the seed and
     smollm2   examples/continual_smollm2.yaml: SmolLM2-135M as a generator, labels as words
               (review sentiment -> news topic -> arithmetic), greedy exact match on 100 test rows
 
-Strategies: sequential, separate, olora, loda, condu with the sequence's LoRA; core with LoReFT
+Strategies: sequential, separate, olora, loda, condu with the sequence's LoRA (and loda@lr/10:
+LoDA at a tenth of the sequence's rate, see RATE_VARIANTS); core with LoReFT
 (r=4, first and last prompt token, every layer: ReFT has no weight change, so it cannot take
 the LoRA), hence a different trainable budget, which the table states.
 
@@ -60,7 +61,12 @@ from continual_report import markdown, plot_matrices
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SEQUENCES = {"minilm": EXAMPLES / "continual_minilm.yaml", "smollm2": EXAMPLES / "continual_smollm2.yaml"}
-STRATEGIES = ["sequential", "separate", "olora", "loda", "core", "condu"]
+# A strategy run at a fraction of the sequence's learning rate, as its own row: LoDA's fixed
+# down-projections (the top input-energy directions, orthonormal) project a decoder's inputs ~12x
+# (median over SmolLM2's layers; MiniLM 7x) harder than a fresh LoRA A, so at LoRA's rate each of
+# its steps moves the outputs that much more (`loda` itself runs at the sequence's rate).
+RATE_VARIANTS = {"loda@lr/10": ("loda", 0.1)}
+STRATEGIES = ["sequential", "separate", "olora", "loda", "core", "condu", *RATE_VARIANTS]
 REFT = {"method": "loreft", "r": 4, "positions": "f1+l1"}
 QV = ["query", "value"]
 FORMS = {
@@ -93,7 +99,10 @@ def sequence_config(name: str, strategy: str, seed: int, s: Settings, folder: st
     """The example sequence with this strategy (or adapter form), seed, folder and budget."""
     from splice.continual import SequenceConfig
 
-    config = SequenceConfig.from_yaml(SEQUENCES[name], strategy=strategy, seed=seed, output_dir=folder)
+    base, rate = RATE_VARIANTS.get(strategy, (strategy, 1.0))
+    config = SequenceConfig.from_yaml(SEQUENCES[name], strategy=base, seed=seed, output_dir=folder)
+    if rate != 1.0:
+        config.train = {**config.train, "lr": config.train["lr"] * rate}
     for task in config.tasks:
         task.max_steps = max(1, round((task.max_steps or 100) * s.step_scale))
         if s.eval_examples:

@@ -109,9 +109,15 @@ def compare(result: dict[str, Any], sequence: str, a: str, b: str, value: Callab
     return f"{word}: {a} {ma:.3f} vs {b} {mb:.3f} (std {noise:.3f}, {min(na, nb)} seeds)"
 
 
+def mean_forgetting(run: Run) -> float:
+    return run["scores"][TI]["mean_forgetting"]
+
+
 def verdicts(result: dict[str, Any], sequence: str) -> list[str]:
     out = ["- LoDA forgets less than plain LoRA: "
-           + compare(result, sequence, "loda", "sequential", lambda r: r["scores"][TI]["mean_forgetting"], "lower"),
+           + compare(result, sequence, "loda", "sequential", mean_forgetting, "lower"),
+           "- LoDA at a tenth of the rate forgets less than plain LoRA: "
+           + compare(result, sequence, "loda@lr/10", "sequential", mean_forgetting, "lower"),
            "- ConDU beats sequential on task 1 after the last task: "
            + compare(result, sequence, "condu", "sequential", lambda r: r["matrices"][TI][-1][0], "higher")]
     condu = runs_of(result, sequence, "condu")
