@@ -30,6 +30,14 @@ first task there are no old statistics: A holds the top k_g + k_s eigenvectors o
 k_g called general), with no penalty and no recalibration (with no old term, B_g* is B_g up to the
 ridge). The null-space alternative the paper argues against (GPM, InfLoRA) is `null_space_basis`.
 
+Measured [not from the paper]: orthonormal rows along the top input-energy directions project a
+decoder's inputs hard, since those directions carry its massive activations (SmolLM2-135M: |P x|
+a median 12x a fresh LoRA A's; MiniLM 7x), so at LoRA's learning rate each step on B moves the
+outputs ~12x more than a LoRA step. On SmolLM2's first task LoDA reached 0.56 at LoRA's 2e-3 and
+0.84 at 6e-4 (LoRA 0.88). Rescaling A to a LoRA A's input energy instead made it too slow on the
+tiny test BERT (0.44 vs 0.97 at the test's rate), so the rows stay orthonormal and the rate is
+the user's (README).
+
 The spec's simpler stand-in for P_g (eigenvectors of Σ_new whose old/new energy ratio is at
 least τ) fails on sampled statistics: where a shared and a specific direction carry about the same
 new energy, Σ_new's eigenvectors mix them, and P_g takes part of the specific directions (old/new
