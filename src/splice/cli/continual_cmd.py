@@ -42,9 +42,10 @@ def continual(
 
         splice continual examples/continual_minilm.yaml
         splice continual examples/continual_minilm.yaml --strategy olora --seed 1
-        splice continual examples/continual_minilm.yaml --strategy olora --seed 1 --resume   # after a stop
+        splice continual examples/continual_minilm.yaml --resume
 
-    The run is saved after every task: a stopped run (Ctrl-C, a killed job) continues with --resume.
+    The run is saved after every task: a stopped run (Ctrl-C, a killed job) continues where it
+    stopped with the same command and --resume.
     """
     from splice.continual import SequenceConfig, run_sequence
     from splice.core.errors import SpliceError
