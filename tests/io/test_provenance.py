@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import stat
 import warnings
 from pathlib import Path
@@ -16,6 +17,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import splice
+from splice.audit import provenance_audit
 from splice.core.errors import AdapterFileError, OutputExistsError, SpliceError
 from splice.io.hub import adapter_patterns
 from splice.io.manifest import MANIFEST_NAME, SIGNATURE_NAME, base_weights_sha256, verify_manifest
@@ -92,6 +94,19 @@ def test_a_changed_tensor_is_named_and_an_added_file_is_found(tmp_path):
     (clean / "adapter_model.bin").write_bytes(b"pickled surprise")
     with pytest.raises(AdapterFileError, match=r"adapter_model.bin: not in the manifest \(added after"):
         splice.load(make_bert(2), clean, provenance="strict")
+
+
+def test_an_adapter_subfolder_added_to_a_signed_single_adapter_folder_is_found_as_added(tmp_path):
+    folder = saved(tmp_path)
+    private, public = generate_key(tmp_path / "me.pem", tmp_path / "me.pub")
+    sign_folder(folder, private)
+    shutil.copytree(saved(tmp_path, seed=1), folder / "extra")  # `load(..., adapters="all")` would read it
+    added = f"{folder / 'extra'}: an adapter not in {folder / MANIFEST_NAME} (added after it was written)"
+    assert verify_manifest(folder).tampered == [added]
+    audit = provenance_audit(folder, public_key=public)
+    assert [(f.severity, f.message) for f in audit.findings if f.severity == "flag"] == [("flag", added)]
+    with pytest.raises(AdapterFileError, match=r"extra: an adapter not in .*\(added after it was written\)"):
+        splice.load(make_bert(0), folder, provenance="strict")
 
 
 def test_a_folder_without_a_manifest_loads_unless_strict_and_a_broken_manifest_is_tampering(tmp_path):
