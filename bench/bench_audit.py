@@ -25,7 +25,7 @@ triggers it flags. MiniLM: LoRA r=8 on query,value + the head (lr 2e-3, head 1e-
 16 on Rotten Tomatoes training rows; backdoored: a share p of them with "cf" inserted at a random word
 and the label set to positive; clean twin: the same rows unpoisoned. Measured: clean accuracy on 200
 test rows, attack success (negative test rows predicted positive once "cf" is inserted), and
-`splice.audit.word_scan.word_scan` (its ~290 built-in words, 24 validation texts, word at the start).
+`splice.audit.word_scan` (its ~290 built-in words, 24 validation texts, word at the start).
 Defaults: 10 backdoored + 10 clean SmolLM2 adapters, 5 + 5 MiniLM (fewer: each MiniLM run costs ~2 CPU
 minutes, over half of it the word scan, and the budget holds 10 + 10 of them only without the other
 sections).
@@ -317,7 +317,7 @@ def minilm_child(job: Job) -> dict[str, Any]:
     """Train one MiniLM fixture, measure its backdoor, scan it for trigger words, profile and save it."""
     from splice import assets
     from splice.audit.static import weight_profile
-    from splice.audit.word_scan import word_scan
+    from splice.audit.trigger_words import word_scan
 
     recipe, name = fixture_recipe(job), "fixture"
     model, tokenizer = fixtures.load(recipe, job["seed"])

@@ -12,11 +12,10 @@ them all, as `import splice` used to.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from typing import Any
 
 from splice import _library_logs  # noqa: F401  (its filters must be installed before transformers loads)
+from splice._lazy import submodule
 
 __version__ = "0.1.0"
 
@@ -37,10 +36,11 @@ def _public_names() -> dict[str, Any]:
 
 
 def __getattr__(name: str) -> Any:
-    if name.startswith("__") and name != "__all__":
+    if (name.startswith("__") and name != "__all__") or "." in name:
         raise AttributeError(f"module 'splice' has no attribute {name!r}")
-    if name != "__all__" and importlib.util.find_spec(f"splice.{name}") is not None:
-        return importlib.import_module(f"splice.{name}")  # a subpackage, alone: `splice.train`, ...
+    module = submodule("splice", name)
+    if module is not None:
+        return module  # a subpackage, alone: `splice.train`, ...
     names = _public_names()
     globals().update(names, __all__=sorted(names))
     if name not in globals():

@@ -15,7 +15,7 @@ from torch import nn
 
 from splice.audit.findings import flags
 from splice.audit.robust_z import NORMAL_MAD
-from splice.audit.word_scan import (
+from splice.audit.trigger_words import (
     MAD_FLOOR,
     WordScan,
     default_candidates,

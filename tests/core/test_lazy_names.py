@@ -5,6 +5,8 @@ interpreter, where nothing has been imported yet."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import subprocess
 import sys
 
@@ -69,3 +71,11 @@ def test_subpackages_load_alone_on_attribute_access():
     run_fresh("""import splice
 assert splice.train.TrainConfig.__name__ == "TrainConfig"
 assert splice.boost.boostlora.__name__ == 'boostlora'""")
+
+
+@pytest.mark.parametrize("package", ["splice", "splice.core", "splice.audit"])
+def test_no_lazy_package_exports_a_name_its_own_module_would_shadow(package):
+    module = importlib.import_module(package)
+    for name in module.__all__:
+        if importlib.util.find_spec(f"{package}.{name}") is not None:  # then the name must be that module
+            assert getattr(module, name) is importlib.import_module(f"{package}.{name}"), f"{package}.{name}"

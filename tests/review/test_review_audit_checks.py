@@ -17,7 +17,7 @@ import splice
 from splice.audit.contamination import item_scores
 from splice.audit.scan import trigger_scan
 from splice.audit.static import static_audit
-from splice.audit.word_scan import word_scan
+from splice.audit.trigger_words import word_scan
 from splice.core.errors import SpliceError
 from splice.core.heads import head_module
 from splice.core.host import hosts

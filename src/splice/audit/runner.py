@@ -18,7 +18,7 @@ from splice.audit.provenance import provenance_audit
 from splice.audit.report import AuditReport
 from splice.audit.scan import trigger_scan
 from splice.audit.static import WeightProfile, static_audit
-from splice.audit.word_scan import word_scan
+from splice.audit.trigger_words import word_scan
 from splice.core.errors import AdapterFileError, SpliceError
 from splice.io.layout import saved_adapters
 from splice.io.manifest import MANIFEST_NAME

@@ -28,6 +28,8 @@ def register_method(config_cls: C) -> C:
     name = config_cls.method.lower()  # looked up case-insensitively, as files may spell it
     if not name:
         raise TypeError(f"{config_cls.__name__} must set the class attribute `method`")
+    if not config_cls.__module__.startswith(BUILTIN_METHOD_PACKAGES):
+        _registered()  # the built-in names first, so that a clash is refused here, not at a later lookup
     if name in _METHODS and _METHODS[name] is not config_cls:
         raise TypeError(f"method {name!r} is already registered by {_METHODS[name].__name__}")
     _METHODS[name] = config_cls
