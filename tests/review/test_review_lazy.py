@@ -1,7 +1,7 @@
 """Review of the lazy package names (commits 505ba64, 941b7fb: `splice/__init__.py` and
 `splice/core/__init__.py` load their names on first use, the registry imports the built-in
-methods on lookup): failing tests that show what the change broke, or left broken in the same
-class of problem. Where module state matters the case runs in a fresh interpreter."""
+methods on lookup): what the change broke, or left broken in the same class of problem, pinned
+as fixed. Where module state matters the case runs in a fresh interpreter."""
 
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ def run_fresh(code: str) -> None:
 
 def test_a_method_named_like_a_builtin_is_refused_at_registration_whatever_was_imported_before():
     # `import splice` used to register every built-in method first, so a clashing class was refused
-    # where it was defined. Now a class registered through `splice.core.registry` before any lookup
-    # takes "lora" silently; the first lookup then imports splice.methods, whose own LoRA is refused,
-    # and every later lookup and every `splice.<name>` (even `splice.DoRA`) raises that TypeError.
+    # where it was defined. With lazy names a class registered before any lookup took "lora"
+    # silently, and the first lookup then refused splice's own LoRA (every later lookup raised):
+    # register_method now loads the built-ins before a class from elsewhere.
     run_fresh("""from dataclasses import dataclass
 from typing import ClassVar
 from splice.core.config import AdapterConfig
@@ -45,9 +45,9 @@ assert splice.DoRA.__name__ == "DoRA" and splice.LoRA is config_class("lora")"""
 
 def test_core_submodules_are_still_reached_as_attributes_after_import_splice():
     # `splice.core` used to import api, config, errors, registry, ... in its __init__, so
-    # `splice.core.registry.method_names()` worked after `import splice`; its lazy `__getattr__` now
-    # only knows the exported names and answers AttributeError for a submodule not yet imported
-    # (the top package's `__getattr__` does import subpackages: `splice.train` works).
+    # `splice.core.registry.method_names()` worked after `import splice`; its lazy `__getattr__` knew
+    # only the exported names at first. It imports the package's modules too now, as the top
+    # package's does (`splice.train`).
     run_fresh("""import importlib
 import splice
 assert splice.core.errors is importlib.import_module("splice.core.errors")
@@ -57,16 +57,15 @@ assert splice.core.api.attach is splice.attach""")
 
 def test_a_dotted_missing_name_is_an_attribute_error():
     # A module `__getattr__` must raise AttributeError for a missing name (getattr with a default and
-    # hasattr catch only that); `find_spec("splice.no_such.thing")` raises ModuleNotFoundError instead.
+    # hasattr catch only that); `find_spec("splice.no_such.thing")` raised ModuleNotFoundError.
     assert getattr(splice, "no_such.thing", None) is None
     assert not hasattr(splice, "no_such.thing")
 
 
 def test_audit_word_scan_stays_the_function_after_its_module_is_imported():
-    # splice.audit is lazy (now through splice._lazy.lazy_exports) and exports `word_scan`, the function
-    # of its submodule `word_scan`: importing that submodule binds the package attribute to the module,
-    # which then shadows the function, as `quantize` / `summary` did in splice.core before their
-    # modules were renamed. Pre-existing in the audit package, not introduced by the change.
+    # splice.audit is lazy and exported `word_scan`, the function of its submodule `word_scan`:
+    # importing that submodule bound the package attribute to the module, which then shadowed the
+    # function (pre-existing; the module is now trigger_words.py).
     run_fresh("""import inspect
 import splice.audit as audit
 first = audit.word_scan
