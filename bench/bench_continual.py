@@ -131,8 +131,8 @@ def child(args: argparse.Namespace, s: Settings) -> bool:
         config = sequence_config(name, strategy, args.seed, s, folder, form)
         result = run_sequence(config, console=Console(quiet=True), quiet=True)
         row = {k: v for k, v in as_dict(result).items() if k != "config"}
-    print(json.dumps({"sequence": name, "strategy": strategy, "form": form, "seed": args.seed,
-                      "adapter": config.adapter, **row}))
+    print(json.dumps({**row, "sequence": name, "strategy": strategy, "form": form, "seed": args.seed,
+                      "adapter": config.adapter, "lr": config.train.get("lr")}))  # the bench's label, not the base's
     return True
 
 
