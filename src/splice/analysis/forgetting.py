@@ -102,7 +102,7 @@ def gradient_subspace(
             grads = torch.autograd.grad(loss_fn(model, batch), weights, allow_unused=True)
             for found, (_, base, transposed), grad in zip(samples, sites, grads, strict=True):
                 grad = torch.zeros_like(base.weight) if grad is None else grad.detach()
-                found.append((grad.T if transposed else grad).flatten().double().cpu())
+                found.append((grad.T if transposed else grad).flatten().cpu())  # widened per layer below
     finally:
         for w, flag in zip(weights, flags, strict=True):
             w.requires_grad_(flag)
@@ -110,7 +110,11 @@ def gradient_subspace(
         raise SpliceError("no batches to take gradient samples from")
     bases = {}
     for (name, _, _), found in zip(sites, samples, strict=True):
-        stacked = torch.stack(found, dim=1)
+        # float64 one layer at a time (exactly the values a per-sample .double() gives), and the
+        # layer's samples let go once stacked: at most one layer's samples in float64 at a time
+        # (all of SmolLM2's linear layers' gradients are 0.43 GB a sample in float32)
+        stacked = torch.stack(found, dim=1).double()
+        found.clear()
         largest = torch.linalg.svdvals(stacked)[0].item()
         bases[name] = orthonormal_basis(stacked, tolerance=rtol * largest) if largest > 0 else stacked[:, :0]
     return bases
