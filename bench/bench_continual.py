@@ -10,8 +10,8 @@ Sequences (the example files, run as they are but for the strategy, the seed and
     smollm2   examples/continual_smollm2.yaml: SmolLM2-135M as a generator, labels as words
               (review sentiment -> news topic -> arithmetic), greedy exact match on 100 test rows
 
-Strategies: sequential, separate, olora, loda, condu with the sequence's LoRA (and loda@lr/10:
-LoDA at a tenth of the sequence's rate, see RATE_VARIANTS); core with LoReFT
+Strategies: sequential, separate, olora, loda, condu with the sequence's LoRA (and loda@lr/10,
+sequential@lr/10: at a tenth of the sequence's rate, see RATE_VARIANTS); core with LoReFT
 (r=4, first and last prompt token, every layer: ReFT has no weight change, so it cannot take
 the LoRA), hence a different trainable budget, which the table states.
 
@@ -64,8 +64,10 @@ SEQUENCES = {"minilm": EXAMPLES / "continual_minilm.yaml", "smollm2": EXAMPLES /
 # A strategy run at a fraction of the sequence's learning rate, as its own row: LoDA's fixed
 # down-projections (the top input-energy directions, orthonormal) project a decoder's inputs ~12x
 # (median over SmolLM2's layers; MiniLM 7x) harder than a fresh LoRA A, so at LoRA's rate each of
-# its steps moves the outputs that much more (`loda` itself runs at the sequence's rate).
-RATE_VARIANTS = {"loda@lr/10": ("loda", 0.1)}
+# its steps moves the outputs that much more (`loda` itself runs at the sequence's rate). A smaller
+# rate makes any strategy forget less, so `sequential@lr/10` is the control the LoDA variant is
+# compared with.
+RATE_VARIANTS = {"loda@lr/10": ("loda", 0.1), "sequential@lr/10": ("sequential", 0.1)}
 STRATEGIES = ["sequential", "separate", "olora", "loda", "core", "condu", *RATE_VARIANTS]
 REFT = {"method": "loreft", "r": 4, "positions": "f1+l1"}
 QV = ["query", "value"]

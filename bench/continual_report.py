@@ -116,8 +116,8 @@ def mean_forgetting(run: Run) -> float:
 def verdicts(result: dict[str, Any], sequence: str) -> list[str]:
     out = ["- LoDA forgets less than plain LoRA: "
            + compare(result, sequence, "loda", "sequential", mean_forgetting, "lower"),
-           "- LoDA at a tenth of the rate forgets less than plain LoRA: "
-           + compare(result, sequence, "loda@lr/10", "sequential", mean_forgetting, "lower"),
+           "- LoDA at a tenth of the rate forgets less than plain LoRA at a tenth of the rate: "
+           + compare(result, sequence, "loda@lr/10", "sequential@lr/10", mean_forgetting, "lower"),
            "- ConDU beats sequential on task 1 after the last task: "
            + compare(result, sequence, "condu", "sequential", lambda r: r["matrices"][TI][-1][0], "higher")]
     condu = runs_of(result, sequence, "condu")
