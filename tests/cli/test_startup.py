@@ -53,3 +53,10 @@ def test_version_names_splice_and_the_libraries_without_importing_them():
             "assert result.output.startswith(f'splice {splice.__version__} (torch '), result.output\n"
             "assert f\"transformers {metadata.version('transformers')}\" in result.output, result.output")
     assert imported_heavy_modules(code) == []
+
+
+def test_the_analyze_rows_default_is_the_librarys():
+    from splice.analysis.routing import DEFAULT_ROWS
+    from splice.cli.analysis_cmds import ROUTED_ROWS
+
+    assert ROUTED_ROWS == DEFAULT_ROWS  # a copy only so that --help need not import torch
