@@ -165,8 +165,24 @@ def test_gradient_subspace_is_the_weight_gradient_in_canonical_layout(gpt2, ids)
     (grad,) = torch.autograd.grad(gpt2(input_ids=ids, labels=ids).loss, [weight])
     weight.requires_grad_(False)
     expected = grad.T.flatten().double() / grad.norm()
-    basis = spaces["transformer.h.0.attn.c_attn"][:, 0]
+    assert spaces["transformer.h.0.attn.c_attn"].dtype == weight.dtype  # kept in the weights' dtype
+    basis = spaces["transformer.h.0.attn.c_attn"][:, 0].double()
     assert torch.allclose(basis * torch.sign(basis @ expected), expected, atol=1e-6)
+
+
+def test_subspace_angle_of_float32_bases_keeps_small_angles_on_a_large_layer():
+    """Bases stored in float32 (as `gradient_subspace` keeps them) still give a 1e-3 rad angle to
+    1e-6, on a layer as large as a vocabulary projection, where numpy's rank rule on float32
+    (n * eps > 1) would have called every stored direction round-off."""
+    n, phi = 9_000_000, 1e-3
+    generator = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(n, 3, generator=generator, dtype=torch.float64))
+    first = q[:, :2]
+    second = torch.stack([math.cos(phi) * q[:, 0] + math.sin(phi) * q[:, 2], q[:, 1]], dim=1)
+    angle = subspace_angle({"lm_head": first.float()}, {"lm_head": second.float()})
+    assert angle.min == pytest.approx(0.0, abs=1e-6)  # the shared direction q_1
+    third = torch.stack([math.cos(phi) * q[:, 0] + math.sin(phi) * q[:, 2]], dim=1)
+    assert subspace_angle({"lm_head": q[:, :1].float()}, {"lm_head": third.float()}).min == pytest.approx(phi, abs=1e-6)
 
 
 def test_gradient_subspace_needs_an_adapter(gpt2, ids):

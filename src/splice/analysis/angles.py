@@ -27,15 +27,17 @@ def orthonormal_basis(matrix: torch.Tensor, tolerance: float | None = None) -> t
     return U[:, : int((S > tolerance).sum())]
 
 
-def principal_angles(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+def principal_angles(U: torch.Tensor, V: torch.Tensor, tolerance: float | None = None) -> torch.Tensor:
     """The principal angles (radians, ascending) between the column spaces of U and V.
 
     There are min(rank U, rank V) of them: 0 for a shared direction, pi/2 for orthogonal ones.
     Small angles are computed from the sines (the cosines lose them to round-off below ~1e-8).
+    `tolerance`: the singular value below which a direction of U or V is round-off
+    (`orthonormal_basis`'s; None: numpy's rank rule).
     """
     if U.shape[0] != V.shape[0]:
         raise ValueError(f"the matrices live in spaces of different sizes: {tuple(U.shape)} vs {tuple(V.shape)}")
-    Q_u, Q_v = orthonormal_basis(U), orthonormal_basis(V)
+    Q_u, Q_v = orthonormal_basis(U, tolerance), orthonormal_basis(V, tolerance)
     k = min(Q_u.shape[1], Q_v.shape[1])
     if k == 0:
         return torch.empty(0, dtype=torch.float64)
@@ -49,7 +51,7 @@ def principal_angles(U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     return angles.sort().values
 
 
-def min_principal_angle(U: torch.Tensor, V: torch.Tensor) -> float:
+def min_principal_angle(U: torch.Tensor, V: torch.Tensor, tolerance: float | None = None) -> float:
     """The smallest principal angle (radians); pi/2 when either space is empty."""
-    angles = principal_angles(U, V)
+    angles = principal_angles(U, V, tolerance)
     return angles[0].item() if angles.numel() else math.pi / 2

@@ -65,7 +65,8 @@ def gradient_subspace(
     modules: Targets = None,
     rtol: float = 1e-5,
 ) -> dict[str, torch.Tensor]:
-    """Orthonormal bases [out*in, <=k] of a task's gradient subspace at every adapted layer.
+    """Orthonormal bases [out*in, <=k] of a task's gradient subspace at every adapted layer, in
+    the weights' dtype (computed in float64; `subspace_angle` measures them in float64).
 
     The first k batches each give one sample `dL/dW` per layer (see the module docstring), taken
     at the model as it is now: its adapters' current weights, its train/eval mode (call
@@ -112,11 +113,16 @@ def gradient_subspace(
     for (name, _, _), found in zip(sites, samples, strict=True):
         # float64 one layer at a time (exactly the values a per-sample .double() gives), and the
         # layer's samples let go once stacked: at most one layer's samples in float64 at a time
-        # (all of SmolLM2's linear layers' gradients are 0.43 GB a sample in float32)
+        # (all of SmolLM2's linear layers' gradients are 0.43 GB a sample in float32). The basis
+        # is kept in the samples' dtype: float64 bases of every layer were the largest allocation
+        # (two tasks' at a task switch: 14 GB for SmolLM2 at k = 8); `subspace_angle`
+        # re-orthonormalises each in float64, so the angles move by round-off only (~1e-7 rad)
+        dtype = found[0].dtype
         stacked = torch.stack(found, dim=1).double()
         found.clear()
         largest = torch.linalg.svdvals(stacked)[0].item()
-        bases[name] = orthonormal_basis(stacked, tolerance=rtol * largest) if largest > 0 else stacked[:, :0]
+        basis = orthonormal_basis(stacked, tolerance=rtol * largest) if largest > 0 else stacked[:, :0]
+        bases[name] = basis.to(dtype)
     return bases
 
 
@@ -137,7 +143,8 @@ def subspace_angle(task_a: dict[str, torch.Tensor], task_b: dict[str, torch.Tens
     shared = [name for name in task_a if name in task_b]
     if not shared:
         raise SpliceError(f"the two subspaces share no layer: {sorted(task_a)[:4]} vs {sorted(task_b)[:4]}")
-    per_module = {name: min_principal_angle(task_a[name], task_b[name]) for name in shared}
+    # orthonormal columns stored in float32 have singular values 1 ± 1e-6: every one is a direction
+    per_module = {name: min_principal_angle(task_a[name], task_b[name], tolerance=0.5) for name in shared}
     values = list(per_module.values())
     return SubspaceAngle(per_module, sum(values) / len(values), min(values))
 
