@@ -181,9 +181,11 @@ def merge(
 
     Examples:
 
-      splice merge sentiment/ topics/ --method ties --weights 1,1 --density 0.5 --rank 16 --out merged
+      splice merge sentiment/ topics/ --method ties --weights 1,1 \\
+          --density 0.5 --rank 16 --out merged
 
-      splice merge runs/rotten-tomatoes-lora/adapter --into-base --model minilm --out merged-minilm
+      splice merge runs/rotten-tomatoes-lora/adapter --into-base \\
+          --model minilm --out merged-minilm
     """
     from splice.io.adapter_states import adapter_state, save_state
     from splice.io.files import check_output_dir

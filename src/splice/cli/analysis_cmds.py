@@ -73,7 +73,8 @@ def analyze(
 
     Example: splice analyze runs/rotten-tomatoes-lora/adapter --model minilm
 
-    Example: splice analyze runs/arithmetic-moelora/adapter --data arithmetic --rows 100
+    Example: splice analyze runs/arithmetic-moelora/adapter --data arithmetic \\
+                 --rows 100
     """
     from splice.io.info import inspect_adapter
     from splice.methods.moelora import MoELoRA
@@ -181,7 +182,8 @@ def compare(
 ) -> None:
     """Compare two adapters module by module: principal angles, subspace overlap, norm ratio, cosine.
 
-    Example: splice compare runs/a/adapter runs/b/adapter --model minilm --out a-vs-b
+    Example: splice compare runs/a/adapter runs/b/adapter --model minilm \\
+                 --out a-vs-b
     """
     from splice.analysis.compare import compare_adapter_dirs
     from splice.core.inventory import shared_prefix

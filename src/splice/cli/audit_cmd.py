@@ -84,9 +84,11 @@ def audit(
 
       splice audit downloaded-adapter --model smollm2 --out audit-report
 
-      splice audit my-lora --reference benign-1 --reference benign-2 --reference benign-3 --fail-on warning
+      splice audit my-lora --reference benign-1 --reference benign-2 \\
+          --reference benign-3 --fail-on warning
 
-      splice audit my-lora --public-key author.pub --suspect eval.jsonl --control fresh.jsonl
+      splice audit my-lora --public-key author.pub \\
+          --suspect eval.jsonl --control fresh.jsonl
     """
     from splice.audit.settings import read_audit_settings
 

@@ -67,9 +67,12 @@ def boostlora(
     Examples:
 
         splice boostlora examples/rotten_tomatoes_boostlora.yaml
-        splice boostlora examples/rotten_tomatoes_boostlora.yaml --rounds 4 --r 4 --u 8 --force
-        splice boostlora examples/rotten_tomatoes_boostlora.yaml --no-rotate --output-dir runs/fixed-slice
-        splice boostlora examples/rotten_tomatoes_boostlora.yaml --resume      # after Ctrl-C
+        splice boostlora examples/rotten_tomatoes_boostlora.yaml \\
+            --rounds 4 --r 4 --u 8 --force
+        splice boostlora examples/rotten_tomatoes_boostlora.yaml \\
+            --no-rotate --output-dir runs/fixed-slice
+        # after Ctrl-C:
+        splice boostlora examples/rotten_tomatoes_boostlora.yaml --resume
     """
     from splice.boost.boostlora import boostlora as run_boost
     from splice.boost.boostlora import read_boost_config
@@ -129,8 +132,10 @@ def boost_tabular(
     Examples:
 
         splice boost-tabular --data breast_cancer --shots 16
-        splice boost-tabular --data wine --shots 64 --seed 0 --seed 1 --seed 2 --test-rows 100
-        splice boost-tabular --data my_table.csv --label-column outcome --rounds 1 --shrinkage 1 --features-only
+        splice boost-tabular --data wine --shots 64 \\
+            --seed 0 --seed 1 --seed 2 --test-rows 100
+        splice boost-tabular --data my_table.csv --label-column outcome \\
+            --rounds 1 --shrinkage 1 --features-only
     """
     from splice.boost.baselines import BASELINES
     from splice.boost.tabular_job import TabularJob, run_tabular_job

@@ -80,11 +80,13 @@ def compress(
 
     Examples:
 
-        splice compress runs/rotten-tomatoes-lora/adapter --budget 0.25 --out small
+        splice compress runs/rotten-tomatoes-lora/adapter \\
+            --budget 0.25 --out small
 
         splice compress runs/rotten-tomatoes-lora/adapter --energy 0.9
 
-        splice compress runs/rt/adapter --sweep 1,0.5,0.25,0.1 --data rotten_tomatoes --out sweep
+        splice compress runs/rt/adapter --sweep 1,0.5,0.25,0.1 \\
+            --data rotten_tomatoes --out sweep
     """
     from splice.compression import para
     from splice.io.files import check_output_dir

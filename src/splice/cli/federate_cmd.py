@@ -60,7 +60,8 @@ def federate(
     Examples:
 
         splice federate examples/federated_minilm.yaml
-        splice federate examples/federated_minilm.yaml --aggregation exact --clients 8 --seed 1
+        splice federate examples/federated_minilm.yaml \\
+            --aggregation exact --clients 8 --seed 1
         splice federate examples/federated_minilm.yaml --local-deployment
         splice federate examples/federated_prism.yaml
         splice federate examples/federated_minilm.yaml --superlink 10.0.0.5:9093

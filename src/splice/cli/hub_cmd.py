@@ -32,7 +32,8 @@ def push(
     `splice.load(model, REPO_ID)` find it. Uses the login of `hf auth login` (or HF_TOKEN). Every
     adapter in the folder is read first: a corrupt or incomplete one is refused before any upload.
 
-    Example: splice push runs/rotten-tomatoes-lora/adapter me/minilm-rotten-tomatoes-lora --private
+    Example: splice push runs/rotten-tomatoes-lora/adapter \\
+                 me/minilm-rotten-tomatoes-lora --private
     """
     from splice.io.hub import push_folder
 

@@ -65,9 +65,12 @@ def multitask(
     Examples:
 
         splice multitask examples/multitask_minilm.yaml
-        splice multitask examples/multitask_smollm2.yaml --seed 1 --max-steps 20 --max-eval-examples 50
-        splice multitask examples/multitask_minilm.yaml --mixing temperature --temperature 3 --no-transfer --force
-        splice multitask examples/multitask_minilm.yaml --resume      # after Ctrl-C: the unfinished runs
+        splice multitask examples/multitask_smollm2.yaml --seed 1 \\
+            --max-steps 20 --max-eval-examples 50
+        splice multitask examples/multitask_minilm.yaml \\
+            --mixing temperature --temperature 3 --no-transfer --force
+        # after Ctrl-C, the unfinished runs:
+        splice multitask examples/multitask_minilm.yaml --resume
     """
     from splice.cli.train_cmd import key_values
     from splice.multitask import MultitaskConfig, run_multitask

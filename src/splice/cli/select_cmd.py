@@ -50,7 +50,8 @@ def autoconfig(
     Examples:
 
         splice autoconfig examples/rotten_tomatoes_sea_peft.yaml
-        splice autoconfig examples/rotten_tomatoes_sea_peft.yaml --budget 40000 --no-finetune
+        splice autoconfig examples/rotten_tomatoes_sea_peft.yaml \\
+            --budget 40000 --no-finetune
     """
     from splice.selection.autoconfig import autoconfig as run_autoconfig
 

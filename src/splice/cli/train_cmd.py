@@ -139,13 +139,16 @@ def train(
 
         splice train examples/smollm2_arithmetic.yaml --max-steps 20
 
-        splice train examples/smollm2_arithmetic_qlora.yaml     # LoRA on a 4-bit NF4 base
+        # LoRA on a 4-bit NF4 base:
+        splice train examples/smollm2_arithmetic_qlora.yaml
 
-        splice train --data reviews.jsonl --text-column review --label-column sentiment --r 16
+        splice train --data reviews.jsonl --text-column review \\
+            --label-column sentiment --r 16
 
         splice train --method diablo --set blocks=32 --targets all-linear
 
-        splice train --method moelora --set experts=8 --set init=goat --r 16 --schedule dmep
+        splice train --method moelora --set experts=8 --set init=goat \\
+            --r 16 --schedule dmep
 
         splice train --optimizer loft --lr 1e-3
 
@@ -303,9 +306,11 @@ def evaluate(
 
     Example:
 
-        splice eval --model minilm --adapter runs/rotten-tomatoes-lora/adapter --data rotten_tomatoes
+        splice eval --model minilm --adapter runs/rotten-tomatoes-lora/adapter \\
+            --data rotten_tomatoes
 
-        splice eval --model smollm2 --task causal_lm --data arithmetic --quantize nf4 \\
+        splice eval --model smollm2 --task causal_lm --data arithmetic \\
+            --quantize nf4 \\
             --adapter runs/smollm2-arithmetic-qlora/adapter
     """
     from splice.train import TrainConfig, evaluate_adapter
