@@ -27,8 +27,7 @@ def overlaps(model, new: str, old: str) -> float:
 
 def test_core_keeps_each_task_exactly(tiny_bert_folder, task_files, tmp_path):
     config = sequence(tiny_bert_folder, task_files, tmp_path, "core", options={"overlap": 1.0},
-                      settings=["task_incremental"], angle_samples=2)
-    config.adapter = dict(REFT)
+                      settings=["task_incremental"], angle_samples=2, adapter=dict(REFT))
     result = run_sequence(config, console=QUIET, quiet=True)
     ti = result.matrices["task_incremental"]
     assert ti[1][0] == ti[0][0]  # task 0's interventions and head are untouched by task 1

@@ -17,12 +17,12 @@ from splice.core.host import hosts
 QUIET = Console(quiet=True)
 
 
-def sequence(folder, files, tmp_path, strategy="sequential", tasks=None, **extra) -> SequenceConfig:
+def sequence(folder, files, tmp_path, strategy="sequential", tasks=None, adapter=None, **extra) -> SequenceConfig:
     tasks = tasks or [{"name": "sentiment", "data": str(files["sentiment"])},
                       {"name": "topic", "data": str(files["topic"])}]
     return SequenceConfig(
         tasks=tasks, strategy=strategy, model=str(folder),
-        adapter={"method": "lora", "r": 8, "alpha": 16, "targets": "all-linear"},
+        adapter=adapter or {"method": "lora", "r": 8, "alpha": 16, "targets": "all-linear"},
         train={"batch_size": 16, "max_steps": 60, "lr": 1e-2, "head_lr": 5e-2, "max_length": 16,
                "checkpoint_every": None, "eval_every": None, "max_eval_examples": 64},
         output_dir=str(tmp_path / "run"), **{"angle_samples": 2, **extra})
@@ -176,8 +176,8 @@ def test_a_form_without_weights_gets_the_next_task_s_head_after_the_switch_angle
     three.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = sequence(tiny_bert_folder, task_files, tmp_path, tasks=[
         {"name": "sentiment", "data": str(task_files["sentiment"]), "max_steps": 4},
-        {"name": "three", "data": str(three), "max_steps": 4}], settings=["task_incremental"])
-    config.adapter = {"method": "loreft", "r": 2, "positions": "f1+l1"}
+        {"name": "three", "data": str(three), "max_steps": 4}], settings=["task_incremental"],
+        adapter={"method": "loreft", "r": 2, "positions": "f1+l1"})
     result = run_sequence(config, console=QUIET, quiet=True)
     assert "skipped" in result.switches[0]
     assert result.matrices["task_incremental"][1][1] is not None

@@ -257,9 +257,9 @@ def test_input_covariances_leave_out_padding():
     ({"general": -1}, "general must be an integer >= 0, got -1"),
     ({"specific": 2.5}, "specific must be an integer >= 0, got 2.5"),
     ({"general": 0, "specific": 0}, "general + specific must be >= 1"),
-    ({"eps": 0}, "eps must be a number > 0, got 0"),
-    ({"ridge": float("nan")}, "ridge must be a number >= 0, got nan"),
-    ({"gao": -1.0}, "gao must be a number >= 0, got -1.0"),
+    ({"eps": 0}, "eps must be a finite number > 0, got 0"),
+    ({"ridge": float("nan")}, "ridge must be a finite number >= 0, got nan"),
+    ({"gao": -1.0}, "gao must be a finite number >= 0, got -1.0"),
     ({"statistic_batches": 0}, "statistic_batches must be an integer >= 1, got 0"),
 ])
 def test_options_are_refused_with_their_name_and_value(options, message):

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
+from continual_helpers import stop_at
 from rich.console import Console
 from typer.testing import CliRunner
 
 from splice.cli.main import app
-from splice.continual import SequenceConfig, harness, run_sequence
+from splice.continual import SequenceConfig, run_sequence
 from splice.continual.checkpoint import folder_of
 from splice.core.errors import SpliceError
 
@@ -29,18 +30,6 @@ def sequence(folder, files, out, strategy="sequential", **train) -> SequenceConf
         train={"batch_size": 16, "max_steps": 12, "lr": 1e-2, "head_lr": 5e-2, "max_length": 16,
                "checkpoint_every": None, "eval_every": None, "max_eval_examples": 32, **train},
         output_dir=str(out), angle_samples=2)
-
-
-def stop_at(monkeypatch, index: int) -> None:
-    """Ctrl-C as task `index` starts."""
-    train = harness._Run.train
-
-    def stopping(self, task):
-        if task.index == index:
-            raise KeyboardInterrupt
-        return train(self, task)
-
-    monkeypatch.setattr(harness._Run, "train", stopping)
 
 
 @pytest.mark.parametrize("strategy", ["sequential", "separate", "olora", "loda", "core", "condu"])

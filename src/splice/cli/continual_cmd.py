@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from splice.cli.errors import user_errors
+from splice.cli.errors import stopped_by_signal, user_errors
 from splice.cli.output import Quiet, command, quieted
 
 console = Console()
@@ -26,7 +26,7 @@ def continual(
                                                  "olora, ...")] = None,
     seed: Annotated[int | None, typer.Option(help="Override the file's seed.")] = None,
     output_dir: Annotated[str | None, typer.Option(help="Run folder (default: the file's, else "
-                                                   "runs/continual-<strategy>).")] = None,
+                                                   "runs/continual-<model>-<strategy>).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty run folder.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the stopped run in the run folder at the "
                                          "task after the last one it finished (same file and flags).")] = False,
@@ -54,12 +54,8 @@ def continual(
         if resume and force:
             raise SpliceError("--resume continues the run in the folder and --force replaces it: give one")
         config = SequenceConfig.from_yaml(sequence, strategy=strategy, seed=seed, output_dir=output_dir)
-        try:
+        with stopped_by_signal(lambda: _how_to_continue(config.output_dir)):
             result = run_sequence(config, console=tables, quiet=quiet, overwrite=force, resume=resume)
-        except KeyboardInterrupt:
-            console.print(f"[yellow]stopped.[/] The tasks finished so far are saved in {config.output_dir}; "
-                          f"continue with the same command and --resume")
-            raise typer.Exit(130) from None
     for setting, matrix in result.matrices.items():
         table = Table(title=f"{config.strategy}: accuracy after each task ({setting.replace('_', '-')})")
         table.add_column("after")
@@ -73,3 +69,14 @@ def continual(
         tables.print(f"{setting}: average final accuracy {s.average_accuracy:.3f}, BWT {s.backward_transfer:+.3f}"
                      f"{fwt}, mean forgetting {s.mean_forgetting:+.3f}")
     console.print(f"wrote {result.output_dir / 'report'} ({result.wall_seconds:.0f} s)")
+
+
+def _how_to_continue(output_dir: str) -> str:
+    """What to run after a stop: --resume once a task has finished (the unfinished one starts
+    again), else the same command with --force (nothing to resume; the folder is not empty)."""
+    from splice.continual.checkpoint import folder_of
+
+    if (folder_of(output_dir) / "state.pt").is_file():
+        return (f"The tasks finished so far are saved in {output_dir}; continue with the same command and "
+                "--resume (the unfinished task starts again)")
+    return f"No task had finished; start again with the same command and --force (it replaces {output_dir})"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import typer
@@ -19,3 +19,20 @@ def user_errors() -> Iterator[None]:
     except SpliceError as err:
         Console(stderr=True).print(f"[red]error:[/] {err}", highlight=False)
         raise typer.Exit(1) from None
+
+
+@contextmanager
+def stopped_by_signal(advice: Callable[[], str]) -> Iterator[None]:
+    """A job of several trainings stopped by Ctrl-C or SIGTERM, inside a task's training (the
+    trainer's `TrainingInterrupted`, whose own advice names that one training) or between two
+    (KeyboardInterrupt): `advice()` (how to continue the whole job) and the signal's exit status."""
+    from splice.train.results import TrainingInterrupted
+
+    try:
+        yield
+    except TrainingInterrupted as err:
+        Console().print(f"[yellow]stopped.[/] {advice()}", highlight=False)
+        raise typer.Exit(err.exit_code) from None
+    except KeyboardInterrupt:
+        Console().print(f"[yellow]stopped.[/] {advice()}", highlight=False)
+        raise typer.Exit(130) from None

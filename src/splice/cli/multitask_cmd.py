@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from splice.cli.errors import user_errors
+from splice.cli.errors import stopped_by_signal, user_errors
 from splice.cli.output import Quiet, command, quieted, to_stderr
 
 if TYPE_CHECKING:
@@ -83,12 +83,9 @@ def multitask(
             config_file, train=train, seeds=None if seed is None else [seed], mixing=mixing, temperature=temperature,
             budget=budget, output_dir=output_dir, compare=compare,
             transfer=False if compare is False and transfer is None else transfer)  # --no-compare: no pairs
-        try:
+        with stopped_by_signal(lambda: f"The runs finished so far are in {config.output_dir}/runs; the same "
+                                       "command with --resume trains the rest"):
             result = run_multitask(config, console=tables, quiet=quiet, overwrite=force, resume=resume)
-        except KeyboardInterrupt:
-            console.print(f"[yellow]stopped.[/] The runs finished so far are in {config.output_dir}/runs; the "
-                          "same command with --resume trains the rest")
-            raise typer.Exit(130) from None
     print_tables(result, tables)
     console.print(f"wrote {result.output_dir / 'report'} ({result.wall_seconds:.0f} s): " + closing(result),
                   highlight=False)

@@ -67,6 +67,7 @@ def load(output_dir: str | Path, config: dict[str, Any]) -> tuple[dict[str, Any]
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated or foreign file: say which and why
         raise SpliceError(f"cannot resume {output_dir}: {folder} is unreadable ({type(err).__name__}: {err})") from err
+    config = json.loads(json.dumps(config))  # as it was saved: a tuple is a list there
     if result.get("config") != config:
         changed = config_changes(result.get("config") or {}, config)
         raise SpliceError(f"cannot resume {output_dir}: it was started with another sequence config "

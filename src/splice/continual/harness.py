@@ -76,10 +76,7 @@ class _Run:
 
     def __init__(self, config: SequenceConfig, console: Console, overwrite: bool, resuming: bool) -> None:
         self.config, self.console = config, console
-        if not resuming:
-            folder = check_output_dir(config.output_dir, overwrite)
-            if folder.exists() and overwrite:
-                shutil.rmtree(folder)
+        folder = None if resuming else check_output_dir(config.output_dir, overwrite)
         set_seed(config.seed)
         configs = [config.train_config(spec) for spec in config.tasks]
         splits = [task_splits(spec, c) for spec, c in zip(config.tasks, configs, strict=True)]
@@ -103,6 +100,8 @@ class _Run:
         self.agnostic = "task_agnostic" in config.settings
         self.prototypes = (Prototypes(self.model, self.tokenizer, self.contexts, config.eval_split)
                            if self.agnostic and config.routing == "prototype" else None)
+        if folder is not None and folder.exists() and overwrite:  # only once everything above was accepted
+            shutil.rmtree(folder)
 
     def choice(self, task: int, seen: int) -> torch.Tensor:
         """For each eval row of task `task`, the index of the task it is routed to among the first `seen`."""
@@ -144,9 +143,22 @@ class _Run:
         return out
 
     def routing(self, task: int) -> list[float | None]:
-        """After task `task`: the share of each seen task's eval rows routed to that task."""
-        return [(self.choice(j, task + 1) == j).float().mean().item() if j <= task else None
-                for j in range(len(self.contexts))]
+        """After task `task`: the share of each seen task's eval rows routed to a task that answers
+        with their own head (the task itself, or one sharing its head): a classification task's
+        task-agnostic accuracy is at most this share."""
+        shares: list[float | None] = []
+        for j, context in enumerate(self.contexts):
+            if j > task:
+                shares.append(None)
+                continue
+            chosen = self.choice(j, task + 1).tolist()
+            if self.heads is None:
+                right = [route == j for route in chosen]
+            else:
+                owner = self.heads.owner(context.name)
+                right = [self.heads.owner(self.contexts[route].name) == owner for route in chosen]
+            shares.append(sum(right) / len(right) if right else float("nan"))
+        return shares
 
     def switch_angle(self, task: TaskContext) -> dict[str, Any] | None:
         """θ_min between the previous task's and this task's gradient subspaces, at the model now."""

@@ -27,7 +27,7 @@ from torch import nn
 
 from splice.core.api import adapter_name_problem
 from splice.core.errors import ConfigError
-from splice.core.validation import check_fields, did_you_mean, keyed_error, show
+from splice.core.validation import check_fields, did_you_mean, keyed_error, show, yaml_number
 from splice.train.config import SETTABLE_FIELDS, TrainConfig, default_adapter, read_yaml_mapping
 
 Setting = Literal["task_incremental", "task_agnostic"]
@@ -128,6 +128,10 @@ class SequenceConfig:
         check_train_keys(self.train, OWN_FIELDS, "the sequence")
         if not self.settings or any(s not in SETTINGS for s in self.settings):
             raise keyed_error("settings", f"settings must list some of {', '.join(SETTINGS)}; got {self.settings!r}")
+        if "task_incremental" not in self.settings:
+            raise keyed_error("settings", "settings must include task_incremental: forgetting, BWT, FWT and the "
+                                          "forgetting law are read from it (task_agnostic is measured beside it); "
+                                          f"got {self.settings!r}")
         if self.routing == "confidence" and self.task != "classification":
             raise keyed_error("routing", "routing: confidence reads a classification head's probabilities; a generator "
                                     "routes by prototype")
@@ -137,6 +141,20 @@ class SequenceConfig:
             self.output_dir = f"runs/continual-{Path(self.model).name}-{self.strategy}"
         for spec in self.tasks:  # every task's training config is valid before anything loads
             self.train_config(spec)
+        self.options = {key: yaml_number(value) for key, value in self.options.items()}
+        self.check_strategy()
+
+    def check_strategy(self) -> None:
+        """The strategy exists, takes these options and can train this adapter form, before
+        anything loads (or any earlier run is replaced)."""
+        from splice.continual.strategies import STRATEGIES, make_strategy
+
+        try:
+            make_strategy(self.strategy, self.train_config(self.tasks[0]).adapter_config(), self.options)
+        except ConfigError as err:
+            about_options = self.strategy in STRATEGIES and any(repr(key) in str(err) or f"{key} " in str(err)
+                                                                 for key in self.options)
+            raise keyed_error("options" if about_options else "strategy", str(err)) from None
 
     def train_config(self, spec: TaskSpec) -> TrainConfig:
         """The TrainConfig of one task: the sequence's model, adapter, seed and `train`, the task's
@@ -211,6 +229,8 @@ def task_spec(data: Any, index: int, keys: tuple[str, ...] | None = None, why_no
     for key in ("name", "data"):
         if key not in data:
             raise keyed_error("tasks", f"tasks[{index}] has no {key!r}")
+    numeric = {f.name for f in dataclasses.fields(cls) if "float" in str(f.type)}
+    data = {key: yaml_number(value) if key in numeric else value for key, value in data.items()}
     check_fields(cls, data, f"tasks[{index}].")
     return cls(**data)
 
@@ -236,6 +256,9 @@ def check_task(spec: TaskSpec, index: int, task: str) -> None:
         raise keyed_error("tasks", f"{where}: max_words is a positive number of words, for as_words tasks only")
     if spec.as_words:
         check_prompt(spec.prompt, where)
+    elif spec.prompt != TaskSpec.prompt:
+        raise keyed_error("tasks", f"{where}: prompt is for as_words tasks only (a classification task reads the "
+                                   "text itself); set as_words: true with task: causal_lm, or drop prompt")
 
 
 def check_prompt(prompt: str, where: str) -> None:

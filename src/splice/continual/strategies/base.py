@@ -19,6 +19,7 @@ Task-agnostic inference routes each example to a task first (the harness's proto
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -131,6 +132,13 @@ def active(model: nn.Module, names: list[str]) -> Iterator[None]:
             splice.activate(model, before)
         else:
             splice.deactivate(model)
+
+
+def penalty_weight(strategy: str, key: str, value: Any) -> float:
+    """A penalty's weight λ: a finite number >= 0, else a ConfigError naming the option and value."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{strategy}: {key} must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 def build(cls: type[Strategy], adapter: AdapterConfig, options: dict[str, Any]) -> Strategy:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from splice.continual.strategies.base import Penalty, TaskContext
+from splice.continual.strategies.base import Penalty, TaskContext, penalty_weight
 from splice.continual.strategies.separate import Separate
 from splice.core.config import AdapterConfig
 from splice.core.errors import ConfigError
@@ -35,9 +35,7 @@ class CoRe(Separate):
         if getattr(adapter, "method", None) != "loreft":
             raise ConfigError(f"core trains ReFT interventions: the sequence's adapter must have method: loreft, "
                               f"not {getattr(adapter, 'method', type(adapter).__name__)!r}")
-        if not overlap >= 0:
-            raise ConfigError(f"core: overlap must be >= 0, got {overlap}")
-        self.overlap = float(overlap)
+        self.overlap = penalty_weight(self.name, "overlap", overlap)
 
     def penalties(self, model: nn.Module, task: TaskContext) -> list[Penalty]:
         if not self.trained or self.overlap == 0:

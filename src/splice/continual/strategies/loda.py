@@ -53,6 +53,7 @@ seen tasks' mean MSE (0.112 -> 0.120 at task 3), with γ = 0 it lowers it (0.120
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -308,6 +309,7 @@ def _check_options(adapter: AdapterConfig, **options: Any) -> None:
         raise ConfigError("loda: general + specific must be >= 1, got 0")
     for key in ("eps", "ridge", "gao"):
         value = options[key]
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         if not (number and (value > 0 if key == "eps" else value >= 0)):
-            raise ConfigError(f"loda: {key} must be a number {'>' if key == 'eps' else '>='} 0, got {value!r}")
+            raise ConfigError(f"loda: {key} must be a finite number {'>' if key == 'eps' else '>='} 0, "
+                              f"got {value!r}")

@@ -19,7 +19,15 @@ import torch
 from torch import nn
 
 import splice
-from splice.continual.strategies.base import Penalty, Strategy, TaskContext, active, adapter_bytes
+from splice.continual.strategies.base import (
+    Penalty,
+    Strategy,
+    TaskContext,
+    active,
+    adapter_bytes,
+    penalty_weight,
+)
+from splice.core.api import attaching
 from splice.core.errors import ConfigError
 from splice.core.host import hosts
 
@@ -31,12 +39,15 @@ class OLoRA(Strategy):
 
     def __init__(self, adapter, penalty: float = 0.5) -> None:
         super().__init__(adapter)
-        if not penalty >= 0:
-            raise ConfigError(f"olora: penalty must be >= 0, got {penalty}")
-        self.penalty = float(penalty)
+        self.penalty = penalty_weight(self.name, "penalty", penalty)
 
     def begin_task(self, model: nn.Module, task: TaskContext) -> str:
-        splice.attach(model, self.adapter, task.name)
+        """The task's LoRA, refused before any training when a layer's form has no factors A, B
+        (the penalty reads A; the merge at the task's end needs the weight change)."""
+        with attaching(model, self.adapter, task.name):
+            for name, _, host in hosts(model):
+                if task.name in host:
+                    down_projection(host[task.name], name)
         return task.name
 
     def penalties(self, model: nn.Module, task: TaskContext) -> list[Penalty]:
