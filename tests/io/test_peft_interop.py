@@ -118,7 +118,9 @@ def test_peft_modules_to_save_loads_as_a_trained_head(tmp_path, ids):
     base = make_bert()
     peft_model = peft_saved(fresh(base), tmp_path, head="classifier", r=4, lora_alpha=8,
                             target_modules=["query", "value"], task_type="SEQ_CLS")
-    assert read_json(tmp_path)["modules_to_save"] == ["classifier", "score"]
+    # PEFT lists every head name it knows for the task (0.22 adds DistilBERT's "pre_classifier"),
+    # whether the model has it or not: the ones the model lacks are not an error
+    assert {"classifier", "score"} <= set(read_json(tmp_path)["modules_to_save"])
     expected = logits(peft_model, input_ids=ids)
     model = fresh(base)
     splice.load(model, tmp_path, trainable=True)
