@@ -234,7 +234,8 @@ def test_check_refuses_what_fstq_cannot_run_with(make_config, tiny_llama, count_
     with pytest.raises(ConfigError, match="SecAgg"):
         make_config(method="fstq", options={"keep_ratio": 1.0}, secure={"num_shares": 3})
     with pytest.raises(ConfigError, match="keep_ratio 1.0"):
-        make_config(method="fstq")  # classification: no tokens to drop
+        make_config(method="fstq", options={"keep_ratio": 0.3})  # classification: no tokens to drop
+    assert make_method(make_config(method="fstq")).options["keep_ratio"] == 1.0  # so that is its default there
     assert isinstance(make_method(make_config(method="fstq", options={"keep_ratio": 1.0}, aggregation="exact")),
                       FedFSTQ)
     for options, message in [({"mean_bits": 4, "budget_bytes": 100}, "not both"), ({"levels": [2, 9]}, "levels"),

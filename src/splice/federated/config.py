@@ -35,11 +35,16 @@ from typing import Any, Literal
 
 from splice.continual.sequence import TaskSpec, check_task, task_spec
 from splice.core.errors import ConfigError
-from splice.core.validation import check_fields, did_you_mean, keyed_error, show
+from splice.core.validation import check_fields, did_you_mean, keyed_error, show, yaml_number
 from splice.federated.methods import METHODS
 from splice.train.config import SETTABLE_FIELDS, TrainConfig, default_adapter, read_yaml_mapping
 
 Aggregation = Literal["fedavg", "exact"]
+# Adapter forms whose weight change is B A (DoRA: plus a magnitude, averaged plainly), which
+# aggregation: exact averages and re-factors. A MoELoRA's router gates each expert's columns and
+# a FlexiLoRA's rank weights gate A's rows: the mean of their B A is not the mean of their models.
+EXACT_FORMS = ("lora", "dora")
+SEED_LIMIT = 2**32 - 1  # numpy's and accelerate's set_seed take seeds up to this
 # TrainConfig fields a federated run sets itself, not through `train`.
 OWN_FIELDS = ("model", "task", "data", "validation", "adapter", "output_dir", "init_adapter", "seed", "max_steps",
               "epochs", "eval_every", "checkpoint_every", "max_eval_examples", "schedule")
@@ -156,6 +161,7 @@ class FederatedConfig:
         self.partition = _section(Partition, self.partition, "partition")
         self.secure = None if self.secure is None else _section(Secure, self.secure, "secure")
         self.privacy = None if self.privacy is None else _section(Privacy, self.privacy, "privacy")
+        self.fraction = yaml_number(self.fraction)
         plain = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                  if f.name not in ("partition", "secure", "privacy", "tasks")}
         check_fields(FederatedConfig, plain, "")
@@ -173,6 +179,13 @@ class FederatedConfig:
         if self.partition.scheme == "dirichlet" and self.task != "classification":
             raise keyed_error("partition", "partition.scheme dirichlet splits by label: a causal_lm run has no labels; "
                                       "use iid")
+        self._check_seed()
+        form = self.adapter.get("method", "lora") if isinstance(self.adapter, dict) else None
+        if self.aggregation == "exact" and form not in EXACT_FORMS:
+            raise keyed_error("aggregation", f"aggregation: exact averages each module's B A and re-factors it, "
+                                             f"which is the mean model only for {' and '.join(EXACT_FORMS)}; "
+                                             f"adapter method {form!r} gates its factors (a router or rank "
+                                             "weights): use aggregation: fedavg")
         if self.method not in METHODS:
             raise keyed_error("method", f"method must be one of {', '.join(METHODS)}, got {show(self.method)}")
         if self.secure is not None:
@@ -229,6 +242,15 @@ class FederatedConfig:
         if self.aggregation == "exact":
             raise keyed_error("aggregation", "aggregation: exact re-factors B A per round, which mixes a task "
                                              "sequence's frozen and trained factors: use fedavg with tasks")
+
+    def _check_seed(self) -> None:
+        """Client c trains round t (counted over the tasks) with seed + (t - 1) clients + c: every
+        one of them must be a seed torch, numpy and accelerate take (0 to 2**32 - 1)."""
+        rounds = self.rounds * (1 if self.tasks is None else len(self.tasks))
+        largest = self.seed + rounds * self.clients - 1
+        if self.seed < 0 or largest > SEED_LIMIT:
+            raise keyed_error("seed", f"seed must be >= 0 and leave room for every client's seed (seed + rounds x "
+                                      f"clients - 1 = {largest} <= {SEED_LIMIT}), got {self.seed}")
 
     @property
     def datasets(self) -> list[str]:
@@ -326,6 +348,8 @@ def _section(cls: type, value: Any, key: str) -> Any:
     for name in value:
         if name not in known:
             raise keyed_error(key, f"{key}: unknown key {name!r}{did_you_mean(name, known)}")
+    numeric = {f.name for f in dataclasses.fields(cls) if "float" in str(f.type)}
+    value = {name: yaml_number(v) if name in numeric else v for name, v in value.items()}
     check_fields(cls, value, f"{key}.")
     return cls(**value)
 

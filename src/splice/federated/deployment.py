@@ -60,6 +60,7 @@ from splice.core.errors import SpliceError
 from splice.federated.client import CONFIG_KEY
 from splice.federated.config import FederatedConfig
 from splice.federated.run import FederatedResult, read_result
+from splice.federated.shards import check_shards
 from splice.io.output_dirs import check_output_dir
 
 CONNECTION = "splice"  # the SuperLink connection's name in the temporary $FLWR_HOME/config.toml
@@ -164,6 +165,7 @@ def deploy(config: FederatedConfig, superlink: str | None = None, *, timeout: fl
 def fresh_folder(config: FederatedConfig, overwrite: bool) -> Path:
     """The run folder, checked (as `run_federated` does), emptied when `overwrite`, and made."""
     folder = check_output_dir(config.output_dir, overwrite)
+    check_shards(config)  # before an earlier run is replaced
     if folder.exists() and overwrite:
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ from splice.federated.config import FederatedConfig
 from splice.federated.history import History
 from splice.federated.report import main_metric
 from splice.federated.server import ServerRun, server_app
+from splice.federated.shards import check_shards
 from splice.io.output_dirs import check_output_dir
 
 
@@ -60,6 +61,7 @@ def run_federated(config: FederatedConfig, *, console: Console | None = None, ov
     `overwrite` replaces an existing run folder; `verbose` shows Flower's and Ray's logs."""
     console = console or Console()
     folder = check_output_dir(config.output_dir, overwrite)
+    check_shards(config)  # before an earlier run is replaced
     if folder.exists() and overwrite:
         shutil.rmtree(folder)
     finished: list[ServerRun] = []

@@ -19,9 +19,7 @@ from splice.continual import heads as task_heads
 from splice.continual.data import task_splits
 from splice.continual.sequence import TaskSpec
 from splice.federated.config import FederatedConfig
-from splice.federated.shards import Shards, make_shards
-
-TASK_SEED_STRIDE = 1000  # task t's partition is drawn with seed + t * stride
+from splice.federated.shards import TASK_SEED_STRIDE, Shards, make_shards
 
 
 @dataclass

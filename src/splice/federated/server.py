@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -141,23 +142,30 @@ class ServerRun:
                 self.history.round(server_round).failures[who] = message.error.reason
 
     def finite_uploads(self, server_round: int, replies: list[Message],
-                       states: list[dict[str, torch.Tensor]]) -> list[tuple[Message, dict[str, torch.Tensor]]]:
-        """The uploads without a non-finite value; the others are left out of the round and recorded
-        (a diverged client must not poison the global adapter). None left: an error."""
+                       decode: Callable[[Message], dict[str, torch.Tensor]]) -> list[tuple[Message,
+                                                                                      dict[str, torch.Tensor]]]:
+        """The uploads `decode` reads, without a non-finite value; the others (an unreadable
+        payload: a quantised one with a non-finite scale, say) are left out of the round and
+        recorded (a diverged client must not poison the global adapter). None left: an error."""
         kept = []
-        for message, state in zip(replies, states, strict=True):
+        failures = self.history.round(server_round).failures
+        for message in replies:
+            client = str(message.content[payload.METRICS]["client"])
+            try:
+                state = decode(message)
+            except SpliceError as err:
+                failures[client] = f"its upload could not be read ({err}); left out of the round"
+                continue
             bad = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
             if bad:
-                client = str(message.content[payload.METRICS]["client"])
-                self.history.round(server_round).failures[client] = (
-                    f"non-finite values in its upload ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); "
-                    "left out of the round")
+                failures[client] = (f"non-finite values in its upload ({', '.join(bad[:3])}"
+                                    f"{', ...' if len(bad) > 3 else ''}); left out of the round")
             else:
                 kept.append((message, state))
         if replies and not kept:
-            raise SpliceError(f"round {server_round}: every upload holds non-finite values (clients "
-                              f"{sorted(self.history.round(server_round).failures)}); the global adapter is kept as "
-                              "it was. Lower the learning rate or set train.max_grad_norm")
+            raise SpliceError(f"round {server_round}: no upload could be used (clients {sorted(failures)}: "
+                              f"{'; '.join(f'{c}: {why}' for c, why in sorted(failures.items())[:3])}); the global "
+                              "adapter is kept as it was. Lower the learning rate or set train.max_grad_norm")
         return kept
 
     def save(self) -> Path:
@@ -253,14 +261,8 @@ class AdapterStrategy(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Grid) -> Iterable[Message]:
         self.round = self.offset + server_round
         self.broadcast = payload.checked(payload.split_extras(arrays.to_torch_state_dict())[0], self.server.initial)
-        # Flower samples with Python's global RNG, which anything else may draw from: the round's
-        # sample is drawn from the run's seed and the round instead
-        state = random.getstate()
-        random.seed(f"{self.server.config.seed}-{self.round}")
-        try:
+        with round_sampling(self.server.config.seed, self.round):
             messages = list(super().configure_train(server_round, arrays, config, grid))
-        finally:
-            random.setstate(state)
         return [self.trimmed(message) for message in messages]
 
     def trimmed(self, message: Message) -> Message:
@@ -303,8 +305,8 @@ class AdapterStrategy(FedAvg):
                                       message.metadata.src_node_id)
         method = self.server.method
         trained = {name: self.broadcast[name] for name in self.server.trained_names()}
-        uploads = self.server.finite_uploads(server_round, valid, [method.decode(m.content[payload.ARRAYS], trained)
-                                                                   for m in valid])
+        uploads = self.server.finite_uploads(server_round, valid,
+                                             lambda m: method.decode(m.content[payload.ARRAYS], trained))
         if not uploads:
             return None, None
         messages, states = zip(*uploads, strict=True)
@@ -418,6 +420,18 @@ def _run_rounds(grid: Grid, server: ServerRun) -> None:
                 method.end_task(server, counting, index, state)
 
 
+@contextmanager
+def round_sampling(seed: int, server_round: int) -> Iterator[None]:
+    """Flower samples a round's clients with Python's global RNG, which anything else may draw
+    from: within the block it is seeded from the run's seed and the round (and restored after)."""
+    state = random.getstate()
+    random.seed(f"{seed}-{server_round}")
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
 def _run_secure(grid: Grid, context: Context, server: ServerRun) -> None:
     """SecAgg+ through Flower's legacy workflow: FedAvg of the masked sum, the same records."""
     from flwr.server import LegacyContext, ServerConfig
@@ -442,7 +456,14 @@ def _run_secure(grid: Grid, context: Context, server: ServerRun) -> None:
         metrics = server.evaluate(server_round, payload.from_list(arrays, server.initial))
         return metrics.get("loss", 0.0), metrics
 
-    strategy = LegacyFedAvg(fraction_fit=config.fraction, fraction_evaluate=1.0, min_fit_clients=config.sampled,
+    class SeededFedAvg(LegacyFedAvg):
+        """Flower's legacy FedAvg, its round's sample drawn as `AdapterStrategy`'s is."""
+
+        def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> list[Any]:
+            with round_sampling(config.seed, server_round):
+                return super().configure_fit(server_round, parameters, client_manager)
+
+    strategy = SeededFedAvg(fraction_fit=config.fraction, fraction_evaluate=1.0, min_fit_clients=config.sampled,
                             min_evaluate_clients=config.clients, min_available_clients=config.clients,
                             evaluate_fn=evaluate_fn, on_fit_config_fn=fit_config,
                             on_evaluate_config_fn=fit_config,

@@ -11,6 +11,8 @@ from splice.assets import DatasetSplits, Row
 from splice.federated import partition
 from splice.federated.config import FederatedConfig
 
+TASK_SEED_STRIDE = 1000  # a task sequence draws task t's partition with seed + t * stride
+
 
 @dataclass
 class Shards:
@@ -56,3 +58,17 @@ def make_shards(config: FederatedConfig, splits: DatasetSplits, seed: int | None
     return Shards(train=[[splits.train[i] for i in part] for part in train_parts],
                   test=[[test[i] for i in part][:limit] for part in test_parts],
                   description=partition.describe(train_parts, labels))
+
+
+def check_shards(config: FederatedConfig) -> None:
+    """Every task's data loads and splits among the clients as `config` says (what the server
+    and each client do first), refused with the reason before an earlier run is replaced."""
+    from splice.continual.data import task_splits
+    from splice.train.data import load_splits
+
+    if config.tasks is None:
+        make_shards(config, load_splits(config.train_config()))
+        return
+    for index, spec in enumerate(config.tasks):
+        make_shards(config, task_splits(spec, config.train_config(task=index)),
+                    seed=config.seed + index * TASK_SEED_STRIDE)

@@ -350,6 +350,11 @@ def encode_delta(delta: Mapping[str, torch.Tensor], *, levels: Sequence[int] = L
     row still gets the lowest level).
     """
     levels = check_levels(levels)
+    bad = [name for name in sorted(delta) if not torch.isfinite(delta[name]).all()]
+    if bad:  # the clamped float16 scales and codes would carry it as large finite numbers
+        raise SpliceError(f"the update holds non-finite values ({', '.join(bad[:3])}"
+                          f"{', ...' if len(bad) > 3 else ''}): it cannot be quantised; lower the learning rate "
+                          "or set train.max_grad_norm")
     matrices = [as_rows(delta[name]) for name in sorted(delta)]
     sizes = torch.tensor([m.shape[1] for m in matrices for _ in range(m.shape[0])], dtype=torch.long)
     spans = torch.cat([_range_of(m, symmetric) for m in matrices]) if matrices else torch.zeros(0)

@@ -17,7 +17,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from splice.core.errors import ConfigError, SpliceError
-from splice.core.validation import did_you_mean
+from splice.core.validation import did_you_mean, yaml_number
 from splice.federated import payload
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ class FederatedMethod:
         if unknown:
             hint = did_you_mean(unknown[0], self.OPTIONS) if self.OPTIONS else f"; method {self.name} takes none"
             raise ConfigError(f"options: unknown key {unknown[0]!r} for method {self.name}{hint}")
-        self.options = {**self.OPTIONS, **config.options}
+        self.options = {**self.OPTIONS, **{key: yaml_number(value) for key, value in config.options.items()}}
         if config.tasks is not None and not self.sequences:
             raise ConfigError(f"method {self.name} trains one task; with tasks use fedavg (FedAvg, sequentially) "
                               "or prism")

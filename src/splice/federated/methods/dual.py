@@ -45,10 +45,14 @@ class DualLoRA(FederatedMethod):
         if local is not None and not isinstance(local, dict):
             raise ConfigError(f"options.local_adapter must be an adapter mapping ({{method: lora, r: 4, ...}}), "
                               f"got {local!r}")
-        config.train_config(local or config.adapter)  # a bad local adapter fails now, not in a client
+        try:  # a bad local adapter fails now, not in a client
+            config.train_config(local_mapping(local or config.adapter))
+        except ConfigError as err:
+            where = "options.local_adapter" if local is not None else "adapter (the local adapter's too)"
+            raise ConfigError(f"{where}: {err}") from None
 
     def prepare(self, run: LocalRun) -> None:
-        mapping = self.options["local_adapter"] or run.config.adapter
+        mapping = local_mapping(self.options["local_adapter"] or run.config.adapter)
         local = train_tasks.adapter_config(run.config.train_config(mapping), run.model)
         splice.attach(run.model, local.replace(train_also=[]), LOCAL)
         splice.activate(run.model, [run.GLOBAL, LOCAL])  # both train, and both answer at this client
@@ -80,3 +84,11 @@ class DualLoRA(FederatedMethod):
     def last_round(self, run: LocalRun, client: int) -> None:
         path = Path(run.config.output_dir) / "clients" / f"client-{client}" / "local-adapter"
         splice.save(run.model, path, LOCAL, overwrite=True)
+
+
+def local_mapping(mapping: dict[str, Any]) -> dict[str, Any]:
+    """The local adapter's config: SFed-LoRA's sqrt(N) makes up for averaging N clients' updates,
+    and the local adapter is never averaged, so its N is 1 (rsLoRA's alpha / sqrt(r)) unless given."""
+    if mapping.get("scaling") == "sfed" and mapping.get("num_clients") is None:
+        return {**mapping, "num_clients": 1}
+    return mapping

@@ -47,8 +47,9 @@ are packed bytes here) and `secure` (SecAgg+ sums raw arrays and runs Flower's l
 which uploads whole tensors). `aggregation: exact` is allowed: it re-factors the mean of the
 decoded B A, and decoding happens before aggregation.
 
-Options: keep_ratio (0.3), beta (0.9), mean_bits (4) or budget_bytes (bytes of the payload;
-not with mean_bits), levels ([2, 4, 8]), quantizer ("symmetric" or "affine").
+Options: keep_ratio (0.3 for a causal LM, 1.0 otherwise), beta (0.9), mean_bits (4) or
+budget_bytes (bytes of the payload; not with mean_bits), levels ([2, 4, 8]), quantizer
+("symmetric" or "affine").
 Metrics per client and round: fstq_kept_fraction (kept / completion targets), fstq_upload_bytes
 (the payload), fstq_mean_bits (code bits per value), fstq_delta_error (||Delta_hat - Delta|| /
 ||Delta||).
@@ -91,6 +92,8 @@ class FedFSTQ(FederatedMethod):
         if config.secure is not None:
             raise ConfigError("method fstq cannot run with secure: SecAgg+ sums the raw arrays of the replies (the "
                               "sum of packed codes means nothing) and its legacy path uploads whole tensors")
+        if config.task != "causal_lm" and "keep_ratio" not in config.options:
+            options["keep_ratio"] = 1.0  # no tokens to drop: the default keeps them all
         ratio = options["keep_ratio"]
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0:
             raise ConfigError(f"options.keep_ratio must be in (0, 1], got {ratio!r}")
