@@ -56,8 +56,8 @@ def test_run_equals_a_hand_driven_trainer(tiny_classification, tmp_path):
 
 
 def test_the_public_step_pieces_driven_by_hand_give_the_same_run(tiny_classification, tmp_path):
-    """What an orchestrator does with `next_batch`, `record_backward` and `optimizer_step` (its
-    own forward and backward in between) is `step`: the same run, to the bit. grad_accum 5 over
+    """What an orchestrator does with `next_batch`, `backward`, `record_backward` and
+    `optimizer_step` (its own forward in between) is `step`: the same run, to the bit. grad_accum 5 over
     12 batches an epoch: steps of 5, 5 and 2 batches."""
     config = tiny_classification.from_dict(tiny_classification.to_dict(), grad_accum=5)
     by_run = run(config, console=quiet())
@@ -70,7 +70,7 @@ def test_the_public_step_pieces_driven_by_hand_give_the_same_run(tiny_classifica
         batch = trainer.next_batch()
         with trainer.accelerator.accumulate(trainer.model):
             loss = trainer.model(**batch).loss
-            trainer.accelerator.backward(loss)
+            trainer.backward(loss)  # scaled for the accumulation under way (the last one has 2 batches)
         completed.append(trainer.record_backward(loss, len(batch["labels"])))
         if completed[-1]:
             trainer.optimizer_step()

@@ -200,7 +200,8 @@ def merge(
             raise typer.BadParameter("emr keeps one adapter per task; it has no single model to fold in",
                                      param_hint="--method")
         check_output_dir(out, overwrite=force)  # refused before the work; written whole (or not at all) after it
-        if into_base and len(adapters) == 1:  # any form, splice's own format too
+        if into_base and len(adapters) == 1 and method == "linear" and rank is None and not weights:
+            # the adapter as it is (any form, splice's own format too); a rank, weight or svd merges first
             _fold_one(adapters[0], model, out, force)
             return
         states = [adapter_state(path) for path in adapters]

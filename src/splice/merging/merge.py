@@ -112,6 +112,12 @@ def merge_adapters(
     base_model = check_inputs(states, labels)
     generator = torch.Generator().manual_seed(seed)
     dora = method in EXACT_METHODS and any(s.dora for s in states)
+    if dora:  # every module of the result gets a magnitude; DoRA exists on Linear layers only
+        other = sorted((name, u.kind) for s in states for name, u in s.modules.items() if u.kind != "linear")
+        if other:
+            raise SpliceError(f"a DoRA adapter makes the {method} merge a DoRA adapter, and DoRA adapts Linear "
+                              f"layers only; {other[0][0]} is a {other[0][1]} layer: merge with an element-wise "
+                              "method (ties, dare_linear, ...) or leave that adapter out")
     modules: dict[str, ModuleUpdate] = {}
     errors: dict[str, float] = {}
     for name in progress.track(_module_names(states), f"{method} merge"):

@@ -161,7 +161,7 @@ class MixtureRun:
             loss = trainer.model(**batch).loss
             extra = splice.auxiliary_loss(trainer.plain_model)  # e.g. a MoE router's balancing loss
             total = loss if extra is None else loss + extra
-            trainer.accelerator.backward(total)
+            trainer.backward(total)
         if trainer.record_backward(loss, rows_in(batch), total):
             trainer.optimizer_step()
         self.trained[task] += 1

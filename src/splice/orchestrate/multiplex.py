@@ -261,10 +261,11 @@ class Multiplexer:
             summed = stats["loss"].sum() if "loss" in stats else stats["loss_sum"].sum()
             loss = summed / counts[name]
             losses[name] += loss.detach()
-            total = total + loss / tenant.trainer.config.grad_accum
+            size = tenant.trainer.accumulation_size()  # grad_accum, or fewer at an epoch's end
+            total = total + loss / size
             extra = splice.auxiliary_loss(self.shared, name)
             if extra is not None:
-                total = total + extra * (n / batch_rows[name]) / tenant.trainer.config.grad_accum
+                total = total + extra * (n / batch_rows[name]) / size
         return total
 
     def _finish(self, tenant: Tenant) -> None:

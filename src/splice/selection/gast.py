@@ -72,7 +72,7 @@ Design choices (what the spec leaves open, and one place where it is not followe
   update only those blocks (and the outside parameters), each keeping its own samples per
   block. A parameter frozen for the moment (requires_grad False) is neither computed nor
   updated.
-- The gradients are written through `accelerator.backward` of Σ ⟨p, u_p⟩ (u detached), so the
+- The gradients are written through the trainer's `backward` of Σ ⟨p, u_p⟩ (u detached), so the
   trainer's accumulation scaling and fp16 loss scaling apply as for a plain backward.
 - `refresh_every` N: the K blocks are chosen anew every N optimizer steps (and the validation
   reference taken again); in between only the chosen blocks' per-sample gradients are computed
@@ -525,9 +525,9 @@ class GAST(GradientRule, Callback):
         if self._chosen is None and selection.chosen:  # a batch without labels chooses nothing
             self._chosen = selection.chosen
         if selection.updates:
-            # d/dp of Σ ⟨p, u_p⟩ is u_p: accelerate's backward scales it as it would the loss's
+            # d/dp of Σ ⟨p, u_p⟩ is u_p: the trainer's backward scales it as it would the loss's
             surrogate = sum((trained[n] * u.to(trained[n].dtype)).sum() for n, u in selection.updates.items())
-            trainer.accelerator.backward(surrogate)
+            trainer.backward(surrogate)
         losses, weights = per_sample.losses, per_sample.weights
         self._record(selection, losses.shape[0], int((weights > 0).sum()))
         loss = (losses * weights).sum() / weights.sum()  # 0/0 = NaN without labelled tokens

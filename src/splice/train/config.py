@@ -184,7 +184,7 @@ class TrainConfig:
                 setattr(self, f.name, os.fspath(getattr(self, f.name)))
         for name in OPTION_MAPPINGS:  # numbers PyYAML left as strings (lr_embedding: 1e-6); tuples as the lists
             if isinstance(getattr(self, name), dict):  # config.yaml gives back, so that a resume compares equal
-                setattr(self, name, {k: list(v) if isinstance(v, tuple) else yaml_number(v)
+                setattr(self, name, {k: [yaml_number(x) for x in v] if isinstance(v, (tuple, list)) else yaml_number(v)
                                      for k, v in getattr(self, name).items()})
         self.validate()
         if self.output_dir is None:
@@ -224,6 +224,9 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
         _positive("lr", self.lr)
+        if isinstance(self.seed, int) and not 0 <= self.seed < 2**32:
+            raise keyed_error("seed", f"seed must be in [0, 2**32) (what torch, NumPy and accelerate seed with), "
+                                      f"got {self.seed}")
         if self.head_lr is not None:
             _positive("head_lr", self.head_lr)
         if self.max_steps is None:

@@ -3,6 +3,7 @@ signal), and `Tenancy`: what changes for a trainer an orchestrator drives among 
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +67,7 @@ def finish(trainer: Trainer) -> RunResult:
     result = RunResult(
         metrics={"before": state.before, "after": after}, history=state.history, paths=paths, timings=timings,
         best_step=trainer.best.step if trainer.best.state is not None else state.step,
-        stopped_early=trainer.best.should_stop,
+        stopped_early=stopped_early(trainer),
         parameters={"trainable": trainer.parameters.trainable, "total": trainer.parameters.total},
         status=status, message=message, skipped_steps=state.skipped,
     )
@@ -88,9 +89,11 @@ def keep_last_state(trainer: Trainer) -> Path | None:
     """Write the final state to adapter-last/ when the best one, which adapter/ gets, is another
     (the last steps may be what the user wanted to look at); its path, or None."""
     best, step = trainer.best, trainer.state.step
-    if best.state is None or best.step == step or nonfinite_tensors(trainer.trained):
-        return None
     path = trainer.run_dir / LAST_ADAPTER
+    if best.state is None or best.step == step or nonfinite_tensors(trainer.trained):
+        if trainer.main:  # an earlier run's (replaced with --force) must not pass for this one's
+            shutil.rmtree(path, ignore_errors=True)
+        return None
     if trainer.main:
         trainer.save(path)
     return path
@@ -109,10 +112,16 @@ def untrained_warning(trainer: Trainer, last: Path | None) -> str:
     return message
 
 
+def stopped_early(trainer: Trainer) -> bool:
+    """Early stopping ended the run before its last step (patience running out at the last
+    evaluation of a run that took every step is no early stop)."""
+    return trainer.best.should_stop and trainer.state.step < trainer.total_steps
+
+
 def final_messages(trainer: Trainer) -> None:
     """Why the run ends where it does: early stopping, non-finite numbers, skipped steps."""
     label, state = escape(trainer.label), trainer.state
-    if trainer.best.should_stop:
+    if stopped_early(trainer):
         trainer.show(f"{label}early stopping: no improvement in {trainer.config.early_stopping_patience} evaluations")
     if trainer.stop is not None:
         trainer.show(f"[red]{label}{escape(trainer.stop[1])}[/]")

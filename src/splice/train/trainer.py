@@ -404,8 +404,25 @@ class Trainer:
         total = loss if extra is None else loss + extra
         for penalty in self.penalties:
             total = total + penalty()
-        self.accelerator.backward(total)
+        self.backward(total)
         return loss, total
+
+    def backward(self, total: torch.Tensor) -> None:
+        """Backpropagate `total` as one batch of the accumulation under way: scaled by 1 / the
+        number of batches in it, `grad_accum` or fewer at an epoch's end (as transformers'
+        Trainer does), so every optimizer step applies its batches' mean gradient. accelerate
+        keeps the accumulation count process-wide: another Trainer built since may have set its
+        own, so this one's is set again first."""
+        accelerator, accum, size = self.accelerator, self.config.grad_accum, self.accumulation_size()
+        accelerator.gradient_accumulation_steps = accum
+        accelerator.backward(total if size == accum else total * (accum / size))
+
+    def accumulation_size(self) -> int:
+        """How many batches the accumulation under way holds: `grad_accum`, or fewer in an
+        epoch's last one (the step `record_backward` ends at the epoch's last batch)."""
+        accum = self.config.grad_accum
+        first = self.state.batches - self.state.batches % accum  # its first batch's place in the epoch
+        return min(accum, len(self.train_loader) - first)
 
     def _update(self) -> StepCheck:
         """Check the accumulated step (`check_step`, clipping on the way); the optimizer's update
