@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from common_report import heading, table
+from optim_report import fmt_diff, paired, said
 
 from splice.analysis.forgetting import fit_forgetting_law
 
@@ -92,21 +93,26 @@ def mean_of(result: dict[str, Any], sequence: str, strategy: str, value: Callabl
 
 def compare(result: dict[str, Any], sequence: str, a: str, b: str, value: Callable[[Run], float],
             better: str, forms: bool = False) -> str:
-    """a vs b on `value` (mean ± std over seeds; strategies, or forms of `sequential`): held when a
-    is better by more than both spreads' mean, refuted when worse by that much, else within noise."""
-    def stats(name: str) -> tuple[float, float, int]:
-        return mean_of(result, sequence, "sequential", value, name) if forms else \
-            mean_of(result, sequence, name, value)
+    """a vs b on `value` (strategies, or forms of `sequential`), paired by seed as the other
+    benches' claims are (`optim_report.paired` and `said`): the mean difference, oriented so
+    that > 0 is the claim, with its 95% t-interval; held when the interval is above 0, refuted
+    when below, else can't tell."""
+    def by_seed(name: str) -> dict[int, float]:
+        runs = runs_of(result, sequence, "sequential", name) if forms else runs_of(result, sequence, name)
+        return {r["seed"]: v for r in runs if (v := value(r)) is not None and not math.isnan(v)}
 
-    (ma, sa, na), (mb, sb, nb) = stats(a), stats(b)
-    if not na or not nb:
-        return f"not measured ({a}: {na} runs, {b}: {nb})"
-    if min(na, nb) < 2:
-        return f"one seed, no noise estimate, no verdict: {a} {ma:.3f} vs {b} {mb:.3f}"
-    noise = statistics.fmean([x for x in (sa, sb) if not math.isnan(x)] or [0.0])
-    gain = (ma - mb) if better == "higher" else (mb - ma)
-    word = "held" if gain > noise else ("refuted" if gain < -noise else "within seed noise")
-    return f"{word}: {a} {ma:.3f} vs {b} {mb:.3f} (std {noise:.3f}, {min(na, nb)} seeds)"
+    va, vb = by_seed(a), by_seed(b)
+    if not va or not vb:
+        return f"not measured ({a}: {len(va)} runs, {b}: {len(vb)})"
+    ma, mb = statistics.fmean(va.values()), statistics.fmean(vb.values())
+    sign = 1.0 if better == "higher" else -1.0
+    diff = paired({s: sign * v for s, v in va.items()}, {s: sign * v for s, v in vb.items()})
+    if diff is None or diff["n"] < 2:
+        common = diff["n"] if diff else 0
+        return f"{common} seed(s) in common, no noise estimate, no verdict: {a} {ma:.3f} vs {b} {mb:.3f}"
+    word = {"yes": "held", "no": "refuted"}.get(said(diff), said(diff))
+    return (f"{word}: {a} {ma:.3f} vs {b} {mb:.3f}; {a}'s advantage, paired by seed: {fmt_diff(diff, 3)} "
+            f"({diff['n']} seeds, 95% t-interval)")
 
 
 def mean_forgetting(run: Run) -> float:
