@@ -275,7 +275,34 @@ def check_merge(model: nn.Module, names: list[str]) -> list[tuple[str, nn.Module
                 f"{module_name}.weight is tied to {others}: merging {adapter_name!r} would change "
                 "those modules too. Keep the adapter unmerged, or untie the weights first."
             )
-    return pending
+    return _weight_readers_first(model, pending)
+
+
+def _weight_readers_first(model: nn.Module,
+                          pending: list[tuple[str, nn.Module, Host, str]]) -> list[tuple[str, nn.Module, Host, str]]:
+    """`pending` with, in each layer, the adapter whose change reads the weight (DoRA's norm
+    ‖W + s B A‖) merged before the others, so that it reads the weight it reads unmerged; a
+    merge that would change such an active adapter's weight under it is refused."""
+    active = set(active_adapters(model))
+    order: list[tuple[str, nn.Module, Host, str]] = []
+    for module_name, _, host in hosts(model):
+        here = [item for item in pending if item[2] is host]
+        if not here:
+            continue
+        merging = [item[3] for item in here]
+        readers = [n for n in host if n in active and n not in host.merged and host[n].delta_weight_reads_base]
+        staying = [n for n in readers if n not in merging]
+        if staying:
+            raise MergeError(f"{module_name}: merging {merging} changes the weight that active adapter "
+                             f"{staying[0]!r} ({type(host[staying[0]]).__name__}) reads its norm from, so its "
+                             "output would change; merge it too (splice.merge(model) merges every active "
+                             "adapter, it first), or deactivate it")
+        if len(readers) > 1:
+            raise MergeError(f"{module_name}: {readers} each read the weight ({type(host[readers[0]]).__name__}'s "
+                             "norm); merged one after the other, the second would read the first's change: "
+                             "keep one of them unmerged")
+        order += sorted(here, key=lambda item: not host[item[3]].delta_weight_reads_base)
+    return order
 
 
 def unmerge(model: nn.Module, name: str | None = None) -> nn.Module:
