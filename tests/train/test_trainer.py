@@ -243,3 +243,21 @@ def test_a_run_that_improves_has_no_warning_and_keeps_its_last_state_beside_the_
     best = load_file(result.paths["adapter"] / "adapter_model.safetensors")
     last = load_file(result.paths["last_adapter"] / "adapter_model.safetensors")
     assert best.keys() == last.keys() and any(not torch.equal(best[k], last[k]) for k in best)
+
+
+def test_accumulation_size_is_never_below_one_for_a_driver_past_the_loaders_length(tiny_classification, tmp_path):
+    """A driver that draws its own batches (multitask's mixture) counts them past the trainer's
+    loader: the backward scale stays 1 / (batches in the accumulation), never 0 or negative
+    (which would divide by zero or turn descent into ascent)."""
+    for accum in (1, 3):
+        config = tiny_classification.from_dict(tiny_classification.to_dict(), grad_accum=accum,
+                                                output_dir=str(tmp_path / f"accum-{accum}"))
+        trainer = Trainer.from_config(config, console=quiet())
+        batches = len(trainer.train_loader)
+        sizes = []
+        for done in (0, batches - 1, batches, batches + 1, 3 * batches + 2):
+            trainer.state.batches = done
+            sizes.append(trainer.accumulation_size())
+        assert all(1 <= size <= accum for size in sizes), (accum, sizes)
+        if accum == 1:
+            assert sizes == [1] * 5

@@ -421,8 +421,10 @@ class Trainer:
         """How many batches the accumulation under way holds: `grad_accum`, or fewer in an
         epoch's last one (the step `record_backward` ends at the epoch's last batch)."""
         accum = self.config.grad_accum
+        if accum == 1:  # also for a driver that draws its own batches past the loader's length (multitask)
+            return 1
         first = self.state.batches - self.state.batches % accum  # its first batch's place in the epoch
-        return min(accum, len(self.train_loader) - first)
+        return max(1, min(accum, len(self.train_loader) - first))
 
     def _update(self) -> StepCheck:
         """Check the accumulated step (`check_step`, clipping on the way); the optimizer's update
