@@ -23,9 +23,20 @@ def _ids() -> torch.Tensor:
 # -- bug: merging under an active, unmerged DoRA adapter changes the output ------------------
 
 
+def lora_and_dora(order: list[str]):
+    """A tiny Llama with LoRA "a" and DoRA "b" (random factors) on q_proj, active in `order`."""
+    model = make_llama()
+    splice.attach(model, splice.LoRA(r=4, targets=["q_proj"]), "a")
+    randomize(model, "a", scale=0.3)
+    splice.attach(model, splice.DoRA(r=4, targets=["q_proj"]), "b")
+    randomize(model, "b", scale=0.3, seed=1)
+    splice.activate(model, order)
+    return model
+
+
 @pytest.mark.parametrize("merge_only", [None, "a"], ids=["merge-all-active", "merge-the-lora-only"])
 def test_merge_equals_unmerged_with_lora_and_dora_active_on_one_layer(merge_only):
-    """merged != unmerged when a LoRA adapter shares a layer with an active DoRA adapter.
+    """merged == unmerged when a LoRA adapter shares a layer with an active DoRA adapter (it was not).
 
     DoRA's norms ||W + sBA|| read the layer's *current* weight (src/splice/methods/dora.py:91,
     `_base_weight()` -> `dense_weight(self._base[0], ...)`, used by `row_norms`/`delta_weight`
@@ -39,12 +50,7 @@ def test_merge_equals_unmerged_with_lora_and_dora_active_on_one_layer(merge_only
     `Host.merged` / `_merged_deltas`), or merge should fold DoRA-type adapters
     (`delta_weight_reads_base`) first and refuse to merge another adapter under an unmerged one.
     """
-    model = make_llama()
-    splice.attach(model, splice.LoRA(r=4, targets=["q_proj"]), "a")
-    randomize(model, "a", scale=0.3)
-    splice.attach(model, splice.DoRA(r=4, targets=["q_proj"]), "b")
-    randomize(model, "b", scale=0.3, seed=1)
-    splice.activate(model, ["a", "b"])
+    model = lora_and_dora(["a", "b"])
     ids = _ids()
     unmerged = logits(model, input_ids=ids)
     if merge_only == "a":  # the chosen fix: refused (DoRA would read a changed weight), nothing changed
@@ -61,12 +67,7 @@ def test_merge_equals_unmerged_with_lora_and_dora_active_on_one_layer(merge_only
 def test_merge_of_dora_before_lora_is_output_preserving():
     """Passing companion of the test above: with DoRA first in the active order its norms are
     taken before LoRA's delta lands in the weight, and merge/unmerge preserve the output."""
-    model = make_llama()
-    splice.attach(model, splice.LoRA(r=4, targets=["q_proj"]), "a")
-    randomize(model, "a", scale=0.3)
-    splice.attach(model, splice.DoRA(r=4, targets=["q_proj"]), "b")
-    randomize(model, "b", scale=0.3, seed=1)
-    splice.activate(model, ["b", "a"])
+    model = lora_and_dora(["b", "a"])
     ids = _ids()
     unmerged = logits(model, input_ids=ids)
     splice.merge(model)
