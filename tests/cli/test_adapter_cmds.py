@@ -154,3 +154,15 @@ def test_merge_quiet_prints_the_folder_and_no_table(trained_adapter, tiny_folder
     quiet = runner.invoke(app, [*args, "--out", str(tmp_path / "quiet"), "--quiet"])
     assert shown.exit_code == quiet.exit_code == 0, quiet.output
     assert "┏" in shown.output and quiet.output.strip() == f"-> {tmp_path / 'quiet'}"
+
+
+@pytest.mark.parametrize("method,option,value", [("linear", "--density", "0.3"), ("ties", "--seed", "3"),
+                                                 ("dare_linear", "--majority", "frequency")])
+def test_merge_refuses_an_option_its_method_ignores(trained_adapter, tiny_folder, tmp_path, method, option, value):
+    first, _, _ = trained_adapter
+    second = _second_adapter(tiny_folder, tmp_path, 6)
+    out = tmp_path / "merged"
+    result = runner.invoke(app, ["merge", str(first), str(second), "--method", method, option, value,
+                                 "--out", str(out)])
+    assert result.exit_code != 0 and f"does not use {option}" in result.output, result.output
+    assert not out.exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_llama, randomize, randomize_module, save_tiny_bert
+from helpers import make_llama, randomize, randomize_module, save_tiny_bert, save_tiny_llama
 
 import splice
 from splice.core.errors import SpliceError
@@ -65,3 +65,23 @@ def test_a_splice_format_adapter_of_a_causal_lm_names_its_task(tmp_path):
     splice.attach(model, splice.MoELoRA(experts=2, r=2, targets=["q_proj"]))
     splice.save(model, tmp_path / "moe")
     assert adapter_base([tmp_path / "moe"], model="smollm2").task == "causal_lm"
+
+
+def test_a_peft_adapter_without_task_type_folds_into_its_causal_lm(tmp_path):
+    """LoraConfig leaves task_type None by default: the fold must keep the base model's LM head
+    (its architecture says ForCausalLM), not give a bare decoder."""
+    from peft import LoraConfig, get_peft_model
+
+    from splice.train.tasks import load_pretrained
+
+    folder = save_tiny_llama(tmp_path / "base")
+    peft_model = get_peft_model(load_pretrained(str(folder), "causal_lm"), LoraConfig(r=2, target_modules=["q_proj"]))
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.2)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    found = adapter_base([tmp_path / "adapter"], model=str(folder))
+    assert found.task == "causal_lm"
+    ids = torch.randint(1, 100, (1, 7), generator=torch.Generator().manual_seed(0))
+    plain = fold_into_base(found.load().eval(), tmp_path / "adapter")
+    torch.testing.assert_close(plain(input_ids=ids).logits, peft_model.eval()(input_ids=ids).logits, atol=1e-5, rtol=0)

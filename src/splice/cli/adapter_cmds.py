@@ -144,12 +144,14 @@ MergeMethod = Annotated[str, typer.Option(
          "linear are exact; emr writes a unified folder plus one rebuilt adapter per input.")]
 Weights = Annotated[str | None, typer.Option(help="One weight per adapter, comma-separated. Default: 1/n for cat, "
                                              "linear and svd; 1 for the others.")]
-Density = Annotated[float, typer.Option(help="Fraction of entries kept by ties, dare_* and magnitude_prune.")]
+Density = Annotated[float | None, typer.Option(
+    help="Fraction of entries kept by ties, dare_* and magnitude_prune (default 0.5).")]
 MergeRank = Annotated[int | None, typer.Option(
     help="Rank of the result (svd: default the largest input rank; ties/dare/magnitude_prune: default the sum of "
          "ranks; emr: default exact).")]
-Majority = Annotated[str, typer.Option(help="TIES sign election: total | frequency.")]
-Seed = Annotated[int, typer.Option(help="Seed of DARE's random masks.")]
+Majority = Annotated[str | None, typer.Option(help="TIES sign election (ties, dare_ties): total | frequency "
+                                               "(default total).")]
+Seed = Annotated[int | None, typer.Option(help="Seed of DARE's random masks (dare_ties, dare_linear; default 0).")]
 Heads = Annotated[str, typer.Option(help="Modules trained in full (classifier heads): average | first | none.")]
 IntoBase = Annotated[bool, typer.Option("--into-base", help="Fold the (merged) adapter into its base model and save "
                                         "a plain transformers model instead of an adapter.")]
@@ -164,10 +166,10 @@ def merge(
     out: MergeOut,
     method: MergeMethod = "linear",
     weights: Weights = None,
-    density: Density = 0.5,
+    density: Density = None,
     rank: MergeRank = None,
-    majority: Majority = "total",
-    seed: Seed = 0,
+    majority: Majority = None,
+    seed: Seed = None,
     heads: Heads = "average",
     into_base: IntoBase = False,
     model: MergeBase = None,
@@ -199,6 +201,7 @@ def merge(
         if into_base and method == "emr":
             raise typer.BadParameter("emr keeps one adapter per task; it has no single model to fold in",
                                      param_hint="--method")
+        _check_used(method, density=density, majority=majority, seed=seed)
         check_output_dir(out, overwrite=force)  # refused before the work; written whole (or not at all) after it
         if into_base and len(adapters) == 1 and method == "linear" and rank is None and not weights:
             # the adapter as it is (any form, splice's own format too); a rank, weight or svd merges first
@@ -210,13 +213,31 @@ def merge(
             _unify(adapters, states, base, rank, out, force)
             return
         result = merge_adapters(states, method, weights=[float(w) for w in weights.split(",")] if weights else None,
-                                density=density, rank=rank, majority=majority, seed=seed, base=base, heads=heads)
+                                density=0.5 if density is None else density, rank=rank,
+                                majority=majority or "total", seed=seed or 0, base=base, heads=heads)
         if into_base:
             _fold_merged(result, base, out, force)
             return
         save_state(result.state, out, overwrite=force)
     _print_merge(result, tables)
     console.print(f"-> {out}")
+
+
+# The merge methods that read each option; an option given to another method would be ignored, so it is refused.
+_OPTION_USERS = {"density": ("ties", "dare_ties", "dare_linear", "magnitude_prune"),
+                 "majority": ("ties", "dare_ties"), "seed": ("dare_ties", "dare_linear")}
+
+
+def _check_used(method: str, **given: object) -> None:
+    """Refuse --density, --majority or --seed given to a merge method that does not read it (an
+    unknown method is left to merge_adapters, which lists the methods)."""
+    from splice.merging.merge import METHODS
+
+    for option, value in given.items():
+        if value is not None and method in (*METHODS, "emr") and method not in _OPTION_USERS[option]:
+            raise typer.BadParameter(f"--method {method} does not use --{option} (only "
+                                     f"{', '.join(_OPTION_USERS[option])} do); leave it out",
+                                     param_hint=f"--{option}")
 
 
 def _fold_one(adapter: Path, model: str | None, out: Path, force: bool) -> None:

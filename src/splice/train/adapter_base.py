@@ -8,6 +8,7 @@ the heads it trains), and as many labels as its classification head has outputs.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,7 @@ def adapter_base(adapters: Sequence[str | Path], model: str | None = None, task:
         model = recorded[0]
     model_path(model)  # neither bundled nor a folder: refused here, before any output
     if task == "auto":
-        task = _task_of(found[0])
+        task = _task_of(found[0], model)
     labels = tuple(str(i) for i in range(head_outputs(adapters[0], list(found[0].heads))))
     return AdapterBase(model, task, labels)
 
@@ -67,15 +68,31 @@ def head_outputs(path: str | Path, heads: list[str]) -> int:
     return weights[-1].shape[0] if weights else 2
 
 
-def _task_of(found: AdapterInfo) -> str:
+def _task_of(found: AdapterInfo, model: str) -> str:
     """PEFT's task_type; for splice's own format, the class of the model it was saved from (files
-    since 0.1.0's `model_class`), else its trained heads."""
+    since 0.1.0's `model_class`). Where neither says (PEFT's task_type null, as LoraConfig leaves
+    it by default): a trained classification head, else the base model's own architecture, so
+    that a causal LM's adapter is not folded into a bare model without its LM head."""
     if found.format == "peft":
-        return task_of_peft(found.config.get("task_type"))
-    model_class = str(read_config(found.path).get("model_class") or "")
+        if found.config.get("task_type"):
+            return task_of_peft(found.config["task_type"])
+        model_class = ""
+    else:
+        model_class = str(read_config(found.path).get("model_class") or "")
     if model_class.endswith("ForCausalLM"):
         return "causal_lm"
     heads = {h.rsplit(".", 1)[-1] for h in found.heads}
     if model_class.endswith("ForSequenceClassification") or heads & set(SEQ_CLS_HEAD_NAMES):
         return "classification"
+    if not model_class and any(a.endswith("ForCausalLM") for a in _architectures(model)):
+        return "causal_lm"
     return "base"
+
+
+def _architectures(model: str) -> list[str]:
+    """The model classes a transformers folder's config.json lists (`architectures`)."""
+    config = model_path(model) / "config.json"
+    try:
+        return list(json.loads(config.read_text()).get("architectures") or [])
+    except (OSError, ValueError, AttributeError) as err:
+        raise SpliceError(f"{config} cannot be read as a transformers config: {err}") from None
