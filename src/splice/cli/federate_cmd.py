@@ -39,7 +39,8 @@ def federate(
                                                    "SuperNode per client on this machine and run on the "
                                                    "deployment engine (a rehearsal of a real federation).")] = False,
     timeout: Annotated[float, typer.Option(help="Deployment engine: give up after this many seconds.")] = 3600.0,
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty run folder.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty run folder (with --superlink: also the "
+                                                           "earlier run the ServerApp finds there).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Flower's and Ray's logs.")] = False,
     quiet: Quiet = False,
 ) -> None:

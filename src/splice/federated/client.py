@@ -47,6 +47,7 @@ PRIVATE_STATE = "splice.private"  # the key of what a client keeps to itself in 
 KEPT_STATE = "splice.kept"  # what a node keeps of the task under way (constant tensors, extras)
 KEPT_TASK = "splice.kept-task"  # and the task it is of (one key per record: Flower's RecordDict)
 CONFIG_KEY = "splice-config"  # the run-config key that carries the config (deployment engine)
+OVERWRITE_KEY = "splice-overwrite"  # the run-config key that lets a deployment run replace an earlier one
 
 
 class LocalRun:

@@ -57,7 +57,7 @@ from rich.console import Console
 
 from splice import assets
 from splice.core.errors import SpliceError
-from splice.federated.client import CONFIG_KEY
+from splice.federated.client import CONFIG_KEY, OVERWRITE_KEY
 from splice.federated.config import FederatedConfig
 from splice.federated.run import FederatedResult, read_result
 from splice.federated.shards import check_shards
@@ -78,10 +78,11 @@ client = apps.client
 '''
 
 
-def app_folder(config: FederatedConfig, folder: str | Path) -> Path:
+def app_folder(config: FederatedConfig, folder: str | Path, overwrite: bool = False) -> Path:
     """Write the Flower app folder (pyproject.toml and one small module) for `config` into
     `folder`; the folder. Everything in `folder` goes into the FAB `flwr run` builds, so give it
-    an empty one.
+    an empty one. `overwrite` lets the ServerApp replace an earlier run in the output folder (it
+    refuses one otherwise: that folder is on the SuperLink's machine).
 
     Paths in the config (the output folder, a data file, a local model folder) are made absolute
     first: the ServerApp and ClientApp processes run elsewhere, and must read and write where the
@@ -102,7 +103,7 @@ def app_folder(config: FederatedConfig, folder: str | Path) -> Path:
         "tool": {"flwr": {"app": {
             "publisher": "splice",
             "components": {"serverapp": f"{APP_MODULE}:server", "clientapp": f"{APP_MODULE}:client"},
-            "config": {CONFIG_KEY: json.dumps(carried.to_dict(), sort_keys=True)},
+            "config": {CONFIG_KEY: json.dumps(carried.to_dict(), sort_keys=True), OVERWRITE_KEY: overwrite},
         }}},
     }
     (folder / "pyproject.toml").write_text(tomli_w.dumps(project))
@@ -143,7 +144,7 @@ def run_deployment(config: FederatedConfig, superlink: str, *, timeout: float = 
     deadline = time.monotonic() + timeout
     carried = portable(config)
     fresh_folder(carried, overwrite)
-    return _submit(carried, superlink, deadline, console or Console(), root_certificates)
+    return _submit(carried, superlink, deadline, console or Console(), root_certificates, overwrite)
 
 
 def deploy(config: FederatedConfig, superlink: str | None = None, *, timeout: float = 3600.0,
@@ -159,7 +160,7 @@ def deploy(config: FederatedConfig, superlink: str | None = None, *, timeout: fl
     folder = fresh_folder(carried, overwrite)
     with local_federation(carried.clients, workdir=folder / "federation",
                           startup_timeout=min(120.0, timeout)) as address:
-        return _submit(carried, address, deadline, console or Console(), None)
+        return _submit(carried, address, deadline, console or Console(), None, overwrite)
 
 
 def fresh_folder(config: FederatedConfig, overwrite: bool) -> Path:
@@ -173,7 +174,7 @@ def fresh_folder(config: FederatedConfig, overwrite: bool) -> Path:
 
 
 def _submit(carried: FederatedConfig, superlink: str, deadline: float, console: Console,
-            root_certificates: str | Path | None) -> FederatedResult:
+            root_certificates: str | Path | None, overwrite: bool) -> FederatedResult:
     """Submit the run (its config's paths already absolute, its folder ready) with `flwr run`,
     follow its log until it ends, and read back its result."""
     flwr = executable("flwr")
@@ -182,7 +183,7 @@ def _submit(carried: FederatedConfig, superlink: str, deadline: float, console: 
     timeout = _left(deadline)
     with tempfile.TemporaryDirectory(prefix="splice-flwr-") as scratch:
         cli = FlowerCli(flwr, Path(scratch) / "flwr-home", superlink, root_certificates)
-        app = app_folder(carried, Path(scratch) / "app")
+        app = app_folder(carried, Path(scratch) / "app", overwrite)
         answer = cli.json(["run", str(app), CONNECTION], _left(deadline), what=f"submitting the run to {superlink}")
         run_id = str(answer["run-id"])
         console.print(f"run {run_id} submitted to the SuperLink at {superlink}; waiting at most "

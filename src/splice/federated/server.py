@@ -33,7 +33,7 @@ import splice
 from splice.core.errors import SpliceError
 from splice.core.progress import use as progress_to
 from splice.federated import aggregation, payload
-from splice.federated.client import GLOBAL, config_from_context, held_parameters
+from splice.federated.client import GLOBAL, OVERWRITE_KEY, config_from_context, held_parameters
 from splice.federated.config import FederatedConfig
 from splice.federated.history import History
 from splice.federated.methods import make_method
@@ -368,6 +368,8 @@ def server_app(config: FederatedConfig | None = None,
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run_config = config if config is not None else config_from_context(context)
+        if config is None:  # deployment: the folder is on the SuperLink's machine, unchecked by the submitter
+            check_no_earlier_run(run_config, bool(context.run_config.get(OVERWRITE_KEY, False)))
         server = ServerRun(run_config, on_round)
         if run_config.secure is not None:
             _run_secure(grid, context, server)
@@ -379,6 +381,21 @@ def server_app(config: FederatedConfig | None = None,
             done(server)
 
     return app
+
+
+# What a finished run leaves in its folder (`ServerRun.save`, `write_report`).
+RUN_OUTPUTS = ("report", "global-adapter")
+
+
+def check_no_earlier_run(config: FederatedConfig, overwrite: bool) -> None:
+    """Refuse, before any round, a run whose folder holds an earlier run's results unless the
+    submitter passed --force: where the SuperLink runs on another machine, the submitter could
+    check only its own copy of the folder."""
+    folder = Path(config.output_dir)
+    earlier = [name for name in RUN_OUTPUTS if (folder / name).exists()]
+    if earlier and not overwrite:
+        raise SpliceError(f"{folder} on the SuperLink's machine holds an earlier run ({', '.join(earlier)}); "
+                          "submit with --force to replace it, or choose another output_dir")
 
 
 def _run_rounds(grid: Grid, server: ServerRun) -> None:
