@@ -291,19 +291,26 @@ def test_force_keeps_the_previous_run_until_the_new_one_is_accepted(make, monkey
     assert marker.exists(), "the previous run was deleted by a run that never started"
 
 
-@pytest.mark.parametrize("changes", [{"seed": -1}, {"seed": 2**32 - 2, "clients": 3, "rounds": 2}],
-                         ids=["negative", "client-seeds-overflow"])
+@pytest.mark.parametrize("changes", [{"seed": -1}, {"seed": 2**32}], ids=["negative", "too-large"])
 def test_a_seed_the_run_cannot_use_is_refused_with_the_config(make, changes):
-    """config.py accepts any int seed. A negative one fails in the ServerApp (`set_seed`: "Seed
+    """config.py accepted any int seed. A negative one failed in the ServerApp (`set_seed`: "Seed
     must be between 0 and 2**32 - 1", a ValueError with no key) after the run folder was set up
-    (and, with --force, the previous run deleted). Each client trains with seed + (round - 1) *
-    clients + client (client.py:LocalRun.train), so a seed below 2**32 - 1 whose derived seeds
-    pass it is accepted and fails in the client whose seed overflows (here client 2 of round 1;
-    with a larger margin, only in a later round, after hours of training). Expected: a
-    ConfigError naming `seed` when the config is read, for every seed whose derived seeds leave
-    [0, 2**32)."""
+    (and, with --force, the previous run deleted). Expected: a ConfigError naming `seed` when
+    the config is read. (The clients' seeds, once seed + (round - 1) * clients + client and able
+    to overflow, are now hashed into that range by `client_seed`.)"""
     with pytest.raises(ConfigError, match="seed"):
         make(**changes)
+
+
+def test_client_seeds_differ_across_rounds_clients_and_run_seeds():
+    """seed + (round - 1) * clients + client gave run seed 1's client 0 the seed of run seed 0's
+    client 1, so 'independent' replicate runs shared their clients' data orders and dropout."""
+    from splice.federated.client import client_seed
+
+    seeds = [client_seed(run, server_round, client) for run in range(3) for server_round in (1, 2)
+             for client in range(4)]
+    assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**32 for s in seeds)
+    assert client_seed(2**32 - 1, 10**6, 10**4) < 2**32
 
 
 @pytest.mark.parametrize(("text", "read"), [

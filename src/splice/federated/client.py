@@ -18,6 +18,7 @@ import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate.utils import set_seed
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -98,10 +99,10 @@ class LocalRun:
         """`config.local_steps` steps on client `client`'s shard (of the selected task) from the
         loaded state; the tensors it trained and the round's metrics. The data order and every
         random draw are seeded by the run's seed, the round (counted over a sequence's tasks) and
-        the client (round 1 of client 0 is the seed itself), so a round gives the same result
-        whichever worker process serves the client."""
+        the client (`client_seed`), so a round gives the same result whichever worker process
+        serves the client."""
         config = self.config
-        seed = config.seed + (server_round - 1) * config.clients + client
+        seed = client_seed(config.seed, server_round, client)
         output = Path(config.output_dir) / "clients" / f"client-{client}"
         train_config = dataclasses.replace(self.train_config, seed=seed, output_dir=str(output))
         set_seed(seed)  # dropout's draws too: a worker's earlier clients must not change this one's
@@ -246,6 +247,17 @@ def _query(message: Message, context: Context, run: LocalRun) -> Message:
     _keep_private(run, context)
     return Message(RecordDict({payload.ARRAYS: answer, payload.METRICS: MetricRecord({"client": client})}),
                    reply_to=message)
+
+
+def client_seed(seed: int, server_round: int, client: int) -> int:
+    """The seed of a client's round: the run's seed for client 0's first round (one client for
+    one round is then plain training with that seed), else numpy's SeedSequence of (run seed,
+    round, client), so that no two (round, client) pairs share one, within a run or across runs
+    with other seeds (a sum such as seed + round x clients + client would give run seed 1's
+    client 0 the seed of run seed 0's client 1)."""
+    if (server_round, client) == (1, 0):
+        return seed
+    return int(np.random.SeedSequence([seed, server_round, client]).generate_state(1)[0])
 
 
 def config_from_context(context: Context) -> FederatedConfig:

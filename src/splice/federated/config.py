@@ -244,13 +244,10 @@ class FederatedConfig:
                                              "sequence's frozen and trained factors: use fedavg with tasks")
 
     def _check_seed(self) -> None:
-        """Client c trains round t (counted over the tasks) with seed + (t - 1) clients + c: every
-        one of them must be a seed torch, numpy and accelerate take (0 to 2**32 - 1)."""
-        rounds = self.rounds * (1 if self.tasks is None else len(self.tasks))
-        largest = self.seed + rounds * self.clients - 1
-        if self.seed < 0 or largest > SEED_LIMIT:
-            raise keyed_error("seed", f"seed must be >= 0 and leave room for every client's seed (seed + rounds x "
-                                      f"clients - 1 = {largest} <= {SEED_LIMIT}), got {self.seed}")
+        """The seed (the server's draws and the shards take it as is) must be one torch, numpy
+        and accelerate take; the clients' seeds are derived from it in that range."""
+        if self.seed < 0 or self.seed > SEED_LIMIT:
+            raise keyed_error("seed", f"seed must be an integer from 0 to {SEED_LIMIT}, got {self.seed}")
 
     @property
     def datasets(self) -> list[str]:
