@@ -155,9 +155,10 @@ def test_domlora_composes_with_other_forms():
 
 @pytest.mark.parametrize(("options", "message"), [
     ({}, "probe batches"),
-    ({"form": {"method": "loreft", "r": 2}}, "bad 'loreft' config"),
+    ({"form": {"method": "loreft"}}, "bad 'loreft' config"),
     ({"form": "nosuch"}, "unknown adapter method"),
     ({"top_k": 0}, "top_k"),
+    ({"form": {"method": "lora", "r": R + 1}}, "DomLoRA form gives r="),
 ])
 def test_domlora_bad_settings_are_explained(options, message):
     with pytest.raises(splice.SpliceError, match=message):

@@ -125,6 +125,9 @@ def _budgets(text: str, targets: tuple[float | None, ...], data: str | None) -> 
     for b in budgets:
         if not 0.0 < b <= 1.0:
             raise SpliceError(f"--sweep budgets are fractions in (0, 1]; got {b:g}")
+    repeated = sorted({b for b in budgets if budgets.count(b) > 1})
+    if repeated:
+        raise SpliceError(f"--sweep names budget {repeated[0]:g} more than once; give each budget once")
     if data is None:
         raise SpliceError("--sweep evaluates every budget; pass --data (e.g. --data rotten_tomatoes)")
     return budgets

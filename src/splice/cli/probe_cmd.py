@@ -52,13 +52,16 @@ def probe(
     from splice.train.data import collator, load_splits, probe_loader
 
     with user_errors(), quieted(console, quiet) as tables:
+        for option, value in (("--batches", batches), ("--r", r), ("--top", top)):
+            if value < 1:
+                raise typer.BadParameter(f"must be a positive integer, got {value}", param_hint=option)
         settings = TrainConfig.from_yaml(config)
+        out = check_output_dir(out or Path(f"{settings.output_dir}-probe"), force)  # before the work
         splits = load_splits(settings)
         model, tokenizer = tasks.load_model(settings, splits.label_names)
         loader = probe_loader(splits.train, settings, collator(settings.task, tokenizer, settings.max_length))
         probe_batches = list(itertools.islice(loader, batches))  # a list: its length is the bar's
         placement = page(model, probe_batches, _split(candidates), r, score=score)
-        out = check_output_dir(out or Path(f"{settings.output_dir}-probe"), force)
     table = Table(title=f"PAGE on {settings.model} / {settings.data} ({placement.batches} batches, r={r}, {score})")
     table.add_column("rank", justify="right")
     name_column(table, "module")

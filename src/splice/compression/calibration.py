@@ -108,6 +108,7 @@ class _Covariances:
         self.captured: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []
         self.mask: torch.Tensor | None = None
         self.anchor = torch.zeros((), requires_grad=True)
+        self.batches = 0
 
     def forward_hook(self, name: str) -> Callable[..., torch.Tensor]:
         def record(_module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
@@ -127,6 +128,11 @@ class _Covariances:
         self.captured.clear()
         self.mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
         loss = _loss(model, batch, loss_fn)
+        if not torch.isfinite(loss).all():
+            raise SpliceError(f"calibration batch {self.batches} gives a non-finite loss "
+                              f"({loss.detach().float().item()}): its statistics would be NaN; check the batch "
+                              "or run the model in float32")
+        self.batches += 1
         grads = torch.autograd.grad(loss, [out for _, out, _ in self.captured], allow_unused=True)
         for (name, _, keep), g in zip(self.captured, grads, strict=True):
             if g is not None:
@@ -139,6 +145,11 @@ class _Covariances:
         if unused:
             raise SpliceError(f"these targets never ran during calibration, so nothing is known about their "
                               f"inputs: {unused[:8]}; exclude them or check the batches reach them")
+        overflowed = [name for name in self.rows
+                      if not (torch.isfinite(self.x_sums[name]).all() and torch.isfinite(self.g_sums[name]).all())]
+        if overflowed:
+            raise SpliceError(f"the calibration statistics of {overflowed[:8]} are not finite (inputs or gradients "
+                              "overflowed); run the model in float32 or check the batches")
         return {name: LayerStats((self.x_sums[name] / n).cpu(), (self.g_sums[name] / n).cpu(), n)
                 for name, n in self.rows.items()}
 

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from splice.core.errors import AdapterFileError, ShapeMismatchError
+from splice.core.validation import nonfinite_problem
 from splice.io.files import atomic_directory, base_model_name, write_json, write_tensors
 
 FORMAT = "splice-factorized"
@@ -238,4 +239,9 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     missing = [k for k in config["trained"] if k not in tensors]
     if missing:
         raise AdapterFileError(f"{weights_file} lacks trained tensors {missing[:5]} that its config lists")
+    for key, tensor in tensors.items():
+        problem = nonfinite_problem(tensor)
+        if problem:
+            raise AdapterFileError(f"{weights_file}: tensor {key} {problem}; a model loaded from it would "
+                                   "compute NaN")
     return config, tensors

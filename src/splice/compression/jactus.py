@@ -71,7 +71,7 @@ from splice.compression.calibration import (  # noqa: F401  (Batch, LossFn, line
 from splice.compression.factorized import FactorizedLinear, freeze_except, replace_module
 from splice.core.api import resolve_heads
 from splice.core.config import Targets
-from splice.core.errors import SpliceError
+from splice.core.errors import ShapeMismatchError, SpliceError
 from splice.core.layers import dense_weight, describe, is_plain_float_weight
 
 Weighting = Literal["none", "input"]
@@ -285,6 +285,8 @@ def jactus(model: nn.Module, calibration: Iterable[Batch] | Mapping[str, LayerSt
         missing = [name for name, _ in selected if name not in stats]
         if missing:
             raise SpliceError(f"the calibration statistics lack {missing[:8]}; calibrate with the same targets")
+        for name, module in selected:
+            _check_stats_shape(name, module, stats[name])
     else:
         stats = calibrate(model, calibration, targets, exclude=exclude, layers=layers, train_also=train_also,
                           loss_fn=loss_fn)
@@ -316,6 +318,17 @@ def _factorize(model: nn.Module, name: str, module: nn.Module, stats: LayerStats
     n, m = W.shape[1], W.shape[0]
     return LayerReport(name, n, m, rank, t, n * m, layer_cost(n, m, rank),
                        float(core.square().sum() / W.square().sum().clamp_min(1e-300)))
+
+
+def _check_stats_shape(name: str, module: nn.Module, stats: LayerStats) -> None:
+    """Refuse precomputed statistics of another model: C_x must be [in, in], C_g [out, out]."""
+    info = describe(module)
+    want = {"input_cov": (info.in_features,) * 2, "grad_cov": (info.out_features,) * 2}
+    for statistic, shape in want.items():
+        got = tuple(getattr(stats, statistic).shape)
+        if got != shape:
+            raise ShapeMismatchError(f"calibration statistics for {name}: {statistic} has shape {got}, the layer "
+                                     f"needs {shape}; calibrate on this model")
 
 
 def _dense64(module: nn.Module) -> torch.Tensor:

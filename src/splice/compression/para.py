@@ -201,6 +201,9 @@ def _state(source: AdapterSource | AdapterState, name: str | None) -> AdapterSta
         state = adapter_state(source, name)
     if not state.modules:
         raise SpliceError("the adapter has no adapted modules to compress")
+    problem = state.nonfinite_problem()
+    if problem:
+        raise SpliceError(f"cannot compress an adapter whose {problem} (a diverged training)")
     return state
 
 
@@ -223,6 +226,10 @@ def sweep(
     it the points carry parameters and retained energy only. Returns budget -> SweepPoint, in
     the order given; `plot_sweep` draws it.
     """
+    budgets = [float(b) for b in budgets]
+    repeated = sorted({b for b in budgets if budgets.count(b) > 1})
+    if repeated:
+        raise SpliceError(f"budget {repeated[0]:g} is given more than once; a sweep keeps one point per budget")
     state = _state(source, name)
     points: dict[float, SweepPoint] = {}
     for budget in budgets:

@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 
 from splice.core.errors import ShapeMismatchError, SpliceError
+from splice.core.validation import tensor_problem
 
 UpdateKind = Literal["linear", "conv", "embedding"]
 
@@ -130,6 +131,23 @@ class AdapterState:
     def dora(self) -> bool:
         return any(u.magnitude is not None for u in self.modules.values())
 
+    def nonfinite_problem(self) -> str | None:
+        """'<module>.lora_B holds 1 NaN values' for the first tensor or scaling that is not
+        finite (a diverged training), else None: what an SVD or a merge must not be given."""
+        for name, update in self.modules.items():
+            for role, tensor in (("lora_A", update.A), ("lora_B", update.B), ("lora_B.bias", update.bias),
+                                 ("lora_magnitude_vector", update.magnitude)):
+                problem = None if tensor is None else tensor_problem(tensor)
+                if problem:
+                    return f"{name}.{role} {problem}"
+            if not _is_finite(update.scaling):
+                return f"{name} has scaling {update.scaling!r}; the scaling alpha/r must be finite"
+        for key, tensor in self.head_tensors.items():
+            problem = tensor_problem(tensor, floating=False)
+            if problem:
+                return f"head tensor {key} {problem}"
+        return None
+
     @property
     def parameters(self) -> int:
         """Adapter numbers, heads not counted (as PEFT users compare adapter sizes)."""
@@ -141,3 +159,10 @@ class AdapterState:
 
     def like(self, **changes: object) -> AdapterState:
         return dataclasses.replace(self, **changes)
+
+
+def _is_finite(value: object) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False

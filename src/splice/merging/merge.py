@@ -40,7 +40,7 @@ from splice.core.adapter_state import AdapterState, ModuleUpdate
 from splice.core.errors import IncompatibleAdaptersError, SpliceError
 from splice.core.layers import dense_weight, describe
 from splice.core.svd import Factors, factor_dense, factor_product
-from splice.core.validation import nonfinite_problem, tensor_problem
+from splice.core.validation import nonfinite_problem
 from splice.io.adapter_states import AdapterSource, adapter_state, save_state
 from splice.merging import task_vectors
 
@@ -312,18 +312,9 @@ def check_inputs(states: list[AdapterState], labels: list[str]) -> str | None:
 
 def _check_finite(state: AdapterState, label: str) -> None:
     """NaN or infinite values (a diverged training) would reach the SVD; refuse them by name."""
-    for name, update in state.modules.items():
-        for role, tensor in (("lora_A", update.A), ("lora_B", update.B), ("lora_B.bias", update.bias),
-                             ("lora_magnitude_vector", update.magnitude)):
-            problem = None if tensor is None else tensor_problem(tensor)
-            if problem:
-                raise SpliceError(f"{label}: {name}.{role} {problem}; nothing was merged")
-        if not _is_finite(update.scaling):
-            raise SpliceError(f"{label}: {name} has scaling {update.scaling!r}; the scaling alpha/r must be finite")
-    for key, tensor in state.head_tensors.items():
-        problem = tensor_problem(tensor, floating=False)
-        if problem:
-            raise SpliceError(f"{label}: head tensor {key} {problem}; nothing was merged")
+    problem = state.nonfinite_problem()
+    if problem:
+        raise SpliceError(f"{label}: {problem}; nothing was merged")
 
 
 def _check_belong_together(states: list[AdapterState], labels: list[str], base_model: str | None) -> None:

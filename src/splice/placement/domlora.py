@@ -68,8 +68,12 @@ class DomLoRA(AdapterConfig):
     def form_config(self, targets: list[str]) -> AdapterConfig:
         """The form's config at `targets`, with this config's rank, scale and trained modules."""
         spec = {"method": self.form} if isinstance(self.form, str) else dict(self.form)
-        spec.setdefault("r", self.r)
-        spec.setdefault("alpha", 2 * self.r if self.alpha is None else self.alpha)
+        own = {"r": self.r, "alpha": 2 * self.r if self.alpha is None else self.alpha}
+        for key, value in own.items():
+            if spec.get(key, value) != value:
+                raise SpliceError(f"DomLoRA form gives {key}={spec[key]!r} but DomLoRA's {key} is {value!r} (the "
+                                  f"{key} PAGE scores for); set {key} on DomLoRA and leave it out of the form")
+        spec.update(own)
         config = config_from_dict(spec)
         if config.site != "layer":
             raise SpliceError(f"DomLoRA places adapters on layers; {config.method!r} edits block outputs")

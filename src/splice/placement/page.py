@@ -78,17 +78,19 @@ class Placement:
         """A PNG of each module's share, layers down and module types across."""
         plt = pyplot()
 
-        layers: list[int | None] = sorted({s.layer for s in self.sites if s.layer is not None})
-        if any(s.layer is None for s in self.sites):  # outside the layer stack (a pooler): a row of its own
+        rows = {site.name: _row(site) for site in self.sites}
+        layers = sorted({row for row in rows.values() if row is not None})
+        if None in rows.values():  # outside the layer stacks (a pooler): a row of its own
             layers.append(None)
+        stacks = {row[0] for row in layers if row is not None}
         kinds = list(dict.fromkeys(s.kind for s in self.sites))
         grid = torch.full((max(len(layers), 1), len(kinds)), float("nan"))
         for site in self.sites:
-            grid[layers.index(site.layer), kinds.index(site.kind)] = 100 * site.share
+            grid[layers.index(rows[site.name]), kinds.index(site.kind)] = 100 * site.share
         fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(kinds), 1.2 + 0.35 * max(len(layers), 1)))
         image = ax.imshow(grid.numpy(), cmap="viridis", aspect="auto")
         ax.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")
-        ax.set_yticks(range(len(layers)), ["other" if layer is None else str(layer) for layer in layers])
+        ax.set_yticks(range(len(layers)), ["other" if row is None else _row_label(row, stacks) for row in layers])
         ax.set_xlabel("module")
         ax.set_ylabel("layer")
         ax.set_title(f"PAGE share (%), {self.score} score, r={self.r}")
@@ -99,31 +101,56 @@ class Placement:
         return path
 
 
+def _row(site: SiteScore) -> tuple[str, int] | None:
+    """A site's heatmap row: its layer stack (the path before the layer number) and layer, so
+    that an encoder's and a decoder's layer 0 stay apart; None outside any stack."""
+    if site.layer is None:
+        return None
+    found = re.match(rf"(.*?\.[^.]*)\.{site.layer}\.", site.name)
+    return (found.group(1) if found else "", site.layer)
+
+
+def _row_label(row: tuple[str, int], stacks: set[str]) -> str:
+    """The layer number; with several stacks, the part of the stack's path that tells them apart
+    ("encoder 0", "decoder 0")."""
+    stack, layer = row
+    if len(stacks) < 2:
+        return str(layer)
+    others = [other.split(".") for other in stacks if other != stack]
+    own = [part for i, part in enumerate(stack.split(".")) if any(i >= len(o) or o[i] != part for o in others)]
+    return f"{'.'.join(own) or stack} {layer}"
+
+
 class _Probe:
-    """Hooks on one candidate layer that accumulate its sampled and expected PAGE."""
+    """Hooks on one candidate layer that accumulate its sampled and expected PAGE. A layer that
+    runs several times in one pass (ALBERT's shared layers) gets G summed over its calls, as a
+    real LoRA's ∂L/∂B would: the calls' tokens are stacked and the pass squared once (`finish`)."""
 
     def __init__(self, module: nn.Module, A: torch.Tensor, scaling: float, out_features: int) -> None:
         self.A, self.scaling = A, scaling
         self.in_features, self.out_features = A.shape[1], out_features
         self.sampled = 0.0
         self.expected = 0.0
-        self._x: torch.Tensor | None = None
+        self._calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # (x, δ) of this pass's calls
         self.handle = module.register_forward_hook(self.forward_hook)
 
     def forward_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        self._x = args[0].detach()
+        x = args[0].detach()
         output = output + _ZERO
-        output.register_hook(self.backward_hook)
+        output.register_hook(lambda delta: self._calls.append((x, delta)))
         return output
 
-    def backward_hook(self, delta: torch.Tensor) -> None:
-        x = self._x.reshape(-1, self._x.shape[-1]).to(self.A.dtype)
-        delta = delta.reshape(-1, delta.shape[-1]).to(self.A.dtype)
+    def finish(self) -> None:
+        """Add this pass's scores (after its backward) and forget its calls."""
+        if not self._calls:
+            return
+        x = torch.cat([x.reshape(-1, x.shape[-1]) for x, _ in self._calls]).to(self.A.dtype)
+        delta = torch.cat([d.reshape(-1, d.shape[-1]) for _, d in self._calls]).to(self.A.dtype)
+        self._calls = []
         projected = delta.T @ (x @ self.A.T)  # G Aᵀ, [out, r]
         self.sampled += self.scaling**2 * projected.square().sum().item()
         r = self.A.shape[0]
         self.expected += self.scaling**2 * r * _squared_norm(x, delta) / (3 * self.in_features)
-        self._x = None
 
 
 _ZERO = torch.zeros((), requires_grad=True)  # added to every probed output (see module doc)
@@ -164,11 +191,23 @@ def page(
     """
     if score not in ("expected", "sampled"):
         raise SpliceError(f"score must be 'expected' or 'sampled', got {score!r}")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise SpliceError(f"r (the rank the score is for) must be a positive integer, got {r!r}")
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                              or not math.isfinite(alpha) or alpha <= 0):
+        raise SpliceError(f"alpha must be a positive finite number (or None for 2r), got {alpha!r}")
     scaling = (2 * r if alpha is None else alpha) / r
     selected = resolve_targets(model, AdapterConfig(targets=candidates, layers=layers, exclude=exclude))
+    unknown = sorted(set(factors or {}) - {name for name, _ in selected})
+    if unknown:
+        raise SpliceError(f"factors name modules that are not candidates: {unknown[:5]}; the candidates are "
+                          f"{[name for name, _ in selected][:5]}{' ...' if len(selected) > 5 else ''}")
     generator = torch.Generator().manual_seed(seed)
     probes = {name: _probe(name, module, r, scaling, generator, factors) for name, module in selected}
     count = _backward_passes(model, batches, probes, loss_fn)
+    bad = [name for name, p in probes.items() if not (math.isfinite(p.sampled) and math.isfinite(p.expected))]
+    if bad:
+        raise SpliceError(f"PAGE scores of {bad[:5]} are not finite (an overflowing gradient): nothing to rank")
     sites = [
         SiteScore(name, layer_index(name + "."), _kind(name), p.in_features, p.out_features,
                   p.sampled / count, p.expected / count)
@@ -213,7 +252,12 @@ def _backward_passes(model: nn.Module, batches: Iterable[Any], probes: dict[str,
     try:
         for batch in progress.track(batches, "PAGE probe"):
             loss = _loss(model, batch, loss_fn)
+            if not torch.isfinite(loss).all():
+                raise SpliceError(f"probe batch {count} gives a non-finite loss ({loss.detach().float().item()}): "
+                                  "PAGE cannot rank modules from it; check the batch or run the model in float32")
             loss.backward()
+            for probe in probes.values():
+                probe.finish()
             count += 1
     finally:
         for probe in probes.values():
