@@ -21,9 +21,9 @@ def orthonormal_basis(matrix: torch.Tensor, tolerance: float | None = None) -> t
     U, S, _ = torch.linalg.svd(matrix.double(), full_matrices=False)
     if S.numel() == 0 or S[0] == 0:
         return U[:, :0]
-    if tolerance is None:  # numpy's matrix_rank default
-        tolerance = S[0].item() * max(matrix.shape) * torch.finfo(matrix.dtype if matrix.is_floating_point()
-                                                                   else torch.float64).eps
+    if tolerance is None:  # numpy's rank rule with √max(shape): max(shape) x bf16's eps passes 1 at 128 rows
+        eps = torch.finfo(matrix.dtype if matrix.is_floating_point() else torch.float64).eps
+        tolerance = S[0].item() * math.sqrt(max(matrix.shape)) * eps
     return U[:, : int((S > tolerance).sum())]
 
 
@@ -33,7 +33,7 @@ def principal_angles(U: torch.Tensor, V: torch.Tensor, tolerance: float | None =
     There are min(rank U, rank V) of them: 0 for a shared direction, pi/2 for orthogonal ones.
     Small angles are computed from the sines (the cosines lose them to round-off below ~1e-8).
     `tolerance`: the singular value below which a direction of U or V is round-off
-    (`orthonormal_basis`'s; None: numpy's rank rule).
+    (`orthonormal_basis`'s; None: σ₁ · √max(shape) · eps of the dtype).
     """
     if U.shape[0] != V.shape[0]:
         raise ValueError(f"the matrices live in spaces of different sizes: {tuple(U.shape)} vs {tuple(V.shape)}")

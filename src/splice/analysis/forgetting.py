@@ -201,6 +201,11 @@ def fit_forgetting_law(theta_min: Sequence[float], forgetting: Sequence[float]) 
     F = torch.as_tensor(list(forgetting), dtype=torch.float64)
     if theta.shape != F.shape or theta.dim() != 1:
         raise SpliceError(f"need as many angles as forgetting values; got {theta.numel()} and {F.numel()}")
+    for what, values in (("angle", theta), ("forgetting value", F)):
+        bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+        if bad:
+            raise SpliceError(f"{what} {bad[0]} is {values[bad[0]].item()}: the fit needs finite points "
+                              "(a diverged run's accuracy?)")
     x = 1.0 - torch.cos(theta) ** 2
     dx, dF = x - x.mean(), F - F.mean()
     sxx = (dx * dx).sum().item()

@@ -92,9 +92,11 @@ def numerical_rank(s: torch.Tensor, tolerance: float) -> int:
 class DeltaSVD:
     """Left singular vectors U [out, k] and singular values S [k] (descending) of a delta weight.
 
-    `tolerance` is where round-off starts: σ₁ · max(shape) · eps of the adapter's dtype (numpy's
-    `matrix_rank` rule; from factors, s ‖B‖₂ ‖A‖₂ instead of σ₁); a float32 LoRA's zero
-    directions come out near 1e-7 σ₁ from a dense product, not at 0.
+    `tolerance` is where round-off starts. For a dense delta, σ₁ · √max(shape) · eps of its dtype
+    (a float32 LoRA's zero directions come out near 1e-7 σ₁ from a dense product, not at 0;
+    numpy's `matrix_rank` rule, σ₁ · max(shape) · eps, would exceed σ₁ itself for a bf16 delta
+    wider than 128). From factors, whose values are exact and whose product is formed in
+    float64, s ‖B‖₂ ‖A‖₂ · max(shape) · float64's eps: a bf16 LoRA keeps every direction it has.
     """
 
     U: torch.Tensor
@@ -126,7 +128,7 @@ def delta_svd(adapter: Adapter) -> DeltaSVD | None:
     factors = adapter.low_rank_factors()
     if factors is not None:
         A, B = factors.A.detach(), factors.B.detach()
-        eps = torch.finfo(A.dtype).eps
+        eps = torch.finfo(torch.float64).eps  # the factors are exact; only the float64 products round
         # s B A = s Q_B (R_B R_Aᵀ) Q_Aᵀ with thin QRs of B and Aᵀ: only an r x r SVD is left.
         Q_b, R_b = torch.linalg.qr(B.double())
         _, R_a = torch.linalg.qr(A.double().T)
@@ -144,7 +146,7 @@ def matrix_svd(delta: torch.Tensor) -> DeltaSVD:
     matrix = delta.detach().double().flatten(1)
     U, S, _ = torch.linalg.svd(matrix, full_matrices=False)
     shape = (matrix.shape[0], matrix.shape[1])
-    return DeltaSVD(U, S, shape, _largest(matrix) * max(shape) * torch.finfo(delta.dtype).eps)
+    return DeltaSVD(U, S, shape, _largest(matrix) * math.sqrt(max(shape)) * torch.finfo(delta.dtype).eps)
 
 
 def _largest(matrix: torch.Tensor) -> float:

@@ -30,7 +30,9 @@ class LayerInfo:
     representation site, as ReFT intervenes on). `transposed` marks transformers' `Conv1D`, which stores its
     weight as [in, out] (PEFT's `fan_in_fan_out`). Adapters express delta weights in the
     canonical layout ([out, in, *kernel] for linear/conv, [num, dim] for embeddings); the host
-    transposes for `Conv1D`.
+    transposes for `Conv1D`. `embed_scale` is the factor a scaled embedding (Gemma's, BART's:
+    `embedding(x) * embed_scale`) multiplies its output by, so its adapters' outputs too, as
+    the merged weight's would be (and as PEFT does).
     """
 
     kind: LayerKind
@@ -41,6 +43,7 @@ class LayerInfo:
     stride: tuple[int, ...] = ()
     padding: tuple[int, ...] | str = ()
     padding_idx: int | None = None
+    embed_scale: float = 1.0
 
     @property
     def conv_dims(self) -> int:
@@ -59,9 +62,8 @@ def describe(module: nn.Module) -> LayerInfo | None:
         in_features, out_features = module.weight.shape
         return LayerInfo("linear", in_features, out_features, transposed=True)
     if isinstance(module, nn.Embedding):
-        return LayerInfo(
-            "embedding", module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx
-        )
+        return LayerInfo("embedding", module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx,
+                         embed_scale=float(getattr(module, "embed_scale", 1.0)))
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return LayerInfo(
             "conv",

@@ -51,6 +51,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from splice.core.errors import OutputExistsError, SpliceError
+from splice.core.validation import nonfinite_problem
 from splice.io.adapter_files import (  # noqa: F401  (re-exported: imported from here elsewhere)
     CONFIG_NAME,
     LEGACY_WEIGHTS_NAME,
@@ -362,7 +363,13 @@ def write_config(path: Path, config: dict[str, Any]) -> None:
 
 
 def write_weights(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """safetensors with PEFT's metadata; tensors detached, contiguous and unaliased."""
+    """safetensors with PEFT's metadata; tensors detached, contiguous and unaliased. A tensor
+    with NaN or infinite values (a diverged adapter) is refused by name: loading would refuse
+    the file, and PEFT would load it as NaN outputs."""
+    for key, value in tensors.items():
+        problem = nonfinite_problem(value)
+        if problem:
+            raise SpliceError(f"adapter tensor {key} {problem}; nothing was saved (weights must be finite)")
     tensors = {k: v.detach().contiguous().clone().cpu() for k, v in tensors.items()}
     write_tensors(Path(path) / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
 

@@ -180,7 +180,7 @@ def residual_init(init: object) -> str | None:
         return None
     if init.lower() == "pissa":
         return "pissa"
-    if init.lower().startswith(("pissa_niter", "olora", "corda", "loftq")):
+    if init.lower().startswith(("pissa_niter", "olora", "corda", "loftq", "lora_ga")):
         raise AdapterFileError(
             f"the adapter was initialised with init_lora_weights={init!r}, which changed the base weights, and "
             "was saved without conversion; splice cannot rebuild that base exactly (randomised or data-dependent). "

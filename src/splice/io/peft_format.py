@@ -240,7 +240,8 @@ def _lora_config(model: nn.Module, state: AdapterState) -> LoRA:
     modules = dict(named_base_modules(model))
     for module_name, update in state.modules.items():
         _check_fits(module_name, modules.get(module_name), update)
-    params = dict(model.named_parameters()) | dict(model.named_buffers())  # where saved heads are copied
+    # where saved heads are copied; tied weights (GPT-2's lm_head and wte) under every name they have
+    params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
     for key, value in state.head_tensors.items():
         if key not in params:
             raise ShapeMismatchError(f"adapter holds {key!r} (modules_to_save) but the model has no such tensor")

@@ -339,7 +339,7 @@ class LoRAAdapter(Adapter, LowRankForward):
 
     def _apply_factors(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, p: float) -> torch.Tensor:
         if self.info.kind == "embedding":
-            return F.embedding(x, A.T, padding_idx=self.info.padding_idx) @ B.T * self.scaling
+            return F.embedding(x, A.T, padding_idx=self.info.padding_idx) @ B.T * (self.scaling * self.info.embed_scale)
         if self.info.kind == "conv":
             x = F.dropout(x.to(A.dtype), p, training=self.training)
             conv = F.conv1d if self.info.conv_dims == 1 else F.conv2d
