@@ -229,10 +229,20 @@ def _multiplex(configs: list[TrainConfig], join_at: str | None, max_rows: int | 
     printing to `out`."""
     from splice.orchestrate import multiplex
 
-    steps = [int(s) for s in join_at.split(",")] if join_at else None
+    steps = [_join_step(part) for part in join_at.split(",")] if join_at else None
     rows = "auto" if max_rows is None else (max_rows or None)
     results = multiplex(configs, join_at=steps, max_rows=rows, max_padding=max_padding, force=force, console=out)
     return list(results.values())
+
+
+def _join_step(text: str) -> int:
+    """One entry of --join-at: the step a tenant joins at."""
+    from splice.core.errors import SpliceError
+
+    try:
+        return int(text)
+    except ValueError:
+        raise SpliceError(f"--join-at takes comma-separated whole steps such as 0,50; got {text.strip()!r}") from None
 
 
 @contextmanager

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,7 +59,7 @@ from transformers import PreTrainedTokenizerBase
 
 import splice
 from splice.core import progress
-from splice.core.api import model_state
+from splice.core.api import adapter_name_problem, model_state
 from splice.core.config import AdapterConfig
 from splice.core.errors import SpliceError
 from splice.core.quantization import quantize_options
@@ -106,6 +107,7 @@ class Multiplexer:
             raise SpliceError(f"max_rows must be >= 1, got {max_rows}")
         if not 0.0 <= max_padding < 1.0:
             raise SpliceError(f"max_padding must be in [0, 1), got {max_padding}")
+        _refuse_several_processes()
         self.max_rows, self.max_padding, self.force = max_rows, max_padding, force
         self.console = console or Console()
         self.tenants: dict[str, Tenant] = {}
@@ -117,6 +119,7 @@ class Multiplexer:
         self.routers: dict[str, TenantModules] = {}  # by module path
         self.accelerator: Accelerator | None = None
         self.first: TrainConfig | None = None
+        self.claimed: dict[Path, report.RunFolder] = {}  # folders of tenants due to join (`run`)
         self.started = time.perf_counter()
 
     # -- tenants joining and leaving -------------------------------------------------------
@@ -133,7 +136,7 @@ class Multiplexer:
             if other.trainer.run_dir.expanduser().resolve() == folder:
                 raise SpliceError(f"tenant {other.name} already writes to {folder}; every tenant needs its own "
                                   "output_dir")
-        claimed = report.claim_run_dir(config.output_dir, force=self.force)
+        claimed = self.claimed.pop(folder, None) or report.claim_run_dir(config.output_dir, force=self.force)
         try:
             return self._add(config, name, claimed, callbacks)
         except BaseException:
@@ -147,7 +150,8 @@ class Multiplexer:
             raise SpliceError(f"tenant {name}: the model or adapter has BatchNorm layers, whose batch statistics "
                               "would mix the tenants' rows; train it alone with `splice train`")
         tenancy = Tenancy(summary=splice.summary(setup.model), label=name)  # counted alone, before joining
-        if self.shared is None:
+        adopted = self.shared is None
+        if adopted:
             self._adopt(setup.model, config)
         try:
             tenant_view = join(self.shared, self.routers, name, setup.model, self.accelerator.device)
@@ -162,14 +166,19 @@ class Multiplexer:
             trainer.begin()  # config.yaml and the evaluation of the start, as a lone run begins
         except BaseException:
             self._leave(name)
+            if adopted and not self.tenants:  # its model, settings and accelerator are no one's to share
+                self.shared = self.first = self.accelerator = None
+                self.routers = {}
             raise
         return name
 
-    def _check_compatible(self, config: TrainConfig) -> None:
+    def _check_compatible(self, config: TrainConfig, first: TrainConfig | None = None) -> None:
+        """Refuse a tenant whose model, task, precision or quantization differ from `first`'s
+        (default: the first tenant's), which the shared model fixes."""
         if config.precision == "fp16":
             raise SpliceError("multiplexed training supports precision 'no' and 'bf16' (fp16 needs one loss "
                               "scaler per optimizer); use bf16")
-        first = self.first
+        first = first or self.first
         if first is None:
             return
         for key in ("model", "task", "precision", "quantize"):
@@ -285,6 +294,7 @@ class Multiplexer:
         """Step until every tenant is done; `joining` adds (step, config) tenants on the way."""
         pending = sorted(joining, key=lambda item: item[0])
         try:
+            self._claim_all([config for _, config in pending])
             with progress.use(self.console), progress.task("tenants") as bar:
                 while self.tenants or pending:
                     while pending and (pending[0][0] <= self.global_step or not self.tenants):
@@ -302,10 +312,23 @@ class Multiplexer:
         ends = [t.joined_at + t.trainer.total_steps * t.trainer.config.grad_accum for t in self.tenants.values()]
         return max([self.global_step, *ends, *(step for step, _ in pending)])
 
+    def _claim_all(self, configs: Sequence[TrainConfig]) -> None:
+        """Before any tenant is set up: every config compatible with the first, and every output
+        folder claimed, so that a tenant due to join later is refused before the others train."""
+        for config in configs:
+            self._check_compatible(config, self.first or configs[0])
+            folder = Path(config.output_dir).expanduser().resolve()
+            if folder not in self.claimed:
+                self.claimed[folder] = report.claim_run_dir(config.output_dir, force=self.force)
+
     def close(self) -> None:
-        """Release the output folders of tenants still training (their best adapters stay)."""
+        """Release the output folders of tenants still training (their best adapters stay) and
+        of tenants that never joined."""
         for tenant in self.tenants.values():
             tenant.folder.release()
+        for folder in self.claimed.values():
+            folder.release()
+        self.claimed = {}
 
     def summary_table(self) -> Table:
         table = Table(title=f"multiplexed training: {len(self.results)} tenants, {self.global_step} steps, "
@@ -340,6 +363,9 @@ def multiplex(configs: Sequence[TrainConfig], *, join_at: Sequence[int] | None =
     join_at = list(join_at) if join_at is not None else [0] * len(configs)
     if len(join_at) != len(configs):
         raise SpliceError(f"join_at has {len(join_at)} entries for {len(configs)} tenants")
+    for step in join_at:
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise SpliceError(f"join_at holds the step each tenant joins at, whole numbers from 0; got {step!r}")
     # Compared resolved: runs/x, runs/x/ and ./runs/x are one folder.
     folders = [Path(c.output_dir).expanduser().resolve() for c in configs]
     for i, folder in enumerate(folders):
@@ -354,16 +380,28 @@ def multiplex(configs: Sequence[TrainConfig], *, join_at: Sequence[int] | None =
 def _setting(config: TrainConfig, key: str) -> Any:
     """A config field as the shared model sees it ("nf4" and {scheme: nf4} are one quantization)."""
     value = getattr(config, key)
+    if key == "model" and isinstance(value, str) and Path(value).expanduser().is_dir():
+        return str(Path(value).expanduser().resolve())  # a folder named two ways is one model
     return quantize_options(value) if key == "quantize" and value is not None else value
 
 
 def _tenant_name(config: TrainConfig, taken: list[str]) -> str:
     base = "".join(c if c.isalnum() or c in "_-" else "-" for c in str(config.output_dir).rstrip("/").split("/")[-1])
-    base = base if base and base[0].isalpha() else f"t-{base}"
+    base = base if base and base[0].isalpha() and adapter_name_problem(base) is None else f"t-{base}"
     name, i = base, 2
     while name in taken:
         name, i = f"{base}-{i}", i + 1
     return name
+
+
+def _refuse_several_processes() -> None:
+    """Multiplexing runs in one process: its packed passes go through the plain shared model,
+    so under `accelerate launch` / torchrun the ranks' tenants would never average gradients."""
+    processes = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if processes > 1:
+        raise SpliceError(f"multiplexed training runs in one process, and this is one of {processes} processes "
+                          "(accelerate launch / torchrun): run it without a launcher, or train each tenant with "
+                          "its own `splice train` under the launcher")
 
 
 def _count(task: str, batch: dict[str, torch.Tensor]) -> float:
