@@ -90,3 +90,19 @@ def test_cli_optimizer_flag_reaches_the_config(tiny_classification, tmp_path):
     assert result.exit_code == 0, result.output
     written = json.loads((out / "metrics.json").read_text())
     assert written["config"]["optimizer"] == "loraplus"
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "loraplus", "loft"])
+def test_weight_decay_follows_transformers_trainers_rule(tiny_classification, optimizer):
+    """Every trained tensor takes the config's weight decay exactly when transformers' Trainer
+    would decay it (not biases, not norms), whichever optimizer groups it."""
+    from transformers import Trainer as HFTrainer
+
+    config = replace(tiny_classification, optimizer=optimizer, weight_decay=0.1)
+    trainer = Trainer.from_config(config, console=quiet())
+    hf_decayed = set(HFTrainer.get_decay_parameter_names(None, trainer.model))
+    names = {id(p): n for n, p in trainer.trained.items()}
+    decay = {names[id(p)]: g["weight_decay"] for g in plain(trainer.optimizer).param_groups for p in g["params"]}
+    assert decay.keys() == set(trainer.trained)
+    assert any(n.endswith("bias") for n in decay), sorted(decay)
+    assert decay == {n: 0.1 if n in hf_decayed else 0.0 for n in decay}

@@ -3,7 +3,8 @@ with options, e.g. `{name: loraplus, lr_ratio: 16}` or `{name: loft, betas: [0.9
 
 The learning rates, weight decay and clipping threshold are the config's own (`lr`, `head_lr`,
 `weight_decay`, `max_grad_norm`) whatever the optimizer; modules trained in full (heads) keep
-`head_lr` and take AdamW steps under all three.
+`head_lr` and take AdamW steps under all three. Biases and normalisation weights take no weight
+decay, by transformers' Trainer's rule (`decayed_names`), which HF PEFT users train with.
 """
 
 from __future__ import annotations
@@ -13,9 +14,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.trainer_pt_utils import get_parameter_names
 
 from splice.core.errors import SpliceError
 from splice.optim import LoFT, factor_pairs, loraplus_groups
+
+# transformers' Trainer.get_decay_parameter_names: what a name holds when its parameter takes no decay
+NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
 
 # name -> {option: default}; the options a config may give each optimizer
 OPTIONS: dict[str, dict[str, Any]] = {
@@ -57,6 +62,39 @@ def make_optimizer(spec: str | Mapping[str, Any], model: nn.Module, trained: Map
     """The optimizer over `trained` (name in `model` -> parameter): the adapter's parameters at
     `lr`, those under the `heads` module paths at `head_lr` (or `lr`)."""
     name, options = optimizer_options(spec)
+    decayed = decayed_names(model)
+    undecayed = {id(p) for key, p in trained.items() if key not in decayed}
+    return _split_decay(_optimizer(name, options, model, trained, heads, lr=lr, head_lr=head_lr,
+                                   weight_decay=weight_decay, max_grad_norm=max_grad_norm), undecayed)
+
+
+def decayed_names(model: nn.Module) -> set[str]:
+    """The parameters transformers' Trainer applies weight decay to: all but those of LayerNorm
+    modules and those whose names hold "bias" or a norm (`NO_DECAY_PATTERNS`)."""
+    return set(get_parameter_names(model, [nn.LayerNorm], NO_DECAY_PATTERNS))
+
+
+def _split_decay(optimizer: torch.optim.Optimizer, undecayed: set[int]) -> torch.optim.Optimizer:
+    """`optimizer` with the `undecayed` parameters of each decaying group moved to a copy of
+    that group with weight_decay 0 (before any step, so no state moves)."""
+    groups = []
+    for group in optimizer.param_groups:
+        moved = [p for p in group["params"] if id(p) in undecayed]
+        if not group.get("weight_decay") or not moved or group.get("pair"):
+            groups.append(group)
+            continue
+        kept = [p for p in group["params"] if id(p) not in undecayed]
+        if kept:
+            groups.append({**group, "params": kept})
+        groups.append({**group, "params": moved, "weight_decay": 0.0})
+    optimizer.param_groups = groups
+    return optimizer
+
+
+def _optimizer(name: str, options: dict[str, Any], model: nn.Module, trained: Mapping[str, nn.Parameter],
+               heads: list[str], *, lr: float, head_lr: float | None, weight_decay: float,
+               max_grad_norm: float | None) -> torch.optim.Optimizer:
+    """The optimizer `name` with its groups (adapter, heads) at the config's rates and decay."""
     prefixes = tuple(f"{head}." for head in heads)
     adapter = {key: p for key, p in trained.items() if not key.startswith(prefixes)}
     in_heads = [p for key, p in trained.items() if key.startswith(prefixes)]
