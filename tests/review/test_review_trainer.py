@@ -253,9 +253,9 @@ def test_evaluation_leaves_no_gradient_and_the_next_step_trains_in_train_mode(be
 # ------------------------------------------------------------------ schedule and optimizer
 
 
-@pytest.mark.xfail(strict=True, reason="not changed yet: with splice's default warmup_ratio 0.06 (transformers' is 0), "
-                                        "the ceiling gives every run a first step at lr 0; the default and the rounding "
-                                        "are to be decided together")
+@pytest.mark.xfail(strict=True, reason="not changed yet: with splice's default warmup_ratio 0.06 (transformers' "
+                                        "is 0), the ceiling gives every run a first step at lr 0; the default and the "
+                                        "rounding are to be decided together")
 def test_review_finding_warmup_ratio_gives_its_share_of_the_steps(bert_dir, sentiment, tmp_path):
     """Review finding. trainer.py:186 takes `int(config.warmup_ratio * self.total_steps)`
     warm-up steps; 0.29 * 100 is 28.999999999999996 in floating point, so warmup_ratio 0.29 of
