@@ -225,18 +225,20 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     if merged:
         raise MergeError(f"adapters {sorted(merged)} are merged into the weights; unmerge them first")
     all_hosts = [(host, host.enabled) for _, _, host in hosts(model)]  # as they were: blocks nest
-    heads = [(copies, copies.live) for copies in all_head_copies(model)]
+    heads = [(copies, copies.live, copies.enabled) for copies in all_head_copies(model)]
     for host, _ in all_hosts:
         host.enabled = False
-    for copies, _ in heads:
+    for copies, _, _ in heads:
         copies.bind(None)
+        copies.enabled = False  # within `route` too: no row gets an adapter's head
     try:
         yield model
     finally:
         for host, enabled in all_hosts:
             host.enabled = enabled
-        for copies, live in heads:
+        for copies, live, enabled in heads:
             copies.bind(live)
+            copies.enabled = enabled
 
 
 def merge(model: nn.Module, name: str | None = None) -> nn.Module:
@@ -307,6 +309,8 @@ def _weight_readers_first(model: nn.Module,
 
 def unmerge(model: nn.Module, name: str | None = None) -> nn.Module:
     """Take merged adapters (default: all) back out of the base weights."""
+    if name is not None:
+        _require_known(model, [name])
     for _, base, host in hosts(model):
         for adapter_name in reversed(list(host.merged)):
             if name is None or adapter_name == name:
@@ -315,7 +319,8 @@ def unmerge(model: nn.Module, name: str | None = None) -> nn.Module:
 
 
 def detach(model: nn.Module, name: str) -> nn.Module:
-    """Remove adapter `name`, restoring the base weights and any head it trained."""
+    """Remove adapter `name`, restoring the base weights (within rounding if it was merged: see
+    `unmerge`) and any head it trained."""
     _require_known(model, [name])
     state = model_state(model)
     for _, base, _ in list(hosts(model)):

@@ -97,6 +97,10 @@ class AdapterConfig:
         self.train_also = list(self.train_also)
         if isinstance(self.targets, list) and not self.targets:
             raise SpliceError("targets is an empty list; give module names, a regex or 'all-linear'")
+        if self.layers_pattern is not None and self.layers is None:
+            raise SpliceError(f"layers_pattern {self.layers_pattern!r} says where a module name holds its layer index, "
+                              "for `layers` to pick layers; give layers too, or leave layers_pattern out (as HF PEFT "
+                              "requires)")
         check_config_fields(self)  # every method's fields against their types: r=2.5 or rslora="false" fail here
 
     def build(self, info: LayerInfo, module_name: str, base: nn.Module) -> Adapter:

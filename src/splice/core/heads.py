@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,9 +27,6 @@ from splice.core.errors import SpliceError
 from splice.core.nf4_layers import is_4bit_layer
 from splice.core.route_context import routing_of
 from splice.core.targets import HEADS_ATTRIBUTE, HOST_ATTRIBUTE, named_base_modules
-
-if TYPE_CHECKING:
-    pass
 
 
 class HeadStore(nn.ModuleDict):
@@ -51,6 +48,7 @@ class HeadCopies(nn.Module):
         self.original = _copy(module, {id(t): t for t in tensors})
         self.copies = nn.ModuleDict()
         self.live: str | None = None  # whose tensors the module computes with (None: the original)
+        self.enabled = True  # False within `splice.disabled`: every row gets the original's output
         self._hook = module.register_forward_hook(self.route_rows)
 
     def add(self, name: str) -> None:
@@ -72,7 +70,8 @@ class HeadCopies(nn.Module):
     def route_rows(self, module: nn.Module, args: tuple, output: Any) -> Any:
         """Forward hook: within `route`, rows whose adapter has another head get that head's output."""
         routing = routing_of(self)
-        if routing is None or not args or not isinstance(args[0], torch.Tensor) or not isinstance(output, torch.Tensor):
+        if (routing is None or not self.enabled or not args or not isinstance(args[0], torch.Tensor)
+                or not isinstance(output, torch.Tensor)):
             return output
         x = args[0]
         repeat = routing.repeat(x)

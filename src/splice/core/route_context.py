@@ -4,11 +4,14 @@ A context variable holds the open blocks of this context (thread, asyncio task),
 last, so that threads serving one shared model each route their own batches; a block removes
 exactly its own entry on exit, so blocks left out of order cannot leave a stale route. A
 process-wide list holds the same blocks for backward passes only: autograd may run a
-checkpointed block's recomputation on its own thread (CUDA), outside the block's context.
+checkpointed block's recomputation on its own thread (CUDA), outside the block's context. A
+backward on a Python thread (on CPU, the thread that called it) looks only at the blocks that
+thread opened, so another thread's open block never routes its recomputation.
 """
 
 from __future__ import annotations
 
+import threading
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
@@ -22,10 +25,11 @@ if TYPE_CHECKING:
 class OpenRoute:
     """One open `route` block: its routing and the hosts (and head copies) it applies to."""
 
-    __slots__ = ("routing", "members")
+    __slots__ = ("routing", "members", "thread")
 
     def __init__(self, routing: Routing, members: list[nn.Module]) -> None:
         self.routing, self.members = routing, frozenset(id(m) for m in members)
+        self.thread = threading.get_ident()  # the thread that opened it
 
 
 _OPEN: ContextVar[tuple[OpenRoute, ...]] = ContextVar("splice_open_routes", default=())
@@ -41,8 +45,11 @@ def routing_of(member: nn.Module) -> Routing | None:
         if key in entry.members:
             return entry.routing
     if torch._C._current_graph_task_id() != -1:  # a recomputation inside backward
+        # autograd's own device threads are not Python threads: any open block may be theirs
+        foreign = isinstance(threading.current_thread(), threading._DummyThread)
+        here = threading.get_ident()
         for entry in reversed(_OPEN_ANYWHERE):
-            if key in entry.members:
+            if key in entry.members and (foreign or entry.thread == here):
                 return entry.routing
     return None
 

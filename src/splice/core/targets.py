@@ -50,9 +50,15 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 
 
 def named_base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Every module of the model except splice's own (hosts, adapters, copies of trained heads)."""
+    """Every module of the model except splice's own (hosts, adapters, copies of trained heads),
+    each once under its first name, as `nn.Module.named_modules` (and PEFT) give it: a module
+    registered at two paths is one module to adapt."""
+    seen: set[int] = set()
 
     def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
         yield prefix, module
         for child_name, child in module.named_children():
             if is_splice_child(child_name, child):
@@ -162,6 +168,7 @@ def resolve_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, 
         raise TargetError(_no_match_message(model, targets, config))
     if isinstance(targets, list):
         _refuse_unmatched_entries(model, targets)
+    _refuse_unmatched_excludes(model, config.exclude)
     return selected
 
 
@@ -253,6 +260,21 @@ def _refuse_unmatched_entries(model: nn.Module, targets: list[str]) -> None:
                       "modules that only some models have, use a regex (targets='.*(q_proj|qkv_proj)').")
 
 
+def _refuse_unmatched_excludes(model: nn.Module, exclude: Targets) -> None:
+    """An exclude list entry that names no module is a typo, and the module meant to be left
+    out would get an adapter (HF PEFT warns of it): refused with the names that are close."""
+    if not isinstance(exclude, list):
+        return
+    names = [n for n, _ in named_base_modules(model) if n]
+    unmatched = [entry for entry in exclude if not any(matches([entry], n) for n in names)]
+    if unmatched:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in _linear_names(model)})
+        close = difflib.get_close_matches(unmatched[0], leaves, n=3, cutoff=0.5)
+        raise TargetError(f"exclude entries {unmatched} match no module of the model, so nothing would be left out"
+                          + (f" (did you mean {', '.join(map(repr, close))}?)" if close else "")
+                          + f". Modules that can host an adapter: {_describe_names(_linear_names(model))}")
+
+
 def _no_match_message(model: nn.Module, targets: Targets, config: AdapterConfig) -> str:
     hostable = _linear_names(model)
     wanted = [targets] if isinstance(targets, str) else list(targets)
@@ -267,6 +289,18 @@ def _no_match_message(model: nn.Module, targets: Targets, config: AdapterConfig)
     if config.exclude is not None:
         parts.append(f"(after exclude={config.exclude!r})")
     message = " ".join(parts) + "."
+    if isinstance(targets, str) and targets != ALL_LINEAR:
+        message += (f" A string is a regex that must match a module's whole dotted name: for modules named "
+                    f"{targets.rsplit('.', 1)[-1]!r} give the list [{targets!r}] or the regex "
+                    f"'.*\\.{targets}'.")
+    if config.layers is not None:
+        indices = sorted({i for n, _ in named_base_modules(model) if n and matches(targets, n)
+                          for i in [layer_index(n, config.layers_pattern)] if i is not None}
+                         if targets != ALL_LINEAR else
+                         {i for n in hostable for i in [layer_index(n, config.layers_pattern)] if i is not None})
+        message += (f" The targeted modules are in layers {indices}." if indices else
+                    " No layer index was found in the module names"
+                    + (f" after layers_pattern {config.layers_pattern!r}." if config.layers_pattern else "."))
     if near:
         message += f" Similar names that exist: {', '.join(dict.fromkeys(near))}."
     message += f" Modules that can host an adapter: {_describe_names(hostable)}"
