@@ -82,7 +82,11 @@ def _parse_layers(value: str | None) -> list[int] | None:
     out: list[int] = []
     for part in value.split(","):
         low, _, high = part.partition("-")
-        out += list(range(int(low), int(high) + 1)) if high else [int(low)]
+        try:
+            out += list(range(int(low), int(high) + 1)) if high else [int(low)]
+        except ValueError:
+            raise typer.BadParameter(f"takes layer numbers and ranges such as 0,2,4-7; got {part.strip()!r}",
+                                     param_hint="--layers") from None
     return out
 
 
@@ -202,6 +206,7 @@ def merge(
             raise typer.BadParameter("emr keeps one adapter per task; it has no single model to fold in",
                                      param_hint="--method")
         _check_used(method, density=density, majority=majority, seed=seed)
+        numbers = _weights(weights)  # before any adapter loads
         check_output_dir(out, overwrite=force)  # refused before the work; written whole (or not at all) after it
         if into_base and len(adapters) == 1 and method == "linear" and rank is None and not weights:
             # the adapter as it is (any form, splice's own format too); a rank, weight or svd merges first
@@ -212,7 +217,7 @@ def merge(
         if method == "emr":
             _unify(adapters, states, base, rank, out, force)
             return
-        result = merge_adapters(states, method, weights=[float(w) for w in weights.split(",")] if weights else None,
+        result = merge_adapters(states, method, weights=numbers,
                                 density=0.5 if density is None else density, rank=rank,
                                 majority=majority or "total", seed=seed or 0, base=base, heads=heads)
         if into_base:
@@ -221,6 +226,17 @@ def merge(
         save_state(result.state, out, overwrite=force)
     _print_merge(result, tables)
     console.print(f"-> {out}")
+
+
+def _weights(text: str | None) -> list[float] | None:
+    """--weights as numbers (None: the method's default)."""
+    if not text:
+        return None
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"takes one number per adapter, comma-separated (e.g. 0.7,0.3); got {text!r}",
+                                 param_hint="--weights") from None
 
 
 # The merge methods that read each option; an option given to another method would be ignored, so it is refused.

@@ -111,12 +111,15 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revi
         from huggingface_hub import HfApi
 
         api = HfApi(library_name="splice")
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    if revision is not None:
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
     names = ", ".join(sorted(adapters))
-    commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
-                               commit_message=commit_message or f"Upload adapter{'s' * (len(adapters) > 1)} "
-                                                                f"{names} with splice",
-                               ignore_patterns=[".*", "*/.*"])
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
+                                   commit_message=commit_message or f"Upload adapter{'s' * (len(adapters) > 1)} "
+                                                                    f"{names} with splice",
+                                   ignore_patterns=[".*", "*/.*"])
+    except (OSError, ValueError) as err:  # HTTP, connection, token and offline (HF_HUB_OFFLINE) errors
+        raise AdapterFileError(f"cannot push to {repo_id}: {type(err).__name__}: {err}") from None
     return str(getattr(commit, "commit_url", commit))

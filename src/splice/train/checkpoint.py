@@ -11,6 +11,7 @@ the shuffle generator's state when that epoch began), history and best-so-far.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import sys
@@ -58,8 +59,23 @@ def claim(processes: PartialState, path: str | Path, force: bool, resume: bool) 
 
 
 def comparable(config: TrainConfig) -> dict[str, Any]:
-    """The config as a checkpoint records it; the folder it lives in may move."""
-    return {k: v for k, v in config.to_dict().items() if k != "output_dir"}
+    """The config as a checkpoint records it (the folder it lives in may move), with the SHA-256
+    of its data files: a file rewritten under the same name is other data to resume on."""
+    out = {k: v for k, v in config.to_dict().items() if k != "output_dir"}
+    out[DATA_FILES] = {value: _sha256(Path(value)) for value in (config.data, config.validation)
+                       if isinstance(value, str) and Path(value).is_file()}
+    return out
+
+
+DATA_FILES = "data_files"  # the checkpointed config's key for its data files' hashes
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # Fields added to TrainConfig after checkpoints were first written, with the value that does what
@@ -73,8 +89,17 @@ def check_same_config(saved: dict[str, Any] | None, current: dict[str, Any], run
     if saved is None:
         return
     saved = {**ADDED_FIELDS, **saved}
+    if DATA_FILES not in saved:  # a checkpoint from before the hashes: nothing to compare them with
+        current = {k: v for k, v in current.items() if k != DATA_FILES}
     if saved == current:
         return
+    if saved[DATA_FILES] != current.get(DATA_FILES) and {k: v for k, v in saved.items() if k != DATA_FILES} == \
+            {k: v for k, v in current.items() if k != DATA_FILES}:
+        changed = sorted(set(saved[DATA_FILES]) ^ set(current[DATA_FILES]) | {
+            f for f in saved[DATA_FILES] if current[DATA_FILES].get(f) not in (None, saved[DATA_FILES][f])})
+        raise SpliceError(f"the data changed since the checkpoint in {run_dir} was written ({', '.join(changed)}: "
+                          "other contents); a resumed run continues on the same rows: restore the file, or start "
+                          "a new run (--force)")
     raise SpliceError(f"{run_dir / 'config.yaml'} is not the config its checkpoint was written with "
                       f"({'; '.join(config_changes(saved, current))}); a resumed run continues the same config")
 

@@ -238,9 +238,13 @@ class TrainConfig:
         if self.max_grad_norm is not None:
             _positive("max_grad_norm", self.max_grad_norm)
         try:
-            self.adapter_config()
+            adapter = self.adapter_config()
         except ConfigError as err:
             raise keyed_error("adapter", f"adapter: {err}") from None
+        if self.save_format == "peft" and not _peft_shaped(adapter):
+            raise keyed_error("save_format", f"save_format peft holds LoRA-shaped adapters (lora, dora, pissa, ...); "
+                                             f"a {adapter.method!r} adapter cannot be written in it: use "
+                                             "save_format auto or splice")
         if self.quantize is not None:
             try:
                 quantize_options(self.quantize)
@@ -401,6 +405,15 @@ def _check_adapter_keys(adapter: dict[str, Any], keys: Iterable[str]) -> None:
             raise keyed_error("adapter", f"unknown setting {key!r}: {hint}Training config keys: "
                                     f"{', '.join(SETTABLE_FIELDS)}. Keys of the {adapter['method']!r} adapter: "
                                     f"{', '.join(sorted(method_keys))}")
+
+
+def _peft_shaped(adapter: AdapterConfig) -> bool:
+    """Whether the adapter saves in HF PEFT's LoRA format: a LoRA form, or a placement whose
+    form is one (DomLoRA's)."""
+    from splice.methods.lora import LoRA
+
+    form_config = getattr(adapter, "form_config", None)
+    return isinstance(form_config(["_check"]) if form_config else adapter, LoRA)
 
 
 def _merge_adapter(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

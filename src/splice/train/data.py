@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,24 +57,35 @@ def read_numbered_rows(source: str | Path | Iterable[Mapping[str, Any]]) -> tupl
         rows, where = _mappings(rows, [f"{path}: row {i}" for i in range(1, len(rows) + 1)])
     elif not path.is_file():
         raise DataError(f"data file {path} does not exist (bundled data sets: {', '.join(assets.DATASETS)})")
-    elif path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            numbered = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
-        rows = [_json_line(line, path, i) for i, line in numbered]
-        where = [f"{path}:{i}" for i, _ in numbered]
-    elif path.suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            rows, where = [], []
-            for row in reader:
-                rows.append(row)
-                where.append(f"{path}:{reader.line_num}")
-            if reader.fieldnames is None:
-                raise DataError(f"{path} is empty: a .csv file needs a header line and one line per row")
+    elif path.suffix in (".jsonl", ".csv"):
+        try:
+            rows, where = (_jsonl_rows if path.suffix == ".jsonl" else _csv_rows)(path)
+        except UnicodeDecodeError as err:
+            line = path.read_bytes()[: err.start].count(b"\n") + 1
+            raise DataError(f"{path}:{line} is not UTF-8 text ({err.reason} at byte {err.start}); save the file as "
+                            "UTF-8 (spreadsheets: 'CSV UTF-8')") from None
     else:
         raise DataError(f"cannot read {path}: expected a .jsonl or .csv file or a datasets folder")
     if not rows:
         raise DataError(f"{path} holds no rows (the file is empty or blank, or has only a header)")
+    return rows, where
+
+
+def _jsonl_rows(path: Path) -> tuple[list[Row], list[str]]:
+    with path.open(encoding="utf-8") as f:
+        numbered = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    return [_json_line(line, path, i) for i, line in numbered], [f"{path}:{i}" for i, _ in numbered]
+
+
+def _csv_rows(path: Path) -> tuple[list[Row], list[str]]:
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        rows, where = [], []
+        for row in reader:
+            rows.append(row)
+            where.append(f"{path}:{reader.line_num}")
+        if reader.fieldnames is None:
+            raise DataError(f"{path} is empty: a .csv file needs a header line and one line per row")
     return rows, where
 
 
@@ -106,7 +118,16 @@ def _load_from_disk(path: Path) -> Any:
     except ImportError:
         raise DataError(f"{path} is a folder; reading a saved Hugging Face data set needs "
                         "`pip install datasets` (or give a .jsonl / .csv file)") from None
-    return datasets.load_from_disk(str(path))
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as err:
+        found = sorted(p.name for p in path.iterdir())[:8]
+        raise DataError(f"{path} is a folder but not a data set saved with datasets' save_to_disk ({err}); it "
+                        f"holds {found}: give one .jsonl or .csv file") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        raise DataError(f"{path} is a DatasetDict with splits {sorted(loaded)}; give one split's folder, e.g. "
+                        f"{path / 'train'} (and --validation {path / 'validation'})")
+    return loaded
 
 
 def load_splits(config: TrainConfig) -> DatasetSplits:
@@ -137,6 +158,8 @@ def load_splits(config: TrainConfig) -> DatasetSplits:
             train, validation, held_out = assets.split(rows)
             validation += held_out
         splits = canonical_splits(train, validation, [], config)
+        if splits.task == "classification" and config.validation:
+            _validation_labels_trained(splits, validation_where, describe_data(config.data))
         if splits.task == "classification":
             _several_classes(splits.train + splits.validation, splits.label_names, describe_data(config.data), "rows")
             _several_classes(splits.train, splits.label_names, describe_data(config.data),
@@ -149,6 +172,18 @@ def load_splits(config: TrainConfig) -> DatasetSplits:
         task=splits.task,
         label_names=splits.label_names,
     )
+
+
+def _validation_labels_trained(splits: DatasetSplits, where: list[str], data: str) -> None:
+    """Refuse a validation label the training rows never have (a typo such as "postive", or a
+    class 2 where training has 0 and 1): it would become a class of its own that no row trains
+    and that every prediction of it gets wrong."""
+    trained = {row["label"] for row in splits.train}
+    for row, place in zip(splits.validation, where, strict=True):
+        if row["label"] not in trained:
+            raise DataError(f"{place}: label {splits.label_names[row['label']]!r} never occurs in the training "
+                            f"rows ({data}, labels {sorted(splits.label_names[i] for i in trained)}); fix the "
+                            "label or add training rows of that class")
 
 
 def load_eval_rows(config: TrainConfig, split: str = "test") -> DatasetSplits:
@@ -344,6 +379,23 @@ class CausalLMCollator:
         completions = token_counts(self.tokenizer, [r["completion"] for r in rows], add_special_tokens=False)
         eos = int(self.tokenizer.eos_token_id is not None)
         return [min(p + c + eos, self.max_length) for p, c in zip(prompts, completions, strict=True)]
+
+
+def check_completions_fit(splits: DatasetSplits, tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
+    """Refuse a causal-LM split whose every prompt fills `max_length` (no completion token would be
+    left to learn or score: a loss of nothing, NaN), and warn where some rows lose their answer."""
+    for split, rows in (("training", splits.train), ("validation", splits.validation)):
+        if not rows:
+            continue
+        prompts = token_counts(tokenizer, [r["prompt"] for r in rows])
+        lost = [i for i, n in enumerate(prompts) if n >= max_length]
+        if len(lost) == len(rows):
+            raise DataError(f"max_length {max_length} leaves no completion token in any {split} row (the shortest "
+                            f"prompt is {min(prompts)} tokens): raise max_length or shorten the prompts")
+        if lost:
+            warnings.warn(f"max_length {max_length}: {len(lost)} of {len(rows)} {split} rows have prompts of "
+                          f"{max_length}+ tokens and no completion token left (e.g. {split} row {lost[0] + 1}); "
+                          "they count for nothing", stacklevel=2)
 
 
 def token_counts(tokenizer: PreTrainedTokenizerBase, texts: list[str], chunk: int = 4096, **kwargs: Any) -> list[int]:

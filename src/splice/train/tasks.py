@@ -37,7 +37,7 @@ from transformers.models.auto.modeling_auto import (
 from splice import assets
 from splice.assets import Row
 from splice.core.config import AdapterConfig
-from splice.core.errors import SpliceError
+from splice.core.errors import ConfigError, SpliceError
 from splice.core.quantization import quantize, quantize_options
 from splice.core.targets import SEQ_CLS_HEAD_NAMES
 from splice.train.config import TrainConfig
@@ -130,8 +130,13 @@ def load_model(
     """Model and tokenizer for `config.task`, in fp32 (accelerate's autocast does mixed precision),
     its Linear layers in 4-bit when `config.quantize` says so.
 
-    A tokenizer without a pad token (most decoders) pads with its eos token.
+    A tokenizer without a pad token (most decoders) pads with its eos token. A `max_length`
+    beyond the model's positions is refused before the weights load.
     """
+    positions = getattr(AutoConfig.from_pretrained(model_path(config.model)), "max_position_embeddings", None)
+    if isinstance(positions, int) and config.max_length > positions:
+        raise ConfigError(f"max_length {config.max_length} is more than model {config.model!r} takes "
+                          f"({positions} positions); set max_length to {positions} or less")
     tokenizer = AutoTokenizer.from_pretrained(model_path(config.model))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -188,18 +193,19 @@ def reduce_stats(task: str, stats: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def exact_match(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[Row],
-                batch_size: int, max_new_tokens: int = 8) -> float:
+                batch_size: int, max_new_tokens: int | None = None) -> float:
     """Share of prompts whose greedy continuation, up to its first line break, is the completion."""
     return sum(exact_match_hits(model, tokenizer, rows, batch_size, max_new_tokens)) / max(len(rows), 1)
 
 
 @torch.no_grad()
 def exact_match_hits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[Row],
-                     batch_size: int, max_new_tokens: int = 8) -> list[bool]:
+                     batch_size: int, max_new_tokens: int | None = None) -> list[bool]:
     """For each prompt, whether its greedy continuation, up to its first line break, is the completion.
 
     Prompts are left-padded for generation, so the tokenizer's padding side is switched for
-    the duration and restored.
+    the duration and restored. `max_new_tokens` (default: each batch's longest completion plus
+    a margin, at least 8) must let a right answer be read whole and a longer one be told apart.
     """
     model.eval()
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -209,13 +215,21 @@ def exact_match_hits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
             chunk = rows[start : start + batch_size]
             inputs = tokenizer([r["prompt"] for r in chunk], return_tensors="pt", padding=True,
                                return_token_type_ids=False).to(model.device)
-            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+            budget = max_new_tokens or _answer_budget(tokenizer, chunk)
+            output = model.generate(**inputs, max_new_tokens=budget, do_sample=False,
                                     pad_token_id=tokenizer.pad_token_id)
             answers = tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
             hits += [_first_line(a) == r["completion"].strip() for a, r in zip(answers, chunk, strict=True)]
     finally:
         tokenizer.padding_side = side
     return hits
+
+
+def _answer_budget(tokenizer: PreTrainedTokenizerBase, rows: list[Row]) -> int:
+    """New tokens enough for the longest completion of `rows` and a few more (its tokens in
+    context may differ by one or two from its own, and what follows a right answer must show)."""
+    longest = max(len(tokenizer(r["completion"], add_special_tokens=False)["input_ids"]) for r in rows)
+    return max(8, longest + 4)
 
 
 def _first_line(text: str) -> str:
