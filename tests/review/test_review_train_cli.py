@@ -8,6 +8,7 @@ that is fixed. Each runs a tiny random-weight model on a few rows (seconds)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,9 +23,12 @@ from typer.testing import CliRunner
 import splice
 from splice.cli.main import app
 from splice.core.errors import ConfigError, DataError, SpliceError
-from splice.train import Callback, TrainConfig, Trainer, loop
+from splice.train import TrainConfig, Trainer, loop
 from splice.train.data import load_splits
 from splice.train.evaluation import evaluate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+from train_helpers import Crash, CrashAt  # noqa: E402  (the folder's helpers, as its own tests use them)
 
 runner = CliRunner()
 
@@ -271,19 +275,6 @@ def test_train_init_adapter_with_other_adapter_settings_is_refused_or_recorded(b
 # ------------------------------------------------------------------------------ resume
 
 
-class _Crash(Exception):
-    pass
-
-
-class _CrashAt(Callback):
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_step_end(self, trainer, entry) -> None:
-        if entry["step"] == self.at:
-            raise _Crash
-
-
 def test_resume_refuses_a_data_file_changed_since_the_checkpoint(bert_dir, tmp_path):
     """Bug: a checkpoint records the config (checkpoint.py:71-79 compares it on resume) but not
     what the data files held, so after `train.jsonl` is rewritten, `splice train --resume RUN`
@@ -295,8 +286,8 @@ def test_resume_refuses_a_data_file_changed_since_the_checkpoint(bert_dir, tmp_p
     val = write_rows(tmp_path / "val.jsonl", sentiment_rows(8, 2))
     config = TrainConfig(model=str(bert_dir), data=str(train), validation=val, batch_size=8, max_steps=4,
                          eval_every=100, checkpoint_every=1, group_by_length=False, output_dir=str(tmp_path / "run"))
-    with pytest.raises(_Crash):
-        Trainer.from_config(config, callbacks=[_CrashAt(2)], console=quiet()).fit()
+    with pytest.raises(Crash):
+        Trainer.from_config(config, callbacks=[CrashAt(2)], console=quiet()).fit()
     write_rows(train, sentiment_rows(32, 7))  # other rows, same file
     with pytest.raises(SpliceError, match="train.jsonl"):
         loop.resume(tmp_path / "run", console=quiet())
