@@ -341,3 +341,15 @@ def test_cli_unparsable_numbers_are_a_message_not_a_traceback(saved_adapters, be
     result = runner.invoke(app, args)
     assert_clean_failure(result)
     assert option in cli_message(result)
+
+
+def test_resume_of_a_checkpoint_from_before_the_data_hashes_names_the_changed_field(tmp_path):
+    """A checkpoint written before `data_files` existed has no hashes to compare; a changed field
+    is still named (the hash key must not turn that into a KeyError)."""
+    from splice.train.checkpoint import DATA_FILES, check_same_config, comparable
+
+    current = comparable(TrainConfig(output_dir=str(tmp_path)))
+    older = {k: v for k, v in current.items() if k != DATA_FILES} | {"lr": 1.0}
+    check_same_config({k: v for k, v in current.items() if k != DATA_FILES}, current, tmp_path)
+    with pytest.raises(SpliceError, match="lr: 1.0 ->"):
+        check_same_config(older, current, tmp_path)

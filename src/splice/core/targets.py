@@ -294,10 +294,9 @@ def _no_match_message(model: nn.Module, targets: Targets, config: AdapterConfig)
                     f"{targets.rsplit('.', 1)[-1]!r} give the list [{targets!r}] or the regex "
                     f"'.*\\.{targets}'.")
     if config.layers is not None:
-        indices = sorted({i for n, _ in named_base_modules(model) if n and matches(targets, n)
-                          for i in [layer_index(n, config.layers_pattern)] if i is not None}
-                         if targets != ALL_LINEAR else
-                         {i for n in hostable for i in [layer_index(n, config.layers_pattern)] if i is not None})
+        targeted = hostable if targets == ALL_LINEAR else \
+            [n for n, _ in named_base_modules(model) if n and matches(targets, n)]
+        indices = sorted({i for n in targeted if (i := layer_index(n, config.layers_pattern)) is not None})
         message += (f" The targeted modules are in layers {indices}." if indices else
                     " No layer index was found in the module names"
                     + (f" after layers_pattern {config.layers_pattern!r}." if config.layers_pattern else "."))

@@ -93,10 +93,10 @@ def check_same_config(saved: dict[str, Any] | None, current: dict[str, Any], run
         current = {k: v for k, v in current.items() if k != DATA_FILES}
     if saved == current:
         return
-    if saved[DATA_FILES] != current.get(DATA_FILES) and {k: v for k, v in saved.items() if k != DATA_FILES} == \
+    was, now = saved.get(DATA_FILES, {}), current.get(DATA_FILES, {})
+    if was != now and {k: v for k, v in saved.items() if k != DATA_FILES} == \
             {k: v for k, v in current.items() if k != DATA_FILES}:
-        changed = sorted(set(saved[DATA_FILES]) ^ set(current[DATA_FILES]) | {
-            f for f in saved[DATA_FILES] if current[DATA_FILES].get(f) not in (None, saved[DATA_FILES][f])})
+        changed = sorted(f for f in {*was, *now} if was.get(f) != now.get(f))
         raise SpliceError(f"the data changed since the checkpoint in {run_dir} was written ({', '.join(changed)}: "
                           "other contents); a resumed run continues on the same rows: restore the file, or start "
                           "a new run (--force)")
