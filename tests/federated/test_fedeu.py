@@ -130,7 +130,8 @@ def _rows(count: int, seed: int, shuffle_labels: bool) -> list[dict]:
 def _train_client(model_dir: str, rows: list[dict], steps: int) -> tuple[torch.nn.Module, object]:
     """The tiny BERT (same seeded head at every client) trained on `rows` with FedEU's objective."""
     torch.manual_seed(0)
-    model, tokenizer = tasks.load_model(SimpleNamespace(model=model_dir, task="classification", quantize=None), CLASSES)
+    settings = SimpleNamespace(model=model_dir, task="classification", quantize=None, max_length=16)
+    model, tokenizer = tasks.load_model(settings, CLASSES)
     objective = FedEU(FederatedConfig(method="fedeu")).objective(None, server_round=5)  # reads no run
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     order = random.Random(1)
@@ -167,8 +168,8 @@ def test_fedeu_random_label_client_gets_the_smallest_weight(tiny_bert):
 
 
 def test_fedeu_row_uncertainties_restore_eval_mode_too(tiny_bert):
-    model, tokenizer = tasks.load_model(SimpleNamespace(model=str(tiny_bert), task="classification", quantize=None),
-                                       CLASSES)
+    settings = SimpleNamespace(model=str(tiny_bert), task="classification", quantize=None, max_length=16)
+    model, tokenizer = tasks.load_model(settings, CLASSES)
     model.eval()
     u = row_uncertainties(model, tokenizer, _rows(5, 0, False), batch_size=2, max_length=16)
     assert u.shape == (5,) and not model.training
