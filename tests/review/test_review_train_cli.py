@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from helpers import make_bert, minilm_tokenizer, save_tiny_bert, save_tiny_llama, sentiment_rows
+from helpers import make_bert, minilm_tokenizer, sentiment_rows
 from rich.console import Console
 from torch import nn
 from typer.testing import CliRunner
@@ -52,24 +52,6 @@ def assert_clean_failure(result) -> None:
     assert isinstance(result.exception, SystemExit), (
         f"{type(result.exception).__name__}: {result.exception} escaped as a traceback")
     assert result.exit_code in (1, 2), result.output
-
-
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory) -> Path:
-    """128 position embeddings, dropout 0."""
-    return save_tiny_bert(tmp_path_factory.mktemp("review-cli-bert"), dropout=0.0)
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("review-cli-llama"))
-
-
-@pytest.fixture(scope="module")
-def sentiment(tmp_path_factory) -> tuple[str, str]:
-    folder = tmp_path_factory.mktemp("review-cli-data")
-    return (write_rows(folder / "train.jsonl", sentiment_rows(32, 1)),
-            write_rows(folder / "val.jsonl", sentiment_rows(8, 2)))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import save_tiny_bert, save_tiny_llama, sentiment_rows
 from rich.console import Console
 
 from splice.core.errors import ConfigError
@@ -31,25 +30,6 @@ def quiet() -> Console:
 def write_rows(path: Path, rows: list[dict]) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory) -> Path:
-    """Dropout 0: gradients of two runs compare exactly."""
-    return save_tiny_bert(tmp_path_factory.mktemp("review-trainer-bert"), dropout=0.0)
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("review-trainer-llama"))
-
-
-@pytest.fixture(scope="module")
-def sentiment(tmp_path_factory) -> tuple[str, str]:
-    """32 training rows (4 batches of 8) and 8 validation rows."""
-    folder = tmp_path_factory.mktemp("review-trainer-data")
-    return (write_rows(folder / "train.jsonl", sentiment_rows(32, 1)),
-            write_rows(folder / "val.jsonl", sentiment_rows(8, 2)))
 
 
 def bert_config(bert_dir: Path, sentiment: tuple[str, str], out: Path, **fields) -> TrainConfig:
